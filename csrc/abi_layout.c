@@ -1,0 +1,25 @@
+#include "abi_layout.h"
+#include "patronus_abi.h"
+
+#define FIELD(S, f) { #S, #f, offsetof(struct S, f), sizeof(((struct S *)0)->f) }
+#define SIZE(S) { #S, NULL, 0, sizeof(struct S) }
+
+const struct pn_layout_entry pn_abi_layout[] = {
+    SIZE(pn_flow_key),
+    FIELD(pn_flow_key, src), FIELD(pn_flow_key, dst), FIELD(pn_flow_key, sport),
+    FIELD(pn_flow_key, dport), FIELD(pn_flow_key, proto), FIELD(pn_flow_key, family),
+    SIZE(pn_flow_rec),
+    FIELD(pn_flow_rec, packets), FIELD(pn_flow_rec, bytes), FIELD(pn_flow_rec, first_ns),
+    FIELD(pn_flow_rec, last_ns), FIELD(pn_flow_rec, policy), FIELD(pn_flow_rec, path),
+    FIELD(pn_flow_rec, tcp_flags), FIELD(pn_flow_rec, dscp), FIELD(pn_flow_rec, generation),
+    SIZE(pn_flow),
+    FIELD(pn_flow, key), FIELD(pn_flow, rec),
+    SIZE(pn_rule),
+    FIELD(pn_rule, src), FIELD(pn_rule, dst), FIELD(pn_rule, src_plen), FIELD(pn_rule, dst_plen),
+    FIELD(pn_rule, family), FIELD(pn_rule, proto), FIELD(pn_rule, sport_lo), FIELD(pn_rule, sport_hi),
+    FIELD(pn_rule, dport_lo), FIELD(pn_rule, dport_hi), FIELD(pn_rule, dscp), FIELD(pn_rule, flags),
+    FIELD(pn_rule, policy), FIELD(pn_rule, priority),
+    SIZE(pn_policy_counter),
+    FIELD(pn_policy_counter, packets), FIELD(pn_policy_counter, bytes),
+    { NULL, NULL, 0, 0 },
+};

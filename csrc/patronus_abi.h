@@ -1,0 +1,127 @@
+/* patronus ABI: the one definition of every struct and constant shared by the
+ * userspace data plane (csrc/ + patronus/_fast.pyx), the XDP programs (bpf/)
+ * and the numpy dtypes (patronus/abi.py, checked against this file by
+ * tests/test_abi.py). Change a layout here and only here; bump
+ * PN_ABI_VERSION when you do.
+ *
+ * All multi-byte fields are host byte order except addresses, which keep
+ * network order (as on the wire) so prefix compares are byte compares.
+ */
+#ifndef PATRONUS_ABI_H
+#define PATRONUS_ABI_H
+
+#include <linux/types.h>
+
+#define PN_ABI_VERSION 1
+
+/* address families as stored in pn_flow_key.family and pn_rule.family */
+#define PN_FAMILY_ANY 0
+#define PN_FAMILY_V4 4
+#define PN_FAMILY_V6 6
+
+/* protocol numbers the parser and classifier know by name */
+#define PN_PROTO_ICMP 1
+#define PN_PROTO_TCP 6
+#define PN_PROTO_UDP 17
+#define PN_PROTO_ICMPV6 58
+
+/* parser limits */
+#define PN_MAX_VLAN_TAGS 2
+#define PN_MAX_IPV6_EXT 8
+
+/* Why a frame was not classified. Index into the malformed counters;
+ * PN_OK is not a counter. Keep patronus/abi.py MALFORMED_REASONS in order. */
+enum pn_reason {
+    PN_OK = 0,
+    PN_ERR_TRUNC_L2 = 1,     /* shorter than Ethernet header or a VLAN tag */
+    PN_ERR_NOT_IP = 2,       /* ethertype is neither IPv4 nor IPv6 (after tags) */
+    PN_ERR_TRUNC_IP = 3,     /* shorter than the fixed IPv4 (20) / IPv6 (40) header */
+    PN_ERR_BAD_VERSION = 4,  /* IP version nibble disagrees with the ethertype */
+    PN_ERR_BAD_IHL = 5,      /* IPv4 IHL < 5 */
+    PN_ERR_BAD_LEN = 6,      /* total/payload length beyond the frame, or < IHL */
+    PN_ERR_TRUNC_EXT = 7,    /* IPv6 extension header cut short */
+    PN_ERR_TRUNC_L4 = 8,     /* TCP (20) / UDP (8) header cut short */
+    PN_NREASONS = 9,
+};
+
+/* Parsed packet: what classification and accounting need. */
+struct pn_parsed {
+    __u8 src[16];            /* IPv4 in the first 4 bytes, rest zero */
+    __u8 dst[16];
+    __u16 sport;             /* 0 when has_ports == 0 */
+    __u16 dport;
+    __u8 proto;              /* upper-layer protocol (after IPv6 ext headers) */
+    __u8 family;             /* PN_FAMILY_V4 / PN_FAMILY_V6 */
+    __u8 dscp;               /* 0-63 */
+    __u8 has_ports;          /* TCP/UDP and not a non-first fragment */
+    __u8 tcp_flags;
+    __u8 _pad[3];
+    __u32 l3_len;            /* IPv4 total length / 40 + IPv6 payload length */
+};
+
+/* Flow key: one row of the flow table. 40 bytes, no implicit padding. */
+struct pn_flow_key {
+    __u8 src[16];
+    __u8 dst[16];
+    __u16 sport;             /* 0 for packets without ports */
+    __u16 dport;
+    __u8 proto;
+    __u8 family;
+    __u16 _pad;
+};
+
+/* Flow record: counters of one flow. 48 bytes, no implicit padding. */
+struct pn_flow_rec {
+    __u64 packets;
+    __u64 bytes;             /* L3 bytes (IP header included, L2 excluded) */
+    __u64 first_ns;
+    __u64 last_ns;
+    __s32 policy;            /* index into PolicyTable.policies, -1 = default */
+    __u32 path;              /* path slot the policy pointed at (last packet) */
+    __u8 tcp_flags;          /* OR of every packet's TCP flags */
+    __u8 dscp;               /* DSCP of the last packet */
+    __u16 _pad;
+    __u32 generation;        /* rule table generation `policy` was computed in */
+};
+
+/* What flows() returns, row by row: key then record. 88 bytes. */
+struct pn_flow {
+    struct pn_flow_key key;
+    struct pn_flow_rec rec;
+};
+
+/* Rule flags: which Match fields a compiled rule sets. */
+#define PN_RF_SRC   0x01
+#define PN_RF_DST   0x02
+#define PN_RF_SPORT 0x04
+#define PN_RF_DPORT 0x08
+#define PN_RF_PROTO 0x10
+#define PN_RF_DSCP  0x20
+
+/* One compiled policy. A rule table is an array of these sorted by priority
+ * (lowest first); bit i of every classifier bitmap stands for rule i. */
+struct pn_rule {
+    __u8 src[16];            /* network order, host bits zero */
+    __u8 dst[16];
+    __u8 src_plen;
+    __u8 dst_plen;
+    __u8 family;             /* PN_FAMILY_ANY when neither src nor dst is set */
+    __u8 proto;
+    __u16 sport_lo, sport_hi;   /* inclusive */
+    __u16 dport_lo, dport_hi;
+    __u8 dscp;
+    __u8 flags;              /* PN_RF_* */
+    __u16 _pad;
+    __s32 policy;            /* index into PolicyTable.policies */
+    __u32 priority;
+};
+
+/* Per-policy counters; slot 0 counts the default (-1), slot i+1 policy i. */
+struct pn_policy_counter {
+    __u64 packets;
+    __u64 bytes;
+};
+
+#define PN_NO_PATH 0xffffffffu
+
+#endif /* PATRONUS_ABI_H */

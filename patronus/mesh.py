@@ -1,0 +1,222 @@
+"""The mesh: sites, the paths between them, policies and failover settings.
+
+A Mesh is the desired state a controller works toward. Every mutating call
+validates first and changes nothing when it raises.
+
+>>> from patronus import Mesh, Site, Uplink
+>>> mesh = Mesh("acme")
+>>> mesh.add_site(Site("hq", subnets=["10.1.0.0/24"], uplinks=[Uplink("isp1", "192.0.2.1"), Uplink("lte", "198.51.100.7")]))
+>>> mesh.add_site(Site("br1", subnets=["10.2.0.0/24"], uplinks=[Uplink("isp1", "203.0.113.9")]))
+>>> [str(p) for p in mesh.paths("hq", "br1")]
+['hq.isp1 -> br1.isp1', 'hq.lte -> br1.isp1']
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from . import _validate as v
+from .apps import BUILTIN_PROFILES, AppProfile
+from .errors import ConfigError
+from .model import Failover, Path, Policy, Site
+
+if TYPE_CHECKING:
+    from .policy import PolicyTable
+
+__all__ = ["Mesh"]
+
+SCHEMA_KEYS = {"name", "sites", "policies", "failover", "profiles"}
+
+
+def _failover(value: Any) -> Failover:
+    if not isinstance(value, Failover):
+        raise ConfigError("Mesh.failover", value, "is not a Failover")
+    return value
+
+
+@attrs.define(eq=True)
+class Mesh:
+    """A named set of sites joined by paths, with policies and failover settings.
+
+    Equality compares everything a save stores, so ``Mesh.load(f) == mesh``
+    after ``mesh.save(f)``.
+    """
+
+    name: str = attrs.field(converter=lambda x: v.name("Mesh.name", x), on_setattr=attrs.setters.convert)
+    failover: Failover = attrs.field(
+        factory=Failover, converter=_failover, on_setattr=attrs.setters.convert
+    )
+    _sites: dict[str, Site] = attrs.field(factory=dict, init=False, repr=False)
+    _policies: list[Policy] = attrs.field(factory=list, init=False, repr=False)
+    _profiles: dict[str, AppProfile] = attrs.field(factory=dict, init=False, repr=False)
+
+    def __repr__(self) -> str:
+        return (
+            f"Mesh(name={self.name!r}, sites={list(self._sites)!r}, "
+            f"policies={[p.name for p in self._policies]!r}, paths={len(self.paths())})"
+        )
+
+    # -- sites ---------------------------------------------------------------
+
+    @property
+    def sites(self) -> tuple[Site, ...]:
+        """The sites, in the order they were added."""
+        return tuple(self._sites.values())
+
+    def site(self, name: str) -> Site:
+        """The site called ``name``; ConfigError when there is none."""
+        try:
+            return self._sites[name]
+        except (KeyError, TypeError):
+            raise ConfigError("site", name, f"is not a site of mesh {self.name!r}") from None
+
+    def add_site(self, site: Site) -> None:
+        """Add a site; its subnets must not overlap another site's."""
+        if not isinstance(site, Site):
+            raise ConfigError("Mesh.add_site", site, "is not a Site")
+        if site.name in self._sites:
+            raise ConfigError("Site.name", site.name, "is a duplicate site name")
+        mine = [ipaddress.ip_network(s) for s in site.subnets]
+        for other in self._sites.values():
+            for s in other.subnets:
+                theirs = ipaddress.ip_network(s)
+                for m in mine:
+                    if m.version == theirs.version and m.overlaps(theirs):
+                        raise ConfigError(
+                            "Site.subnets", str(m), f"overlaps {theirs} of site {other.name!r}"
+                        )
+        self._sites[site.name] = site
+
+    def remove_site(self, name: str) -> Site:
+        """Remove and return a site. Path indexes of later sites shift."""
+        site = self.site(name)
+        del self._sites[name]
+        return site
+
+    # -- paths ---------------------------------------------------------------
+
+    def paths(self, a: str | None = None, b: str | None = None) -> list[Path]:
+        """Paths of the full mesh: one per (uplink of a, uplink of b) pair.
+
+        With no argument, every path of the mesh; with ``a`` alone, every path
+        touching ``a`` (seen from ``a``); with both, the paths between them,
+        seen from ``a``. Indexes run site pair by site pair in the order the
+        later site was added, so adding a site only appends paths.
+        """
+        for n in (a, b):
+            if n is not None:
+                self.site(n)
+        if a is not None and a == b:
+            raise ConfigError("paths", b, "is the same site on both ends")
+        out: list[Path] = []
+        idx = 0
+        sites = list(self._sites.values())
+        for j, sj in enumerate(sites):
+            for si in sites[:j]:
+                for ui in si.uplinks:
+                    for uj in sj.uplinks:
+                        p = Path(idx, si.name, ui.name, sj.name, uj.name)
+                        idx += 1
+                        if a is None or (a == si.name and b in (None, sj.name)):
+                            out.append(p)
+                        elif a == sj.name and b in (None, si.name):
+                            out.append(p.reverse())
+        if a is not None:
+            out.sort(key=lambda p: (list(self._sites).index(p.remote_site), p.index))
+        return out
+
+    def path(self, path_id: str) -> Path:
+        """The path with this id (e.g. "br1.isp1~hq.lte")."""
+        for p in self.paths():
+            if p.id == path_id:
+                return p
+        raise ConfigError("path", path_id, "is not a path of this mesh")
+
+    # -- policies ------------------------------------------------------------
+
+    @property
+    def policies(self) -> tuple[Policy, ...]:
+        """The policies in the order they were added (evaluation follows priority)."""
+        return tuple(self._policies)
+
+    @property
+    def profiles(self) -> dict[str, AppProfile]:
+        """Built-in application profiles overlaid with this mesh's own."""
+        return {**BUILTIN_PROFILES, **self._profiles}
+
+    def add_profile(self, profile: AppProfile) -> None:
+        """Add (or replace) an application profile policies can name in ``app``."""
+        if not isinstance(profile, AppProfile):
+            raise ConfigError("Mesh.add_profile", profile, "is not an AppProfile")
+        self._profiles[profile.name] = profile
+
+    def add_policy(self, policy: Policy) -> None:
+        """Add a policy; names and priorities are unique within a mesh."""
+        if not isinstance(policy, Policy):
+            raise ConfigError("Mesh.add_policy", policy, "is not a Policy")
+        for p in self._policies:
+            if p.name == policy.name:
+                raise ConfigError("Policy.name", policy.name, "is a duplicate policy name")
+            if p.priority == policy.priority:
+                raise ConfigError("Policy.priority", policy.priority, f"is already used by policy {p.name!r}")
+        if policy.app not in self.profiles:
+            raise ConfigError("Policy.app", policy.app, f"is not a known profile ({', '.join(sorted(self.profiles))})")
+        self._policies.append(policy)
+
+    def remove_policy(self, name: str) -> Policy:
+        for i, p in enumerate(self._policies):
+            if p.name == name:
+                return self._policies.pop(i)
+        raise ConfigError("policy", name, "is not a policy of this mesh")
+
+    def policy_table(self) -> PolicyTable:
+        """Compile the policies into the data plane's rule table."""
+        from .policy import PolicyTable
+
+        return PolicyTable(self._policies)
+
+    # -- serialisation -------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able dict; ``Mesh.from_dict(m.to_dict()) == m``."""
+        return {
+            "name": self.name,
+            "sites": [s.to_dict() for s in self._sites.values()],
+            "policies": [p.to_dict() for p in self._policies],
+            "failover": self.failover.to_dict(),
+            "profiles": [p.to_dict() for p in self._profiles.values()],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Mesh:
+        """Build and validate a mesh; ConfigError on any invalid part."""
+        v.mapping("Mesh", d, SCHEMA_KEYS, {"name"})
+        mesh = cls(d["name"])
+        if d.get("failover") is not None:
+            mesh.failover = Failover.from_dict(d["failover"])
+        for p in v.sequence("Mesh.profiles", d.get("profiles", [])):
+            mesh.add_profile(AppProfile.from_dict(p))
+        for s in v.sequence("Mesh.sites", d.get("sites", [])):
+            mesh.add_site(Site.from_dict(s))
+        for p in v.sequence("Mesh.policies", d.get("policies", [])):
+            mesh.add_policy(Policy.from_dict(p))
+        return mesh
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the whole mesh into the SQLite state file, in one transaction."""
+        from .store import Store
+
+        with Store(path) as st:
+            st.save_mesh(self)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Mesh:
+        """Read the mesh from a state file written by ``save``."""
+        from .store import Store
+
+        with Store(path, create=False) as st:
+            return st.load_mesh()

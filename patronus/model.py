@@ -1,0 +1,345 @@
+"""Value objects of the patronus model: validated, frozen, no I/O.
+
+Every constructor checks its input and raises :class:`ConfigError` naming the
+field and the value; nothing else escapes. ``to_dict``/``from_dict`` give a
+JSON-able form that round-trips exactly.
+
+>>> hq = Site("hq", subnets=["10.1.0.0/24"], uplinks=[Uplink("isp1", "192.0.2.1")])
+>>> hq.uplinks[0].name
+'isp1'
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any, Literal
+
+import attrs
+
+from . import _validate as v
+from .errors import ConfigError
+
+__all__ = ["Uplink", "Site", "Path", "Match", "QoS", "Policy", "Failover"]
+
+
+def _fields(cls: type) -> set[str]:
+    return {f.name for f in attrs.fields(cls)}
+
+
+@attrs.frozen
+class Uplink:
+    """One WAN connection of a site (an ISP line, an LTE modem).
+
+    ``port`` is the WireGuard listen port (None: derived per path), ``nat`` says
+    the uplink sits behind NAT (keepalives are sent), ``cost`` ranks metered
+    links (higher is dearer).
+
+    >>> Uplink("lte", "198.51.100.7", mtu=1420, nat=True, cost=10)
+    Uplink(name='lte', address='198.51.100.7', mtu=1420, port=None, nat=True, bandwidth_mbps=None, cost=10)
+    """
+
+    name: str = attrs.field(converter=lambda x: v.name("Uplink.name", x))
+    address: str = attrs.field(converter=lambda x: v.address("Uplink.address", x))
+    mtu: int = attrs.field(default=1500, converter=lambda x: v.integer("Uplink.mtu", x, 576, 65535))
+    port: int | None = attrs.field(default=None, converter=lambda x: v.optional_integer("Uplink.port", x, 1, 65535))
+    nat: bool = attrs.field(default=False, converter=lambda x: v.boolean("Uplink.nat", x))
+    bandwidth_mbps: float | None = attrs.field(
+        default=None, converter=lambda x: v.optional_number("Uplink.bandwidth_mbps", x, 0, lo_open=True)
+    )
+    cost: int = attrs.field(default=0, converter=lambda x: v.integer("Uplink.cost", x, 0, 1_000_000))
+
+    def to_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Uplink:
+        v.mapping("Uplink", d, _fields(cls), {"name", "address"})
+        return cls(**d)
+
+
+def _uplinks(value: Any) -> tuple[Uplink, ...]:
+    items = v.sequence("Site.uplinks", value)
+    if not items:
+        raise ConfigError("Site.uplinks", value, "is empty: a site needs at least one uplink")
+    seen: set[str] = set()
+    for u in items:
+        if not isinstance(u, Uplink):
+            raise ConfigError("Site.uplinks", u, "is not an Uplink")
+        if u.name in seen:
+            raise ConfigError("Site.uplinks", u.name, "is a duplicate uplink name")
+        seen.add(u.name)
+    return items
+
+
+def _subnets(value: Any) -> tuple[str, ...]:
+    nets = tuple(v.network("Site.subnets", s) for s in v.sequence("Site.subnets", value))
+    parsed = [ipaddress.ip_network(n) for n in nets]
+    for i, a in enumerate(parsed):
+        for b in parsed[i + 1 :]:
+            if a.version == b.version and a.overlaps(b):
+                raise ConfigError("Site.subnets", [str(a), str(b)], "overlap")
+    return nets
+
+
+@attrs.frozen
+class Site:
+    """A location of the mesh: its LAN subnets and its WAN uplinks.
+
+    >>> Site("br1", subnets=["10.2.0.0/24", "fd00:2::/64"], uplinks=[Uplink("isp1", "203.0.113.9")])
+    Site(name='br1', subnets=('10.2.0.0/24', 'fd00:2::/64'), uplinks=(Uplink(name='isp1', ...),))
+    """
+
+    name: str = attrs.field(converter=lambda x: v.name("Site.name", x))
+    subnets: tuple[str, ...] = attrs.field(converter=_subnets)
+    uplinks: tuple[Uplink, ...] = attrs.field(converter=_uplinks)
+
+    def __repr__(self) -> str:
+        ups = ", ".join(f"Uplink(name={u.name!r}, ...)" for u in self.uplinks)
+        return f"Site(name={self.name!r}, subnets={self.subnets!r}, uplinks=({ups}{',' if len(self.uplinks) == 1 else ''}))"
+
+    def uplink(self, name: str) -> Uplink:
+        """The uplink called ``name``; ConfigError if the site has none."""
+        for u in self.uplinks:
+            if u.name == name:
+                return u
+        raise ConfigError("Site.uplink", name, f"is not an uplink of site {self.name!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "subnets": list(self.subnets), "uplinks": [u.to_dict() for u in self.uplinks]}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Site:
+        v.mapping("Site", d, _fields(cls), _fields(cls))
+        ups = [Uplink.from_dict(u) for u in v.sequence("Site.uplinks", d["uplinks"])]
+        return cls(d["name"], subnets=d["subnets"], uplinks=ups)
+
+
+@attrs.frozen
+class Path:
+    """One tunnel between two sites: a (local uplink, remote uplink) pair.
+
+    ``id`` is the same from both ends ("br1.isp1~hq.lte": site names sorted);
+    ``index`` is the numeric path slot the data plane uses, stable while sites
+    are only added (see Mesh.paths).
+
+    >>> p = Path(3, "hq", "lte", "br1", "isp1")
+    >>> p.id, p.reverse().id == p.id
+    ('br1.isp1~hq.lte', True)
+    """
+
+    index: int
+    local_site: str
+    local_uplink: str
+    remote_site: str
+    remote_uplink: str
+
+    @property
+    def id(self) -> str:
+        a = f"{self.local_site}.{self.local_uplink}"
+        b = f"{self.remote_site}.{self.remote_uplink}"
+        return "~".join(sorted((a, b)))
+
+    def reverse(self) -> Path:
+        """The same path seen from the remote site."""
+        return Path(self.index, self.remote_site, self.remote_uplink, self.local_site, self.local_uplink)
+
+    def __str__(self) -> str:
+        return f"{self.local_site}.{self.local_uplink} -> {self.remote_site}.{self.remote_uplink}"
+
+
+def _check_family(inst: Match, attribute: Any, value: Any) -> None:
+    if value is None or inst.src is None:
+        return
+    if ipaddress.ip_network(inst.src).version != ipaddress.ip_network(value).version:
+        raise ConfigError("Match.dst", value, f"is not of the address family of src {inst.src!r}: never matches")
+
+
+def _check_ports(inst: Match, attribute: Any, value: Any) -> None:
+    if value is not None and (inst.src_ports or inst.dst_ports) and value not in (6, 17):
+        raise ConfigError("Match.proto", value, "cannot be combined with ports: ports are matched for tcp and udp only")
+
+
+@attrs.frozen
+class Match:
+    """Which packets a policy takes: every field set must match; None matches anything.
+
+    ``src``/``dst`` are CIDRs (IPv4 or IPv6) and match only their family;
+    ports are an int or an inclusive ``(lo, hi)`` and match only TCP/UDP
+    packets that carry ports; ``proto`` is "tcp", "udp", "icmp", "icmpv6" or a
+    number (stored as the number); ``dscp`` is 0-63.
+
+    >>> Match(proto="udp", dst_ports=(5060, 5061))
+    Match(src=None, dst=None, src_ports=None, dst_ports=(5060, 5061), proto=17, dscp=None)
+    """
+
+    src: str | None = attrs.field(default=None, converter=lambda x: None if x is None else v.network("Match.src", x))
+    dst: str | None = attrs.field(
+        default=None, converter=lambda x: None if x is None else v.network("Match.dst", x), validator=_check_family
+    )
+    src_ports: tuple[int, int] | None = attrs.field(default=None, converter=lambda x: v.port_range("Match.src_ports", x))
+    dst_ports: tuple[int, int] | None = attrs.field(default=None, converter=lambda x: v.port_range("Match.dst_ports", x))
+    proto: int | None = attrs.field(default=None, converter=lambda x: v.protocol("Match.proto", x), validator=_check_ports)
+    dscp: int | None = attrs.field(default=None, converter=lambda x: v.optional_integer("Match.dscp", x, 0, 63))
+
+    @property
+    def proto_name(self) -> str | None:
+        """'udp' for 17, the number as a string for protocols without a name."""
+        if self.proto is None:
+            return None
+        return v.PROTOCOL_NAMES.get(self.proto, str(self.proto))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = attrs.asdict(self)
+        for k in ("src_ports", "dst_ports"):
+            if d[k] is not None:
+                d[k] = list(d[k])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Match:
+        v.mapping("Match", d, _fields(cls))
+        return cls(**d)
+
+
+@attrs.frozen
+class QoS:
+    """What a policy does to its packets: DSCP rewrite and an optional rate limit.
+
+    >>> QoS(dscp=46)
+    QoS(dscp=46, rate_kbps=None)
+    """
+
+    dscp: int | None = attrs.field(default=None, converter=lambda x: v.optional_integer("QoS.dscp", x, 0, 63))
+    rate_kbps: int | None = attrs.field(
+        default=None, converter=lambda x: v.optional_integer("QoS.rate_kbps", x, 1, 100_000_000)
+    )
+
+    def to_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Any) -> QoS:
+        v.mapping("QoS", d, _fields(cls))
+        return cls(**d)
+
+
+def _match(value: Any) -> Match:
+    if not isinstance(value, Match):
+        raise ConfigError("Policy.match", value, "is not a Match")
+    return value
+
+
+def _qos(value: Any) -> QoS:
+    if value is None:
+        return QoS()
+    if not isinstance(value, QoS):
+        raise ConfigError("Policy.qos", value, "is not a QoS")
+    return value
+
+
+def _prefer(value: Any) -> tuple[str, ...]:
+    names = tuple(v.name("Policy.prefer", n) for n in v.sequence("Policy.prefer", value))
+    if len(set(names)) != len(names):
+        raise ConfigError("Policy.prefer", value, "names an uplink twice")
+    return names
+
+
+@attrs.frozen
+class Policy:
+    """A traffic class: which packets (``match``), in which order (``priority``,
+    lower first, as with ``ip rule``), for which application profile (``app``),
+    with which QoS, preferring which uplinks (``prefer``, by name, in order).
+
+    >>> Policy("voip", Match(proto="udp", dst_ports=(5060, 5061)), priority=10, app="voip", qos=QoS(dscp=46))
+    Policy(name='voip', match=Match(...), priority=10, app='voip', qos=QoS(dscp=46, rate_kbps=None), prefer=(), action='forward')
+    """
+
+    name: str = attrs.field(converter=lambda x: v.name("Policy.name", x))
+    match: Match = attrs.field(converter=_match, repr=lambda m: "Match(...)")
+    priority: int = attrs.field(converter=lambda x: v.integer("Policy.priority", x, 0, 2**31 - 1))
+    app: str = attrs.field(default="default", converter=lambda x: v.name("Policy.app", x))
+    qos: QoS = attrs.field(default=None, converter=_qos)
+    prefer: tuple[str, ...] = attrs.field(default=(), converter=_prefer)
+    action: Literal["forward", "drop"] = attrs.field(
+        default="forward", converter=lambda x: v.choice("Policy.action", x, ("forward", "drop"))
+    )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "match": self.match.to_dict(),
+            "priority": self.priority,
+            "app": self.app,
+            "qos": self.qos.to_dict(),
+            "prefer": list(self.prefer),
+            "action": self.action,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Policy:
+        v.mapping("Policy", d, _fields(cls), {"name", "match", "priority"})
+        kw = dict(d)
+        kw["match"] = Match.from_dict(d["match"])
+        if d.get("qos") is not None:
+            kw["qos"] = QoS.from_dict(d["qos"])
+        return cls(**kw)
+
+
+def _check_damping(inst: Failover, attribute: Any, value: float) -> None:
+    if inst.damp_reuse >= value:
+        raise ConfigError("Failover.damp_suppress", value, f"must exceed damp_reuse ({inst.damp_reuse})")
+
+
+def _check_detect(inst: Failover, attribute: Any, value: int) -> None:
+    if inst.detect_ms // value < 1:
+        raise ConfigError("Failover.multiplier", value, f"leaves no transmit interval within detect_ms={inst.detect_ms}")
+
+
+@attrs.frozen
+class Failover:
+    """How fast and how carefully traffic leaves a failing path and comes back.
+
+    ``detect_ms`` is the BFD detection time; the BFD interval is
+    ``detect_ms // multiplier``. A path must be healthy for ``failback_hold_s``
+    before traffic returns to it; ``sla_windows`` consecutive SLA violations
+    trigger a slow move; flap damping follows BGP route dampening (a penalty
+    per flap, halved every ``damp_half_life_s``, suppressed above
+    ``damp_suppress`` until it decays below ``damp_reuse``).
+
+    >>> f = Failover(detect_ms=150, failback_hold_s=30)
+    >>> f.interval_ms
+    50
+    """
+
+    detect_ms: int = attrs.field(default=150, converter=lambda x: v.integer("Failover.detect_ms", x, 3, 600_000))
+    failback_hold_s: float = attrs.field(
+        default=30.0, converter=lambda x: v.number("Failover.failback_hold_s", x, 0, 86_400)
+    )
+    multiplier: int = attrs.field(
+        default=3, converter=lambda x: v.integer("Failover.multiplier", x, 1, 255), validator=_check_detect
+    )
+    sla_windows: int = attrs.field(default=3, converter=lambda x: v.integer("Failover.sla_windows", x, 1, 1000))
+    cooldown_s: float = attrs.field(default=1.0, converter=lambda x: v.number("Failover.cooldown_s", x, 0, 3600))
+    damp_penalty: float = attrs.field(
+        default=1000.0, converter=lambda x: v.number("Failover.damp_penalty", x, 0, 1e6)
+    )
+    damp_half_life_s: float = attrs.field(
+        default=15.0, converter=lambda x: v.number("Failover.damp_half_life_s", x, 0, 86_400, lo_open=True)
+    )
+    damp_reuse: float = attrs.field(default=750.0, converter=lambda x: v.number("Failover.damp_reuse", x, 0, 1e9))
+    damp_suppress: float = attrs.field(
+        default=2000.0, converter=lambda x: v.number("Failover.damp_suppress", x, 0, 1e9), validator=_check_damping
+    )
+
+    @property
+    def interval_ms(self) -> int:
+        """BFD transmit and receive interval, ms."""
+        return self.detect_ms // self.multiplier
+
+    def to_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Failover:
+        v.mapping("Failover", d, _fields(cls))
+        return cls(**d)

@@ -1,0 +1,284 @@
+"""Durable state in SQLite (standard library): the mesh, and the tables later
+layers fill (path metrics, failover events, flow snapshots).
+
+WAL mode, foreign keys on, one transaction per save, a schema version table
+with forward migrations. A save is atomic: a crash in the middle leaves the
+previous state loadable, because the old rows are only replaced inside the
+same transaction that writes the new ones.
+
+>>> import tempfile, os
+>>> from patronus import Mesh
+>>> f = os.path.join(tempfile.mkdtemp(), "state.db")
+>>> Mesh("acme").save(f); Mesh.load(f).name
+'acme'
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from typing import TYPE_CHECKING, Any
+
+from .errors import ConfigError, SchemaVersionError, StateError
+
+if TYPE_CHECKING:
+    from .mesh import Mesh
+
+__all__ = ["Store", "SCHEMA_VERSION"]
+
+# Each entry migrates from version i to i + 1. Append only; never edit a
+# shipped migration. Statements are split on ';', so none may appear in a comment.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE mesh (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        name TEXT NOT NULL,
+        failover TEXT NOT NULL,          -- JSON of Failover.to_dict()
+        saved_at REAL NOT NULL
+    );
+    CREATE TABLE profiles (
+        name TEXT PRIMARY KEY,
+        position INTEGER NOT NULL UNIQUE,
+        body TEXT NOT NULL               -- JSON of AppProfile.to_dict()
+    );
+    CREATE TABLE sites (
+        name TEXT PRIMARY KEY,
+        position INTEGER NOT NULL UNIQUE
+    );
+    CREATE TABLE site_subnets (
+        site TEXT NOT NULL REFERENCES sites(name) ON DELETE CASCADE,
+        position INTEGER NOT NULL,
+        cidr TEXT NOT NULL,
+        PRIMARY KEY (site, position)
+    );
+    CREATE TABLE uplinks (
+        site TEXT NOT NULL REFERENCES sites(name) ON DELETE CASCADE,
+        name TEXT NOT NULL,
+        position INTEGER NOT NULL,
+        address TEXT NOT NULL,
+        mtu INTEGER NOT NULL,
+        port INTEGER,
+        nat INTEGER NOT NULL,
+        bandwidth_mbps REAL,
+        cost INTEGER NOT NULL,
+        PRIMARY KEY (site, name)
+    );
+    CREATE TABLE paths (
+        id TEXT PRIMARY KEY,
+        idx INTEGER NOT NULL UNIQUE,
+        local_site TEXT NOT NULL,
+        local_uplink TEXT NOT NULL,
+        remote_site TEXT NOT NULL,
+        remote_uplink TEXT NOT NULL,
+        FOREIGN KEY (local_site, local_uplink) REFERENCES uplinks(site, name) ON DELETE CASCADE,
+        FOREIGN KEY (remote_site, remote_uplink) REFERENCES uplinks(site, name) ON DELETE CASCADE
+    );
+    CREATE TABLE policies (
+        name TEXT PRIMARY KEY,
+        position INTEGER NOT NULL UNIQUE,
+        priority INTEGER NOT NULL UNIQUE,
+        app TEXT NOT NULL,
+        src TEXT, dst TEXT,
+        sport_lo INTEGER, sport_hi INTEGER,
+        dport_lo INTEGER, dport_hi INTEGER,
+        proto INTEGER, dscp INTEGER,
+        qos_dscp INTEGER, qos_rate_kbps INTEGER,
+        prefer TEXT NOT NULL,            -- JSON list of uplink names
+        action TEXT NOT NULL
+    );
+    -- Filled by later layers: a mesh save never touches them.
+    CREATE TABLE path_metrics (
+        ts REAL NOT NULL,
+        path TEXT NOT NULL,
+        rtt_ms REAL, jitter_ms REAL, loss_pct REAL, mos REAL, mtu INTEGER, bandwidth_mbps REAL
+    );
+    CREATE INDEX path_metrics_path_ts ON path_metrics(path, ts);
+    CREATE TABLE failover_events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        ts REAL NOT NULL,
+        policy TEXT,
+        from_path TEXT, to_path TEXT,
+        reason TEXT NOT NULL,
+        detail TEXT
+    );
+    CREATE TABLE flow_snapshots (
+        ts REAL NOT NULL,
+        site TEXT,
+        src TEXT NOT NULL, dst TEXT NOT NULL,
+        sport INTEGER NOT NULL, dport INTEGER NOT NULL, proto INTEGER NOT NULL,
+        packets INTEGER NOT NULL, bytes INTEGER NOT NULL,
+        first_ns INTEGER NOT NULL, last_ns INTEGER NOT NULL,
+        policy TEXT, path INTEGER, tcp_flags INTEGER NOT NULL
+    );
+    """,
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+_CONFIG_TABLES = ("paths", "uplinks", "site_subnets", "sites", "policies", "profiles", "mesh")
+
+
+class Store:
+    """An open state file. Use as a context manager.
+
+    ``create=False`` refuses to create a missing file (for ``Mesh.load``).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, create: bool = True) -> None:
+        self.path = os.fspath(path)
+        if not create and not os.path.exists(self.path):
+            raise StateError(f"no state file at {self.path!r}")
+        try:
+            self._db = sqlite3.connect(self.path, isolation_level=None, timeout=10.0)
+            self._db.execute("PRAGMA foreign_keys = ON")
+            self._db.execute("PRAGMA journal_mode = WAL")
+            self._db.execute("PRAGMA synchronous = NORMAL")
+            self._migrate()
+        except sqlite3.DatabaseError as e:
+            raise StateError(f"{self.path!r} is not a usable patronus state file: {e}") from e
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._db.close()
+
+    @property
+    def version(self) -> int:
+        row = self._db.execute("SELECT version FROM schema_version").fetchone()
+        return int(row[0])
+
+    def _migrate(self) -> None:
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = db.execute("SELECT version FROM schema_version").fetchone()
+            current = 0 if row is None else int(row[0])
+            if current > SCHEMA_VERSION:
+                raise SchemaVersionError(
+                    f"{self.path!r} has schema version {current}, this patronus reads up to "
+                    f"{SCHEMA_VERSION}: upgrade patronus to open it"
+                )
+            for i in range(current, SCHEMA_VERSION):
+                for stmt in MIGRATIONS[i].split(";"):
+                    if stmt.strip():
+                        db.execute(stmt)
+            if row is None:
+                db.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
+            else:
+                db.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    # -- mesh ----------------------------------------------------------------
+
+    def save_mesh(self, mesh: Mesh) -> None:
+        """Replace the stored mesh with ``mesh`` in one transaction."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for t in _CONFIG_TABLES:
+                db.execute(f"DELETE FROM {t}")
+            db.execute(
+                "INSERT INTO mesh VALUES (1, ?, ?, ?)",
+                (mesh.name, json.dumps(mesh.failover.to_dict()), time.time()),
+            )
+            for i, prof in enumerate(mesh.to_dict()["profiles"]):
+                db.execute("INSERT INTO profiles VALUES (?, ?, ?)", (prof["name"], i, json.dumps(prof)))
+            for i, s in enumerate(mesh.sites):
+                db.execute("INSERT INTO sites VALUES (?, ?)", (s.name, i))
+                db.executemany(
+                    "INSERT INTO site_subnets VALUES (?, ?, ?)",
+                    [(s.name, j, c) for j, c in enumerate(s.subnets)],
+                )
+                db.executemany(
+                    "INSERT INTO uplinks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [
+                        (s.name, u.name, j, u.address, u.mtu, u.port, int(u.nat), u.bandwidth_mbps, u.cost)
+                        for j, u in enumerate(s.uplinks)
+                    ],
+                )
+            db.executemany(
+                "INSERT INTO paths VALUES (?, ?, ?, ?, ?, ?)",
+                [(p.id, p.index, p.local_site, p.local_uplink, p.remote_site, p.remote_uplink) for p in mesh.paths()],
+            )
+            for i, p in enumerate(mesh.policies):
+                m = p.match
+                sp = m.src_ports or (None, None)
+                dp = m.dst_ports or (None, None)
+                db.execute(
+                    "INSERT INTO policies VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (p.name, i, p.priority, p.app, m.src, m.dst, sp[0], sp[1], dp[0], dp[1], m.proto, m.dscp,
+                     p.qos.dscp, p.qos.rate_kbps, json.dumps(list(p.prefer)), p.action),
+                )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def load_mesh(self) -> Mesh:
+        """The stored mesh, validated as if it were built by hand."""
+        from .mesh import Mesh
+
+        db = self._db
+        db.execute("BEGIN")  # one snapshot for every read
+        try:
+            row = db.execute("SELECT name, failover FROM mesh").fetchone()
+            if row is None:
+                raise StateError(f"{self.path!r} holds no saved mesh")
+            d: dict[str, Any] = {"name": row[0], "failover": json.loads(row[1]), "sites": [], "policies": []}
+            d["profiles"] = [json.loads(b) for (b,) in db.execute("SELECT body FROM profiles ORDER BY position")]
+            for (name,) in db.execute("SELECT name FROM sites ORDER BY position").fetchall():
+                subnets = [c for (c,) in db.execute(
+                    "SELECT cidr FROM site_subnets WHERE site = ? ORDER BY position", (name,))]
+                uplinks = [
+                    {"name": u[0], "address": u[1], "mtu": u[2], "port": u[3], "nat": bool(u[4]),
+                     "bandwidth_mbps": u[5], "cost": u[6]}
+                    for u in db.execute(
+                        "SELECT name, address, mtu, port, nat, bandwidth_mbps, cost FROM uplinks "
+                        "WHERE site = ? ORDER BY position", (name,))
+                ]
+                d["sites"].append({"name": name, "subnets": subnets, "uplinks": uplinks})
+            for r in db.execute(
+                "SELECT name, priority, app, src, dst, sport_lo, sport_hi, dport_lo, dport_hi, proto, dscp, "
+                "qos_dscp, qos_rate_kbps, prefer, action FROM policies ORDER BY position"
+            ):
+                d["policies"].append({
+                    "name": r[0], "priority": r[1], "app": r[2],
+                    "match": {"src": r[3], "dst": r[4],
+                              "src_ports": None if r[5] is None else (r[5], r[6]),
+                              "dst_ports": None if r[7] is None else (r[7], r[8]),
+                              "proto": r[9], "dscp": r[10]},
+                    "qos": {"dscp": r[11], "rate_kbps": r[12]},
+                    "prefer": json.loads(r[13]), "action": r[14],
+                })
+        finally:
+            db.execute("COMMIT")
+        try:
+            return Mesh.from_dict(d)
+        except ConfigError as e:
+            raise StateError(f"{self.path!r} holds an invalid mesh: {e}") from e
+
+    # -- records written by later layers -------------------------------------
+
+    def add_event(self, reason: str, *, policy: str | None = None, from_path: str | None = None,
+                  to_path: str | None = None, detail: str | None = None, ts: float | None = None) -> None:
+        """Append one failover event (its own transaction)."""
+        self._db.execute(
+            "INSERT INTO failover_events (ts, policy, from_path, to_path, reason, detail) VALUES (?, ?, ?, ?, ?, ?)",
+            (time.time() if ts is None else ts, policy, from_path, to_path, reason, detail),
+        )
+
+    def events(self) -> list[dict[str, Any]]:
+        """All failover events, oldest first."""
+        cur = self._db.execute(
+            "SELECT id, ts, policy, from_path, to_path, reason, detail FROM failover_events ORDER BY id")
+        cols = [c[0] for c in cur.description]
+        return [dict(zip(cols, r)) for r in cur]

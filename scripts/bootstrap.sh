@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# Set up a fresh Debian 12 machine for patronus: system packages, kernel
+# headers for BCC, a virtualenv at .venv with the package (Cython build) and
+# its test extras, and Debian's BCC binding visible from that virtualenv.
+#
+# Idempotent: every step checks before it acts, so running it twice is cheap.
+# Usage: scripts/bootstrap.sh            (full set-up, needs root)
+#        PATRONUS_SKIP_APT=1 scripts/bootstrap.sh   (venv only, no root)
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+PY="${PATRONUS_PYTHON:-python3}"
+
+say()  { printf '\033[1m[bootstrap]\033[0m %s\n' "$*"; }
+die()  { printf '\033[31m[bootstrap] error:\033[0m %s\n' "$*" >&2; exit 1; }
+
+APT_PACKAGES=(
+    python3-bpfcc          # BCC: libbcc + the ctypes binding (not PyPI's "bcc")
+    clang llvm             # compiles bpf/ sources for tests outside BCC
+    libbpf1                # bpf_prog_test_run_opts for tests and benchmarks
+    linux-headers-cloud-amd64
+    wireguard-go wireguard-tools
+    iproute2 nftables
+    frr                    # bfdd: the BFD peer for interop tests
+    tcpdump
+)
+
+install_apt() {
+    if [[ -n "${PATRONUS_SKIP_APT:-}" ]]; then
+        say "PATRONUS_SKIP_APT set: not touching system packages"
+        return
+    fi
+    [[ -r /etc/debian_version ]] || die "this script supports Debian 12 only (no /etc/debian_version); install the packages listed in scripts/bootstrap.sh by hand"
+    local major; major="$(cut -d. -f1 /etc/debian_version)"
+    [[ "$major" == "12" ]] || say "warning: Debian $major, tested on 12 only"
+    [[ "$(id -u)" == "0" ]] || die "system packages need root: run 'sudo make test', or PATRONUS_SKIP_APT=1 for the venv alone"
+
+    local missing=()
+    for p in "${APT_PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+    if ((${#missing[@]})); then
+        say "apt: installing ${missing[*]}"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        # --no-install-recommends: wireguard-tools otherwise pulls a kernel image
+        apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    else
+        say "apt: all ${#APT_PACKAGES[@]} packages present"
+    fi
+    # FRR's daemons are started by the tests inside namespaces, never as a service.
+    if systemctl is-active --quiet frr 2>/dev/null; then systemctl stop frr || true; fi
+    link_kernel_headers
+}
+
+# BCC looks for /lib/modules/$(uname -r)/build. This kernel ships none, so point
+# it at Debian's cloud headers (arch dir = build, -common dir = source).
+link_kernel_headers() {
+    local mod="/lib/modules/$(uname -r)"
+    if [[ -e "$mod/build/include" ]]; then
+        say "kernel headers: $mod/build present"
+        return
+    fi
+    local arch common
+    arch="$(ls -d /usr/src/linux-headers-*-cloud-amd64 2>/dev/null | sort -V | tail -1 || true)"
+    common="$(ls -d /usr/src/linux-headers-*-common 2>/dev/null | sort -V | tail -1 || true)"
+    [[ -n "$arch" && -n "$common" ]] || die "no kernel headers under /usr/src: apt-get install linux-headers-cloud-amd64"
+    mkdir -p "$mod"
+    ln -sfn "$arch" "$mod/build"
+    ln -sfn "$common" "$mod/source"
+    say "kernel headers: linked $mod/build -> $arch, source -> $common"
+}
+
+make_venv() {
+    if [[ ! -x "$VENV/bin/python" ]]; then
+        say "venv: creating $VENV with $($PY --version 2>&1)"
+        "$PY" -m venv "$VENV"
+    else
+        say "venv: $VENV exists"
+    fi
+    local vpy="$VENV/bin/python"
+    # Rebuild only when a build input changed: the stamp is a hash of them.
+    local stamp="$VENV/.bootstrap-stamp" want
+    want="$(cat "$ROOT/pyproject.toml" "$ROOT/setup.py" "$ROOT"/patronus/*.pyx "$ROOT"/csrc/* 2>/dev/null | sha256sum | cut -d' ' -f1)"
+    if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]] && "$vpy" -c 'import patronus._fast' 2>/dev/null; then
+        say "pip: patronus and its extension are up to date"
+    else
+        "$vpy" -m pip install -q --upgrade pip setuptools wheel 'Cython>=3.0'
+        say "pip: installing patronus (editable, Cython build) with test extras"
+        "$vpy" -m pip install -q --no-build-isolation -e "$ROOT[test]"
+        echo "$want" > "$stamp"
+    fi
+    expose_bcc "$vpy"
+}
+
+# Debian's BCC binding is pure Python over ctypes; expose only the bcc package
+# (not all of dist-packages) to the venv through a directory of symlinks.
+expose_bcc() {
+    local vpy="$1"
+    local src=/usr/lib/python3/dist-packages/bcc
+    if [[ ! -d "$src" ]]; then
+        say "bcc: $src missing; the XDP backend will report DataplaneUnavailable"
+        return
+    fi
+    local site; site="$("$vpy" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+    local shim="$VENV/debian-bcc"
+    mkdir -p "$shim"
+    ln -sfn "$src" "$shim/bcc"
+    echo "$shim" > "$site/patronus-debian-bcc.pth"
+    "$vpy" -c 'import bcc' && say "bcc: Debian binding importable from the venv"
+}
+
+install_apt
+make_venv
+say "done: activate with 'source .venv/bin/activate'"
