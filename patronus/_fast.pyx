@@ -55,3 +55,276 @@ def prefix_contains(const uint8_t[::1] net not None, unsigned plen, const uint8_
     if net.shape[0] != addr.shape[0] or net.shape[0] not in (4, 16):
         raise ValueError("net and addr must both be 4 or both be 16 bytes")
     return bool(pn_prefix_contains(&net[0], plen, &addr[0], addr.shape[0]))
+
+
+# ---------------------------------------------------------------------------
+# classifier, flow table, per-packet pipeline (csrc/classify.c, flowtable.c)
+
+cimport cython
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_CheckExact
+from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
+from libc.string cimport memset, memcpy
+
+import numpy as np
+
+cdef extern from "patronus_abi.h":
+    struct pn_rule:
+        pass
+    struct pn_flow:
+        pass
+    struct pn_parsed:
+        pass
+    struct pn_policy_counter:
+        uint64_t packets
+        uint64_t bytes
+    int PN_NO_PATH
+
+cdef extern from "classify.h":
+    ctypedef struct pn_classifier:
+        uint32_t nrules
+        size_t memory
+    int pn_classifier_build(pn_classifier *c, const pn_rule *rules, uint32_t n)
+    void pn_classifier_free(pn_classifier *c)
+    int32_t pn_classify(const pn_classifier *c, const pn_parsed *p) nogil
+    int32_t pn_classify_linear(const pn_rule *rules, uint32_t n, const pn_parsed *p) nogil
+
+cdef extern from "parse.h":
+    int pn_parse(const uint8_t *data, const uint8_t *end, pn_parsed *o) nogil
+
+cdef extern from "flowtable.h":
+    ctypedef struct pn_flowtable:
+        uint32_t capacity, count
+        pn_flow *exp
+        size_t exp_len
+        uint64_t evicted, expired_idle, expired_active, export_lost
+    int pn_ft_init(pn_flowtable *ft, uint32_t capacity, int64_t idle_ns, int64_t active_ns)
+    void pn_ft_free(pn_flowtable *ft)
+    void pn_ft_flush(pn_flowtable *ft)
+    size_t pn_ft_snapshot(const pn_flowtable *ft, pn_flow *out)
+    ctypedef struct pn_dp:
+        const pn_classifier *cls
+        uint32_t generation
+        uint32_t npolicies
+        uint32_t *path_of
+        pn_policy_counter *pcount
+        uint64_t malformed[9]
+        uint64_t cache_hits, cache_misses
+        pn_flowtable ft
+    int32_t pn_dp_packet(pn_dp *dp, const uint8_t *data, size_t len, uint64_t ts_ns) nogil
+    ctypedef struct pn_cache:
+        uint32_t generation
+        uint64_t hits, misses
+    int pn_cache_init(pn_cache *c, uint32_t size_pow2)
+    void pn_cache_free(pn_cache *c)
+    int32_t pn_cache_classify(pn_cache *c, const pn_classifier *cls, const uint8_t *data, size_t len, int *reason) nogil
+
+from libc.stdlib cimport calloc, free
+
+
+cdef inline int frame_ptr(object f, const uint8_t **p, Py_ssize_t *n) except -1:
+    """Pointer and length of one frame: bytes directly, anything else by buffer."""
+    cdef const uint8_t[::1] mv
+    if PyBytes_CheckExact(f):
+        p[0] = <const uint8_t *>PyBytes_AS_STRING(f)
+        n[0] = PyBytes_GET_SIZE(f)
+        return 0
+    mv = f
+    n[0] = mv.shape[0]
+    p[0] = &mv[0] if n[0] else <const uint8_t *>b""
+    return 0
+
+
+cdef class Classifier:
+    """Compiled rule table (bit vectors) plus a direct-mapped classification cache."""
+    cdef pn_classifier c
+    cdef pn_cache cache
+    cdef object rules
+    cdef const uint8_t[::1] rule_bytes
+    cdef uint64_t _malformed[9]
+
+    def __cinit__(self, rules not None, uint32_t cache_size=1 << 16):
+        self.rules = np.ascontiguousarray(rules)
+        self.rule_bytes = self.rules.view(np.uint8).reshape(-1) if len(self.rules) else np.zeros(1, np.uint8)
+        if pn_classifier_build(&self.c, <const pn_rule *>&self.rule_bytes[0], <uint32_t>len(self.rules)):
+            raise MemoryError("rule table too large to compile")
+        if cache_size & (cache_size - 1) or pn_cache_init(&self.cache, cache_size):
+            pn_classifier_free(&self.c)
+            raise MemoryError("classification cache")
+        memset(self._malformed, 0, sizeof(self._malformed))
+
+    def __dealloc__(self):
+        pn_classifier_free(&self.c)
+        pn_cache_free(&self.cache)
+
+    @property
+    def memory(self):
+        """Bytes the compiled bit vectors take."""
+        return self.c.memory
+
+    @property
+    def cache_stats(self):
+        return {"hits": self.cache.hits, "misses": self.cache.misses}
+
+    def malformed(self):
+        """Counts of frames that did not parse, by reason index (1..)."""
+        return [self._malformed[i] for i in range(1, PN_NREASONS)]
+
+    def clear_cache(self):
+        self.cache.generation += 1
+
+    def classify_list(self, list frames not None, int32_t[::1] out not None, int mode=0):
+        """mode 0: cache + bit vectors; 1: bit vectors only; 2: linear scan (baseline)."""
+        cdef Py_ssize_t i, n = len(frames), ln
+        cdef const uint8_t *p
+        if out.shape[0] < n:
+            raise ValueError("out too short")
+        for i in range(n):
+            frame_ptr(frames[i], &p, &ln)
+            out[i] = self._one(p, ln, mode)
+
+    def classify_buffer(self, const uint8_t[::1] buf not None, const int64_t[::1] offsets not None,
+                        int32_t[::1] out not None, int mode=0):
+        """Frames are buf[offsets[i]:offsets[i+1]]."""
+        cdef Py_ssize_t i, n = offsets.shape[0] - 1
+        cdef int64_t a, b
+        if n < 0 or out.shape[0] < n:
+            raise ValueError("need len(offsets) - 1 <= len(out)")
+        if n > 0 and (offsets[0] < 0 or offsets[n] > buf.shape[0]):
+            raise ValueError("offsets outside the buffer")
+        for i in range(n):
+            if offsets[i + 1] < offsets[i]:
+                raise ValueError("offsets must not decrease")
+        with nogil:
+            for i in range(n):
+                a = offsets[i]
+                b = offsets[i + 1]
+                out[i] = self._one(&buf[0] + a if b > a else <const uint8_t *>"", b - a, mode)
+
+    cdef inline int32_t _one(self, const uint8_t *p, Py_ssize_t n, int mode) noexcept nogil:
+        cdef int reason = 0
+        cdef char parsed[64]
+        if mode == 0:
+            r = pn_cache_classify(&self.cache, &self.c, p, n, &reason)
+            if reason:
+                self._malformed[reason] += 1
+            return r
+        memset(parsed, 0, 64)
+        reason = pn_parse(p, p + n, <pn_parsed *>parsed)
+        if reason:
+            self._malformed[reason] += 1
+            return -1
+        if mode == 1:
+            return pn_classify(&self.c, <pn_parsed *>parsed)
+        return pn_classify_linear(<const pn_rule *>&self.rule_bytes[0], self.c.nrules, <pn_parsed *>parsed)
+
+
+cdef class Dataplane:
+    """Parse, classify and account frames into a fixed-capacity flow table."""
+    cdef pn_dp dp
+    cdef Classifier cls
+    cdef public object flow_dtype
+
+    def __cinit__(self, Classifier cls not None, uint32_t npolicies, uint32_t capacity,
+                  int64_t idle_ns=0, int64_t active_ns=0, flow_dtype=None):
+        memset(&self.dp, 0, sizeof(self.dp))
+        if pn_ft_init(&self.dp.ft, capacity, idle_ns, active_ns):
+            raise MemoryError(f"flow table of {capacity} flows")
+        self.dp.path_of = <uint32_t *>calloc(npolicies + 1, sizeof(uint32_t))
+        self.dp.pcount = <pn_policy_counter *>calloc(npolicies + 1, sizeof(pn_policy_counter))
+        if not self.dp.path_of or not self.dp.pcount:
+            raise MemoryError("policy counters")
+        for i in range(npolicies + 1):
+            self.dp.path_of[i] = PN_NO_PATH
+        self.dp.npolicies = npolicies
+        self.dp.generation = 1
+        self.cls = cls
+        self.dp.cls = &cls.c
+        self.flow_dtype = flow_dtype
+
+    def __dealloc__(self):
+        pn_ft_free(&self.dp.ft)
+        free(self.dp.path_of)
+        free(self.dp.pcount)
+
+    def set_classifier(self, Classifier cls not None, uint32_t npolicies):
+        """Swap the rule table; flows keep their counters and are re-classified on their next packet."""
+        if npolicies != self.dp.npolicies:
+            raise ValueError("a new table must keep the number of policies (counters are per policy)")
+        self.cls = cls
+        self.dp.cls = &cls.c
+        self.dp.generation += 1
+
+    def set_path(self, int32_t policy, uint32_t path):
+        """Point `policy` (-1 = default) at path slot `path`: one array write."""
+        if policy < -1 or policy >= <int32_t>self.dp.npolicies:
+            raise IndexError(policy)
+        self.dp.path_of[policy + 1] = path
+
+    def path_of(self, int32_t policy):
+        if policy < -1 or policy >= <int32_t>self.dp.npolicies:
+            raise IndexError(policy)
+        return self.dp.path_of[policy + 1]
+
+    def process_list(self, list frames not None, const uint64_t[::1] ts not None, int32_t[::1] out not None):
+        cdef Py_ssize_t i, n = len(frames), ln
+        cdef const uint8_t *p
+        if ts.shape[0] < n or out.shape[0] < n:
+            raise ValueError("ts and out need one entry per frame")
+        for i in range(n):
+            frame_ptr(frames[i], &p, &ln)
+            out[i] = pn_dp_packet(&self.dp, p, ln, ts[i])
+
+    def process_buffer(self, const uint8_t[::1] buf not None, const int64_t[::1] offsets not None,
+                       const uint64_t[::1] ts not None, int32_t[::1] out not None):
+        cdef Py_ssize_t i, n = offsets.shape[0] - 1
+        cdef int64_t a, b
+        if n < 0 or ts.shape[0] < n or out.shape[0] < n:
+            raise ValueError("ts and out need len(offsets) - 1 entries")
+        if n > 0 and (offsets[0] < 0 or offsets[n] > buf.shape[0]):
+            raise ValueError("offsets outside the buffer")
+        for i in range(n):
+            if offsets[i + 1] < offsets[i]:
+                raise ValueError("offsets must not decrease")
+        with nogil:
+            for i in range(n):
+                a = offsets[i]
+                b = offsets[i + 1]
+                out[i] = pn_dp_packet(&self.dp, &buf[0] + a if b > a else <const uint8_t *>"", b - a, ts[i])
+
+    def flows(self):
+        arr = np.zeros(self.dp.ft.count, dtype=self.flow_dtype)
+        cdef uint8_t[::1] v
+        if self.dp.ft.count:
+            v = arr.view(np.uint8).reshape(-1)
+            pn_ft_snapshot(&self.dp.ft, <pn_flow *>&v[0])
+        return arr
+
+    def drain(self, bint flush=False):
+        """Return the export buffer (evicted and expired flows) and empty it.
+        flush=True first moves every live flow there too."""
+        if flush:
+            pn_ft_flush(&self.dp.ft)
+        n = self.dp.ft.exp_len
+        arr = np.zeros(n, dtype=self.flow_dtype)
+        cdef uint8_t[::1] v
+        if n:
+            v = arr.view(np.uint8).reshape(-1)
+            memcpy(&v[0], self.dp.ft.exp, n * arr.dtype.itemsize)
+        self.dp.ft.exp_len = 0
+        return arr
+
+    def raw_counters(self):
+        pp = [(self.dp.pcount[i].packets, self.dp.pcount[i].bytes) for i in range(self.dp.npolicies + 1)]
+        return {
+            "policy": pp,
+            "malformed": [self.dp.malformed[i] for i in range(1, PN_NREASONS)],
+            "flows": self.dp.ft.count,
+            "capacity": self.dp.ft.capacity,
+            "evicted": self.dp.ft.evicted,
+            "expired_idle": self.dp.ft.expired_idle,
+            "expired_active": self.dp.ft.expired_active,
+            "export_pending": self.dp.ft.exp_len,
+            "export_lost": self.dp.ft.export_lost,
+            "cache_hits": self.dp.cache_hits,
+            "cache_misses": self.dp.cache_misses,
+        }

@@ -1,0 +1,356 @@
+#include "classify.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+/* What one rule says about one field. */
+enum { IV_NEVER = 0, IV_ANY = 1, IV_RANGE = 2 };
+typedef struct { pn_u128 lo, hi; int kind; } iv_t;
+typedef struct { pn_u128 pos; uint32_t rule; int add; } event_t;
+
+static pn_u128 load_be(const uint8_t *b, int nbytes)
+{
+    pn_u128 v = 0;
+    for (int i = 0; i < nbytes; i++)
+        v = (v << 8) | b[i];
+    return v;
+}
+
+static iv_t prefix_iv(const uint8_t *addr, unsigned plen, int nbytes)
+{
+    unsigned bits = (unsigned)nbytes * 8;
+    pn_u128 lo = load_be(addr, nbytes);
+    pn_u128 span = plen == 0 ? ~(pn_u128)0 >> (128 - bits) : ((((pn_u128)1) << (bits - plen)) - 1);
+    iv_t r = { lo, lo | span, IV_RANGE };
+    return r;
+}
+
+static int cmp_event(const void *a, const void *b)
+{
+    const event_t *x = a, *y = b;
+    return x->pos < y->pos ? -1 : x->pos > y->pos;
+}
+
+/* Row store with de-duplication: identical bitmaps share one row. */
+typedef struct {
+    pn_classifier *c;
+    pn_field *f;
+    uint32_t cap;           /* rows allocated */
+    uint32_t *slots;        /* open-addressing table of row+1, 0 = empty */
+    uint32_t nslots;
+} rowstore_t;
+
+static uint64_t hash_words(const uint64_t *w, uint32_t n)
+{
+    uint64_t h = 0x9E3779B97F4A7C15ull;
+    for (uint32_t i = 0; i < n; i++) {
+        h ^= w[i];
+        h *= 0xbf58476d1ce4e5b9ull;
+        h ^= h >> 29;
+    }
+    return h;
+}
+
+static int64_t rowstore_add(rowstore_t *rs, const uint64_t *bits)
+{
+    pn_classifier *c = rs->c;
+    pn_field *f = rs->f;
+    uint32_t mask = rs->nslots - 1;
+    uint32_t s = (uint32_t)hash_words(bits, c->nwords) & mask;
+    for (;; s = (s + 1) & mask) {
+        uint32_t r = rs->slots[s];
+        if (!r)
+            break;
+        if (!memcmp(f->rows + (size_t)(r - 1) * c->stride + c->nsum, bits, c->nwords * 8))
+            return r - 1;
+    }
+    if (f->nrows == rs->cap) {
+        uint32_t ncap = rs->cap ? rs->cap * 2 : 16;
+        uint64_t *nr = realloc(f->rows, (size_t)ncap * c->stride * 8);
+        if (!nr)
+            return -1;
+        f->rows = nr;
+        rs->cap = ncap;
+    }
+    uint64_t *row = f->rows + (size_t)f->nrows * c->stride;
+    memset(row, 0, (size_t)c->nsum * 8);
+    memcpy(row + c->nsum, bits, (size_t)c->nwords * 8);
+    for (uint32_t w = 0; w < c->nwords; w++)
+        if (bits[w])
+            row[w / 64] |= 1ull << (w % 64);
+    rs->slots[s] = ++f->nrows;
+    return f->nrows - 1;
+}
+
+/* Sweep the value space [0, maxv] once, left to right, keeping the set of
+ * rules whose interval covers the current point; each boundary starts a new
+ * elementary interval. lut != 0 stores a direct value -> row table instead of
+ * (starts, rows) for binary search (small fields: ports, protocol, DSCP). */
+static int build_field(pn_classifier *c, pn_field *f, const iv_t *ivs, pn_u128 maxv, int lut)
+{
+    uint32_t n = c->nrules, nev = 0;
+    int rc = -1;
+    event_t *ev = malloc(sizeof(event_t) * (2 * (size_t)n + 1));
+    uint64_t *cur = calloc(c->nwords, 8);
+    uint32_t maxint = 2 * n + 1;
+    pn_u128 *starts = malloc(sizeof(pn_u128) * maxint);
+    uint32_t *rowid = malloc(sizeof(uint32_t) * maxint);
+    rowstore_t rs = { c, f, 0, NULL, 1 };
+    while (rs.nslots < 2 * maxint)
+        rs.nslots <<= 1;
+    rs.slots = calloc(rs.nslots, sizeof(uint32_t));
+    if (!ev || !cur || !starts || !rowid || !rs.slots)
+        goto out;
+
+    for (uint32_t i = 0; i < n; i++) {
+        if (ivs[i].kind == IV_ANY) {
+            cur[i / 64] |= 1ull << (i % 64);
+        } else if (ivs[i].kind == IV_RANGE) {
+            ev[nev++] = (event_t){ ivs[i].lo, i, 1 };
+            if (ivs[i].hi < maxv)
+                ev[nev++] = (event_t){ ivs[i].hi + 1, i, 0 };
+        }
+    }
+    qsort(ev, nev, sizeof(event_t), cmp_event);
+
+    uint32_t k = 0, ni = 0;
+    pn_u128 pos = 0;
+    for (;;) {
+        for (; k < nev && ev[k].pos == pos; k++) {
+            uint32_t r = ev[k].rule;
+            if (ev[k].add)
+                cur[r / 64] |= 1ull << (r % 64);
+            else
+                cur[r / 64] &= ~(1ull << (r % 64));
+        }
+        int64_t row = rowstore_add(&rs, cur);
+        if (row < 0)
+            goto out;
+        /* merge neighbours that ended up with the same bitmap */
+        if (ni == 0 || rowid[ni - 1] != (uint32_t)row) {
+            starts[ni] = pos;
+            rowid[ni++] = (uint32_t)row;
+        }
+        if (k == nev)
+            break;
+        pos = ev[k].pos;
+    }
+    f->nintervals = ni;
+    if (lut) {
+        uint32_t nv = (uint32_t)maxv + 1, j = 0;
+        f->row_of = malloc(sizeof(uint32_t) * nv);
+        if (!f->row_of)
+            goto out;
+        for (uint32_t v = 0; v < nv; v++) {
+            while (j + 1 < ni && starts[j + 1] <= v)
+                j++;
+            f->row_of[v] = rowid[j];
+        }
+        c->memory += sizeof(uint32_t) * nv;
+    } else {
+        f->starts = realloc(starts, sizeof(pn_u128) * ni);
+        f->row_of = realloc(rowid, sizeof(uint32_t) * ni);
+        starts = NULL;
+        rowid = NULL;
+        c->memory += (sizeof(pn_u128) + sizeof(uint32_t)) * ni;
+    }
+    c->memory += (size_t)f->nrows * c->stride * 8;
+    rc = 0;
+out:
+    free(ev);
+    free(cur);
+    free(starts);
+    free(rowid);
+    free(rs.slots);
+    return rc;
+}
+
+/* Row (in f) of the rules that accept "no value": only those that do not
+ * constrain the field at all. */
+static int64_t wildcard_row(pn_classifier *c, pn_field *f, const iv_t *ivs)
+{
+    uint64_t *bits = calloc(c->nwords, 8);
+    if (!bits)
+        return -1;
+    for (uint32_t i = 0; i < c->nrules; i++)
+        if (ivs[i].kind == IV_ANY)
+            bits[i / 64] |= 1ull << (i % 64);
+    /* append without the dedupe table: one extra row at most */
+    uint64_t *nr = realloc(f->rows, (size_t)(f->nrows + 1) * c->stride * 8);
+    if (!nr) {
+        free(bits);
+        return -1;
+    }
+    f->rows = nr;
+    uint64_t *row = f->rows + (size_t)f->nrows * c->stride;
+    memset(row, 0, (size_t)c->nsum * 8);
+    memcpy(row + c->nsum, bits, (size_t)c->nwords * 8);
+    for (uint32_t w = 0; w < c->nwords; w++)
+        if (bits[w])
+            row[w / 64] |= 1ull << (w % 64);
+    free(bits);
+    c->memory += (size_t)c->stride * 8;
+    return f->nrows++;
+}
+
+int pn_classifier_build(pn_classifier *c, const struct pn_rule *rules, uint32_t n)
+{
+    memset(c, 0, sizeof(*c));
+    c->nrules = n;
+    c->nwords = n ? (n + 63) / 64 : 1;
+    c->nsum = (c->nwords + 63) / 64;
+    c->stride = c->nsum + c->nwords;
+    c->rule_policy = malloc(sizeof(int32_t) * (n ? n : 1));
+    iv_t *ivs = malloc(sizeof(iv_t) * (n ? n : 1));
+    if (!c->rule_policy || !ivs)
+        goto fail;
+    for (uint32_t i = 0; i < n; i++)
+        c->rule_policy[i] = rules[i].policy;
+
+    static const struct { int fid, fam, flag, is_src; } pfx[] = {
+        { PN_F_SRC4, PN_FAMILY_V4, PN_RF_SRC, 1 }, { PN_F_DST4, PN_FAMILY_V4, PN_RF_DST, 0 },
+        { PN_F_SRC6, PN_FAMILY_V6, PN_RF_SRC, 1 }, { PN_F_DST6, PN_FAMILY_V6, PN_RF_DST, 0 },
+    };
+    for (int k = 0; k < 4; k++) {
+        int nbytes = pfx[k].fam == PN_FAMILY_V4 ? 4 : 16;
+        for (uint32_t i = 0; i < n; i++) {
+            const struct pn_rule *r = &rules[i];
+            if (!(r->flags & pfx[k].flag))
+                /* a rule whose other prefix pins the family cannot match this one */
+                ivs[i].kind = (r->family == PN_FAMILY_ANY || r->family == pfx[k].fam) ? IV_ANY : IV_NEVER;
+            else if (r->family != pfx[k].fam)
+                ivs[i].kind = IV_NEVER;
+            else
+                ivs[i] = prefix_iv(pfx[k].is_src ? r->src : r->dst, pfx[k].is_src ? r->src_plen : r->dst_plen, nbytes);
+        }
+        pn_u128 maxv = nbytes == 4 ? 0xffffffffu : ~(pn_u128)0;
+        if (build_field(c, &c->f[pfx[k].fid], ivs, maxv, 0))
+            goto fail;
+    }
+    for (int k = 0; k < 2; k++) {
+        int flag = k ? PN_RF_DPORT : PN_RF_SPORT;
+        for (uint32_t i = 0; i < n; i++) {
+            const struct pn_rule *r = &rules[i];
+            if (!(r->flags & flag))
+                ivs[i].kind = IV_ANY;
+            else
+                ivs[i] = (iv_t){ k ? r->dport_lo : r->sport_lo, k ? r->dport_hi : r->sport_hi, IV_RANGE };
+        }
+        pn_field *f = &c->f[k ? PN_F_DPORT : PN_F_SPORT];
+        if (build_field(c, f, ivs, 65535, 1))
+            goto fail;
+        int64_t w = wildcard_row(c, f, ivs);
+        if (w < 0)
+            goto fail;
+        c->noport_row[k] = (uint32_t)w;
+    }
+    for (uint32_t i = 0; i < n; i++)
+        ivs[i] = (rules[i].flags & PN_RF_PROTO) ? (iv_t){ rules[i].proto, rules[i].proto, IV_RANGE } : (iv_t){ 0, 0, IV_ANY };
+    if (build_field(c, &c->f[PN_F_PROTO], ivs, 255, 1))
+        goto fail;
+    for (uint32_t i = 0; i < n; i++)
+        ivs[i] = (rules[i].flags & PN_RF_DSCP) ? (iv_t){ rules[i].dscp, rules[i].dscp, IV_RANGE } : (iv_t){ 0, 0, IV_ANY };
+    if (build_field(c, &c->f[PN_F_DSCP], ivs, 63, 1))
+        goto fail;
+    free(ivs);
+    c->memory += sizeof(int32_t) * n;
+    return 0;
+fail:
+    free(ivs);
+    pn_classifier_free(c);
+    return -1;
+}
+
+void pn_classifier_free(pn_classifier *c)
+{
+    for (int k = 0; k < PN_NFIELDS; k++) {
+        free(c->f[k].starts);
+        free(c->f[k].row_of);
+        free(c->f[k].rows);
+    }
+    free(c->rule_policy);
+    memset(c, 0, sizeof(*c));
+}
+
+/* Last interval whose start <= v. starts[0] is always 0. */
+static inline uint32_t find_interval(const pn_field *f, pn_u128 v)
+{
+    uint32_t lo = 0, hi = f->nintervals;
+    while (hi - lo > 1) {
+        uint32_t mid = (lo + hi) / 2;
+        if (f->starts[mid] <= v)
+            lo = mid;
+        else
+            hi = mid;
+    }
+    return f->row_of[lo];
+}
+
+int32_t pn_classify(const pn_classifier *c, const struct pn_parsed *p)
+{
+    const pn_field *fs, *fd;
+    pn_u128 vs, vd;
+    if (p->family == PN_FAMILY_V4) {
+        fs = &c->f[PN_F_SRC4];
+        fd = &c->f[PN_F_DST4];
+        vs = load_be(p->src, 4);
+        vd = load_be(p->dst, 4);
+    } else {
+        fs = &c->f[PN_F_SRC6];
+        fd = &c->f[PN_F_DST6];
+        vs = load_be(p->src, 16);
+        vd = load_be(p->dst, 16);
+    }
+    const uint32_t st = c->stride;
+    const uint64_t *r0 = fs->rows + (size_t)find_interval(fs, vs) * st;
+    const uint64_t *r1 = fd->rows + (size_t)find_interval(fd, vd) * st;
+    uint32_t sp = p->has_ports ? c->f[PN_F_SPORT].row_of[p->sport] : c->noport_row[0];
+    uint32_t dp = p->has_ports ? c->f[PN_F_DPORT].row_of[p->dport] : c->noport_row[1];
+    const uint64_t *r2 = c->f[PN_F_SPORT].rows + (size_t)sp * st;
+    const uint64_t *r3 = c->f[PN_F_DPORT].rows + (size_t)dp * st;
+    const uint64_t *r4 = c->f[PN_F_PROTO].rows + (size_t)c->f[PN_F_PROTO].row_of[p->proto] * st;
+    const uint64_t *r5 = c->f[PN_F_DSCP].rows + (size_t)c->f[PN_F_DSCP].row_of[p->dscp & 63] * st;
+    const uint32_t ns = c->nsum;
+    for (uint32_t s = 0; s < ns; s++) {
+        uint64_t m = r0[s] & r1[s] & r2[s] & r3[s] & r4[s] & r5[s];
+        while (m) {
+            uint32_t w = s * 64 + (uint32_t)__builtin_ctzll(m);
+            uint64_t x = r0[ns + w] & r1[ns + w] & r2[ns + w] & r3[ns + w] & r4[ns + w] & r5[ns + w];
+            if (x)
+                return c->rule_policy[w * 64 + (uint32_t)__builtin_ctzll(x)];
+            m &= m - 1;
+        }
+    }
+    return -1;
+}
+
+static int prefix_ok(const uint8_t *net, unsigned plen, const uint8_t *addr)
+{
+    unsigned full = plen / 8, rem = plen % 8;
+    if (memcmp(net, addr, full))
+        return 0;
+    return !rem || ((net[full] ^ addr[full]) & (uint8_t)(0xff << (8 - rem))) == 0;
+}
+
+int32_t pn_classify_linear(const struct pn_rule *rules, uint32_t n, const struct pn_parsed *p)
+{
+    for (uint32_t i = 0; i < n; i++) {
+        const struct pn_rule *r = &rules[i];
+        if (r->family != PN_FAMILY_ANY && r->family != p->family)
+            continue;
+        if ((r->flags & PN_RF_SRC) && !prefix_ok(r->src, r->src_plen, p->src))
+            continue;
+        if ((r->flags & PN_RF_DST) && !prefix_ok(r->dst, r->dst_plen, p->dst))
+            continue;
+        if ((r->flags & PN_RF_SPORT) && (!p->has_ports || p->sport < r->sport_lo || p->sport > r->sport_hi))
+            continue;
+        if ((r->flags & PN_RF_DPORT) && (!p->has_ports || p->dport < r->dport_lo || p->dport > r->dport_hi))
+            continue;
+        if ((r->flags & PN_RF_PROTO) && r->proto != p->proto)
+            continue;
+        if ((r->flags & PN_RF_DSCP) && r->dscp != p->dscp)
+            continue;
+        return r->policy;
+    }
+    return -1;
+}

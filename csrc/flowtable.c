@@ -1,0 +1,253 @@
+#include "flowtable.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "parse.h"
+
+static inline void key_of(const struct pn_parsed *p, struct pn_flow_key *k)
+{
+    memcpy(k->src, p->src, 16);
+    memcpy(k->dst, p->dst, 16);
+    k->sport = p->sport;
+    k->dport = p->dport;
+    k->proto = p->proto;
+    k->family = p->family;
+    k->_pad = 0;
+}
+
+static inline uint64_t key_hash(const struct pn_flow_key *k)
+{
+    uint64_t w[5];
+    memcpy(w, k, sizeof(w));
+    uint64_t h = 0x9E3779B97F4A7C15ull;
+    for (int i = 0; i < 5; i++) {
+        h ^= w[i];
+        h *= 0xbf58476d1ce4e5b9ull;
+        h ^= h >> 31;
+    }
+    return h;
+}
+
+static inline int key_eq(const struct pn_flow_key *a, const struct pn_flow_key *b)
+{
+    return memcmp(a, b, sizeof(*a)) == 0;
+}
+
+int pn_ft_init(pn_flowtable *ft, uint32_t capacity, int64_t idle_ns, int64_t active_ns)
+{
+    memset(ft, 0, sizeof(*ft));
+    if (capacity == 0)
+        return -1;
+    uint32_t nb = 1;
+    while (nb < capacity && nb < (1u << 31))
+        nb <<= 1;
+    ft->capacity = capacity;
+    ft->mask = nb - 1;
+    ft->idle_ns = idle_ns;
+    ft->active_ns = active_ns;
+    ft->flows = calloc(capacity, sizeof(struct pn_flow));
+    ft->bucket = malloc(sizeof(uint32_t) * nb);
+    ft->hnext = malloc(sizeof(uint32_t) * capacity);
+    ft->prev = malloc(sizeof(uint32_t) * capacity);
+    ft->next = malloc(sizeof(uint32_t) * capacity);
+    if (!ft->flows || !ft->bucket || !ft->hnext || !ft->prev || !ft->next) {
+        pn_ft_free(ft);
+        return -1;
+    }
+    memset(ft->bucket, 0xff, sizeof(uint32_t) * nb);
+    for (uint32_t i = 0; i < capacity; i++)
+        ft->hnext[i] = i + 1 < capacity ? i + 1 : PN_NIL;
+    ft->free_head = 0;
+    ft->head = ft->tail = PN_NIL;
+    return 0;
+}
+
+void pn_ft_free(pn_flowtable *ft)
+{
+    free(ft->flows);
+    free(ft->bucket);
+    free(ft->hnext);
+    free(ft->prev);
+    free(ft->next);
+    free(ft->exp);
+    memset(ft, 0, sizeof(*ft));
+}
+
+static void export_push(pn_flowtable *ft, const struct pn_flow *f)
+{
+    if (ft->exp_len == ft->exp_cap) {
+        size_t ncap = ft->exp_cap ? ft->exp_cap * 2 : 1024;
+        struct pn_flow *n = realloc(ft->exp, ncap * sizeof(*n));
+        if (!n) {
+            ft->export_lost++;
+            return;
+        }
+        ft->exp = n;
+        ft->exp_cap = ncap;
+    }
+    ft->exp[ft->exp_len++] = *f;
+}
+
+static inline void lru_unlink(pn_flowtable *ft, uint32_t i)
+{
+    uint32_t p = ft->prev[i], n = ft->next[i];
+    if (p != PN_NIL)
+        ft->next[p] = n;
+    else
+        ft->head = n;
+    if (n != PN_NIL)
+        ft->prev[n] = p;
+    else
+        ft->tail = p;
+}
+
+static inline void lru_push_head(pn_flowtable *ft, uint32_t i)
+{
+    ft->prev[i] = PN_NIL;
+    ft->next[i] = ft->head;
+    if (ft->head != PN_NIL)
+        ft->prev[ft->head] = i;
+    ft->head = i;
+    if (ft->tail == PN_NIL)
+        ft->tail = i;
+}
+
+/* Take entry i out of the table into the export buffer. */
+static void remove_entry(pn_flowtable *ft, uint32_t i, uint64_t *counter)
+{
+    export_push(ft, &ft->flows[i]);
+    (*counter)++;
+    uint32_t b = (uint32_t)key_hash(&ft->flows[i].key) & ft->mask;
+    uint32_t *link = &ft->bucket[b];
+    while (*link != i)
+        link = &ft->hnext[*link];
+    *link = ft->hnext[i];
+    lru_unlink(ft, i);
+    ft->hnext[i] = ft->free_head;
+    ft->free_head = i;
+    ft->count--;
+}
+
+void pn_ft_flush(pn_flowtable *ft)
+{
+    uint64_t flushed = 0;
+    while (ft->tail != PN_NIL)
+        remove_entry(ft, ft->tail, &flushed);
+}
+
+size_t pn_ft_snapshot(const pn_flowtable *ft, struct pn_flow *out)
+{
+    size_t n = 0;
+    for (uint32_t i = ft->head; i != PN_NIL; i = ft->next[i])
+        out[n++] = ft->flows[i];
+    return n;
+}
+
+int32_t pn_dp_packet(pn_dp *dp, const uint8_t *data, size_t len, uint64_t ts)
+{
+    struct pn_parsed p;
+    memset(&p, 0, sizeof(p));
+    int rc = pn_parse(data, data + len, &p);
+    if (rc != PN_OK) {
+        dp->malformed[rc]++;
+        return -1;
+    }
+    pn_flowtable *ft = &dp->ft;
+    if (ft->idle_ns)
+        while (ft->tail != PN_NIL && (int64_t)(ts - ft->flows[ft->tail].rec.last_ns) >= ft->idle_ns)
+            remove_entry(ft, ft->tail, &ft->expired_idle);
+
+    struct pn_flow_key key;
+    key_of(&p, &key);
+    uint32_t b = (uint32_t)key_hash(&key) & ft->mask;
+    uint32_t i = ft->bucket[b];
+    while (i != PN_NIL && !key_eq(&ft->flows[i].key, &key))
+        i = ft->hnext[i];
+
+    struct pn_flow_rec *r;
+    if (i != PN_NIL) {
+        r = &ft->flows[i].rec;
+        if (ft->active_ns && (int64_t)(ts - r->first_ns) >= ft->active_ns) {
+            export_push(ft, &ft->flows[i]);
+            ft->expired_active++;
+            r->packets = r->bytes = 0;
+            r->first_ns = ts;
+            r->tcp_flags = 0;
+        }
+        if (r->generation != dp->generation) {
+            r->policy = pn_classify(dp->cls, &p);
+            r->generation = dp->generation;
+            dp->cache_misses++;
+        } else {
+            dp->cache_hits++;
+        }
+        lru_unlink(ft, i);
+        lru_push_head(ft, i);
+    } else {
+        if (ft->count == ft->capacity)
+            remove_entry(ft, ft->tail, &ft->evicted);
+        i = ft->free_head;
+        ft->free_head = ft->hnext[i];
+        ft->hnext[i] = ft->bucket[b];
+        ft->bucket[b] = i;
+        ft->count++;
+        lru_push_head(ft, i);
+        ft->flows[i].key = key;
+        r = &ft->flows[i].rec;
+        memset(r, 0, sizeof(*r));
+        r->first_ns = ts;
+        r->policy = pn_classify(dp->cls, &p);
+        r->generation = dp->generation;
+        dp->cache_misses++;
+    }
+    r->packets++;
+    r->bytes += p.l3_len;
+    r->last_ns = ts;
+    r->tcp_flags |= p.tcp_flags;
+    r->dscp = p.dscp;
+    uint32_t slot = (uint32_t)(r->policy + 1);
+    r->path = dp->path_of[slot];
+    dp->pcount[slot].packets++;
+    dp->pcount[slot].bytes += p.l3_len;
+    return r->policy;
+}
+
+int pn_cache_init(pn_cache *c, uint32_t size_pow2)
+{
+    c->e = calloc(size_pow2, sizeof(pn_cache_entry));
+    c->mask = size_pow2 - 1;
+    c->generation = 1;
+    c->hits = c->misses = 0;
+    return c->e ? 0 : -1;
+}
+
+void pn_cache_free(pn_cache *c)
+{
+    free(c->e);
+    c->e = NULL;
+}
+
+int32_t pn_cache_classify(pn_cache *c, const pn_classifier *cls, const uint8_t *data, size_t len, int *reason)
+{
+    struct pn_parsed p;
+    memset(&p, 0, sizeof(p));
+    int rc = pn_parse(data, data + len, &p);
+    *reason = rc;
+    if (rc != PN_OK)
+        return -1;
+    struct pn_flow_key key;
+    key_of(&p, &key);
+    /* DSCP is not in the flow key but rules may match on it: fold it in */
+    key._pad = (uint16_t)(0x100 | p.dscp);
+    pn_cache_entry *e = &c->e[key_hash(&key) & c->mask];
+    if (e->generation == c->generation && key_eq(&e->key, &key)) {
+        c->hits++;
+        return e->policy;
+    }
+    c->misses++;
+    e->key = key;
+    e->generation = c->generation;
+    e->policy = pn_classify(cls, &p);
+    return e->policy;
+}

@@ -1,0 +1,79 @@
+/* Flow table of the userspace data plane, and the per-packet pipeline
+ * (parse -> flow lookup -> classify on miss -> account).
+ *
+ * Fixed capacity, chained hash over a preallocated pool, an LRU list through
+ * the pool. The flow record caches the policy, so a packet of a known flow is
+ * one hash lookup; the cached policy is recomputed when the rule table's
+ * generation changes. Nothing leaves the table silently: LRU evictions, idle
+ * and active timeouts all copy the record into the export buffer and count.
+ */
+#ifndef PATRONUS_FLOWTABLE_H
+#define PATRONUS_FLOWTABLE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "classify.h"
+#include "patronus_abi.h"
+
+#define PN_NIL 0xffffffffu
+
+typedef struct {
+    uint32_t capacity, mask, count;
+    struct pn_flow *flows;
+    uint32_t *bucket;        /* mask + 1 chain heads */
+    uint32_t *hnext;         /* chain link, or free-list link */
+    uint32_t *prev, *next;   /* LRU list: head = most recent */
+    uint32_t head, tail, free_head;
+    int64_t idle_ns, active_ns;   /* 0 = no timeout */
+    struct pn_flow *exp;     /* export buffer (grows; drained by the owner) */
+    size_t exp_len, exp_cap;
+    uint64_t evicted, expired_idle, expired_active, export_lost;
+} pn_flowtable;
+
+int pn_ft_init(pn_flowtable *ft, uint32_t capacity, int64_t idle_ns, int64_t active_ns);
+void pn_ft_free(pn_flowtable *ft);
+/* Move every live flow into the export buffer (end of a capture). */
+void pn_ft_flush(pn_flowtable *ft);
+/* Copy live flows, most recent first, into out (room for ft->count). */
+size_t pn_ft_snapshot(const pn_flowtable *ft, struct pn_flow *out);
+
+/* Per-packet pipeline state. */
+typedef struct {
+    const pn_classifier *cls;
+    uint32_t generation;      /* bumped whenever cls changes */
+    uint32_t npolicies;
+    uint32_t *path_of;        /* npolicies + 1: slot 0 = default, i + 1 = policy i */
+    struct pn_policy_counter *pcount;  /* npolicies + 1, same indexing */
+    uint64_t malformed[PN_NREASONS];
+    uint64_t cache_hits, cache_misses;
+    pn_flowtable ft;
+} pn_dp;
+
+/* One frame: returns the policy index (-1: default or malformed). */
+int32_t pn_dp_packet(pn_dp *dp, const uint8_t *data, size_t len, uint64_t ts_ns);
+
+/* Classification cache without accounting (PolicyTable.classify): a
+ * direct-mapped table of flow key -> policy. */
+typedef struct {
+    struct pn_flow_key key;
+    int32_t policy;
+    uint32_t generation;      /* 0 = empty */
+} pn_cache_entry;
+
+typedef struct {
+    pn_cache_entry *e;
+    uint32_t mask;
+    uint32_t generation;
+    uint64_t hits, misses;
+} pn_cache;
+
+int pn_cache_init(pn_cache *c, uint32_t size_pow2);
+void pn_cache_free(pn_cache *c);
+/* Policy of one frame; *reason gets PN_OK or why it did not parse. */
+int32_t pn_cache_classify(pn_cache *c, const pn_classifier *cls, const uint8_t *data, size_t len, int *reason);
+
+/* patronus/_fast.pyx keeps a pn_parsed in a 64-byte stack buffer */
+_Static_assert(sizeof(struct pn_parsed) <= 64, "pn_parsed grew past 64 bytes");
+
+#endif

@@ -1,0 +1,129 @@
+/* Packet parser shared by the userspace data plane and the XDP program.
+ *
+ * Written against a (cursor, end) pointer pair with a bounds check before
+ * every read, the way the BPF verifier wants it, so the same code is
+ * correct in both places. Semantics (docs/ARCHITECTURE.md, "Matching"):
+ * Ethernet II with up to two 802.1Q/802.1ad tags; IPv4 with options;
+ * IPv6 with a walk over at most PN_MAX_IPV6_EXT extension headers; ports
+ * for TCP/UDP unless the packet is a non-first fragment. Bytes past the IP
+ * packet's own length (Ethernet padding) are ignored.
+ */
+#ifndef PATRONUS_PARSE_H
+#define PATRONUS_PARSE_H
+
+#include "patronus_abi.h"
+
+#ifndef PN_INLINE
+#define PN_INLINE static inline __attribute__((always_inline))
+#endif
+
+#define PN_RD16(p) ((__u16)(((__u16)(p)[0] << 8) | (p)[1]))
+
+PN_INLINE int pn_parse_l4(const __u8 *p, const __u8 *end, int nonfirst, struct pn_parsed *o)
+{
+    if ((o->proto == PN_PROTO_TCP || o->proto == PN_PROTO_UDP) && !nonfirst) {
+        /* the whole fixed header must be there, not just the ports */
+        if (p + (o->proto == PN_PROTO_TCP ? 20 : 8) > end)
+            return PN_ERR_TRUNC_L4;
+        o->sport = PN_RD16(p);
+        o->dport = PN_RD16(p + 2);
+        o->has_ports = 1;
+        if (o->proto == PN_PROTO_TCP)
+            o->tcp_flags = p[13];
+    }
+    return PN_OK;
+}
+
+PN_INLINE int pn_parse_ipv4(const __u8 *p, const __u8 *end, struct pn_parsed *o)
+{
+    if (p + 20 > end)
+        return PN_ERR_TRUNC_IP;
+    if ((p[0] >> 4) != 4)
+        return PN_ERR_BAD_VERSION;
+    __u32 ihl = (__u32)(p[0] & 0x0f) * 4;
+    if (ihl < 20)
+        return PN_ERR_BAD_IHL;
+    __u32 tot = PN_RD16(p + 2);
+    if (tot < ihl || tot > (__u32)(end - p))
+        return PN_ERR_BAD_LEN;
+    o->family = PN_FAMILY_V4;
+    o->dscp = p[1] >> 2;
+    o->proto = p[9];
+    o->l3_len = tot;
+    for (int i = 0; i < 4; i++) {
+        o->src[i] = p[12 + i];
+        o->dst[i] = p[16 + i];
+    }
+    int nonfirst = (PN_RD16(p + 6) & 0x1fff) != 0;
+    return pn_parse_l4(p + ihl, p + tot, nonfirst, o);
+}
+
+PN_INLINE int pn_parse_ipv6(const __u8 *p, const __u8 *end, struct pn_parsed *o)
+{
+    if (p + 40 > end)
+        return PN_ERR_TRUNC_IP;
+    if ((p[0] >> 4) != 6)
+        return PN_ERR_BAD_VERSION;
+    __u32 plen = PN_RD16(p + 4);
+    if (plen > (__u32)(end - p) - 40)
+        return PN_ERR_BAD_LEN;
+    const __u8 *l3end = p + 40 + plen;
+    o->family = PN_FAMILY_V6;
+    o->dscp = (__u8)((((p[0] & 0x0f) << 4) | (p[1] >> 4)) >> 2);
+    o->l3_len = 40 + plen;
+    for (int i = 0; i < 16; i++) {
+        o->src[i] = p[8 + i];
+        o->dst[i] = p[24 + i];
+    }
+    __u8 nh = p[6];
+    const __u8 *q = p + 40;
+    int nonfirst = 0;
+    for (int i = 0; i < PN_MAX_IPV6_EXT; i++) {
+        if (nh == 44) { /* fragment: fixed 8 bytes */
+            if (q + 8 > l3end)
+                return PN_ERR_TRUNC_EXT;
+            nh = q[0];
+            nonfirst = (PN_RD16(q + 2) >> 3) != 0;
+            q += 8;
+            if (nonfirst) /* what follows is fragment data, not headers */
+                break;
+        } else if (nh == 0 || nh == 43 || nh == 60) {
+            if (q + 2 > l3end)
+                return PN_ERR_TRUNC_EXT;
+            __u32 hlen = ((__u32)q[1] + 1) * 8;
+            if (hlen > (__u32)(l3end - q))
+                return PN_ERR_TRUNC_EXT;
+            nh = q[0];
+            q += hlen;
+        } else {
+            break;
+        }
+    }
+    o->proto = nh;
+    return pn_parse_l4(q, l3end, nonfirst, o);
+}
+
+/* Parse one frame into *o (which the caller has zeroed). PN_OK or a reason. */
+PN_INLINE int pn_parse(const __u8 *data, const __u8 *end, struct pn_parsed *o)
+{
+    const __u8 *p = data;
+    if (p + 14 > end)
+        return PN_ERR_TRUNC_L2;
+    __u16 et = PN_RD16(p + 12);
+    p += 14;
+    for (int i = 0; i < PN_MAX_VLAN_TAGS; i++) {
+        if (et != 0x8100 && et != 0x88a8)
+            break;
+        if (p + 4 > end)
+            return PN_ERR_TRUNC_L2;
+        et = PN_RD16(p + 2);
+        p += 4;
+    }
+    if (et == 0x0800)
+        return pn_parse_ipv4(p, end, o);
+    if (et == 0x86dd)
+        return pn_parse_ipv6(p, end, o);
+    return PN_ERR_NOT_IP;
+}
+
+#endif /* PATRONUS_PARSE_H */
