@@ -120,6 +120,20 @@ cdef extern from "flowtable.h":
 
 from libc.stdlib cimport calloc, free
 
+cdef extern from "capture.h":
+    ctypedef struct pn_capture:
+        pass
+    ctypedef struct pn_cap_pkt:
+        const uint8_t *data
+        uint32_t caplen, wirelen
+        uint64_t ts_ns
+        uint32_t linktype
+    int PN_CAP_OK, PN_CAP_END
+    int pn_capture_open(pn_capture *c, const uint8_t *buf, size_t len) nogil
+    int pn_capture_next(pn_capture *c, pn_cap_pkt *out) nogil
+    int pn_capture_format(const pn_capture *c) nogil
+    const char *pn_capture_strerror(int status) nogil
+
 
 cdef inline int frame_ptr(object f, const uint8_t **p, Py_ssize_t *n) except -1:
     """Pointer and length of one frame: bytes directly, anything else by buffer."""
@@ -328,3 +342,38 @@ cdef class Dataplane:
             "cache_hits": self.dp.cache_hits,
             "cache_misses": self.dp.cache_misses,
         }
+
+    def process_capture(self, const uint8_t[::1] buf not None):
+        """Account every packet of a pcap/pcapng file held in buf (an mmap).
+        Returns (policy ids, info dict). Non-Ethernet packets are skipped and counted."""
+        cdef pn_capture cap
+        cdef pn_cap_pkt pkt
+        cdef int st
+        cdef Py_ssize_t n = 0, i = 0, skipped = 0
+        if buf.shape[0] == 0:
+            return np.empty(0, np.int32), {"format": None, "packets": 0, "skipped_linktype": 0,
+                                           "error": "bad magic"}
+        st = pn_capture_open(&cap, &buf[0], buf.shape[0])
+        if st != PN_CAP_OK:
+            return np.empty(0, np.int32), {"format": None, "packets": 0, "skipped_linktype": 0,
+                                           "error": pn_capture_strerror(st).decode()}
+        fmt = "pcapng" if pn_capture_format(&cap) == 1 else "pcap"
+        with nogil:
+            while pn_capture_next(&cap, &pkt) == PN_CAP_OK:
+                n += 1
+        ids = np.full(n, -1, dtype=np.int32)
+        cdef int32_t[::1] out = ids
+        pn_capture_open(&cap, &buf[0], buf.shape[0])
+        with nogil:
+            while i < n:
+                st = pn_capture_next(&cap, &pkt)
+                if st != PN_CAP_OK:
+                    break
+                if pkt.linktype == 1:
+                    out[i] = pn_dp_packet(&self.dp, pkt.data, pkt.caplen, pkt.ts_ns)
+                else:
+                    skipped += 1
+                i += 1
+            st = pn_capture_next(&cap, &pkt)
+        err = None if st == PN_CAP_END else pn_capture_strerror(st).decode()
+        return ids, {"format": fmt, "packets": n, "skipped_linktype": skipped, "error": err}

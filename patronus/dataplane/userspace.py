@@ -1,0 +1,171 @@
+"""The userspace data plane: parse, classify and account in the Cython extension."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import time
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .. import _fast, abi
+from ..errors import ConfigError
+from ..policy import PolicyTable
+
+__all__ = ["Userspace"]
+
+
+class Userspace:
+    """Flow accounting and classification for frames given by Python, a
+    contiguous buffer, or a pcap/pcapng file.
+
+    ``flow_capacity`` bounds the flow table; when it is full the least
+    recently used flow is evicted into the export buffer (``drain()``) and
+    counted. ``idle_timeout_s`` exports flows silent for that long;
+    ``active_timeout_s`` exports a running flow's counters every period (the
+    flow stays, its counters restart). Timestamps come from the frames'
+    capture times, or from ``ts_ns``.
+    """
+
+    def __init__(self, table: PolicyTable, flow_capacity: int = 1 << 20, *,
+                 idle_timeout_s: float | None = None, active_timeout_s: float | None = None) -> None:
+        if not isinstance(table, PolicyTable):
+            raise ConfigError("Userspace.table", table, "is not a PolicyTable")
+        if isinstance(flow_capacity, bool) or not isinstance(flow_capacity, int) or not 1 <= flow_capacity <= 1 << 30:
+            raise ConfigError("Userspace.flow_capacity", flow_capacity, "is not an integer in [1, 2**30]")
+        for name, v in (("idle_timeout_s", idle_timeout_s), ("active_timeout_s", active_timeout_s)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0):
+                raise ConfigError(f"Userspace.{name}", v, "is not a positive number of seconds")
+        self.table = table
+        self.flow_capacity = flow_capacity
+        self._dp = _fast.Dataplane(
+            table._cls, len(table.policies), flow_capacity,
+            int((idle_timeout_s or 0) * 1e9), int((active_timeout_s or 0) * 1e9), abi.FLOW_DTYPE,
+        )
+        self.last_capture: dict[str, Any] | None = None
+
+    def __enter__(self) -> Userspace:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Nothing to detach in userspace; present so both backends read alike."""
+
+    # -- input ---------------------------------------------------------------
+
+    def process(self, frames: Sequence[bytes] | tuple[Any, np.ndarray], ts_ns: Any = None) -> np.ndarray:
+        """Account frames; returns each frame's policy index (-1: default or malformed).
+
+        ``frames``: a list of bytes-like objects, or ``(buffer, offsets)``
+        with frame i = ``buffer[offsets[i]:offsets[i+1]]``. ``ts_ns``: one
+        timestamp per frame (ns), or None for "now" for the whole batch.
+        A flow's policy is decided by its first packet and kept (flows are
+        pinned; see docs/ARCHITECTURE.md).
+        """
+        if isinstance(frames, tuple) and len(frames) == 2 and isinstance(frames[1], np.ndarray):
+            buf, offsets = frames
+            offsets = np.ascontiguousarray(offsets, np.int64)
+            n = max(len(offsets) - 1, 0)
+        else:
+            if not isinstance(frames, list):
+                frames = list(frames)
+            n = len(frames)
+        ts = self._timestamps(ts_ns, n)
+        out = np.empty(n, dtype=np.int32)
+        if isinstance(frames, list):
+            self._dp.process_list(frames, ts, out)
+        else:
+            self._dp.process_buffer(np.frombuffer(buf, np.uint8), offsets, ts, out)
+        return out
+
+    @staticmethod
+    def _timestamps(ts_ns: Any, n: int) -> np.ndarray:
+        if ts_ns is None:
+            return np.full(n, time.time_ns(), dtype=np.uint64)
+        ts = np.ascontiguousarray(ts_ns, dtype=np.uint64)
+        if ts.shape != (n,):
+            raise ConfigError("ts_ns", f"{ts.shape[0] if ts.ndim else 'scalar'} timestamps", f"given for {n} frames")
+        return ts
+
+    def process_pcap(self, path: str | os.PathLike[str]) -> np.ndarray:
+        """Account every packet of a pcap or pcapng file (read in C, from an mmap).
+
+        Capture timestamps drive the timeouts. A file cut short keeps every
+        packet before the cut and reports it in ``last_capture`` (and a warning).
+        """
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if size == 0:
+                raise ConfigError("process_pcap", os.fspath(path), "is an empty file, not a capture")
+            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                ids, info = self._dp.process_capture(mm)
+        self.last_capture = info
+        if info["error"]:
+            if info["packets"] == 0 and info["error"] in ("bad magic", "unsupported link type"):
+                raise ConfigError("process_pcap", os.fspath(path), f"is not a readable capture: {info['error']}")
+            warnings.warn(f"{os.fspath(path)}: {info['error']} after {info['packets']} packets; "
+                          "those packets were processed", RuntimeWarning, stacklevel=2)
+        return ids
+
+    # -- steering ------------------------------------------------------------
+
+    def set_path(self, policy: str | int, path_id: int) -> None:
+        """Point a policy (name, index, or -1 for the default) at a path slot.
+
+        One array write: flows keep their records; their next packet carries
+        the new path.
+        """
+        idx = self.table.index(policy) if isinstance(policy, str) else policy
+        if isinstance(path_id, bool) or not isinstance(path_id, int) or not 0 <= path_id < abi.NO_PATH:
+            raise ConfigError("path_id", path_id, "is not a path slot (0 .. 2**32-2)")
+        try:
+            self._dp.set_path(idx, path_id)
+        except (IndexError, TypeError, OverflowError):
+            raise ConfigError("policy", policy, "is not a policy index of this table") from None
+
+    def path_of(self, policy: str | int) -> int | None:
+        idx = self.table.index(policy) if isinstance(policy, str) else policy
+        p = self._dp.path_of(idx)
+        return None if p == abi.NO_PATH else p
+
+    def set_table(self, table: PolicyTable) -> None:
+        """Swap the rule table atomically. Flow records stay; each flow is
+        re-classified on its next packet. The policy list must keep its length
+        (counters are per policy index)."""
+        if not isinstance(table, PolicyTable):
+            raise ConfigError("set_table", table, "is not a PolicyTable")
+        if len(table.policies) != len(self.table.policies):
+            raise ConfigError("set_table", len(table.policies),
+                              f"policies given; this data plane counts {len(self.table.policies)}")
+        self._dp.set_classifier(table._cls, len(table.policies))
+        self.table = table
+
+    # -- output --------------------------------------------------------------
+
+    def flows(self) -> np.ndarray:
+        """Live flows (``abi.FLOW_DTYPE``), most recently used first."""
+        return self._dp.flows()
+
+    def drain(self, flush: bool = False) -> np.ndarray:
+        """Return and clear the export buffer: flows evicted or expired since
+        the last drain. ``flush=True`` first exports every live flow too."""
+        return self._dp.drain(flush)
+
+    def counters(self) -> dict[str, Any]:
+        """Per-policy packets/bytes, malformed frames by reason, flow table
+        occupancy, evictions, expiries and cache hits."""
+        raw = self._dp.raw_counters()
+        pol = raw.pop("policy")
+        raw["default"] = {"packets": pol[0][0], "bytes": pol[0][1]}
+        raw["policies"] = {p.name: {"packets": pk, "bytes": by} for p, (pk, by) in zip(self.table.policies, pol[1:])}
+        raw["malformed"] = dict(zip(abi.MALFORMED_REASONS, raw["malformed"]))
+        return raw
+
+    def __repr__(self) -> str:
+        c = self._dp.raw_counters()
+        return f"Userspace({len(self.table.policies)} policies, {c['flows']}/{c['capacity']} flows)"
