@@ -16,3 +16,11 @@ def test_demo(tmp_path):
     assert "SIP INVITE hq->br1 udp/5060    -> voip" in out
     assert "truncated frame" in out and "identical" in out
     assert len(Mesh.load(state).sites) == 3
+
+
+def test_demo_shows_flows_and_failover_write(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "patronus.cli", "demo", "--state", str(tmp_path / "d.db")],
+                         capture_output=True, text=True, check=True, timeout=120).stdout
+    voip = next(line for line in out.splitlines() if "10.2.0.20:5060" in line)
+    assert "voip" in voip and "path #2" in voip and "4 pkts" in voip
+    assert "'trunc_ip': 3" in out
