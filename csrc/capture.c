@@ -223,26 +223,27 @@ static int ng_idb(pn_capture *c, const uint8_t *body, size_t n)
     return NG_NO_PACKET;
 }
 
-/* EPB and the obsolete PB share a layout after the interface id: ts high,
- * ts low, captured length, original length, data, options. */
+/* EPB and the obsolete PB share their layout once past the interface id
+ * (and the PB's drop count): ts high, ts low, captured length, original
+ * length, data, options. `body` starts at ts high. */
 static int ng_packet(pn_capture *c, uint32_t ifid, const uint8_t *body, size_t n,
                      pn_cap_pkt *out)
 {
     int be = c->big_endian;
-    if (n < 20)
+    if (n < 16)
         return PN_CAP_ERR_BLOCK;
     if (ifid >= c->nifaces)
         return PN_CAP_ERR_BLOCK;
-    uint32_t caplen = rd32(body + 12, be);
-    if (caplen > n - 20)
+    uint32_t caplen = rd32(body + 8, be);
+    if (caplen > n - 16)
         return PN_CAP_ERR_BLOCK;
     const pn_cap_iface *ifc = &c->ifaces[ifid];
-    uint64_t units = (uint64_t)rd32(body + 4, be) << 32 | rd32(body + 8, be);
+    uint64_t units = (uint64_t)rd32(body, be) << 32 | rd32(body + 4, be);
     out->ts_ns = apply_offset(units_to_ns(units, ifc->tsresol), ifc->tsoffset);
     out->caplen = caplen;
-    out->wirelen = rd32(body + 16, be);
+    out->wirelen = rd32(body + 12, be);
     out->linktype = ifc->linktype;
-    out->data = body + 20;
+    out->data = body + 16;
     return PN_CAP_OK;
 }
 

@@ -352,11 +352,11 @@ cdef class Dataplane:
         cdef Py_ssize_t n = 0, i = 0, skipped = 0
         if buf.shape[0] == 0:
             return np.empty(0, np.int32), {"format": None, "packets": 0, "skipped_linktype": 0,
-                                           "error": "bad magic"}
+                                           "error": "empty file", "status": -1}
         st = pn_capture_open(&cap, &buf[0], buf.shape[0])
         if st != PN_CAP_OK:
             return np.empty(0, np.int32), {"format": None, "packets": 0, "skipped_linktype": 0,
-                                           "error": pn_capture_strerror(st).decode()}
+                                           "error": pn_capture_strerror(st).decode(), "status": st}
         fmt = "pcapng" if pn_capture_format(&cap) == 1 else "pcap"
         with nogil:
             while pn_capture_next(&cap, &pkt) == PN_CAP_OK:
@@ -376,4 +376,4 @@ cdef class Dataplane:
                 i += 1
             st = pn_capture_next(&cap, &pkt)
         err = None if st == PN_CAP_END else pn_capture_strerror(st).decode()
-        return ids, {"format": fmt, "packets": n, "skipped_linktype": skipped, "error": err}
+        return ids, {"format": fmt, "packets": n, "skipped_linktype": skipped, "error": err, "status": st}

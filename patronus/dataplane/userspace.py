@@ -106,7 +106,7 @@ class Userspace:
                 ids, info = self._dp.process_capture(mm)
         self.last_capture = info
         if info["error"]:
-            if info["packets"] == 0 and info["error"] in ("bad magic", "unsupported link type"):
+            if info["format"] is None:  # the file header itself is not a capture
                 raise ConfigError("process_pcap", os.fspath(path), f"is not a readable capture: {info['error']}")
             warnings.warn(f"{os.fspath(path)}: {info['error']} after {info['packets']} packets; "
                           "those packets were processed", RuntimeWarning, stacklevel=2)
