@@ -272,6 +272,14 @@ void pn_classifier_free(pn_classifier *c)
     memset(c, 0, sizeof(*c));
 }
 
+void pn_field_starts(const pn_field *f, uint64_t *hi, uint64_t *lo)
+{
+    for (uint32_t i = 0; i < f->nintervals; i++) {
+        hi[i] = (uint64_t)(f->starts[i] >> 64);
+        lo[i] = (uint64_t)f->starts[i];
+    }
+}
+
 /* Last interval whose start <= v. starts[0] is always 0. */
 static inline uint32_t find_interval(const pn_field *f, pn_u128 v)
 {

@@ -46,6 +46,9 @@ typedef struct {
 /* rules sorted by priority (rule i = bit i). 0, or -1 when out of memory. */
 int pn_classifier_build(pn_classifier *c, const struct pn_rule *rules, uint32_t n);
 void pn_classifier_free(pn_classifier *c);
+/* Interval starts of a prefix field split into high and low 64-bit halves
+ * (IPv4 starts are in lo), for loading into BPF maps. */
+void pn_field_starts(const pn_field *f, uint64_t *hi, uint64_t *lo);
 int32_t pn_classify(const pn_classifier *c, const struct pn_parsed *p);
 
 /* The obvious algorithm: test every rule in order. A baseline for benchmarks

@@ -19,12 +19,19 @@
 
 #define PN_RD16(p) ((__u16)(((__u16)(p)[0] << 8) | (p)[1]))
 
-PN_INLINE int pn_parse_l4(const __u8 *p, const __u8 *end, int nonfirst, struct pn_parsed *o)
+/* `lim` is where the IP packet ends (its own length); `end` where the buffer
+ * ends. lim <= end always, but the BPF verifier only trusts compares against
+ * the buffer end, so reads are checked against both. */
+PN_INLINE int pn_parse_l4(const __u8 *p, const __u8 *lim, const __u8 *end, int nonfirst, struct pn_parsed *o)
 {
     if ((o->proto == PN_PROTO_TCP || o->proto == PN_PROTO_UDP) && !nonfirst) {
         /* the whole fixed header must be there, not just the ports */
-        if (p + (o->proto == PN_PROTO_TCP ? 20 : 8) > end)
+        if (o->proto == PN_PROTO_TCP) {
+            if (p + 20 > lim || p + 20 > end)
+                return PN_ERR_TRUNC_L4;
+        } else if (p + 8 > lim || p + 8 > end) {
             return PN_ERR_TRUNC_L4;
+        }
         o->sport = PN_RD16(p);
         o->dport = PN_RD16(p + 2);
         o->has_ports = 1;
@@ -44,7 +51,7 @@ PN_INLINE int pn_parse_ipv4(const __u8 *p, const __u8 *end, struct pn_parsed *o)
     if (ihl < 20)
         return PN_ERR_BAD_IHL;
     __u32 tot = PN_RD16(p + 2);
-    if (tot < ihl || tot > (__u32)(end - p))
+    if (tot < ihl || p + tot > end)
         return PN_ERR_BAD_LEN;
     o->family = PN_FAMILY_V4;
     o->dscp = p[1] >> 2;
@@ -55,7 +62,7 @@ PN_INLINE int pn_parse_ipv4(const __u8 *p, const __u8 *end, struct pn_parsed *o)
         o->dst[i] = p[16 + i];
     }
     int nonfirst = (PN_RD16(p + 6) & 0x1fff) != 0;
-    return pn_parse_l4(p + ihl, p + tot, nonfirst, o);
+    return pn_parse_l4(p + ihl, p + tot, end, nonfirst, o);
 }
 
 PN_INLINE int pn_parse_ipv6(const __u8 *p, const __u8 *end, struct pn_parsed *o)
@@ -65,9 +72,9 @@ PN_INLINE int pn_parse_ipv6(const __u8 *p, const __u8 *end, struct pn_parsed *o)
     if ((p[0] >> 4) != 6)
         return PN_ERR_BAD_VERSION;
     __u32 plen = PN_RD16(p + 4);
-    if (plen > (__u32)(end - p) - 40)
-        return PN_ERR_BAD_LEN;
     const __u8 *l3end = p + 40 + plen;
+    if (l3end > end)
+        return PN_ERR_BAD_LEN;
     o->family = PN_FAMILY_V6;
     o->dscp = (__u8)((((p[0] & 0x0f) << 4) | (p[1] >> 4)) >> 2);
     o->l3_len = 40 + plen;
@@ -80,7 +87,7 @@ PN_INLINE int pn_parse_ipv6(const __u8 *p, const __u8 *end, struct pn_parsed *o)
     int nonfirst = 0;
     for (int i = 0; i < PN_MAX_IPV6_EXT; i++) {
         if (nh == 44) { /* fragment: fixed 8 bytes */
-            if (q + 8 > l3end)
+            if (q + 8 > l3end || q + 8 > end)
                 return PN_ERR_TRUNC_EXT;
             nh = q[0];
             nonfirst = (PN_RD16(q + 2) >> 3) != 0;
@@ -88,10 +95,10 @@ PN_INLINE int pn_parse_ipv6(const __u8 *p, const __u8 *end, struct pn_parsed *o)
             if (nonfirst) /* what follows is fragment data, not headers */
                 break;
         } else if (nh == 0 || nh == 43 || nh == 60) {
-            if (q + 2 > l3end)
+            if (q + 2 > l3end || q + 2 > end)
                 return PN_ERR_TRUNC_EXT;
             __u32 hlen = ((__u32)q[1] + 1) * 8;
-            if (hlen > (__u32)(l3end - q))
+            if (q + hlen > l3end)
                 return PN_ERR_TRUNC_EXT;
             nh = q[0];
             q += hlen;
@@ -100,7 +107,7 @@ PN_INLINE int pn_parse_ipv6(const __u8 *p, const __u8 *end, struct pn_parsed *o)
         }
     }
     o->proto = nh;
-    return pn_parse_l4(q, l3end, nonfirst, o);
+    return pn_parse_l4(q, l3end, end, nonfirst, o);
 }
 
 /* Parse one frame into *o (which the caller has zeroed). PN_OK or a reason. */

@@ -80,9 +80,21 @@ cdef extern from "patronus_abi.h":
     int PN_NO_PATH
 
 cdef extern from "classify.h":
+    ctypedef unsigned long long pn_u64 "uint64_t"
+    ctypedef struct pn_u128_t "pn_u128":
+        pass
+    ctypedef struct pn_field:
+        uint32_t nintervals
+        uint32_t *row_of
+        uint32_t nrows
+        uint64_t *rows
     ctypedef struct pn_classifier:
-        uint32_t nrules
+        uint32_t nrules, nwords, nsum, stride
+        pn_field f[8]
+        uint32_t noport_row[2]
+        int32_t *rule_policy
         size_t memory
+    void pn_field_starts(const pn_field *f, uint64_t *hi, uint64_t *lo)
     int pn_classifier_build(pn_classifier *c, const pn_rule *rules, uint32_t n)
     void pn_classifier_free(pn_classifier *c)
     int32_t pn_classify(const pn_classifier *c, const pn_parsed *p) nogil
@@ -182,6 +194,41 @@ cdef class Classifier:
     def malformed(self):
         """Counts of frames that did not parse, by reason index (1..)."""
         return [self._malformed[i] for i in range(1, PN_NREASONS)]
+
+    def export(self):
+        """The compiled bit vectors as numpy arrays, for loading into BPF maps.
+
+        Per field (src4, dst4, src6, dst6, sport, dport, proto, dscp): "rows"
+        (nrows x stride uint64: nsum summary words then nwords bitmap words),
+        and "row_of" (prefix fields: per interval, with "start_hi"/"start_lo";
+        small fields: per value)."""
+        cdef pn_field *f
+        names = ("src4", "dst4", "src6", "dst6", "sport", "dport", "proto", "dscp")
+        out = {"nrules": self.c.nrules, "nwords": self.c.nwords, "nsum": self.c.nsum,
+               "stride": self.c.stride, "noport_row": (self.c.noport_row[0], self.c.noport_row[1]),
+               "rule_policy": np.array([self.c.rule_policy[i] for i in range(self.c.nrules)], dtype=np.int32)}
+        cdef uint64_t[::1] hi, lo, rows
+        cdef uint32_t[::1] ro
+        for k in range(8):
+            f = &self.c.f[k]
+            nvals = f.nintervals if k < 4 else (65536 if k < 6 else (256 if k == 6 else 64))
+            row_of = np.empty(nvals, dtype=np.uint32)
+            ro = row_of
+            memcpy(&ro[0], f.row_of, nvals * 4)
+            allrows = np.empty(f.nrows * self.c.stride, dtype=np.uint64)
+            rows = allrows
+            memcpy(&rows[0], f.rows, f.nrows * self.c.stride * 8)
+            d = {"row_of": row_of, "rows": allrows.reshape(f.nrows, self.c.stride)}
+            if k < 4:
+                sh = np.empty(f.nintervals, dtype=np.uint64)
+                sl = np.empty(f.nintervals, dtype=np.uint64)
+                hi = sh
+                lo = sl
+                pn_field_starts(f, &hi[0], &lo[0])
+                d["start_hi"] = sh
+                d["start_lo"] = sl
+            out[names[k]] = d
+        return out
 
     def clear_cache(self):
         self.cache.generation += 1
