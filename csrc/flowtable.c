@@ -16,16 +16,18 @@ static inline void key_of(const struct pn_parsed *p, struct pn_flow_key *k)
     k->_pad = 0;
 }
 
+/* Five independent multiplies (they run in parallel), then one finaliser:
+ * about a third of the latency of a serial mix, same spread on real keys. */
 static inline uint64_t key_hash(const struct pn_flow_key *k)
 {
     uint64_t w[5];
     memcpy(w, k, sizeof(w));
-    uint64_t h = 0x9E3779B97F4A7C15ull;
-    for (int i = 0; i < 5; i++) {
-        h ^= w[i];
-        h *= 0xbf58476d1ce4e5b9ull;
-        h ^= h >> 31;
-    }
+    uint64_t h = (w[0] * 0x9E3779B97F4A7C15ull) ^ (w[1] * 0xC2B2AE3D27D4EB4Full) ^
+                 (w[2] * 0x165667B19E3779F9ull) ^ (w[3] * 0xD6E8FEB86659FD93ull) ^
+                 (w[4] * 0xFF51AFD7ED558CCDull);
+    h ^= h >> 32;
+    h *= 0xbf58476d1ce4e5b9ull;
+    h ^= h >> 29;
     return h;
 }
 
@@ -144,25 +146,18 @@ size_t pn_ft_snapshot(const pn_flowtable *ft, struct pn_flow *out)
     return n;
 }
 
-int32_t pn_dp_packet(pn_dp *dp, const uint8_t *data, size_t len, uint64_t ts)
+/* Everything after parsing: idle expiry, flow lookup or insert, classify on
+ * a miss, account. `b` is the key's bucket. */
+static inline int32_t dp_account(pn_dp *dp, const struct pn_parsed *p, const struct pn_flow_key *key,
+                                 uint32_t b, uint64_t ts)
 {
-    struct pn_parsed p;
-    memset(&p, 0, sizeof(p));
-    int rc = pn_parse(data, data + len, &p);
-    if (rc != PN_OK) {
-        dp->malformed[rc]++;
-        return -1;
-    }
     pn_flowtable *ft = &dp->ft;
     if (ft->idle_ns)
         while (ft->tail != PN_NIL && (int64_t)(ts - ft->flows[ft->tail].rec.last_ns) >= ft->idle_ns)
             remove_entry(ft, ft->tail, &ft->expired_idle);
 
-    struct pn_flow_key key;
-    key_of(&p, &key);
-    uint32_t b = (uint32_t)key_hash(&key) & ft->mask;
     uint32_t i = ft->bucket[b];
-    while (i != PN_NIL && !key_eq(&ft->flows[i].key, &key))
+    while (i != PN_NIL && !key_eq(&ft->flows[i].key, key))
         i = ft->hnext[i];
 
     struct pn_flow_rec *r;
@@ -176,14 +171,16 @@ int32_t pn_dp_packet(pn_dp *dp, const uint8_t *data, size_t len, uint64_t ts)
             r->tcp_flags = 0;
         }
         if (r->generation != dp->generation) {
-            r->policy = pn_classify(dp->cls, &p);
+            r->policy = pn_classify(dp->cls, p);
             r->generation = dp->generation;
             dp->cache_misses++;
         } else {
             dp->cache_hits++;
         }
-        lru_unlink(ft, i);
-        lru_push_head(ft, i);
+        if (ft->head != i) {
+            lru_unlink(ft, i);
+            lru_push_head(ft, i);
+        }
     } else {
         if (ft->count == ft->capacity)
             remove_entry(ft, ft->tail, &ft->evicted);
@@ -193,24 +190,72 @@ int32_t pn_dp_packet(pn_dp *dp, const uint8_t *data, size_t len, uint64_t ts)
         ft->bucket[b] = i;
         ft->count++;
         lru_push_head(ft, i);
-        ft->flows[i].key = key;
+        ft->flows[i].key = *key;
         r = &ft->flows[i].rec;
         memset(r, 0, sizeof(*r));
         r->first_ns = ts;
-        r->policy = pn_classify(dp->cls, &p);
+        r->policy = pn_classify(dp->cls, p);
         r->generation = dp->generation;
         dp->cache_misses++;
     }
     r->packets++;
-    r->bytes += p.l3_len;
+    r->bytes += p->l3_len;
     r->last_ns = ts;
-    r->tcp_flags |= p.tcp_flags;
-    r->dscp = p.dscp;
+    r->tcp_flags |= p->tcp_flags;
+    r->dscp = p->dscp;
     uint32_t slot = (uint32_t)(r->policy + 1);
     r->path = dp->path_of[slot];
     dp->pcount[slot].packets++;
-    dp->pcount[slot].bytes += p.l3_len;
+    dp->pcount[slot].bytes += p->l3_len;
     return r->policy;
+}
+
+int32_t pn_dp_packet(pn_dp *dp, const uint8_t *data, size_t len, uint64_t ts)
+{
+    int32_t out;
+    pn_dp_run(dp, &data, &len, &ts, &out, 1);
+    return out;
+}
+
+/* Frames in bursts: parse and hash a burst, prefetch the buckets, then the
+ * flow records, then account in frame order. The prefetches are only hints
+ * (an eviction inside the burst may change a bucket), so the result is
+ * exactly that of one frame at a time. */
+void pn_dp_run(pn_dp *dp, const uint8_t *const *data, const size_t *len, const uint64_t *ts,
+               int32_t *out, size_t n)
+{
+    pn_flowtable *ft = &dp->ft;
+    struct pn_parsed p[PN_BURST];
+    struct pn_flow_key k[PN_BURST];
+    uint32_t b[PN_BURST];
+    int rc[PN_BURST];
+    for (size_t base = 0; base < n; base += PN_BURST) {
+        size_t m = n - base < PN_BURST ? n - base : PN_BURST;
+        for (size_t j = 0; j < m; j++) {
+            memset(&p[j], 0, sizeof(p[j]));
+            rc[j] = pn_parse(data[base + j], data[base + j] + len[base + j], &p[j]);
+            if (rc[j] == PN_OK) {
+                key_of(&p[j], &k[j]);
+                b[j] = (uint32_t)key_hash(&k[j]) & ft->mask;
+                __builtin_prefetch(&ft->bucket[b[j]]);
+            }
+        }
+        for (size_t j = 0; j < m; j++) {
+            if (rc[j] == PN_OK) {
+                uint32_t h = ft->bucket[b[j]];
+                if (h != PN_NIL)
+                    __builtin_prefetch(&ft->flows[h]);
+            }
+        }
+        for (size_t j = 0; j < m; j++) {
+            if (rc[j] != PN_OK) {
+                dp->malformed[rc[j]]++;
+                out[base + j] = -1;
+            } else {
+                out[base + j] = dp_account(dp, &p[j], &k[j], b[j], ts[base + j]);
+            }
+        }
+    }
 }
 
 int pn_cache_init(pn_cache *c, uint32_t size_pow2)
@@ -228,6 +273,37 @@ void pn_cache_free(pn_cache *c)
     c->e = NULL;
 }
 
+/* 2-way set associative: way 0 holds the most recently used entry of a set. */
+static inline int32_t cache_lookup(pn_cache *c, const pn_classifier *cls, const struct pn_parsed *p,
+                                   const struct pn_flow_key *key, uint64_t h)
+{
+    pn_cache_entry *e = &c->e[(h & c->mask) & ~1u];
+    if (e[0].generation == c->generation && key_eq(&e[0].key, key)) {
+        c->hits++;
+        return e[0].policy;
+    }
+    if (e[1].generation == c->generation && key_eq(&e[1].key, key)) {
+        pn_cache_entry t = e[1];
+        e[1] = e[0];
+        e[0] = t;
+        c->hits++;
+        return t.policy;
+    }
+    c->misses++;
+    e[1] = e[0];
+    e[0].key = *key;
+    e[0].generation = c->generation;
+    e[0].policy = pn_classify(cls, p);
+    return e[0].policy;
+}
+
+static inline void cache_key(const struct pn_parsed *p, struct pn_flow_key *key)
+{
+    key_of(p, key);
+    /* DSCP and "has ports" are not in the flow key but rules match on them */
+    key->_pad = (uint16_t)(0x100 | (p->has_ports << 9) | p->dscp);
+}
+
 int32_t pn_cache_classify(pn_cache *c, const pn_classifier *cls, const uint8_t *data, size_t len, int *reason)
 {
     struct pn_parsed p;
@@ -237,17 +313,35 @@ int32_t pn_cache_classify(pn_cache *c, const pn_classifier *cls, const uint8_t *
     if (rc != PN_OK)
         return -1;
     struct pn_flow_key key;
-    key_of(&p, &key);
-    /* DSCP is not in the flow key but rules may match on it: fold it in */
-    key._pad = (uint16_t)(0x100 | p.dscp);
-    pn_cache_entry *e = &c->e[key_hash(&key) & c->mask];
-    if (e->generation == c->generation && key_eq(&e->key, &key)) {
-        c->hits++;
-        return e->policy;
+    cache_key(&p, &key);
+    return cache_lookup(c, cls, &p, &key, key_hash(&key));
+}
+
+void pn_cache_run(pn_cache *c, const pn_classifier *cls, const uint8_t *const *data, const size_t *len,
+                  int32_t *out, size_t n, uint64_t *malformed)
+{
+    struct pn_parsed p[PN_BURST];
+    struct pn_flow_key k[PN_BURST];
+    uint64_t h[PN_BURST];
+    int rc[PN_BURST];
+    for (size_t base = 0; base < n; base += PN_BURST) {
+        size_t m = n - base < PN_BURST ? n - base : PN_BURST;
+        for (size_t j = 0; j < m; j++) {
+            memset(&p[j], 0, sizeof(p[j]));
+            rc[j] = pn_parse(data[base + j], data[base + j] + len[base + j], &p[j]);
+            if (rc[j] == PN_OK) {
+                cache_key(&p[j], &k[j]);
+                h[j] = key_hash(&k[j]);
+                __builtin_prefetch(&c->e[(h[j] & c->mask) & ~1u]);
+            }
+        }
+        for (size_t j = 0; j < m; j++) {
+            if (rc[j] != PN_OK) {
+                malformed[rc[j]]++;
+                out[base + j] = -1;
+            } else {
+                out[base + j] = cache_lookup(c, cls, &p[j], &k[j], h[j]);
+            }
+        }
     }
-    c->misses++;
-    e->key = key;
-    e->generation = c->generation;
-    e->policy = pn_classify(cls, &p);
-    return e->policy;
 }

@@ -50,8 +50,14 @@ typedef struct {
     pn_flowtable ft;
 } pn_dp;
 
+#define PN_BURST 16
+
 /* One frame: returns the policy index (-1: default or malformed). */
 int32_t pn_dp_packet(pn_dp *dp, const uint8_t *data, size_t len, uint64_t ts_ns);
+/* n frames (pointers and lengths), in bursts with prefetching; same result as
+ * n calls of pn_dp_packet. */
+void pn_dp_run(pn_dp *dp, const uint8_t *const *data, const size_t *len, const uint64_t *ts,
+               int32_t *out, size_t n);
 
 /* Classification cache without accounting (PolicyTable.classify): a
  * direct-mapped table of flow key -> policy. */
@@ -70,8 +76,12 @@ typedef struct {
 
 int pn_cache_init(pn_cache *c, uint32_t size_pow2);
 void pn_cache_free(pn_cache *c);
-/* Policy of one frame; *reason gets PN_OK or why it did not parse. */
+/* Policy of one frame; *reason gets PN_OK or why it did not parse. The cache
+ * is 2-way set associative: size_pow2 entries, size_pow2 / 2 sets. */
 int32_t pn_cache_classify(pn_cache *c, const pn_classifier *cls, const uint8_t *data, size_t len, int *reason);
+/* n frames in bursts; malformed[reason] counts frames that did not parse. */
+void pn_cache_run(pn_cache *c, const pn_classifier *cls, const uint8_t *const *data, const size_t *len,
+                  int32_t *out, size_t n, uint64_t *malformed);
 
 /* patronus/_fast.pyx keeps a pn_parsed in a 64-byte stack buffer */
 _Static_assert(sizeof(struct pn_parsed) <= 64, "pn_parsed grew past 64 bytes");

@@ -123,6 +123,10 @@ cdef extern from "flowtable.h":
         uint64_t cache_hits, cache_misses
         pn_flowtable ft
     int32_t pn_dp_packet(pn_dp *dp, const uint8_t *data, size_t len, uint64_t ts_ns) nogil
+    void pn_dp_run(pn_dp *dp, const uint8_t *const *data, const size_t *len, const uint64_t *ts,
+                   int32_t *out, size_t n) nogil
+    void pn_cache_run(pn_cache *c, const pn_classifier *cls, const uint8_t *const *data, const size_t *len,
+                      int32_t *out, size_t n, uint64_t *malformed) nogil
     ctypedef struct pn_cache:
         uint32_t generation
         uint64_t hits, misses
@@ -130,7 +134,9 @@ cdef extern from "flowtable.h":
     void pn_cache_free(pn_cache *c)
     int32_t pn_cache_classify(pn_cache *c, const pn_classifier *cls, const uint8_t *data, size_t len, int *reason) nogil
 
-from libc.stdlib cimport calloc, free
+from libc.stdlib cimport calloc, free, malloc, realloc
+
+DEF CHUNK = 1024
 
 cdef extern from "capture.h":
     ctypedef struct pn_capture:
@@ -168,7 +174,7 @@ cdef class Classifier:
     cdef const uint8_t[::1] rule_bytes
     cdef uint64_t _malformed[9]
 
-    def __cinit__(self, rules not None, uint32_t cache_size=1 << 16):
+    def __cinit__(self, rules not None, uint32_t cache_size=1 << 17):
         self.rules = np.ascontiguousarray(rules)
         self.rule_bytes = self.rules.view(np.uint8).reshape(-1) if len(self.rules) else np.zeros(1, np.uint8)
         if pn_classifier_build(&self.c, <const pn_rule *>&self.rule_bytes[0], <uint32_t>len(self.rules)):
@@ -235,19 +241,25 @@ cdef class Classifier:
 
     def classify_list(self, list frames not None, int32_t[::1] out not None, int mode=0):
         """mode 0: cache + bit vectors; 1: bit vectors only; 2: linear scan (baseline)."""
-        cdef Py_ssize_t i, n = len(frames), ln
-        cdef const uint8_t *p
+        cdef Py_ssize_t i, j, n = len(frames), ln
+        cdef const uint8_t *ptrs[CHUNK]
+        cdef size_t lens[CHUNK]
         if out.shape[0] < n:
             raise ValueError("out too short")
-        for i in range(n):
-            frame_ptr(frames[i], &p, &ln)
-            out[i] = self._one(p, ln, mode)
+        for i in range(0, n, CHUNK):
+            m = min(CHUNK, n - i)
+            for j in range(m):
+                frame_ptr(frames[i + j], &ptrs[j], &ln)
+                lens[j] = ln
+            self._run(ptrs, lens, &out[i], m, mode)
 
     def classify_buffer(self, const uint8_t[::1] buf not None, const int64_t[::1] offsets not None,
                         int32_t[::1] out not None, int mode=0):
         """Frames are buf[offsets[i]:offsets[i+1]]."""
-        cdef Py_ssize_t i, n = offsets.shape[0] - 1
-        cdef int64_t a, b
+        cdef Py_ssize_t i, j, m, n = offsets.shape[0] - 1
+        cdef const uint8_t *ptrs[CHUNK]
+        cdef size_t lens[CHUNK]
+        cdef const uint8_t *base
         if n < 0 or out.shape[0] < n:
             raise ValueError("need len(offsets) - 1 <= len(out)")
         if n > 0 and (offsets[0] < 0 or offsets[n] > buf.shape[0]):
@@ -255,11 +267,22 @@ cdef class Classifier:
         for i in range(n):
             if offsets[i + 1] < offsets[i]:
                 raise ValueError("offsets must not decrease")
+        base = &buf[0] if buf.shape[0] else <const uint8_t *>""
         with nogil:
-            for i in range(n):
-                a = offsets[i]
-                b = offsets[i + 1]
-                out[i] = self._one(&buf[0] + a if b > a else <const uint8_t *>"", b - a, mode)
+            for i in range(0, n, CHUNK):
+                m = min(<Py_ssize_t>CHUNK, n - i)
+                for j in range(m):
+                    ptrs[j] = base + offsets[i + j]
+                    lens[j] = offsets[i + j + 1] - offsets[i + j]
+                self._run(ptrs, lens, &out[i], m, mode)
+
+    cdef void _run(self, const uint8_t **ptrs, size_t *lens, int32_t *out, Py_ssize_t m, int mode) noexcept nogil:
+        cdef Py_ssize_t j
+        if mode == 0:
+            pn_cache_run(&self.cache, &self.c, ptrs, lens, out, m, self._malformed)
+        else:
+            for j in range(m):
+                out[j] = self._one(ptrs[j], lens[j], mode)
 
     cdef inline int32_t _one(self, const uint8_t *p, Py_ssize_t n, int mode) noexcept nogil:
         cdef int reason = 0
@@ -327,18 +350,24 @@ cdef class Dataplane:
         return self.dp.path_of[policy + 1]
 
     def process_list(self, list frames not None, const uint64_t[::1] ts not None, int32_t[::1] out not None):
-        cdef Py_ssize_t i, n = len(frames), ln
-        cdef const uint8_t *p
+        cdef Py_ssize_t i, j, m, n = len(frames), ln
+        cdef const uint8_t *ptrs[CHUNK]
+        cdef size_t lens[CHUNK]
         if ts.shape[0] < n or out.shape[0] < n:
             raise ValueError("ts and out need one entry per frame")
-        for i in range(n):
-            frame_ptr(frames[i], &p, &ln)
-            out[i] = pn_dp_packet(&self.dp, p, ln, ts[i])
+        for i in range(0, n, CHUNK):
+            m = min(CHUNK, n - i)
+            for j in range(m):
+                frame_ptr(frames[i + j], &ptrs[j], &ln)
+                lens[j] = ln
+            pn_dp_run(&self.dp, ptrs, lens, &ts[i], &out[i], m)
 
     def process_buffer(self, const uint8_t[::1] buf not None, const int64_t[::1] offsets not None,
                        const uint64_t[::1] ts not None, int32_t[::1] out not None):
-        cdef Py_ssize_t i, n = offsets.shape[0] - 1
-        cdef int64_t a, b
+        cdef Py_ssize_t i, j, m, n = offsets.shape[0] - 1
+        cdef const uint8_t *ptrs[CHUNK]
+        cdef size_t lens[CHUNK]
+        cdef const uint8_t *base
         if n < 0 or ts.shape[0] < n or out.shape[0] < n:
             raise ValueError("ts and out need len(offsets) - 1 entries")
         if n > 0 and (offsets[0] < 0 or offsets[n] > buf.shape[0]):
@@ -346,11 +375,14 @@ cdef class Dataplane:
         for i in range(n):
             if offsets[i + 1] < offsets[i]:
                 raise ValueError("offsets must not decrease")
+        base = &buf[0] if buf.shape[0] else <const uint8_t *>""
         with nogil:
-            for i in range(n):
-                a = offsets[i]
-                b = offsets[i + 1]
-                out[i] = pn_dp_packet(&self.dp, &buf[0] + a if b > a else <const uint8_t *>"", b - a, ts[i])
+            for i in range(0, n, CHUNK):
+                m = min(<Py_ssize_t>CHUNK, n - i)
+                for j in range(m):
+                    ptrs[j] = base + offsets[i + j]
+                    lens[j] = offsets[i + j + 1] - offsets[i + j]
+                pn_dp_run(&self.dp, ptrs, lens, &ts[i], &out[i], m)
 
     def flows(self):
         arr = np.zeros(self.dp.ft.count, dtype=self.flow_dtype)
@@ -397,6 +429,7 @@ cdef class Dataplane:
         cdef pn_cap_pkt pkt
         cdef int st
         cdef Py_ssize_t n = 0, i = 0, skipped = 0
+        cdef int32_t[::1] out
         if buf.shape[0] == 0:
             return np.empty(0, np.int32), {"format": None, "packets": 0, "skipped_linktype": 0,
                                            "error": "empty file", "status": -1}
@@ -405,22 +438,52 @@ cdef class Dataplane:
             return np.empty(0, np.int32), {"format": None, "packets": 0, "skipped_linktype": 0,
                                            "error": pn_capture_strerror(st).decode(), "status": st}
         fmt = "pcapng" if pn_capture_format(&cap) == 1 else "pcap"
-        with nogil:
-            while pn_capture_next(&cap, &pkt) == PN_CAP_OK:
-                n += 1
-        ids = np.full(n, -1, dtype=np.int32)
-        cdef int32_t[::1] out = ids
-        pn_capture_open(&cap, &buf[0], buf.shape[0])
-        with nogil:
-            while i < n:
-                st = pn_capture_next(&cap, &pkt)
-                if st != PN_CAP_OK:
-                    break
-                if pkt.linktype == 1:
-                    out[i] = pn_dp_packet(&self.dp, pkt.data, pkt.caplen, pkt.ts_ns)
-                else:
-                    skipped += 1
-                i += 1
-            st = pn_capture_next(&cap, &pkt)
+        cdef const uint8_t *ptrs[CHUNK]
+        cdef size_t lens[CHUNK]
+        cdef uint64_t tss[CHUNK]
+        cdef int32_t res[CHUNK]
+        cdef size_t idx[CHUNK]
+        cdef size_t cap_out = 4096, m
+        cdef int32_t *outbuf = <int32_t *>malloc(cap_out * sizeof(int32_t))
+        cdef int32_t *grown
+        if outbuf == NULL:
+            raise MemoryError()
+        st = PN_CAP_OK
+        try:
+            with nogil:
+                while st == PN_CAP_OK:
+                    m = 0
+                    while m < CHUNK:
+                        st = pn_capture_next(&cap, &pkt)
+                        if st != PN_CAP_OK:
+                            break
+                        if <size_t>n == cap_out:
+                            grown = <int32_t *>realloc(outbuf, 2 * cap_out * sizeof(int32_t))
+                            if grown == NULL:
+                                st = -100
+                                break
+                            outbuf = grown
+                            cap_out *= 2
+                        outbuf[n] = -1
+                        if pkt.linktype == 1:
+                            ptrs[m] = pkt.data
+                            lens[m] = pkt.caplen
+                            tss[m] = pkt.ts_ns
+                            idx[m] = n
+                            m += 1
+                        else:
+                            skipped += 1
+                        n += 1
+                    pn_dp_run(&self.dp, ptrs, lens, tss, res, m)
+                    for i in range(<Py_ssize_t>m):
+                        outbuf[idx[i]] = res[i]
+            if st == -100:
+                raise MemoryError("capture results")
+            ids = np.empty(n, dtype=np.int32)
+            if n:
+                out = ids
+                memcpy(&out[0], outbuf, n * sizeof(int32_t))
+        finally:
+            free(outbuf)
         err = None if st == PN_CAP_END else pn_capture_strerror(st).decode()
         return ids, {"format": fmt, "packets": n, "skipped_linktype": skipped, "error": err, "status": st}

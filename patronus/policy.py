@@ -81,7 +81,7 @@ class PolicyTable:
 
     _generations = 0
 
-    def __init__(self, policies: Iterable[Policy], *, cache_size: int = 1 << 16) -> None:
+    def __init__(self, policies: Iterable[Policy], *, cache_size: int = 1 << 17) -> None:
         pols = list(policies)
         names: dict[str, int] = {}
         prios: dict[int, str] = {}
@@ -94,6 +94,9 @@ class PolicyTable:
                 raise ConfigError("Policy.priority", p.priority, f"is already used by policy {prios[p.priority]!r}")
             names[p.name] = len(names)
             prios[p.priority] = p.name
+        if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 2 \
+                or cache_size & (cache_size - 1) or cache_size > 1 << 26:
+            raise ConfigError("PolicyTable.cache_size", cache_size, "is not a power of two in [2, 2**26]")
         self.policies: tuple[Policy, ...] = tuple(pols)
         self._index = names
         self.rules = compile_rules(self.policies)
