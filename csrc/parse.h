@@ -24,19 +24,23 @@
  * the buffer end, so reads are checked against both. */
 PN_INLINE int pn_parse_l4(const __u8 *p, const __u8 *lim, const __u8 *end, int nonfirst, struct pn_parsed *o)
 {
-    if ((o->proto == PN_PROTO_TCP || o->proto == PN_PROTO_UDP) && !nonfirst) {
-        /* the whole fixed header must be there, not just the ports */
-        if (o->proto == PN_PROTO_TCP) {
-            if (p + 20 > lim || p + 20 > end)
-                return PN_ERR_TRUNC_L4;
-        } else if (p + 8 > lim || p + 8 > end) {
+    if (nonfirst)
+        return PN_OK;
+    /* the whole fixed header must be there, not just the ports; each branch
+     * reads only what its own check covers (the verifier follows branches) */
+    if (o->proto == PN_PROTO_TCP) {
+        if (p + 20 > lim || p + 20 > end)
             return PN_ERR_TRUNC_L4;
-        }
+        o->sport = PN_RD16(p);
+        o->dport = PN_RD16(p + 2);
+        o->tcp_flags = p[13];
+        o->has_ports = 1;
+    } else if (o->proto == PN_PROTO_UDP) {
+        if (p + 8 > lim || p + 8 > end)
+            return PN_ERR_TRUNC_L4;
         o->sport = PN_RD16(p);
         o->dport = PN_RD16(p + 2);
         o->has_ports = 1;
-        if (o->proto == PN_PROTO_TCP)
-            o->tcp_flags = p[13];
     }
     return PN_OK;
 }

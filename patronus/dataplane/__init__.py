@@ -15,6 +15,45 @@ imported lazily so that ``import patronus`` never needs BCC.
 
 from __future__ import annotations
 
+import logging
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ConfigError, DataplaneUnavailable
 from .userspace import Userspace
 
-__all__ = ["Userspace"]
+if TYPE_CHECKING:
+    from ..policy import PolicyTable
+    from .xdp import Xdp
+
+__all__ = ["Userspace", "Xdp", "open"]
+
+log = logging.getLogger("patronus.dataplane")
+_warned: set[str] = set()
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Xdp":  # imported on first use: it needs BCC, root and kernel headers
+        from .xdp import Xdp
+
+        return Xdp
+    raise AttributeError(f"module 'patronus.dataplane' has no attribute {name!r}")
+
+
+def open(table: PolicyTable, backend: str = "auto", flow_capacity: int = 1 << 20, **kw: Any) -> Userspace | Xdp:
+    """A data plane for ``table``: ``"xdp"``, ``"userspace"``, or ``"auto"``
+    (XDP where it can run, else userspace, saying why once per process)."""
+    if backend not in ("auto", "xdp", "userspace"):
+        raise ConfigError("backend", backend, "is not one of auto, xdp, userspace")
+    if backend == "userspace":
+        return Userspace(table, flow_capacity, **kw)
+    try:
+        from .xdp import Xdp
+
+        return Xdp(table, flow_capacity, **kw)
+    except DataplaneUnavailable as e:
+        if backend == "xdp":
+            raise
+        if e.cause not in _warned:
+            _warned.add(e.cause)
+            log.warning("XDP data plane unavailable (%s); using the userspace data plane. Fix: %s", e.cause, e.fix)
+        return Userspace(table, flow_capacity)

@@ -1,0 +1,317 @@
+/* patronus XDP data plane: parse, classify and account every frame, write
+ * the chosen path into the packet metadata, then pass, drop or redirect.
+ *
+ * The parser (csrc/parse.h), the structs (csrc/patronus_abi.h) and the
+ * classifier's bit-vector layout (csrc/classify.h) are the userspace data
+ * plane's own; patronus/dataplane/xdp.py compiles this file with BCC and
+ * these -D constants (capacities, fixed for the life of the program):
+ *
+ *   PN_NSUM, PN_NWORDS  summary words and bitmap words per row; a row is
+ *                       PN_NSUM + PN_NWORDS u64 (PN_NWORDS * 64 >= rules)
+ *   PN_ROWS             rows per table set, all fields together
+ *   PN_IV, PN_IV_LOG    interval slots per prefix field (a power of two)
+ *   PN_RULES            rule slots (a power of two)
+ *   PN_NPOL             policies + 1 (slot 0 counts the default, -1)
+ *   PN_FLOWS            flow map capacity
+ *
+ * Rule tables are double buffered: two sets of classifier maps, `cfg.set`
+ * says which one is live. A swap fills the idle set, then flips `cfg.set`
+ * and bumps `cfg.generation` in one map write; flows whose record carries an
+ * older generation are re-classified on their next packet, keeping counts.
+ */
+#include <uapi/linux/bpf.h>
+
+#include "patronus_abi.h"
+#include "parse.h"
+
+#define PN_STRIDE (PN_NSUM + PN_NWORDS)
+
+struct pn_row {
+    __u64 w[PN_STRIDE];
+};
+
+/* Interval starts of one prefix field, sorted; IPv4 uses lo only. */
+struct pn_ivs {
+    __u64 hi[PN_IV];
+    __u64 lo[PN_IV];
+};
+
+struct pn_ivrows {
+    __u32 row[PN_IV];
+};
+
+/* Direct lookups for the small fields, and per-set sizes. Row numbers in
+ * here already include each field's base in the set's row map. */
+struct pn_lut {
+    __u32 sport[65536];
+    __u32 dport[65536];
+    __u32 proto[256];
+    __u32 dscp[64];
+    __u32 noport[2];          /* sport, dport row of packets without ports */
+    __u32 nint[4];            /* intervals of src4, dst4, src6, dst6 */
+};
+
+struct pn_rpol {
+    __s32 policy[PN_RULES];   /* rule (priority order) -> policy index */
+};
+
+struct pn_cfg {
+    __u32 set;                /* live table set, 0 or 1 */
+    __u32 generation;         /* bumped on every swap */
+    __u64 clock_ns;           /* non-zero: use as "now" (tests replaying captures) */
+};
+
+/* key: 0. The one word userspace flips to swap tables. */
+BPF_ARRAY(pn_cfg_map, struct pn_cfg, 1);
+/* key: set * 4 + field (0 src4, 1 dst4, 2 src6, 3 dst6) */
+BPF_ARRAY(pn_ivs_map, struct pn_ivs, 8);
+BPF_ARRAY(pn_ivrows_map, struct pn_ivrows, 8);
+/* key: set */
+BPF_ARRAY(pn_lut_map, struct pn_lut, 2);
+BPF_ARRAY(pn_rpol_map, struct pn_rpol, 2);
+/* key: set * PN_ROWS + row */
+BPF_ARRAY(pn_rows_map, struct pn_row, 2 * PN_ROWS);
+/* key: policy + 1 -> path slot (PN_NO_PATH: none) */
+BPF_ARRAY(pn_path_map, __u32, PN_NPOL);
+/* key: policy + 1 -> XDP action for the policy's packets (XDP_PASS, XDP_DROP) */
+BPF_ARRAY(pn_action_map, __u32, PN_NPOL);
+/* key: path slot -> ifindex to redirect to (absent: pass to the stack) */
+BPF_DEVMAP(pn_tx_map, 256);
+/* key: policy + 1 -> packets and bytes, per CPU */
+BPF_PERCPU_ARRAY(pn_pcount_map, struct pn_policy_counter, PN_NPOL);
+/* key: enum pn_reason -> malformed frames, per CPU */
+BPF_PERCPU_ARRAY(pn_malformed_map, __u64, PN_NREASONS);
+/* key: 0 new flows, 1 flow hits, 2 classifier runs, 3 insert failures */
+BPF_PERCPU_ARRAY(pn_stats_map, __u64, 4);
+/* key: struct pn_flow_key -> record; the kernel evicts the least recently
+ * used flow when full (counted in userspace as inserts - live - drained) */
+BPF_TABLE("lru_hash", struct pn_flow_key, struct pn_flow_rec, pn_flows_map, PN_FLOWS);
+
+/* Per-CPU scratch for what does not fit the 512-byte BPF stack once the
+ * parser and classifier are inlined. key: 0 */
+struct pn_scratch {
+    struct pn_parsed p;
+    struct pn_flow_key key;
+    struct pn_flow_rec nr;
+};
+BPF_PERCPU_ARRAY(pn_scratch_map, struct pn_scratch, 1);
+
+/* What the program leaves in front of the frame (XDP metadata): tc reads
+ * `path` into skb->mark; test runs read `policy` back from data_out. */
+struct pn_meta {
+    __u32 path;
+    __s32 policy;
+};
+
+static __always_inline void pn_set_meta(struct xdp_md *ctx, __u32 path, __s32 policy)
+{
+    if (bpf_xdp_adjust_meta(ctx, -(int)sizeof(struct pn_meta)) == 0) {
+        struct pn_meta *meta = (struct pn_meta *)(long)ctx->data_meta;
+        if ((void *)(meta + 1) <= (void *)(long)ctx->data) {
+            meta->path = path;
+            meta->policy = policy;
+        }
+    }
+}
+
+static __always_inline __u32 pn_ctz64(__u64 x)
+{
+    __u32 n = 0;
+    if (!(x & 0xffffffffull)) { n += 32; x >>= 32; }
+    if (!(x & 0xffffull)) { n += 16; x >>= 16; }
+    if (!(x & 0xffull)) { n += 8; x >>= 8; }
+    if (!(x & 0xfull)) { n += 4; x >>= 4; }
+    if (!(x & 0x3ull)) { n += 2; x >>= 2; }
+    if (!(x & 0x1ull)) { n += 1; }
+    return n;
+}
+
+static __always_inline __u64 pn_be64(const __u8 *b)
+{
+    __u64 v = 0;
+#pragma unroll
+    for (int i = 0; i < 8; i++)
+        v = (v << 8) | b[i];
+    return v;
+}
+
+/* Row of the last interval whose start <= (hi, lo); starts[0] is 0. */
+static __always_inline int pn_find(__u32 key, __u32 n, __u64 hi, __u64 lo, __u32 *row)
+{
+    struct pn_ivs *iv = pn_ivs_map.lookup(&key);
+    struct pn_ivrows *ir = pn_ivrows_map.lookup(&key);
+    if (!iv || !ir)
+        return -1;
+    __u32 base = 0;
+#pragma unroll
+    for (int k = PN_IV_LOG - 1; k >= 0; k--) {
+        __u32 i = base + (1u << k);
+        if (i < n) {
+            __u32 j = i & (PN_IV - 1);
+            if (iv->hi[j] < hi || (iv->hi[j] == hi && iv->lo[j] <= lo))
+                base = i;
+        }
+    }
+    *row = ir->row[base & (PN_IV - 1)];
+    return 0;
+}
+
+static __always_inline const struct pn_row *pn_row(__u32 set, __u32 row)
+{
+    __u32 key = set * PN_ROWS + (row < PN_ROWS ? row : 0);
+    return pn_rows_map.lookup(&key);
+}
+
+static __always_inline __s32 pn_classify_bpf(const struct pn_parsed *p, __u32 set)
+{
+    struct pn_lut *lut = pn_lut_map.lookup(&set);
+    struct pn_rpol *rp = pn_rpol_map.lookup(&set);
+    if (!lut || !rp)
+        return -1;
+    __u32 fs = p->family == PN_FAMILY_V4 ? 0 : 2;
+    __u64 shi = 0, slo, dhi = 0, dlo;
+    if (fs == 0) {
+        slo = ((__u64)p->src[0] << 24) | ((__u64)p->src[1] << 16) | ((__u64)p->src[2] << 8) | p->src[3];
+        dlo = ((__u64)p->dst[0] << 24) | ((__u64)p->dst[1] << 16) | ((__u64)p->dst[2] << 8) | p->dst[3];
+    } else {
+        shi = pn_be64(p->src);
+        slo = pn_be64(p->src + 8);
+        dhi = pn_be64(p->dst);
+        dlo = pn_be64(p->dst + 8);
+    }
+    __u32 rs, rd;
+    if (pn_find(set * 4 + fs, lut->nint[fs & 3], shi, slo, &rs) ||
+        pn_find(set * 4 + fs + 1, lut->nint[(fs + 1) & 3], dhi, dlo, &rd))
+        return -1;
+    __u32 rsp = p->has_ports ? lut->sport[p->sport] : lut->noport[0];
+    __u32 rdp = p->has_ports ? lut->dport[p->dport] : lut->noport[1];
+    const struct pn_row *r0 = pn_row(set, rs), *r1 = pn_row(set, rd), *r2 = pn_row(set, rsp),
+                        *r3 = pn_row(set, rdp), *r4 = pn_row(set, lut->proto[p->proto]),
+                        *r5 = pn_row(set, lut->dscp[p->dscp & 63]);
+    if (!r0 || !r1 || !r2 || !r3 || !r4 || !r5)
+        return -1;
+    for (__u32 s = 0; s < PN_NSUM; s++) {
+        __u64 m = r0->w[s] & r1->w[s] & r2->w[s] & r3->w[s] & r4->w[s] & r5->w[s];
+        for (int j = 0; j < 64 && m; j++) {
+            __u32 w = s * 64 + pn_ctz64(m);
+            if (w >= PN_NWORDS)
+                break;
+            __u32 wi = PN_NSUM + w;
+            __u64 x = r0->w[wi] & r1->w[wi] & r2->w[wi] & r3->w[wi] & r4->w[wi] & r5->w[wi];
+            if (x)
+                return rp->policy[(w * 64 + pn_ctz64(x)) & (PN_RULES - 1)];
+            m &= m - 1;
+        }
+    }
+    return -1;
+}
+
+int pn_xdp(struct xdp_md *ctx)
+{
+    const __u8 *data = (const __u8 *)(long)ctx->data;
+    const __u8 *end = (const __u8 *)(long)ctx->data_end;
+    __u32 zero = 0;
+    struct pn_scratch *sc = pn_scratch_map.lookup(&zero);
+    if (!sc)
+        return XDP_PASS;
+    struct pn_parsed *p = &sc->p;
+    __builtin_memset(p, 0, sizeof(*p));
+    int rc = pn_parse(data, end, p);
+    if (rc != PN_OK) {
+        __u32 k = rc;
+        __u64 *m = pn_malformed_map.lookup(&k);
+        if (m)
+            *m += 1;
+        pn_set_meta(ctx, PN_NO_PATH, -1);
+        return XDP_PASS;
+    }
+    struct pn_cfg *cfg = pn_cfg_map.lookup(&zero);
+    if (!cfg)
+        return XDP_PASS;
+    __u32 set = cfg->set & 1, gen = cfg->generation;
+    __u64 now = cfg->clock_ns ? cfg->clock_ns : bpf_ktime_get_ns();
+
+    struct pn_flow_key *key = &sc->key;
+    __builtin_memcpy(key->src, p->src, 16);
+    __builtin_memcpy(key->dst, p->dst, 16);
+    key->sport = p->sport;
+    key->dport = p->dport;
+    key->proto = p->proto;
+    key->family = p->family;
+    key->_pad = 0;
+
+    __s32 policy;
+    __u32 sk;
+    __u32 l3_len = p->l3_len;
+    struct pn_flow_rec *r = pn_flows_map.lookup(key);
+    if (r) {
+        if (r->generation != gen) {
+            r->policy = pn_classify_bpf(p, set);
+            r->generation = gen;
+            sk = 2;
+        } else {
+            sk = 1;
+        }
+        policy = r->policy;
+        __sync_fetch_and_add(&r->packets, 1);
+        __sync_fetch_and_add(&r->bytes, l3_len);
+        r->last_ns = now;
+        r->tcp_flags |= p->tcp_flags;
+        r->dscp = p->dscp;
+    } else {
+        struct pn_flow_rec *nr = &sc->nr;
+        __builtin_memset(nr, 0, sizeof(*nr));
+        policy = pn_classify_bpf(p, set);
+        nr->packets = 1;
+        nr->bytes = l3_len;
+        nr->first_ns = now;
+        nr->last_ns = now;
+        nr->policy = policy;
+        nr->tcp_flags = p->tcp_flags;
+        nr->dscp = p->dscp;
+        nr->generation = gen;
+        sk = 0;
+        if (pn_flows_map.update(key, nr))
+            sk = 3;
+        r = pn_flows_map.lookup(key);
+    }
+    __u64 *st = pn_stats_map.lookup(&sk);
+    if (st)
+        *st += 1;
+
+    __u32 slot = (__u32)(policy + 1);
+    __u32 path = PN_NO_PATH, action = XDP_PASS;
+    __u32 *pp = pn_path_map.lookup(&slot);
+    if (pp)
+        path = *pp;
+    if (r)
+        r->path = path;
+    __u32 *ap = pn_action_map.lookup(&slot);
+    if (ap && *ap == XDP_DROP)
+        action = XDP_DROP;
+    struct pn_policy_counter *pc = pn_pcount_map.lookup(&slot);
+    if (pc) {
+        pc->packets += 1;
+        pc->bytes += l3_len;
+    }
+    pn_set_meta(ctx, path, policy);
+    if (action == XDP_DROP)
+        return XDP_DROP;
+    if (path != PN_NO_PATH && path < 256)
+        return pn_tx_map.redirect_map(path, XDP_PASS);
+    return XDP_PASS;
+}
+
+/* The floor for benchmarks: parse Ethernet/IP, bump one counter, pass. */
+int pn_floor(struct xdp_md *ctx)
+{
+    const __u8 *data = (const __u8 *)(long)ctx->data;
+    const __u8 *end = (const __u8 *)(long)ctx->data_end;
+    __u32 k = 0;
+    if (data + 34 <= end && data[12] == 0x08 && data[13] == 0x00)
+        k = data[23] & 3;
+    __u64 *c = pn_stats_map.lookup(&k);
+    if (c)
+        *c += 1;
+    return XDP_PASS;
+}

@@ -1,0 +1,575 @@
+"""The XDP data plane: bpf/patronus_xdp.c compiled by BCC, maps read into numpy.
+
+Import this module only through ``patronus.dataplane.Xdp`` or
+``patronus.dataplane.open``: it needs root, Debian's BCC binding and kernel
+headers, and says which one is missing (``DataplaneUnavailable``).
+
+>>> from patronus import Policy, Match, PolicyTable, packets   # doctest: +SKIP
+>>> with Xdp(PolicyTable([Policy("dns", Match(dst_ports=53), priority=1)])) as xdp:
+...     xdp.test_run([packets.udp("10.0.0.1", "10.0.0.2", 1, 53)]).tolist()
+[0]
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import ctypes.util
+import errno
+import os
+import socket
+import sys
+import tempfile
+import time
+import weakref
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import abi
+from ..errors import ConfigError, DataplaneUnavailable
+from ..policy import PolicyTable, frames_to_buffer
+
+__all__ = ["Xdp", "bpf_source_dir"]
+
+ROOT = Path(__file__).resolve().parents[2]
+XDP_FLAGS = {"native": 1 << 2, "generic": 1 << 1, "offload": 1 << 3}
+XDP_PASS, XDP_DROP = 2, 1
+MAX_PATH_SLOTS = 256  # pn_tx_map size
+FIELDS = ("src4", "dst4", "src6", "dst6")
+
+
+def bpf_source_dir() -> tuple[Path, Path]:
+    """(bpf/, csrc/) of this checkout, or of PATRONUS_SRC if set."""
+    base = Path(os.environ.get("PATRONUS_SRC", ROOT))
+    bpf, csrc = base / "bpf", base / "csrc"
+    if not (bpf / "patronus_xdp.c").exists() or not (csrc / "patronus_abi.h").exists():
+        raise DataplaneUnavailable(f"XDP sources not found under {base}",
+                                   "run from a patronus checkout or set PATRONUS_SRC to one")
+    return bpf, csrc
+
+
+def _import_bcc() -> Any:
+    try:
+        import bcc  # noqa: F401
+    except ImportError:
+        deb = "/usr/lib/python3/dist-packages"
+        if os.path.isdir(os.path.join(deb, "bcc")):
+            sys.path.append(deb)
+            try:
+                import bcc  # noqa: F401
+            except ImportError:
+                pass
+            finally:
+                sys.path.remove(deb)
+    try:
+        import bcc
+    except ImportError:
+        raise DataplaneUnavailable("the BCC Python binding is not installed",
+                                   "apt-get install python3-bpfcc (not PyPI's 'bcc'); "
+                                   "scripts/bootstrap.sh exposes it to the venv") from None
+    return bcc
+
+
+def _preflight() -> Any:
+    if os.geteuid() != 0:
+        raise DataplaneUnavailable("XDP needs root (CAP_BPF and CAP_NET_ADMIN)",
+                                   "run as root, or use backend='userspace'")
+    bcc = _import_bcc()
+    build = Path(f"/lib/modules/{os.uname().release}/build")
+    if not (build / "include").exists():
+        raise DataplaneUnavailable(f"no kernel headers at {build} (BCC compiles against them)",
+                                   "apt-get install linux-headers-cloud-amd64 and link build/ and source/ "
+                                   "as scripts/bootstrap.sh does")
+    return bcc
+
+
+class _BatchOpts(ctypes.Structure):
+    _fields_ = [("sz", ctypes.c_size_t), ("elem_flags", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
+
+
+class _TestRunOpts(ctypes.Structure):
+    _fields_ = [
+        ("sz", ctypes.c_size_t), ("data_in", ctypes.c_void_p), ("data_out", ctypes.c_void_p),
+        ("data_size_in", ctypes.c_uint32), ("data_size_out", ctypes.c_uint32),
+        ("ctx_in", ctypes.c_void_p), ("ctx_out", ctypes.c_void_p),
+        ("ctx_size_in", ctypes.c_uint32), ("ctx_size_out", ctypes.c_uint32),
+        ("retval", ctypes.c_uint32), ("repeat", ctypes.c_int), ("duration", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32), ("cpu", ctypes.c_uint32), ("batch_size", ctypes.c_uint32),
+    ]
+
+
+def _libbpf() -> ctypes.CDLL:
+    try:
+        lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
+    except OSError:
+        raise DataplaneUnavailable("libbpf.so.1 not found (batch map reads and test runs use it)",
+                                   "apt-get install libbpf1") from None
+    for name in ("bpf_map_lookup_batch", "bpf_map_update_batch", "bpf_map_lookup_and_delete_batch"):
+        fn = getattr(lib, name)
+        fn.restype = ctypes.c_int
+    lib.bpf_map_lookup_batch.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                         ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32), ctypes.c_void_p]
+    lib.bpf_map_lookup_and_delete_batch.argtypes = lib.bpf_map_lookup_batch.argtypes
+    lib.bpf_map_update_batch.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                                         ctypes.POINTER(ctypes.c_uint32), ctypes.c_void_p]
+    lib.bpf_prog_test_run_opts.argtypes = [ctypes.c_int, ctypes.POINTER(_TestRunOpts)]
+    lib.bpf_prog_test_run_opts.restype = ctypes.c_int
+    return lib
+
+
+def _pow2(n: int, floor: int = 1) -> int:
+    p = floor
+    while p < n:
+        p <<= 1
+    return p
+
+
+class _Capacity:
+    """Compile-time sizes of one program. A table that outgrows them needs a new Xdp."""
+
+    def __init__(self, export: dict[str, Any], max_policies: int | None, headroom: float = 2.0) -> None:
+        nrules = max(export["nrules"], 1)
+        self.rules = _pow2(max(max_policies or 0, int(nrules * headroom), 64))
+        self.nwords = (self.rules + 63) // 64
+        self.nsum = (self.nwords + 63) // 64
+        nrows = sum(export[f]["rows"].shape[0] for f in (*FIELDS, "sport", "dport", "proto", "dscp"))
+        self.rows = max(int(nrows * headroom), 64)
+        self.iv = _pow2(max(int(max(export[f]["row_of"].shape[0] for f in FIELDS) * headroom), 2), 16)
+
+    def fits(self, export: dict[str, Any]) -> str | None:
+        nrows = sum(export[f]["rows"].shape[0] for f in (*FIELDS, "sport", "dport", "proto", "dscp"))
+        niv = max(export[f]["row_of"].shape[0] for f in FIELDS)
+        if export["nrules"] > self.rules:
+            return f"{export['nrules']} rules > {self.rules} compiled in"
+        if nrows > self.rows:
+            return f"{nrows} bitmap rows > {self.rows} compiled in"
+        if niv > self.iv:
+            return f"{niv} prefix intervals > {self.iv} compiled in"
+        return None
+
+    def cflags(self, npol: int, flows: int) -> list[str]:
+        log = self.iv.bit_length() - 1
+        return [f"-DPN_NSUM={self.nsum}", f"-DPN_NWORDS={self.nwords}", f"-DPN_ROWS={self.rows}",
+                f"-DPN_IV={self.iv}", f"-DPN_IV_LOG={log}", f"-DPN_RULES={self.rules}",
+                f"-DPN_NPOL={npol}", f"-DPN_FLOWS={flows}"]
+
+
+class Xdp:
+    """Classification and flow accounting in an XDP program.
+
+    ``flow_capacity`` sizes the kernel's LRU flow map; ``max_policies``
+    leaves room for bigger tables than ``table`` in later ``set_table``
+    calls (the program's sizes are fixed when it is compiled). Use as a
+    context manager, or call ``close()``: attached interfaces are detached on
+    close and at interpreter exit.
+    """
+
+    def __init__(self, table: PolicyTable, flow_capacity: int = 1 << 20, *, max_policies: int | None = None) -> None:
+        if not isinstance(table, PolicyTable):
+            raise ConfigError("Xdp.table", table, "is not a PolicyTable")
+        if isinstance(flow_capacity, bool) or not isinstance(flow_capacity, int) or not 1 <= flow_capacity <= 1 << 26:
+            raise ConfigError("Xdp.flow_capacity", flow_capacity, "is not an integer in [1, 2**26]")
+        bcc = _preflight()
+        self._lib = _libbpf()
+        bpf_dir, csrc = bpf_source_dir()
+        self.table = table
+        self.flow_capacity = flow_capacity
+        self._npol = len(table.policies) + 1
+        export = table._cls.export()
+        self._cap = _Capacity(export, max_policies)
+        self._attached: dict[str, int] = {}
+        self._bpf = None
+        self._closed = False
+        text = (bpf_dir / "patronus_xdp.c").read_text()
+        cflags = [f"-I{csrc}", *self._cap.cflags(self._npol, flow_capacity)]
+        with _captured_stderr() as log:
+            try:
+                self._bpf = bcc.BPF(text=text.encode(), cflags=cflags)
+                self._fn = self._bpf.load_func(b"pn_xdp", bcc.BPF.XDP)
+                self._floor = self._bpf.load_func(b"pn_floor", bcc.BPF.XDP)
+            except Exception as e:
+                tail = "\n".join(log.read().strip().splitlines()[-15:])
+                raise DataplaneUnavailable(f"the XDP program did not load: {e}\n{tail}",
+                                           "see the verifier log above; smaller max_policies may help") from None
+        self._maps = {name: self._bpf[name.encode()] for name in (
+            "pn_cfg_map", "pn_ivs_map", "pn_ivrows_map", "pn_lut_map", "pn_rpol_map", "pn_rows_map",
+            "pn_path_map", "pn_action_map", "pn_pcount_map", "pn_malformed_map", "pn_stats_map", "pn_flows_map",
+            "pn_tx_map")}
+        self._ncpu = len(_possible_cpus())
+        self._set = 0
+        self._generation = 1
+        self._clock = 0
+        self._replayed = False  # flows stamped by test_run's ts_ns, not the kernel clock
+        self._drained = 0
+        self._load_table(export, 0)
+        self._write_cfg()
+        self._init_paths(table)
+        self._mono_to_real = time.time_ns() - time.monotonic_ns()
+        _live.add(self)
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def __enter__(self) -> Xdp:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Detach from every interface and free the program and maps."""
+        if self._closed:
+            return
+        self._closed = True
+        for dev, flags in list(self._attached.items()):
+            self._detach(dev, flags)
+        if self._bpf is not None:
+            self._bpf.cleanup()
+        _live.discard(self)
+
+    def attach(self, ifname: str, mode: str = "native") -> None:
+        """Attach to an interface of the current network namespace."""
+        if mode not in XDP_FLAGS:
+            raise ConfigError("mode", mode, f"is not one of {', '.join(XDP_FLAGS)}")
+        try:
+            socket.if_nametoindex(ifname)
+        except OSError:
+            raise DataplaneUnavailable(f"interface {ifname!r} does not exist in this network namespace",
+                                       "create it, or attach from the namespace that holds it") from None
+        with _captured_stderr() as log:
+            try:
+                self._bpf.attach_xdp(ifname.encode(), self._fn, XDP_FLAGS[mode])
+            except Exception as e:
+                raise DataplaneUnavailable(f"attaching to {ifname!r} in {mode} mode failed: {e} "
+                                           f"{log.read().strip()}", "try mode='generic'") from None
+        self._attached[ifname] = XDP_FLAGS[mode]
+
+    def detach(self, ifname: str) -> None:
+        if ifname not in self._attached:
+            raise ConfigError("detach", ifname, "is not attached")
+        self._detach(ifname, self._attached.pop(ifname))
+
+    def _detach(self, ifname: str, flags: int) -> None:
+        try:
+            self._bpf.remove_xdp(ifname.encode(), flags)
+        except Exception:  # the interface may be gone already (namespace deleted)
+            pass
+        self._attached.pop(ifname, None)
+
+    # -- tables and paths ----------------------------------------------------
+
+    def _load_table(self, export: dict[str, Any], s: int) -> None:
+        cap = self._cap
+        why = cap.fits(export)
+        if why:
+            raise ConfigError("Xdp.set_table", why, "create a new Xdp with a larger max_policies")
+        base, row_base = 0, {}
+        rows = np.zeros((cap.rows, cap.nsum + cap.nwords), dtype=np.uint64)
+        nsum, nwords = export["nsum"], export["nwords"]
+        for f in (*FIELDS, "sport", "dport", "proto", "dscp"):
+            r = export[f]["rows"]
+            rows[base : base + r.shape[0], :nsum] = r[:, :nsum]
+            rows[base : base + r.shape[0], cap.nsum : cap.nsum + nwords] = r[:, nsum:]
+            row_base[f] = base
+            base += r.shape[0]
+        keys = np.arange(s * cap.rows, s * cap.rows + base, dtype=np.uint32)
+        self._update_batch("pn_rows_map", keys, rows[:base])
+        for k, f in enumerate(FIELDS):
+            ivs = np.zeros(2 * cap.iv, dtype=np.uint64)
+            n = export[f]["row_of"].shape[0]
+            ivs[:n] = export[f]["start_hi"]
+            ivs[cap.iv : cap.iv + n] = export[f]["start_lo"]
+            ivr = np.zeros(cap.iv, dtype=np.uint32)
+            ivr[:n] = export[f]["row_of"] + row_base[f]
+            self._set_value("pn_ivs_map", s * 4 + k, ivs)
+            self._set_value("pn_ivrows_map", s * 4 + k, ivr)
+        lut = np.concatenate([
+            export["sport"]["row_of"] + row_base["sport"], export["dport"]["row_of"] + row_base["dport"],
+            export["proto"]["row_of"] + row_base["proto"], export["dscp"]["row_of"] + row_base["dscp"],
+            np.array([export["noport_row"][0] + row_base["sport"], export["noport_row"][1] + row_base["dport"]]),
+            np.array([export[f]["row_of"].shape[0] for f in FIELDS]),
+        ]).astype(np.uint32)
+        self._set_value("pn_lut_map", s, lut)
+        rp = np.full(cap.rules, -1, dtype=np.int32)
+        rp[: export["nrules"]] = export["rule_policy"]
+        self._set_value("pn_rpol_map", s, rp)
+
+    def _write_cfg(self) -> None:
+        cfg = np.zeros(2, dtype=np.uint64)
+        cfg.view(np.uint32)[:2] = (self._set, self._generation)
+        cfg[1] = self._clock
+        self._set_value("pn_cfg_map", 0, cfg)
+
+    def _init_paths(self, table: PolicyTable) -> None:
+        keys = np.arange(self._npol, dtype=np.uint32)
+        self._update_batch("pn_path_map", keys, np.full(self._npol, abi.NO_PATH, dtype=np.uint32))
+        actions = [XDP_PASS] + [XDP_DROP if p.action == "drop" else XDP_PASS for p in table.policies]
+        self._update_batch("pn_action_map", keys, np.array(actions, dtype=np.uint32))
+
+    def set_table(self, table: PolicyTable) -> None:
+        """Swap the rule table atomically: fill the idle map set, then flip
+        the live set and bump the generation in one map write. The program
+        stays attached and flows keep their counters; each flow is
+        re-classified on its next packet."""
+        if not isinstance(table, PolicyTable):
+            raise ConfigError("set_table", table, "is not a PolicyTable")
+        if len(table.policies) + 1 != self._npol:
+            raise ConfigError("set_table", len(table.policies),
+                              f"policies given; this program counts {self._npol - 1}")
+        idle = 1 - self._set
+        self._load_table(table._cls.export(), idle)
+        self._set = idle
+        self._generation += 1
+        self._write_cfg()
+        actions = [XDP_PASS] + [XDP_DROP if p.action == "drop" else XDP_PASS for p in table.policies]
+        self._update_batch("pn_action_map", np.arange(self._npol, dtype=np.uint32), np.array(actions, np.uint32))
+        self.table = table
+
+    def set_path(self, policy: str | int, path_id: int) -> None:
+        """Point a policy (name, index or -1 for the default) at a path slot:
+        one map write; flows keep their records."""
+        idx = self.table.index(policy) if isinstance(policy, str) else policy
+        if isinstance(idx, bool) or not isinstance(idx, int) or not -1 <= idx < self._npol - 1:
+            raise ConfigError("policy", policy, "is not a policy index of this table")
+        if isinstance(path_id, bool) or not isinstance(path_id, int) or not 0 <= path_id < abi.NO_PATH:
+            raise ConfigError("path_id", path_id, "is not a path slot (0 .. 2**32-2)")
+        self._set_value("pn_path_map", idx + 1, np.array([path_id], dtype=np.uint32))
+
+    def path_of(self, policy: str | int) -> int | None:
+        idx = self.table.index(policy) if isinstance(policy, str) else policy
+        m = self._maps["pn_path_map"]
+        v = m[m.Key(idx + 1)].value
+        return None if v == abi.NO_PATH else v
+
+    def set_redirect(self, path_id: int, ifname: str) -> None:
+        """Send packets of ``path_id`` (< 256) out of ``ifname`` with XDP_REDIRECT."""
+        if not 0 <= path_id < MAX_PATH_SLOTS:
+            raise ConfigError("path_id", path_id, f"redirect slots are 0..{MAX_PATH_SLOTS - 1}")
+        try:
+            ifindex = socket.if_nametoindex(ifname)
+        except OSError:
+            raise DataplaneUnavailable(f"interface {ifname!r} does not exist", "create it first") from None
+        m = self._maps["pn_tx_map"]
+        m[m.Key(path_id)] = m.Leaf(ifindex)
+
+    # -- packets without an interface ----------------------------------------
+
+    def test_run(self, frames: Sequence[bytes] | tuple[Any, np.ndarray], ts_ns: Any = None) -> np.ndarray:
+        """Run the program on each frame with BPF_PROG_TEST_RUN (no interface
+        needed); returns each frame's policy index, like Userspace.process.
+        ``ts_ns`` (one per frame) replaces the kernel clock for these frames."""
+        if isinstance(frames, tuple) and len(frames) == 2 and isinstance(frames[1], np.ndarray):
+            buf, offsets = frames
+            frames = [bytes(buf[offsets[i] : offsets[i + 1]]) for i in range(len(offsets) - 1)]
+        frames = list(frames)
+        short = [i for i, f in enumerate(frames) if len(f) < 14]
+        if short:
+            raise ConfigError("test_run", f"frame {short[0]} ({len(frames[short[0]])} bytes)",
+                              "is shorter than an Ethernet header: the kernel refuses to test-run it "
+                              "(and no such frame reaches XDP from a link)")
+        ts = None if ts_ns is None else np.asarray(ts_ns, dtype=np.uint64)
+        if ts is not None and ts.shape != (len(frames),):
+            raise ConfigError("ts_ns", len(ts), f"timestamps given for {len(frames)} frames")
+        out = np.empty(len(frames), dtype=np.int32)
+        obuf = ctypes.create_string_buffer(65536 + 256)
+        for i, f in enumerate(frames):
+            if ts is not None:
+                self._clock = int(ts[i])
+                self._replayed = True
+                self._write_cfg()
+            retval, data_out = self._run_one(self._fn.fd, f, 1, obuf)[:2]
+            if len(data_out) == len(f) + 8:
+                out[i] = int.from_bytes(data_out[4:8], "little", signed=True)
+            else:
+                out[i] = -1
+        if ts is not None:
+            self._clock = 0
+            self._write_cfg()
+        return out
+
+    def _run_one(self, fd: int, frame: bytes, repeat: int, obuf: Any) -> tuple[int, bytes, int]:
+        frame_in = frame
+        inbuf = ctypes.create_string_buffer(frame_in, len(frame_in))
+        opts = _TestRunOpts(sz=ctypes.sizeof(_TestRunOpts), data_in=ctypes.cast(inbuf, ctypes.c_void_p),
+                            data_size_in=len(frame_in), data_out=ctypes.cast(obuf, ctypes.c_void_p),
+                            data_size_out=len(obuf), repeat=repeat)
+        rc = self._lib.bpf_prog_test_run_opts(fd, ctypes.byref(opts))
+        if rc != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"BPF_PROG_TEST_RUN: {os.strerror(err)} (frame of {len(frame_in)} bytes)")
+        return opts.retval, obuf.raw[: opts.data_size_out], opts.duration
+
+    def bench(self, frame: bytes, repeat: int = 100_000, floor: bool = False) -> float:
+        """ns per run of the program (or of the floor program) on one frame, measured by the kernel."""
+        obuf = ctypes.create_string_buffer(65536 + 256)
+        fd = (self._floor if floor else self._fn).fd
+        return float(self._run_one(fd, frame, repeat, obuf)[2])
+
+    # -- reading maps ----------------------------------------------------------
+
+    def flows(self) -> np.ndarray:
+        """Live flows (``abi.FLOW_DTYPE``), read with batch map lookups."""
+        keys, vals = self._read_flows(delete=False)
+        return self._assemble(keys, vals)
+
+    def drain(self, flush: bool = False, idle_timeout_s: float | None = None) -> np.ndarray:
+        """Export and delete flows: all of them (``flush``), or those idle for
+        ``idle_timeout_s``. The kernel's LRU evicts without a record when the
+        map is full; ``counters()["evicted"]`` counts those."""
+        if flush:
+            keys, vals = self._read_flows(delete=True)
+            out = self._assemble(keys, vals)
+        elif idle_timeout_s is not None:
+            live = self.flows()
+            now = time.time_ns() if not self._clock else self._clock
+            old = live[(now - live["last_ns"].astype(np.int64)) >= int(idle_timeout_s * 1e9)]
+            m = self._maps["pn_flows_map"]
+            for r in old:
+                try:
+                    del m[m.Key.from_buffer_copy(r.tobytes()[:40])]
+                except KeyError:
+                    pass
+            out = old
+        else:
+            out = np.zeros(0, dtype=abi.FLOW_DTYPE)
+        self._drained += len(out)
+        return out
+
+    def counters(self) -> dict[str, Any]:
+        """Per-policy packets/bytes, malformed frames by reason, flow counts."""
+        pc = self._percpu_sum("pn_pcount_map", self._npol, 2)
+        mal = self._percpu_sum("pn_malformed_map", len(abi.MALFORMED_REASONS) + 1, 1)[:, 0]
+        st = self._percpu_sum("pn_stats_map", 4, 1)[:, 0]
+        live = len(self._read_flows(delete=False)[0])
+        return {
+            "default": {"packets": int(pc[0, 0]), "bytes": int(pc[0, 1])},
+            "policies": {p.name: {"packets": int(pc[i + 1, 0]), "bytes": int(pc[i + 1, 1])}
+                         for i, p in enumerate(self.table.policies)},
+            "malformed": dict(zip(abi.MALFORMED_REASONS, (int(x) for x in mal[1:]))),
+            "flows": live, "capacity": self.flow_capacity,
+            "new_flows": int(st[0]), "cache_hits": int(st[1]), "cache_misses": int(st[0] + st[2]),
+            "insert_failed": int(st[3]),
+            "evicted": max(int(st[0]) - live - self._drained, 0),
+            "generation": self._generation,
+        }
+
+    # -- low-level map helpers ------------------------------------------------
+
+    def _fd(self, name: str) -> int:
+        return self._maps[name].map_fd
+
+    def _set_value(self, name: str, key: int, value: np.ndarray) -> None:
+        m = self._maps[name]
+        raw = np.ascontiguousarray(value).tobytes()
+        if len(raw) != ctypes.sizeof(m.Leaf):
+            raise AssertionError(f"{name}: value of {len(raw)} bytes, map wants {ctypes.sizeof(m.Leaf)}")
+        m[m.Key(key)] = m.Leaf.from_buffer_copy(raw)
+
+    def _update_batch(self, name: str, keys: np.ndarray, values: np.ndarray) -> None:
+        keys = np.ascontiguousarray(keys, dtype=np.uint32)
+        values = np.ascontiguousarray(values)
+        count = ctypes.c_uint32(len(keys))
+        if not len(keys):
+            return
+        opts = _BatchOpts(sz=ctypes.sizeof(_BatchOpts))
+        rc = self._lib.bpf_map_update_batch(self._fd(name), keys.ctypes.data, values.ctypes.data,
+                                            ctypes.byref(count), ctypes.byref(opts))
+        if rc != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"updating {name}: {os.strerror(err)}")
+
+    def _read_flows(self, delete: bool) -> tuple[np.ndarray, np.ndarray]:
+        chunk = min(self.flow_capacity, 1 << 16)
+        keys = np.empty((chunk, 40), dtype=np.uint8)
+        vals = np.empty((chunk, 48), dtype=np.uint8)
+        token = ctypes.c_uint64(0)
+        first = True
+        kparts, vparts = [], []
+        fn = self._lib.bpf_map_lookup_and_delete_batch if delete else self._lib.bpf_map_lookup_batch
+        opts = _BatchOpts(sz=ctypes.sizeof(_BatchOpts))
+        while True:
+            count = ctypes.c_uint32(chunk)
+            rc = fn(self._fd("pn_flows_map"), None if first else ctypes.byref(token), ctypes.byref(token),
+                    keys.ctypes.data, vals.ctypes.data, ctypes.byref(count), ctypes.byref(opts))
+            err = ctypes.get_errno() if rc else 0
+            if count.value:
+                kparts.append(keys[: count.value].copy())
+                vparts.append(vals[: count.value].copy())
+            first = False
+            if rc == 0:
+                continue
+            if err == errno.ENOENT:
+                break
+            raise OSError(err, f"reading the flow map: {os.strerror(err)}")
+        if not kparts:
+            return np.empty((0, 40), np.uint8), np.empty((0, 48), np.uint8)
+        return np.concatenate(kparts), np.concatenate(vparts)
+
+    def _assemble(self, keys: np.ndarray, vals: np.ndarray) -> np.ndarray:
+        out = np.empty(len(keys), dtype=abi.FLOW_DTYPE)
+        raw = out.view(np.uint8).reshape(len(keys), abi.FLOW_DTYPE.itemsize)
+        raw[:, :40] = keys
+        raw[:, 40:] = vals
+        if not self._replayed:
+            # the kernel stamps CLOCK_MONOTONIC; Userspace and captures use wall time
+            out["first_ns"] += np.uint64(self._mono_to_real)
+            out["last_ns"] += np.uint64(self._mono_to_real)
+        return out
+
+    def _percpu_sum(self, name: str, n: int, words: int) -> np.ndarray:
+        keys = np.arange(n, dtype=np.uint32)
+        vals = np.zeros((n, self._ncpu, words), dtype=np.uint64)
+        token = ctypes.c_uint32(0)
+        count = ctypes.c_uint32(n)
+        opts = _BatchOpts(sz=ctypes.sizeof(_BatchOpts))
+        rc = self._lib.bpf_map_lookup_batch(self._fd(name), None, ctypes.byref(token), keys.ctypes.data,
+                                            vals.ctypes.data, ctypes.byref(count), ctypes.byref(opts))
+        if rc != 0 and ctypes.get_errno() != errno.ENOENT:
+            raise OSError(ctypes.get_errno(), f"reading {name}")
+        return vals.sum(axis=1)
+
+    def __repr__(self) -> str:
+        return (f"Xdp({self._npol - 1} policies, flows<={self.flow_capacity}, "
+                f"attached={list(self._attached)}, generation={self._generation})")
+
+
+def _possible_cpus() -> list[int]:
+    text = Path("/sys/devices/system/cpu/possible").read_text().strip()
+    cpus: list[int] = []
+    for part in text.split(","):
+        a, _, b = part.partition("-")
+        cpus.extend(range(int(a), int(b or a) + 1))
+    return cpus
+
+
+class _captured_stderr:
+    """Capture fd 2 (libbcc prints compiler and verifier logs there)."""
+
+    def __enter__(self) -> Any:
+        self._tmp = tempfile.TemporaryFile(mode="w+")
+        sys.stderr.flush()
+        self._saved = os.dup(2)
+        os.dup2(self._tmp.fileno(), 2)
+        return self
+
+    def read(self) -> str:
+        self._tmp.flush()
+        self._tmp.seek(0)
+        return self._tmp.read()
+
+    def __exit__(self, *exc: object) -> None:
+        sys.stderr.flush()
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+        self._tmp.close()
+
+
+_live: weakref.WeakSet[Xdp] = weakref.WeakSet()
+
+
+@atexit.register
+def _detach_all() -> None:
+    for x in list(_live):
+        x.close()
