@@ -37,6 +37,7 @@ __all__ = ["Xdp", "bpf_source_dir"]
 ROOT = Path(__file__).resolve().parents[2]
 XDP_FLAGS = {"native": 1 << 2, "generic": 1 << 1, "offload": 1 << 3}
 XDP_PASS, XDP_DROP = 2, 1
+CFG_META = 1  # bpf/patronus_xdp.c PN_CFG_META
 MAX_PATH_SLOTS = 256  # pn_tx_map size
 FIELDS = ("src4", "dst4", "src6", "dst6")
 
@@ -130,10 +131,12 @@ def _pow2(n: int, floor: int = 1) -> int:
 class _Capacity:
     """Compile-time sizes of one program. A table that outgrows them needs a new Xdp."""
 
-    def __init__(self, export: dict[str, Any], max_policies: int | None, headroom: float = 2.0) -> None:
-        nrules = max(export["nrules"], 1)
-        self.rules = _pow2(max(max_policies or 0, int(nrules * headroom), 64))
-        self.nwords = (self.rules + 63) // 64
+    def __init__(self, export: dict[str, Any], max_policies: int | None, headroom: float = 1.25) -> None:
+        # bitmap width follows the policy count (rows cost nrows x width); the
+        # rule -> policy array is a power of two so the program can mask indexes
+        self.max_rules = max(max_policies or 0, export["nrules"], 64)
+        self.rules = _pow2(self.max_rules)
+        self.nwords = (self.max_rules + 63) // 64
         self.nsum = (self.nwords + 63) // 64
         nrows = sum(export[f]["rows"].shape[0] for f in (*FIELDS, "sport", "dport", "proto", "dscp"))
         self.rows = max(int(nrows * headroom), 64)
@@ -142,8 +145,8 @@ class _Capacity:
     def fits(self, export: dict[str, Any]) -> str | None:
         nrows = sum(export[f]["rows"].shape[0] for f in (*FIELDS, "sport", "dport", "proto", "dscp"))
         niv = max(export[f]["row_of"].shape[0] for f in FIELDS)
-        if export["nrules"] > self.rules:
-            return f"{export['nrules']} rules > {self.rules} compiled in"
+        if export["nrules"] > self.max_rules:
+            return f"{export['nrules']} rules > {self.max_rules} compiled in"
         if nrows > self.rows:
             return f"{nrows} bitmap rows > {self.rows} compiled in"
         if niv > self.iv:
@@ -203,6 +206,7 @@ class Xdp:
         self._generation = 1
         self._clock = 0
         self._replayed = False  # flows stamped by test_run's ts_ns, not the kernel clock
+        self._meta = False  # write pn_meta (path, policy) before each frame: steering and test runs
         self._drained = 0
         self._load_table(export, 0)
         self._write_cfg()
@@ -292,14 +296,15 @@ class Xdp:
             np.array([export[f]["row_of"].shape[0] for f in FIELDS]),
         ]).astype(np.uint32)
         self._set_value("pn_lut_map", s, lut)
-        rp = np.full(cap.rules, -1, dtype=np.int32)
+        rp = np.full(cap.rules, -1, dtype=np.int32)  # power-of-two slots
         rp[: export["nrules"]] = export["rule_policy"]
         self._set_value("pn_rpol_map", s, rp)
 
     def _write_cfg(self) -> None:
-        cfg = np.zeros(2, dtype=np.uint64)
+        cfg = np.zeros(3, dtype=np.uint64)
         cfg.view(np.uint32)[:2] = (self._set, self._generation)
         cfg[1] = self._clock
+        cfg.view(np.uint32)[4] = CFG_META if self._meta else 0
         self._set_value("pn_cfg_map", 0, cfg)
 
     def _init_paths(self, table: PolicyTable) -> None:
@@ -327,6 +332,18 @@ class Xdp:
         self._update_batch("pn_action_map", np.arange(self._npol, dtype=np.uint32), np.array(actions, np.uint32))
         self.table = table
 
+    @property
+    def steering(self) -> bool:
+        """Whether the program writes (path, policy) into each frame's XDP
+        metadata for tc to turn into skb->mark. Off until a path is set or a
+        test run needs it: it costs a helper call per packet."""
+        return self._meta
+
+    @steering.setter
+    def steering(self, on: bool) -> None:
+        self._meta = bool(on)
+        self._write_cfg()
+
     def set_path(self, policy: str | int, path_id: int) -> None:
         """Point a policy (name, index or -1 for the default) at a path slot:
         one map write; flows keep their records."""
@@ -336,6 +353,8 @@ class Xdp:
         if isinstance(path_id, bool) or not isinstance(path_id, int) or not 0 <= path_id < abi.NO_PATH:
             raise ConfigError("path_id", path_id, "is not a path slot (0 .. 2**32-2)")
         self._set_value("pn_path_map", idx + 1, np.array([path_id], dtype=np.uint32))
+        if not self._meta:
+            self.steering = True
 
     def path_of(self, policy: str | int) -> int | None:
         idx = self.table.index(policy) if isinstance(policy, str) else policy
@@ -374,6 +393,8 @@ class Xdp:
             raise ConfigError("ts_ns", len(ts), f"timestamps given for {len(frames)} frames")
         out = np.empty(len(frames), dtype=np.int32)
         obuf = ctypes.create_string_buffer(65536 + 256)
+        if not self._meta:  # the policy comes back in the metadata
+            self.steering = True
         for i, f in enumerate(frames):
             if ts is not None:
                 self._clock = int(ts[i])

@@ -1,0 +1,106 @@
+"""XDP data plane with BPF_PROG_TEST_RUN, beside its floor and the Cython path.
+
+Every group holds, for one policy count: the floor (pn_floor: the same parser,
+one counter, pass), the XDP program on a flow-cache hit and on a miss (a new
+flow: classification plus LRU insert), and the Cython data plane on the same
+frames. The kernel reports ns per run; ratios to the floor of the same run are
+what to compare (absolute numbers drift on this VM).
+
+Run: .venv/bin/python -m pytest benchmarks/test_bench_xdp.py --benchmark-only -s
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+
+from patronus import DataplaneUnavailable
+from patronus.dataplane import Userspace
+
+from conftest import make_table, make_traffic
+
+COUNTS = [1, 100, 1_000, 10_000]
+RESULTS: dict[int, dict[str, float]] = {}
+
+
+@pytest.fixture(scope="module")
+def Xdp():
+    if os.geteuid() != 0:
+        pytest.skip("XDP needs root")
+    try:
+        from patronus.dataplane.xdp import Xdp
+
+        return Xdp
+    except DataplaneUnavailable as e:
+        pytest.skip(str(e))
+
+
+def _per_run(x, frames, floor=False):
+    """Mean kernel-measured ns of one run over distinct frames, each run once."""
+    return float(np.mean([x.bench(f, 1, floor=floor) for f in frames]))
+
+
+@pytest.mark.parametrize("n", COUNTS)
+def test_xdp_vs_floor_vs_cython(benchmark, Xdp, n):
+    table = make_table(max(n, 10)) if n > 1 else make_table(10)
+    if n == 1:
+        from patronus import PolicyTable
+
+        table = PolicyTable(table.policies[:1])
+    tr = make_traffic(max(n, 10), 4000, 4000)  # every frame its own flow
+    frames = tr.frames[:2000]
+    with Xdp(table, flow_capacity=1 << 16) as x:
+        x.steering = False
+        hot = frames[0]
+        x.test_run([hot])
+        x.steering = False
+        r = {
+            "floor": np.median([x.bench(hot, 20_000, floor=True) for _ in range(5)]),
+            "hit": np.median([x.bench(hot, 20_000) for _ in range(5)]),
+            "floor_1": _per_run(x, frames[:500], floor=True),
+            "miss_1": _per_run(x, frames[500:1000]),
+            "hit_1": _per_run(x, frames[500:1000]),
+        }
+        x.steering = True
+        r["hit_steering"] = np.median([x.bench(hot, 20_000) for _ in range(5)])
+    us = Userspace(table, 1 << 16)
+    buf, off = tr.buf, tr.offsets
+    t0 = time.perf_counter()
+    us.process((buf[: int(off[2000])], off[:2001]), tr.ts[:2000])
+    r["cython_miss"] = (time.perf_counter() - t0) / 2000 * 1e9
+    rep = (np.frombuffer(hot * 1, np.uint8), np.arange(0, len(hot) * 100_000 + 1, len(hot), dtype=np.int64))
+    rep = (np.frombuffer(hot * 100_000, np.uint8), rep[1])
+    ts = np.arange(100_000, dtype=np.uint64)
+    t0 = time.perf_counter()
+    us.process(rep, ts)
+    r["cython_hit"] = (time.perf_counter() - t0) / 100_000 * 1e9
+    RESULTS[n] = r
+    benchmark.extra_info.update({k: round(float(v), 1) for k, v in r.items()})
+    benchmark.extra_info["hit_over_floor"] = round(r["hit"] / r["floor"], 2)
+    benchmark.extra_info["miss_over_floor"] = round(r["miss_1"] / r["floor_1"], 2)
+    benchmark.pedantic(lambda: x_dummy(), rounds=1, iterations=1)
+    print(f"\n{n:>6} policies: floor {r['floor']:.0f} ns, hit {r['hit']:.0f} ns ({r['hit'] / r['floor']:.1f}x), "
+          f"hit+steering {r['hit_steering']:.0f} ns | one run each: floor {r['floor_1']:.0f}, "
+          f"miss {r['miss_1']:.0f} ({r['miss_1'] / r['floor_1']:.1f}x), hit {r['hit_1']:.0f} | "
+          f"cython hit {r['cython_hit']:.0f} ns, miss {r['cython_miss']:.0f} ns")
+
+
+def x_dummy():
+    return None
+
+
+def test_flow_export_rate(benchmark, Xdp):
+    """flows() of a full map into numpy, records per second."""
+    n = 1 << 18
+    table = make_table(10)
+    tr = make_traffic(10, n, n)
+    with Xdp(table, flow_capacity=n) as x:
+        x.test_run(tr.frames)
+        got = benchmark.pedantic(x.flows, rounds=3, iterations=1)
+        assert len(got) == n
+        rate = n / benchmark.stats.stats.min
+        benchmark.extra_info["records_per_s"] = round(rate)
+        print(f"\nflow export: {n} flows, {rate / 1e6:.1f} M records/s")
