@@ -9,7 +9,7 @@
  *   PN_NSUM, PN_NWORDS  summary words and bitmap words per row; a row is
  *                       PN_NSUM + PN_NWORDS u64 (PN_NWORDS * 64 >= rules)
  *   PN_ROWS             rows per table set, all fields together
- *   PN_IV, PN_IV_LOG    interval slots per prefix field (a power of two)
+ *   PN_LPM              prefix entries per LPM trie
  *   PN_RULES            rule slots (a power of two)
  *   PN_NPOL             policies + 1 (slot 0 counts the default, -1)
  *   PN_FLOWS            flow map capacity
@@ -30,14 +30,24 @@ struct pn_row {
     __u64 w[PN_STRIDE];
 };
 
-/* Interval starts of one prefix field, sorted; IPv4 uses lo only. */
-struct pn_ivs {
-    __u64 hi[PN_IV];
-    __u64 lo[PN_IV];
+/* Prefix fields are looked up in LPM tries: the rules matching an address
+ * are the wildcard rules plus those whose prefix contains it, and that set
+ * is fixed by the longest such prefix. So every distinct prefix maps to the
+ * row of "inside this prefix and no longer one" (plus a /0 entry for "inside
+ * none"). `tag` = set * 2 + (0 src, 1 dst) leads the key, so both sets and
+ * both directions share one trie per family; prefixlen counts its 8 bits. */
+struct pn_lpm4 {
+    __u32 prefixlen;
+    __u8 tag;
+    __u8 addr[4];
+    __u8 _pad[3];
 };
 
-struct pn_ivrows {
-    __u32 row[PN_IV];
+struct pn_lpm6 {
+    __u32 prefixlen;
+    __u8 tag;
+    __u8 addr[16];
+    __u8 _pad[3];
 };
 
 /* Direct lookups for the small fields, and per-set sizes. Row numbers in
@@ -48,7 +58,6 @@ struct pn_lut {
     __u32 proto[256];
     __u32 dscp[64];
     __u32 noport[2];          /* sport, dport row of packets without ports */
-    __u32 nint[4];            /* intervals of src4, dst4, src6, dst6 */
 };
 
 struct pn_rpol {
@@ -69,9 +78,9 @@ struct pn_cfg {
 
 /* key: 0. The one word userspace flips to swap tables. */
 BPF_ARRAY(pn_cfg_map, struct pn_cfg, 1);
-/* key: set * 4 + field (0 src4, 1 dst4, 2 src6, 3 dst6) */
-BPF_ARRAY(pn_ivs_map, struct pn_ivs, 8);
-BPF_ARRAY(pn_ivrows_map, struct pn_ivrows, 8);
+/* key: (tag, prefix) -> row, see struct pn_lpm4 */
+BPF_LPM_TRIE(pn_lpm4_map, struct pn_lpm4, __u32, PN_LPM);
+BPF_LPM_TRIE(pn_lpm6_map, struct pn_lpm6, __u32, PN_LPM);
 /* key: set */
 BPF_ARRAY(pn_lut_map, struct pn_lut, 2);
 BPF_ARRAY(pn_rpol_map, struct pn_rpol, 2);
@@ -101,6 +110,8 @@ struct pn_scratch {
     struct pn_parsed p;
     struct pn_flow_key key;
     struct pn_flow_rec nr;
+    struct pn_lpm4 k4;
+    struct pn_lpm6 k6;
 };
 BPF_PERCPU_ARRAY(pn_scratch_map, struct pn_scratch, 1);
 
@@ -134,33 +145,25 @@ static __always_inline __u32 pn_ctz64(__u64 x)
     return n;
 }
 
-static __always_inline __u64 pn_be64(const __u8 *b)
+/* Row of the longest prefix holding the address (tag selects set and direction). */
+static __always_inline int pn_lpm(struct pn_scratch *sc, const struct pn_parsed *p, __u32 tag, __u32 *row)
 {
-    __u64 v = 0;
-#pragma unroll
-    for (int i = 0; i < 8; i++)
-        v = (v << 8) | b[i];
-    return v;
-}
-
-/* Row of the last interval whose start <= (hi, lo); starts[0] is 0. */
-static __always_inline int pn_find(__u32 key, __u32 n, __u64 hi, __u64 lo, __u32 *row)
-{
-    struct pn_ivs *iv = pn_ivs_map.lookup(&key);
-    struct pn_ivrows *ir = pn_ivrows_map.lookup(&key);
-    if (!iv || !ir)
-        return -1;
-    __u32 base = 0;
-#pragma unroll
-    for (int k = PN_IV_LOG - 1; k >= 0; k--) {
-        __u32 i = base + (1u << k);
-        if (i < n) {
-            __u32 j = i & (PN_IV - 1);
-            if (iv->hi[j] < hi || (iv->hi[j] == hi && iv->lo[j] <= lo))
-                base = i;
-        }
+    const __u8 *a = (tag & 1) ? p->dst : p->src;
+    __u32 *r;
+    if (p->family == PN_FAMILY_V4) {
+        sc->k4.prefixlen = 8 + 32;
+        sc->k4.tag = tag;
+        __builtin_memcpy(sc->k4.addr, a, 4);
+        r = pn_lpm4_map.lookup(&sc->k4);
+    } else {
+        sc->k6.prefixlen = 8 + 128;
+        sc->k6.tag = tag;
+        __builtin_memcpy(sc->k6.addr, a, 16);
+        r = pn_lpm6_map.lookup(&sc->k6);
     }
-    *row = ir->row[base & (PN_IV - 1)];
+    if (!r)
+        return -1;
+    *row = *r;
     return 0;
 }
 
@@ -170,26 +173,14 @@ static __always_inline const struct pn_row *pn_row(__u32 set, __u32 row)
     return pn_rows_map.lookup(&key);
 }
 
-static __always_inline __s32 pn_classify_bpf(const struct pn_parsed *p, __u32 set)
+static __always_inline __s32 pn_classify_bpf(struct pn_scratch *sc, const struct pn_parsed *p, __u32 set)
 {
     struct pn_lut *lut = pn_lut_map.lookup(&set);
     struct pn_rpol *rp = pn_rpol_map.lookup(&set);
     if (!lut || !rp)
         return -1;
-    __u32 fs = p->family == PN_FAMILY_V4 ? 0 : 2;
-    __u64 shi = 0, slo, dhi = 0, dlo;
-    if (fs == 0) {
-        slo = ((__u64)p->src[0] << 24) | ((__u64)p->src[1] << 16) | ((__u64)p->src[2] << 8) | p->src[3];
-        dlo = ((__u64)p->dst[0] << 24) | ((__u64)p->dst[1] << 16) | ((__u64)p->dst[2] << 8) | p->dst[3];
-    } else {
-        shi = pn_be64(p->src);
-        slo = pn_be64(p->src + 8);
-        dhi = pn_be64(p->dst);
-        dlo = pn_be64(p->dst + 8);
-    }
     __u32 rs, rd;
-    if (pn_find(set * 4 + fs, lut->nint[fs & 3], shi, slo, &rs) ||
-        pn_find(set * 4 + fs + 1, lut->nint[(fs + 1) & 3], dhi, dlo, &rd))
+    if (pn_lpm(sc, p, set * 2, &rs) || pn_lpm(sc, p, set * 2 + 1, &rd))
         return -1;
     __u32 rsp = p->has_ports ? lut->sport[p->sport] : lut->noport[0];
     __u32 rdp = p->has_ports ? lut->dport[p->dport] : lut->noport[1];
@@ -262,7 +253,7 @@ int pn_xdp(struct xdp_md *ctx)
     struct pn_flow_rec *r = pn_flows_map.lookup(key);
     if (r) {
         if (r->generation != gen) {
-            r->policy = pn_classify_bpf(p, set);
+            r->policy = pn_classify_bpf(sc, p, set);
             r->generation = gen;
             sk = 2;
         } else {
@@ -277,7 +268,7 @@ int pn_xdp(struct xdp_md *ctx)
     } else {
         struct pn_flow_rec *nr = &sc->nr;
         __builtin_memset(nr, 0, sizeof(*nr));
-        policy = pn_classify_bpf(p, set);
+        policy = pn_classify_bpf(sc, p, set);
         nr->packets = 1;
         nr->bytes = l3_len;
         nr->first_ns = now;

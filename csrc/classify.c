@@ -126,11 +126,10 @@ static int build_field(pn_classifier *c, pn_field *f, const iv_t *ivs, pn_u128 m
         int64_t row = rowstore_add(&rs, cur);
         if (row < 0)
             goto out;
-        /* merge neighbours that ended up with the same bitmap */
-        if (ni == 0 || rowid[ni - 1] != (uint32_t)row) {
-            starts[ni] = pos;
-            rowid[ni++] = (uint32_t)row;
-        }
+        /* one interval per boundary, even where neighbours share a row: the
+         * XDP loader maps each interval back to the longest prefix holding it */
+        starts[ni] = pos;
+        rowid[ni++] = (uint32_t)row;
         if (k == nev)
             break;
         pos = ev[k].pos;

@@ -280,7 +280,8 @@ def test_live_veth_counts_real_traffic():
             assert out.stdout.strip() == str(tcp_bytes)  # the TCP data arrived intact, through XDP
             time.sleep(0.3)
             dump_proc.terminate()
-            dump_proc.wait(timeout=10)
+            tail = dump_proc.communicate(timeout=10)[1]
+            dropped = int(next((ln.split()[0] for ln in tail.splitlines() if "dropped by kernel" in ln), "0"))
             dump = _ask(agent, "dump")
             flows = {(f["proto"], f["sport"], f["dport"]): f for f in dump["flows"]
                      if f["src"] == net["addr_a"] and f["dst"] == net["addr_b"]}
@@ -296,7 +297,11 @@ def test_live_veth_counts_real_traffic():
             assert us.last_capture["packets"] > 0, (cap.stat().st_size, us.last_capture)
             want = {(int(r["proto"]), int(r["sport"]), int(r["dport"])): (int(r["packets"]), int(r["bytes"]))
                     for r in us.flows() if bytes(r["src"])[:4] == socket.inet_aton(net["addr_a"])}
-            assert {k: (f["packets"], f["bytes"]) for k, f in flows.items()} == want
+            got = {k: (f["packets"], f["bytes"]) for k, f in flows.items()}
+            if dropped == 0:
+                assert got == want
+            else:  # the capture lost packets under load; the program may not have
+                assert got.keys() == want.keys() and all(got[k] >= want[k] for k in got)
             closed = _ask(agent, "close")
             assert "xdp" not in closed["link"]  # detaching leaves the interface clean
         finally:

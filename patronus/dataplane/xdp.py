@@ -140,24 +140,47 @@ class _Capacity:
         self.nsum = (self.nwords + 63) // 64
         nrows = sum(export[f]["rows"].shape[0] for f in (*FIELDS, "sport", "dport", "proto", "dscp"))
         self.rows = max(int(nrows * headroom), 64)
-        self.iv = _pow2(max(int(max(export[f]["row_of"].shape[0] for f in FIELDS) * headroom), 2), 16)
+        # LPM entries per trie: both sets, both directions, one per prefix + /0
+        self.lpm = max(4 * (self.max_rules + 1), 256)
 
     def fits(self, export: dict[str, Any]) -> str | None:
         nrows = sum(export[f]["rows"].shape[0] for f in (*FIELDS, "sport", "dport", "proto", "dscp"))
-        niv = max(export[f]["row_of"].shape[0] for f in FIELDS)
         if export["nrules"] > self.max_rules:
             return f"{export['nrules']} rules > {self.max_rules} compiled in"
         if nrows > self.rows:
             return f"{nrows} bitmap rows > {self.rows} compiled in"
-        if niv > self.iv:
-            return f"{niv} prefix intervals > {self.iv} compiled in"
         return None
 
     def cflags(self, npol: int, flows: int) -> list[str]:
-        log = self.iv.bit_length() - 1
         return [f"-DPN_NSUM={self.nsum}", f"-DPN_NWORDS={self.nwords}", f"-DPN_ROWS={self.rows}",
-                f"-DPN_IV={self.iv}", f"-DPN_IV_LOG={log}", f"-DPN_RULES={self.rules}",
-                f"-DPN_NPOL={npol}", f"-DPN_FLOWS={flows}"]
+                f"-DPN_LPM={self.lpm}", f"-DPN_RULES={self.rules}", f"-DPN_NPOL={npol}", f"-DPN_FLOWS={flows}"]
+
+
+def lpm_entries(rules: np.ndarray, export: dict[str, Any], k: int) -> dict[tuple[int, int], int]:
+    """(prefix length, prefix value) -> row for prefix field k (src4, dst4,
+    src6, dst6): each interval's row belongs to the longest rule prefix that
+    holds it; (0, 0) stands for "no rule prefix holds it" unless a /0 exists."""
+    fam, bits = (4, 32) if k < 2 else (6, 128)
+    side, flag = ("src", 0x01) if k % 2 == 0 else ("dst", 0x02)
+    by_len: dict[int, set[int]] = {}
+    for r in rules:
+        if r["flags"] & flag and r["family"] == fam:
+            plen = int(r[f"{side}_plen"])
+            value = int.from_bytes(bytes(r[side])[: bits // 8], "big")
+            by_len.setdefault(plen, set()).add(value >> (bits - plen))
+    lens = sorted(by_len, reverse=True)
+    f = export[FIELDS[k]]
+    starts = [(int(h) << 64) | int(lo) for h, lo in zip(f["start_hi"], f["start_lo"])]
+    out: dict[tuple[int, int], int] = {}
+    for start, row in zip(starts, f["row_of"].tolist()):
+        key = (0, 0)
+        for plen in lens:
+            if (start >> (bits - plen)) in by_len[plen]:
+                key = (plen, start >> (bits - plen))
+                break
+        if out.setdefault(key, row) != row:
+            raise AssertionError(f"{FIELDS[k]}: prefix {key} maps to two rows")
+    return out
 
 
 class Xdp:
@@ -198,7 +221,7 @@ class Xdp:
                 raise DataplaneUnavailable(f"the XDP program did not load: {e}\n{tail}",
                                            "see the verifier log above; smaller max_policies may help") from None
         self._maps = {name: self._bpf[name.encode()] for name in (
-            "pn_cfg_map", "pn_ivs_map", "pn_ivrows_map", "pn_lut_map", "pn_rpol_map", "pn_rows_map",
+            "pn_cfg_map", "pn_lpm4_map", "pn_lpm6_map", "pn_lut_map", "pn_rpol_map", "pn_rows_map",
             "pn_path_map", "pn_action_map", "pn_pcount_map", "pn_malformed_map", "pn_stats_map", "pn_flows_map",
             "pn_tx_map")}
         self._ncpu = len(_possible_cpus())
@@ -208,7 +231,10 @@ class Xdp:
         self._replayed = False  # flows stamped by test_run's ts_ns, not the kernel clock
         self._meta = False  # write pn_meta (path, policy) before each frame: steering and test runs
         self._drained = 0
-        self._load_table(export, 0)
+        self._lpm_keys: list[list[tuple[str, bytes]]] = [[], []]
+        self._kbuf: np.ndarray | None = None  # flow read buffers, allocated on first read
+        self._vbuf: np.ndarray | None = None
+        self._load_table(export, 0, table.rules)
         self._write_cfg()
         self._init_paths(table)
         self._mono_to_real = time.time_ns() - time.monotonic_ns()
@@ -264,7 +290,7 @@ class Xdp:
 
     # -- tables and paths ----------------------------------------------------
 
-    def _load_table(self, export: dict[str, Any], s: int) -> None:
+    def _load_table(self, export: dict[str, Any], s: int, rules: np.ndarray) -> None:
         cap = self._cap
         why = cap.fits(export)
         if why:
@@ -280,20 +306,29 @@ class Xdp:
             base += r.shape[0]
         keys = np.arange(s * cap.rows, s * cap.rows + base, dtype=np.uint32)
         self._update_batch("pn_rows_map", keys, rows[:base])
-        for k, f in enumerate(FIELDS):
-            ivs = np.zeros(2 * cap.iv, dtype=np.uint64)
-            n = export[f]["row_of"].shape[0]
-            ivs[:n] = export[f]["start_hi"]
-            ivs[cap.iv : cap.iv + n] = export[f]["start_lo"]
-            ivr = np.zeros(cap.iv, dtype=np.uint32)
-            ivr[:n] = export[f]["row_of"] + row_base[f]
-            self._set_value("pn_ivs_map", s * 4 + k, ivs)
-            self._set_value("pn_ivrows_map", s * 4 + k, ivr)
+        for name in ("pn_lpm4_map", "pn_lpm6_map"):
+            for key in self._lpm_keys[s]:
+                if key[0] == name:
+                    m = self._maps[name]
+                    try:
+                        del m[m.Key.from_buffer_copy(key[1])]
+                    except KeyError:
+                        pass
+        self._lpm_keys[s] = []
+        for k in range(4):
+            name = "pn_lpm4_map" if k < 2 else "pn_lpm6_map"
+            m = self._maps[name]
+            nbytes = 4 if k < 2 else 16
+            tag = s * 2 + (k % 2)
+            for (plen, value), row in lpm_entries(rules, export, k).items():
+                addr = (value << (nbytes * 8 - plen)).to_bytes(nbytes, "big") if plen else bytes(nbytes)
+                raw = (8 + plen).to_bytes(4, sys.byteorder) + bytes([tag]) + addr + bytes(3)
+                m[m.Key.from_buffer_copy(raw)] = m.Leaf(int(row) + row_base[FIELDS[k]])
+                self._lpm_keys[s].append((name, raw))
         lut = np.concatenate([
             export["sport"]["row_of"] + row_base["sport"], export["dport"]["row_of"] + row_base["dport"],
             export["proto"]["row_of"] + row_base["proto"], export["dscp"]["row_of"] + row_base["dscp"],
             np.array([export["noport_row"][0] + row_base["sport"], export["noport_row"][1] + row_base["dport"]]),
-            np.array([export[f]["row_of"].shape[0] for f in FIELDS]),
         ]).astype(np.uint32)
         self._set_value("pn_lut_map", s, lut)
         rp = np.full(cap.rules, -1, dtype=np.int32)  # power-of-two slots
@@ -324,7 +359,7 @@ class Xdp:
             raise ConfigError("set_table", len(table.policies),
                               f"policies given; this program counts {self._npol - 1}")
         idle = 1 - self._set
-        self._load_table(table._cls.export(), idle)
+        self._load_table(table._cls.export(), idle, table.rules)
         self._set = idle
         self._generation += 1
         self._write_cfg()
@@ -502,31 +537,32 @@ class Xdp:
             raise OSError(err, f"updating {name}: {os.strerror(err)}")
 
     def _read_flows(self, delete: bool) -> tuple[np.ndarray, np.ndarray]:
-        chunk = min(self.flow_capacity, 1 << 16)
-        keys = np.empty((chunk, 40), dtype=np.uint8)
-        vals = np.empty((chunk, 48), dtype=np.uint8)
+        """Every flow's key and record, read in batches straight into the
+        preallocated buffers (no Python object per flow, one copy out)."""
+        cap = self.flow_capacity
+        if self._kbuf is None:
+            self._kbuf = np.empty((cap, 40), dtype=np.uint8)
+            self._vbuf = np.empty((cap, 48), dtype=np.uint8)
+        keys, vals = self._kbuf, self._vbuf
+        chunk = min(cap, 1 << 16)
         token = ctypes.c_uint64(0)
-        first = True
-        kparts, vparts = [], []
+        n = 0
         fn = self._lib.bpf_map_lookup_and_delete_batch if delete else self._lib.bpf_map_lookup_batch
         opts = _BatchOpts(sz=ctypes.sizeof(_BatchOpts))
-        while True:
-            count = ctypes.c_uint32(chunk)
+        first = True
+        while n < cap:
+            count = ctypes.c_uint32(min(chunk, cap - n))
             rc = fn(self._fd("pn_flows_map"), None if first else ctypes.byref(token), ctypes.byref(token),
-                    keys.ctypes.data, vals.ctypes.data, ctypes.byref(count), ctypes.byref(opts))
+                    keys.ctypes.data + n * 40, vals.ctypes.data + n * 48, ctypes.byref(count), ctypes.byref(opts))
             err = ctypes.get_errno() if rc else 0
-            if count.value:
-                kparts.append(keys[: count.value].copy())
-                vparts.append(vals[: count.value].copy())
+            n += count.value
             first = False
             if rc == 0:
                 continue
             if err == errno.ENOENT:
                 break
             raise OSError(err, f"reading the flow map: {os.strerror(err)}")
-        if not kparts:
-            return np.empty((0, 40), np.uint8), np.empty((0, 48), np.uint8)
-        return np.concatenate(kparts), np.concatenate(vparts)
+        return keys[:n], vals[:n]
 
     def _assemble(self, keys: np.ndarray, vals: np.ndarray) -> np.ndarray:
         out = np.empty(len(keys), dtype=abi.FLOW_DTYPE)
