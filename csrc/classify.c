@@ -51,6 +51,16 @@ static uint64_t hash_words(const uint64_t *w, uint32_t n)
     return h;
 }
 
+/* A row is the summary (bit w set iff word w is non-zero), then the bitmap. */
+static void write_row(const pn_classifier *c, uint64_t *row, const uint64_t *bits)
+{
+    memset(row, 0, (size_t)c->nsum * 8);
+    memcpy(row + c->nsum, bits, (size_t)c->nwords * 8);
+    for (uint32_t w = 0; w < c->nwords; w++)
+        if (bits[w])
+            row[w / 64] |= 1ull << (w % 64);
+}
+
 static int64_t rowstore_add(rowstore_t *rs, const uint64_t *bits)
 {
     pn_classifier *c = rs->c;
@@ -72,12 +82,7 @@ static int64_t rowstore_add(rowstore_t *rs, const uint64_t *bits)
         f->rows = nr;
         rs->cap = ncap;
     }
-    uint64_t *row = f->rows + (size_t)f->nrows * c->stride;
-    memset(row, 0, (size_t)c->nsum * 8);
-    memcpy(row + c->nsum, bits, (size_t)c->nwords * 8);
-    for (uint32_t w = 0; w < c->nwords; w++)
-        if (bits[w])
-            row[w / 64] |= 1ull << (w % 64);
+    write_row(c, f->rows + (size_t)f->nrows * c->stride, bits);
     rs->slots[s] = ++f->nrows;
     return f->nrows - 1;
 }
@@ -181,12 +186,7 @@ static int64_t wildcard_row(pn_classifier *c, pn_field *f, const iv_t *ivs)
         return -1;
     }
     f->rows = nr;
-    uint64_t *row = f->rows + (size_t)f->nrows * c->stride;
-    memset(row, 0, (size_t)c->nsum * 8);
-    memcpy(row + c->nsum, bits, (size_t)c->nwords * 8);
-    for (uint32_t w = 0; w < c->nwords; w++)
-        if (bits[w])
-            row[w / 64] |= 1ull << (w % 64);
+    write_row(c, f->rows + (size_t)f->nrows * c->stride, bits);
     free(bits);
     c->memory += (size_t)c->stride * 8;
     return f->nrows++;

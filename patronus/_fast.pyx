@@ -166,6 +166,17 @@ cdef inline int frame_ptr(object f, const uint8_t **p, Py_ssize_t *n) except -1:
     return 0
 
 
+cdef const uint8_t *frames_base(const uint8_t[::1] buf, const int64_t[::1] offsets) except NULL:
+    """Check that frames buf[offsets[i]:offsets[i+1]] lie in buf; return buf's start."""
+    cdef Py_ssize_t i, n = offsets.shape[0] - 1
+    if n > 0 and (offsets[0] < 0 or offsets[n] > buf.shape[0]):
+        raise ValueError("offsets outside the buffer")
+    for i in range(n):
+        if offsets[i + 1] < offsets[i]:
+            raise ValueError("offsets must not decrease")
+    return &buf[0] if buf.shape[0] else <const uint8_t *>""
+
+
 cdef class Classifier:
     """Compiled rule table (bit vectors) plus a direct-mapped classification cache."""
     cdef pn_classifier c
@@ -262,12 +273,7 @@ cdef class Classifier:
         cdef const uint8_t *base
         if n < 0 or out.shape[0] < n:
             raise ValueError("need len(offsets) - 1 <= len(out)")
-        if n > 0 and (offsets[0] < 0 or offsets[n] > buf.shape[0]):
-            raise ValueError("offsets outside the buffer")
-        for i in range(n):
-            if offsets[i + 1] < offsets[i]:
-                raise ValueError("offsets must not decrease")
-        base = &buf[0] if buf.shape[0] else <const uint8_t *>""
+        base = frames_base(buf, offsets)
         with nogil:
             for i in range(0, n, CHUNK):
                 m = min(<Py_ssize_t>CHUNK, n - i)
@@ -370,12 +376,7 @@ cdef class Dataplane:
         cdef const uint8_t *base
         if n < 0 or ts.shape[0] < n or out.shape[0] < n:
             raise ValueError("ts and out need len(offsets) - 1 entries")
-        if n > 0 and (offsets[0] < 0 or offsets[n] > buf.shape[0]):
-            raise ValueError("offsets outside the buffer")
-        for i in range(n):
-            if offsets[i + 1] < offsets[i]:
-                raise ValueError("offsets must not decrease")
-        base = &buf[0] if buf.shape[0] else <const uint8_t *>""
+        base = frames_base(buf, offsets)
         with nogil:
             for i in range(0, n, CHUNK):
                 m = min(<Py_ssize_t>CHUNK, n - i)

@@ -4,8 +4,10 @@ Import this module only through ``patronus.dataplane.Xdp`` or
 ``patronus.dataplane.open``: it needs root, Debian's BCC binding and kernel
 headers, and says which one is missing (``DataplaneUnavailable``).
 
+Example (needs root, BCC and kernel headers; tests/test_xdp.py runs the same):
+
 >>> from patronus import Policy, Match, PolicyTable, packets   # doctest: +SKIP
->>> with Xdp(PolicyTable([Policy("dns", Match(dst_ports=53), priority=1)])) as xdp:
+>>> with Xdp(PolicyTable([Policy("dns", Match(dst_ports=53), priority=1)])) as xdp:  # doctest: +SKIP
 ...     xdp.test_run([packets.udp("10.0.0.1", "10.0.0.2", 1, 53)]).tolist()
 [0]
 """
