@@ -53,8 +53,6 @@ struct pn_lpm6 {
 /* Direct lookups for the small fields, and per-set sizes. Row numbers in
  * here already include each field's base in the set's row map. */
 struct pn_lut {
-    __u32 sport[65536];
-    __u32 dport[65536];
     __u32 proto[256];
     __u32 dscp[64];
     __u32 noport[2];          /* sport, dport row of packets without ports */
@@ -83,6 +81,9 @@ BPF_LPM_TRIE(pn_lpm4_map, struct pn_lpm4, __u32, PN_LPM);
 BPF_LPM_TRIE(pn_lpm6_map, struct pn_lpm6, __u32, PN_LPM);
 /* key: set */
 BPF_ARRAY(pn_lut_map, struct pn_lut, 2);
+/* key: (set * 2 + (0 sport, 1 dport)) * 65536 + port -> row. Separate from
+ * pn_lut: BCC takes seconds to describe a struct holding 64k-element arrays. */
+BPF_ARRAY(pn_port_map, __u32, 4 * 65536);
 BPF_ARRAY(pn_rpol_map, struct pn_rpol, 2);
 /* key: set * PN_ROWS + row */
 BPF_ARRAY(pn_rows_map, struct pn_row, 2 * PN_ROWS);
@@ -182,8 +183,15 @@ static __always_inline __s32 pn_classify_bpf(struct pn_scratch *sc, const struct
     __u32 rs, rd;
     if (pn_lpm(sc, p, set * 2, &rs) || pn_lpm(sc, p, set * 2 + 1, &rd))
         return -1;
-    __u32 rsp = p->has_ports ? lut->sport[p->sport] : lut->noport[0];
-    __u32 rdp = p->has_ports ? lut->dport[p->dport] : lut->noport[1];
+    __u32 rsp = lut->noport[0], rdp = lut->noport[1];
+    if (p->has_ports) {
+        __u32 ks = set * 2 * 65536 + p->sport, kd = (set * 2 + 1) * 65536 + p->dport;
+        __u32 *ps = pn_port_map.lookup(&ks), *pd = pn_port_map.lookup(&kd);
+        if (!ps || !pd)
+            return -1;
+        rsp = *ps;
+        rdp = *pd;
+    }
     const struct pn_row *r0 = pn_row(set, rs), *r1 = pn_row(set, rd), *r2 = pn_row(set, rsp),
                         *r3 = pn_row(set, rdp), *r4 = pn_row(set, lut->proto[p->proto]),
                         *r5 = pn_row(set, lut->dscp[p->dscp & 63]);

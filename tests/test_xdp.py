@@ -99,7 +99,7 @@ def traffic(draw):
     return seq, np.arange(1, len(seq) + 1, dtype=np.uint64) * 1000
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                    HealthCheck.function_scoped_fixture])
 @given(policies=policy_lists(max_size=10), tr=traffic())
 def test_xdp_equals_userspace(xdp_pool, policies, tr):

@@ -223,7 +223,7 @@ class Xdp:
                 raise DataplaneUnavailable(f"the XDP program did not load: {e}\n{tail}",
                                            "see the verifier log above; smaller max_policies may help") from None
         self._maps = {name: self._bpf[name.encode()] for name in (
-            "pn_cfg_map", "pn_lpm4_map", "pn_lpm6_map", "pn_lut_map", "pn_rpol_map", "pn_rows_map",
+            "pn_cfg_map", "pn_lpm4_map", "pn_lpm6_map", "pn_lut_map", "pn_port_map", "pn_rpol_map", "pn_rows_map",
             "pn_path_map", "pn_action_map", "pn_pcount_map", "pn_malformed_map", "pn_stats_map", "pn_flows_map",
             "pn_tx_map")}
         self._ncpu = len(_possible_cpus())
@@ -327,8 +327,10 @@ class Xdp:
                 raw = (8 + plen).to_bytes(4, sys.byteorder) + bytes([tag]) + addr + bytes(3)
                 m[m.Key.from_buffer_copy(raw)] = m.Leaf(int(row) + row_base[FIELDS[k]])
                 self._lpm_keys[s].append((name, raw))
+        ports = np.concatenate([export["sport"]["row_of"] + row_base["sport"],
+                                export["dport"]["row_of"] + row_base["dport"]]).astype(np.uint32)
+        self._update_batch("pn_port_map", np.arange(s * 2 * 65536, (s + 1) * 2 * 65536, dtype=np.uint32), ports)
         lut = np.concatenate([
-            export["sport"]["row_of"] + row_base["sport"], export["dport"]["row_of"] + row_base["dport"],
             export["proto"]["row_of"] + row_base["proto"], export["dscp"]["row_of"] + row_base["dscp"],
             np.array([export["noport_row"][0] + row_base["sport"], export["noport_row"][1] + row_base["dport"]]),
         ]).astype(np.uint32)
