@@ -76,10 +76,13 @@ def run(out: TextIO, state: str | None = None) -> int:
         target = table.policies[i].name if i >= 0 else "(default: no policy matched)"
         say(f"   {label:<30} -> {target}")
     say()
-    say("5. Accounting flows in the userspace data plane (VoIP pinned to path #0, then moved to #2):")
-    from .dataplane import Userspace
+    from . import dataplane
 
-    dp = Userspace(table, flow_capacity=1024)
+    dp = dataplane.open(table, backend="auto", flow_capacity=1024)
+    kind = ("the XDP data plane (the kernel program, run with BPF_PROG_TEST_RUN)" if type(dp).__name__ == "Xdp"
+            else "the userspace data plane (Cython; XDP needs root and BCC)")
+    say(f"5. Accounting flows in {kind}.")
+    say("   VoIP is pinned to path #0, then moved to #2 with one write:")
     dp.set_path("voip", 0)
     frames = [f for _, f in SAMPLE_TRAFFIC]
     dp.process(frames * 3, ts_ns=[i * 20_000_000 for i in range(len(frames) * 3)])
@@ -91,6 +94,7 @@ def run(out: TextIO, state: str | None = None) -> int:
         path = "-" if r["path"] == 0xFFFFFFFF else f"#{int(r['path'])}"
         say(f"   {_flow_text(r):<44} {pol:<10} path {path:<3} {int(r['packets'])} pkts {int(r['bytes'])} B")
     c = dp.counters()
+    dp.close()
     bad = {k: v for k, v in c["malformed"].items() if v}
     say(f"   malformed frames counted (not accounted): {bad}")
     say("   (both RTP samples share one 5-tuple: a flow keeps the policy of its first packet)")

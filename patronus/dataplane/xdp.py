@@ -449,6 +449,11 @@ class Xdp:
             self._write_cfg()
         return out
 
+    def process(self, frames: Sequence[bytes] | tuple[Any, np.ndarray], ts_ns: Any = None) -> np.ndarray:
+        """Same as ``Userspace.process``: run frames given by Python through the
+        program (with BPF_PROG_TEST_RUN), so both backends take offline input."""
+        return self.test_run(frames, ts_ns=ts_ns)
+
     def _run_one(self, fd: int, frame: bytes, repeat: int, obuf: Any) -> tuple[int, bytes, int]:
         frame_in = frame
         inbuf = ctypes.create_string_buffer(frame_in, len(frame_in))
