@@ -217,17 +217,22 @@ static __always_inline __s32 pn_classify_bpf(struct pn_scratch *sc, const struct
     return -1;
 }
 
-int pn_xdp(struct xdp_md *ctx)
+static __always_inline int pn_parse_frame(struct xdp_md *ctx, struct pn_parsed *p)
 {
     const __u8 *data = (const __u8 *)(long)ctx->data;
     const __u8 *end = (const __u8 *)(long)ctx->data_end;
+    __builtin_memset(p, 0, sizeof(*p));
+    return pn_parse(data, end, p);
+}
+
+int pn_xdp(struct xdp_md *ctx)
+{
     __u32 zero = 0;
     struct pn_scratch *sc = pn_scratch_map.lookup(&zero);
     if (!sc)
         return XDP_PASS;
     struct pn_parsed *p = &sc->p;
-    __builtin_memset(p, 0, sizeof(*p));
-    int rc = pn_parse(data, end, p);
+    int rc = pn_parse_frame(ctx, p);
     if (rc != PN_OK) {
         __u32 k = rc;
         __u64 *m = pn_malformed_map.lookup(&k);
@@ -247,13 +252,7 @@ int pn_xdp(struct xdp_md *ctx)
     __u64 now = cfg->clock_ns ? cfg->clock_ns : bpf_ktime_get_coarse_ns();
 
     struct pn_flow_key *key = &sc->key;
-    __builtin_memcpy(key->src, p->src, 16);
-    __builtin_memcpy(key->dst, p->dst, 16);
-    key->sport = p->sport;
-    key->dport = p->dport;
-    key->proto = p->proto;
-    key->family = p->family;
-    key->_pad = 0;
+    pn_key_of(p, key);
 
     __s32 policy;
     __u32 sk;
@@ -322,14 +321,11 @@ int pn_xdp(struct xdp_md *ctx)
  * counter, pass. What any XDP program that looks at headers pays. */
 int pn_floor(struct xdp_md *ctx)
 {
-    const __u8 *data = (const __u8 *)(long)ctx->data;
-    const __u8 *end = (const __u8 *)(long)ctx->data_end;
     __u32 zero = 0;
     struct pn_scratch *sc = pn_scratch_map.lookup(&zero);
     if (!sc)
         return XDP_PASS;
-    __builtin_memset(&sc->p, 0, sizeof(sc->p));
-    __u32 k = pn_parse(data, end, &sc->p) == PN_OK ? 0 : 1;
+    __u32 k = pn_parse_frame(ctx, &sc->p) == PN_OK ? 0 : 1;
     __u64 *c = pn_floor_map.lookup(&k);
     if (c)
         *c += 1;

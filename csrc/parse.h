@@ -137,4 +137,16 @@ PN_INLINE int pn_parse(const __u8 *data, const __u8 *end, struct pn_parsed *o)
     return PN_ERR_NOT_IP;
 }
 
+/* The flow key of a parsed packet (ports 0 when it has none). */
+PN_INLINE void pn_key_of(const struct pn_parsed *p, struct pn_flow_key *k)
+{
+    __builtin_memcpy(k->src, p->src, 16);
+    __builtin_memcpy(k->dst, p->dst, 16);
+    k->sport = p->sport;
+    k->dport = p->dport;
+    k->proto = p->proto;
+    k->family = p->family;
+    k->_pad = 0;
+}
+
 #endif /* PATRONUS_PARSE_H */

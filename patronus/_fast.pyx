@@ -177,6 +177,24 @@ cdef const uint8_t *frames_base(const uint8_t[::1] buf, const int64_t[::1] offse
     return &buf[0] if buf.shape[0] else <const uint8_t *>""
 
 
+cdef inline void slice_frames(const uint8_t *base, const int64_t *offsets, Py_ssize_t m,
+                              const uint8_t **ptrs, size_t *lens) noexcept nogil:
+    """Pointers and lengths of frames base[offsets[j]:offsets[j+1]], j < m."""
+    cdef Py_ssize_t j
+    for j in range(m):
+        ptrs[j] = base + offsets[j]
+        lens[j] = offsets[j + 1] - offsets[j]
+
+
+cdef int list_frames(list frames, Py_ssize_t start, Py_ssize_t m, const uint8_t **ptrs, size_t *lens) except -1:
+    """Pointers and lengths of frames[start:start + m]."""
+    cdef Py_ssize_t j, ln
+    for j in range(m):
+        frame_ptr(frames[start + j], &ptrs[j], &ln)
+        lens[j] = ln
+    return 0
+
+
 cdef class Classifier:
     """Compiled rule table (bit vectors) plus a direct-mapped classification cache."""
     cdef pn_classifier c
@@ -259,9 +277,7 @@ cdef class Classifier:
             raise ValueError("out too short")
         for i in range(0, n, CHUNK):
             m = min(CHUNK, n - i)
-            for j in range(m):
-                frame_ptr(frames[i + j], &ptrs[j], &ln)
-                lens[j] = ln
+            list_frames(frames, i, m, ptrs, lens)
             self._run(ptrs, lens, &out[i], m, mode)
 
     def classify_buffer(self, const uint8_t[::1] buf not None, const int64_t[::1] offsets not None,
@@ -277,9 +293,7 @@ cdef class Classifier:
         with nogil:
             for i in range(0, n, CHUNK):
                 m = min(<Py_ssize_t>CHUNK, n - i)
-                for j in range(m):
-                    ptrs[j] = base + offsets[i + j]
-                    lens[j] = offsets[i + j + 1] - offsets[i + j]
+                slice_frames(base, &offsets[i], m, ptrs, lens)
                 self._run(ptrs, lens, &out[i], m, mode)
 
     cdef void _run(self, const uint8_t **ptrs, size_t *lens, int32_t *out, Py_ssize_t m, int mode) noexcept nogil:
@@ -363,9 +377,7 @@ cdef class Dataplane:
             raise ValueError("ts and out need one entry per frame")
         for i in range(0, n, CHUNK):
             m = min(CHUNK, n - i)
-            for j in range(m):
-                frame_ptr(frames[i + j], &ptrs[j], &ln)
-                lens[j] = ln
+            list_frames(frames, i, m, ptrs, lens)
             pn_dp_run(&self.dp, ptrs, lens, &ts[i], &out[i], m)
 
     def process_buffer(self, const uint8_t[::1] buf not None, const int64_t[::1] offsets not None,
@@ -380,9 +392,7 @@ cdef class Dataplane:
         with nogil:
             for i in range(0, n, CHUNK):
                 m = min(<Py_ssize_t>CHUNK, n - i)
-                for j in range(m):
-                    ptrs[j] = base + offsets[i + j]
-                    lens[j] = offsets[i + j + 1] - offsets[i + j]
+                slice_frames(base, &offsets[i], m, ptrs, lens)
                 pn_dp_run(&self.dp, ptrs, lens, &ts[i], &out[i], m)
 
     def flows(self):

@@ -63,6 +63,11 @@ def compile_rules(policies: Sequence[Policy]) -> np.ndarray:
     return rules
 
 
+def is_buffer(frames: Any) -> bool:
+    """True for the ``(buffer, offsets)`` form of a batch of frames."""
+    return isinstance(frames, tuple) and len(frames) == 2 and isinstance(frames[1], np.ndarray)
+
+
 def frames_to_buffer(frames: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
     """Pack frames into one contiguous buffer and an int64 offsets array (len + 1)."""
     offsets = np.zeros(len(frames) + 1, dtype=np.int64)
@@ -75,11 +80,7 @@ class PolicyTable:
 
     ``policies`` keeps the order the list was given in; classification returns
     indexes into it (-1: no policy matched, or the frame did not parse).
-    ``generation`` grows with every table a process builds, so data planes can
-    tell tables apart.
     """
-
-    _generations = 0
 
     def __init__(self, policies: Iterable[Policy], *, cache_size: int = 1 << 17) -> None:
         pols = list(policies)
@@ -103,8 +104,6 @@ class PolicyTable:
         from . import _fast
 
         self._cls = _fast.Classifier(self.rules, cache_size)
-        PolicyTable._generations += 1
-        self.generation = PolicyTable._generations
 
     @property
     def by_priority(self) -> list[Policy]:
@@ -138,7 +137,7 @@ class PolicyTable:
         return self._run(frames, 2)
 
     def _run(self, frames: Any, mode: int) -> np.ndarray:
-        if isinstance(frames, tuple) and len(frames) == 2 and isinstance(frames[1], np.ndarray):
+        if is_buffer(frames):
             buf, offsets = frames
             out = np.empty(max(len(offsets) - 1, 0), dtype=np.int32)
             self._cls.classify_buffer(np.frombuffer(buf, np.uint8), np.ascontiguousarray(offsets, np.int64), out, mode)

@@ -13,7 +13,7 @@ import numpy as np
 
 from .. import _fast, abi
 from ..errors import ConfigError
-from ..policy import PolicyTable
+from ..policy import PolicyTable, is_buffer
 
 __all__ = ["Userspace"]
 
@@ -67,7 +67,7 @@ class Userspace:
         A flow's policy is decided by its first packet and kept (flows are
         pinned; see docs/ARCHITECTURE.md).
         """
-        if isinstance(frames, tuple) and len(frames) == 2 and isinstance(frames[1], np.ndarray):
+        if is_buffer(frames):
             buf, offsets = frames
             offsets = np.ascontiguousarray(offsets, np.int64)
             n = max(len(offsets) - 1, 0)

@@ -32,7 +32,7 @@ import numpy as np
 
 from .. import abi
 from ..errors import ConfigError, DataplaneUnavailable
-from ..policy import PolicyTable, frames_to_buffer
+from ..policy import PolicyTable, is_buffer
 
 __all__ = ["Xdp", "bpf_source_dir"]
 
@@ -130,6 +130,13 @@ def _pow2(n: int, floor: int = 1) -> int:
     return p
 
 
+ALL_FIELDS = (*FIELDS, "sport", "dport", "proto", "dscp")
+
+
+def _nrows(export: dict[str, Any]) -> int:
+    return sum(export[f]["rows"].shape[0] for f in ALL_FIELDS)
+
+
 class _Capacity:
     """Compile-time sizes of one program. A table that outgrows them needs a new Xdp."""
 
@@ -140,13 +147,12 @@ class _Capacity:
         self.rules = _pow2(self.max_rules)
         self.nwords = (self.max_rules + 63) // 64
         self.nsum = (self.nwords + 63) // 64
-        nrows = sum(export[f]["rows"].shape[0] for f in (*FIELDS, "sport", "dport", "proto", "dscp"))
-        self.rows = max(int(nrows * headroom), 64)
+        self.rows = max(int(_nrows(export) * headroom), 64)
         # LPM entries per trie: both sets, both directions, one per prefix + /0
         self.lpm = max(4 * (self.max_rules + 1), 256)
 
     def fits(self, export: dict[str, Any]) -> str | None:
-        nrows = sum(export[f]["rows"].shape[0] for f in (*FIELDS, "sport", "dport", "proto", "dscp"))
+        nrows = _nrows(export)
         if export["nrules"] > self.max_rules:
             return f"{export['nrules']} rules > {self.max_rules} compiled in"
         if nrows > self.rows:
@@ -300,7 +306,7 @@ class Xdp:
         base, row_base = 0, {}
         rows = np.zeros((cap.rows, cap.nsum + cap.nwords), dtype=np.uint64)
         nsum, nwords = export["nsum"], export["nwords"]
-        for f in (*FIELDS, "sport", "dport", "proto", "dscp"):
+        for f in ALL_FIELDS:
             r = export[f]["rows"]
             rows[base : base + r.shape[0], :nsum] = r[:, :nsum]
             rows[base : base + r.shape[0], cap.nsum : cap.nsum + nwords] = r[:, nsum:]
@@ -349,8 +355,11 @@ class Xdp:
     def _init_paths(self, table: PolicyTable) -> None:
         keys = np.arange(self._npol, dtype=np.uint32)
         self._update_batch("pn_path_map", keys, np.full(self._npol, abi.NO_PATH, dtype=np.uint32))
+        self._write_actions(table)
+
+    def _write_actions(self, table: PolicyTable) -> None:
         actions = [XDP_PASS] + [XDP_DROP if p.action == "drop" else XDP_PASS for p in table.policies]
-        self._update_batch("pn_action_map", keys, np.array(actions, dtype=np.uint32))
+        self._update_batch("pn_action_map", np.arange(self._npol, dtype=np.uint32), np.array(actions, np.uint32))
 
     def set_table(self, table: PolicyTable) -> None:
         """Swap the rule table atomically: fill the idle map set, then flip
@@ -367,8 +376,7 @@ class Xdp:
         self._set = idle
         self._generation += 1
         self._write_cfg()
-        actions = [XDP_PASS] + [XDP_DROP if p.action == "drop" else XDP_PASS for p in table.policies]
-        self._update_batch("pn_action_map", np.arange(self._npol, dtype=np.uint32), np.array(actions, np.uint32))
+        self._write_actions(table)
         self.table = table
 
     @property
@@ -418,7 +426,7 @@ class Xdp:
         """Run the program on each frame with BPF_PROG_TEST_RUN (no interface
         needed); returns each frame's policy index, like Userspace.process.
         ``ts_ns`` (one per frame) replaces the kernel clock for these frames."""
-        if isinstance(frames, tuple) and len(frames) == 2 and isinstance(frames[1], np.ndarray):
+        if is_buffer(frames):
             buf, offsets = frames
             frames = [bytes(buf[offsets[i] : offsets[i + 1]]) for i in range(len(offsets) - 1)]
         frames = list(frames)
@@ -455,15 +463,14 @@ class Xdp:
         return self.test_run(frames, ts_ns=ts_ns)
 
     def _run_one(self, fd: int, frame: bytes, repeat: int, obuf: Any) -> tuple[int, bytes, int]:
-        frame_in = frame
-        inbuf = ctypes.create_string_buffer(frame_in, len(frame_in))
+        inbuf = ctypes.create_string_buffer(frame, len(frame))
         opts = _TestRunOpts(sz=ctypes.sizeof(_TestRunOpts), data_in=ctypes.cast(inbuf, ctypes.c_void_p),
-                            data_size_in=len(frame_in), data_out=ctypes.cast(obuf, ctypes.c_void_p),
+                            data_size_in=len(frame), data_out=ctypes.cast(obuf, ctypes.c_void_p),
                             data_size_out=len(obuf), repeat=repeat)
         rc = self._lib.bpf_prog_test_run_opts(fd, ctypes.byref(opts))
         if rc != 0:
             err = ctypes.get_errno()
-            raise OSError(err, f"BPF_PROG_TEST_RUN: {os.strerror(err)} (frame of {len(frame_in)} bytes)")
+            raise OSError(err, f"BPF_PROG_TEST_RUN: {os.strerror(err)} (frame of {len(frame)} bytes)")
         return opts.retval, obuf.raw[: opts.data_size_out], opts.duration
 
     def bench(self, frame: bytes, repeat: int = 100_000, floor: bool = False) -> float:
