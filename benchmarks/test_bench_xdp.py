@@ -57,15 +57,20 @@ def test_xdp_vs_floor_vs_cython(benchmark, Xdp, n):
         hot = frames[0]
         x.test_run([hot])
         x.steering = False
+        # floor and hit alternate, so a noisy neighbour hits both alike; the
+        # minimum of each is its cost with the least interference
+        pairs = [(x.bench(hot, 20_000, floor=True), x.bench(hot, 20_000)) for _ in range(15)]
         r = {
-            "floor": np.median([x.bench(hot, 20_000, floor=True) for _ in range(5)]),
-            "hit": np.median([x.bench(hot, 20_000) for _ in range(5)]),
+            "floor": min(p[0] for p in pairs),
+            "hit": min(p[1] for p in pairs),
+            "floor_med": np.median([p[0] for p in pairs]),
+            "hit_med": np.median([p[1] for p in pairs]),
             "floor_1": _per_run(x, frames[:500], floor=True),
             "miss_1": _per_run(x, frames[500:1000]),
             "hit_1": _per_run(x, frames[500:1000]),
         }
         x.steering = True
-        r["hit_steering"] = np.median([x.bench(hot, 20_000) for _ in range(5)])
+        r["hit_steering"] = min(x.bench(hot, 20_000) for _ in range(15))
     us = Userspace(table, 1 << 16)
     buf, off = tr.buf, tr.offsets
     t0 = time.perf_counter()
@@ -83,7 +88,7 @@ def test_xdp_vs_floor_vs_cython(benchmark, Xdp, n):
     benchmark.extra_info["miss_over_floor"] = round(r["miss_1"] / r["floor_1"], 2)
     benchmark.pedantic(lambda: x_dummy(), rounds=1, iterations=1)
     print(f"\n{n:>6} policies: floor {r['floor']:.0f} ns, hit {r['hit']:.0f} ns ({r['hit'] / r['floor']:.1f}x), "
-          f"hit+steering {r['hit_steering']:.0f} ns | one run each: floor {r['floor_1']:.0f}, "
+          f"(medians {r['floor_med']:.0f}/{r['hit_med']:.0f}), hit+steering {r['hit_steering']:.0f} ns | one run each: floor {r['floor_1']:.0f}, "
           f"miss {r['miss_1']:.0f} ({r['miss_1'] / r['floor_1']:.1f}x), hit {r['hit_1']:.0f} | "
           f"cython hit {r['cython_hit']:.0f} ns, miss {r['cython_miss']:.0f} ns")
 
@@ -93,14 +98,19 @@ def x_dummy():
 
 
 def test_flow_export_rate(benchmark, Xdp):
-    """flows() of a full map into numpy, records per second."""
-    n = 1 << 18
+    """flows() of a full table of 1,048,576 flows into numpy, records per second."""
+    n = 1 << 20
     table = make_table(10)
     tr = make_traffic(10, n, n)
     with Xdp(table, flow_capacity=n) as x:
         x.test_run(tr.frames)
+        c = x.counters()
         got = benchmark.pedantic(x.flows, rounds=3, iterations=1)
-        assert len(got) == n
-        rate = n / benchmark.stats.stats.min
+        # a full table evicts (and exports) the odd flow whose 32 slots are taken
+        # (the generator may repeat a 5-tuple now and then: count new flows)
+        assert len(got) == c["flows"] == c["new_flows"] - c["evicted"] and c["evicted"] < n // 10_000
+        benchmark.extra_info.update(flows=len(got), evicted=c["evicted"])
+        rate = len(got) / benchmark.stats.stats.min
         benchmark.extra_info["records_per_s"] = round(rate)
-        print(f"\nflow export: {n} flows, {rate / 1e6:.1f} M records/s")
+        print(f"\nflow export: {len(got)} flows ({c['evicted']} evicted at full capacity), "
+              f"{rate / 1e6:.1f} M records/s")

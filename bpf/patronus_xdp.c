@@ -12,7 +12,8 @@
  *   PN_LPM              prefix entries per LPM trie
  *   PN_RULES            rule slots (a power of two)
  *   PN_NPOL             policies + 1 (slot 0 counts the default, -1)
- *   PN_FLOWS            flow map capacity
+ *   PN_FSLOTS           flow table slots (a power of two)
+ *   PN_EVICT_PAGES      pages of the eviction ring buffer (a power of two)
  *
  * Rule tables are double buffered: two sets of classifier maps, `cfg.set`
  * says which one is live. A swap fills the idle set, then flips `cfg.set`
@@ -87,30 +88,52 @@ BPF_ARRAY(pn_port_map, __u32, 4 * 65536);
 BPF_ARRAY(pn_rpol_map, struct pn_rpol, 2);
 /* key: set * PN_ROWS + row */
 BPF_ARRAY(pn_rows_map, struct pn_row, 2 * PN_ROWS);
-/* key: policy + 1 -> path slot (PN_NO_PATH: none) */
-BPF_ARRAY(pn_path_map, __u32, PN_NPOL);
-/* key: policy + 1 -> XDP action for the policy's packets (XDP_PASS, XDP_DROP) */
-BPF_ARRAY(pn_action_map, __u32, PN_NPOL);
+/* What to do with a policy's packets: one value, so moving a policy to
+ * another path is one map write and a packet reads both with one lookup. */
+struct pn_polact {
+    __u32 path;               /* path slot, PN_NO_PATH: none */
+    __u32 action;             /* XDP_PASS or XDP_DROP */
+};
+/* key: policy + 1 */
+BPF_ARRAY(pn_pol_map, struct pn_polact, PN_NPOL);
 /* key: path slot -> ifindex to redirect to (absent: pass to the stack) */
 BPF_DEVMAP(pn_tx_map, 256);
 /* key: policy + 1 -> packets and bytes, per CPU */
 BPF_PERCPU_ARRAY(pn_pcount_map, struct pn_policy_counter, PN_NPOL);
 /* key: enum pn_reason -> malformed frames, per CPU */
 BPF_PERCPU_ARRAY(pn_malformed_map, __u64, PN_NREASONS);
-/* key: 0 new flows, 1 flow hits, 2 classifier runs, 3 insert failures */
-BPF_PERCPU_ARRAY(pn_stats_map, __u64, 4);
+/* key: enum pn_stat, per CPU */
+enum pn_stat {
+    PN_ST_NEW = 0,            /* flows inserted */
+    PN_ST_HIT = 1,            /* not counted: packets - the other three (saves a write per hit) */
+    PN_ST_RECLASS = 2,        /* known flow re-classified after a table swap */
+    PN_ST_INSERT_FAILED = 3,  /* lost a slot race: packet counted, no record */
+    PN_ST_EVICTED = 4,        /* live flows pushed out to make room */
+    PN_ST_EXPORT_LOST = 5,    /* evicted records the ring buffer had no room for */
+    PN_NSTATS = 6,
+};
+BPF_PERCPU_ARRAY(pn_stats_map, __u64, PN_NSTATS);
 /* key: 0 parsed, 1 malformed: the benchmark floor program's one counter */
 BPF_PERCPU_ARRAY(pn_floor_map, __u64, 2);
-/* key: struct pn_flow_key -> record; the kernel evicts the least recently
- * used flow when full (counted in userspace as inserts - live - drained) */
-BPF_TABLE("lru_hash", struct pn_flow_key, struct pn_flow_rec, pn_flows_map, PN_FLOWS);
+/* The flow table: open addressing over one array that userspace maps
+ * (BPF_F_MMAPABLE) and reads in place, so exporting a million flows is a
+ * memory scan, not a million syscalls. key: slot; a flow lives in one of the
+ * PN_SLOT_PROBE slots from hash(key). Slot states and the compare-and-swap
+ * protocol that keeps CPUs (and userspace drains) from writing one slot at
+ * once are in patronus_abi.h (PN_SLOT_*). PN_FSLOTS is a power of two. */
+BPF_F_TABLE("array", __u32, struct pn_flow, pn_ftab_map, PN_FSLOTS, BPF_F_MMAPABLE);
+/* Records of flows evicted to make room (the oldest of a full probe window):
+ * nothing leaves the table silently; drain() exports them. */
+BPF_RINGBUF_OUTPUT(pn_evict_rb, PN_EVICT_PAGES);
 
 /* Per-CPU scratch for what does not fit the 512-byte BPF stack once the
  * parser and classifier are inlined. key: 0 */
 struct pn_scratch {
     struct pn_parsed p;
-    struct pn_flow_key key;
-    struct pn_flow_rec nr;
+    union {
+        struct pn_flow_key key;
+        __u64 kw[5];          /* the key as words: hashing and compares */
+    };
     struct pn_lpm4 k4;
     struct pn_lpm6 k6;
 };
@@ -217,6 +240,94 @@ static __always_inline __s32 pn_classify_bpf(struct pn_scratch *sc, const struct
     return -1;
 }
 
+#define PN_BUSY_BITS ((__u64)PN_SLOT_BUSY << 48)
+
+static __always_inline __u32 pn_hash(const __u64 *w)
+{
+    __u64 h = (w[0] * 0x9e3779b97f4a7c15ull) ^ (w[1] * 0xc2b2ae3d27d4eb4full) ^
+              (w[2] * 0x165667b19e3779f9ull) ^ (w[3] * 0xd6e8feb86659fd93ull) ^ (w[4] * 0xff51afd7ed558ccdull);
+    h ^= h >> 31;
+    h *= 0x94d049bb133111ebull;
+    return (__u32)(h >> 32);
+}
+
+static __always_inline struct pn_flow *pn_slot(__u32 h, __u32 i)
+{
+    __u32 k = (h + i) & (PN_FSLOTS - 1);
+    return pn_ftab_map.lookup(&k);
+}
+
+static __always_inline __u64 *pn_state(struct pn_flow *f)
+{
+    return (__u64 *)((__u8 *)f + PN_SLOT_WORD);
+}
+
+/* The live slot holding key `w` (as 5 words), or 0. A busy slot's state
+ * word carries PN_SLOT_BUSY, so it never equals a key's word. */
+static __always_inline struct pn_flow *pn_ft_find(const __u64 *w, __u32 h)
+{
+#pragma unroll
+    for (__u32 i = 0; i < PN_SLOT_PROBE; i++) {
+        struct pn_flow *f = pn_slot(h, i);
+        if (!f)
+            return 0;
+        const __u64 *s = (const __u64 *)f;
+        if (s[4] == w[4] && s[0] == w[0] && s[1] == w[1] && s[2] == w[2] && s[3] == w[3])
+            return f;
+    }
+    return 0;
+}
+
+/* Claim a slot for key `w`: the first empty one in the probe window, else
+ * the one idle longest (its record goes to pn_evict_rb first). Returns the
+ * slot, marked busy, or 0 when another writer won the race for it. */
+static __always_inline struct pn_flow *pn_ft_insert(const __u64 *w, __u32 h, __u32 *stat)
+{
+    struct pn_flow *victim = 0;
+    __u64 oldest = ~0ull, vword = 0;
+#pragma unroll
+    for (__u32 i = 0; i < PN_SLOT_PROBE; i++) {
+        struct pn_flow *f = pn_slot(h, i);
+        if (!f)
+            break;
+        __u64 st = *pn_state(f);
+        if (st == 0) {
+            if (__sync_val_compare_and_swap(pn_state(f), 0, w[4] | PN_BUSY_BITS) == 0) {
+                *stat = PN_ST_NEW;
+                return f;
+            }
+            continue;
+        }
+        if ((st >> 48) == 0 && f->rec.last_ns < oldest) {
+            oldest = f->rec.last_ns;
+            victim = f;
+            vword = st;
+        }
+    }
+    if (!victim) {
+        *stat = PN_ST_INSERT_FAILED;
+        return 0;
+    }
+    if (__sync_val_compare_and_swap(pn_state(victim), vword, vword | PN_BUSY_BITS) != vword) {
+        *stat = PN_ST_INSERT_FAILED;
+        return 0;
+    }
+    if (pn_evict_rb.ringbuf_output(victim, sizeof(*victim), 0)) {
+        __u32 k = PN_ST_EXPORT_LOST;
+        __u64 *c = pn_stats_map.lookup(&k);
+        if (c)
+            *c += 1;
+    }
+    __u32 k = PN_ST_EVICTED;
+    __u64 *c = pn_stats_map.lookup(&k);
+    if (c)
+        *c += 1;
+    /* the victim is ours now: retag it with the new key, still busy */
+    __sync_val_compare_and_swap(pn_state(victim), vword | PN_BUSY_BITS, w[4] | PN_BUSY_BITS);
+    *stat = PN_ST_NEW;
+    return victim;
+}
+
 static __always_inline int pn_parse_frame(struct xdp_md *ctx, struct pn_parsed *p)
 {
     const __u8 *data = (const __u8 *)(long)ctx->data;
@@ -257,14 +368,16 @@ int pn_xdp(struct xdp_md *ctx)
     __s32 policy;
     __u32 sk;
     __u32 l3_len = p->l3_len;
-    struct pn_flow_rec *r = pn_flows_map.lookup(key);
+    __u32 h = pn_hash(sc->kw);
+    struct pn_flow *f = pn_ft_find(sc->kw, h);
+    struct pn_flow_rec *r = f ? &f->rec : 0;
     if (r) {
         if (r->generation != gen) {
             r->policy = pn_classify_bpf(sc, p, set);
             r->generation = gen;
-            sk = 2;
+            sk = PN_ST_RECLASS;
         } else {
-            sk = 1;
+            sk = PN_ST_HIT;
         }
         policy = r->policy;
         __sync_fetch_and_add(&r->packets, 1);
@@ -273,36 +386,40 @@ int pn_xdp(struct xdp_md *ctx)
         r->tcp_flags |= p->tcp_flags;
         r->dscp = p->dscp;
     } else {
-        struct pn_flow_rec *nr = &sc->nr;
-        __builtin_memset(nr, 0, sizeof(*nr));
         policy = pn_classify_bpf(sc, p, set);
-        nr->packets = 1;
-        nr->bytes = l3_len;
-        nr->first_ns = now;
-        nr->last_ns = now;
-        nr->policy = policy;
-        nr->tcp_flags = p->tcp_flags;
-        nr->dscp = p->dscp;
-        nr->generation = gen;
-        sk = 0;
-        if (pn_flows_map.update(key, nr))
-            sk = 3;
-        r = pn_flows_map.lookup(key);
+        f = pn_ft_insert(sc->kw, h, &sk);
+        if (f) {
+            r = &f->rec;
+            __builtin_memcpy(f->key.src, key->src, 32);
+            r->packets = 1;
+            r->bytes = l3_len;
+            r->first_ns = now;
+            r->last_ns = now;
+            r->policy = policy;
+            r->path = PN_NO_PATH;
+            r->tcp_flags = p->tcp_flags;
+            r->dscp = p->dscp;
+            r->_pad = 0;
+            r->generation = gen;
+            /* publish: the slot matches lookups from here on */
+            __sync_val_compare_and_swap((__u64 *)((__u8 *)f + PN_SLOT_WORD), sc->kw[4] | PN_BUSY_BITS, sc->kw[4]);
+        }
     }
-    __u64 *st = pn_stats_map.lookup(&sk);
-    if (st)
-        *st += 1;
+    if (sk != PN_ST_HIT) {
+        __u64 *st = pn_stats_map.lookup(&sk);
+        if (st)
+            *st += 1;
+    }
 
     __u32 slot = (__u32)(policy + 1);
     __u32 path = PN_NO_PATH, action = XDP_PASS;
-    __u32 *pp = pn_path_map.lookup(&slot);
-    if (pp)
-        path = *pp;
+    struct pn_polact *pa = pn_pol_map.lookup(&slot);
+    if (pa) {
+        path = pa->path;
+        action = pa->action;
+    }
     if (r)
         r->path = path;
-    __u32 *ap = pn_action_map.lookup(&slot);
-    if (ap && *ap == XDP_DROP)
-        action = XDP_DROP;
     struct pn_policy_counter *pc = pn_pcount_map.lookup(&slot);
     if (pc) {
         pc->packets += 1;

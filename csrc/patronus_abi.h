@@ -124,4 +124,13 @@ struct pn_policy_counter {
 
 #define PN_NO_PATH 0xffffffffu
 
+/* The XDP flow table (bpf/patronus_xdp.c) is an array of struct pn_flow that
+ * userspace maps and reads in place. The 64-bit word at PN_SLOT_WORD (ports,
+ * proto, family, _pad of the key) is each slot's state: 0 = empty (a live
+ * key always has a family), _pad == PN_SLOT_BUSY = being written or read out
+ * by its owner (claimed with a compare-and-swap), _pad == 0 = live. */
+#define PN_SLOT_WORD 32
+#define PN_SLOT_BUSY 0xb5b5
+#define PN_SLOT_PROBE 32     /* slots a key may occupy: hash .. hash + 31 */
+
 #endif /* PATRONUS_ABI_H */

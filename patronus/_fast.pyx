@@ -195,6 +195,31 @@ cdef int list_frames(list frames, Py_ssize_t start, Py_ssize_t m, const uint8_t 
     return 0
 
 
+cdef extern from "xdptable.h":
+    size_t pn_xdp_take(pn_flow *table, size_t nslots, pn_flow *out, size_t room, int mode,
+                       uint64_t now_ns, uint64_t idle_ns) nogil
+    size_t pn_xdp_count(const pn_flow *table, size_t nslots) nogil
+
+
+def xdp_take(uint8_t[::1] table not None, uint8_t[::1] out not None, int mode, uint64_t now_ns=0,
+             uint64_t idle_ns=0):
+    """Copy (mode 0) or take (1 all, 2 idle) live flows of the mapped XDP
+    flow table into out (bytes of pn_flow records); returns the count."""
+    cdef size_t rec = sizeof(pn_flow)
+    cdef size_t n
+    if table.shape[0] % rec or out.shape[0] % rec:
+        raise ValueError("buffers must hold whole flow records")
+    with nogil:
+        n = pn_xdp_take(<pn_flow *>&table[0], table.shape[0] // rec, <pn_flow *>&out[0],
+                        out.shape[0] // rec, mode, now_ns, idle_ns)
+    return n
+
+
+def xdp_count(uint8_t[::1] table not None):
+    """Live flows in the mapped XDP flow table."""
+    return pn_xdp_count(<const pn_flow *>&table[0], table.shape[0] // sizeof(pn_flow))
+
+
 cdef class Classifier:
     """Compiled rule table (bit vectors) plus a direct-mapped classification cache."""
     cdef pn_classifier c

@@ -147,6 +147,40 @@ def test_set_path_is_a_map_write(xdp_pool):
         x.set_path("nope", 1)
 
 
+def test_full_table_evicts_with_a_count_and_exports_the_evicted():
+    """A flow table smaller than the traffic: every packet is still accounted,
+    either in a live record or in an evicted one that drain() hands out."""
+    Xdp = _xdp_or_skip()
+    table = PolicyTable([Policy("u", Match(proto="udp"), priority=1)])
+    frames = [packets.udp("10.1.0.1", f"10.2.{i // 250}.{i % 250}", 1000 + i % 7, 53) for i in range(600)]
+    with Xdp(table, flow_capacity=16) as x:  # 64 slots
+        x.test_run(frames + frames[-40:], ts_ns=np.arange(1, 641, dtype=np.uint64))
+        c = x.counters()
+        assert c["capacity"] == 64 and c["new_flows"] == 600 and c["export_lost"] == 0
+        assert c["evicted"] == 600 - c["flows"] > 0
+        evicted = x.drain()
+        assert len(evicted) == c["evicted"] and x.drain().size == 0  # handed out once
+        live = x.flows()
+        assert len(live) == c["flows"]
+        every = np.concatenate([evicted, live])
+        assert every["packets"].sum() == 640 == c["policies"]["u"]["packets"]
+        # the 40 repeated flows were the most recent: none of them was evicted
+        recent = {bytes(r["dst"][:4]) for r in live}
+        assert all(f[30:34] in recent for f in frames[-40:])
+
+
+def test_drain_idle_takes_only_idle_flows(xdp_pool):
+    x = xdp_pool(PolicyTable([]))
+    a = packets.udp("10.0.0.1", "10.0.0.2", 1, 2)
+    b = packets.udp("10.0.0.1", "10.0.0.3", 1, 2)
+    x.test_run([a, b, b], ts_ns=[1_000, 2_000, 5_000_000_000])
+    gone = x.drain(idle_timeout_s=2.0, now_ns=6_000_000_000)
+    assert [bytes(r["dst"][:4]) for r in gone] == [bytes([10, 0, 0, 2])]
+    (left,) = x.flows()
+    assert left["packets"] == 2
+    assert len(x.drain(flush=True)) == 1 and x.counters()["flows"] == 0
+
+
 def test_short_frames_are_refused_by_name(xdp_pool):
     x = xdp_pool(PolicyTable([]))
     with pytest.raises(ConfigError, match="shorter than an Ethernet header"):

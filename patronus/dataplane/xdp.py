@@ -18,6 +18,7 @@ import atexit
 import ctypes
 import ctypes.util
 import errno
+import mmap
 import os
 import socket
 import sys
@@ -41,6 +42,10 @@ XDP_FLAGS = {"native": 1 << 2, "generic": 1 << 1, "offload": 1 << 3}
 XDP_PASS, XDP_DROP = 2, 1
 CFG_META = 1  # bpf/patronus_xdp.c PN_CFG_META
 MAX_PATH_SLOTS = 256  # pn_tx_map size
+EVICT_PAGES = 256  # eviction ring buffer: 1 MiB, about 10,900 records between drains
+TAKE_COPY, TAKE_ALL, TAKE_IDLE = 0, 1, 2  # csrc/xdptable.h enum pn_take_mode
+# pn_stats_map indexes (bpf/patronus_xdp.c enum pn_stat)
+STATS = ("new_flows", "hits", "reclassified", "insert_failed", "evicted", "export_lost")
 FIELDS = ("src4", "dst4", "src6", "dst6")
 
 
@@ -159,9 +164,10 @@ class _Capacity:
             return f"{nrows} bitmap rows > {self.rows} compiled in"
         return None
 
-    def cflags(self, npol: int, flows: int) -> list[str]:
+    def cflags(self, npol: int, slots: int) -> list[str]:
         return [f"-DPN_NSUM={self.nsum}", f"-DPN_NWORDS={self.nwords}", f"-DPN_ROWS={self.rows}",
-                f"-DPN_LPM={self.lpm}", f"-DPN_RULES={self.rules}", f"-DPN_NPOL={npol}", f"-DPN_FLOWS={flows}"]
+                f"-DPN_LPM={self.lpm}", f"-DPN_RULES={self.rules}", f"-DPN_NPOL={npol}", f"-DPN_FSLOTS={slots}",
+                f"-DPN_EVICT_PAGES={EVICT_PAGES}"]
 
 
 def lpm_entries(rules: np.ndarray, export: dict[str, Any], k: int) -> dict[tuple[int, int], int]:
@@ -194,7 +200,11 @@ def lpm_entries(rules: np.ndarray, export: dict[str, Any], k: int) -> dict[tuple
 class Xdp:
     """Classification and flow accounting in an XDP program.
 
-    ``flow_capacity`` sizes the kernel's LRU flow map; ``max_policies``
+    ``flow_capacity`` sizes the flow table: twice as many slots, rounded up
+    to a power of two (88 bytes each: 1,048,576 flows take 176 MiB). A flow
+    lives in one of 32 slots from its hash; when all 32 are taken the one
+    idle longest is evicted, counted and exported by ``drain()`` (at the
+    full nominal capacity, about 1 flow in 100,000); ``max_policies``
     leaves room for bigger tables than ``table`` in later ``set_table``
     calls (the program's sizes are fixed when it is compiled). Use as a
     context manager, or call ``close()``: attached interfaces are detached on
@@ -218,7 +228,8 @@ class Xdp:
         self._bpf = None
         self._closed = False
         text = (bpf_dir / "patronus_xdp.c").read_text()
-        cflags = [f"-I{csrc}", *self._cap.cflags(self._npol, flow_capacity)]
+        self._slots = _pow2(2 * flow_capacity, 64)
+        cflags = [f"-I{csrc}", *self._cap.cflags(self._npol, self._slots)]
         with _captured_stderr() as log:
             try:
                 self._bpf = bcc.BPF(text=text.encode(), cflags=cflags)
@@ -230,18 +241,22 @@ class Xdp:
                                            "see the verifier log above; smaller max_policies may help") from None
         self._maps = {name: self._bpf[name.encode()] for name in (
             "pn_cfg_map", "pn_lpm4_map", "pn_lpm6_map", "pn_lut_map", "pn_port_map", "pn_rpol_map", "pn_rows_map",
-            "pn_path_map", "pn_action_map", "pn_pcount_map", "pn_malformed_map", "pn_stats_map", "pn_flows_map",
+            "pn_pol_map", "pn_pcount_map", "pn_malformed_map", "pn_stats_map", "pn_ftab_map",
             "pn_tx_map")}
+        # the flow table, mapped: flows() and drain() scan it in place
+        size = self._slots * abi.FLOW_DTYPE.itemsize
+        self._mm = mmap.mmap(self._fd("pn_ftab_map"), (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE,
+                             mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self._table_mem = np.frombuffer(self._mm, dtype=np.uint8, count=size)
+        self._evicted: list[bytes] = []
+        self._bpf[b"pn_evict_rb"].open_ring_buffer(self._on_evict)
         self._ncpu = len(_possible_cpus())
         self._set = 0
         self._generation = 1
         self._clock = 0
         self._replayed = False  # flows stamped by test_run's ts_ns, not the kernel clock
         self._meta = False  # write pn_meta (path, policy) before each frame: steering and test runs
-        self._drained = 0
         self._lpm_keys: list[list[tuple[str, bytes]]] = [[], []]
-        self._kbuf: np.ndarray | None = None  # flow read buffers, allocated on first read
-        self._vbuf: np.ndarray | None = None
         self._load_table(export, 0, table.rules)
         self._write_cfg()
         self._init_paths(table)
@@ -263,6 +278,9 @@ class Xdp:
         self._closed = True
         for dev, flags in list(self._attached.items()):
             self._detach(dev, flags)
+        if getattr(self, "_mm", None) is not None:
+            self._table_mem = None
+            self._mm.close()
         if self._bpf is not None:
             self._bpf.cleanup()
         _live.discard(self)
@@ -353,13 +371,14 @@ class Xdp:
         self._set_value("pn_cfg_map", 0, cfg)
 
     def _init_paths(self, table: PolicyTable) -> None:
-        keys = np.arange(self._npol, dtype=np.uint32)
-        self._update_batch("pn_path_map", keys, np.full(self._npol, abi.NO_PATH, dtype=np.uint32))
+        # pn_pol_map mirrored here: column 0 path slot, column 1 XDP action
+        self._polact = np.zeros((self._npol, 2), dtype=np.uint32)
+        self._polact[:, 0] = abi.NO_PATH
         self._write_actions(table)
 
     def _write_actions(self, table: PolicyTable) -> None:
-        actions = [XDP_PASS] + [XDP_DROP if p.action == "drop" else XDP_PASS for p in table.policies]
-        self._update_batch("pn_action_map", np.arange(self._npol, dtype=np.uint32), np.array(actions, np.uint32))
+        self._polact[:, 1] = [XDP_PASS] + [XDP_DROP if p.action == "drop" else XDP_PASS for p in table.policies]
+        self._update_batch("pn_pol_map", np.arange(self._npol, dtype=np.uint32), self._polact)
 
     def set_table(self, table: PolicyTable) -> None:
         """Swap the rule table atomically: fill the idle map set, then flip
@@ -399,14 +418,15 @@ class Xdp:
             raise ConfigError("policy", policy, "is not a policy index of this table")
         if isinstance(path_id, bool) or not isinstance(path_id, int) or not 0 <= path_id < abi.NO_PATH:
             raise ConfigError("path_id", path_id, "is not a path slot (0 .. 2**32-2)")
-        self._set_value("pn_path_map", idx + 1, np.array([path_id], dtype=np.uint32))
+        self._polact[idx + 1, 0] = path_id
+        self._set_value("pn_pol_map", idx + 1, self._polact[idx + 1])
         if not self._meta:
             self.steering = True
 
     def path_of(self, policy: str | int) -> int | None:
         idx = self.table.index(policy) if isinstance(policy, str) else policy
-        m = self._maps["pn_path_map"]
-        v = m[m.Key(idx + 1)].value
+        m = self._maps["pn_pol_map"]
+        v = m[m.Key(idx + 1)].path
         return None if v == abi.NO_PATH else v
 
     def set_redirect(self, path_id: int, ifname: str) -> None:
@@ -482,50 +502,62 @@ class Xdp:
     # -- reading maps ----------------------------------------------------------
 
     def flows(self) -> np.ndarray:
-        """Live flows (``abi.FLOW_DTYPE``), read with batch map lookups."""
-        keys, vals = self._read_flows(delete=False)
-        return self._assemble(keys, vals)
+        """Live flows (``abi.FLOW_DTYPE``), read in place from the mapped flow
+        table (one pass over its memory, no syscall per flow)."""
+        return self._take(TAKE_COPY)
 
-    def drain(self, flush: bool = False, idle_timeout_s: float | None = None) -> np.ndarray:
-        """Export and delete flows: all of them (``flush``), or those idle for
-        ``idle_timeout_s``. The kernel's LRU evicts without a record when the
-        map is full; ``counters()["evicted"]`` counts those."""
+    def drain(self, flush: bool = False, idle_timeout_s: float | None = None, *, now_ns: int | None = None) -> np.ndarray:
+        """Export and remove flows: the ones evicted to make room since the
+        last drain, plus every live flow (``flush``) or those idle for
+        ``idle_timeout_s``. Each slot is claimed with a compare-and-swap
+        first, so a drain under traffic never tears a record a CPU is
+        writing. ``now_ns`` is "now" for the idle test (default: the kernel's
+        clock; pass the replay time for flows stamped by ``test_run(ts_ns=...)``)."""
+        parts = [self._take_evicted()]
         if flush:
-            keys, vals = self._read_flows(delete=True)
-            out = self._assemble(keys, vals)
+            parts.append(self._take(TAKE_ALL))
         elif idle_timeout_s is not None:
-            live = self.flows()
-            now = time.time_ns() if not self._clock else self._clock
-            old = live[(now - live["last_ns"].astype(np.int64)) >= int(idle_timeout_s * 1e9)]
-            m = self._maps["pn_flows_map"]
-            for r in old:
-                try:
-                    del m[m.Key.from_buffer_copy(r.tobytes()[:40])]
-                except KeyError:
-                    pass
-            out = old
-        else:
-            out = np.zeros(0, dtype=abi.FLOW_DTYPE)
-        self._drained += len(out)
-        return out
+            now = now_ns if now_ns is not None else self._clock or time.monotonic_ns()
+            parts.append(self._take(TAKE_IDLE, now, int(idle_timeout_s * 1e9)))
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
     def counters(self) -> dict[str, Any]:
         """Per-policy packets/bytes, malformed frames by reason, flow counts."""
         pc = self._percpu_sum("pn_pcount_map", self._npol, 2)
         mal = self._percpu_sum("pn_malformed_map", len(abi.MALFORMED_REASONS) + 1, 1)[:, 0]
-        st = self._percpu_sum("pn_stats_map", 4, 1)[:, 0]
-        live = len(self._read_flows(delete=False)[0])
+        st = dict(zip(STATS, (int(x) for x in self._percpu_sum("pn_stats_map", len(STATS), 1)[:, 0])))
         return {
             "default": {"packets": int(pc[0, 0]), "bytes": int(pc[0, 1])},
             "policies": {p.name: {"packets": int(pc[i + 1, 0]), "bytes": int(pc[i + 1, 1])}
                          for i, p in enumerate(self.table.policies)},
             "malformed": dict(zip(abi.MALFORMED_REASONS, (int(x) for x in mal[1:]))),
-            "flows": live, "capacity": self.flow_capacity,
-            "new_flows": int(st[0]), "cache_hits": int(st[1]), "cache_misses": int(st[0] + st[2]),
-            "insert_failed": int(st[3]),
-            "evicted": max(int(st[0]) - live - self._drained, 0),
+            "flows": _fast().xdp_count(self._table_mem), "capacity": self._slots,
+            # every parsed packet bumps one policy counter; hits are the packets
+            # that were none of the other cases (the program does not count them)
+            "new_flows": st["new_flows"],
+            "cache_hits": int(pc[:, 0].sum()) - st["new_flows"] - st["reclassified"] - st["insert_failed"],
+            "cache_misses": st["new_flows"] + st["reclassified"] + st["insert_failed"],
+            "insert_failed": st["insert_failed"], "evicted": st["evicted"], "export_lost": st["export_lost"],
             "generation": self._generation,
         }
+
+    def _take(self, mode: int, now_ns: int = 0, idle_ns: int = 0) -> np.ndarray:
+        live = _fast().xdp_count(self._table_mem)
+        room = live + 1024 if mode == TAKE_COPY else self._slots  # flows arriving during the scan
+        out = np.empty(min(room, self._slots), dtype=abi.FLOW_DTYPE)
+        n = _fast().xdp_take(self._table_mem, out.view(np.uint8), mode, now_ns, idle_ns)
+        return self._to_wall(out[:n].copy() if n < len(out) // 2 else out[:n])
+
+    def _on_evict(self, ctx: Any, data: Any, size: int) -> None:
+        self._evicted.append(ctypes.string_at(data, size))
+
+    def _take_evicted(self) -> np.ndarray:
+        self._bpf.ring_buffer_consume()
+        raw, self._evicted = b"".join(self._evicted), []
+        out = np.frombuffer(raw, dtype=abi.FLOW_DTYPE).copy()
+        if len(out):  # ring buffer copies were taken from busy slots
+            out["_pad0"] = 0
+        return self._to_wall(out)
 
     # -- low-level map helpers ------------------------------------------------
 
@@ -552,40 +584,8 @@ class Xdp:
             err = ctypes.get_errno()
             raise OSError(err, f"updating {name}: {os.strerror(err)}")
 
-    def _read_flows(self, delete: bool) -> tuple[np.ndarray, np.ndarray]:
-        """Every flow's key and record, read in batches straight into the
-        preallocated buffers (no Python object per flow, one copy out)."""
-        cap = self.flow_capacity
-        if self._kbuf is None:
-            self._kbuf = np.empty((cap, 40), dtype=np.uint8)
-            self._vbuf = np.empty((cap, 48), dtype=np.uint8)
-        keys, vals = self._kbuf, self._vbuf
-        chunk = min(cap, 1 << 16)
-        token = ctypes.c_uint64(0)
-        n = 0
-        fn = self._lib.bpf_map_lookup_and_delete_batch if delete else self._lib.bpf_map_lookup_batch
-        opts = _BatchOpts(sz=ctypes.sizeof(_BatchOpts))
-        first = True
-        while n < cap:
-            count = ctypes.c_uint32(min(chunk, cap - n))
-            rc = fn(self._fd("pn_flows_map"), None if first else ctypes.byref(token), ctypes.byref(token),
-                    keys.ctypes.data + n * 40, vals.ctypes.data + n * 48, ctypes.byref(count), ctypes.byref(opts))
-            err = ctypes.get_errno() if rc else 0
-            n += count.value
-            first = False
-            if rc == 0:
-                continue
-            if err == errno.ENOENT:
-                break
-            raise OSError(err, f"reading the flow map: {os.strerror(err)}")
-        return keys[:n], vals[:n]
-
-    def _assemble(self, keys: np.ndarray, vals: np.ndarray) -> np.ndarray:
-        out = np.empty(len(keys), dtype=abi.FLOW_DTYPE)
-        raw = out.view(np.uint8).reshape(len(keys), abi.FLOW_DTYPE.itemsize)
-        raw[:, :40] = keys
-        raw[:, 40:] = vals
-        if not self._replayed:
+    def _to_wall(self, out: np.ndarray) -> np.ndarray:
+        if not self._replayed and len(out):
             # the kernel stamps CLOCK_MONOTONIC; Userspace and captures use wall time
             out["first_ns"] += np.uint64(self._mono_to_real)
             out["last_ns"] += np.uint64(self._mono_to_real)
@@ -606,6 +606,12 @@ class Xdp:
     def __repr__(self) -> str:
         return (f"Xdp({self._npol - 1} policies, flows<={self.flow_capacity}, "
                 f"attached={list(self._attached)}, generation={self._generation})")
+
+
+def _fast() -> Any:
+    from .. import _fast as fast
+
+    return fast
 
 
 def _possible_cpus() -> list[int]:

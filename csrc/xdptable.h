@@ -1,0 +1,28 @@
+/* Reading the XDP flow table (bpf/patronus_xdp.c, pn_ftab_map) from
+ * userspace through its memory mapping, with the same slot protocol the
+ * program uses (patronus_abi.h, PN_SLOT_*): slots are claimed with a
+ * compare-and-swap on their state word before they are emptied, so a drain
+ * never races a CPU that is inserting into or evicting the same slot. */
+#ifndef PATRONUS_XDPTABLE_H
+#define PATRONUS_XDPTABLE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "patronus_abi.h"
+
+enum pn_take_mode {
+    PN_TAKE_COPY = 0,        /* copy live flows, leave them */
+    PN_TAKE_ALL = 1,         /* copy and remove every live flow */
+    PN_TAKE_IDLE = 2,        /* copy and remove flows with last_ns + idle_ns <= now_ns */
+};
+
+/* Copy live slots of table[0:nslots] into out (room for `room` flows), in
+ * slot order; returns how many were copied. Stops early when out is full. */
+size_t pn_xdp_take(struct pn_flow *table, size_t nslots, struct pn_flow *out, size_t room, int mode,
+                   uint64_t now_ns, uint64_t idle_ns);
+
+/* Live slots (not empty, not busy). */
+size_t pn_xdp_count(const struct pn_flow *table, size_t nslots);
+
+#endif
