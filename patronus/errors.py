@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-__all__ = ["PatronusError", "ConfigError", "StateError", "SchemaVersionError", "DataplaneUnavailable"]
+__all__ = ["PatronusError", "ConfigError", "StateError", "SchemaVersionError", "DataplaneUnavailable", "MalformedProbe",
+           "ProbeUnavailable"]
 
 
 class PatronusError(Exception):
@@ -36,6 +37,31 @@ class SchemaVersionError(StateError):
 
 class DataplaneUnavailable(PatronusError):
     """A data plane backend cannot run here; the message names the cause and the fix."""
+
+    def __init__(self, cause: str, fix: str) -> None:
+        self.cause = cause
+        self.fix = fix
+        super().__init__(f"{cause} (fix: {fix})")
+
+
+class MalformedProbe(PatronusError, ValueError):
+    """A probe packet that does not decode; ``reason`` is one of
+    ``patronus.paths.codec.MALFORMED_REASONS`` (what responders count).
+
+    >>> from patronus.paths.codec import decode
+    >>> decode(b"PN")
+    Traceback (most recent call last):
+    ...
+    patronus.errors.MalformedProbe: short: 2 bytes, a probe has at least 40
+    """
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason = reason
+        super().__init__(f"{reason}: {detail}")
+
+
+class ProbeUnavailable(PatronusError):
+    """A probe method cannot run here (e.g. ICMP without permission); names the fix."""
 
     def __init__(self, cause: str, fix: str) -> None:
         self.cause = cause
