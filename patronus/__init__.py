@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from .policy import PolicyTable, flows_to_pandas
 
 # name -> module that defines it; imported on first attribute access
-_LAZY = {"PolicyTable": "policy", "flows_to_pandas": "policy", "dataplane": None}
+_LAZY = {"PolicyTable": "policy", "flows_to_pandas": "policy", "dataplane": None, "paths": None, "lab": None}
 
 
 def __getattr__(name: str) -> Any:

@@ -40,6 +40,9 @@ from .stats import Metrics, PathStats
 __all__ = ["Monitor", "Responder", "DEFAULT_PORT"]
 
 DEFAULT_PORT = 7362
+# <linux/in.h>, <linux/in6.h> (Python 3.11's socket module lacks some of them)
+IP_MTU_DISCOVER, IP_PMTUDISC_PROBE = 10, 3
+IPV6_MTU_DISCOVER, IPV6_PMTUDISC_PROBE, IPV6_DONTFRAG = 23, 3, 62
 _now = time.monotonic_ns
 
 
@@ -489,10 +492,10 @@ class Monitor:
         sock = socket_in(e.netns, fam, socket.SOCK_DGRAM)
         try:
             if fam == socket.AF_INET:
-                sock.setsockopt(socket.IPPROTO_IP, socket.IP_MTU_DISCOVER, socket.IP_PMTUDISC_PROBE)
+                sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_PROBE)
             else:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MTU_DISCOVER, socket.IP_PMTUDISC_PROBE)
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_DONTFRAG, 1)
+                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_MTU_DISCOVER, IPV6_PMTUDISC_PROBE)
+                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_DONTFRAG, 1)
             sock.bind((e.local[0], 0))
             sock.setblocking(False)
             loop = asyncio.get_running_loop()

@@ -141,6 +141,7 @@ class Selector:
         self._cur = np.full((nc, ng), -1, dtype=np.int64)
         self._since = np.full((nc, ng), -np.inf)
         self._reasons: dict[tuple[int, int], str] = {}
+        self._prev: dict[tuple[int, int], str | None] = {}
         self._metrics = _empty_arrays(len(ids))
         self.scores_ = np.zeros((nc, len(ids)))
 
@@ -199,6 +200,7 @@ class Selector:
             ci, gi = np.nonzero(change)
             for c, g in zip(ci.tolist(), gi.tolist()):
                 old, new = int(cur[c, g]), int(best[c, g])
+                self._prev[(c, g)] = self.ids[old] if old >= 0 else None
                 self._reasons[(c, g)] = self._why(c, old, new, float(sc[c, g]), float(sb[c, g]), bool(forced[c, g]))
             self._cur = np.where(change, best, cur)
             self._since = np.where(change, now, self._since)
@@ -233,7 +235,7 @@ class Selector:
         i = int(self._cur[c, g])
         s = float(self.scores_[c, i]) if i >= 0 else 0.0
         return Decision(self.profiles[c].name, self.groups[g], self.ids[i] if i >= 0 else None,
-                        None, s, s > 1, self._reasons.get((c, g), "no path measured yet"),
+                        self._prev.get((c, g)), s, s > 1, self._reasons.get((c, g), "no path measured yet"),
                         float(self._since[c, g]) if now is None else now)
 
     # -- reasons --------------------------------------------------------------

@@ -14,9 +14,14 @@ seconds when that is set):
   with D the change in transit time between consecutive probes in arrival
   order; forward (t2 - t1, what the far end's RTP receiver would see) and
   reverse (t4 - t3). Clock offsets between the ends cancel in D.
-* Loss: probes without a reply ``timeout_s`` after they were sent, over
-  probes whose fate is known. A reply after the timeout is counted as
-  ``late`` and the probe stays lost (as TWAMP does).
+* Loss: probes without a reply within the loss timeout, over probes whose
+  fate is known. The timeout adapts like TCP's RTO (RFC 6298): srtt +
+  4 rttvar, at least 2 srtt and ``min_timeout_s``, at most ``timeout_s``
+  (and ``timeout_s`` until the first reply), so loss shows within a few
+  round trips. A reply after the timeout is counted as ``late`` and the
+  probe stays lost (as TWAMP-light does with its waiting time). Probes sent
+  after the oldest unanswered one are left out of the window until it is
+  decided, so fast replies never crowd out not-yet-declared losses.
 * Duplicates: further replies for a sequence number already answered
   (ignored otherwise). Reordered: replies whose sequence number is below the
   highest one received before (RFC 4737's type-P-reordered).
@@ -83,7 +88,8 @@ def mos(rtt_ms: float, jitter_ms: float, loss_pct: float) -> float:
         return 1.0
     if r >= 100:
         return 4.5
-    return 1 + 0.035 * r + r * (r - 60) * (100 - r) * 7e-6
+    # the annex B polynomial dips a hair under 1 just above R = 0: clamp
+    return max(1.0, 1 + 0.035 * r + r * (r - 60) * (100 - r) * 7e-6)
 
 
 @dataclass(frozen=True)
@@ -136,16 +142,19 @@ class PathStats:
     """
 
     def __init__(self, window: int = 50, window_s: float | None = None, timeout_s: float = 1.0,
-                 dead_after: int = 3) -> None:
+                 dead_after: int = 3, min_timeout_s: float = 0.05) -> None:
         if window < 1:
             raise ValueError("window must be at least 1")
         self.window = window
         self.window_ns = None if window_s is None else int(window_s * 1e9)
         self.timeout_ns = int(timeout_s * 1e9)
+        self.min_timeout_ns = min(int(min_timeout_s * 1e9), self.timeout_ns)
+        self._rttvar: float = 0.0
         self.dead_after = dead_after
         self._pending: OrderedDict[int, int] = OrderedDict()  # seq -> t1, in send order
-        # decided probes, oldest first: (t1, rtt_ns or None when lost)
-        self._done: deque[tuple[int, int | None]] = deque(maxlen=window)
+        # probes whose fate is known: (t1, rtt_ns or None when lost), in the
+        # order they were decided; the window is taken by send time
+        self._done: list[tuple[int, int | None]] = []
         self._answered: deque[int] = deque()  # seqs answered recently (duplicate detection)
         self._answered_set: set[int] = set()
         self._lost_set: set[int] = set()
@@ -187,8 +196,12 @@ class PathStats:
         self._max_seq = max(self._max_seq, seq)
         rtt = max(0, (t4 - t1) - (t3 - t2))
         self.received += 1
-        self._done.append((t1, rtt))
-        self._srtt = rtt if self._srtt is None else self._srtt + (rtt - self._srtt) / 8
+        self._decided(t1, rtt)
+        if self._srtt is None:
+            self._srtt, self._rttvar = float(rtt), rtt / 2
+        else:
+            self._rttvar += (abs(self._srtt - rtt) - self._rttvar) / 4
+            self._srtt += (rtt - self._srtt) / 8
         fwd, rev = t2 - t1, t4 - t3
         if self._last_transit is not None:
             df = abs(fwd - self._last_transit[0]) / _NS
@@ -198,16 +211,25 @@ class PathStats:
         self._last_transit = (fwd, rev)
         return rtt / _NS
 
+    @property
+    def loss_timeout_ns(self) -> int:
+        """How long a probe may go unanswered before it counts as lost."""
+        if self._srtt is None:
+            return self.timeout_ns
+        rto = max(self._srtt + 4 * self._rttvar, 2 * self._srtt, self.min_timeout_ns)
+        return int(min(rto, self.timeout_ns))
+
     def expire(self, now_ns: int) -> int:
-        """Count probes sent more than ``timeout_s`` before now as lost; returns how many."""
+        """Count probes unanswered for longer than the loss timeout as lost; returns how many."""
         n = 0
+        limit = self.loss_timeout_ns
         while self._pending:
             seq, t1 = next(iter(self._pending.items()))
-            if now_ns - t1 < self.timeout_ns:
+            if now_ns - t1 < limit:
                 break
             del self._pending[seq]
             self._remember(self._lost_order, self._lost_set, seq)
-            self._done.append((t1, None))
+            self._decided(t1, None)
             self.lost += 1
             n += 1
         return n
@@ -221,6 +243,12 @@ class PathStats:
                 0.75 * self.bandwidth_mbps + 0.25 * rate
         self._bw = (total_bytes, now_ns)
 
+    def _decided(self, t1: int, rtt: int | None) -> None:
+        self._done.append((t1, rtt))
+        if len(self._done) > 2 * self.window + 16:
+            self._done.sort(key=lambda d: d[0])
+            del self._done[: -self.window]
+
     def _remember(self, order: deque[int], members: set[int], seq: int) -> None:
         order.append(seq)
         members.add(seq)
@@ -232,14 +260,18 @@ class PathStats:
     def metrics(self, now_ns: int | None = None) -> Metrics:
         if now_ns is not None:
             self.expire(now_ns)
-        done = list(self._done)
+        done = sorted(self._done, key=lambda d: d[0])
+        if self._pending:  # leave out what was sent after the oldest undecided probe
+            oldest = next(iter(self._pending.values()))
+            done = [d for d in done if d[0] < oldest]
+        done = done[-self.window:]
         if self.window_ns is not None and now_ns is not None:
             done = [d for d in done if now_ns - d[0] <= self.window_ns + self.timeout_ns]
         rtts = sorted(r for _, r in done if r is not None)
         lost = sum(1 for _, r in done if r is None)
         ms = [r / _NS for r in rtts]
         loss = 100.0 * lost / len(done) if done else math.nan
-        tail = list(self._done)[-self.dead_after:]
+        tail = done[-self.dead_after:]
         alive = any(r is not None for _, r in tail)
         rtt = sum(ms) / len(ms) if ms else math.nan
         return Metrics(
