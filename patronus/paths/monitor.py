@@ -78,12 +78,29 @@ def _drain_socket(sock: socket.socket, handle: Any, errors: Any) -> None:
         handle(data, addr)
 
 
+SOCKET_BUFFER = 4 << 20  # bytes: thousands of probes may arrive while the loop is busy
+
+
+def _big_buffers(sock: socket.socket) -> None:
+    """Ask for SOCKET_BUFFER-byte socket buffers: past net.core.rmem_max with
+    CAP_NET_ADMIN (the *FORCE options), else as much as the sysctl allows."""
+    for force, plain in ((33, socket.SO_RCVBUF), (32, socket.SO_SNDBUF)):  # SO_RCVBUFFORCE, SO_SNDBUFFORCE
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)
+        except OSError:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, plain, SOCKET_BUFFER)
+            except OSError:
+                pass
+
+
 class _Reader:
     """A non-blocking datagram socket read from the running loop."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         sock.setblocking(False)
+        _big_buffers(sock)
         self.loop = asyncio.get_running_loop()
         self.loop.add_reader(sock.fileno(), self._readable)
 
@@ -289,7 +306,9 @@ class Monitor:
 
     ``interval_ms``: time between probes of one path; ``window``: probes in
     the sliding window; ``window_s``: also forget probes older than this;
-    ``timeout_ms``: a probe unanswered this long is lost.
+    ``timeout_ms``: a probe unanswered this long is lost; sooner, once
+    replies have come, after an RTO-like time of at least ``min_timeout_ms``
+    (see ``PathStats``).
 
     ``add(path, local=(addr, port), remote=(addr, port), method="udp")``
     probes a path (a ``patronus.Path`` or any id string) against a
@@ -299,7 +318,7 @@ class Monitor:
     """
 
     def __init__(self, interval_ms: float = 100, window: int = 50, *, window_s: float | None = None,
-                 timeout_ms: float = 1000, probe_size: int = HEADER) -> None:
+                 timeout_ms: float = 1000, min_timeout_ms: float = 200, probe_size: int = HEADER) -> None:
         if not 1 <= interval_ms <= 3_600_000:
             raise ConfigError("Monitor.interval_ms", interval_ms, "is not in [1, 3600000]")
         if not HEADER <= probe_size <= MAX_SIZE:
@@ -308,6 +327,7 @@ class Monitor:
         self.window = window
         self.window_s = window_s
         self.timeout_ms = timeout_ms
+        self.min_timeout_ms = min_timeout_ms
         self.probe_size = probe_size
         self._paths: dict[str, _Path] = {}
         self._by_session: dict[int, _Path] = {}
@@ -342,7 +362,8 @@ class Monitor:
         while session in self._by_session:
             session = random.getrandbits(32)
         ivl = int((interval_ms or self.interval_ms) * 1e6)
-        stats = PathStats(self.window, self.window_s, self.timeout_ms / 1000)
+        stats = PathStats(self.window, self.window_s, self.timeout_ms / 1000,
+                          min_timeout_s=self.min_timeout_ms / 1000)
         entry = _Path(pid, (remote[0], int(remote[1])), method, ivl, session, stats, None, probe_size=size,
                       local=(local[0], int(local[1])), netns=netns)
         self._paths[pid] = entry

@@ -47,7 +47,6 @@ from .stats import Metrics
 
 __all__ = ["Selector", "Decision"]
 
-_POS_BITS = 20  # paths per group < 2**20
 _BW_HALF = 10.0  # Mbit/s at which the bandwidth term is half way
 
 
@@ -106,12 +105,15 @@ class Selector:
         self.profiles = profs
         self.margin = float(margin)
         self.hold_down_s = float(hold_down_s)
-        col = lambda attr: np.array([getattr(p, attr) for p in profs], dtype=np.float64)[:, None]  # noqa: E731
-        self._max = (col("max_rtt_ms"), col("max_jitter_ms"), np.maximum(col("max_loss_pct"), 1e-9))
-        w = (col("w_latency"), col("w_jitter"), col("w_loss"))
-        wsum = np.maximum(w[0] + w[1] + w[2], 1e-12)
-        self._w = (w[0] / wsum, w[1] / wsum, w[2] / wsum)
-        self._wbw = col("w_bandwidth")
+        col = lambda attr: np.array([getattr(p, attr) for p in profs], dtype=np.float64)  # noqa: E731
+        lim = np.stack([col("max_rtt_ms"), col("max_jitter_ms"), np.maximum(col("max_loss_pct"), 1e-9)], axis=1)
+        w = np.stack([col("w_latency"), col("w_jitter"), col("w_loss")], axis=1)
+        wn = w / np.maximum(w.sum(axis=1, keepdims=True), 1e-12)  # weights normalised per profile
+        self._lim = lim.astype(np.float32)                         # [C, 3] limits
+        self._wn = wn.astype(np.float32)
+        self._inv_lim = (1 / lim).astype(np.float32)
+        # cost = sum(wn * metric / limit) + w_bandwidth * bandwidth term, as one [C, 4] matrix
+        self._wmat = np.concatenate([wn / lim, col("w_bandwidth")[:, None]], axis=1).astype(np.float32)
         self.set_paths([])
 
     # -- paths --------------------------------------------------------------
@@ -132,47 +134,93 @@ class Selector:
         self._gidx = np.asarray(gidx, dtype=np.int64)
         self._order = np.argsort(self._gidx, kind="stable")
         counts = np.bincount(self._gidx, minlength=len(self.groups)) if len(ids) else np.zeros(0, np.int64)
-        if len(counts) and counts.max() >= 1 << _POS_BITS:
-            raise ConfigError("Selector.set_paths", int(counts.max()), "paths in one group (limit 2**20)")
-        self._starts = (np.cumsum(counts) - counts).astype(np.int64)
-        self._local = np.empty(len(ids), dtype=np.int64)  # position of each path inside its group
-        self._local[self._order] = np.arange(len(ids), dtype=np.int64) - np.repeat(self._starts, counts)
+        starts = (np.cumsum(counts) - counts).astype(np.int64)
+        local = np.arange(len(ids), dtype=np.int64) - np.repeat(starts, counts)  # slot inside the group
+        width = int(counts.max()) if len(counts) else 0
+        self._slots = np.zeros((len(self.groups), width), dtype=np.int64)  # [group, slot] -> path
+        self._slots[self._gidx[self._order], local] = self._order
+        pad = np.arange(width)[None, :] >= counts[:, None]
+        # Scoring runs in "slot-major" order: position k * G + g holds slot k
+        # of group g, so the best of each group is K passes over contiguous
+        # [profile, group] rows. Padding slots read path 0 and are forced dead.
+        perm = self._slots.T.copy()
+        perm[pad.T] = 0
+        self._perm = perm.ravel()
+        self._perm_pad = np.flatnonzero(pad.T.ravel()) if pad.any() else None
+        self._identity = self._perm_pad is None and bool(np.array_equal(self._perm, np.arange(len(ids))))
+        self._pos = np.empty(len(ids), dtype=np.int64)  # path -> position in slot-major order
+        self._pos[self._slots[~pad]] = (np.arange(width)[None, :] * len(self.groups)
+                                        + np.arange(len(self.groups))[:, None])[~pad]
         ng, nc = len(self.groups), len(self.profiles)
         self._cur = np.full((nc, ng), -1, dtype=np.int64)
         self._since = np.full((nc, ng), -np.inf)
         self._reasons: dict[tuple[int, int], str] = {}
         self._prev: dict[tuple[int, int], str | None] = {}
         self._metrics = _empty_arrays(len(ids))
-        self.scores_ = np.zeros((nc, len(ids)))
+        self._sm = np.zeros((nc, len(self._perm)), dtype=np.float32)  # slot-major scores
 
     # -- scoring --------------------------------------------------------------
 
     def score(self, rtt_ms: np.ndarray, jitter_ms: np.ndarray, loss_pct: np.ndarray, alive: np.ndarray,
               bandwidth_mbps: np.ndarray | None = None) -> np.ndarray:
-        """Scores [profile, path] for metric arrays (NaN = unknown)."""
-        rtt = np.asarray(rtt_ms, dtype=np.float64)
-        jit = np.nan_to_num(np.asarray(jitter_ms, dtype=np.float64), nan=0.0)
-        loss = np.nan_to_num(np.asarray(loss_pct, dtype=np.float64), nan=0.0)
-        ok = np.asarray(alive, dtype=bool) & ~np.isnan(rtt)
-        rtt = np.nan_to_num(rtt, nan=0.0)
-        rl, rj, rlo = rtt / self._max[0], jit / self._max[1], loss / self._max[2]
-        cost = self._w[0] * rl + self._w[1] * rj + self._w[2] * rlo
-        if bandwidth_mbps is not None:
-            bw = np.nan_to_num(np.asarray(bandwidth_mbps, dtype=np.float64), nan=0.0)
-            cost += self._wbw * (_BW_HALF / (bw + _BW_HALF))
-        over = (self._w[0] * np.maximum(rl - 1, 0) + self._w[1] * np.maximum(rj - 1, 0)
-                + self._w[2] * np.maximum(rlo - 1, 0))
-        meets = (rl <= 1) & (rj <= 1) & (rlo <= 1)
-        # a violating path: the tiny cost term breaks ties between equal violations
-        return np.where(ok, np.where(meets, 1 + 1 / (1 + cost), 0.999 / (1 + over + 1e-3 * cost)), 0.0)
+        """Scores [profile, path] for metric arrays (NaN = unknown), float32.
 
-    def _best(self, scores: np.ndarray) -> np.ndarray:
-        """Index of the best path per [profile, group] (lowest index on ties)."""
-        s = scores[:, self._order]
-        key = (np.round(s * 1e9).astype(np.int64) << _POS_BITS) | ((1 << _POS_BITS) - 1 - self._local[self._order])
-        kmax = np.maximum.reduceat(key, self._starts, axis=1)
-        pos = (1 << _POS_BITS) - 1 - (kmax & ((1 << _POS_BITS) - 1))
-        return self._order[self._starts[None, :] + pos]
+        The weighted cost of every (profile, path) is one matrix product of
+        the [profile, 4] weights (already divided by each limit) with the
+        [4, path] metrics; the SLA test is three comparisons."""
+        f = np.float32
+        n = len(rtt_ms)
+        x = np.empty((4, n), dtype=f)
+        x[0] = rtt_ms
+        ok = ~np.isnan(x[0])
+        ok &= np.asarray(alive, dtype=bool)
+        x[1] = jitter_ms
+        x[2] = loss_pct
+        np.fmax(x[:3], 0.0, out=x[:3])                           # NaN (unknown) -> 0; metrics are >= 0
+        if bandwidth_mbps is None:
+            x[3] = 0.0
+        else:
+            x[3] = bandwidth_mbps
+            np.fmax(x[3], 0.0, out=x[3])
+            x[3] += _BW_HALF
+            np.divide(f(_BW_HALF), x[3], out=x[3])
+        cost = self._wmat @ x                                    # [C, P]
+        meets = x[0] <= self._lim[:, 0:1]
+        meets &= x[1] <= self._lim[:, 1:2]
+        meets &= x[2] <= self._lim[:, 2:3]
+        out = np.add(cost, 1.0)
+        np.reciprocal(out, out=out)
+        out += 1.0                                               # (1, 2]: meets
+        for c in range(out.shape[0]):                            # (0, 1): best of worst, for the few
+            idx = np.flatnonzero(~meets[c])
+            if not len(idx):
+                continue
+            over = np.ones(len(idx), dtype=f)
+            for k in range(3):
+                r = x[k, idx] * self._inv_lim[c, k] - 1
+                np.maximum(r, 0.0, out=r)
+                over += self._wn[c, k] * r
+            over += f(1e-3) * cost[c, idx]
+            out[c, idx] = f(0.999) / over
+        out *= ok                                                # 0: dead or never measured
+        return out
+
+    def _best(self, sm: np.ndarray) -> np.ndarray:
+        """Index of the best path per [profile, group] (lowest slot on ties)
+        from slot-major scores [profile, K * G]."""
+        ng = len(self.groups)
+        v = sm.reshape(sm.shape[0], -1, ng)                      # [C, K, G], rows contiguous
+        best = v.max(axis=1)
+        kk = v.shape[1]
+        k = np.full(best.shape, kk - 1, dtype=np.int64)
+        for j in range(kk - 2, -1, -1):                          # downwards: the lowest slot wins ties
+            np.copyto(k, j, where=v[:, j] == best)
+        return self._slots[np.arange(ng)[None, :], k]
+
+    @property
+    def scores_(self) -> np.ndarray:
+        """Scores of the last update, [profile, path] in ``set_paths`` order."""
+        return self._sm[:, self._pos]
 
     # -- selection ------------------------------------------------------------
 
@@ -187,12 +235,17 @@ class Selector:
             return np.zeros((len(self.profiles), 0), dtype=bool)
         self._metrics = (np.asarray(rtt_ms, float), np.asarray(jitter_ms, float), np.asarray(loss_pct, float),
                          np.asarray(alive, bool))
-        scores = self.scores_ = self.score(rtt_ms, jitter_ms, loss_pct, alive, bandwidth_mbps)
-        best = self._best(scores)
+        ins = [rtt_ms, jitter_ms, loss_pct, alive, bandwidth_mbps]
+        if not self._identity:
+            ins = [None if a is None else np.take(np.asarray(a), self._perm) for a in ins]
+            if self._perm_pad is not None:
+                ins[3][self._perm_pad] = False
+        sm = self._sm = self.score(*ins)
+        best = self._best(sm)
         cur = self._cur
         rows = np.arange(len(self.profiles))[:, None]
-        sb = scores[rows, best]
-        sc = np.where(cur >= 0, scores[rows, np.maximum(cur, 0)], -1.0)
+        sb = sm[rows, self._pos[best]]
+        sc = np.where(cur >= 0, sm[rows, self._pos[np.maximum(cur, 0)]], -1.0)
         forced = (cur < 0) | ((sc < 1) & (sb >= 1)) | ((sc <= 0) & (sb > 0))
         better = (sb > sc + self.margin) & (now - self._since >= self.hold_down_s)
         change = (best != cur) & (forced | better)
@@ -233,7 +286,7 @@ class Selector:
 
     def _decision(self, c: int, g: int, now: float | None) -> Decision:
         i = int(self._cur[c, g])
-        s = float(self.scores_[c, i]) if i >= 0 else 0.0
+        s = float(self._sm[c, self._pos[i]]) if i >= 0 else 0.0
         return Decision(self.profiles[c].name, self.groups[g], self.ids[i] if i >= 0 else None,
                         self._prev.get((c, g)), s, s > 1, self._reasons.get((c, g), "no path measured yet"),
                         float(self._since[c, g]) if now is None else now)

@@ -142,7 +142,7 @@ class PathStats:
     """
 
     def __init__(self, window: int = 50, window_s: float | None = None, timeout_s: float = 1.0,
-                 dead_after: int = 3, min_timeout_s: float = 0.05) -> None:
+                 dead_after: int = 3, min_timeout_s: float = 0.2) -> None:
         if window < 1:
             raise ValueError("window must be at least 1")
         self.window = window
