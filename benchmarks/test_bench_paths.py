@@ -15,7 +15,6 @@ import time
 import numpy as np
 import pytest
 
-from patronus.apps import BUILTIN_PROFILES
 from patronus.paths import Monitor, Responder, Selector
 
 N_PATHS = 100_000
@@ -31,9 +30,12 @@ def _metrics(n: int, seed: int = 5):
     return rtt, jit, loss, alive, bw
 
 
-@pytest.fixture(scope="module")
-def selector():
-    sel = Selector(hold_down_s=10)
+PROFILE_SETS = {"5 profiles": ["voip", "video", "gaming", "bulk", "default"], "8 profiles": None}
+
+
+@pytest.fixture(scope="module", params=list(PROFILE_SETS))
+def selector(request):
+    sel = Selector(PROFILE_SETS[request.param], hold_down_s=10)
     ids = [f"p{i}" for i in range(N_PATHS)]
     groups = [f"g{i // 4}" for i in range(N_PATHS)]  # 25,000 site pairs x 4 paths
     sel.set_paths(ids, groups=groups)
@@ -78,12 +80,12 @@ def _python_scores(m, profiles):
 
 def test_score_100k_paths_python_baseline(benchmark, selector):
     m = _metrics(N_PATHS)
-    profiles = list(BUILTIN_PROFILES.values())
+    profiles = selector.profiles
     got = benchmark.pedantic(lambda: _python_scores(m, profiles), rounds=3, iterations=1)
     np.testing.assert_allclose(np.array(got), selector.score(*m[:4], bandwidth_mbps=m[4]), rtol=1e-5)  # float32
     ms = benchmark.stats.stats.median * 1e3
     benchmark.extra_info.update(paths=N_PATHS, median_ms=round(ms, 1))
-    print(f"\nscore only, pure Python baseline: median {ms:.0f} ms")
+    print(f"\nscore only, {len(profiles)} profiles, pure Python baseline: median {ms:.0f} ms")
 
 
 async def _probe_load(paths: int, interval_ms: float, seconds: float) -> dict:

@@ -90,6 +90,24 @@ BUILTIN_PROFILES: dict[str, AppProfile] = {
                    "loss bound relaxed to 5 % because TCP recovers (patronus choice)",
         ),
         AppProfile(
+            "voice", max_rtt_ms=50, max_jitter_ms=7, max_loss_pct=0.3,
+            w_latency=0.3, w_jitter=0.3, w_loss=0.4,
+            source="VMware VeloCloud SD-WAN quality score (VQS), voice 'good': one-way latency <= 25 ms, "
+                   "loss <= 0.3 %, jitter <= 7 ms ('critical' beyond 65 ms / 1 % / 30 ms); Broadcom KB 312376",
+        ),
+        AppProfile(
+            "realtime", max_rtt_ms=100, max_jitter_ms=20, max_loss_pct=1.0,
+            w_latency=0.4, w_jitter=0.3, w_loss=0.3,
+            source="Cisco SD-WAN application-aware routing, SLA class example SLA-REALTIME: latency 100 ms, "
+                   "loss 1 %, jitter 20 ms (latency from BFD round trips, kept as is)",
+        ),
+        AppProfile(
+            "transactional", max_rtt_ms=100, max_jitter_ms=200, max_loss_pct=1.0,
+            w_latency=0.5, w_jitter=0.0, w_loss=0.4, w_bandwidth=0.1,
+            source="VMware VeloCloud SD-WAN quality score (VQS), transactional 'good': one-way latency <= 50 ms, "
+                   "loss <= 1 %, jitter <= 200 ms",
+        ),
+        AppProfile(
             "default", max_rtt_ms=800, max_jitter_ms=200, max_loss_pct=2.0,
             w_latency=0.4, w_jitter=0.1, w_loss=0.4, w_bandwidth=0.1,
             source="ITU-T Y.1541 class 2/3 (transaction data): IPTD 400 ms, IPLR 1e-3; "

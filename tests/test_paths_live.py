@@ -43,19 +43,33 @@ async def sample_jitter(mon, pid, seconds, every=0.05):
     return sum(vals[len(vals) // 4:]) / len(vals[len(vals) // 4:])  # skip the warm-up quarter
 
 
-def test_delay_jitter_and_loss_through_the_relay_on_loopback():
+@pytest.fixture(params=["loopback", "netns"])
+def wan(request):
+    """Where the probes run: all on loopback, or monitor and relay in one
+    namespace and the responder in another, across a veth pair."""
+    if request.param == "loopback":
+        yield {"ns_mon": None, "ns_resp": None, "mon_addr": "127.0.0.1", "resp_addr": "127.0.0.1"}
+        return
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root")
+    with veth_pair(unique("pw"), "10.93.0.1/24", "10.93.0.2/24") as v:
+        yield {"ns_mon": v["ns_a"], "ns_resp": v["ns_b"], "mon_addr": v["addr_a"], "resp_addr": v["addr_b"]}
+
+
+def test_delay_jitter_and_loss_through_the_relay(wan):
     async def main():
-        async with Responder(("127.0.0.1", 0)) as resp:
+        async with Responder((wan["resp_addr"], 0), netns=wan["ns_resp"]) as resp:
+            target = (wan["resp_addr"], resp.address[1])
+            ns, here = wan["ns_mon"], (wan["mon_addr"], 0)
             async with Monitor(interval_ms=10, window=200) as mon:
-                mon.add("base", remote=resp.address)
-                async with Impairment(("127.0.0.1", 0), resp.address, delay_ms=30) as d, \
-                        Impairment(("127.0.0.1", 0), resp.address, delay_ms=20, jitter_ms=8,
-                                   direction="forward", seed=3) as j, \
-                        Impairment(("127.0.0.1", 0), resp.address, loss_pct=10, direction="forward",
-                                   seed=7) as lo:
-                    mon.add("delay", remote=d.address)
-                    mon.add("jitter", remote=j.address)
-                    mon.add("loss", remote=lo.address, interval_ms=4)
+                mon.add("base", remote=target, netns=ns)
+                async with Impairment(here, target, delay_ms=30, netns=ns) as d, \
+                        Impairment(here, target, delay_ms=20, jitter_ms=8, direction="forward", seed=3,
+                                   netns=ns) as j, \
+                        Impairment(here, target, loss_pct=10, direction="forward", seed=7, netns=ns) as lo:
+                    mon.add("delay", remote=d.address, netns=ns)
+                    mon.add("jitter", remote=j.address, netns=ns)
+                    mon.add("loss", remote=lo.address, interval_ms=4, netns=ns)
                     jit = await sample_jitter(mon, "jitter", 4.0)
                     return mon.all_metrics(), jit, lo.stats()
 
