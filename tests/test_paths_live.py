@@ -175,3 +175,42 @@ def test_unprivileged_icmp_datagram_socket_when_the_group_is_allowed():
 
         m, raw = run(main())
     assert not raw and m.received >= 10 and m.loss_pct == 0
+
+
+def test_duplicates_and_reordering_are_counted_as_the_relay_made_them():
+    async def main():
+        async with Responder(("127.0.0.1", 0)) as resp:
+            async with Impairment(("127.0.0.1", 0), resp.address, duplicate_pct=20, reorder_pct=15,
+                                  direction="reverse", seed=11) as wan:
+                async with Monitor(interval_ms=5, window=500) as mon:
+                    mon.add("p", remote=wan.address)
+                    await asyncio.sleep(1.5)
+                    m = mon.metrics("p")
+                    return m, wan.stats()["reverse"]
+
+    m, st = run(main())
+    assert st["duplicated"] > 20 and st["reordered"] > 15
+    # every duplicate the relay sent reaches the monitor as one; a held packet
+    # arrives after the next one and is counted reordered by its sequence
+    assert st["forwarded"] == st["received"] + st["duplicated"]
+    assert m.duplicates == st["duplicated"]
+    assert abs(m.reordered - st["reordered"]) <= 2 and m.lost == 0
+
+
+def test_ipv6_udp_and_icmp_probes_on_loopback():
+    async def main():
+        async with Responder(("::1", 0)) as resp:
+            async with Monitor(interval_ms=20) as mon:
+                mon.add("v6", remote=("::1", resp.address[1]))
+                mon.add("v6icmp", remote=("::1", 0), method="icmp")
+                await asyncio.sleep(0.5)
+                return mon.metrics("v6"), mon.metrics("v6icmp")
+
+    try:
+        u, i = run(main())
+    except Exception as e:  # a machine without IPv6 on loopback
+        if "Cannot assign requested address" in str(e) or "Address family" in str(e):
+            pytest.skip(f"no IPv6 here: {e}")
+        raise
+    assert u.received >= 10 and u.loss_pct == 0
+    assert i.received >= 10 and i.loss_pct == 0

@@ -20,3 +20,11 @@ def test_quick_start_runs(tmp_path, capsys):
     out = capsys.readouterr().out.split()
     assert "voip" in out and "hq.isp1" in out
     assert (tmp_path / "state.db").exists()
+
+
+def test_path_quality_example_runs(capsys):
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    (block,) = [b for b in blocks if "Monitor(" in b]
+    exec(compile(block, "README.md", "exec"), {})
+    out = capsys.readouterr().out.split()
+    assert out[:2] == ["voip", "hq.lte~br1.isp1"]
