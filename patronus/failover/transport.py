@@ -1,0 +1,304 @@
+"""BFD over UDP with asyncio: RFC 5881 single hop (port 3784, TTL 255 both
+ways) and RFC 5883 multihop (port 4784). Sessions that share a local address
+share one receiving socket (an endpoint), which finds each packet's session
+by Your Discriminator, or by the peer address while that is still zero.
+Every session has its own sending socket (a source port in 49152-65535,
+kept for the life of the session) and its own timer on the event loop.
+
+>>> import asyncio
+>>> async def pair():
+...     a = BfdSession(local="127.0.0.1", peer="127.0.0.2", tx_ms=20, rx_ms=20, port=13784, peer_port=23784)
+...     b = BfdSession(local="127.0.0.2", peer="127.0.0.1", tx_ms=20, rx_ms=20, port=23784, peer_port=13784)
+...     await a.start(); await b.start()
+...     await asyncio.wait_for(a.wait_for(State.UP), 5)
+...     state = a.state.name
+...     await a.stop(); await b.stop()
+...     return state
+>>> asyncio.run(pair())
+'UP'
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import random
+import socket
+import struct
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from ..errors import ConfigError
+from ..netns import socket_in
+from .bfd import Auth, BfdDecodeError, ControlPacket, Session, State, Transition, decode
+
+__all__ = ["BfdSession", "BfdEndpoint", "SINGLE_HOP_PORT", "MULTIHOP_PORT"]
+
+SINGLE_HOP_PORT, MULTIHOP_PORT = 3784, 4784
+IP_RECVTTL, IP_TTL = 12, 2                  # <linux/in.h>
+IPV6_RECVHOPLIMIT, IPV6_HOPLIMIT = 51, 52   # <linux/in6.h>
+_SRC_PORTS = (49152, 65535)
+
+
+def _family(addr: str) -> int:
+    try:
+        return socket.AF_INET6 if ipaddress.ip_address(addr).version == 6 else socket.AF_INET
+    except ValueError:
+        raise ConfigError("BfdSession address", addr, "is not an IP address") from None
+
+
+class BfdEndpoint:
+    """The receiving socket of one local address and port (shared by every
+    session from that address), with the TTL check of RFC 5881 section 5."""
+
+    _all: dict[tuple[Any, ...], BfdEndpoint] = {}
+
+    @classmethod
+    def get(cls, local: str, port: int, netns: str | None, min_ttl: int) -> BfdEndpoint:
+        loop = asyncio.get_running_loop()
+        key = (id(loop), netns, local, port)
+        ep = cls._all.get(key)
+        if ep is None:
+            ep = cls._all[key] = BfdEndpoint(local, port, netns, min_ttl, key)
+        return ep
+
+    def __init__(self, local: str, port: int, netns: str | None, min_ttl: int, key: tuple[Any, ...]) -> None:
+        self.family = _family(local)
+        self.key = key
+        self.min_ttl = min_ttl
+        self.sessions: dict[int, BfdSession] = {}        # local discriminator -> session
+        self.by_peer: dict[str, BfdSession] = {}
+        self.discards: dict[str, int] = {}
+        sock = socket_in(netns, self.family, socket.SOCK_DGRAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if self.family == socket.AF_INET:
+                sock.setsockopt(socket.IPPROTO_IP, IP_RECVTTL, 1)
+            else:
+                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVHOPLIMIT, 1)
+            sock.bind((local, port))
+        except OSError as e:
+            sock.close()
+            raise ConfigError("BfdSession local", (local, port), f"cannot be bound: {e.strerror}") from None
+        sock.setblocking(False)
+        self.sock = sock
+        self.loop = asyncio.get_running_loop()
+        self.loop.add_reader(sock.fileno(), self._readable)
+
+    def _count(self, reason: str) -> None:
+        self.discards[reason] = self.discards.get(reason, 0) + 1
+
+    def _readable(self) -> None:
+        for _ in range(256):
+            try:
+                data, anc, _flags, addr = self.sock.recvmsg(512, 64)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                continue
+            now = self.loop.time()
+            ttl = None
+            for level, kind, val in anc:
+                if (level, kind) in ((socket.IPPROTO_IP, IP_TTL), (socket.IPPROTO_IPV6, IPV6_HOPLIMIT)):
+                    ttl = struct.unpack("i", val[:4])[0] if len(val) >= 4 else val[0]
+            if ttl is not None and ttl < self.min_ttl:
+                self._count("bad_ttl")
+                continue
+            try:
+                p = decode(data)
+            except BfdDecodeError as e:
+                self._count(e.reason)
+                continue
+            s = self.sessions.get(p.your_discr) if p.your_discr else self.by_peer.get(addr[0])
+            if s is None:
+                self._count("unknown_discriminator")
+                continue
+            if s.peer != addr[0] and not s.multihop:
+                self._count("unknown_discriminator")
+                continue
+            s._on_packet(p, now)
+
+    def add(self, s: BfdSession) -> None:
+        self.sessions[s.core.local_discr] = s
+        self.by_peer[s.peer] = s
+
+    def remove(self, s: BfdSession) -> None:
+        self.sessions.pop(s.core.local_discr, None)
+        if self.by_peer.get(s.peer) is s:
+            del self.by_peer[s.peer]
+        if not self.sessions:
+            self.loop.remove_reader(self.sock.fileno())
+            self.sock.close()
+            BfdEndpoint._all.pop(self.key, None)
+
+
+class BfdSession:
+    """One BFD session, asynchronous mode, over UDP.
+
+    ``BfdSession(local="10.0.0.1", peer="10.0.0.2", tx_ms=50, rx_ms=50,
+    multiplier=3)``; ``await start()``; ``state``; ``on_change(callback)``
+    (called with a ``Transition``: old, new, diag, at); ``async for t in
+    changes()``; ``set_timers(tx_ms, rx_ms)`` (a Poll Sequence while Up);
+    ``await stop()``. ``multihop=True`` uses port 4784 and accepts packets
+    with TTL >= ``min_ttl``; single hop sends with TTL 255 and drops any
+    packet that arrives with less. ``netns`` runs it in a named namespace.
+    """
+
+    def __init__(self, local: str, peer: str, tx_ms: float = 300, rx_ms: float = 300, multiplier: int = 3, *,
+                 multihop: bool = False, min_ttl: int | None = None, netns: str | None = None,
+                 auth: Auth | None = None, port: int | None = None, peer_port: int | None = None,
+                 discriminator: int | None = None) -> None:
+        if _family(local) != _family(peer):
+            raise ConfigError("BfdSession peer", peer, f"is not of the family of {local}")
+        if not 1 <= multiplier <= 255:
+            raise ConfigError("BfdSession.multiplier", multiplier, "is not in 1..255")
+        if not 1 <= tx_ms <= 60_000 or not 0 <= rx_ms <= 60_000:
+            raise ConfigError("BfdSession timers", (tx_ms, rx_ms), "tx 1..60000 ms, rx 0..60000 ms")
+        self.local, self.peer, self.multihop, self.netns = local, peer, multihop, netns
+        self.port = port if port is not None else (MULTIHOP_PORT if multihop else SINGLE_HOP_PORT)
+        self.peer_port = peer_port if peer_port is not None else self.port
+        self.min_ttl = min_ttl if min_ttl is not None else (1 if multihop else 255)
+        self.core = Session(discriminator or random.randrange(1, 2**32), int(tx_ms * 1000), int(rx_ms * 1000),
+                            multiplier, auth=auth)
+        self._callbacks: list[Callable[[Transition], Any]] = []
+        self._queues: list[asyncio.Queue[Transition]] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._ep: BfdEndpoint | None = None
+        self._tx: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._seen = 0
+        self.send_errors = 0
+
+    # -- public ------------------------------------------------------------------
+
+    @property
+    def state(self) -> State:
+        return self.core.state
+
+    def on_change(self, callback: Callable[[Transition], Any]) -> None:
+        self._callbacks.append(callback)
+
+    async def changes(self) -> AsyncIterator[Transition]:
+        q: asyncio.Queue[Transition] = asyncio.Queue()
+        self._queues.append(q)
+        try:
+            while True:
+                yield await q.get()
+        finally:
+            self._queues.remove(q)
+
+    async def wait_for(self, state: State) -> Transition | None:
+        """Return once the session is in ``state`` (the transition, or None if it already was)."""
+        if self.state == state:
+            return None
+        async for t in self.changes():
+            if t.new == state:
+                return t
+        return None  # pragma: no cover
+
+    async def start(self) -> BfdSession:
+        self._loop = asyncio.get_running_loop()
+        self._ep = BfdEndpoint.get(self.local, self.port, self.netns, self.min_ttl)
+        if self.core.local_discr in self._ep.sessions or self.peer in self._ep.by_peer:
+            raise ConfigError("BfdSession", (self.local, self.peer), "already has a session")
+        self._tx = self._tx_socket()
+        self._ep.add(self)
+        self._run(self._loop.time())
+        return self
+
+    async def stop(self) -> None:
+        """Say AdminDown to the peer (it sees the session go down at once, not
+        after a detection time), then close."""
+        if self._loop is None:
+            return
+        self.core.admin_down(self._loop.time())
+        for p in self.core.tick(self._loop.time()):
+            self._send(p)
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._ep is not None:
+            self._ep.remove(self)
+        if self._tx is not None:
+            self._tx.close()
+        self._loop = None
+        self._notify()
+
+    def set_timers(self, tx_ms: float, rx_ms: float) -> None:
+        assert self._loop is not None
+        self.core.set_timers(int(tx_ms * 1000), int(rx_ms * 1000), self._loop.time())
+        self._run(self._loop.time())
+
+    def snapshot(self) -> dict[str, Any]:
+        c = self.core
+        return {"local": self.local, "peer": self.peer, "state": c.state.name, "remote_state": c.remote_state.name,
+                "diag": c.local_diag.name, "local_discr": c.local_discr, "remote_discr": c.remote_discr,
+                "tx_ms": c.tx_interval() * 1e3, "detect_ms": c.detection_time() * 1e3,
+                "sent": c.sent, "received": c.received, "discards": dict(c.discards)}
+
+    # -- internals -------------------------------------------------------------
+
+    def _tx_socket(self) -> socket.socket:
+        fam = _family(self.local)
+        sock = socket_in(self.netns, fam, socket.SOCK_DGRAM)
+        if fam == socket.AF_INET:
+            sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, 255)
+        else:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, 255)
+        for _ in range(64):  # RFC 5881 section 4: a source port in 49152-65535, the same for the session
+            try:
+                sock.bind((self.local, random.randint(*_SRC_PORTS)))
+                break
+            except OSError:
+                continue
+        else:
+            sock.close()
+            raise ConfigError("BfdSession local", self.local, "has no free source port in 49152-65535")
+        sock.setblocking(False)
+        return sock
+
+    def _send(self, p: ControlPacket) -> None:
+        if self._tx is None:
+            return
+        try:
+            self._tx.sendto(self.core.encode(p), (self.peer, self.peer_port))
+        except OSError:
+            self.send_errors += 1
+
+    def _on_packet(self, p: ControlPacket, now: float) -> None:
+        for out in self.core.receive(p, now):
+            self._send(out)
+        self._run(now)
+
+    def _run(self, now: float) -> None:
+        """Fire the session's due timers, notify, and re-arm its timer."""
+        if self._loop is None:
+            return
+        for out in self.core.tick(now):
+            self._send(out)
+        self._notify()
+        if self._timer is not None:
+            self._timer.cancel()
+        at = self.core.next_deadline()
+        if at is not None:
+            self._timer = self._loop.call_at(at, self._fire)
+
+    def _fire(self) -> None:
+        if self._loop is not None:
+            self._run(self._loop.time())
+
+    def _notify(self) -> None:
+        new = self.core.transitions[self._seen:]
+        self._seen = len(self.core.transitions)
+        for t in new:
+            for cb in self._callbacks:
+                cb(t)
+            for q in self._queues:
+                q.put_nowait(t)
+
+
+def transition_json(s: BfdSession, t: Transition) -> str:
+    """One JSON line per state change (the ``patronus bfd`` command's output)."""
+    return json.dumps({"time": time.time(), "local": s.local, "peer": s.peer, "old": t.old.name,
+                       "new": t.new.name, "diag": t.diag.name, "detect_ms": round(s.core.detection_time() * 1e3, 1)})
