@@ -100,3 +100,21 @@ def test_timer_change_by_poll_final_is_accepted_by_frr(lab):
     assert peer["remote-transmit-interval"] == 200 and peer["remote-receive-interval"] == 300
     assert tx == pytest.approx(0.2)          # max(our 200, bfdd's required 50)
     assert detect == pytest.approx(3 * 0.3)  # bfdd multiplier x max(our rx 300, its tx 50)
+
+
+def test_the_bfd_command_prints_json_lines_per_state_change(lab):
+    import json
+    import subprocess
+    import sys
+
+    v, d = lab
+    p = subprocess.run([sys.executable, "-m", "patronus.cli", "bfd", "--local", A, "--peer", B, "--tx-ms", "50",
+                        "--rx-ms", "50", "--multiplier", "3", "--netns", v["ns_a"], "--duration", "2"],
+                       capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0, p.stderr
+    lines = [json.loads(x) for x in p.stdout.splitlines()]
+    assert [x["new"] for x in lines][:1] in (["UP"], ["INIT"]) and lines[-1]["new"] == "ADMIN_DOWN"
+    assert any(x["new"] == "UP" for x in lines) and all(x["peer"] == B for x in lines)
+    bad = subprocess.run([sys.executable, "-m", "patronus.cli", "bfd", "--local", A, "--peer", "not-an-ip"],
+                         capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "not an IP address" in bad.stderr
