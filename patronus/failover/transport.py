@@ -225,6 +225,19 @@ class BfdSession:
         self._loop = None
         self._notify()
 
+    def kill(self) -> None:
+        """Stop without a word to the peer, as a crash or a cut cable would:
+        the peer finds out only when its detection time runs out."""
+        if self._loop is None:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._ep is not None:
+            self._ep.remove(self)
+        if self._tx is not None:
+            self._tx.close()
+        self._loop = None
+
     def set_timers(self, tx_ms: float, rx_ms: float) -> None:
         assert self._loop is not None
         self.core.set_timers(int(tx_ms * 1000), int(rx_ms * 1000), self._loop.time())

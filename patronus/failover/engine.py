@@ -1,0 +1,394 @@
+"""The failover engine: which path each policy uses, and when it moves.
+
+For every policy of the mesh the engine keeps an ordered list of candidate
+paths from the local site (the policy's ``prefer`` uplinks first, then the
+selector's ranking for the policy's application, then path order) and the
+path in use. It moves a policy when
+
+* BFD reports its path Down (``bfd_down``, at once),
+* the path has violated the policy's SLA for ``sla_windows`` consecutive
+  measurement windows (``sla_violation(loss 3.2 % > 1 % for voip)``),
+* the preferred path has been healthy again for ``failback_hold_s``
+  (``failback``), no sooner than ``cooldown_s`` after the last move,
+
+and never onto a path that flap damping suppresses (``damped``): every Down
+adds ``damp_penalty`` to the path, the penalty halves every
+``damp_half_life_s``, a path above ``damp_suppress`` is not used until it
+decays below ``damp_reuse`` (BGP route flap dampening, RFC 2439).
+
+A move is one ``dataplane.set_path(policy, path.index)``: flows keep their
+records. Every event goes to callbacks, to ``events()`` iterators and to the
+SQLite state when a ``Store`` is given.
+
+``FailoverCore`` is the decision logic with an explicit clock (tests drive
+it); ``Engine`` runs it on asyncio with real BFD sessions and a path monitor.
+
+>>> from patronus import Mesh, Site, Uplink, Policy, Match, Failover
+>>> mesh = Mesh("m")
+>>> mesh.add_site(Site("hq", subnets=["10.1.0.0/24"], uplinks=[Uplink("mpls", "192.0.2.1"), Uplink("lte", "198.51.100.1")]))
+>>> mesh.add_site(Site("br", subnets=["10.2.0.0/24"], uplinks=[Uplink("inet", "203.0.113.1")]))
+>>> mesh.add_policy(Policy("voip", Match(dst="10.2.0.0/24", proto="udp"), priority=1, app="voip", prefer=["mpls"]))
+>>> mesh.failover = Failover(failback_hold_s=10)
+>>> class Plane:                                   # any object with set_path(policy, slot)
+...     def set_path(self, policy, slot): print("set_path", policy, slot)
+>>> core = FailoverCore(mesh, Plane(), local_site="hq")
+>>> _ = core.start(now=0.0)
+set_path voip 0
+>>> [e.reason for e in core.bfd("br.inet~hq.mpls", up=False, now=5.0)]
+set_path voip 1
+['bfd_down']
+>>> _ = core.bfd("br.inet~hq.mpls", up=True, now=6.0); core.tick(now=15.0)
+[]
+>>> [e.reason for e in core.tick(now=16.0)]
+set_path voip 0
+['failback']
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import math
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..apps import BUILTIN_PROFILES, AppProfile
+from ..errors import ConfigError
+from ..model import Failover, Path
+
+__all__ = ["FailoverCore", "Engine", "Event"]
+
+
+@dataclass(frozen=True)
+class Event:
+    """One thing the engine did or noticed."""
+
+    ts: float
+    reason: str            # bfd_down, bfd_up, sla_violation, failback, damped, reuse, initial
+    policy: str | None = None
+    from_path: str | None = None
+    to_path: str | None = None
+    detail: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"ts": self.ts, "reason": self.reason, "policy": self.policy, "from_path": self.from_path,
+                "to_path": self.to_path, "detail": self.detail}
+
+
+@dataclass
+class _PathHealth:
+    path: Path
+    bfd_up: bool | None = None        # None: no BFD on this path
+    penalty: float = 0.0
+    penalty_at: float = 0.0
+    suppressed: bool = False
+    healthy_since: float | None = 0.0
+    sla_bad: dict[str, int] = field(default_factory=dict)   # app -> consecutive violating windows
+    sla_why: dict[str, str] = field(default_factory=dict)
+
+    def decayed(self, now: float, half_life: float) -> float:
+        return self.penalty * math.pow(0.5, max(0.0, now - self.penalty_at) / half_life)
+
+
+@dataclass
+class _PolicyState:
+    name: str
+    app: str
+    candidates: list[str]
+    current: str | None = None
+    moved_at: float = -math.inf
+
+
+class FailoverCore:
+    """Failover decisions with an explicit clock. Methods return the events
+    they produced (and have already acted on the data plane)."""
+
+    def __init__(self, mesh: Any, dataplane: Any, *, local_site: str, selector: Any = None,
+                 store: Any = None, targets: dict[str, str] | None = None,
+                 profiles: dict[str, AppProfile] | None = None) -> None:
+        names = [site.name for site in mesh.sites]
+        if local_site not in names:
+            raise ConfigError("Engine.local_site", local_site, "is not a site of the mesh")
+        self.mesh, self.dataplane, self.selector, self.store = mesh, dataplane, selector, store
+        self.local_site = local_site
+        self.cfg: Failover = mesh.failover
+        self.profiles = {**BUILTIN_PROFILES, **dict(getattr(mesh, "profiles", None) or {}), **(profiles or {})}
+        self.paths: dict[str, _PathHealth] = {}
+        for remote in names:
+            if remote != local_site:
+                for p in mesh.paths(local_site, remote):
+                    self.paths[p.id] = _PathHealth(p)
+        self.policies: dict[str, _PolicyState] = {}
+        targets = targets or {}
+        for pol in mesh.policies:
+            remote = targets.get(pol.name) or self._remote_of(pol)
+            cands = [p.id for p in mesh.paths(local_site, remote)] if remote else []
+            if not cands:
+                continue
+            self.policies[pol.name] = _PolicyState(pol.name, pol.app or "default", self._order(pol, cands))
+        self._callbacks: list[Callable[[Event], Any]] = []
+        self._queues: list[asyncio.Queue[Event]] = []
+        self.set_path_calls = 0
+
+    # -- set-up ---------------------------------------------------------------
+
+    def _remote_of(self, pol: Any) -> str | None:
+        """The remote site whose subnets hold the policy's destination prefix,
+        else the first other site (a policy without one follows the hub)."""
+        others = [site.name for site in self.mesh.sites if site.name != self.local_site]
+        dst = pol.match.dst
+        if dst is not None:
+            net = ipaddress.ip_network(dst)
+            for name in others:
+                for sub in self.mesh.site(name).subnets:
+                    sn = ipaddress.ip_network(sub)
+                    if net.version == sn.version and net.subnet_of(sn):
+                        return name
+        return others[0] if others else None
+
+    def _local_uplink(self, pid: str) -> str:
+        p = self.paths[pid].path
+        return p.local_uplink if p.local_site == self.local_site else p.remote_uplink
+
+    def _order(self, pol: Any, cands: list[str]) -> list[str]:
+        prefer = list(pol.prefer)
+        rank = {u: i for i, u in enumerate(prefer)}
+        return sorted(cands, key=lambda pid: (rank.get(self._local_uplink(pid), len(prefer)),
+                                              self.paths[pid].path.index))
+
+    def on_event(self, callback: Callable[[Event], Any]) -> None:
+        self._callbacks.append(callback)
+
+    # -- health ---------------------------------------------------------------
+
+    def _usable(self, pid: str, app: str) -> bool:
+        h = self.paths[pid]
+        return h.bfd_up is not False and not h.suppressed and h.sla_bad.get(app, 0) < self.cfg.sla_windows
+
+    def _healthy_for(self, pid: str, app: str, now: float) -> float:
+        h = self.paths[pid]
+        if not self._usable(pid, app) or h.healthy_since is None:
+            return -1.0
+        return now - h.healthy_since
+
+    def _best(self, st: _PolicyState) -> str | None:
+        order = st.candidates
+        if self.selector is not None:  # the selector's ranking among equally preferred paths
+            order = self._ranked(st)
+        for pid in order:
+            if self._usable(pid, st.app):
+                return pid
+        return None
+
+    def _ranked(self, st: _PolicyState) -> list[str]:
+        try:
+            scores = self.selector.scores_
+            names = [p.name for p in self.selector.profiles]
+            c = names.index(st.app) if st.app in names else None
+            idx = self.selector._index
+        except (AttributeError, ValueError):
+            return st.candidates
+        if c is None:
+            return st.candidates
+        pol = next(p for p in self.mesh.policies if p.name == st.name)
+        rank = {u: i for i, u in enumerate(pol.prefer)}
+        return sorted(st.candidates, key=lambda pid: (rank.get(self._local_uplink(pid), len(rank)),
+                                                      -float(scores[c, idx[pid]]) if pid in idx else 0.0))
+
+    # -- acting -----------------------------------------------------------------
+
+    def _emit(self, ev: Event) -> Event:
+        if self.store is not None:
+            self.store.add_event(ev.reason, policy=ev.policy, from_path=ev.from_path, to_path=ev.to_path,
+                                 detail=ev.detail, ts=ev.ts)
+        for cb in self._callbacks:
+            cb(ev)
+        for q in self._queues:
+            q.put_nowait(ev)
+        return ev
+
+    def _move(self, st: _PolicyState, to: str, reason: str, detail: str | None, now: float) -> Event:
+        frm = st.current
+        self.dataplane.set_path(st.name, self.paths[to].path.index)
+        self.set_path_calls += 1
+        st.current, st.moved_at = to, now
+        return self._emit(Event(now, reason, st.name, frm, to, detail))
+
+    def start(self, now: float) -> list[Event]:
+        """Put every policy on its best usable path."""
+        out = []
+        for st in self.policies.values():
+            best = self._best(st)
+            if best is not None:
+                out.append(self._move(st, best, "initial", None, now))
+        return out
+
+    def bfd(self, path_id: str, up: bool, now: float) -> list[Event]:
+        """A BFD state change on a path."""
+        h = self.paths.get(path_id)
+        if h is None:
+            raise ConfigError("Engine.bfd", path_id, "is not a path of the local site")
+        out: list[Event] = []
+        if h.bfd_up is not False and not up:
+            h.bfd_up = False
+            h.healthy_since = None
+            h.penalty = h.decayed(now, self.cfg.damp_half_life_s) + self.cfg.damp_penalty
+            h.penalty_at = now
+            if not h.suppressed and h.penalty > self.cfg.damp_suppress:
+                h.suppressed = True
+                out.append(self._emit(Event(now, "damped", None, path_id, None,
+                                            f"penalty {h.penalty:.0f} > {self.cfg.damp_suppress:g}")))
+            for st in self.policies.values():
+                if st.current == path_id:
+                    to = self._best(st)
+                    if to is not None and to != path_id:
+                        out.append(self._move(st, to, "bfd_down", f"{path_id} down", now))
+        elif up and h.bfd_up is not True:
+            h.bfd_up = True
+            h.healthy_since = now
+            out.append(self._emit(Event(now, "bfd_up", None, None, path_id, None)))
+            # a policy with no usable path at all takes this one at once
+            for st in self.policies.values():
+                if st.current is not None and not self._usable(st.current, st.app) and self._usable(path_id, st.app):
+                    out.append(self._move(st, path_id, "bfd_up", f"{path_id} up, {st.current} unusable", now))
+        return out
+
+    def sla(self, path_id: str, violations: dict[str, str | None], now: float) -> list[Event]:
+        """One measurement window of a path: for each application, the SLA
+        violation (a reason such as ``loss 3.2 % > 1 %``) or None."""
+        h = self.paths[path_id]
+        out: list[Event] = []
+        for app, why in violations.items():
+            was = h.sla_bad.get(app, 0)
+            if why is None:
+                h.sla_bad[app] = 0
+                if was >= self.cfg.sla_windows and h.bfd_up is not False:
+                    h.healthy_since = now
+                continue
+            h.sla_bad[app] = was + 1
+            h.sla_why[app] = why
+            if h.sla_bad[app] == self.cfg.sla_windows:
+                h.healthy_since = None
+                for st in self.policies.values():
+                    if st.current == path_id and st.app == app:
+                        to = self._best(st)
+                        if to is not None and to != path_id:
+                            out.append(self._move(st, to, "sla_violation", f"{why} for {app}", now))
+        return out
+
+    def tick(self, now: float) -> list[Event]:
+        """Damping decay and failback; call it every few hundred ms."""
+        out: list[Event] = []
+        for pid, h in self.paths.items():
+            if h.suppressed and h.decayed(now, self.cfg.damp_half_life_s) < self.cfg.damp_reuse:
+                h.suppressed = False
+                h.penalty, h.penalty_at = h.decayed(now, self.cfg.damp_half_life_s), now
+                if h.bfd_up is not False:
+                    h.healthy_since = now
+                out.append(self._emit(Event(now, "reuse", None, None, pid, "penalty decayed")))
+        for st in self.policies.values():
+            best = self._best(st)
+            if best is None or best == st.current:
+                continue
+            cur_ok = st.current is not None and self._usable(st.current, st.app)
+            if not cur_ok:
+                out.append(self._move(st, best, "failback" if best == st.candidates[0] else "reroute",
+                                      f"{st.current} unusable", now))
+                continue
+            if st.candidates.index(best) >= st.candidates.index(st.current):
+                continue  # only better-preferred paths pull traffic back
+            if now - st.moved_at < self.cfg.cooldown_s:
+                continue
+            if self._healthy_for(best, st.app, now) >= self.cfg.failback_hold_s:
+                out.append(self._move(st, best, "failback", f"{best} healthy for {self.cfg.failback_hold_s:g} s",
+                                      now))
+        return out
+
+    def where(self) -> dict[str, str | None]:
+        """Policy -> path id in use."""
+        return {n: st.current for n, st in self.policies.items()}
+
+
+class Engine(FailoverCore):
+    """The failover engine on asyncio: ``watch(path_id, bfd_session)`` feeds
+    BFD state changes in as they happen; ``watch_monitor(monitor)`` feeds
+    each path's metrics every ``window_s`` as SLA windows; ``await run()``
+    ticks until ``stop()``; ``async for ev in events()`` follows it."""
+
+    def __init__(self, mesh: Any, dataplane: Any, selector: Any = None, *, local_site: str,
+                 store: Any = None, window_s: float = 1.0, tick_s: float = 0.1, **kw: Any) -> None:
+        super().__init__(mesh, dataplane, local_site=local_site, selector=selector, store=store, **kw)
+        self.window_s, self.tick_s = window_s, tick_s
+        self._monitor: Any = None
+        self._stop: asyncio.Event | None = None
+        self._clock: Callable[[], float] = time.monotonic
+
+    def watch(self, path_id: str, session: Any) -> None:
+        from .bfd import State
+
+        def changed(t: Any) -> None:
+            if t.new == State.UP:
+                self.bfd(path_id, True, self._clock())
+            elif t.old == State.UP or t.new in (State.DOWN, State.ADMIN_DOWN):
+                self.bfd(path_id, False, self._clock())
+
+        session.on_change(changed)
+        if session.state == State.UP:
+            self.bfd(path_id, True, self._clock())
+
+    def watch_monitor(self, monitor: Any) -> None:
+        self._monitor = monitor
+
+    async def events(self) -> AsyncIterator[Event]:
+        q: asyncio.Queue[Event] = asyncio.Queue()
+        self._queues.append(q)
+        try:
+            while True:
+                yield await q.get()
+        finally:
+            self._queues.remove(q)
+
+    def _window(self, now: float) -> None:
+        mon = self._monitor
+        for pid in self.paths:
+            if pid not in mon.paths():
+                continue
+            m = mon.metrics(pid)
+            if not m.samples:
+                continue
+            apps = {st.app for st in self.policies.values()}
+            self.sla(pid, {app: _violation(m, self.profiles[app]) for app in apps if app in self.profiles}, now)
+
+    async def run(self) -> None:
+        self._stop = asyncio.Event()
+        self.start(self._clock())
+        next_window = self._clock() + self.window_s
+        while not self._stop.is_set():
+            now = self._clock()
+            if self._monitor is not None and now >= next_window:
+                self._window(now)
+                next_window = now + self.window_s
+            self.tick(now)
+            try:
+                await asyncio.wait_for(self._stop.wait(), self.tick_s)
+            except asyncio.TimeoutError:
+                pass
+
+    def stop(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+
+
+def _violation(m: Any, p: AppProfile) -> str | None:
+    """'loss 3.2 % > 1 %' for the worst metric over the profile's limit, or None."""
+    if not m.alive:
+        return "no replies"
+    over = []
+    for value, limit, text in ((m.rtt_ms, p.max_rtt_ms, "rtt {:.1f} ms > {:g} ms"),
+                               (m.jitter_ms, p.max_jitter_ms, "jitter {:.1f} ms > {:g} ms"),
+                               (m.loss_pct, p.max_loss_pct, "loss {:.1f} % > {:g} %")):
+        if value == value and value > limit:
+            over.append((value / max(limit, 1e-9), text.format(value, limit)))
+    return max(over)[1] if over else None

@@ -1,0 +1,213 @@
+"""The failover engine: BFD Down moves every policy on the path with one
+set_path each, failback waits for the hold, toggling links are damped, SLA
+violations move traffic after N windows, events land in the SQLite state."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from patronus import Failover, Match, Mesh, Policy, Site, Uplink, packets
+from patronus.dataplane import Userspace
+from patronus.failover import BfdSession, Engine, FailoverCore, State
+from patronus.store import Store
+
+MPLS, LTE = "br.inet~hq.mpls", "br.inet~hq.lte"
+
+
+class RecordingPlane(Userspace):
+    """The real userspace data plane, recording each set_path call."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.calls: list[tuple[str, int]] = []
+
+    def set_path(self, policy, path_id):
+        self.calls.append((policy, path_id))
+        super().set_path(policy, path_id)
+
+
+def make_mesh(**failover):
+    mesh = Mesh("t")
+    mesh.add_site(Site("hq", subnets=["10.1.0.0/24"],
+                       uplinks=[Uplink("mpls", "192.0.2.1"), Uplink("lte", "198.51.100.1")]))
+    mesh.add_site(Site("br", subnets=["10.2.0.0/24"], uplinks=[Uplink("inet", "203.0.113.1")]))
+    mesh.add_policy(Policy("voip", Match(dst="10.2.0.0/24", proto="udp"), priority=1, app="voip", prefer=["mpls"]))
+    mesh.add_policy(Policy("video", Match(dst="10.2.0.0/24", proto="tcp"), priority=2, app="video",
+                           prefer=["mpls"]))
+    mesh.add_policy(Policy("bulk", Match(dst="10.2.0.0/24"), priority=3, app="bulk", prefer=["lte"]))
+    mesh.failover = Failover(**{"failback_hold_s": 30, "cooldown_s": 1, **failover})
+    return mesh
+
+
+@pytest.fixture
+def setup(tmp_path):
+    mesh = make_mesh()
+    dp = RecordingPlane(mesh.policy_table(), flow_capacity=1024)
+    store = Store(tmp_path / "state.db")
+    core = FailoverCore(mesh, dp, local_site="hq", store=store)
+    core.start(now=0.0)
+    yield mesh, dp, core, store
+    store.close()
+
+
+def idx(mesh, pid):
+    return next(p.index for p in mesh.paths("hq", "br") if p.id == pid)
+
+
+def test_bfd_down_moves_every_policy_on_the_path_with_one_set_path_each(setup):
+    mesh, dp, core, store = setup
+    assert core.where() == {"voip": MPLS, "video": MPLS, "bulk": LTE}
+    voice = packets.udp("10.1.0.5", "10.2.0.9", 4000, 5060)
+    dp.process([voice], ts_ns=[1])
+    dp.calls.clear()
+    evs = core.bfd(MPLS, up=False, now=5.0)
+    assert sorted(dp.calls) == [("video", idx(mesh, LTE)), ("voip", idx(mesh, LTE))]
+    assert {(e.policy, e.reason, e.from_path, e.to_path) for e in evs} == {
+        ("voip", "bfd_down", MPLS, LTE), ("video", "bfd_down", MPLS, LTE)}
+    dp.process([voice], ts_ns=[2])
+    (flow,) = dp.flows()
+    assert flow["packets"] == 2 and flow["path"] == idx(mesh, LTE)  # same record, new path
+
+
+def test_failback_waits_for_the_hold(setup):
+    mesh, dp, core, store = setup
+    core.bfd(MPLS, up=False, now=5.0)
+    core.bfd(MPLS, up=True, now=10.0)
+    dp.calls.clear()
+    assert core.tick(now=39.9) == [] and dp.calls == []
+    evs = core.tick(now=40.0)
+    assert {(e.policy, e.reason) for e in evs} == {("voip", "failback"), ("video", "failback")}
+    assert core.where()["voip"] == MPLS and len(dp.calls) == 2
+
+
+def test_a_toggling_link_is_damped_then_reused(setup):
+    mesh, dp, core, store = setup
+    t, damped = 1.0, []
+    for _ in range(4):  # down/up every 300 ms
+        damped += [e for e in core.bfd(MPLS, up=False, now=t) if e.reason == "damped"]
+        core.bfd(MPLS, up=True, now=t + 0.3)
+        core.tick(now=t + 0.3)
+        t += 0.6
+    assert len(damped) == 1 and core.paths[MPLS].suppressed
+    assert core.where()["voip"] == LTE
+    dp.calls.clear()
+    # the penalty (about 3,700) halves every 15 s: still above the reuse
+    # level of 750 after 31 s, when the link has been up longer than the hold
+    assert core.tick(now=t + 31) == [] and dp.calls == [] and core.where()["voip"] == LTE
+    evs = core.tick(now=t + 36)      # below 750 after about 34.5 s
+    assert [e.reason for e in evs] == ["reuse"]
+    assert core.tick(now=t + 36 + 29.9) == []
+    evs = core.tick(now=t + 36 + 30)  # and then the hold again
+    assert {e.reason for e in evs} == {"failback"} and core.where()["voip"] == MPLS
+
+
+def test_sla_violation_moves_after_n_windows_only(setup):
+    mesh, dp, core, store = setup
+    bad = {"voip": "loss 3.2 % > 1 %", "video": None, "bulk": None}
+    assert core.sla(MPLS, bad, now=1.0) == [] and core.sla(MPLS, bad, now=2.0) == []
+    (ev,) = core.sla(MPLS, bad, now=3.0)
+    assert (ev.policy, ev.reason, ev.detail, ev.to_path) == ("voip", "sla_violation", "loss 3.2 % > 1 % for voip", LTE)
+    assert core.where()["video"] == MPLS  # video's SLA holds there
+    core.sla(MPLS, {"voip": None}, now=4.0)
+    assert core.tick(now=4.0 + 29.9) == []
+    assert [e.reason for e in core.tick(now=34.0)] == ["failback"]
+
+
+def test_events_are_persisted(setup):
+    mesh, dp, core, store = setup
+    core.bfd(MPLS, up=False, now=5.0)
+    rows = store.events()
+    assert [(r["reason"], r["policy"]) for r in rows if r["reason"] != "initial"] == [
+        ("bfd_down", "voip"), ("bfd_down", "video")]
+    assert rows[-1]["from_path"] == MPLS and rows[-1]["to_path"] == LTE and rows[-1]["ts"] == 5.0
+
+
+def test_cooldown_holds_back_a_quick_return():
+    mesh = make_mesh(failback_hold_s=0, cooldown_s=5)
+    dp = RecordingPlane(mesh.policy_table(), flow_capacity=64)
+    core = FailoverCore(mesh, dp, local_site="hq")
+    core.start(0.0)
+    core.bfd(MPLS, up=False, now=1.0)
+    core.bfd(MPLS, up=True, now=1.5)
+    assert core.tick(now=5.9) == []
+    assert {e.reason for e in core.tick(now=6.0)} == {"failback"}
+
+
+events = st.lists(st.tuples(st.sampled_from(["down", "up", "bad", "good", "tick"]), st.sampled_from([MPLS, LTE]),
+                            st.floats(0.01, 20)), max_size=60)
+
+
+@settings(max_examples=200, deadline=None)
+@given(events)
+def test_any_event_sequence_keeps_policies_on_usable_paths(evs):
+    mesh = make_mesh()
+    dp = RecordingPlane(mesh.policy_table(), flow_capacity=64)
+    core = FailoverCore(mesh, dp, local_site="hq")
+    moves = len(core.start(0.0))
+    t = 0.0
+    for kind, pid, dt in evs:
+        t += dt
+        if kind in ("down", "up"):
+            out = core.bfd(pid, up=kind == "up", now=t)
+        elif kind in ("bad", "good"):
+            out = core.sla(pid, {"voip": "loss 5 % > 1 %" if kind == "bad" else None}, now=t)
+        else:
+            out = core.tick(now=t)
+        out += core.tick(now=t)
+        moves += sum(1 for e in out if e.to_path is not None and e.policy is not None)
+        for st_ in core.policies.values():
+            usable = [c for c in st_.candidates if core._usable(c, st_.app)]
+            if usable:  # after a tick a policy is never left on an unusable path when a usable one exists
+                assert st_.current in usable
+            assert not core.paths[st_.current].suppressed or not usable
+    assert moves == len(dp.calls)  # one set_path per move, nothing else
+
+
+def test_engine_on_asyncio_with_real_bfd_sessions(tmp_path):
+    """Two BFD sessions on loopback stand for the two paths; killing the far
+    end of one (no goodbye) moves voip within the detection time."""
+    mesh = make_mesh(failback_hold_s=0.5, cooldown_s=0)
+    dp = RecordingPlane(mesh.policy_table(), flow_capacity=64)
+
+    async def main():
+        ends = {}
+        engine = Engine(mesh, dp, local_site="hq", tick_s=0.02)
+        for i, pid in enumerate((MPLS, LTE)):
+            a = BfdSession("127.0.0.1", f"127.0.1.{i + 1}", 20, 20, 3, port=14000 + i, peer_port=15000 + i)
+            b = BfdSession(f"127.0.1.{i + 1}", "127.0.0.1", 20, 20, 3, port=15000 + i, peer_port=14000 + i)
+            await a.start()
+            await b.start()
+            await asyncio.wait_for(a.wait_for(State.UP), 5)
+            engine.watch(pid, a)
+            ends[pid] = (a, b)
+        task = asyncio.create_task(engine.run())
+        await asyncio.sleep(0.2)
+        first = engine.where()["voip"]
+        got = []
+
+        async def follow():
+            async for ev in engine.events():
+                got.append(ev)
+                if ev.reason == "bfd_down" and ev.policy == "voip":
+                    return ev
+
+        follower = asyncio.create_task(follow())
+        await asyncio.sleep(0)
+        t0 = asyncio.get_running_loop().time()
+        ends[MPLS][1].kill()
+        ev = await asyncio.wait_for(follower, 2)
+        took = asyncio.get_running_loop().time() - t0
+        engine.stop()
+        await task
+        for a, b in ends.values():
+            await a.stop()
+            await b.stop()
+        return first, ev, took
+
+    first, ev, took = asyncio.run(main())
+    assert first == MPLS and ev.to_path == LTE
+    assert took < 0.2  # 3 x 20 ms detection plus scheduling
