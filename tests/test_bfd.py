@@ -58,7 +58,7 @@ def test_encode_decode_by_hand():
     raw = encode(p)
     assert raw[:4] == bytes([0x20 | 3, (3 << 6) | 0x20, 3, 24])
     assert struct.unpack("!IIIII", raw[4:]) == (0x01020304, 0x0A0B0C0D, 50_000, 60_000, 0)
-    assert decode(raw) == p
+    assert decode(raw)._replace(raw=b"") == p and decode(raw).raw == raw
 
 
 @pytest.mark.parametrize("mutate,reason", [

@@ -24,7 +24,7 @@ import hashlib
 import hmac
 import random
 import struct
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from enum import IntEnum
 from typing import NamedTuple
 
@@ -80,9 +80,9 @@ class AuthSection(NamedTuple):
     digest: bytes
 
 
-@dataclass(frozen=True)
-class ControlPacket:
-    """One BFD control packet (RFC 5880 4.1). Intervals in microseconds."""
+class ControlPacket(NamedTuple):
+    """One BFD control packet (RFC 5880 4.1). Intervals in microseconds.
+    (A NamedTuple: sessions build one per packet sent and received.)"""
 
     state: State
     my_discr: int
@@ -99,7 +99,7 @@ class ControlPacket:
     multipoint: bool = False
     auth: AuthSection | None = None
     version: int = 1
-    raw: bytes = field(default=b"", compare=False, repr=False)  # as received (for auth checks)
+    raw: bytes = b""  # as received (for auth checks); empty for packets built here
 
 
 @dataclass(frozen=True)
@@ -438,7 +438,3 @@ class Session:
         do not wait out a packet scheduled at the old, slower rate."""
         if self._next_tx is not None and self._next_tx - now > self.tx_interval():
             self._next_tx = now + self._jittered()
-
-
-def with_raw(p: ControlPacket, raw: bytes) -> ControlPacket:
-    return replace(p, raw=raw)

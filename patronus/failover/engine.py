@@ -105,10 +105,12 @@ class FailoverCore:
     """Failover decisions with an explicit clock. Methods return the events
     they produced (and have already acted on the data plane)."""
 
-    def __init__(self, mesh: Any, dataplane: Any, *, local_site: str, selector: Any = None,
+    def __init__(self, mesh: Any, dataplane: Any, *, local_site: str | None = None, selector: Any = None,
                  store: Any = None, targets: dict[str, str] | None = None,
                  profiles: dict[str, AppProfile] | None = None) -> None:
         names = [site.name for site in mesh.sites]
+        if local_site is None and names:
+            local_site = names[0]  # the site this agent runs at; the first one unless told
         if local_site not in names:
             raise ConfigError("Engine.local_site", local_site, "is not a site of the mesh")
         self.mesh, self.dataplane, self.selector, self.store = mesh, dataplane, selector, store
@@ -317,7 +319,7 @@ class Engine(FailoverCore):
     each path's metrics every ``window_s`` as SLA windows; ``await run()``
     ticks until ``stop()``; ``async for ev in events()`` follows it."""
 
-    def __init__(self, mesh: Any, dataplane: Any, selector: Any = None, *, local_site: str,
+    def __init__(self, mesh: Any, dataplane: Any, selector: Any = None, *, local_site: str | None = None,
                  store: Any = None, window_s: float = 1.0, tick_s: float = 0.1, **kw: Any) -> None:
         super().__init__(mesh, dataplane, local_site=local_site, selector=selector, store=store, **kw)
         self.window_s, self.tick_s = window_s, tick_s

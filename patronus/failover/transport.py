@@ -21,8 +21,10 @@ kept for the life of the session) and its own timer on the event loop.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import ipaddress
 import json
+import math
 import random
 import socket
 import struct
@@ -134,6 +136,54 @@ class BfdEndpoint:
             BfdEndpoint._all.pop(self.key, None)
 
 
+class _Scheduler:
+    """All sessions' timers of one event loop in one heap of (when, seq,
+    session) tuples, compared in C, behind a single loop timer. A session
+    re-arms only when its deadline moves earlier; stale entries are skipped."""
+
+    _all: dict[int, _Scheduler] = {}
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> _Scheduler:
+        sch = cls._all.get(id(loop))
+        if sch is None or sch.loop is not loop:
+            sch = cls._all[id(loop)] = _Scheduler(loop)
+        return sch
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.heap: list[tuple[float, int, BfdSession]] = []
+        self.seq = 0
+        self.handle: asyncio.TimerHandle | None = None
+        self.armed_at = math.inf
+
+    def arm(self, s: BfdSession, at: float) -> None:
+        self.seq += 1
+        heapq.heappush(self.heap, (at, self.seq, s))
+        if at < self.armed_at:
+            if self.handle is not None:
+                self.handle.cancel()
+            self.armed_at = at
+            self.handle = self.loop.call_at(at, self._fire)
+
+    def _fire(self) -> None:
+        self.handle, self.armed_at = None, math.inf
+        # the loop may fire a timer a hair before its time (it rounds to its
+        # clock resolution); treat what is due within 0.1 ms as due now
+        now = self.loop.time() + 1e-4
+        heap = self.heap
+        while heap and heap[0][0] <= now:
+            at, _, s = heapq.heappop(heap)
+            if s._due == at:
+                s._due = None
+                s._run(now)
+        if heap and heap[0][0] < self.armed_at:
+            if self.handle is not None:  # armed by a session above, for a later time
+                self.handle.cancel()
+            self.armed_at = heap[0][0]
+            self.handle = self.loop.call_at(self.armed_at, self._fire)
+
+
 class BfdSession:
     """One BFD session, asynchronous mode, over UDP.
 
@@ -164,7 +214,8 @@ class BfdSession:
                             multiplier, auth=auth)
         self._callbacks: list[Callable[[Transition], Any]] = []
         self._queues: list[asyncio.Queue[Transition]] = []
-        self._timer: asyncio.TimerHandle | None = None
+        self._due: float | None = None  # when this session's timer is armed in the scheduler
+        self._sched: _Scheduler | None = None
         self._ep: BfdEndpoint | None = None
         self._tx: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -204,6 +255,7 @@ class BfdSession:
         if self.core.local_discr in self._ep.sessions or self.peer in self._ep.by_peer:
             raise ConfigError("BfdSession", (self.local, self.peer), "already has a session")
         self._tx = self._tx_socket()
+        self._sched = _Scheduler.of(self._loop)
         self._ep.add(self)
         self._run(self._loop.time())
         return self
@@ -216,8 +268,7 @@ class BfdSession:
         self.core.admin_down(self._loop.time())
         for p in self.core.tick(self._loop.time()):
             self._send(p)
-        if self._timer is not None:
-            self._timer.cancel()
+        self._due = None
         if self._ep is not None:
             self._ep.remove(self)
         if self._tx is not None:
@@ -230,8 +281,7 @@ class BfdSession:
         the peer finds out only when its detection time runs out."""
         if self._loop is None:
             return
-        if self._timer is not None:
-            self._timer.cancel()
+        self._due = None
         if self._ep is not None:
             self._ep.remove(self)
         if self._tx is not None:
@@ -291,15 +341,11 @@ class BfdSession:
         for out in self.core.tick(now):
             self._send(out)
         self._notify()
-        if self._timer is not None:
-            self._timer.cancel()
         at = self.core.next_deadline()
-        if at is not None:
-            self._timer = self._loop.call_at(at, self._fire)
-
-    def _fire(self) -> None:
-        if self._loop is not None:
-            self._run(self._loop.time())
+        if at is not None and (self._due is None or at < self._due):
+            self._due = at
+            assert self._sched is not None
+            self._sched.arm(self, at)
 
     def _notify(self) -> None:
         new = self.core.transitions[self._seen:]
