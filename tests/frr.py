@@ -36,7 +36,10 @@ class Bfdd:
         args = ["vtysh", "--vty_socket", str(self.dir), "-d", "bfdd"]
         for c in cmds:
             args += ["-c", c]
-        return subprocess.run(args, capture_output=True, text=True, timeout=10).stdout
+        try:
+            return subprocess.run(args, capture_output=True, text=True, timeout=20).stdout
+        except subprocess.TimeoutExpired:  # bfdd busy (e.g. loading hundreds of peers)
+            return ""
 
     def peers(self) -> list[dict]:
         out = self.vtysh("show bfd peers json")
@@ -87,9 +90,8 @@ def bfdd(ns: str, config: str) -> Iterator[Bfdd]:
                         "-i", str(work / "bfdd.pid"), "--bfdctl", str(work / "bfdd.sock")],
                        check=True, capture_output=True, timeout=20)
         d = Bfdd(ns, work)
-        for _ in range(100):
-            if d.vtysh("show bfd peers").strip():
-                break
+        end = time.monotonic() + 60
+        while time.monotonic() < end and not d.vtysh("show bfd peers").strip():
             time.sleep(0.05)
         yield d
     finally:
