@@ -63,6 +63,11 @@ def test_sessions_without_false_down(benchmark, n):
                 while any(s.state != State.UP for s in sessions) and time.monotonic() < deadline:
                     await asyncio.sleep(0.1)
                 up = sum(s.state == State.UP for s in sessions)
+                if os.environ.get("PN_BFD_GC") == "freeze":
+                    import gc
+
+                    gc.freeze()
+                    gc.set_threshold(100_000, 50, 1_000)
                 await asyncio.sleep(2)  # every session at the fast rate
                 downs.clear()
                 cpu0, t0 = time.process_time(), time.monotonic()

@@ -39,8 +39,8 @@ from .bfd import Auth, BfdDecodeError, ControlPacket, Session, State, Transition
 __all__ = ["BfdSession", "BfdEndpoint", "SINGLE_HOP_PORT", "MULTIHOP_PORT"]
 
 SINGLE_HOP_PORT, MULTIHOP_PORT = 3784, 4784
-IP_RECVTTL, IP_TTL = 12, 2                  # <linux/in.h>
-IPV6_RECVHOPLIMIT, IPV6_HOPLIMIT = 51, 52   # <linux/in6.h>
+IP_RECVTTL, IP_TTL, IP_PKTINFO = 12, 2, 8                      # <linux/in.h>
+IPV6_RECVHOPLIMIT, IPV6_HOPLIMIT, IPV6_RECVPKTINFO, IPV6_PKTINFO = 51, 52, 49, 50  # <linux/in6.h>
 _SRC_PORTS = (49152, 65535)
 
 
@@ -52,15 +52,18 @@ def _family(addr: str) -> int:
 
 
 class BfdEndpoint:
-    """The receiving socket of one local address and port (shared by every
-    session from that address), with the TTL check of RFC 5881 section 5."""
+    """The receiving socket of one port, family and namespace, bound to the
+    wildcard address and shared by every session there (as BFD daemons do):
+    one reader for hundreds of sessions. The destination address of each
+    packet (IP_PKTINFO) and its TTL (IP_RECVTTL, the check of RFC 5881
+    section 5) come with it."""
 
     _all: dict[tuple[Any, ...], BfdEndpoint] = {}
 
     @classmethod
     def get(cls, local: str, port: int, netns: str | None, min_ttl: int) -> BfdEndpoint:
         loop = asyncio.get_running_loop()
-        key = (id(loop), netns, local, port)
+        key = (id(loop), netns, _family(local), port, min_ttl)
         ep = cls._all.get(key)
         if ep is None:
             ep = cls._all[key] = BfdEndpoint(local, port, netns, min_ttl, key)
@@ -71,16 +74,19 @@ class BfdEndpoint:
         self.key = key
         self.min_ttl = min_ttl
         self.sessions: dict[int, BfdSession] = {}        # local discriminator -> session
-        self.by_peer: dict[str, BfdSession] = {}
+        self.by_peer: dict[tuple[str, str], BfdSession] = {}  # (local, peer) -> session
         self.discards: dict[str, int] = {}
         sock = socket_in(netns, self.family, socket.SOCK_DGRAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if self.family == socket.AF_INET:
                 sock.setsockopt(socket.IPPROTO_IP, IP_RECVTTL, 1)
+                sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+                sock.bind(("0.0.0.0", port))
             else:
                 sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVHOPLIMIT, 1)
-            sock.bind((local, port))
+                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)
+                sock.bind(("::", port))
         except OSError as e:
             sock.close()
             raise ConfigError("BfdSession local", (local, port), f"cannot be bound: {e.strerror}") from None
@@ -101,10 +107,14 @@ class BfdEndpoint:
             except OSError:
                 continue
             now = self.loop.time()
-            ttl = None
+            ttl, dst = None, None
             for level, kind, val in anc:
                 if (level, kind) in ((socket.IPPROTO_IP, IP_TTL), (socket.IPPROTO_IPV6, IPV6_HOPLIMIT)):
                     ttl = struct.unpack("i", val[:4])[0] if len(val) >= 4 else val[0]
+                elif level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(val) >= 12:
+                    dst = socket.inet_ntop(socket.AF_INET, val[8:12])       # ipi_addr: the header's destination
+                elif level == socket.IPPROTO_IPV6 and kind == IPV6_PKTINFO and len(val) >= 16:
+                    dst = socket.inet_ntop(socket.AF_INET6, val[:16])
             if ttl is not None and ttl < self.min_ttl:
                 self._count("bad_ttl")
                 continue
@@ -113,23 +123,20 @@ class BfdEndpoint:
             except BfdDecodeError as e:
                 self._count(e.reason)
                 continue
-            s = self.sessions.get(p.your_discr) if p.your_discr else self.by_peer.get(addr[0])
-            if s is None:
-                self._count("unknown_discriminator")
-                continue
-            if s.peer != addr[0] and not s.multihop:
+            s = self.sessions.get(p.your_discr) if p.your_discr else self.by_peer.get((dst, addr[0]))
+            if s is None or (dst is not None and s.local != dst) or (s.peer != addr[0] and not s.multihop):
                 self._count("unknown_discriminator")
                 continue
             s._on_packet(p, now)
 
     def add(self, s: BfdSession) -> None:
         self.sessions[s.core.local_discr] = s
-        self.by_peer[s.peer] = s
+        self.by_peer[(s.local, s.peer)] = s
 
     def remove(self, s: BfdSession) -> None:
         self.sessions.pop(s.core.local_discr, None)
-        if self.by_peer.get(s.peer) is s:
-            del self.by_peer[s.peer]
+        if self.by_peer.get((s.local, s.peer)) is s:
+            del self.by_peer[(s.local, s.peer)]
         if not self.sessions:
             self.loop.remove_reader(self.sock.fileno())
             self.sock.close()
@@ -252,7 +259,7 @@ class BfdSession:
     async def start(self) -> BfdSession:
         self._loop = asyncio.get_running_loop()
         self._ep = BfdEndpoint.get(self.local, self.port, self.netns, self.min_ttl)
-        if self.core.local_discr in self._ep.sessions or self.peer in self._ep.by_peer:
+        if self.core.local_discr in self._ep.sessions or (self.local, self.peer) in self._ep.by_peer:
             raise ConfigError("BfdSession", (self.local, self.peer), "already has a session")
         self._tx = self._tx_socket()
         self._sched = _Scheduler.of(self._loop)
