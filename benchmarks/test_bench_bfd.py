@@ -71,20 +71,35 @@ def test_sessions_without_false_down(benchmark, n):
                 await asyncio.sleep(2)  # every session at the fast rate
                 downs.clear()
                 cpu0, t0 = time.process_time(), time.monotonic()
+                t0_loop = asyncio.get_running_loop().time()
+                lags = []
+
+                async def lag_probe():  # how late the loop wakes a 10 ms sleep: its stalls
+                    while True:
+                        t = time.monotonic()
+                        await asyncio.sleep(0.01)
+                        lags.append((t - t0, time.monotonic() - t - 0.01))
+
+                probe = asyncio.create_task(lag_probe())
                 await asyncio.sleep(SECONDS)
+                probe.cancel()
+                worst = sorted(lags, key=lambda x: -x[1])[:3]
+                print(f"\n  loop lag: max {worst[0][1] * 1e3:.0f} ms at {worst[0][0]:.1f} s; "
+                      f"p99 {np.percentile([x[1] for x in lags], 99) * 1e3:.1f} ms; worst three {[(round(a, 1), round(b * 1e3)) for a, b in worst]}")
                 cpu = (time.process_time() - cpu0) / (time.monotonic() - t0)
                 false_downs = list(downs)  # before stop() adds the AdminDowns
                 for s in sessions:
                     await s.stop()
-                return up, false_downs, cpu
+                return up, false_downs, cpu, t0_loop
 
-            up, downs, cpu = benchmark.pedantic(lambda: asyncio.run(main()), rounds=1, iterations=1)
+            up, downs, cpu, start = benchmark.pedantic(lambda: asyncio.run(main()), rounds=1, iterations=1)
     benchmark.extra_info.update(sessions=n, up=up, false_downs=len(downs), cpu=round(cpu, 3), seconds=SECONDS)
     print(f"\n{n} sessions at 50 ms x 3 for {SECONDS:.0f} s: {up} came up, {len(downs)} false Down, "
           f"CPU {100 * cpu:.0f} % of one core")
     if downs:
         t0 = min(t.at for _, t in downs)
         by_s = np.bincount([int(t.at - t0) for _, t in downs])
+        print(f"  first false Down {t0 - start:.1f} s into the run")
         diags = {d: sum(1 for _, t in downs if t.diag.name == d) for d in {t.diag.name for _, t in downs}}
         print(f"  false Downs per second from the first: {by_s.tolist()}; by diagnostic: {diags}")
     assert up == n

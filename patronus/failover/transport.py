@@ -33,6 +33,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from ..errors import ConfigError
+from .._sockets import big_buffers
 from ..netns import socket_in
 from .bfd import Auth, BfdDecodeError, ControlPacket, Session, State, Transition, decode
 
@@ -79,6 +80,7 @@ class BfdEndpoint:
         sock = socket_in(netns, self.family, socket.SOCK_DGRAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            big_buffers(sock)  # hundreds of sessions' packets may queue while the loop is busy
             if self.family == socket.AF_INET:
                 sock.setsockopt(socket.IPPROTO_IP, IP_RECVTTL, 1)
                 sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
@@ -99,7 +101,7 @@ class BfdEndpoint:
         self.discards[reason] = self.discards.get(reason, 0) + 1
 
     def _readable(self) -> None:
-        for _ in range(256):
+        for _ in range(1024):
             try:
                 data, anc, _flags, addr = self.sock.recvmsg(512, 64)
             except (BlockingIOError, InterruptedError):

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ConfigError, MalformedProbe, ProbeUnavailable
+from .._sockets import big_buffers
 from ..netns import socket_in
 from .codec import FLAG_TRAIN, HEADER, KIND_REPLY, KIND_REQUEST, MAX_SIZE, Probe, Reflector, decode, encode
 from .stats import Metrics, PathStats
@@ -78,29 +79,13 @@ def _drain_socket(sock: socket.socket, handle: Any, errors: Any) -> None:
         handle(data, addr)
 
 
-SOCKET_BUFFER = 4 << 20  # bytes: thousands of probes may arrive while the loop is busy
-
-
-def _big_buffers(sock: socket.socket) -> None:
-    """Ask for SOCKET_BUFFER-byte socket buffers: past net.core.rmem_max with
-    CAP_NET_ADMIN (the *FORCE options), else as much as the sysctl allows."""
-    for force, plain in ((33, socket.SO_RCVBUF), (32, socket.SO_SNDBUF)):  # SO_RCVBUFFORCE, SO_SNDBUFFORCE
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)
-        except OSError:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, plain, SOCKET_BUFFER)
-            except OSError:
-                pass
-
-
 class _Reader:
     """A non-blocking datagram socket read from the running loop."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         sock.setblocking(False)
-        _big_buffers(sock)
+        big_buffers(sock)
         self.loop = asyncio.get_running_loop()
         self.loop.add_reader(sock.fileno(), self._readable)
 
