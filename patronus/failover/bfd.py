@@ -139,10 +139,15 @@ def encode(p: ControlPacket, auth: Auth | None = None) -> bytes:
     return body[:32] + hashlib.sha1(body).digest()
 
 
+_STATES = tuple(State)
+_DIAGS = tuple(Diag)
+
+
 def decode(data: bytes | bytearray | memoryview) -> ControlPacket:
     """Parse and run the packet-level checks of RFC 5880 6.8.6; raises
     ``BfdDecodeError`` (never anything else)."""
-    data = bytes(data)
+    if type(data) is not bytes:
+        data = bytes(data)
     if len(data) < 24:
         raise BfdDecodeError("short", f"{len(data)} bytes, a control packet has at least 24")
     b0, b1, mult, length, my, your, tx, rx, echo = _HDR.unpack_from(data)
@@ -172,12 +177,11 @@ def decode(data: bytes | bytearray | memoryview) -> ControlPacket:
             if alen < 2 or 24 + alen > length:
                 raise BfdDecodeError("auth_bad", f"auth section of {alen} bytes")
             auth = AuthSection(atype, data[26] if alen > 2 else 0, 0, b"")
-    try:
-        diag_e = Diag(diag)
-    except ValueError:
-        diag_e = Diag.NONE  # reserved diagnostic codes carry no meaning for the receiver
-    return ControlPacket(State(state), my, your, diag_e, mult, tx, rx, echo, bool(b1 & 0x20), bool(b1 & 0x10),
-                         bool(b1 & 0x08), bool(b1 & 0x02), False, auth, version, data[:length])
+    # reserved diagnostic codes carry no meaning for the receiver
+    diag_e = _DIAGS[diag] if diag < len(_DIAGS) else Diag.NONE
+    return ControlPacket(_STATES[state], my, your, diag_e, mult, tx, rx, echo, bool(b1 & 0x20), bool(b1 & 0x10),
+                         bool(b1 & 0x08), bool(b1 & 0x02), False, auth, version,
+                         data if length == len(data) else data[:length])
 
 
 class Transition(NamedTuple):
@@ -253,8 +257,10 @@ class Session:
 
     def next_deadline(self) -> float | None:
         """When ``tick`` must run next (None: nothing scheduled)."""
-        times = [t for t in (self._next_tx, self._detect_at()) if t is not None]
-        return min(times) if times else None
+        a, b = self._next_tx, self._detect_at()
+        if a is None:
+            return b
+        return a if b is None or a < b else b
 
     def _detect_at(self) -> float | None:
         if self.state in (State.INIT, State.UP) and self._last_rx is not None and self.remote_detect_mult:

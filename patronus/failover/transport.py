@@ -114,9 +114,9 @@ class BfdEndpoint:
                 if (level, kind) in ((socket.IPPROTO_IP, IP_TTL), (socket.IPPROTO_IPV6, IPV6_HOPLIMIT)):
                     ttl = struct.unpack("i", val[:4])[0] if len(val) >= 4 else val[0]
                 elif level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(val) >= 12:
-                    dst = socket.inet_ntop(socket.AF_INET, val[8:12])       # ipi_addr: the header's destination
+                    dst = val[8:12]        # ipi_addr: the header's destination, packed
                 elif level == socket.IPPROTO_IPV6 and kind == IPV6_PKTINFO and len(val) >= 16:
-                    dst = socket.inet_ntop(socket.AF_INET6, val[:16])
+                    dst = val[:16]
             if ttl is not None and ttl < self.min_ttl:
                 self._count("bad_ttl")
                 continue
@@ -126,19 +126,19 @@ class BfdEndpoint:
                 self._count(e.reason)
                 continue
             s = self.sessions.get(p.your_discr) if p.your_discr else self.by_peer.get((dst, addr[0]))
-            if s is None or (dst is not None and s.local != dst) or (s.peer != addr[0] and not s.multihop):
+            if s is None or (dst is not None and s._local_packed != dst) or (s.peer != addr[0] and not s.multihop):
                 self._count("unknown_discriminator")
                 continue
             s._on_packet(p, now)
 
     def add(self, s: BfdSession) -> None:
         self.sessions[s.core.local_discr] = s
-        self.by_peer[(s.local, s.peer)] = s
+        self.by_peer[(s._local_packed, s.peer)] = s
 
     def remove(self, s: BfdSession) -> None:
         self.sessions.pop(s.core.local_discr, None)
-        if self.by_peer.get((s.local, s.peer)) is s:
-            del self.by_peer[(s.local, s.peer)]
+        if self.by_peer.get((s._local_packed, s.peer)) is s:
+            del self.by_peer[(s._local_packed, s.peer)]
         if not self.sessions:
             self.loop.remove_reader(self.sock.fileno())
             self.sock.close()
@@ -216,6 +216,7 @@ class BfdSession:
         if not 1 <= tx_ms <= 60_000 or not 0 <= rx_ms <= 60_000:
             raise ConfigError("BfdSession timers", (tx_ms, rx_ms), "tx 1..60000 ms, rx 0..60000 ms")
         self.local, self.peer, self.multihop, self.netns = local, peer, multihop, netns
+        self._local_packed = socket.inet_pton(_family(local), local)
         self.port = port if port is not None else (MULTIHOP_PORT if multihop else SINGLE_HOP_PORT)
         self.peer_port = peer_port if peer_port is not None else self.port
         self.min_ttl = min_ttl if min_ttl is not None else (1 if multihop else 255)
@@ -261,7 +262,7 @@ class BfdSession:
     async def start(self) -> BfdSession:
         self._loop = asyncio.get_running_loop()
         self._ep = BfdEndpoint.get(self.local, self.port, self.netns, self.min_ttl)
-        if self.core.local_discr in self._ep.sessions or (self.local, self.peer) in self._ep.by_peer:
+        if self.core.local_discr in self._ep.sessions or (self._local_packed, self.peer) in self._ep.by_peer:
             raise ConfigError("BfdSession", (self.local, self.peer), "already has a session")
         self._tx = self._tx_socket()
         self._sched = _Scheduler.of(self._loop)
@@ -357,6 +358,8 @@ class BfdSession:
             self._sched.arm(self, at)
 
     def _notify(self) -> None:
+        if len(self.core.transitions) == self._seen:
+            return
         new = self.core.transitions[self._seen:]
         self._seen = len(self.core.transitions)
         for t in new:
