@@ -293,3 +293,66 @@ def test_two_sessions_come_up_stay_up_and_detect_a_silent_peer_in_time():
         a.tick(t)
     assert a.transitions[-1].new == D
     assert a.transitions[-1].at - last <= 0.15 + 1e-9 and a.transitions[-1].at - last >= 0.15 - 0.05
+
+
+def _pair(a_addr, b_addr, **kw):
+    import asyncio
+
+    from patronus.failover import BfdSession
+
+    async def main():
+        a = BfdSession(a_addr, b_addr, 20, 20, 3, port=kw.get("pa", 16001), peer_port=kw.get("pb", 16002), **kw.get("opts", {}))
+        b = BfdSession(b_addr, a_addr, 20, 20, 3, port=kw.get("pb", 16002), peer_port=kw.get("pa", 16001), **kw.get("opts", {}))
+        await a.start()
+        await b.start()
+        try:
+            await asyncio.wait_for(a.wait_for(State.UP), 5)
+            await asyncio.sleep(0.2)
+            b.kill()
+            t = await asyncio.wait_for(a.wait_for(State.DOWN), 2)
+            return a.snapshot(), t
+        finally:
+            await a.stop()
+            await b.stop()
+
+    return asyncio.run(main())
+
+
+def test_multihop_sessions_come_up_and_detect():
+    snap, t = _pair("127.0.0.1", "127.0.0.3", pa=16011, pb=16012, opts={"multihop": True, "min_ttl": 250})
+    assert t.old == U and t.diag == Diag.DETECT_EXPIRED and snap["received"] > 5
+
+
+def test_ipv6_sessions_come_up_and_detect():
+    try:
+        snap, t = _pair("::1", "::1", pa=16021, pb=16022)
+    except Exception as e:  # no IPv6 on loopback here
+        if "Cannot assign" in str(e) or "Address family" in str(e):
+            pytest.skip(str(e))
+        raise
+    assert t.old == U and t.diag == Diag.DETECT_EXPIRED and snap["received"] > 5
+
+
+def test_packets_below_ttl_255_are_dropped_on_single_hop():
+    import asyncio
+    import socket
+
+    from patronus.failover import BfdSession
+
+    async def main():
+        a = BfdSession("127.0.0.1", "127.0.0.4", 20, 20, 3, port=16031, peer_port=16032)
+        await a.start()
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, 64)
+        s.bind(("127.0.0.4", 0))
+        for _ in range(3):
+            s.sendto(encode(ControlPacket(D, 77, 0)), ("127.0.0.1", 16031))
+            await asyncio.sleep(0.02)
+        s.close()
+        ep = a._ep.discards
+        st = a.state
+        await a.stop()
+        return ep, st
+
+    discards, state = asyncio.run(main())
+    assert discards.get("bad_ttl") == 3 and state == D
