@@ -220,6 +220,57 @@ def xdp_count(uint8_t[::1] table not None):
     return pn_xdp_count(<const pn_flow *>&table[0], table.shape[0] // sizeof(pn_flow))
 
 
+cdef extern from "score.h":
+    void pn_score_select(size_t npaths, size_t nc, const double *rtt, const double *jit, const double *loss,
+                         const uint8_t *alive, const double *bw, const float *wmat, const float *lim,
+                         const float *wn, size_t ng, const int64_t *gstart, const int64_t *members,
+                         float *scores, int64_t *best) nogil
+    void pn_select_changes(size_t npaths, size_t nc, size_t ng, const float *scores, const int64_t *best,
+                           const int64_t *cur, const double *since, double margin, double hold_s, double now,
+                           uint8_t *change, uint8_t *forced) nogil
+
+
+def score_select(const double[::1] rtt not None, const double[::1] jit not None, const double[::1] loss not None,
+                 const uint8_t[::1] alive not None, bw, const float[:, ::1] wmat not None,
+                 const float[:, ::1] lim not None, const float[:, ::1] wn not None,
+                 const int64_t[::1] gstart not None, const int64_t[::1] members not None,
+                 float[:, ::1] scores not None, int64_t[:, ::1] best not None):
+    """Scores [profile, path] and the best path per [profile, group] (csrc/score.c)."""
+    cdef size_t n = rtt.shape[0], nc = wmat.shape[0], ng = gstart.shape[0] - 1
+    cdef const double[::1] bwv
+    cdef const double *bwp = NULL
+    if not (jit.shape[0] == loss.shape[0] == alive.shape[0] == n == members.shape[0] == scores.shape[1]):
+        raise ValueError("per-path arrays differ in length")
+    if not (wmat.shape[1] == 4 and lim.shape[0] == wn.shape[0] == nc == scores.shape[0] == best.shape[0]
+            and lim.shape[1] == wn.shape[1] == 3 and best.shape[1] == ng):
+        raise ValueError("profile arrays disagree")
+    if bw is not None:
+        bwv = bw
+        if bwv.shape[0] != n:
+            raise ValueError("bandwidth array differs in length")
+        bwp = &bwv[0] if n else NULL
+    if n == 0:
+        return
+    with nogil:
+        pn_score_select(n, nc, &rtt[0], &jit[0], &loss[0], &alive[0], bwp, &wmat[0, 0], &lim[0, 0], &wn[0, 0],
+                        ng, &gstart[0], &members[0], &scores[0, 0], &best[0, 0] if ng else NULL)
+
+
+def select_changes(const float[:, ::1] scores not None, const int64_t[:, ::1] best not None,
+                   const int64_t[:, ::1] cur not None, const double[:, ::1] since not None, double margin,
+                   double hold_s, double now, uint8_t[:, ::1] change not None, uint8_t[:, ::1] forced not None):
+    """The selector's move rule for every [profile, group] (csrc/score.c)."""
+    cdef size_t nc = best.shape[0], ng = best.shape[1]
+    if not (cur.shape[0] == since.shape[0] == change.shape[0] == forced.shape[0] == scores.shape[0] == nc
+            and cur.shape[1] == since.shape[1] == change.shape[1] == forced.shape[1] == ng):
+        raise ValueError("selection arrays disagree")
+    if nc == 0 or ng == 0:
+        return
+    with nogil:
+        pn_select_changes(scores.shape[1], nc, ng, &scores[0, 0], &best[0, 0], &cur[0, 0], &since[0, 0], margin,
+                          hold_s, now, &change[0, 0], &forced[0, 0])
+
+
 cdef class Classifier:
     """Compiled rule table (bit vectors) plus a direct-mapped classification cache."""
     cdef pn_classifier c

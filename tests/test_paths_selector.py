@@ -112,3 +112,23 @@ def test_choice_is_the_groupwise_best_and_meets_sla_when_possible(rows):
                 m = metrics[ids[i]]
                 if not m.alive:
                     assert sel.scores_[c, i] == 0
+
+
+metric = st.one_of(st.floats(0, 5000, width=32), st.just(float("nan")), st.just(0.0))
+
+
+@settings(max_examples=300)
+@given(st.lists(st.tuples(metric, metric, st.one_of(st.floats(0, 100, width=32), st.just(float("nan"))),
+                          st.booleans(), metric), min_size=1, max_size=50), st.booleans())
+def test_compiled_kernel_equals_the_numpy_reference(rows, with_bw):
+    sel = Selector()  # every built-in profile
+    sel.set_paths([f"p{i}" for i in range(len(rows))], groups=["g"] * len(rows))
+    cols = [np.array(c) for c in zip(*rows)]
+    bw = cols[4] if with_bw else None
+    got = sel.score(cols[0], cols[1], cols[2], cols[3].astype(bool), bw)
+    want = sel.score_reference(cols[0], cols[1], cols[2], cols[3].astype(bool), bw)
+    np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-7)
+    # the bands agree exactly
+    for lo, hi in ((0, 0), (0, 1), (1, 2)):
+        band = lambda a: (a > lo) & (a <= hi) if hi else a == 0  # noqa: E731
+        assert (band(got) == band(want)).all()

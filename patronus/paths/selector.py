@@ -134,36 +134,46 @@ class Selector:
         self._gidx = np.asarray(gidx, dtype=np.int64)
         self._order = np.argsort(self._gidx, kind="stable")
         counts = np.bincount(self._gidx, minlength=len(self.groups)) if len(ids) else np.zeros(0, np.int64)
-        starts = (np.cumsum(counts) - counts).astype(np.int64)
-        local = np.arange(len(ids), dtype=np.int64) - np.repeat(starts, counts)  # slot inside the group
-        width = int(counts.max()) if len(counts) else 0
-        self._slots = np.zeros((len(self.groups), width), dtype=np.int64)  # [group, slot] -> path
-        self._slots[self._gidx[self._order], local] = self._order
-        pad = np.arange(width)[None, :] >= counts[:, None]
-        # Scoring runs in "slot-major" order: position k * G + g holds slot k
-        # of group g, so the best of each group is K passes over contiguous
-        # [profile, group] rows. Padding slots read path 0 and are forced dead.
-        perm = self._slots.T.copy()
-        perm[pad.T] = 0
-        self._perm = perm.ravel()
-        self._perm_pad = np.flatnonzero(pad.T.ravel()) if pad.any() else None
-        self._identity = self._perm_pad is None and bool(np.array_equal(self._perm, np.arange(len(ids))))
-        self._pos = np.empty(len(ids), dtype=np.int64)  # path -> position in slot-major order
-        self._pos[self._slots[~pad]] = (np.arange(width)[None, :] * len(self.groups)
-                                        + np.arange(len(self.groups))[:, None])[~pad]
+        self._gstart = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)  # CSR over self._order
+        self._order = np.ascontiguousarray(self._order, dtype=np.int64)
         ng, nc = len(self.groups), len(self.profiles)
         self._cur = np.full((nc, ng), -1, dtype=np.int64)
         self._since = np.full((nc, ng), -np.inf)
         self._reasons: dict[tuple[int, int], str] = {}
         self._prev: dict[tuple[int, int], str | None] = {}
         self._metrics = _empty_arrays(len(ids))
-        self._sm = np.zeros((nc, len(self._perm)), dtype=np.float32)  # slot-major scores
+        self._scores = np.zeros((nc, len(ids)), dtype=np.float32)
 
     # -- scoring --------------------------------------------------------------
 
     def score(self, rtt_ms: np.ndarray, jitter_ms: np.ndarray, loss_pct: np.ndarray, alive: np.ndarray,
               bandwidth_mbps: np.ndarray | None = None) -> np.ndarray:
-        """Scores [profile, path] for metric arrays (NaN = unknown), float32.
+        """Scores [profile, path] for metric arrays (NaN = unknown), float32,
+        computed by the compiled kernel (csrc/score.c)."""
+        return self._kernel(rtt_ms, jitter_ms, loss_pct, alive, bandwidth_mbps, groups=False)[0]
+
+    def _kernel(self, rtt_ms: Any, jitter_ms: Any, loss_pct: Any, alive: Any, bandwidth_mbps: Any,
+                groups: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        from .. import _fast
+
+        f8 = np.float64
+        n = len(rtt_ms)
+        scores = np.empty((len(self.profiles), n), dtype=np.float32)
+        if groups:
+            gstart, members, ng = self._gstart, self._order, len(self.groups)
+        else:
+            gstart, members, ng = np.zeros(1, np.int64), np.arange(n, dtype=np.int64), 0
+        best = np.empty((len(self.profiles), ng), dtype=np.int64)
+        bw = None if bandwidth_mbps is None else np.ascontiguousarray(bandwidth_mbps, dtype=f8)
+        _fast.score_select(np.ascontiguousarray(rtt_ms, dtype=f8), np.ascontiguousarray(jitter_ms, dtype=f8),
+                           np.ascontiguousarray(loss_pct, dtype=f8),
+                           np.ascontiguousarray(alive, dtype=bool).view(np.uint8), bw, self._wmat, self._lim,
+                           self._wn, gstart, members, scores, best)
+        return scores, best
+
+    def score_reference(self, rtt_ms: np.ndarray, jitter_ms: np.ndarray, loss_pct: np.ndarray, alive: np.ndarray,
+                        bandwidth_mbps: np.ndarray | None = None) -> np.ndarray:
+        """The same scores in numpy, the specification of the compiled kernel.
 
         The weighted cost of every (profile, path) is one matrix product of
         the [profile, 4] weights (already divided by each limit) with the
@@ -205,22 +215,10 @@ class Selector:
         out *= ok                                                # 0: dead or never measured
         return out
 
-    def _best(self, sm: np.ndarray) -> np.ndarray:
-        """Index of the best path per [profile, group] (lowest slot on ties)
-        from slot-major scores [profile, K * G]."""
-        ng = len(self.groups)
-        v = sm.reshape(sm.shape[0], -1, ng)                      # [C, K, G], rows contiguous
-        best = v.max(axis=1)
-        kk = v.shape[1]
-        k = np.full(best.shape, kk - 1, dtype=np.int64)
-        for j in range(kk - 2, -1, -1):                          # downwards: the lowest slot wins ties
-            np.copyto(k, j, where=v[:, j] == best)
-        return self._slots[np.arange(ng)[None, :], k]
-
     @property
     def scores_(self) -> np.ndarray:
         """Scores of the last update, [profile, path] in ``set_paths`` order."""
-        return self._sm[:, self._pos]
+        return self._scores
 
     # -- selection ------------------------------------------------------------
 
@@ -235,26 +233,22 @@ class Selector:
             return np.zeros((len(self.profiles), 0), dtype=bool)
         self._metrics = (np.asarray(rtt_ms, float), np.asarray(jitter_ms, float), np.asarray(loss_pct, float),
                          np.asarray(alive, bool))
-        ins = [rtt_ms, jitter_ms, loss_pct, alive, bandwidth_mbps]
-        if not self._identity:
-            ins = [None if a is None else np.take(np.asarray(a), self._perm) for a in ins]
-            if self._perm_pad is not None:
-                ins[3][self._perm_pad] = False
-        sm = self._sm = self.score(*ins)
-        best = self._best(sm)
+        from .. import _fast
+
+        sm, best = self._kernel(rtt_ms, jitter_ms, loss_pct, alive, bandwidth_mbps)
+        self._scores = sm
         cur = self._cur
-        rows = np.arange(len(self.profiles))[:, None]
-        sb = sm[rows, self._pos[best]]
-        sc = np.where(cur >= 0, sm[rows, self._pos[np.maximum(cur, 0)]], -1.0)
-        forced = (cur < 0) | ((sc < 1) & (sb >= 1)) | ((sc <= 0) & (sb > 0))
-        better = (sb > sc + self.margin) & (now - self._since >= self.hold_down_s)
-        change = (best != cur) & (forced | better)
+        change = np.empty(cur.shape, dtype=np.uint8)
+        forced = np.empty(cur.shape, dtype=np.uint8)
+        _fast.select_changes(sm, best, cur, self._since, self.margin, self.hold_down_s, now, change, forced)
+        change = change.view(bool)
         if change.any():
             ci, gi = np.nonzero(change)
             for c, g in zip(ci.tolist(), gi.tolist()):
                 old, new = int(cur[c, g]), int(best[c, g])
+                sc = float(sm[c, old]) if old >= 0 else -1.0
                 self._prev[(c, g)] = self.ids[old] if old >= 0 else None
-                self._reasons[(c, g)] = self._why(c, old, new, float(sc[c, g]), float(sb[c, g]), bool(forced[c, g]))
+                self._reasons[(c, g)] = self._why(c, old, new, sc, float(sm[c, new]), bool(forced[c, g]))
             self._cur = np.where(change, best, cur)
             self._since = np.where(change, now, self._since)
         return change
@@ -286,7 +280,7 @@ class Selector:
 
     def _decision(self, c: int, g: int, now: float | None) -> Decision:
         i = int(self._cur[c, g])
-        s = float(self._sm[c, self._pos[i]]) if i >= 0 else 0.0
+        s = float(self._scores[c, i]) if i >= 0 else 0.0
         return Decision(self.profiles[c].name, self.groups[g], self.ids[i] if i >= 0 else None,
                         self._prev.get((c, g)), s, s > 1, self._reasons.get((c, g), "no path measured yet"),
                         float(self._since[c, g]) if now is None else now)
