@@ -1,6 +1,7 @@
 """Path scoring and selection: every path scored for every application
-profile at once (numpy), one path chosen per (profile, group of paths),
-without flapping.
+profile at once (a compiled kernel, csrc/score.c; ``score_reference`` is the
+same in numpy), one path chosen per (profile, group of paths), without
+flapping.
 
 Score of a path for a profile, in three bands so that the order between
 bands never depends on weights:
