@@ -1,0 +1,281 @@
+"""The network-namespace lab: N sites with K WAN uplinks each, a WAN core,
+a LAN host behind every site, and a real WireGuard tunnel (wireguard-go)
+for every path of the mesh.
+
+Layout (``tag`` makes every name unique, so labs and tests can run side by
+side; interface names stay within 15 characters)::
+
+    {tag}-lan{s}  --veth--  {tag}-s{s}  ==uplink k veth==  {tag}-wan
+    10.{s+1}.0.2/24          10.{s+1}.0.1                    172.{16+k}.{s}.1/24 ... (forwarding)
+
+Site ``s`` uplink ``k`` has address 172.{16+k}.{s}.2 behind the core's
+172.{16+k}.{s}.1; each tunnel marks its packets (wireguard-go's fwmark) so
+a policy rule sends them out of its own local uplink. Everything the lab
+creates is recorded in a state file first, so ``down()`` (or ``patronus lab
+down``) removes it after a crash too.
+
+>>> Lab.plan_mesh(sites=2, uplinks=1).paths("s0", "s1")[0].id
+'s0.u0~s1.u0'
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, PatronusError
+from ..mesh import Mesh
+from ..model import Site, Uplink
+from ..wireguard.config import InterfaceConfig, PeerConfig
+from ..wireguard.keys import PrivateKey
+from ..wireguard.plan import Tunnel, tunnels
+from ..wireguard.uapi import Uapi, WireguardGo
+
+__all__ = ["Lab", "LabError"]
+
+STATE_DIR = Path(os.environ.get("PATRONUS_LAB_DIR", "/run/patronus-lab"))
+MARK_BASE = 0x5000
+
+
+class LabError(PatronusError):
+    """A lab command failed; the message has the command and its output."""
+
+
+def _run(*args: str, ns: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    cmd = (["ip", "netns", "exec", ns] if ns else []) + list(args)
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if check and p.returncode != 0:
+        raise LabError(f"{' '.join(cmd)}: {p.stderr.strip() or p.stdout.strip()}")
+    return p
+
+
+@dataclass
+class _State:
+    tag: str
+    namespaces: list[str] = field(default_factory=list)
+    pids: list[int] = field(default_factory=list)
+    sockets: list[str] = field(default_factory=list)
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.__dict__))
+        os.replace(tmp, path)
+
+
+class Lab:
+    """Build with ``Lab(tag, sites=3, uplinks=2).up()``; ``down()`` removes
+    everything. ``site_ns(s)``, ``lan_ns(s)``, ``lan_addr(s)`` name things;
+    ``force_path(path)`` routes the two sites' LANs through one path."""
+
+    def __init__(self, tag: str, sites: int = 3, uplinks: int = 2, state_dir: Path | None = None) -> None:
+        if not tag.isalnum() or len(tag) > 6:
+            raise ConfigError("Lab.tag", tag, "must be 1-6 letters or digits (names stay within 15 characters)")
+        if not 2 <= sites <= 50 or not 1 <= uplinks <= 4:
+            raise ConfigError("Lab", (sites, uplinks), "sites 2..50, uplinks 1..4")
+        self.tag, self.nsites, self.nuplinks = tag, sites, uplinks
+        self.state_path = (state_dir or STATE_DIR) / f"{tag}.json"
+        self.mesh = self.plan_mesh(sites, uplinks)
+        self.keys: dict[str, PrivateKey] = {}
+        self.wg: dict[str, WireguardGo] = {}      # ifname -> process
+        self.tunnels: dict[tuple[str, int], Tunnel] = {}  # (site, path index) -> tunnel seen from site
+        self._state = _State(tag)
+
+    # -- names ------------------------------------------------------------------
+
+    @staticmethod
+    def plan_mesh(sites: int, uplinks: int) -> Mesh:
+        m = Mesh("lab")
+        for s in range(sites):
+            m.add_site(Lab._site(s, uplinks))
+        return m
+
+    @staticmethod
+    def _site(s: int, uplinks: int) -> Site:
+        return Site(f"s{s}", subnets=[f"10.{s + 1}.0.0/24"],
+                    uplinks=[Uplink(f"u{k}", f"172.{16 + k}.{s}.2") for k in range(uplinks)])
+
+    def site_ns(self, s: int) -> str:
+        return f"{self.tag}-s{s}"
+
+    def lan_ns(self, s: int) -> str:
+        return f"{self.tag}-lan{s}"
+
+    @property
+    def wan_ns(self) -> str:
+        return f"{self.tag}-wan"
+
+    @staticmethod
+    def lan_addr(s: int) -> str:
+        return f"10.{s + 1}.0.2"
+
+    def _prefix(self, s: int) -> str:
+        return f"{self.tag}{s}w"  # + path index: unique across namespaces
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    def _netns(self, name: str) -> None:
+        self._state.namespaces.append(name)
+        self._state.save(self.state_path)
+        _run("ip", "netns", "add", name)
+        _run("ip", "link", "set", "lo", "up", ns=name)
+        _run("sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=0", ns=name, check=False)
+
+    def up(self) -> Lab:
+        """Create namespaces, links, addresses, routes and every tunnel."""
+        if self.state_path.exists():
+            raise ConfigError("Lab", self.tag, f"exists already ({self.state_path}); run down() first")
+        try:
+            self._netns(self.wan_ns)
+            _run("sysctl", "-qw", "net.ipv4.ip_forward=1", ns=self.wan_ns)
+            for s in range(self.nsites):
+                self._add_site_net(s)
+            for s in range(self.nsites):
+                self._sync_tunnels(s)
+        except BaseException:
+            self.down()
+            raise
+        return self
+
+    def _add_site_net(self, s: int) -> None:
+        sn, ln, t = self.site_ns(s), self.lan_ns(s), self.tag
+        self._netns(sn)
+        self._netns(ln)
+        _run("sysctl", "-qw", "net.ipv4.ip_forward=1", ns=sn)
+        _run("ip", "link", "add", f"{t}l{s}", "netns", sn, "type", "veth", "peer", "name", "eth0", "netns", ln)
+        _run("ip", "addr", "add", f"10.{s + 1}.0.1/24", "dev", f"{t}l{s}", ns=sn)
+        _run("ip", "link", "set", f"{t}l{s}", "up", ns=sn)
+        _run("ip", "addr", "add", f"{self.lan_addr(s)}/24", "dev", "eth0", ns=ln)
+        _run("ip", "link", "set", "eth0", "up", ns=ln)
+        _run("ip", "route", "add", "default", "via", f"10.{s + 1}.0.1", ns=ln)
+        for k in range(self.nuplinks):
+            up, core = f"{t}u{s}x{k}", f"{t}c{s}x{k}"
+            _run("ip", "link", "add", up, "netns", sn, "type", "veth", "peer", "name", core, "netns", self.wan_ns)
+            _run("ip", "addr", "add", f"172.{16 + k}.{s}.2/24", "dev", up, ns=sn)
+            _run("ip", "addr", "add", f"172.{16 + k}.{s}.1/24", "dev", core, ns=self.wan_ns)
+            _run("ip", "link", "set", up, "up", ns=sn)
+            _run("ip", "link", "set", core, "up", ns=self.wan_ns)
+            # tunnels of uplink k carry mark MARK_BASE + k: table 100 + k leaves through it
+            table = str(100 + k)
+            _run("ip", "route", "add", "default", "via", f"172.{16 + k}.{s}.1", "dev", up, "table", table, ns=sn)
+            _run("ip", "rule", "add", "fwmark", hex(MARK_BASE + k), "lookup", table, "priority", str(1000 + k),
+                 ns=sn)
+        self.keys[f"s{s}"] = PrivateKey.generate()
+
+    def add_site(self) -> int:
+        """Add a site to the running lab: only the new tunnels are created and
+        existing ones are reconciled (a peer added, nothing restarted)."""
+        s = self.nsites
+        self.mesh.add_site(self._site(s, self.nuplinks))
+        self.nsites += 1
+        self._add_site_net(s)
+        for x in range(self.nsites):
+            self._sync_tunnels(x)
+        return s
+
+    def remove_site(self, s: int) -> None:
+        """Remove a site: its tunnels at every other site, then its namespaces."""
+        name = f"s{s}"
+        gone = [p.index for p in self.mesh.paths(name)]
+        for (site, idx), tun in list(self.tunnels.items()):
+            if idx in gone:
+                proc = self.wg.pop(tun.ifname, None)
+                if proc is not None:
+                    proc.stop()
+                self.tunnels.pop((site, idx))
+        self.mesh.remove_site(name)
+        for ns in (self.site_ns(s), self.lan_ns(s)):
+            _run("ip", "netns", "del", ns, check=False)
+            if ns in self._state.namespaces:
+                self._state.namespaces.remove(ns)
+        self._state.save(self.state_path)
+
+    def _config(self, s: int, t: Tunnel) -> InterfaceConfig:
+        remote = int(t.path.remote_site[1:])
+        peer = PeerConfig(self.keys[t.path.remote_site].public_key(), endpoint=t.remote_endpoint,
+                          allowed_ips=(f"{t.remote_v4}/32", f"{t.remote_v6}/128", f"10.{remote + 1}.0.0/24"),
+                          persistent_keepalive=t.keepalive)
+        k = int(t.path.local_uplink[1:])
+        return InterfaceConfig(self.keys[f"s{s}"], listen_port=t.listen_port, fwmark=MARK_BASE + k, peers=(peer,))
+
+    def _sync_tunnels(self, s: int) -> None:
+        """Create missing tunnels of site s and reconcile the others."""
+        ns = self.site_ns(s)
+        for t in tunnels(self.mesh, f"s{s}", prefix=self._prefix(s)):
+            cfg = self._config(s, t)
+            if t.ifname not in self.wg:
+                proc = WireguardGo(t.ifname, ns)
+                self._state.sockets.append(proc.uapi.path)
+                self._state.save(self.state_path)
+                proc.start()
+                self.wg[t.ifname] = proc
+                assert proc.proc is not None
+                self._state.pids.append(proc.proc.pid)
+                self._state.save(self.state_path)
+                proc.uapi.apply(cfg)
+                _run("ip", "addr", "add", t.local_v4, "dev", t.ifname, ns=ns)
+                _run("ip", "addr", "add", t.local_v6, "dev", t.ifname, ns=ns, check=False)
+                _run("ip", "link", "set", t.ifname, "mtu", str(t.mtu), "up", ns=ns)
+            else:
+                proc = self.wg[t.ifname]
+                proc.uapi.apply(cfg)
+            self.tunnels[(f"s{s}", t.path.index)] = t
+
+    def force_path(self, path_id: str) -> None:
+        """Route the LANs of the path's two sites through that path only."""
+        p = self.mesh.path(path_id)
+        for site, other in ((p.local_site, p.remote_site), (p.remote_site, p.local_site)):
+            t = self.tunnels[(site, p.index)]
+            _run("ip", "route", "replace", f"10.{int(other[1:]) + 1}.0.0/24", "dev", t.ifname,
+                 ns=self.site_ns(int(site[1:])))
+
+    def show(self, s: int) -> dict[str, Any]:
+        """The UAPI view of every tunnel of site s: ifname -> DeviceState."""
+        return {t.ifname: self.wg[t.ifname].uapi.get() for (site, _), t in self.tunnels.items() if site == f"s{s}"}
+
+    def down(self) -> None:
+        """Remove everything this lab made (processes, sockets, namespaces)."""
+        for proc in self.wg.values():
+            proc.stop()
+        self.wg.clear()
+        cleanup(self.state_path)
+
+    def __enter__(self) -> Lab:
+        return self.up()
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()
+
+
+def cleanup(state_path: Path) -> bool:
+    """Remove what a lab's state file lists, also after the lab's process
+    died. Returns whether there was anything to remove."""
+    if not state_path.exists():
+        return False
+    st = json.loads(state_path.read_text())
+    for pid in st.get("pids", []):
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    time.sleep(0.05)
+    for ns in st.get("namespaces", []):
+        for pid in subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    for sock in st.get("sockets", []):
+        try:
+            os.unlink(sock)
+        except FileNotFoundError:
+            pass
+    state_path.unlink(missing_ok=True)
+    return True
