@@ -20,7 +20,14 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--multihop", action="store_true", help="RFC 5883 multihop (port 4784)")
     b.add_argument("--netns", help="run inside this named network namespace")
     b.add_argument("--duration", type=float, help="stop after this many seconds (default: until SIGINT/SIGTERM)")
+    lab = sub.add_parser("lab", help="the network-namespace lab: sites, uplinks, WireGuard tunnels")
+    lab.add_argument("action", choices=["up", "status", "down"])
+    lab.add_argument("--tag", default="pnlab", help="name of the lab (1-6 letters/digits; default pnlab)")
+    lab.add_argument("--sites", type=int, default=3)
+    lab.add_argument("--uplinks", type=int, default=2)
     args = parser.parse_args(argv)
+    if args.cmd == "lab":
+        return _lab(args)
     if args.cmd == "demo":
         from . import demo
 
@@ -28,6 +35,34 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "bfd":
         return _bfd(args)
     return 2
+
+
+def _lab(args: argparse.Namespace) -> int:
+    import json
+
+    from .errors import PatronusError
+    from .lab import net
+
+    path = net.STATE_DIR / f"{args.tag}.json"
+    try:
+        if args.action == "up":
+            lab = net.Lab(args.tag, args.sites, args.uplinks).up()
+            for p in lab.mesh.paths():  # a route for every site pair: its first path
+                if p.index == lab.mesh.paths(p.local_site, p.remote_site)[0].index:
+                    lab.force_path(p.id)
+            print(f"lab {args.tag}: {args.sites} sites x {args.uplinks} uplinks, {len(lab.wg)} WireGuard "
+                  f"tunnels up; LAN hosts in namespaces {lab.lan_ns(0)} .. {lab.lan_ns(args.sites - 1)} "
+                  f"(10.N.0.2); 'patronus lab down --tag {args.tag}' removes it")
+            return 0
+        if args.action == "status":
+            print(json.dumps(net.status(path), indent=2))
+            return 0
+        removed = net.cleanup(path)
+        print(f"lab {args.tag}: {'removed' if removed else 'nothing to remove'}")
+        return 0
+    except PatronusError as e:
+        print(f"patronus lab: {e}", file=sys.stderr)
+        return 2
 
 
 def _bfd(args: argparse.Namespace) -> int:

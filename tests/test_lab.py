@@ -167,3 +167,24 @@ def test_down_after_a_crash_removes_everything(tmp_path):
     assert not any(os.path.exists(s) for s in made["sockets"])
     for pid in made["pids"]:
         assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower()
+
+
+def test_lab_command_up_status_down(tmp_path):
+    tag = unique("K")[:6]
+    env = {**os.environ, "PATRONUS_LAB_DIR": str(tmp_path)}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "patronus.cli", "lab", *a, "--tag", tag],  # noqa: E731
+                                    capture_output=True, text=True, env=env, timeout=120)
+    try:
+        up = run("up", "--sites", "2", "--uplinks", "1")
+        assert up.returncode == 0, up.stderr
+        assert ping(f"{tag}-lan0", "10.2.0.2", timeout=5) is not None  # the lab outlives the command
+        st = json.loads(run("status").stdout)
+        assert st["exists"] and all(st["namespaces"].values()) and st["processes_alive"] == 2
+        assert len(st["tunnels"]) == 2 and all(isinstance(v, dict) for v in st["tunnels"].values())
+        again = run("up")
+        assert again.returncode == 2 and "exists already" in again.stderr
+    finally:
+        down = run("down")
+    assert down.returncode == 0 and "removed" in down.stdout
+    assert json.loads(run("status").stdout) == {"exists": False}
+    assert f"{tag}-s0" not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout

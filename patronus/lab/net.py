@@ -58,6 +58,8 @@ def _run(*args: str, ns: str | None = None, check: bool = True) -> subprocess.Co
 @dataclass
 class _State:
     tag: str
+    sites: int = 0
+    uplinks: int = 0
     namespaces: list[str] = field(default_factory=list)
     pids: list[int] = field(default_factory=list)
     sockets: list[str] = field(default_factory=list)
@@ -85,7 +87,7 @@ class Lab:
         self.keys: dict[str, PrivateKey] = {}
         self.wg: dict[str, WireguardGo] = {}      # ifname -> process
         self.tunnels: dict[tuple[str, int], Tunnel] = {}  # (site, path index) -> tunnel seen from site
-        self._state = _State(tag)
+        self._state = _State(tag, sites, uplinks)
 
     # -- names ------------------------------------------------------------------
 
@@ -174,6 +176,7 @@ class Lab:
         s = self.nsites
         self.mesh.add_site(self._site(s, self.nuplinks))
         self.nsites += 1
+        self._state.sites = self.nsites
         self._add_site_net(s)
         for x in range(self.nsites):
             self._sync_tunnels(x)
@@ -279,3 +282,31 @@ def cleanup(state_path: Path) -> bool:
             pass
     state_path.unlink(missing_ok=True)
     return True
+
+
+def status(state_path: Path) -> dict[str, Any]:
+    """What a lab's state file lists and whether it is still there: namespaces,
+    wireguard-go processes, and each tunnel's peer handshake age."""
+    if not state_path.exists():
+        return {"exists": False}
+    st = json.loads(state_path.read_text())
+    have = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
+    out: dict[str, Any] = {"exists": True, "tag": st["tag"], "sites": st.get("sites"), "uplinks": st.get("uplinks"),
+                           "namespaces": {ns: ns in have for ns in st.get("namespaces", [])},
+                           "processes_alive": sum(os.path.exists(f"/proc/{p}") for p in st.get("pids", [])),
+                           "tunnels": {}}
+    now = time.time()
+    for sock in st.get("sockets", []):
+        name = Path(sock).stem
+        if not os.path.exists(sock):
+            out["tunnels"][name] = None
+            continue
+        try:
+            dev = Uapi(name, str(Path(sock).parent)).get()
+        except PatronusError as e:
+            out["tunnels"][name] = str(e)
+            continue
+        hs = [p.last_handshake_ns for p in dev.peers.values()]
+        out["tunnels"][name] = {"listen_port": dev.listen_port,
+                                "handshake_age_s": round(now - max(hs) / 1e9, 1) if hs and max(hs) else None}
+    return out
