@@ -113,6 +113,30 @@ MIGRATIONS: list[str] = [
         policy TEXT, path INTEGER, tcp_flags INTEGER NOT NULL
     );
     """,
+    # 2: the peer-discovery registry (patronus.wireguard.discovery)
+    """
+    CREATE TABLE enroll_tokens (
+        token_hash BLOB PRIMARY KEY,
+        site TEXT NOT NULL,
+        expires REAL NOT NULL,
+        used REAL
+    );
+    CREATE TABLE site_keys (
+        site TEXT NOT NULL,
+        public_key BLOB NOT NULL UNIQUE,
+        enrolled REAL NOT NULL
+    );
+    CREATE TABLE announcements (
+        site TEXT PRIMARY KEY,
+        body TEXT NOT NULL,
+        ts REAL NOT NULL,
+        received REAL NOT NULL
+    );
+    CREATE TABLE seen_nonces (
+        nonce BLOB PRIMARY KEY,
+        ts REAL NOT NULL
+    );
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
