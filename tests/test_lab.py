@@ -188,3 +188,38 @@ def test_lab_command_up_status_down(tmp_path):
     assert down.returncode == 0 and "removed" in down.stdout
     assert json.loads(run("status").stdout) == {"exists": False}
     assert f"{tag}-s0" not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+
+
+def test_a_site_joins_through_signed_discovery_and_a_silent_one_leaves(tmp_path):
+    from patronus.wireguard.discovery import Announcement, AnnouncementRejected, SigningKey, SqliteRegistry
+
+    reg = SqliteRegistry(tmp_path / "state.db", inactive_after_s=5, grace_s=5)
+    lab = Lab(unique("D")[:6], sites=3, uplinks=1, state_dir=tmp_path)
+    try:
+        lab.up(registry=reg)
+        assert len(lab.wg) == 6
+        before = {name: p.proc.pid for name, p in lab.wg.items()}
+        # a forged announcement for an unknown site creates nothing
+        bad = SigningKey.generate().sign(Announcement.make("s9", wg_public_key=lab.keys["s0"].public_key().base64,
+                                                           subnets=["10.10.0.0/24"],
+                                                           uplinks=[{"name": "u0", "address": "172.16.9.2"}]))
+        with pytest.raises(AnnouncementRejected, match="unknown_key"):
+            reg.publish(bad)
+        t0 = time.monotonic()
+        s = lab.join(reg)
+        for other in range(3):
+            lab.force_path(lab.mesh.paths(f"s{other}", f"s{s}")[0].id)
+        assert all(ping(lab.lan_ns(o), lab.lan_addr(s), timeout=5) is not None for o in range(3))
+        assert time.monotonic() - t0 < 10
+        assert {name: lab.wg[name].proc.pid for name in before} == before and len(lab.wg) == 12
+        # s3 goes silent: the others keep announcing; after inactive + grace its tunnels go
+        now = time.time()
+        lab.signers.pop(f"s{s}")
+        lab.announce_all(reg)
+        assert {st.site: st.status for st in reg.sites(now=now + 6)}[f"s{s}"] == "Inactive"
+        reg._db.execute("UPDATE announcements SET received = received + 100 WHERE site != ?", (f"s{s}",))
+        lab.sync(reg, now=now + 11)
+        assert len(lab.wg) == 6 and f"s{s}" not in [x.name for x in lab.mesh.sites]
+    finally:
+        lab.down()
+        reg.close()

@@ -33,7 +33,7 @@ from ..errors import ConfigError, PatronusError
 from ..mesh import Mesh
 from ..model import Site, Uplink
 from ..wireguard.config import InterfaceConfig, PeerConfig
-from ..wireguard.keys import PrivateKey
+from ..wireguard.keys import PrivateKey, PublicKey
 from ..wireguard.plan import Tunnel, tunnels
 from ..wireguard.uapi import Uapi, WireguardGo
 
@@ -85,6 +85,8 @@ class Lab:
         self.state_path = (state_dir or STATE_DIR) / f"{tag}.json"
         self.mesh = self.plan_mesh(sites, uplinks)
         self.keys: dict[str, PrivateKey] = {}
+        self.pubkeys: dict[str, PublicKey] = {}   # what each site knows of the others (from discovery)
+        self.signers: dict[str, Any] = {}         # each site's announcement key
         self.wg: dict[str, WireguardGo] = {}      # ifname -> process
         self.tunnels: dict[tuple[str, int], Tunnel] = {}  # (site, path index) -> tunnel seen from site
         self._state = _State(tag, sites, uplinks)
@@ -129,8 +131,10 @@ class Lab:
         _run("ip", "link", "set", "lo", "up", ns=name)
         _run("sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=0", ns=name, check=False)
 
-    def up(self) -> Lab:
-        """Create namespaces, links, addresses, routes and every tunnel."""
+    def up(self, registry: Any = None) -> Lab:
+        """Create namespaces, links, addresses, routes and every tunnel. With
+        a discovery ``registry`` every site enrolls and announces itself first,
+        and tunnels come from what the registry says."""
         if self.state_path.exists():
             raise ConfigError("Lab", self.tag, f"exists already ({self.state_path}); run down() first")
         try:
@@ -138,8 +142,17 @@ class Lab:
             _run("sysctl", "-qw", "net.ipv4.ip_forward=1", ns=self.wan_ns)
             for s in range(self.nsites):
                 self._add_site_net(s)
-            for s in range(self.nsites):
-                self._sync_tunnels(s)
+            if registry is not None:
+                from ..wireguard.discovery import SigningKey
+
+                for s in range(self.nsites):
+                    signer = self.signers[f"s{s}"] = SigningKey.generate()
+                    registry.enroll(registry.create_token(f"s{s}"), f"s{s}", signer.public_bytes)
+                    self.announce(registry, s, signer)
+                self.sync(registry)
+            else:
+                for s in range(self.nsites):
+                    self._sync_tunnels(s)
         except BaseException:
             self.down()
             raise
@@ -169,6 +182,7 @@ class Lab:
             _run("ip", "rule", "add", "fwmark", hex(MARK_BASE + k), "lookup", table, "priority", str(1000 + k),
                  ns=sn)
         self.keys[f"s{s}"] = PrivateKey.generate()
+        self.pubkeys[f"s{s}"] = self.keys[f"s{s}"].public_key()
 
     def add_site(self) -> int:
         """Add a site to the running lab: only the new tunnels are created and
@@ -181,6 +195,60 @@ class Lab:
         for x in range(self.nsites):
             self._sync_tunnels(x)
         return s
+
+    # -- discovery --------------------------------------------------------------
+
+    def announce(self, registry: Any, s: int, signer: Any) -> Any:
+        """Site s announces itself (uplinks, WireGuard key, subnets), signed."""
+        from ..wireguard.discovery import Announcement
+
+        site = self.mesh.site(f"s{s}")
+        ann = Announcement.make(site.name, wg_public_key=self.keys[site.name].public_key().base64,
+                                subnets=list(site.subnets),
+                                uplinks=[{"name": u.name, "address": u.address, "port": u.port, "nat": u.nat,
+                                          "mtu": u.mtu} for u in site.uplinks])
+        return registry.publish(signer.sign(ann))
+
+    def announce_all(self, registry: Any) -> None:
+        """Every site re-announces itself (a site that stops is marked Inactive)."""
+        for site in self.mesh.sites:
+            if site.name in self.signers:
+                self.announce(registry, int(site.name[1:]), self.signers[site.name])
+
+    def join(self, registry: Any) -> int:
+        """A new site joins through discovery: it gets a one-time token,
+        enrolls its signing key and announces itself; every other site then
+        learns of it from the registry only (``sync``)."""
+        from ..wireguard.discovery import SigningKey
+
+        s = self.nsites
+        name = f"s{s}"
+        signer = self.signers[name] = SigningKey.generate()
+        registry.enroll(registry.create_token(name), name, signer.public_bytes)
+        self.nsites += 1
+        self._state.sites = self.nsites
+        self.mesh.add_site(self._site(s, self.nuplinks))   # the new site's own view of itself
+        self._add_site_net(s)
+        self.announce(registry, s, signer)
+        self.sync(registry)
+        return s
+
+    def sync(self, registry: Any, now: float | None = None) -> None:
+        """Every site reconciles its tunnels with the registry: announced sites
+        get tunnels (keys and endpoints from their signed announcements),
+        sites gone from it (silent beyond the grace period) lose theirs."""
+        announced = {st.site: st.announcement for st in registry.sites(now)}
+        for name, ann in announced.items():
+            self.pubkeys[name] = PublicKey.from_text(ann.wg_public_key)
+            if name not in [x.name for x in self.mesh.sites]:
+                self.mesh.add_site(Site(name, subnets=list(ann.subnets),
+                                        uplinks=[Uplink(**{k: v for k, v in u.items() if v is not None})
+                                                 for u in ann.uplinks]))
+        for site in [x.name for x in self.mesh.sites]:
+            if site not in announced:  # left, or silent beyond the grace period
+                self.remove_site(int(site[1:]))
+        for x in sorted(int(site.name[1:]) for site in self.mesh.sites):
+            self._sync_tunnels(x)
 
     def remove_site(self, s: int) -> None:
         """Remove a site: its tunnels at every other site, then its namespaces."""
@@ -201,7 +269,7 @@ class Lab:
 
     def _config(self, s: int, t: Tunnel) -> InterfaceConfig:
         remote = int(t.path.remote_site[1:])
-        peer = PeerConfig(self.keys[t.path.remote_site].public_key(), endpoint=t.remote_endpoint,
+        peer = PeerConfig(self.pubkeys[t.path.remote_site], endpoint=t.remote_endpoint,
                           allowed_ips=(f"{t.remote_v4}/32", f"{t.remote_v6}/128", f"10.{remote + 1}.0.0/24"),
                           persistent_keepalive=t.keepalive)
         k = int(t.path.local_uplink[1:])
@@ -310,3 +378,4 @@ def status(state_path: Path) -> dict[str, Any]:
         out["tunnels"][name] = {"listen_port": dev.listen_port,
                                 "handshake_age_s": round(now - max(hs) / 1e9, 1) if hs and max(hs) else None}
     return out
+
