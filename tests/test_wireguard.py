@@ -144,3 +144,45 @@ def test_uapi_diff_changes_only_the_difference():
            "last_handshake_time_sec=2\nlast_handshake_time_nsec=5\nrx_bytes=7\ntx_bytes=9\nerrno=0\n\n"
     st_ = _parse_get(text)
     assert diff(st_, want) == [] and st_.peers[p1].last_handshake_ns == 2_000_000_005
+
+
+def test_topologies_choose_site_pairs_and_keep_path_indexes():
+    from patronus.wireguard import Topology
+
+    m = _mesh(sites=4, uplinks=1)
+    full = {t.path.index for s in range(4) for t in tunnels(m, f"s{s}")}
+    hub = Topology.hub_and_spoke(["s0"])
+    star = {(t.path.local_site, t.path.remote_site): t.path.index for s in range(4) for t in tunnels(m, f"s{s}", hub)}
+    assert {frozenset(k) for k in star} == {frozenset(("s0", f"s{i}")) for i in (1, 2, 3)}
+    assert set(star.values()) < full  # same indexes (ports, addresses) as in the full mesh
+    pairs = Topology.explicit([("s1", "s2")])
+    assert [t.path.remote_site for t in tunnels(m, "s1", pairs)] == ["s2"] and tunnels(m, "s3", pairs) == []
+    with pytest.raises(ConfigError):
+        Topology.hub_and_spoke([])
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("wireguard-go"), reason="needs root and wireguard-go")
+def test_hub_and_spoke_lab_routes_spokes_through_the_hub(tmp_path):
+    from patronus.lab.net import Lab, _run
+    from patronus.wireguard import Topology
+
+    from .netns import unique
+    from .test_lab import ping
+
+    lab = Lab(unique("H")[:6], sites=3, uplinks=1, state_dir=tmp_path, topology=Topology.hub_and_spoke(["s0"]))
+    try:
+        lab.up()
+        assert len(lab.wg) == 4  # s0-s1 and s0-s2, both ends
+        for s in (1, 2):
+            lab.force_path(lab.mesh.paths("s0", f"s{s}")[0].id)
+        # spokes reach each other through the hub: routes via the hub's tunnels
+        t1 = lab.tunnels[("s1", lab.mesh.paths("s0", "s1")[0].index)]
+        t2 = lab.tunnels[("s2", lab.mesh.paths("s0", "s2")[0].index)]
+        _run("ip", "route", "replace", "10.3.0.0/24", "dev", t1.ifname, ns=lab.site_ns(1))
+        _run("ip", "route", "replace", "10.2.0.0/24", "dev", t2.ifname, ns=lab.site_ns(2))
+        assert ping(lab.lan_ns(0), lab.lan_addr(1)) is not None and ping(lab.lan_ns(0), lab.lan_addr(2)) is not None
+        assert ping(lab.lan_ns(1), lab.lan_addr(2)) is not None  # spoke to spoke, through the hub
+        (hub_peer,) = lab.wg[lab.tunnels[("s0", t1.path.index)].ifname].uapi.get().peers.values()
+        assert hub_peer.rx_bytes > 0 and hub_peer.tx_bytes > 0
+    finally:
+        lab.down()

@@ -34,7 +34,7 @@ from ..mesh import Mesh
 from ..model import Site, Uplink
 from ..wireguard.config import InterfaceConfig, PeerConfig
 from ..wireguard.keys import PrivateKey, PublicKey
-from ..wireguard.plan import Tunnel, tunnels
+from ..wireguard.plan import Topology, Tunnel, tunnels
 from ..wireguard.uapi import Uapi, WireguardGo
 
 __all__ = ["Lab", "LabError"]
@@ -76,7 +76,8 @@ class Lab:
     everything. ``site_ns(s)``, ``lan_ns(s)``, ``lan_addr(s)`` name things;
     ``force_path(path)`` routes the two sites' LANs through one path."""
 
-    def __init__(self, tag: str, sites: int = 3, uplinks: int = 2, state_dir: Path | None = None) -> None:
+    def __init__(self, tag: str, sites: int = 3, uplinks: int = 2, state_dir: Path | None = None,
+                 topology: Topology | None = None) -> None:
         if not tag.isalnum() or len(tag) > 6:
             raise ConfigError("Lab.tag", tag, "must be 1-6 letters or digits (names stay within 15 characters)")
         if not 2 <= sites <= 50 or not 1 <= uplinks <= 4:
@@ -84,6 +85,7 @@ class Lab:
         self.tag, self.nsites, self.nuplinks = tag, sites, uplinks
         self.state_path = (state_dir or STATE_DIR) / f"{tag}.json"
         self.mesh = self.plan_mesh(sites, uplinks)
+        self.topology = topology or Topology.full()
         self.keys: dict[str, PrivateKey] = {}
         self.pubkeys: dict[str, PublicKey] = {}   # what each site knows of the others (from discovery)
         self.signers: dict[str, Any] = {}         # each site's announcement key
@@ -268,9 +270,13 @@ class Lab:
         self._state.save(self.state_path)
 
     def _config(self, s: int, t: Tunnel) -> InterfaceConfig:
-        remote = int(t.path.remote_site[1:])
-        peer = PeerConfig(self.pubkeys[t.path.remote_site], endpoint=t.remote_endpoint,
-                          allowed_ips=(f"{t.remote_v4}/32", f"{t.remote_v6}/128", f"10.{remote + 1}.0.0/24"),
+        remote = t.path.remote_site
+        lans = list(self.mesh.site(remote).subnets)
+        if self.topology.kind == "hub" and remote in self.topology.hubs and f"s{s}" not in self.topology.hubs:
+            # a spoke reaches every other site through its hub
+            lans += [n for x in self.mesh.sites if x.name not in (remote, f"s{s}") for n in x.subnets]
+        peer = PeerConfig(self.pubkeys[remote], endpoint=t.remote_endpoint,
+                          allowed_ips=(f"{t.remote_v4}/32", f"{t.remote_v6}/128", *lans),
                           persistent_keepalive=t.keepalive)
         k = int(t.path.local_uplink[1:])
         return InterfaceConfig(self.keys[f"s{s}"], listen_port=t.listen_port, fwmark=MARK_BASE + k, peers=(peer,))
@@ -278,7 +284,7 @@ class Lab:
     def _sync_tunnels(self, s: int) -> None:
         """Create missing tunnels of site s and reconcile the others."""
         ns = self.site_ns(s)
-        for t in tunnels(self.mesh, f"s{s}", prefix=self._prefix(s)):
+        for t in tunnels(self.mesh, f"s{s}", self.topology, prefix=self._prefix(s)):
             cfg = self._config(s, t)
             if t.ifname not in self.wg:
                 proc = WireguardGo(t.ifname, ns)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from .config import InterfaceConfig, PeerConfig, parse, render, render_quick
 from .keys import PresharedKey, PrivateKey, PublicKey
-from .plan import Tunnel, tunnel, tunnels
+from .plan import Topology, Tunnel, tunnel, tunnels
 
 __all__ = ["PrivateKey", "PublicKey", "PresharedKey", "InterfaceConfig", "PeerConfig", "render", "render_quick",
-           "parse", "Tunnel", "tunnel", "tunnels"]
+           "parse", "Topology", "Tunnel", "tunnel", "tunnels"]

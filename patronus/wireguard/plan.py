@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from ..errors import ConfigError
 from ..model import Path
 
-__all__ = ["Tunnel", "tunnel", "tunnels", "OVERLAY_V4", "OVERLAY_V6", "BASE_PORT", "overhead", "iface_name"]
+__all__ = ["Tunnel", "tunnel", "tunnels", "Topology", "OVERLAY_V4", "OVERLAY_V6", "BASE_PORT", "overhead",
+           "iface_name"]
 
 OVERLAY_V4 = "100.127.0.0/16"        # end of RFC 6598 space; override per mesh
 OVERLAY_V6 = "fd70:6e00::/64"
@@ -96,6 +97,48 @@ def tunnel(mesh: object, path: Path, *, prefix: str = "pn", overlay_v4: str = OV
         keepalive=KEEPALIVE_NAT if (ul.nat or ur.nat) else 0)
 
 
-def tunnels(mesh: object, site: str, **kw: object) -> list[Tunnel]:
-    """Every tunnel of ``site`` (one per path touching it)."""
-    return [tunnel(mesh, p, **kw) for p in mesh.paths(site)]  # type: ignore[attr-defined]
+@dataclass(frozen=True)
+class Topology:
+    """Which site pairs get tunnels: the full mesh, hub and spoke (spokes
+    reach each other through a hub), or an explicit list of pairs. Path
+    indexes stay those of the full mesh, so ports and addresses never move
+    when the topology changes.
+
+    >>> Topology.hub_and_spoke(["hq"]).allows("br1", "br2"), Topology.hub_and_spoke(["hq"]).allows("br1", "hq")
+    (False, True)
+    """
+
+    kind: str = "full"
+    hubs: tuple[str, ...] = ()
+    pairs: frozenset[frozenset[str]] = frozenset()
+
+    @classmethod
+    def full(cls) -> Topology:
+        return cls("full")
+
+    @classmethod
+    def hub_and_spoke(cls, hubs: list[str]) -> Topology:
+        if not hubs:
+            raise ConfigError("Topology.hubs", hubs, "needs at least one hub")
+        return cls("hub", tuple(hubs))
+
+    @classmethod
+    def explicit(cls, pairs: list[tuple[str, str]]) -> Topology:
+        ps = frozenset(frozenset(p) for p in pairs)
+        if any(len(p) != 2 for p in ps):
+            raise ConfigError("Topology.pairs", pairs, "has a pair of one site")
+        return cls("pairs", (), ps)
+
+    def allows(self, a: str, b: str) -> bool:
+        if self.kind == "full":
+            return True
+        if self.kind == "hub":
+            return a in self.hubs or b in self.hubs
+        return frozenset((a, b)) in self.pairs
+
+
+def tunnels(mesh: object, site: str, topology: Topology | None = None, **kw: object) -> list[Tunnel]:
+    """Every tunnel of ``site``: one per path touching it that the topology allows."""
+    topo = topology or Topology.full()
+    return [tunnel(mesh, p, **kw) for p in mesh.paths(site)  # type: ignore[attr-defined]
+            if topo.allows(p.local_site, p.remote_site)]
