@@ -223,3 +223,24 @@ def test_a_site_joins_through_signed_discovery_and_a_silent_one_leaves(tmp_path)
     finally:
         lab.down()
         reg.close()
+
+
+def test_site_status_and_uplink_loss(lab):
+    for p in lab.mesh.paths("s0", "s1"):  # a handshake on every path between s0 and s1
+        lab.force_path(p.id)
+        assert ping(lab.lan_ns(0), lab.lan_addr(1)) is not None
+    st = lab.site_status(0)
+    assert st["s1"] == "Active" and st["s2"] == "Inactive"  # never talked to s2: no handshake
+    lab.force_path(lab.mesh.paths("s0", "s2")[0].id)
+    assert ping(lab.lan_ns(0), lab.lan_addr(2)) is not None
+    assert lab.site_status(0)["s2"] == "Degraded"  # one of its four paths has shaken hands
+    lab.set_loss(0, 0, 100)  # uplink u0 of s0 drops everything
+    path = next(p for p in lab.mesh.paths("s0", "s1") if p.local_uplink == "u0")
+    lab.force_path(path.id)
+    assert ping(lab.lan_ns(0), lab.lan_addr(1), timeout=1) is None
+    other = next(p for p in lab.mesh.paths("s0", "s1") if p.local_uplink == "u1")
+    lab.force_path(other.id)
+    assert ping(lab.lan_ns(0), lab.lan_addr(1)) is not None  # the other uplink still works
+    lab.set_loss(0, 0, 0)
+    lab.force_path(path.id)
+    assert ping(lab.lan_ns(0), lab.lan_addr(1)) is not None

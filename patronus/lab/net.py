@@ -312,6 +312,32 @@ class Lab:
             _run("ip", "route", "replace", f"10.{int(other[1:]) + 1}.0.0/24", "dev", t.ifname,
                  ns=self.site_ns(int(site[1:])))
 
+    def set_loss(self, s: int, uplink: int, loss_pct: float) -> None:
+        """Drop ``loss_pct`` % of the packets leaving and entering site s on an
+        uplink (nftables ``numgen random``: this kernel has no netem); 0 removes it."""
+        if not 0 <= loss_pct <= 100:
+            raise ConfigError("loss_pct", loss_pct, "is not in 0..100")
+        ns, dev, table = self.site_ns(s), f"{self.tag}u{s}x{uplink}", f"pnloss{uplink}"
+        _run("nft", f"delete table inet {table}", ns=ns, check=False)
+        if loss_pct:
+            n = int(round(loss_pct * 100))
+            cond = "" if n >= 10000 else f"numgen random mod 10000 < {n} "
+            _run("nft", f"add table inet {table}; "
+                 f"add chain inet {table} in {{ type filter hook input priority -300; }}; "
+                 f"add chain inet {table} out {{ type filter hook output priority -300; }}; "
+                 f'add rule inet {table} in iifname "{dev}" {cond}drop; '
+                 f'add rule inet {table} out oifname "{dev}" {cond}drop', ns=ns)
+
+    def site_status(self, s: int) -> dict[str, str]:
+        """How site s sees every other site (handshake ages of its tunnels)."""
+        from ..wireguard.status import site_status
+
+        devices: dict[str, dict[str, Any]] = {}
+        for (site, _), t in self.tunnels.items():
+            if site == f"s{s}":
+                devices.setdefault(t.path.remote_site, {})[t.path.id] = self.wg[t.ifname].uapi.get()
+        return site_status(devices, time.time())
+
     def show(self, s: int) -> dict[str, Any]:
         """The UAPI view of every tunnel of site s: ifname -> DeviceState."""
         return {t.ifname: self.wg[t.ifname].uapi.get() for (site, _), t in self.tunnels.items() if site == f"s{s}"}
