@@ -244,3 +244,23 @@ def test_site_status_and_uplink_loss(lab):
     lab.set_loss(0, 0, 0)
     lab.force_path(path.id)
     assert ping(lab.lan_ns(0), lab.lan_addr(1)) is not None
+
+
+def test_key_rotation_with_an_overlap_window(lab):
+    p = lab.mesh.paths("s0", "s1")[0]
+    lab.force_path(p.id)
+    assert ping(lab.lan_ns(1), lab.lan_addr(0)) is not None
+    old = lab.keys["s0"].public_key()
+    peer_tun = lab.tunnels[("s1", p.index)]
+    new = lab.rotate_key(0)
+    staged = lab.wg[peer_tun.ifname].uapi.get().peers
+    assert set(staged) == {old, new} and staged[new].allowed_ips == ()  # staged, routing nothing
+    assert ping(lab.lan_ns(1), lab.lan_addr(0)) is not None              # traffic unaffected in the window
+    t0 = time.monotonic()
+    lab.finish_rotation(0)
+    rtt = ping(lab.lan_ns(1), lab.lan_addr(0), timeout=5)
+    gap_ms = (time.monotonic() - t0) * 1e3
+    assert rtt is not None and gap_ms < 2000, gap_ms
+    after = lab.wg[peer_tun.ifname].uapi.get().peers
+    assert set(after) == {new} and after[new].last_handshake_ns > 0
+    assert old.base64 not in subprocess.run(["wg", "show", "all", "peers"], capture_output=True, text=True).stdout

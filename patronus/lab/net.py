@@ -89,6 +89,7 @@ class Lab:
         self.keys: dict[str, PrivateKey] = {}
         self.pubkeys: dict[str, PublicKey] = {}   # what each site knows of the others (from discovery)
         self.signers: dict[str, Any] = {}         # each site's announcement key
+        self.next_keys: dict[str, PrivateKey] = {}  # keys being rotated in (overlap window)
         self.wg: dict[str, WireguardGo] = {}      # ifname -> process
         self.tunnels: dict[tuple[str, int], Tunnel] = {}  # (site, path index) -> tunnel seen from site
         self._state = _State(tag, sites, uplinks)
@@ -278,8 +279,15 @@ class Lab:
         peer = PeerConfig(self.pubkeys[remote], endpoint=t.remote_endpoint,
                           allowed_ips=(f"{t.remote_v4}/32", f"{t.remote_v6}/128", *lans),
                           persistent_keepalive=t.keepalive)
+        peers = [peer]
+        if remote in self.next_keys:
+            # the remote's next key, staged with no AllowedIPs (it routes
+            # nothing) so the switch is only a move of AllowedIPs
+            peers.append(PeerConfig(self.next_keys[remote].public_key(), endpoint=t.remote_endpoint,
+                                    persistent_keepalive=t.keepalive))
         k = int(t.path.local_uplink[1:])
-        return InterfaceConfig(self.keys[f"s{s}"], listen_port=t.listen_port, fwmark=MARK_BASE + k, peers=(peer,))
+        return InterfaceConfig(self.keys[f"s{s}"], listen_port=t.listen_port, fwmark=MARK_BASE + k,
+                               peers=tuple(peers))
 
     def _sync_tunnels(self, s: int) -> None:
         """Create missing tunnels of site s and reconcile the others."""
@@ -311,6 +319,27 @@ class Lab:
             t = self.tunnels[(site, p.index)]
             _run("ip", "route", "replace", f"10.{int(other[1:]) + 1}.0.0/24", "dev", t.ifname,
                  ns=self.site_ns(int(site[1:])))
+
+    def rotate_key(self, s: int) -> PublicKey:
+        """Start rotating site s's key: every peer stages the next public key
+        next to the current one (the overlap window). ``finish_rotation``
+        switches; until then nothing changes for traffic."""
+        nxt = self.next_keys[f"s{s}"] = PrivateKey.generate()
+        for x in sorted(int(site.name[1:]) for site in self.mesh.sites):
+            if x != s:
+                self._sync_tunnels(x)
+        return nxt.public_key()
+
+    def finish_rotation(self, s: int) -> None:
+        """Site s takes its next key; every peer moves AllowedIPs to it and
+        drops the old one. Only the tunnels of site s re-handshake."""
+        name = f"s{s}"
+        self.keys[name] = self.next_keys.pop(name)
+        self.pubkeys[name] = self.keys[name].public_key()
+        self._sync_tunnels(s)
+        for x in sorted(int(site.name[1:]) for site in self.mesh.sites):
+            if x != s:
+                self._sync_tunnels(x)
 
     def set_loss(self, s: int, uplink: int, loss_pct: float) -> None:
         """Drop ``loss_pct`` % of the packets leaving and entering site s on an
