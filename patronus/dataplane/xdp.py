@@ -21,6 +21,7 @@ import errno
 import mmap
 import os
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -123,6 +124,8 @@ def _libbpf() -> ctypes.CDLL:
     lib.bpf_map_lookup_and_delete_batch.argtypes = lib.bpf_map_lookup_batch.argtypes
     lib.bpf_map_update_batch.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                                          ctypes.POINTER(ctypes.c_uint32), ctypes.c_void_p]
+    lib.bpf_obj_pin.argtypes = [ctypes.c_int, ctypes.c_char_p]
+    lib.bpf_obj_pin.restype = ctypes.c_int
     lib.bpf_prog_test_run_opts.argtypes = [ctypes.c_int, ctypes.POINTER(_TestRunOpts)]
     lib.bpf_prog_test_run_opts.restype = ctypes.c_int
     return lib
@@ -225,6 +228,7 @@ class Xdp:
         export = table._cls.export()
         self._cap = _Capacity(export, max_policies)
         self._attached: dict[str, int] = {}
+        self._steering: dict[str, tuple[Any, Path]] = {}
         self._bpf = None
         self._closed = False
         text = (bpf_dir / "patronus_xdp.c").read_text()
@@ -276,6 +280,8 @@ class Xdp:
         if self._closed:
             return
         self._closed = True
+        for dev in list(self._steering):
+            self._disable_steering(dev)
         for dev, flags in list(self._attached.items()):
             self._detach(dev, flags)
         if getattr(self, "_mm", None) is not None:
@@ -301,6 +307,51 @@ class Xdp:
                 raise DataplaneUnavailable(f"attaching to {ifname!r} in {mode} mode failed: {e} "
                                            f"{log.read().strip()}", "try mode='generic'") from None
         self._attached[ifname] = XDP_FLAGS[mode]
+
+    def enable_steering(self, ifname: str, mark_base: int = 0x7000) -> None:
+        """Steer packets into paths: a tc program at clsact ingress of
+        ``ifname`` (bpf/patronus_tc.c) copies the path slot this program
+        wrote into the packet metadata into ``skb->mark = mark_base + path``,
+        for ``ip rule fwmark`` to pick the path's routing table. Attach the
+        XDP program to the same interface first. Undone by ``close()``."""
+        if ifname not in self._attached:
+            raise ConfigError("enable_steering", ifname, "has no XDP program of this Xdp attached")
+        if not 0 <= mark_base <= 0xFFFF0000:
+            raise ConfigError("mark_base", mark_base, "leaves no room for path slots in a 32-bit mark")
+        bcc = _import_bcc()
+        bpf_dir, _ = bpf_source_dir()
+        with _captured_stderr() as log:
+            try:
+                prog = bcc.BPF(text=(bpf_dir / "patronus_tc.c").read_text().encode(),
+                               cflags=[f"-DPN_MARK_BASE={mark_base}"])
+                fn = prog.load_func(b"pn_tc_mark", bcc.BPF.SCHED_CLS)
+            except Exception as e:
+                raise DataplaneUnavailable(f"the tc steering program did not load: {e} {log.read()[-500:]}",
+                                           "check the verifier log") from None
+        _mount_bpffs()
+        pin = Path(f"/sys/fs/bpf/patronus_tc_{os.getpid()}_{ifname}")
+        pin.unlink(missing_ok=True)
+        if self._lib.bpf_obj_pin(fn.fd, str(pin).encode()) != 0:
+            raise DataplaneUnavailable(f"pinning the tc program at {pin}: {os.strerror(ctypes.get_errno())}",
+                                       "mount bpffs on /sys/fs/bpf")
+        for cmd in (["tc", "qdisc", "replace", "dev", ifname, "clsact"],
+                    ["tc", "filter", "replace", "dev", ifname, "ingress", "prio", "1", "handle", "1", "bpf", "da",
+                     "object-pinned", str(pin)]):
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode != 0:
+                pin.unlink(missing_ok=True)
+                raise DataplaneUnavailable(f"{' '.join(cmd)}: {r.stderr.strip()}", "is iproute2's tc installed?")
+        self._steering[ifname] = (prog, pin)
+        if not self._meta:
+            self.steering = True
+
+    def _disable_steering(self, ifname: str) -> None:
+        prog, pin = self._steering.pop(ifname)
+        subprocess.run(["tc", "filter", "del", "dev", ifname, "ingress", "prio", "1", "handle", "1", "bpf"],
+                       capture_output=True)
+        subprocess.run(["tc", "qdisc", "del", "dev", ifname, "clsact"], capture_output=True)
+        pin.unlink(missing_ok=True)
+        prog.cleanup()
 
     def detach(self, ifname: str) -> None:
         if ifname not in self._attached:
@@ -612,6 +663,14 @@ def _fast() -> Any:
     from .. import _fast as fast
 
     return fast
+
+
+def _mount_bpffs() -> None:
+    """bpffs on /sys/fs/bpf (``ip netns exec`` gives each command a fresh /sys without it)."""
+    if subprocess.run(["mountpoint", "-q", "/sys/fs/bpf"]).returncode != 0:
+        r = subprocess.run(["mount", "-t", "bpf", "bpf", "/sys/fs/bpf"], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise DataplaneUnavailable(f"cannot mount bpffs on /sys/fs/bpf: {r.stderr.strip()}", "run as root")
 
 
 def _possible_cpus() -> list[int]:

@@ -1,0 +1,32 @@
+"""Runs inside a lab site namespace: XDP + tc steering on the LAN-facing
+interface. argv: ifname, JSON {policy: path slot}. stdin: "path NAME SLOT",
+"dump", "close". Prints "ready" once attached."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from patronus import Match, Policy, PolicyTable
+from patronus.dataplane.xdp import Xdp
+
+ifname, paths = sys.argv[1], json.loads(sys.argv[2])
+table = PolicyTable([Policy("voip", Match(proto="udp", dst_ports=5060), priority=1, app="voip"),
+                     Policy("bulk", Match(proto="tcp"), priority=2, app="bulk")])
+x = Xdp(table, flow_capacity=4096)
+x.attach(ifname, mode="native")
+x.enable_steering(ifname, mark_base=0x7000)
+for name, slot in paths.items():
+    x.set_path(name, slot)
+print("ready", flush=True)
+for line in sys.stdin:
+    cmd = line.split()
+    if cmd[0] == "path":
+        x.set_path(cmd[1], int(cmd[2]))
+        print("ok", flush=True)
+    elif cmd[0] == "dump":
+        print(json.dumps(x.counters()), flush=True)
+    elif cmd[0] == "close":
+        x.close()
+        print("closed", flush=True)
+        break
