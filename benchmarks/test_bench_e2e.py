@@ -1,0 +1,46 @@
+"""The end-to-end failover run of tests/test_e2e.py, repeated: the
+distribution of the voice receiver's largest sequence gap and of the
+detection time (cut to the engine's bfd_down move), over N runs.
+
+Run: .venv/bin/python -m pytest benchmarks/test_bench_e2e.py --benchmark-only -s   (PN_E2E_RUNS=20)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from tests.test_e2e import run_failover
+
+RUNS = int(os.environ.get("PN_E2E_RUNS", "20"))
+
+
+def test_failover_gap_distribution(benchmark, tmp_path_factory):
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    results = []
+
+    def all_runs():
+        for i in range(RUNS):
+            r = run_failover(tmp_path_factory.mktemp(f"e2e{i}"))
+            down = next(m for m in r["moves"] if m["reason"] == "bfd_down")
+            back = [m for m in r["moves"] if m["reason"] == "failback"]
+            results.append({"gap_ms": r["max_gap_ms"], "detect_ms": (down["mono"] - r["t_cut"]) * 1e3,
+                            "lost": r["sent"] - r["received"], "tcp_ok": r["tcp_ok"],
+                            "failback_after_heal_s": (back[0]["mono"] - r["t_heal"]) if back else None})
+        return results
+
+    benchmark.pedantic(all_runs, rounds=1, iterations=1)
+    gaps = np.array([x["gap_ms"] for x in results])
+    det = np.array([x["detect_ms"] for x in results])
+    stats = {"runs": len(results), "gap_p50": float(np.median(gaps)), "gap_p95": float(np.percentile(gaps, 95)),
+             "gap_max": float(gaps.max()), "detect_p50": float(np.median(det)),
+             "detect_p95": float(np.percentile(det, 95)), "detect_max": float(det.max()),
+             "tcp_all_ok": all(x["tcp_ok"] for x in results),
+             "lost_p50": float(np.median([x["lost"] for x in results]))}
+    benchmark.extra_info.update({k: round(v, 1) if isinstance(v, float) else v for k, v in stats.items()})
+    print("\n" + json.dumps(stats))
+    print(json.dumps(results))
