@@ -211,3 +211,21 @@ def test_engine_on_asyncio_with_real_bfd_sessions(tmp_path):
     first, ev, took = asyncio.run(main())
     assert first == MPLS and ev.to_path == LTE
     assert took < 0.2  # 3 x 20 ms detection plus scheduling
+
+
+def test_backups_avoid_the_uplink_that_just_failed():
+    """Two paths share hq.mpls; when one goes down the other is suspect (its
+    BFD may lag), so the backup is a path over another uplink."""
+    mesh = Mesh("t")
+    mesh.add_site(Site("hq", subnets=["10.1.0.0/24"],
+                       uplinks=[Uplink("mpls", "192.0.2.1"), Uplink("lte", "198.51.100.1")]))
+    mesh.add_site(Site("br", subnets=["10.2.0.0/24"],
+                       uplinks=[Uplink("a", "203.0.113.1"), Uplink("b", "203.0.113.2")]))
+    mesh.add_policy(Policy("voip", Match(dst="10.2.0.0/24"), priority=1, app="voip", prefer=["mpls"]))
+    dp = RecordingPlane(mesh.policy_table(), flow_capacity=64)
+    core = FailoverCore(mesh, dp, local_site="hq")
+    core.start(0.0)
+    first = core.where()["voip"]
+    assert "hq.mpls" in first
+    (ev,) = core.bfd(first, up=False, now=1.0)
+    assert "hq.lte" in ev.to_path  # not the other hq.mpls path

@@ -258,9 +258,13 @@ def test_key_rotation_with_an_overlap_window(lab):
     assert ping(lab.lan_ns(1), lab.lan_addr(0)) is not None              # traffic unaffected in the window
     t0 = time.monotonic()
     lab.finish_rotation(0)
-    rtt = ping(lab.lan_ns(1), lab.lan_addr(0), timeout=5)
+    # the first packet starts a handshake with the new key; if that one is
+    # lost WireGuard retries after REKEY_TIMEOUT (5 s), seen once on a loaded CI
+    rtt = None
+    while rtt is None and time.monotonic() - t0 < 8:
+        rtt = ping(lab.lan_ns(1), lab.lan_addr(0), timeout=1)
     gap_ms = (time.monotonic() - t0) * 1e3
-    assert rtt is not None and gap_ms < 2000, gap_ms
+    assert rtt is not None and gap_ms < 7000, gap_ms
     after = lab.wg[peer_tun.ifname].uapi.get().peers
     assert set(after) == {new} and after[new].last_handshake_ns > 0
     assert old.base64 not in subprocess.run(["wg", "show", "all", "peers"], capture_output=True, text=True).stdout

@@ -133,6 +133,10 @@ class FailoverCore:
         self._callbacks: list[Callable[[Event], Any]] = []
         self._queues: list[asyncio.Queue[Event]] = []
         self.set_path_calls = 0
+        # fate sharing: after a path over a local uplink goes down, the other
+        # paths over that uplink are suspect for a while (their own BFD may
+        # not have noticed yet); backups avoid them when there is a choice
+        self._suspect: dict[str, float] = {}
 
     # -- set-up ---------------------------------------------------------------
 
@@ -175,14 +179,16 @@ class FailoverCore:
             return -1.0
         return now - h.healthy_since
 
-    def _best(self, st: _PolicyState) -> str | None:
+    def _best(self, st: _PolicyState, now: float | None = None) -> str | None:
         order = st.candidates
         if self.selector is not None:  # the selector's ranking among equally preferred paths
             order = self._ranked(st)
-        for pid in order:
-            if self._usable(pid, st.app):
-                return pid
-        return None
+        usable = [pid for pid in order if self._usable(pid, st.app)]
+        if now is not None:
+            clear = [pid for pid in usable if self._suspect.get(self._local_uplink(pid), -math.inf) <= now]
+            if clear:
+                return clear[0]
+        return usable[0] if usable else None
 
     def _ranked(self, st: _PolicyState) -> list[str]:
         try:
@@ -242,9 +248,10 @@ class FailoverCore:
                 h.suppressed = True
                 out.append(self._emit(Event(now, "damped", None, path_id, None,
                                             f"penalty {h.penalty:.0f} > {self.cfg.damp_suppress:g}")))
+            self._suspect[self._local_uplink(path_id)] = now + 2 * self.cfg.detect_ms / 1000
             for st in self.policies.values():
                 if st.current == path_id:
-                    to = self._best(st)
+                    to = self._best(st, now)
                     if to is not None and to != path_id:
                         out.append(self._move(st, to, "bfd_down", f"{path_id} down", now))
         elif up and h.bfd_up is not True:

@@ -1,11 +1,13 @@
-"""A site agent for lab tests, inside a site namespace.
+"""A lab site agent, run inside a site namespace
+(``ip netns exec NS python -m patronus.lab.agent ROLE CONFIG``).
 
 role "near": XDP + tc steering on the LAN interface, a BFD session over
-every path's tunnel, the failover engine moving policies; prints one JSON
-line per engine event. role "far": the BFD sessions of the other end only.
-argv: role, JSON config {"lan_if", "site", "other", "sites", "uplinks",
-"sessions": [[path_id, local_inner, remote_inner], ...], "hold_s"}.
-stdin "stop" ends it.
+every path's tunnel, the failover engine moving the lab policies (voip
+prefers uplink u0, bulk u1); prints one JSON line per engine event. role
+"far": only the BFD sessions of the other end. CONFIG is JSON: {"lan_if",
+"site", "sites", "uplinks", "sessions": [[path_id, local_inner,
+remote_inner], ...], "hold_s"}. stdin: "dump" prints the data plane's
+counters and flows as one JSON line, "stop" detaches everything and exits.
 """
 
 from __future__ import annotations
@@ -14,21 +16,21 @@ import asyncio
 import json
 import sys
 import time
+from typing import Any
 
 from patronus import Failover, Match, Policy
 from patronus.failover import BfdSession, Engine
 from patronus.lab.net import Lab
 
-role, cfg = sys.argv[1], json.loads(sys.argv[2])
-
-
-async def main() -> None:
+async def main(role: str, cfg: dict[str, Any]) -> None:
     sessions = {}
     for pid, local, remote in cfg["sessions"]:
         s = BfdSession(local, remote, 50, 50, 3)
         await s.start()
         sessions[pid] = s
     engine = None
+    x: Any = None
+    mesh: Any = None
     if role == "near":
         from patronus.dataplane.xdp import Xdp
 
@@ -48,7 +50,23 @@ async def main() -> None:
         task = asyncio.create_task(engine.run())
     print(json.dumps({"ready": True}), flush=True)
     loop = asyncio.get_running_loop()
-    await loop.run_in_executor(None, sys.stdin.readline)
+    while True:
+        cmd = (await loop.run_in_executor(None, sys.stdin.readline)).strip()
+        if cmd == "dump" and engine is not None:
+            flows = x.flows()
+            names = [p.name for p in mesh.policies]
+            per = {}
+            for r in flows:
+                name = names[int(r["policy"])] if int(r["policy"]) >= 0 else "default"
+                d = per.setdefault(name, {"flows": 0, "packets": 0, "bytes": 0, "paths": []})
+                d["flows"] += 1
+                d["packets"] += int(r["packets"])
+                d["bytes"] += int(r["bytes"])
+            c = x.counters()
+            print(json.dumps({"flows": per, "policies": c["policies"], "default": c["default"],
+                              "where": engine.where()}), flush=True)
+            continue
+        break
     if engine is not None:
         engine.stop()
         await task
@@ -57,4 +75,5 @@ async def main() -> None:
         await s.stop()
 
 
-asyncio.run(main())
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1], json.loads(sys.argv[2])))
