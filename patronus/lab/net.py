@@ -83,7 +83,7 @@ class Lab:
         if not 2 <= sites <= 50 or not 1 <= uplinks <= 4:
             raise ConfigError("Lab", (sites, uplinks), "sites 2..50, uplinks 1..4")
         self.tag, self.nsites, self.nuplinks = tag, sites, uplinks
-        self.state_path = (state_dir or STATE_DIR) / f"{tag}.json"
+        self.state_path = Path(state_dir or STATE_DIR) / f"{tag}.json"
         self.mesh = self.plan_mesh(sites, uplinks)
         self.topology = topology or Topology.full()
         self.keys: dict[str, PrivateKey] = {}

@@ -32,10 +32,11 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": f"{_ROOT}{os.pathsep}{path}" if path else str(_ROOT)}
 
 
-def failover_story(workdir: Path, *, tag: str = "demo", sites: int = 3, hold_s: float = HOLD_S,
+def failover_story(workdir: Path | str, *, tag: str = "demo", sites: int = 3, hold_s: float = HOLD_S,
                    say: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """Build the lab, steer voice and bulk from s0 to s1 by policy, cut the
     voice path's uplink, restore it, tear down. Returns what was measured."""
+    workdir = Path(workdir)
     lab = Lab(tag, sites=sites, uplinks=2, state_dir=workdir)
     procs = []
     try:
@@ -182,7 +183,7 @@ def failover_story(workdir: Path, *, tag: str = "demo", sites: int = 3, hold_s: 
             time.sleep(0.05)
         return {"sent": sent, "received": len(arrivals), "max_gap_ms": max(gaps) * 1e3,
                 "tcp_ok": bytes(got) == payload, "moves": moves, "t_cut": t_cut, "t_heal": t_heal,
-                "voice_first": voice_first, "bulk_first": bulk_first, "events": events, "wan": wan,
+                "voice_first": voice_first, "bulk_first": bulk_first, "events": list(events), "wan": wan,
                 "stats": stats}
     finally:
         for p in procs:
