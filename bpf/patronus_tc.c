@@ -4,10 +4,18 @@
  * tunnel. Attached at clsact ingress of the same interface as pn_xdp,
  * direct action; packets without metadata pass untouched.
  *
- * -D PN_MARK_BASE: mark = PN_MARK_BASE + path slot.
+ * It also applies the policy's QoS marking: the DSCP of the policy
+ * (pn_dscp_map) is written into the IPv4 TOS (checksum updated with
+ * bpf_l3_csum_replace) or the IPv6 traffic class. Untagged frames only.
+ *
+ * -D PN_MARK_BASE: mark = PN_MARK_BASE + path slot; -D PN_NPOL: policies + 1.
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
+#include <uapi/linux/if_ether.h>
+
+/* key: policy + 1 -> DSCP + 1 to write (0: leave the packet's own) */
+BPF_ARRAY(pn_dscp_map, __u8, PN_NPOL);
 
 struct pn_meta {          /* bpf/patronus_xdp.c writes it */
     __u32 path;
@@ -22,5 +30,30 @@ int pn_tc_mark(struct __sk_buff *skb)
         return TC_ACT_OK;
     if (m->path != 0xffffffffu)
         skb->mark = PN_MARK_BASE + m->path;
+    __u32 k = (__u32)(m->policy + 1);
+    __u8 *d = pn_dscp_map.lookup(&k);
+    if (!d || !*d)
+        return TC_ACT_OK;
+    __u8 dscp = (__u8)(*d - 1);
+    __u8 *eth = (void *)(long)skb->data;
+    void *end = (void *)(long)skb->data_end;
+    if ((void *)(eth + ETH_HLEN + 2) > end)
+        return TC_ACT_OK;
+    __u16 proto = (eth[12] << 8) | eth[13];
+    if (proto == ETH_P_IP) {
+        __u8 vihl = eth[ETH_HLEN], tos = eth[ETH_HLEN + 1];
+        __u8 ntos = (__u8)((dscp << 2) | (tos & 3));
+        if (ntos == tos)
+            return TC_ACT_OK;
+        __be16 from = bpf_htons((__u16)(vihl << 8 | tos)), to = bpf_htons((__u16)(vihl << 8 | ntos));
+        bpf_l3_csum_replace(skb, ETH_HLEN + 10, from, to, 2);
+        bpf_skb_store_bytes(skb, ETH_HLEN + 1, &ntos, 1, 0);
+    } else if (proto == ETH_P_IPV6) {
+        __u8 b0 = eth[ETH_HLEN], b1 = eth[ETH_HLEN + 1];
+        __u8 tc = (__u8)(((b0 & 0x0f) << 4) | (b1 >> 4));
+        __u8 ntc = (__u8)((dscp << 2) | (tc & 3));
+        __u8 nb[2] = {(__u8)((b0 & 0xf0) | (ntc >> 4)), (__u8)(((ntc & 0x0f) << 4) | (b1 & 0x0f))};
+        bpf_skb_store_bytes(skb, ETH_HLEN, nb, 2, 0);
+    }
     return TC_ACT_OK;
 }

@@ -84,6 +84,7 @@ def test_voice_and_bulk_take_their_policies_paths_and_set_path_moves_voice(tmp_p
         udp_rx = socket_in(lab.lan_ns(1), socket.AF_INET, socket.SOCK_DGRAM)
         udp_rx.bind(("0.0.0.0", 5060))
         udp_rx.settimeout(0.5)
+        udp_rx.setsockopt(socket.IPPROTO_IP, 13, 1)  # IP_RECVTOS: the TOS byte with each datagram
         before = {p.index: tx(p) for p in paths}
         payload = os.urandom(1 << 20)
         cli = socket_in(lab.lan_ns(0), socket.AF_INET, socket.SOCK_STREAM)
@@ -94,13 +95,15 @@ def test_voice_and_bulk_take_their_policies_paths_and_set_path_moves_voice(tmp_p
         voice = socket_in(lab.lan_ns(0), socket.AF_INET, socket.SOCK_DGRAM)
         for i in range(100):
             voice.sendto(i.to_bytes(4, "big") + bytes(160), (lab.lan_addr(1), 5060))
-        n = 0
+        n, tos = 0, set()
         try:
             while n < 100:
-                udp_rx.recvfrom(2048)
+                _, anc, _, _ = udp_rx.recvmsg(2048, 64)
+                tos |= {c[2][0] for c in anc if c[0] == socket.IPPROTO_IP and c[1] == 1}  # IP_TOS
                 n += 1
         except socket.timeout:
             pass
+        assert tos == {46 << 2}  # the voice policy's QoS DSCP (EF), written by the tc program
         mid = {p.index: tx(p) for p in paths}
         assert got["tcp"] == payload and n >= 98
         assert mid[bulk_path.index] - before[bulk_path.index] > len(payload)       # the bulk transfer

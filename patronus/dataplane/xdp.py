@@ -323,7 +323,7 @@ class Xdp:
         with _captured_stderr() as log:
             try:
                 prog = bcc.BPF(text=(bpf_dir / "patronus_tc.c").read_text().encode(),
-                               cflags=[f"-DPN_MARK_BASE={mark_base}"])
+                               cflags=[f"-DPN_MARK_BASE={mark_base}", f"-DPN_NPOL={self._npol}"])
                 fn = prog.load_func(b"pn_tc_mark", bcc.BPF.SCHED_CLS)
             except Exception as e:
                 raise DataplaneUnavailable(f"the tc steering program did not load: {e} {log.read()[-500:]}",
@@ -342,8 +342,20 @@ class Xdp:
                 pin.unlink(missing_ok=True)
                 raise DataplaneUnavailable(f"{' '.join(cmd)}: {r.stderr.strip()}", "is iproute2's tc installed?")
         self._steering[ifname] = (prog, pin)
+        self._write_dscp()
         if not self._meta:
             self.steering = True
+
+    def _write_dscp(self) -> None:
+        """Each policy's QoS DSCP into every steering program (0: leave as is)."""
+        vals = np.zeros(self._npol, dtype=np.uint8)
+        for i, p in enumerate(self.table.policies):
+            if p.qos.dscp is not None:
+                vals[i + 1] = p.qos.dscp + 1
+        for prog, _ in self._steering.values():
+            m = prog[b"pn_dscp_map"]
+            for i in range(self._npol):
+                m[m.Key(i)] = m.Leaf(int(vals[i]))
 
     def _disable_steering(self, ifname: str) -> None:
         prog, pin = self._steering.pop(ifname)
@@ -448,6 +460,7 @@ class Xdp:
         self._write_cfg()
         self._write_actions(table)
         self.table = table
+        self._write_dscp()
 
     @property
     def steering(self) -> bool:

@@ -7,11 +7,11 @@ from __future__ import annotations
 import json
 import sys
 
-from patronus import Match, Policy, PolicyTable
+from patronus import Match, Policy, PolicyTable, QoS
 from patronus.dataplane.xdp import Xdp
 
 ifname, paths = sys.argv[1], json.loads(sys.argv[2])
-table = PolicyTable([Policy("voip", Match(proto="udp", dst_ports=5060), priority=1, app="voip"),
+table = PolicyTable([Policy("voip", Match(proto="udp", dst_ports=5060), priority=1, app="voip", qos=QoS(dscp=46)),
                      Policy("bulk", Match(proto="tcp"), priority=2, app="bulk")])
 x = Xdp(table, flow_capacity=4096)
 x.attach(ifname, mode="native")
