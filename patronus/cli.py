@@ -25,7 +25,18 @@ def main(argv: list[str] | None = None) -> int:
     lab.add_argument("--tag", default="pnlab", help="name of the lab (1-6 letters/digits; default pnlab)")
     lab.add_argument("--sites", type=int, default=3)
     lab.add_argument("--uplinks", type=int, default=2)
+    ag = sub.add_parser("agent", help="run a site: tunnels, data plane, BFD, failover, state")
+    ag.add_argument("--state", required=True, help="the SQLite state file (mesh and discovery registry)")
+    ag.add_argument("--site", required=True, help="which site of the mesh this is")
+    ag.add_argument("--lan-if", help="LAN interface to attach the data plane and steering to")
+    ag.add_argument("--token", help="enrollment token (first run of a site)")
+    ag.add_argument("--prefix", help="tunnel interface name prefix (unique on the machine)")
+    ag.add_argument("--backend", default="auto", choices=["auto", "xdp", "userspace"])
     args = parser.parse_args(argv)
+    if args.cmd == "agent":
+        from . import agent
+
+        return agent.main(args)
     if args.cmd == "lab":
         return _lab(args)
     if args.cmd == "demo":

@@ -300,6 +300,44 @@ class Store:
             (time.time() if ts is None else ts, policy, from_path, to_path, reason, detail),
         )
 
+    def add_path_metrics(self, ts: float, rows: list[tuple[str, Any, Any, Any, Any, Any, Any]]) -> None:
+        """Append one measurement per path: (path, rtt_ms, jitter_ms, loss_pct,
+        mos, mtu, bandwidth_mbps); NaN is stored as NULL."""
+        def clean(v: Any) -> Any:
+            return None if isinstance(v, float) and v != v else v
+
+        self._db.executemany("INSERT INTO path_metrics VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                             [(ts, *[clean(v) for v in r]) for r in rows])
+
+    def path_metrics(self, path: str | None = None) -> list[dict[str, Any]]:
+        q = "SELECT ts, path, rtt_ms, jitter_ms, loss_pct, mos, mtu, bandwidth_mbps FROM path_metrics"
+        cur = self._db.execute(q + (" WHERE path = ? ORDER BY ts" if path else " ORDER BY ts"),
+                               (path,) if path else ())
+        cols = [c[0] for c in cur.description]
+        return [dict(zip(cols, r)) for r in cur]
+
+    def add_flow_snapshot(self, ts: float, site: str, flows: Any, policy_names: list[str]) -> int:
+        """Append the flow records of one snapshot (``abi.FLOW_DTYPE`` rows)."""
+        import ipaddress
+
+        rows = []
+        for r in flows:
+            fam = int(r["family"])
+            conv = (lambda b: str(ipaddress.IPv4Address(bytes(b)[:4]))) if fam == 4 else \
+                (lambda b: str(ipaddress.IPv6Address(bytes(b))))
+            pol = int(r["policy"])
+            rows.append((ts, site, conv(r["src"]), conv(r["dst"]), int(r["sport"]), int(r["dport"]), int(r["proto"]),
+                         int(r["packets"]), int(r["bytes"]), int(r["first_ns"]), int(r["last_ns"]),
+                         policy_names[pol] if 0 <= pol < len(policy_names) else None,
+                         None if int(r["path"]) == 0xFFFFFFFF else int(r["path"]), int(r["tcp_flags"])))
+        self._db.executemany("INSERT INTO flow_snapshots VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        return len(rows)
+
+    def flow_snapshots(self) -> list[dict[str, Any]]:
+        cur = self._db.execute("SELECT * FROM flow_snapshots ORDER BY ts")
+        cols = [c[0] for c in cur.description]
+        return [dict(zip(cols, r)) for r in cur]
+
     def events(self) -> list[dict[str, Any]]:
         """All failover events, oldest first."""
         cur = self._db.execute(

@@ -134,7 +134,7 @@ class Lab:
         _run("ip", "link", "set", "lo", "up", ns=name)
         _run("sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=0", ns=name, check=False)
 
-    def up(self, registry: Any = None) -> Lab:
+    def up(self, registry: Any = None, *, tunnels: bool = True) -> Lab:
         """Create namespaces, links, addresses, routes and every tunnel. With
         a discovery ``registry`` every site enrolls and announces itself first,
         and tunnels come from what the registry says."""
@@ -145,6 +145,8 @@ class Lab:
             _run("sysctl", "-qw", "net.ipv4.ip_forward=1", ns=self.wan_ns)
             for s in range(self.nsites):
                 self._add_site_net(s)
+            if not tunnels:  # the network only: site agents bring their own tunnels
+                return self
             if registry is not None:
                 from ..wireguard.discovery import SigningKey
 

@@ -1,0 +1,222 @@
+"""`patronus agent`: one site's whole job.
+
+From the SQLite state (the mesh, the discovery registry) it brings up one
+WireGuard tunnel per path to every announced site (adopting tunnels a
+previous run left, so a restart after kill -9 reconciles instead of
+duplicating), attaches the data plane to the LAN interface with steering,
+runs BFD and probes on every path, runs the failover engine, and writes
+path metrics, failover events and flow snapshots into the state. SIGTERM
+(or ``stop()``) detaches everything it attached.
+
+Conventions it shares with the lab: tunnel packets carry the mark
+``0x5000 + local uplink index`` (policy routing sends them out of that
+uplink), steered packets ``0x7000 + path index`` with one routing table
+``200 + path index`` per path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from .errors import ConfigError, PatronusError
+from .store import Store
+from .wireguard.config import InterfaceConfig, PeerConfig
+from .wireguard.discovery import Announcement, SigningKey, SqliteRegistry
+from .wireguard.keys import PrivateKey, PublicKey
+from .wireguard.plan import Tunnel, tunnels
+from .wireguard.uapi import Uapi, UapiError, WireguardGo
+
+__all__ = ["SiteAgent"]
+
+UPLINK_MARK, PATH_MARK, PATH_TABLE = 0x5000, 0x7000, 200
+
+
+def _ip(*args: str, check: bool = True) -> None:
+    p = subprocess.run(["ip", *args], capture_output=True, text=True)
+    if check and p.returncode != 0:
+        raise PatronusError(f"ip {' '.join(args)}: {p.stderr.strip()}")
+
+
+def _secret_file(path: Path, make: Any) -> bytes:
+    """Read a 0600 secret file, creating it with ``make()`` when missing."""
+    if path.exists():
+        if path.stat().st_mode & 0o077:
+            raise ConfigError("key file", str(path), "is readable by others; chmod 600 it")
+        return base64.b64decode(path.read_text())
+    raw = make()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(base64.b64encode(raw).decode() + "\n")
+    return raw
+
+
+class SiteAgent:
+    """Run with ``await agent.run()`` (until ``stop()``), in the site's namespace."""
+
+    def __init__(self, state: str | os.PathLike[str], site: str, *, lan_if: str | None = None,
+                 token: str | None = None, prefix: str | None = None, backend: str = "auto",
+                 interval_s: float = 1.0, bfd_ms: int = 50) -> None:
+        self.state = Path(state)
+        self.site = site
+        self.lan_if, self.token, self.backend = lan_if, token, backend
+        self.prefix = prefix or f"{site[:6]}w"
+        self.interval_s, self.bfd_ms = interval_s, bfd_ms
+        self._stop = asyncio.Event()
+        self.tunnels: dict[int, Tunnel] = {}
+        self.wg: dict[str, WireguardGo | None] = {}   # None: adopted from an earlier run
+        self.adopted: list[str] = []
+        self.sessions: dict[str, Any] = {}
+        self.dp: Any = None
+        self.engine: Any = None
+
+    # -- keys and discovery -------------------------------------------------------
+
+    def _keys(self) -> None:
+        base = self.state.with_name(f"{self.state.name}.{self.site}")
+        self.key = PrivateKey(_secret_file(Path(f"{base}.wg.key"), lambda: PrivateKey.generate()._raw))
+        sign_path = Path(f"{base}.sign.key")
+        new = not sign_path.exists()
+        raw = _secret_file(sign_path, lambda: os.urandom(32))
+        self.signer = SigningKey(Ed25519PrivateKey.from_private_bytes(raw))
+        if new or not self.registry._db.execute("SELECT 1 FROM site_keys WHERE public_key = ?",
+                                                (self.signer.public_bytes,)).fetchone():
+            if not self.token:
+                raise ConfigError("agent --token", None, f"site {self.site!r} is not enrolled yet: give its token")
+            self.registry.enroll(self.token, self.site, self.signer.public_bytes)
+
+    def announce(self) -> None:
+        site = self.mesh.site(self.site)
+        ann = Announcement.make(self.site, wg_public_key=self.key.public_key().base64, subnets=list(site.subnets),
+                                uplinks=[{"name": u.name, "address": u.address, "port": u.port} for u in site.uplinks])
+        self.registry.publish(self.signer.sign(ann))
+
+    # -- tunnels ------------------------------------------------------------------
+
+    def _sync_tunnels(self) -> None:
+        peers = {st.site: PublicKey.from_text(st.announcement.wg_public_key) for st in self.registry.sites()
+                 if st.site != self.site}
+        local = self.mesh.site(self.site)
+        for t in tunnels(self.mesh, self.site, prefix=self.prefix):
+            if t.path.remote_site not in peers:
+                continue
+            remote = self.mesh.site(t.path.remote_site)
+            k = [u.name for u in local.uplinks].index(t.path.local_uplink)
+            cfg = InterfaceConfig(self.key, listen_port=t.listen_port, fwmark=UPLINK_MARK + k, peers=(
+                PeerConfig(peers[t.path.remote_site], endpoint=t.remote_endpoint, persistent_keepalive=t.keepalive,
+                           allowed_ips=(f"{t.remote_v4}/32", f"{t.remote_v6}/128", *remote.subnets)),))
+            if t.ifname not in self.wg:
+                uapi = Uapi(t.ifname)
+                try:
+                    uapi.get()  # a tunnel an earlier run left: adopt and reconcile it
+                    self.wg[t.ifname] = None
+                    self.adopted.append(t.ifname)
+                except UapiError:
+                    self.wg[t.ifname] = WireguardGo(t.ifname).start()
+                uapi.apply(cfg)
+                _ip("addr", "replace", t.local_v4, "dev", t.ifname)
+                _ip("link", "set", t.ifname, "mtu", str(t.mtu), "up")
+                table = str(PATH_TABLE + t.path.index)
+                for sub in remote.subnets:
+                    _ip("route", "replace", sub, "dev", t.ifname, "table", table)
+                _ip("rule", "del", "fwmark", hex(PATH_MARK + t.path.index), check=False)
+                _ip("rule", "add", "fwmark", hex(PATH_MARK + t.path.index), "lookup", table, "priority",
+                    str(500 + t.path.index))
+            else:
+                Uapi(t.ifname).apply(cfg)
+            self.tunnels[t.path.index] = t
+
+    # -- run ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        from . import dataplane
+        from .failover import BfdSession, Engine
+
+        self.store = Store(self.state)
+        self.mesh = self.store.load_mesh()
+        self.registry = SqliteRegistry(self.state)
+        try:
+            self._keys()
+            self.announce()
+            self._sync_tunnels()
+            table = self.mesh.policy_table()
+            self.dp = dataplane.open(table, backend=self.backend, flow_capacity=1 << 18)
+            if self.lan_if and type(self.dp).__name__ == "Xdp":
+                self.dp.attach(self.lan_if, mode="native")
+                self.dp.enable_steering(self.lan_if, mark_base=PATH_MARK)
+            self.engine = Engine(self.mesh, self.dp, local_site=self.site, store=self.store, tick_s=0.02)
+            await self._watch_new_tunnels(BfdSession)
+            engine_task = asyncio.create_task(self.engine.run())
+            names = [p.name for p in self.mesh.policies]
+            next_announce = 0.0
+            while not self._stop.is_set():
+                now = time.time()
+                if now >= next_announce:
+                    self.announce()
+                    next_announce = now + 5
+                self._sync_tunnels()  # sites that joined since: new tunnels, BFD on them
+                await self._watch_new_tunnels(BfdSession)
+                self.store.add_flow_snapshot(now, self.site, self.dp.flows(), names)
+                try:
+                    await asyncio.wait_for(self._stop.wait(), self.interval_s)
+                except asyncio.TimeoutError:
+                    pass
+            self.engine.stop()
+            await engine_task
+        finally:
+            await self._teardown()
+
+    async def _watch_new_tunnels(self, session_cls: Any) -> None:
+        for t in self.tunnels.values():
+            if t.path.id not in self.sessions:
+                s = session_cls(t.local_v4.split("/")[0], t.remote_v4, self.bfd_ms, self.bfd_ms, 3)
+                await s.start()
+                self.sessions[t.path.id] = s
+                self.engine.watch(t.path.id, s)
+
+    async def _teardown(self) -> None:
+        for s in self.sessions.values():
+            await s.stop()
+        if self.dp is not None:
+            try:
+                self.store.add_flow_snapshot(time.time(), self.site, self.dp.flows(),
+                                             [p.name for p in self.mesh.policies])
+            except Exception:
+                pass
+            self.dp.close()
+        for name, proc in self.wg.items():
+            if proc is not None:
+                proc.stop()
+            else:  # adopted: deleting the interface ends its wireguard-go
+                _ip("link", "del", name, check=False)
+        self.registry.close()
+        self.store.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def main(args: Any) -> int:
+    agent = SiteAgent(args.state, args.site, lan_if=args.lan_if, token=args.token, backend=args.backend,
+                      prefix=args.prefix)
+
+    async def go() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, agent.stop)
+        await agent.run()
+
+    try:
+        asyncio.run(go())
+    except PatronusError as e:
+        print(f"patronus agent: {e}", flush=True)
+        return 2
+    return 0

@@ -1,0 +1,130 @@
+"""`patronus agent` on two lab sites: tunnels from the state and the
+discovery registry, BFD Up everywhere, voice steered; kill -9 and restart
+adopts the running tunnels instead of duplicating them and keeps the flows
+counted before the crash; SIGTERM detaches everything."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from patronus import Failover, Match, Policy, QoS
+from patronus.lab.net import Lab
+from patronus.netns import socket_in
+from patronus.store import Store
+from patronus.wireguard.discovery import SqliteRegistry
+
+from .netns import unique
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("wireguard-go"),
+                                reason="needs root and wireguard-go")
+
+
+def wg_pids(prefix):
+    out = subprocess.run(["pgrep", "-f", f"wireguard-go -f {prefix}"], capture_output=True, text=True).stdout
+    return sorted(int(x) for x in out.split())
+
+
+def wait_for(cond, timeout, step=0.1):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(step)
+    return False
+
+
+def test_agents_run_sites_survive_kill_9_and_stop_cleanly(tmp_path):
+    try:
+        from patronus.dataplane.xdp import _preflight
+
+        _preflight()
+    except Exception as e:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"XDP unavailable: {e}")
+    lab = Lab(unique("A")[:6], sites=2, uplinks=2, state_dir=tmp_path)
+    state = tmp_path / "state.db"
+    agents: dict[int, subprocess.Popen] = {}
+    try:
+        lab.up(tunnels=False)
+        mesh = lab.mesh
+        mesh.add_policy(Policy("voip", Match(proto="udp", dst_ports=5060), priority=1, app="voip",
+                               qos=QoS(dscp=46), prefer=["u0"]))
+        mesh.add_policy(Policy("bulk", Match(proto="tcp"), priority=2, app="bulk", prefer=["u1"]))
+        mesh.failover = Failover(failback_hold_s=2, cooldown_s=0.5)
+        mesh.save(state)
+        reg = SqliteRegistry(state)
+        tokens = {s: reg.create_token(f"s{s}") for s in (0, 1)}
+        reg.close()
+
+        def start(s, token=True):
+            cmd = [sys.executable, "-m", "patronus.cli", "agent", "--state", str(state), "--site", f"s{s}",
+                   "--lan-if", f"{lab.tag}l{s}", "--prefix", f"{lab.tag}{s}a"]
+            if token:
+                cmd += ["--token", tokens[s]]
+            agents[s] = subprocess.Popen(["ip", "netns", "exec", lab.site_ns(s), *cmd], stdout=subprocess.PIPE,
+                                         stderr=subprocess.STDOUT, text=True)
+
+        start(0)
+        start(1)
+
+        def bfd_ups():
+            with Store(state) as st:
+                return sum(1 for e in st.events() if e["reason"] == "bfd_up")
+
+        assert wait_for(lambda: bfd_ups() >= 8, 30), [a.poll() for a in agents.values()]  # 4 paths x 2 sites
+        assert len(wg_pids(f"{lab.tag}0a")) == 4 and len(wg_pids(f"{lab.tag}1a")) == 4
+        rx = socket_in(lab.lan_ns(1), socket.AF_INET, socket.SOCK_DGRAM)
+        rx.bind(("0.0.0.0", 5060))
+        rx.settimeout(1.0)
+        tx = socket_in(lab.lan_ns(0), socket.AF_INET, socket.SOCK_DGRAM)
+        for i in range(20):
+            tx.sendto(i.to_bytes(4, "big") + bytes(160), (lab.lan_addr(1), 5060))
+            time.sleep(0.01)
+        got = 0
+        try:
+            while got < 20:
+                rx.recv(2048)
+                got += 1
+        except (socket.timeout, TimeoutError):
+            pass
+        assert got == 20
+        time.sleep(1.5)  # a flow snapshot has been written
+
+        def voice_snaps():
+            with Store(state) as st:
+                return [r for r in st.flow_snapshots() if r["policy"] == "voip" and r["site"] == "s0"]
+
+        assert voice_snaps() and max(r["packets"] for r in voice_snaps()) == 20
+        before = wg_pids(f"{lab.tag}0a")
+        agents[0].kill()  # kill -9: no clean-up
+        agents[0].wait()
+        assert wg_pids(f"{lab.tag}0a") == before  # its tunnels outlive it
+        start(0, token=False)  # enrolled already: no token needed
+        ups = bfd_ups()
+        assert wait_for(lambda: bfd_ups() >= ups + 4, 30)
+        assert wg_pids(f"{lab.tag}0a") == before  # adopted and reconciled, not duplicated
+        assert any("voip" == r["policy"] and r["packets"] == 20 for r in voice_snaps())  # counted before the crash
+        for s, a in agents.items():
+            a.send_signal(signal.SIGTERM)
+        for s, a in agents.items():
+            assert a.wait(20) == 0, a.stdout.read()
+        assert wg_pids(f"{lab.tag}0a") == [] and wg_pids(f"{lab.tag}1a") == []
+        link = subprocess.run(["ip", "-n", lab.site_ns(0), "link", "show", f"{lab.tag}l0"], capture_output=True,
+                              text=True).stdout
+        assert "xdp" not in link  # detached
+        rx.close()
+        tx.close()
+    finally:
+        for a in agents.values():
+            if a.poll() is None:
+                a.kill()
+        lab.down()
