@@ -5,7 +5,8 @@ WireGuard tunnel per path to every announced site (adopting tunnels a
 previous run left, so a restart after kill -9 reconciles instead of
 duplicating), attaches the data plane to the LAN interface with steering,
 runs BFD and probes on every path, runs the failover engine, and writes
-path metrics, failover events and flow snapshots into the state. SIGTERM
+path metrics (UDP probes against the other sites' responders, every 100 ms),
+failover events and flow snapshots into the state. SIGTERM
 (or ``stop()``) detaches everything it attached.
 
 Conventions it shares with the lab: tunnel packets carry the mark
@@ -38,6 +39,7 @@ from .wireguard.uapi import Uapi, UapiError, WireguardGo
 __all__ = ["SiteAgent"]
 
 UPLINK_MARK, PATH_MARK, PATH_TABLE = 0x5000, 0x7000, 200
+PROBE_PORT = 7362
 
 
 def _ip(*args: str, check: bool = True) -> None:
@@ -153,6 +155,11 @@ class SiteAgent:
                 self.dp.attach(self.lan_if, mode="native")
                 self.dp.enable_steering(self.lan_if, mark_base=PATH_MARK)
             self.engine = Engine(self.mesh, self.dp, local_site=self.site, store=self.store, tick_s=0.02)
+            from .paths import Monitor, Responder
+
+            self.responder = await Responder(("0.0.0.0", PROBE_PORT)).start()
+            self.monitor = await Monitor(interval_ms=100, window=50).start()
+            self.engine.watch_monitor(self.monitor)
             await self._watch_new_tunnels(BfdSession)
             engine_task = asyncio.create_task(self.engine.run())
             names = [p.name for p in self.mesh.policies]
@@ -165,6 +172,9 @@ class SiteAgent:
                 self._sync_tunnels()  # sites that joined since: new tunnels, BFD on them
                 await self._watch_new_tunnels(BfdSession)
                 self.store.add_flow_snapshot(now, self.site, self.dp.flows(), names)
+                ms = self.monitor.all_metrics()
+                self.store.add_path_metrics(now, [(pid, m.rtt_ms, m.jitter_ms, m.loss_pct, m.mos, m.mtu,
+                                                   m.bandwidth_mbps) for pid, m in ms.items() if m.samples])
                 try:
                     await asyncio.wait_for(self._stop.wait(), self.interval_s)
                 except asyncio.TimeoutError:
@@ -181,10 +191,15 @@ class SiteAgent:
                 await s.start()
                 self.sessions[t.path.id] = s
                 self.engine.watch(t.path.id, s)
+                self.monitor.add(t.path.id, remote=(t.remote_v4, PROBE_PORT), local=(t.local_v4.split("/")[0], 0))
 
     async def _teardown(self) -> None:
         for s in self.sessions.values():
             await s.stop()
+        if getattr(self, "monitor", None) is not None:
+            await self.monitor.stop()
+        if getattr(self, "responder", None) is not None:
+            self.responder.close()
         if self.dp is not None:
             try:
                 self.store.add_flow_snapshot(time.time(), self.site, self.dp.flows(),

@@ -104,6 +104,10 @@ def test_agents_run_sites_survive_kill_9_and_stop_cleanly(tmp_path):
                 return [r for r in st.flow_snapshots() if r["policy"] == "voip" and r["site"] == "s0"]
 
         assert voice_snaps() and max(r["packets"] for r in voice_snaps()) == 20
+        with Store(state) as st:  # probes over every tunnel, measured and stored
+            pm = st.path_metrics()
+        assert {r["path"] for r in pm} == {p.id for p in lab.mesh.paths("s0", "s1")}
+        assert all(r["rtt_ms"] is not None and r["rtt_ms"] < 50 for r in pm)
         before = wg_pids(f"{lab.tag}0a")
         agents[0].kill()  # kill -9: no clean-up
         agents[0].wait()
