@@ -133,3 +133,79 @@ def test_voice_and_bulk_take_their_policies_paths_and_set_path_moves_voice(tmp_p
             except Exception:
                 agent.kill()
         lab.down()
+
+
+def test_the_userspace_backend_steers_with_nftables_marks_and_applies_qos(tmp_path):
+    """Without XDP: nftables rules mark each policy's packets with its path,
+    rewrite DSCP and police a rate limit; set_path replaces one rule."""
+    from patronus import Match, Policy, PolicyTable, QoS
+    from patronus.dataplane.nft import NftSteering
+
+    lab = Lab(unique("N")[:6], sites=2, uplinks=2, state_dir=tmp_path)
+    try:
+        lab.up()
+        paths = lab.mesh.paths("s0", "s1")
+        a = next(p for p in paths if p.local_uplink == "u0")
+        b = next(p for p in paths if p.local_uplink == "u1")
+        ns0 = lab.site_ns(0)
+        for p in paths:
+            t = lab.tunnels[("s0", p.index)]
+            _run("ip", "route", "add", "10.2.0.0/24", "dev", t.ifname, "table", str(200 + p.index), ns=ns0)
+            _run("ip", "rule", "add", "fwmark", hex(0x7000 + p.index), "lookup", str(200 + p.index),
+                 "priority", str(500 + p.index), ns=ns0)
+        lab.force_path(b.id)
+        table = PolicyTable([Policy("voip", Match(proto="udp", dst_ports=5060), priority=1, qos=QoS(dscp=46)),
+                             Policy("capped", Match(proto="udp", dst_ports=6000), priority=2,
+                                    qos=QoS(rate_kbps=64))])
+        nft = NftSteering(table, f"{lab.tag}l0", netns=ns0)
+        nft.set_path("voip", a.index)
+        nft.set_path("capped", b.index)
+
+        def tx(p):
+            (peer,) = lab.wg[lab.tunnels[("s0", p.index)].ifname].uapi.get().peers.values()
+            return peer.tx_bytes
+
+        rx = socket_in(lab.lan_ns(1), socket.AF_INET, socket.SOCK_DGRAM)
+        rx.bind(("0.0.0.0", 5060))
+        rx.settimeout(0.5)
+        rx.setsockopt(socket.IPPROTO_IP, 13, 1)
+        cap = socket_in(lab.lan_ns(1), socket.AF_INET, socket.SOCK_DGRAM)
+        cap.bind(("0.0.0.0", 6000))
+        cap.settimeout(0.5)
+        out = socket_in(lab.lan_ns(0), socket.AF_INET, socket.SOCK_DGRAM)
+        before = {p.index: tx(p) for p in (a, b)}
+        for i in range(50):
+            out.sendto(bytes(200), (lab.lan_addr(1), 5060))
+        tos = set()
+        n = 0
+        try:
+            while n < 50:
+                _, anc, _, _ = rx.recvmsg(2048, 64)
+                tos |= {c[2][0] for c in anc if c[0] == socket.IPPROTO_IP and c[1] == 1}
+                n += 1
+        except (socket.timeout, TimeoutError):
+            pass
+        mid = {p.index: tx(p) for p in (a, b)}
+        assert n == 50 and tos == {46 << 2}
+        assert mid[a.index] - before[a.index] > 50 * 200 and mid[b.index] - before[b.index] < 50 * 200 // 4
+        # 1 MB in a burst at a 64 kbit/s (8 kB/s) policer: the excess is dropped
+        for _ in range(1000):
+            out.sendto(bytes(1000), (lab.lan_addr(1), 6000))
+        got = 0
+        try:
+            while True:
+                got += len(cap.recv(4096))
+        except (socket.timeout, TimeoutError):
+            pass
+        assert 0 < got < 100_000, got  # the burst allowance plus about a second of 8 kB/s
+        nft.set_path("voip", b.index)  # one rule replaced
+        for i in range(50):
+            out.sendto(bytes(200), (lab.lan_addr(1), 5060))
+        time.sleep(0.3)
+        after = {p.index: tx(p) for p in (a, b)}
+        assert after[b.index] - mid[b.index] > 50 * 200 and after[a.index] - mid[a.index] < 50 * 200 // 4
+        nft.close()
+        for s_ in (rx, cap, out):
+            s_.close()
+    finally:
+        lab.down()
