@@ -154,6 +154,10 @@ class SiteAgent:
             if self.lan_if and type(self.dp).__name__ == "Xdp":
                 self.dp.attach(self.lan_if, mode="native")
                 self.dp.enable_steering(self.lan_if, mark_base=PATH_MARK)
+            elif self.lan_if:  # no XDP here: the same decisions as nftables marks
+                from .dataplane.nft import NftSteering
+
+                self.dp = _NftPlane(self.dp, NftSteering(table, self.lan_if, mark_base=PATH_MARK))
             self.engine = Engine(self.mesh, self.dp, local_site=self.site, store=self.store, tick_s=0.02)
             from .paths import Monitor, Responder
 
@@ -217,6 +221,24 @@ class SiteAgent:
 
     def stop(self) -> None:
         self._stop.set()
+
+
+class _NftPlane:
+    """The userspace data plane plus nftables steering: one set_path moves both."""
+
+    def __init__(self, dp: Any, nft: Any) -> None:
+        self.dp, self.nft = dp, nft
+
+    def set_path(self, policy: str | int, path_id: int) -> None:
+        self.dp.set_path(policy, path_id)
+        self.nft.set_path(policy, path_id)
+
+    def flows(self) -> Any:
+        return self.dp.flows()
+
+    def close(self) -> None:
+        self.nft.close()
+        self.dp.close()
 
 
 def main(args: Any) -> int:

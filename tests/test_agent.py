@@ -132,3 +132,62 @@ def test_agents_run_sites_survive_kill_9_and_stop_cleanly(tmp_path):
             if a.poll() is None:
                 a.kill()
         lab.down()
+
+
+def test_agent_without_xdp_steers_with_nftables(tmp_path):
+    lab = Lab(unique("U")[:6], sites=2, uplinks=2, state_dir=tmp_path)
+    state = tmp_path / "state.db"
+    agents = []
+    try:
+        lab.up(tunnels=False)
+        mesh = lab.mesh
+        mesh.add_policy(Policy("voip", Match(proto="udp", dst_ports=5060), priority=1, app="voip",
+                               qos=QoS(dscp=46), prefer=["u1"]))
+        mesh.save(state)
+        reg = SqliteRegistry(state)
+        tokens = {s: reg.create_token(f"s{s}") for s in (0, 1)}
+        reg.close()
+        for s in (0, 1):
+            agents.append(subprocess.Popen(
+                ["ip", "netns", "exec", lab.site_ns(s), sys.executable, "-m", "patronus.cli", "agent", "--state",
+                 str(state), "--site", f"s{s}", "--lan-if", f"{lab.tag}l{s}", "--prefix", f"{lab.tag}{s}a",
+                 "--token", tokens[s], "--backend", "userspace"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                text=True))
+
+        def ups():
+            with Store(state) as st:
+                return sum(1 for e in st.events() if e["reason"] == "bfd_up")
+
+        assert wait_for(lambda: ups() >= 8, 30)
+        rules = subprocess.run(["ip", "netns", "exec", lab.site_ns(0), "nft", "list", "table", "inet",
+                                f"patronus_{lab.tag}l0"], capture_output=True, text=True).stdout
+        voice_path = next(p for p in lab.mesh.paths("s0", "s1") if p.local_uplink == "u1" and p.remote_uplink == "u0")
+        assert f"meta mark set {0x7000 + voice_path.index:#010x}" in rules and "ip dscp set ef" in rules
+        rx = socket_in(lab.lan_ns(1), socket.AF_INET, socket.SOCK_DGRAM)
+        rx.bind(("0.0.0.0", 5060))
+        rx.settimeout(1.0)
+        tx = socket_in(lab.lan_ns(0), socket.AF_INET, socket.SOCK_DGRAM)
+        for i in range(20):
+            tx.sendto(bytes(160), (lab.lan_addr(1), 5060))
+        got = 0
+        try:
+            while got < 20:
+                rx.recv(2048)
+                got += 1
+        except (socket.timeout, TimeoutError):
+            pass
+        assert got == 20
+        for a in agents:
+            a.send_signal(signal.SIGTERM)
+        for a in agents:
+            assert a.wait(20) == 0, a.stdout.read()
+        gone = subprocess.run(["ip", "netns", "exec", lab.site_ns(0), "nft", "list", "tables"], capture_output=True,
+                              text=True).stdout
+        assert f"patronus_{lab.tag}l0" not in gone
+        rx.close()
+        tx.close()
+    finally:
+        for a in agents:
+            if a.poll() is None:
+                a.kill()
+        lab.down()
