@@ -268,3 +268,25 @@ def test_key_rotation_with_an_overlap_window(lab):
     after = lab.wg[peer_tun.ifname].uapi.get().peers
     assert set(after) == {new} and after[new].last_handshake_ns > 0
     assert old.base64 not in subprocess.run(["wg", "show", "all", "peers"], capture_output=True, text=True).stdout
+
+
+def test_impairment_relay_under_a_tunnel(lab):
+    """The path-quality relay under one path's WireGuard tunnel: its delay
+    shows in the LAN-to-LAN round trip over that path only; loss can be
+    changed live."""
+    p, other = lab.mesh.paths("s0", "s1")[:2]
+    lab.force_path(p.id)
+    base = min(ping(lab.lan_ns(0), lab.lan_addr(1)) or 1e9 for _ in range(3))
+    relay = lab.impair(p.id, delay_ms=25)
+    rtts = [ping(lab.lan_ns(0), lab.lan_addr(1), timeout=3) for _ in range(5)]
+    assert all(r is not None for r in rtts), rtts
+    assert 50 <= min(rtts) - base <= 50 + 2 + 5, (rtts, base)  # 25 ms each way, within 2 ms + 10 %
+    lab.force_path(other.id)  # another path is not delayed
+    assert ping(lab.lan_ns(0), lab.lan_addr(1)) < 20
+    lab.force_path(p.id)
+    relay.set(loss_pct=100)
+    assert ping(lab.lan_ns(0), lab.lan_addr(1), timeout=1) is None
+    relay.set(loss_pct=0, delay_ms=0)
+    assert any(ping(lab.lan_ns(0), lab.lan_addr(1), timeout=2) is not None for _ in range(3))
+    st = relay.stats()
+    assert st["forward"]["lost"] > 0 and st["reverse"]["forwarded"] > 0  # both ways go through it

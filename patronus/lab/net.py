@@ -343,6 +343,40 @@ class Lab:
             if x != s:
                 self._sync_tunnels(x)
 
+    def impair(self, path_id: str, **config: Any) -> Any:
+        """Put an impairment relay (``patronus.lab.Impairment``: delay, jitter,
+        loss, duplication, reordering, rate) under one path's tunnel, both
+        ways: the relay listens in the WAN core on an address of the local
+        site's uplink subnet, the local tunnel's peer endpoint points at it,
+        and the far end follows (WireGuard roams to the relay's source).
+        Returns the running relay; ``relay.set(...)`` changes it live."""
+        import asyncio
+        import threading
+
+        from .impairment import Impairment
+
+        if not hasattr(self, "_relays"):
+            self._relays: dict[str, Any] = {}
+            self._relay_loop = asyncio.new_event_loop()
+            threading.Thread(target=self._relay_loop.run_forever, daemon=True, name="lab-relays").start()
+        if path_id in self._relays:
+            self._relays[path_id].set(**config)
+            return self._relays[path_id]
+        p = self.mesh.path(path_id)
+        s, k = int(p.local_site[1:]), int(p.local_uplink[1:])
+        t = self.tunnels[(p.local_site, p.index)]
+        host = 100 + len(self._relays)
+        addr = f"172.{16 + k}.{s}.{host}"
+        _run("ip", "addr", "add", f"{addr}/24", "dev", f"{self.tag}c{s}x{k}", ns=self.wan_ns)
+        rhost, rport = t.remote_endpoint.rsplit(":", 1)
+        relay = Impairment((addr, t.listen_port), (rhost, int(rport)), netns=self.wan_ns, **config)
+        asyncio.run_coroutine_threadsafe(relay.start(), self._relay_loop).result(10)
+        self._relays[path_id] = relay
+        uapi = self.wg[t.ifname].uapi
+        (peer,) = [pk for pk in uapi.get().peers]
+        uapi.set([f"public_key={peer.hex}", "update_only=true", f"endpoint={addr}:{t.listen_port}"])
+        return relay
+
     def set_loss(self, s: int, uplink: int, loss_pct: float) -> None:
         """Drop ``loss_pct`` % of the packets leaving and entering site s on an
         uplink (nftables ``numgen random``: this kernel has no netem); 0 removes it."""
@@ -375,6 +409,10 @@ class Lab:
 
     def down(self) -> None:
         """Remove everything this lab made (processes, sockets, namespaces)."""
+        for relay in getattr(self, "_relays", {}).values():
+            self._relay_loop.call_soon_threadsafe(relay.close)
+        if hasattr(self, "_relay_loop"):
+            self._relay_loop.call_soon_threadsafe(self._relay_loop.stop)
         for proc in self.wg.values():
             proc.stop()
         self.wg.clear()
