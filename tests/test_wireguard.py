@@ -186,3 +186,24 @@ def test_hub_and_spoke_lab_routes_spokes_through_the_hub(tmp_path):
         assert hub_peer.rx_bytes > 0 and hub_peer.tx_bytes > 0
     finally:
         lab.down()
+
+
+def test_kernel_backend_translation_and_missing_module():
+    from patronus.wireguard.kernel import Backend, Kernel, to_netlink
+    from patronus.wireguard.uapi import UapiError
+
+    k, p1, p2 = PrivateKey.generate(), PrivateKey.generate().public_key(), PrivateKey.generate().public_key()
+    want = InterfaceConfig(k, 51820, 7, (PeerConfig(p1, "[2001:db8::1]:51821", ("10.1.0.0/24", "fd00::/64"), 25),))
+    have = DeviceState(None, 0, 0, {p2: PeerState(p2)})
+    dev, peers = to_netlink(diff(have, want))
+    assert dev == {"private_key": k.base64, "listen_port": 51820, "fwmark": 7}
+    assert peers[0] == {"public_key": p2.base64, "remove": True}
+    assert peers[1]["public_key"] == p1.base64 and peers[1]["endpoint_addr"] == "2001:db8::1"
+    assert peers[1]["endpoint_port"] == 51821 and peers[1]["allowed_ips"] == ["10.1.0.0/24", "fd00::/64"]
+    assert peers[1]["persistent_keepalive"] == 25 and peers[1]["replace_allowed_ips"] is True
+    if os.path.exists("/sys/module/wireguard"):
+        pytest.skip("this kernel has the wireguard module")
+    with pytest.raises(UapiError, match="modprobe wireguard"):
+        Kernel("pnnosuchwg0").get()
+    with pytest.raises(UapiError, match="modprobe wireguard"):  # no wireguard-go socket: the kernel is asked
+        Backend.for_interface("pnnosuchwg0")
