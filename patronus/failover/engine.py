@@ -54,6 +54,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .._fanout import Fanout
 from ..apps import BUILTIN_PROFILES, AppProfile
 from ..errors import ConfigError
 from ..model import Failover, Path
@@ -130,8 +131,7 @@ class FailoverCore:
             if not cands:
                 continue
             self.policies[pol.name] = _PolicyState(pol.name, pol.app or "default", self._order(pol, cands))
-        self._callbacks: list[Callable[[Event], Any]] = []
-        self._queues: list[asyncio.Queue[Event]] = []
+        self._events: Fanout[Event] = Fanout()
         self.set_path_calls = 0
         # fate sharing: after a path over a local uplink goes down, the other
         # paths over that uplink are suspect for a while (their own BFD may
@@ -165,7 +165,7 @@ class FailoverCore:
                                               self.paths[pid].path.index))
 
     def on_event(self, callback: Callable[[Event], Any]) -> None:
-        self._callbacks.append(callback)
+        self._events.subscribe(callback)
 
     # -- health ---------------------------------------------------------------
 
@@ -211,10 +211,7 @@ class FailoverCore:
         if self.store is not None:
             self.store.add_event(ev.reason, policy=ev.policy, from_path=ev.from_path, to_path=ev.to_path,
                                  detail=ev.detail, ts=ev.ts)
-        for cb in self._callbacks:
-            cb(ev)
-        for q in self._queues:
-            q.put_nowait(ev)
+        self._events.publish(ev)
         return ev
 
     def _move(self, st: _PolicyState, to: str, reason: str, detail: str | None, now: float) -> Event:
@@ -350,14 +347,9 @@ class Engine(FailoverCore):
     def watch_monitor(self, monitor: Any) -> None:
         self._monitor = monitor
 
-    async def events(self) -> AsyncIterator[Event]:
-        q: asyncio.Queue[Event] = asyncio.Queue()
-        self._queues.append(q)
-        try:
-            while True:
-                yield await q.get()
-        finally:
-            self._queues.remove(q)
+    def events(self) -> AsyncIterator[Event]:
+        """Every event from now on (``async for ev in engine.events()``)."""
+        return self._events.stream()
 
     def _window(self, now: float) -> None:
         mon = self._monitor

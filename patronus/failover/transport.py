@@ -34,6 +34,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from .._sockets import big_buffers
+from .._fanout import Fanout
 from ..netns import socket_in
 from .bfd import Auth, BfdDecodeError, ControlPacket, Session, State, Transition, decode
 
@@ -222,8 +223,7 @@ class BfdSession:
         self.min_ttl = min_ttl if min_ttl is not None else (1 if multihop else 255)
         self.core = Session(discriminator or random.randrange(1, 2**32), int(tx_ms * 1000), int(rx_ms * 1000),
                             multiplier, auth=auth)
-        self._callbacks: list[Callable[[Transition], Any]] = []
-        self._queues: list[asyncio.Queue[Transition]] = []
+        self._changes: Fanout[Transition] = Fanout()
         self._due: float | None = None  # when this session's timer is armed in the scheduler
         self._sched: _Scheduler | None = None
         self._ep: BfdEndpoint | None = None
@@ -239,16 +239,11 @@ class BfdSession:
         return self.core.state
 
     def on_change(self, callback: Callable[[Transition], Any]) -> None:
-        self._callbacks.append(callback)
+        self._changes.subscribe(callback)
 
-    async def changes(self) -> AsyncIterator[Transition]:
-        q: asyncio.Queue[Transition] = asyncio.Queue()
-        self._queues.append(q)
-        try:
-            while True:
-                yield await q.get()
-        finally:
-            self._queues.remove(q)
+    def changes(self) -> AsyncIterator[Transition]:
+        """Every state change from now on (``async for t in s.changes()``)."""
+        return self._changes.stream()
 
     async def wait_for(self, state: State) -> Transition | None:
         """Return once the session is in ``state`` (the transition, or None if it already was)."""
@@ -278,12 +273,7 @@ class BfdSession:
         self.core.admin_down(self._loop.time())
         for p in self.core.tick(self._loop.time()):
             self._send(p)
-        self._due = None
-        if self._ep is not None:
-            self._ep.remove(self)
-        if self._tx is not None:
-            self._tx.close()
-        self._loop = None
+        self.kill()
         self._notify()
 
     def kill(self) -> None:
@@ -363,10 +353,7 @@ class BfdSession:
         new = self.core.transitions[self._seen:]
         self._seen = len(self.core.transitions)
         for t in new:
-            for cb in self._callbacks:
-                cb(t)
-            for q in self._queues:
-                q.put_nowait(t)
+            self._changes.publish(t)
 
 
 def transition_json(s: BfdSession, t: Transition) -> str:

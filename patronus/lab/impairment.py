@@ -44,6 +44,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from ..errors import ConfigError
+from .._sockets import drain
 from ..netns import socket_in
 
 __all__ = ["Impairment", "ImpairmentConfig"]
@@ -160,36 +161,25 @@ class Impairment:
 
     def _from_clients(self) -> None:
         assert self._sock is not None
-        for _ in range(256):
-            try:
-                data, addr = self._sock.recvfrom(65535)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                continue
-            up = self._up.get(addr)
-            if up is None:
-                fam = socket.AF_INET6 if ":" in self.target[0] else socket.AF_INET
-                up = socket_in(self._target_netns, fam, socket.SOCK_DGRAM)
-                up.setblocking(False)
-                up.connect(self.target)
-                self._up[addr] = up
-                assert self._loop is not None
-                self._loop.add_reader(up.fileno(), self._from_target, up, addr)
-            self._impair("forward", data, lambda d=data, u=up: self._send(u.send, d))
+        drain(self._sock, self._client_datagram)
+
+    def _client_datagram(self, data: bytes, addr: Any) -> None:
+        up = self._up.get(addr)
+        if up is None:
+            fam = socket.AF_INET6 if ":" in self.target[0] else socket.AF_INET
+            up = socket_in(self._target_netns, fam, socket.SOCK_DGRAM)
+            up.setblocking(False)
+            up.connect(self.target)
+            self._up[addr] = up
+            assert self._loop is not None
+            self._loop.add_reader(up.fileno(), self._from_target, up, addr)
+        self._impair("forward", data, lambda d=data, u=up: self._send(u.send, d))
 
     def _from_target(self, up: socket.socket, client: Any) -> None:
-        for _ in range(256):
-            try:
-                data = up.recv(65535)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:  # e.g. port unreachable from the target
-                continue
-            sock = self._sock
-            if sock is None:
-                return
-            self._impair("reverse", data, lambda d=data, s=sock: self._send(lambda b: s.sendto(b, client), d))
+        sock = self._sock
+        if sock is not None:
+            drain(up, lambda data, _addr: self._impair(
+                "reverse", data, lambda d=data: self._send(lambda b: sock.sendto(b, client), d)))
 
     @staticmethod
     def _send(fn: Callable[[bytes], Any], data: bytes) -> None:

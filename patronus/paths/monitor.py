@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ConfigError, MalformedProbe, ProbeUnavailable
-from .._sockets import big_buffers
+from .._sockets import big_buffers, drain
 from ..netns import socket_in
 from .codec import FLAG_TRAIN, HEADER, KIND_REPLY, KIND_REQUEST, MAX_SIZE, Probe, Reflector, decode, encode
 from .stats import Metrics, PathStats
@@ -65,20 +65,6 @@ def _path_id(path: Any) -> str:
 # responder
 
 
-def _drain_socket(sock: socket.socket, handle: Any, errors: Any) -> None:
-    """Read every datagram waiting on a non-blocking socket (at most 256 per
-    wake-up, so one busy socket cannot starve the loop)."""
-    for _ in range(256):
-        try:
-            data, addr = sock.recvfrom(65535)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:  # an ICMP error queued for an earlier send
-            errors()
-            continue
-        handle(data, addr)
-
-
 class _Reader:
     """A non-blocking datagram socket read from the running loop."""
 
@@ -104,7 +90,7 @@ class _ResponderSocket(_Reader):
         self.core = core
 
     def _readable(self) -> None:
-        _drain_socket(self.sock, self._handle, self._error)
+        drain(self.sock, self._handle, self._error)
 
     def _handle(self, data: bytes, addr: Any) -> None:
         rx = _now()
@@ -194,7 +180,7 @@ class _UdpSender(_Reader):
         self.monitor = monitor
 
     def _readable(self) -> None:
-        _drain_socket(self.sock, self._handle, self._error)
+        drain(self.sock, self._handle, self._error)
 
     def _error(self) -> None:  # ICMP port unreachable and the like
         self.monitor.send_errors += 1
