@@ -11,8 +11,8 @@ failover events and flow snapshots into the state. SIGTERM
 
 Conventions it shares with the lab: tunnel packets carry the mark
 ``0x5000 + local uplink index`` (policy routing sends them out of that
-uplink), steered packets ``0x7000 + path index`` with one routing table
-``200 + path index`` per path.
+uplink), steered packets ``PATH_MARK + path index`` with one routing table
+per path (``patronus.dataplane.PATH_*``).
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from .dataplane import PATH_MARK
 from .errors import ConfigError, PatronusError
+from .lab.net import path_table
 from .store import Store
 from .wireguard.config import InterfaceConfig, PeerConfig
 from .wireguard.discovery import Announcement, SigningKey, SqliteRegistry
@@ -38,7 +40,7 @@ from .wireguard.uapi import Uapi, UapiError, WireguardGo
 
 __all__ = ["SiteAgent"]
 
-UPLINK_MARK, PATH_MARK, PATH_TABLE = 0x5000, 0x7000, 200
+UPLINK_MARK = 0x5000
 PROBE_PORT = 7362
 
 
@@ -126,12 +128,7 @@ class SiteAgent:
                 uapi.apply(cfg)
                 _ip("addr", "replace", t.local_v4, "dev", t.ifname)
                 _ip("link", "set", t.ifname, "mtu", str(t.mtu), "up")
-                table = str(PATH_TABLE + t.path.index)
-                for sub in remote.subnets:
-                    _ip("route", "replace", sub, "dev", t.ifname, "table", table)
-                _ip("rule", "del", "fwmark", hex(PATH_MARK + t.path.index), check=False)
-                _ip("rule", "add", "fwmark", hex(PATH_MARK + t.path.index), "lookup", table, "priority",
-                    str(500 + t.path.index))
+                path_table(t, remote.subnets, _ip)
             else:
                 Uapi(t.ifname).apply(cfg)
             self.tunnels[t.path.index] = t

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from patronus.lab.net import Lab, _run
+from patronus.lab.net import Lab
 from patronus.netns import socket_in
 
 from .netns import unique
@@ -51,11 +51,7 @@ def test_voice_and_bulk_take_their_policies_paths_and_set_path_moves_voice(tmp_p
         voice_path = next(p for p in paths if p.local_uplink == "u0")
         bulk_path = next(p for p in paths if p.local_uplink == "u1")
         ns0 = lab.site_ns(0)
-        for p in paths:  # a table per path, chosen by mark 0x7000 + path slot
-            t = lab.tunnels[("s0", p.index)]
-            _run("ip", "route", "add", "10.2.0.0/24", "dev", t.ifname, "table", str(200 + p.index), ns=ns0)
-            _run("ip", "rule", "add", "fwmark", hex(0x7000 + p.index), "lookup", str(200 + p.index),
-                 "priority", str(500 + p.index), ns=ns0)
+        lab.steer_tables(0, 1)  # a table per path, chosen by its steering mark
         lab.force_path(paths[0].id)  # unmarked traffic and the way back
         agent = subprocess.Popen(
             ["ip", "netns", "exec", ns0, sys.executable, str(ROOT / "tests/live/steer_agent.py"), f"{lab.tag}l0",
@@ -148,11 +144,7 @@ def test_the_userspace_backend_steers_with_nftables_marks_and_applies_qos(tmp_pa
         a = next(p for p in paths if p.local_uplink == "u0")
         b = next(p for p in paths if p.local_uplink == "u1")
         ns0 = lab.site_ns(0)
-        for p in paths:
-            t = lab.tunnels[("s0", p.index)]
-            _run("ip", "route", "add", "10.2.0.0/24", "dev", t.ifname, "table", str(200 + p.index), ns=ns0)
-            _run("ip", "rule", "add", "fwmark", hex(0x7000 + p.index), "lookup", str(200 + p.index),
-                 "priority", str(500 + p.index), ns=ns0)
+        lab.steer_tables(0, 1)
         lab.force_path(b.id)
         table = PolicyTable([Policy("voip", Match(proto="udp", dst_ports=5060), priority=1, qos=QoS(dscp=46)),
                              Policy("capped", Match(proto="udp", dst_ports=6000), priority=2,

@@ -25,7 +25,13 @@ if TYPE_CHECKING:
     from ..policy import PolicyTable
     from .xdp import Xdp
 
-__all__ = ["Userspace", "Xdp", "open"]
+__all__ = ["Userspace", "Xdp", "open", "PATH_MARK", "PATH_TABLE", "PATH_RULE_PRIORITY"]
+
+# Steering convention shared by the XDP/tc pair, the nftables rules, the site
+# agent and the lab: a packet steered into path i carries the mark
+# PATH_MARK + i, and `ip rule fwmark` (priority PATH_RULE_PRIORITY + i) sends
+# it to routing table PATH_TABLE + i, whose routes leave by that path's tunnel.
+PATH_MARK, PATH_TABLE, PATH_RULE_PRIORITY = 0x7000, 200, 500
 
 log = logging.getLogger("patronus.dataplane")
 _warned: set[str] = set()

@@ -24,6 +24,7 @@ from typing import Any
 
 from ..errors import ConfigError, DataplaneUnavailable
 from ..model import Policy
+from . import PATH_MARK
 
 __all__ = ["NftSteering", "rule_text"]
 
@@ -73,7 +74,7 @@ class NftSteering:
     leftover table of an earlier run is replaced). ``netns`` runs nft inside
     a named namespace."""
 
-    def __init__(self, table: Any, ifname: str, *, mark_base: int = 0x7000, netns: str | None = None) -> None:
+    def __init__(self, table: Any, ifname: str, *, mark_base: int = PATH_MARK, netns: str | None = None) -> None:
         self.table, self.ifname, self.mark_base, self.netns = table, ifname, mark_base, netns
         self.nft_table = f"patronus_{re.sub(r'[^A-Za-z0-9_]', '_', ifname)}"
         self.paths: dict[int, int] = {}

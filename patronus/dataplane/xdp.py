@@ -35,6 +35,7 @@ import numpy as np
 from .. import abi
 from ..errors import ConfigError, DataplaneUnavailable
 from ..policy import PolicyTable, is_buffer
+from . import PATH_MARK
 
 __all__ = ["Xdp", "bpf_source_dir"]
 
@@ -308,7 +309,7 @@ class Xdp:
                                            f"{log.read().strip()}", "try mode='generic'") from None
         self._attached[ifname] = XDP_FLAGS[mode]
 
-    def enable_steering(self, ifname: str, mark_base: int = 0x7000) -> None:
+    def enable_steering(self, ifname: str, mark_base: int = PATH_MARK) -> None:
         """Steer packets into paths: a tc program at clsact ingress of
         ``ifname`` (bpf/patronus_tc.c) copies the path slot this program
         wrote into the packet metadata into ``skb->mark = mark_base + path``,

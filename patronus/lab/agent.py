@@ -42,7 +42,7 @@ async def main(role: str, cfg: dict[str, Any]) -> None:
         mesh.failover = Failover(failback_hold_s=cfg["hold_s"], cooldown_s=0.5)
         x = Xdp(mesh.policy_table(), flow_capacity=1 << 16)
         x.attach(cfg["lan_if"], mode="native")
-        x.enable_steering(cfg["lan_if"], mark_base=0x7000)
+        x.enable_steering(cfg["lan_if"])
         engine = Engine(mesh, x, local_site=cfg["site"], tick_s=0.02)
         engine.on_event(lambda ev: print(json.dumps({**ev.as_dict(), "mono": time.monotonic()}), flush=True))
         for pid, s in sessions.items():

@@ -43,6 +43,21 @@ STATE_DIR = Path(os.environ.get("PATRONUS_LAB_DIR", "/run/patronus-lab"))
 MARK_BASE = 0x5000
 
 
+def path_table(t: Tunnel, subnets: list[str], ip: Any) -> None:
+    """The routing of one steered path (``patronus.dataplane.PATH_*``): table
+    PATH_TABLE + i sends ``subnets`` into the path's tunnel and a rule picks
+    it for packets marked PATH_MARK + i. ``ip(*args, check=...)`` runs `ip`
+    where the tunnel is."""
+    from ..dataplane import PATH_MARK, PATH_RULE_PRIORITY, PATH_TABLE
+
+    i = t.path.index
+    for sub in subnets:
+        ip("route", "replace", sub, "dev", t.ifname, "table", str(PATH_TABLE + i))
+    ip("rule", "del", "fwmark", hex(PATH_MARK + i), check=False)
+    ip("rule", "add", "fwmark", hex(PATH_MARK + i), "lookup", str(PATH_TABLE + i), "priority",
+       str(PATH_RULE_PRIORITY + i))
+
+
 class LabError(PatronusError):
     """A lab command failed; the message has the command and its output."""
 
@@ -313,6 +328,14 @@ class Lab:
                 proc = self.wg[t.ifname]
                 proc.uapi.apply(cfg)
             self.tunnels[(f"s{s}", t.path.index)] = t
+
+    def steer_tables(self, s: int, other: int) -> None:
+        """At site s, one routing table per path to site ``other``, chosen by
+        the path's steering mark (for the data plane's steering to use)."""
+        for (site, _), t in self.tunnels.items():
+            if site == f"s{s}" and t.path.remote_site == f"s{other}":
+                path_table(t, list(self.mesh.site(f"s{other}").subnets),
+                           lambda *a, check=True: _run("ip", *a, ns=self.site_ns(s), check=check))
 
     def force_path(self, path_id: str) -> None:
         """Route the LANs of the path's two sites through that path only."""

@@ -46,11 +46,7 @@ def failover_story(workdir: Path | str, *, tag: str = "demo", sites: int = 3, ho
             f"tunnels, LAN hosts {', '.join(lab.lan_addr(s) for s in range(sites))}")
         paths = lab.mesh.paths("s0", "s1")
         ns0, ns1 = lab.site_ns(0), lab.site_ns(1)
-        for p in paths:
-            t0_, t1_ = lab.tunnels[("s0", p.index)], lab.tunnels[("s1", p.index)]
-            _run("ip", "route", "add", "10.2.0.0/24", "dev", t0_.ifname, "table", str(200 + p.index), ns=ns0)
-            _run("ip", "rule", "add", "fwmark", hex(0x7000 + p.index), "lookup", str(200 + p.index),
-                 "priority", str(500 + p.index), ns=ns0)
+        lab.steer_tables(0, 1)
         back = next(p for p in paths if p.local_uplink == "u1" and p.remote_uplink == "u1")
         lab.force_path(back.id)  # the way back (TCP ACKs) and unmarked traffic: an uplink we do not cut
         sess = lambda s, o: [[p.id, lab.tunnels[(s, p.index)].local_v4.split("/")[0],  # noqa: E731
