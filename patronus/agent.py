@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from .dataplane import PATH_MARK
@@ -164,7 +165,7 @@ class SiteAgent:
             await self._watch_new_tunnels(BfdSession)
             engine_task = asyncio.create_task(self.engine.run())
             names = [p.name for p in self.mesh.policies]
-            next_announce = 0.0
+            next_announce, last_snap = 0.0, 0.0
             while not self._stop.is_set():
                 now = time.time()
                 if now >= next_announce:
@@ -172,7 +173,13 @@ class SiteAgent:
                     next_announce = now + 5
                 self._sync_tunnels()  # sites that joined since: new tunnels, BFD on them
                 await self._watch_new_tunnels(BfdSession)
-                self.store.add_flow_snapshot(now, self.site, self.dp.flows(), names)
+                flows = self.dp.flows()
+                # only flows that saw packets since the last snapshot (10 ms of
+                # slack for the kernel's coarse clock): the state grows with
+                # traffic, not with time
+                active = flows[flows["last_ns"] >= np.uint64(max(0, int(last_snap * 1e9) - 10_000_000))]
+                self.store.add_flow_snapshot(now, self.site, active, names)
+                last_snap = now
                 ms = self.monitor.all_metrics()
                 self.store.add_path_metrics(now, [(pid, m.rtt_ms, m.jitter_ms, m.loss_pct, m.mos, m.mtu,
                                                    m.bandwidth_mbps) for pid, m in ms.items() if m.samples])

@@ -21,7 +21,7 @@ from patronus.netns import socket_in
 from patronus.store import Store
 from patronus.wireguard.discovery import SqliteRegistry
 
-from .netns import unique
+from .netns import require_xdp, unique
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("wireguard-go"),
                                 reason="needs root and wireguard-go")
@@ -30,6 +30,12 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("wireguard
 def wg_pids(prefix):
     out = subprocess.run(["pgrep", "-f", f"wireguard-go -f {prefix}"], capture_output=True, text=True).stdout
     return sorted(int(x) for x in out.split())
+
+
+def bfd_ups(state):
+    """BFD sessions that came Up, as the agents recorded them in the state."""
+    with Store(state) as st:
+        return sum(1 for e in st.events() if e["reason"] == "bfd_up")
 
 
 def wait_for(cond, timeout, step=0.1):
@@ -42,14 +48,7 @@ def wait_for(cond, timeout, step=0.1):
 
 
 def test_agents_run_sites_survive_kill_9_and_stop_cleanly(tmp_path):
-    try:
-        from patronus.dataplane.xdp import _preflight
-
-        _preflight()
-    except Exception as e:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(f"XDP unavailable: {e}")
+    require_xdp()
     lab = Lab(unique("A")[:6], sites=2, uplinks=2, state_dir=tmp_path)
     state = tmp_path / "state.db"
     agents: dict[int, subprocess.Popen] = {}
@@ -76,11 +75,7 @@ def test_agents_run_sites_survive_kill_9_and_stop_cleanly(tmp_path):
         start(0)
         start(1)
 
-        def bfd_ups():
-            with Store(state) as st:
-                return sum(1 for e in st.events() if e["reason"] == "bfd_up")
-
-        assert wait_for(lambda: bfd_ups() >= 8, 30), [a.poll() for a in agents.values()]  # 4 paths x 2 sites
+        assert wait_for(lambda: bfd_ups(state) >= 8, 30), [a.poll() for a in agents.values()]  # 4 paths x 2 sites
         assert len(wg_pids(f"{lab.tag}0a")) == 4 and len(wg_pids(f"{lab.tag}1a")) == 4
         rx = socket_in(lab.lan_ns(1), socket.AF_INET, socket.SOCK_DGRAM)
         rx.bind(("0.0.0.0", 5060))
@@ -113,8 +108,8 @@ def test_agents_run_sites_survive_kill_9_and_stop_cleanly(tmp_path):
         agents[0].wait()
         assert wg_pids(f"{lab.tag}0a") == before  # its tunnels outlive it
         start(0, token=False)  # enrolled already: no token needed
-        ups = bfd_ups()
-        assert wait_for(lambda: bfd_ups() >= ups + 4, 30)
+        ups = bfd_ups(state)
+        assert wait_for(lambda: bfd_ups(state) >= ups + 4, 30)
         assert wg_pids(f"{lab.tag}0a") == before  # adopted and reconciled, not duplicated
         assert any("voip" == r["policy"] and r["packets"] == 20 for r in voice_snaps())  # counted before the crash
         for s, a in agents.items():
@@ -154,11 +149,7 @@ def test_agent_without_xdp_steers_with_nftables(tmp_path):
                  "--token", tokens[s], "--backend", "userspace"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                 text=True))
 
-        def ups():
-            with Store(state) as st:
-                return sum(1 for e in st.events() if e["reason"] == "bfd_up")
-
-        assert wait_for(lambda: ups() >= 8, 30)
+        assert wait_for(lambda: bfd_ups(state) >= 8, 30)
         rules = subprocess.run(["ip", "netns", "exec", lab.site_ns(0), "nft", "list", "table", "inet",
                                 f"patronus_{lab.tag}l0"], capture_output=True, text=True).stdout
         voice_path = next(p for p in lab.mesh.paths("s0", "s1") if p.local_uplink == "u1" and p.remote_uplink == "u0")

@@ -14,7 +14,7 @@ import pytest
 
 from patronus.lab.story import HOLD_S, failover_story
 
-from .netns import unique
+from .netns import require_xdp, unique
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("wireguard-go"),
                                 reason="needs root and wireguard-go")
@@ -25,14 +25,7 @@ def run_failover(tmp_path, sites: int = 2) -> dict:
 
 
 def test_voice_fails_over_in_under_200ms_and_fails_back_after_the_hold(tmp_path):
-    try:
-        from patronus.dataplane.xdp import _preflight
-
-        _preflight()
-    except Exception as e:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(f"XDP unavailable: {e}")
+    require_xdp()
     r = run_failover(tmp_path)
     assert r["tcp_ok"], "the TCP transfer did not survive intact"
     down = next(m for m in r["moves"] if m["reason"] == "bfd_down")

@@ -20,29 +20,15 @@ import pytest
 from patronus.lab.net import Lab
 from patronus.netns import socket_in
 
-from .netns import unique
+from .netns import require_xdp, unique
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("wireguard-go"),
                                 reason="needs root and wireguard-go")
 
 
-def _xdp_ok():
-    try:
-        import bcc  # noqa: F401
-    except ImportError:
-        from patronus.dataplane.xdp import _import_bcc
-
-        try:
-            _import_bcc()
-        except Exception as e:
-            if os.environ.get("CI"):
-                raise
-            pytest.skip(f"no BCC: {e}")
-
-
 def test_voice_and_bulk_take_their_policies_paths_and_set_path_moves_voice(tmp_path):
-    _xdp_ok()
+    require_xdp()
     lab = Lab(unique("S")[:6], sites=2, uplinks=2, state_dir=tmp_path)
     agent = None
     try:
