@@ -11,6 +11,7 @@ patronus probes measure round trips.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import attrs
@@ -51,6 +52,24 @@ class AppProfile:
             f"AppProfile(name={self.name!r}, max_rtt_ms={self.max_rtt_ms}, "
             f"max_jitter_ms={self.max_jitter_ms}, max_loss_pct={self.max_loss_pct}, ...)"
         )
+
+    def violation(self, rtt_ms: float, jitter_ms: float, loss_pct: float, alive: bool = True) -> str | None:
+        """The worst metric over its limit, as a reason (``'loss 2.1 % > 1 %'``),
+        ``'no replies (dead)'``, or None when the SLA is met. NaN jitter or loss
+        (not measured yet) count as zero.
+
+        >>> BUILTIN_PROFILES["voip"].violation(40.0, 2.0, 2.1)
+        'loss 2.1 % > 1 %'
+        """
+        if not alive or math.isnan(rtt_ms):
+            return "no replies (dead)"
+        jit = 0.0 if math.isnan(jitter_ms) else jitter_ms
+        loss = 0.0 if math.isnan(loss_pct) else loss_pct
+        over = [(rtt_ms / self.max_rtt_ms, f"rtt {rtt_ms:.1f} ms > {self.max_rtt_ms:g} ms"),
+                (jit / self.max_jitter_ms, f"jitter {jit:.1f} ms > {self.max_jitter_ms:g} ms"),
+                (loss / max(self.max_loss_pct, 1e-9), f"loss {loss:.1f} % > {self.max_loss_pct:g} %")]
+        ratio, text = max(over, key=lambda o: o[0])
+        return text if ratio > 1 else None
 
     def to_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)

@@ -98,6 +98,7 @@ class _PolicyState:
     name: str
     app: str
     candidates: list[str]
+    prefer: dict[str, int] = field(default_factory=dict)  # local uplink -> rank in Policy.prefer
     current: str | None = None
     moved_at: float = -math.inf
 
@@ -130,7 +131,9 @@ class FailoverCore:
             cands = [p.id for p in mesh.paths(local_site, remote)] if remote else []
             if not cands:
                 continue
-            self.policies[pol.name] = _PolicyState(pol.name, pol.app or "default", self._order(pol, cands))
+            st = _PolicyState(pol.name, pol.app or "default", cands, {u: i for i, u in enumerate(pol.prefer)})
+            st.candidates = sorted(cands, key=lambda pid, st=st: (self._pref(st, pid), self.paths[pid].path.index))
+            self.policies[pol.name] = st
         self._events: Fanout[Event] = Fanout()
         self.set_path_calls = 0
         # fate sharing: after a path over a local uplink goes down, the other
@@ -158,11 +161,9 @@ class FailoverCore:
         p = self.paths[pid].path
         return p.local_uplink if p.local_site == self.local_site else p.remote_uplink
 
-    def _order(self, pol: Any, cands: list[str]) -> list[str]:
-        prefer = list(pol.prefer)
-        rank = {u: i for i, u in enumerate(prefer)}
-        return sorted(cands, key=lambda pid: (rank.get(self._local_uplink(pid), len(prefer)),
-                                              self.paths[pid].path.index))
+    def _pref(self, st: _PolicyState, pid: str) -> int:
+        """Rank of the path's local uplink in the policy's ``prefer`` (unlisted last)."""
+        return st.prefer.get(self._local_uplink(pid), len(st.prefer))
 
     def on_event(self, callback: Callable[[Event], Any]) -> None:
         self._events.subscribe(callback)
@@ -200,9 +201,7 @@ class FailoverCore:
             return st.candidates
         if c is None:
             return st.candidates
-        pol = next(p for p in self.mesh.policies if p.name == st.name)
-        rank = {u: i for i, u in enumerate(pol.prefer)}
-        return sorted(st.candidates, key=lambda pid: (rank.get(self._local_uplink(pid), len(rank)),
+        return sorted(st.candidates, key=lambda pid: (self._pref(st, pid),
                                                       -float(scores[c, idx[pid]]) if pid in idx else 0.0))
 
     # -- acting -----------------------------------------------------------------
@@ -353,14 +352,14 @@ class Engine(FailoverCore):
 
     def _window(self, now: float) -> None:
         mon = self._monitor
+        apps = {st.app for st in self.policies.values() if st.app in self.profiles}
         for pid in self.paths:
             if pid not in mon.paths():
                 continue
             m = mon.metrics(pid)
-            if not m.samples:
-                continue
-            apps = {st.app for st in self.policies.values()}
-            self.sla(pid, {app: _violation(m, self.profiles[app]) for app in apps if app in self.profiles}, now)
+            if m.samples:
+                self.sla(pid, {app: self.profiles[app].violation(m.rtt_ms, m.jitter_ms, m.loss_pct, m.alive)
+                               for app in apps}, now)
 
     async def run(self) -> None:
         self._stop = asyncio.Event()
@@ -380,16 +379,3 @@ class Engine(FailoverCore):
     def stop(self) -> None:
         if self._stop is not None:
             self._stop.set()
-
-
-def _violation(m: Any, p: AppProfile) -> str | None:
-    """'loss 3.2 % > 1 %' for the worst metric over the profile's limit, or None."""
-    if not m.alive:
-        return "no replies"
-    over = []
-    for value, limit, text in ((m.rtt_ms, p.max_rtt_ms, "rtt {:.1f} ms > {:g} ms"),
-                               (m.jitter_ms, p.max_jitter_ms, "jitter {:.1f} ms > {:g} ms"),
-                               (m.loss_pct, p.max_loss_pct, "loss {:.1f} % > {:g} %")):
-        if value == value and value > limit:
-            over.append((value / max(limit, 1e-9), text.format(value, limit)))
-    return max(over)[1] if over else None

@@ -292,15 +292,10 @@ class Selector:
         """'loss 2.1 % > 1 % for voip' for the worst metric over its limit, or None."""
         p = self.profiles[c]
         rtt, jit, loss, alive = (m[i] for m in self._metrics)
-        if not alive or math.isnan(rtt):
-            return "no replies (dead)"
-        jit = 0.0 if math.isnan(jit) else jit
-        loss = 0.0 if math.isnan(loss) else loss
-        over = [(rtt / p.max_rtt_ms, f"rtt {rtt:.1f} ms > {p.max_rtt_ms:g} ms"),
-                (jit / p.max_jitter_ms, f"jitter {jit:.1f} ms > {p.max_jitter_ms:g} ms"),
-                (loss / max(p.max_loss_pct, 1e-9), f"loss {loss:.1f} % > {p.max_loss_pct:g} %")]
-        worst = max(over, key=lambda o: o[0])
-        return f"{worst[1]} for {p.name}" if worst[0] > 1 else None
+        why = p.violation(float(rtt), float(jit), float(loss), bool(alive))
+        if why is None or why.startswith("no replies"):
+            return why
+        return f"{why} for {p.name}"
 
     def _why(self, c: int, old: int, new: int, sc: float, sb: float, forced: bool) -> str:
         name = self.ids[new]
