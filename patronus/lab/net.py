@@ -426,10 +426,6 @@ class Lab:
                 devices.setdefault(t.path.remote_site, {})[t.path.id] = self.wg[t.ifname].uapi.get()
         return site_status(devices, time.time())
 
-    def show(self, s: int) -> dict[str, Any]:
-        """The UAPI view of every tunnel of site s: ifname -> DeviceState."""
-        return {t.ifname: self.wg[t.ifname].uapi.get() for (site, _), t in self.tunnels.items() if site == f"s{s}"}
-
     def down(self) -> None:
         """Remove everything this lab made (processes, sockets, namespaces)."""
         for relay in getattr(self, "_relays", {}).values():

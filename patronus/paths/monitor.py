@@ -544,11 +544,12 @@ class Monitor:
             raise ConfigError("packet_train", e.id, "needs a started, UDP-probed path")
         loop = asyncio.get_running_loop()
         futs = []
-        for _ in range(count):
+        for _ in range(count):  # back to back: no await between the sends
             fut = loop.create_future()
-            sent = self._send_train(e, size, fut)
-            if sent is not None:
-                futs.append(fut)
+            e.seq = (e.seq + 1) & 0xFFFFFFFF
+            e.waiters[e.seq] = fut
+            e.sender.send(e, e.seq, size, FLAG_TRAIN)
+            futs.append(fut)
         done, pending = await asyncio.wait(futs, timeout=timeout_ms / 1000)
         for f in pending:
             f.cancel()
@@ -558,9 +559,3 @@ class Monitor:
         mbps = (len(t2s) - 1) * size * 8 / ((t2s[-1] - t2s[0]) / 1e9) / 1e6
         e.stats.train_mbps = mbps
         return mbps
-
-    def _send_train(self, e: _Path, size: int, fut: asyncio.Future) -> int | None:
-        e.seq = (e.seq + 1) & 0xFFFFFFFF
-        e.waiters[e.seq] = fut
-        e.sender.send(e, e.seq, size, FLAG_TRAIN)
-        return e.seq
