@@ -117,11 +117,17 @@ BPF_PERCPU_ARRAY(pn_stats_map, __u64, PN_NSTATS);
 BPF_PERCPU_ARRAY(pn_floor_map, __u64, 2);
 /* The flow table: open addressing over one array that userspace maps
  * (BPF_F_MMAPABLE) and reads in place, so exporting a million flows is a
- * memory scan, not a million syscalls. key: slot; a flow lives in one of the
- * PN_SLOT_PROBE slots from hash(key). Slot states and the compare-and-swap
- * protocol that keeps CPUs (and userspace drains) from writing one slot at
- * once are in patronus_abi.h (PN_SLOT_*). PN_FSLOTS is a power of two. */
-BPF_F_TABLE("array", __u32, struct pn_flow, pn_ftab_map, PN_FSLOTS, BPF_F_MMAPABLE);
+ * memory scan, not a million syscalls. key: bucket of PN_BUCKET_SLOTS
+ * slots; a flow lives in one of the PN_PROBE_BUCKETS buckets from
+ * hash(key). Slot states, the compare-and-swap protocol that keeps CPUs
+ * (and userspace drains) from writing one slot at once, and who adds to
+ * which counter are in patronus_abi.h (PN_SLOT_*, struct pn_xslot).
+ * PN_FSLOTS is a power of two. */
+struct pn_bucket {
+    struct pn_xslot s[PN_BUCKET_SLOTS];
+};
+#define PN_FBUCKETS (PN_FSLOTS / PN_BUCKET_SLOTS)
+BPF_F_TABLE("array", __u32, struct pn_bucket, pn_ftab_map, PN_FBUCKETS, BPF_F_MMAPABLE);
 /* Records of flows evicted to make room (the oldest of a full probe window):
  * nothing leaves the table silently; drain() exports them. */
 BPF_RINGBUF_OUTPUT(pn_evict_rb, PN_EVICT_PAGES);
@@ -136,6 +142,7 @@ struct pn_scratch {
     };
     struct pn_lpm4 k4;
     struct pn_lpm6 k6;
+    __u32 cpu1;               /* this CPU's number + 1, 0 until first asked */
 };
 BPF_PERCPU_ARRAY(pn_scratch_map, struct pn_scratch, 1);
 
@@ -242,6 +249,22 @@ static __always_inline __s32 pn_classify_bpf(struct pn_scratch *sc, const struct
 
 #define PN_BUSY_BITS ((__u64)PN_SLOT_BUSY << 48)
 
+#if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "pn_key_words builds struct pn_flow_key as little-endian words"
+#endif
+
+/* The flow key of a parsed packet as five words (struct pn_flow_key, _pad
+ * zero), built with word moves: narrow stores read back as words stall. */
+static __always_inline void pn_key_words(const struct pn_parsed *p, __u64 *kw)
+{
+    const __u64 *s = (const __u64 *)p->src, *d = (const __u64 *)p->dst;
+    kw[0] = s[0];
+    kw[1] = s[1];
+    kw[2] = d[0];
+    kw[3] = d[1];
+    kw[4] = (__u64)p->sport | (__u64)p->dport << 16 | (__u64)p->proto << 32 | (__u64)p->family << 40;
+}
+
 static __always_inline __u32 pn_hash(const __u64 *w)
 {
     __u64 h = (w[0] * 0x9e3779b97f4a7c15ull) ^ (w[1] * 0xc2b2ae3d27d4eb4full) ^
@@ -251,29 +274,32 @@ static __always_inline __u32 pn_hash(const __u64 *w)
     return (__u32)(h >> 32);
 }
 
-static __always_inline struct pn_flow *pn_slot(__u32 h, __u32 i)
+static __always_inline struct pn_bucket *pn_bucket_at(__u32 h, __u32 i)
 {
-    __u32 k = (h + i) & (PN_FSLOTS - 1);
+    __u32 k = (h + i) & (PN_FBUCKETS - 1);
     return pn_ftab_map.lookup(&k);
 }
 
-static __always_inline __u64 *pn_state(struct pn_flow *f)
+static __always_inline __u64 *pn_state(struct pn_xslot *x)
 {
-    return (__u64 *)((__u8 *)f + PN_SLOT_WORD);
+    return (__u64 *)((__u8 *)x + PN_SLOT_WORD);
 }
 
 /* The live slot holding key `w` (as 5 words), or 0. A busy slot's state
  * word carries PN_SLOT_BUSY, so it never equals a key's word. */
-static __always_inline struct pn_flow *pn_ft_find(const __u64 *w, __u32 h)
+static __always_inline struct pn_xslot *pn_ft_find(const __u64 *w, __u32 h)
 {
 #pragma unroll
-    for (__u32 i = 0; i < PN_SLOT_PROBE; i++) {
-        struct pn_flow *f = pn_slot(h, i);
-        if (!f)
+    for (__u32 i = 0; i < PN_PROBE_BUCKETS; i++) {
+        struct pn_bucket *b = pn_bucket_at(h, i);
+        if (!b)
             return 0;
-        const __u64 *s = (const __u64 *)f;
-        if (s[4] == w[4] && s[0] == w[0] && s[1] == w[1] && s[2] == w[2] && s[3] == w[3])
-            return f;
+#pragma unroll
+        for (__u32 j = 0; j < PN_BUCKET_SLOTS; j++) {
+            const __u64 *s = (const __u64 *)&b->s[j];
+            if (s[4] == w[4] && s[0] == w[0] && s[1] == w[1] && s[2] == w[2] && s[3] == w[3])
+                return &b->s[j];
+        }
     }
     return 0;
 }
@@ -281,27 +307,31 @@ static __always_inline struct pn_flow *pn_ft_find(const __u64 *w, __u32 h)
 /* Claim a slot for key `w`: the first empty one in the probe window, else
  * the one idle longest (its record goes to pn_evict_rb first). Returns the
  * slot, marked busy, or 0 when another writer won the race for it. */
-static __always_inline struct pn_flow *pn_ft_insert(const __u64 *w, __u32 h, __u32 *stat)
+static __always_inline struct pn_xslot *pn_ft_insert(const __u64 *w, __u32 h, __u32 *stat)
 {
-    struct pn_flow *victim = 0;
+    struct pn_xslot *victim = 0;
     __u64 oldest = ~0ull, vword = 0;
 #pragma unroll
-    for (__u32 i = 0; i < PN_SLOT_PROBE; i++) {
-        struct pn_flow *f = pn_slot(h, i);
-        if (!f)
+    for (__u32 i = 0; i < PN_PROBE_BUCKETS; i++) {
+        struct pn_bucket *b = pn_bucket_at(h, i);
+        if (!b)
             break;
-        __u64 st = *pn_state(f);
-        if (st == 0) {
-            if (__sync_val_compare_and_swap(pn_state(f), 0, w[4] | PN_BUSY_BITS) == 0) {
-                *stat = PN_ST_NEW;
-                return f;
+#pragma unroll
+        for (__u32 j = 0; j < PN_BUCKET_SLOTS; j++) {
+            struct pn_xslot *x = &b->s[j];
+            __u64 st = *pn_state(x);
+            if (st == 0) {
+                if (__sync_val_compare_and_swap(pn_state(x), 0, w[4] | PN_BUSY_BITS) == 0) {
+                    *stat = PN_ST_NEW;
+                    return x;
+                }
+                continue;
             }
-            continue;
-        }
-        if ((st >> 48) == 0 && f->rec.last_ns < oldest) {
-            oldest = f->rec.last_ns;
-            victim = f;
-            vword = st;
+            if ((st >> 48) == 0 && x->f.rec.last_ns < oldest) {
+                oldest = x->f.rec.last_ns;
+                victim = x;
+                vword = st;
+            }
         }
     }
     if (!victim) {
@@ -362,15 +392,16 @@ int pn_xdp(struct xdp_md *ctx)
      * one, and flow timestamps need no better than milliseconds */
     __u64 now = cfg->clock_ns ? cfg->clock_ns : bpf_ktime_get_coarse_ns();
 
-    struct pn_flow_key *key = &sc->key;
-    pn_key_of(p, key);
+    pn_key_words(p, sc->kw);
 
     __s32 policy;
     __u32 sk;
     __u32 l3_len = p->l3_len;
     __u32 h = pn_hash(sc->kw);
-    struct pn_flow *f = pn_ft_find(sc->kw, h);
-    struct pn_flow_rec *r = f ? &f->rec : 0;
+    struct pn_xslot *x = pn_ft_find(sc->kw, h);
+    struct pn_flow_rec *r = x ? &x->f.rec : 0;
+    if (!sc->cpu1)
+        sc->cpu1 = bpf_get_smp_processor_id() + 1;
     if (r) {
         if (r->generation != gen) {
             r->policy = pn_classify_bpf(sc, p, set);
@@ -380,17 +411,26 @@ int pn_xdp(struct xdp_md *ctx)
             sk = PN_ST_HIT;
         }
         policy = r->policy;
-        __sync_fetch_and_add(&r->packets, 1);
-        __sync_fetch_and_add(&r->bytes, l3_len);
+        if (r->_pad == sc->cpu1) {
+            r->packets += 1;
+            r->bytes += l3_len;
+        } else {
+            __sync_fetch_and_add(&x->shared_packets, 1);
+            __sync_fetch_and_add(&x->shared_bytes, l3_len);
+        }
         r->last_ns = now;
         r->tcp_flags |= p->tcp_flags;
         r->dscp = p->dscp;
     } else {
         policy = pn_classify_bpf(sc, p, set);
-        f = pn_ft_insert(sc->kw, h, &sk);
-        if (f) {
-            r = &f->rec;
-            __builtin_memcpy(f->key.src, key->src, 32);
+        x = pn_ft_insert(sc->kw, h, &sk);
+        if (x) {
+            r = &x->f.rec;
+            __u64 *fw = (__u64 *)x;
+            fw[0] = sc->kw[0];
+            fw[1] = sc->kw[1];
+            fw[2] = sc->kw[2];
+            fw[3] = sc->kw[3];
             r->packets = 1;
             r->bytes = l3_len;
             r->first_ns = now;
@@ -399,10 +439,12 @@ int pn_xdp(struct xdp_md *ctx)
             r->path = PN_NO_PATH;
             r->tcp_flags = p->tcp_flags;
             r->dscp = p->dscp;
-            r->_pad = 0;
+            r->_pad = sc->cpu1;
+            x->shared_packets = 0;
+            x->shared_bytes = 0;
             r->generation = gen;
             /* publish: the slot matches lookups from here on */
-            __sync_val_compare_and_swap((__u64 *)((__u8 *)f + PN_SLOT_WORD), sc->kw[4] | PN_BUSY_BITS, sc->kw[4]);
+            __sync_val_compare_and_swap(pn_state(x), sc->kw[4] | PN_BUSY_BITS, sc->kw[4]);
         }
     }
     if (sk != PN_ST_HIT) {

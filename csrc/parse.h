@@ -19,6 +19,24 @@
 
 #define PN_RD16(p) ((__u16)(((__u16)(p)[0] << 8) | (p)[1]))
 
+/* Copy n (4 or 16) address bytes from the packet into an 8-byte aligned
+ * field of *o. In BPF, clang turns a byte loop or a memcpy from a packet
+ * into byte loads and stores, and the 64-bit loads that hash the key later
+ * then stall on store forwarding; word loads (the verifier allows unaligned
+ * packet reads where the CPU does) and 64-bit stores avoid both. Userspace
+ * compilers make a memcpy one move. */
+#ifdef __BPF__
+#define PN_COPY_ADDR4(dst, src) (*(__u64 *)(dst) = *(const __u32 *)(src))
+#define PN_COPY_ADDR16(dst, src)                                   \
+    do {                                                           \
+        ((__u64 *)(dst))[0] = *(const __u64 *)(src);               \
+        ((__u64 *)(dst))[1] = *(const __u64 *)((src) + 8);         \
+    } while (0)
+#else
+#define PN_COPY_ADDR4(dst, src) __builtin_memcpy((dst), (src), 4)
+#define PN_COPY_ADDR16(dst, src) __builtin_memcpy((dst), (src), 16)
+#endif
+
 /* `lim` is where the IP packet ends (its own length); `end` where the buffer
  * ends. lim <= end always, but the BPF verifier only trusts compares against
  * the buffer end, so reads are checked against both. */
@@ -61,10 +79,8 @@ PN_INLINE int pn_parse_ipv4(const __u8 *p, const __u8 *end, struct pn_parsed *o)
     o->dscp = p[1] >> 2;
     o->proto = p[9];
     o->l3_len = tot;
-    for (int i = 0; i < 4; i++) {
-        o->src[i] = p[12 + i];
-        o->dst[i] = p[16 + i];
-    }
+    PN_COPY_ADDR4(o->src, p + 12);
+    PN_COPY_ADDR4(o->dst, p + 16);
     int nonfirst = (PN_RD16(p + 6) & 0x1fff) != 0;
     return pn_parse_l4(p + ihl, p + tot, end, nonfirst, o);
 }
@@ -82,10 +98,8 @@ PN_INLINE int pn_parse_ipv6(const __u8 *p, const __u8 *end, struct pn_parsed *o)
     o->family = PN_FAMILY_V6;
     o->dscp = (__u8)((((p[0] & 0x0f) << 4) | (p[1] >> 4)) >> 2);
     o->l3_len = 40 + plen;
-    for (int i = 0; i < 16; i++) {
-        o->src[i] = p[8 + i];
-        o->dst[i] = p[24 + i];
-    }
+    PN_COPY_ADDR16(o->src, p + 8);
+    PN_COPY_ADDR16(o->dst, p + 24);
     __u8 nh = p[6];
     const __u8 *q = p + 40;
     int nonfirst = 0;

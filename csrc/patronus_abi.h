@@ -124,13 +124,30 @@ struct pn_policy_counter {
 
 #define PN_NO_PATH 0xffffffffu
 
-/* The XDP flow table (bpf/patronus_xdp.c) is an array of struct pn_flow that
- * userspace maps and reads in place. The 64-bit word at PN_SLOT_WORD (ports,
- * proto, family, _pad of the key) is each slot's state: 0 = empty (a live
- * key always has a family), _pad == PN_SLOT_BUSY = being written or read out
- * by its owner (claimed with a compare-and-swap), _pad == 0 = live. */
+/* The XDP flow table (bpf/patronus_xdp.c) is an array of struct pn_xslot
+ * that userspace maps and reads in place. The 64-bit word at PN_SLOT_WORD
+ * (ports, proto, family, _pad of the key) is each slot's state: 0 = empty
+ * (a live key always has a family), _pad == PN_SLOT_BUSY = being written or
+ * read out by its owner (claimed with a compare-and-swap), _pad == 0 = live.
+ * Slots come in buckets of PN_BUCKET_SLOTS (one map element, one lookup); a
+ * flow lives in one of the PN_SLOT_PROBE slots of the PN_PROBE_BUCKETS
+ * buckets from hash(key). */
 #define PN_SLOT_WORD 32
 #define PN_SLOT_BUSY 0xb5b5
-#define PN_SLOT_PROBE 32     /* slots a key may occupy: hash .. hash + 31 */
+#define PN_BUCKET_SLOTS 4
+#define PN_PROBE_BUCKETS 8
+#define PN_SLOT_PROBE (PN_BUCKET_SLOTS * PN_PROBE_BUCKETS)
+
+/* One slot: a flow, plus what CPUs other than its creator counted. The CPU
+ * that created the flow (rec._pad = its number + 1) adds to rec.packets and
+ * rec.bytes with plain adds: XDP never runs twice at once on one CPU, so no
+ * other writer touches them, and a hit needs no locked instruction. Any
+ * other CPU adds to shared_* with atomics. Readers report the sums (and
+ * rec._pad as 0), so the exported record is a plain struct pn_flow. */
+struct pn_xslot {
+    struct pn_flow f;
+    __u64 shared_packets;
+    __u64 shared_bytes;
+};
 
 #endif /* PATRONUS_ABI_H */

@@ -17,12 +17,17 @@ enum pn_take_mode {
     PN_TAKE_IDLE = 2,        /* copy and remove flows with last_ns + idle_ns <= now_ns */
 };
 
-/* Copy live slots of table[0:nslots] into out (room for `room` flows), in
- * slot order; returns how many were copied. Stops early when out is full. */
-size_t pn_xdp_take(struct pn_flow *table, size_t nslots, struct pn_flow *out, size_t room, int mode,
+/* Copy live slots of table[0:nslots] into out (room for `room` flows) as
+ * plain flow records (shared counts added in), in slot order; returns how
+ * many were copied. Stops early when out is full. */
+size_t pn_xdp_take(struct pn_xslot *table, size_t nslots, struct pn_flow *out, size_t room, int mode,
                    uint64_t now_ns, uint64_t idle_ns);
 
 /* Live slots (not empty, not busy). */
-size_t pn_xdp_count(const struct pn_flow *table, size_t nslots);
+size_t pn_xdp_count(const struct pn_xslot *table, size_t nslots);
+
+/* Slots copied out by the program (evicted, taken while busy) as plain flow
+ * records: shared counts added in, the busy mark and the creator cleared. */
+size_t pn_xdp_fold(const struct pn_xslot *slots, size_t n, struct pn_flow *out);
 
 #endif

@@ -196,28 +196,41 @@ cdef int list_frames(list frames, Py_ssize_t start, Py_ssize_t m, const uint8_t 
 
 
 cdef extern from "xdptable.h":
-    size_t pn_xdp_take(pn_flow *table, size_t nslots, pn_flow *out, size_t room, int mode,
+    struct pn_xslot:
+        pass
+    size_t pn_xdp_take(pn_xslot *table, size_t nslots, pn_flow *out, size_t room, int mode,
                        uint64_t now_ns, uint64_t idle_ns) nogil
-    size_t pn_xdp_count(const pn_flow *table, size_t nslots) nogil
+    size_t pn_xdp_count(const pn_xslot *table, size_t nslots) nogil
+    size_t pn_xdp_fold(const pn_xslot *slots, size_t n, pn_flow *out) nogil
 
 
 def xdp_take(uint8_t[::1] table not None, uint8_t[::1] out not None, int mode, uint64_t now_ns=0,
              uint64_t idle_ns=0):
     """Copy (mode 0) or take (1 all, 2 idle) live flows of the mapped XDP
-    flow table into out (bytes of pn_flow records); returns the count."""
-    cdef size_t rec = sizeof(pn_flow)
+    flow table (pn_xslot) into out (bytes of pn_flow records); returns the count."""
     cdef size_t n
-    if table.shape[0] % rec or out.shape[0] % rec:
-        raise ValueError("buffers must hold whole flow records")
+    if table.shape[0] % sizeof(pn_xslot) or out.shape[0] % sizeof(pn_flow):
+        raise ValueError("buffers must hold whole slots and flow records")
     with nogil:
-        n = pn_xdp_take(<pn_flow *>&table[0], table.shape[0] // rec, <pn_flow *>&out[0],
-                        out.shape[0] // rec, mode, now_ns, idle_ns)
+        n = pn_xdp_take(<pn_xslot *>&table[0], table.shape[0] // sizeof(pn_xslot), <pn_flow *>&out[0],
+                        out.shape[0] // sizeof(pn_flow), mode, now_ns, idle_ns)
     return n
 
 
 def xdp_count(uint8_t[::1] table not None):
     """Live flows in the mapped XDP flow table."""
-    return pn_xdp_count(<const pn_flow *>&table[0], table.shape[0] // sizeof(pn_flow))
+    return pn_xdp_count(<const pn_xslot *>&table[0], table.shape[0] // sizeof(pn_xslot))
+
+
+def xdp_fold(const uint8_t[::1] slots not None, uint8_t[::1] out not None):
+    """Slots the program copied out (pn_xslot bytes) as pn_flow records in out."""
+    cdef size_t n = slots.shape[0] // sizeof(pn_xslot)
+    if slots.shape[0] % sizeof(pn_xslot) or out.shape[0] != n * sizeof(pn_flow):
+        raise ValueError("slots must be whole pn_xslot records and out room for as many flows")
+    if n:
+        with nogil:
+            pn_xdp_fold(<const pn_xslot *>&slots[0], n, <pn_flow *>&out[0])
+    return n
 
 
 cdef extern from "score.h":

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["FLOW_DTYPE", "RULE_DTYPE", "POLICY_COUNTER_DTYPE", "MALFORMED_REASONS", "NO_PATH"]
+__all__ = ["FLOW_DTYPE", "XSLOT_DTYPE", "RULE_DTYPE", "POLICY_COUNTER_DTYPE", "MALFORMED_REASONS", "NO_PATH"]
 
 # enum pn_reason, index 1.. (0 is PN_OK, not a counter)
 MALFORMED_REASONS: tuple[str, ...] = (
@@ -25,6 +25,10 @@ FLOW_DTYPE = np.dtype([
     ("policy", "<i4"), ("path", "<u4"), ("tcp_flags", "u1"), ("dscp", "u1"), ("_pad1", "<u2"),
     ("generation", "<u4"),
 ], align=True)
+
+# struct pn_xslot: one slot of the XDP flow table (a flow plus the counts
+# of CPUs other than its creator); readers fold it into FLOW_DTYPE
+XSLOT_DTYPE = np.dtype([("f", FLOW_DTYPE), ("shared_packets", "<u8"), ("shared_bytes", "<u8")], align=True)
 
 RULE_DTYPE = np.dtype([
     ("src", "u1", (16,)), ("dst", "u1", (16,)),

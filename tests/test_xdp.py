@@ -169,6 +169,30 @@ def test_full_table_evicts_with_a_count_and_exports_the_evicted():
         assert all(f[30:34] in recent for f in frames[-40:])
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+def test_one_flow_counted_on_two_cpus_adds_up():
+    """The creating CPU counts with plain adds, any other CPU into the slot's
+    shared counters: flows(), a flush and an eviction all report the sum."""
+    Xdp = _xdp_or_skip()
+    cpus = sorted(os.sched_getaffinity(0))[:2]
+    a = packets.udp("10.0.0.1", "10.0.0.2", 1000, 53, payload=b"x" * 10)
+    b = packets.udp("10.0.0.1", "10.0.0.3", 1000, 53, payload=b"x" * 100)
+    saved = os.sched_getaffinity(0)
+    try:
+        with Xdp(PolicyTable([]), flow_capacity=1) as x:  # 64 slots
+            for cpu, n in ((cpus[0], 3), (cpus[1], 5), (cpus[0], 2)):
+                os.sched_setaffinity(0, {cpu})  # BPF_PROG_TEST_RUN runs on the caller's CPU
+                x.test_run([a] * n + [b])
+            (fa,) = [f for f in x.flows() if f["dst"][3] == 2]
+            assert (fa["packets"], fa["bytes"]) == (10, 10 * (28 + 10)) and fa["_pad1"] == 0
+            # 300 newer flows fill every probe window: a and b, the oldest, are evicted
+            x.test_run([packets.udp("10.9.0.1", f"10.9.{i // 200}.{i % 200}", 7, 7) for i in range(300)])
+            evicted = {bytes(f["dst"][:4]): (int(f["packets"]), int(f["bytes"])) for f in x.drain()}
+            assert evicted[bytes([10, 0, 0, 2])] == (10, 380) and evicted[bytes([10, 0, 0, 3])] == (3, 3 * 128)
+    finally:
+        os.sched_setaffinity(0, saved)
+
+
 def test_drain_idle_takes_only_idle_flows(xdp_pool):
     x = xdp_pool(PolicyTable([]))
     a = packets.udp("10.0.0.1", "10.0.0.2", 1, 2)

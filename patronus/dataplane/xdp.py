@@ -249,7 +249,7 @@ class Xdp:
             "pn_pol_map", "pn_pcount_map", "pn_malformed_map", "pn_stats_map", "pn_ftab_map",
             "pn_tx_map")}
         # the flow table, mapped: flows() and drain() scan it in place
-        size = self._slots * abi.FLOW_DTYPE.itemsize
+        size = self._slots * abi.XSLOT_DTYPE.itemsize
         self._mm = mmap.mmap(self._fd("pn_ftab_map"), (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE,
                              mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self._table_mem = np.frombuffer(self._mm, dtype=np.uint8, count=size)
@@ -619,9 +619,9 @@ class Xdp:
     def _take_evicted(self) -> np.ndarray:
         self._bpf.ring_buffer_consume()
         raw, self._evicted = b"".join(self._evicted), []
-        out = np.frombuffer(raw, dtype=abi.FLOW_DTYPE).copy()
-        if len(out):  # ring buffer copies were taken from busy slots
-            out["_pad0"] = 0
+        # ring buffer copies are whole slots, taken while busy
+        out = np.empty(len(raw) // abi.XSLOT_DTYPE.itemsize, dtype=abi.FLOW_DTYPE)
+        _fast().xdp_fold(raw, out.view(np.uint8))
         return self._to_wall(out)
 
     # -- low-level map helpers ------------------------------------------------
