@@ -110,7 +110,8 @@ enum pn_stat {
     PN_ST_INSERT_FAILED = 3,  /* lost a slot race: packet counted, no record */
     PN_ST_EVICTED = 4,        /* live flows pushed out to make room */
     PN_ST_EXPORT_LOST = 5,    /* evicted records the ring buffer had no room for */
-    PN_NSTATS = 6,
+    PN_ST_UNACCOUNTED = 6,    /* passed without a policy count: a tail call failed */
+    PN_NSTATS = 7,
 };
 BPF_PERCPU_ARRAY(pn_stats_map, __u64, PN_NSTATS);
 /* key: 0 parsed, 1 malformed: the benchmark floor program's one counter */
@@ -143,6 +144,15 @@ struct pn_scratch {
     struct pn_lpm4 k4;
     struct pn_lpm6 k6;
     __u32 cpu1;               /* this CPU's number + 1, 0 until first asked */
+    __u32 bench_seq;          /* PN_BENCH_NEW_FLOWS builds: source port of the next run */
+    /* handed from pn_xdp to pn_cls (and from pn_cls to itself) across tail calls */
+    __u64 now;
+    __u32 h;                  /* hash of kw */
+    __u32 set, gen;           /* live table set and generation when the packet came in */
+    __u32 reclass;            /* 1: known flow of an older generation, 0: new flow */
+    __u32 chunk;              /* next summary word pn_cls looks at */
+    __s32 policy;             /* what pn_cls found, for pn_fin */
+    __u32 rows[6];            /* row of each field: src, dst, sport, dport, proto, dscp */
 };
 BPF_PERCPU_ARRAY(pn_scratch_map, struct pn_scratch, 1);
 
@@ -164,16 +174,16 @@ static __always_inline void pn_set_meta(struct xdp_md *ctx, __u32 path, __s32 po
     }
 }
 
+/* Trailing zeros of x != 0, without a branch: every data-dependent branch
+ * inside a loop multiplies the paths the verifier walks. popcount of the
+ * bits below the lowest set one, SWAR style. */
 static __always_inline __u32 pn_ctz64(__u64 x)
 {
-    __u32 n = 0;
-    if (!(x & 0xffffffffull)) { n += 32; x >>= 32; }
-    if (!(x & 0xffffull)) { n += 16; x >>= 16; }
-    if (!(x & 0xffull)) { n += 8; x >>= 8; }
-    if (!(x & 0xfull)) { n += 4; x >>= 4; }
-    if (!(x & 0x3ull)) { n += 2; x >>= 2; }
-    if (!(x & 0x1ull)) { n += 1; }
-    return n;
+    __u64 v = (x & -x) - 1;
+    v = v - ((v >> 1) & 0x5555555555555555ull);
+    v = (v & 0x3333333333333333ull) + ((v >> 2) & 0x3333333333333333ull);
+    v = (v + (v >> 4)) & 0x0f0f0f0f0f0f0f0full;
+    return (__u32)((v * 0x0101010101010101ull) >> 56);
 }
 
 /* Row of the longest prefix holding the address (tag selects set and direction). */
@@ -204,11 +214,12 @@ static __always_inline const struct pn_row *pn_row(__u32 set, __u32 row)
     return pn_rows_map.lookup(&key);
 }
 
-static __always_inline __s32 pn_classify_bpf(struct pn_scratch *sc, const struct pn_parsed *p, __u32 set)
+/* The row of every field of the packet into sc->rows: two LPM lookups, two
+ * port lookups, two table reads. 0, or -1 when a map read fails. */
+static __always_inline int pn_field_rows(struct pn_scratch *sc, const struct pn_parsed *p, __u32 set)
 {
     struct pn_lut *lut = pn_lut_map.lookup(&set);
-    struct pn_rpol *rp = pn_rpol_map.lookup(&set);
-    if (!lut || !rp)
+    if (!lut)
         return -1;
     __u32 rs, rd;
     if (pn_lpm(sc, p, set * 2, &rs) || pn_lpm(sc, p, set * 2 + 1, &rd))
@@ -222,29 +233,13 @@ static __always_inline __s32 pn_classify_bpf(struct pn_scratch *sc, const struct
         rsp = *ps;
         rdp = *pd;
     }
-    const struct pn_row *r0 = pn_row(set, rs), *r1 = pn_row(set, rd), *r2 = pn_row(set, rsp),
-                        *r3 = pn_row(set, rdp), *r4 = pn_row(set, lut->proto[p->proto]),
-                        *r5 = pn_row(set, lut->dscp[p->dscp & 63]);
-    if (!r0 || !r1 || !r2 || !r3 || !r4 || !r5)
-        return -1;
-    /* One flat loop over the bitmap words (the verifier walks a flat bounded
-     * loop in linear time; nested loops with early exits blow up its state
-     * count). Every 64 words, AND the six summary words once; words whose
-     * summary bit is clear are skipped without being read. */
-    __u64 m = 0;
-    for (__u32 w = 0; w < PN_NWORDS; w++) {
-        if ((w & 63) == 0) {
-            __u32 s = w >> 6;
-            m = r0->w[s] & r1->w[s] & r2->w[s] & r3->w[s] & r4->w[s] & r5->w[s];
-        }
-        if (!((m >> (w & 63)) & 1))
-            continue;
-        __u64 x = r0->w[PN_NSUM + w] & r1->w[PN_NSUM + w] & r2->w[PN_NSUM + w] & r3->w[PN_NSUM + w] &
-                  r4->w[PN_NSUM + w] & r5->w[PN_NSUM + w];
-        if (x)
-            return rp->policy[(w * 64 + pn_ctz64(x)) & (PN_RULES - 1)];
-    }
-    return -1;
+    sc->rows[0] = rs;
+    sc->rows[1] = rd;
+    sc->rows[2] = rsp;
+    sc->rows[3] = rdp;
+    sc->rows[4] = lut->proto[p->proto];
+    sc->rows[5] = lut->dscp[p->dscp & 63];
+    return 0;
 }
 
 #define PN_BUSY_BITS ((__u64)PN_SLOT_BUSY << 48)
@@ -297,7 +292,7 @@ static __always_inline struct pn_xslot *pn_ft_find(const __u64 *w, __u32 h)
 #pragma unroll
         for (__u32 j = 0; j < PN_BUCKET_SLOTS; j++) {
             const __u64 *s = (const __u64 *)&b->s[j];
-            if (s[4] == w[4] && s[0] == w[0] && s[1] == w[1] && s[2] == w[2] && s[3] == w[3])
+            if (((s[4] ^ w[4]) | (s[0] ^ w[0]) | (s[1] ^ w[1]) | (s[2] ^ w[2]) | (s[3] ^ w[3])) == 0)
                 return &b->s[j];
         }
     }
@@ -366,6 +361,194 @@ static __always_inline int pn_parse_frame(struct xdp_md *ctx, struct pn_parsed *
     return pn_parse(data, end, p);
 }
 
+/* Count one packet on its flow record. The flow's creator CPU adds without
+ * a locked instruction; see struct pn_xslot. */
+static __always_inline void pn_count(struct pn_scratch *sc, struct pn_xslot *x, __u64 now)
+{
+    struct pn_flow_rec *r = &x->f.rec;
+    __u32 l3_len = sc->p.l3_len;
+    if (r->_pad == sc->cpu1) {
+        r->packets += 1;
+        r->bytes += l3_len;
+    } else {
+        __sync_fetch_and_add(&x->shared_packets, 1);
+        __sync_fetch_and_add(&x->shared_bytes, l3_len);
+    }
+    r->last_ns = now;
+    r->tcp_flags |= sc->p.tcp_flags;
+    r->dscp = sc->p.dscp;
+}
+
+/* What every classified packet ends with: the policy's path and action (one
+ * map value), the per-policy counter, the metadata, the verdict. */
+static __always_inline int pn_out(struct xdp_md *ctx, struct pn_cfg *cfg, struct pn_scratch *sc, __s32 policy,
+                                  struct pn_flow_rec *r)
+{
+    __u32 slot = (__u32)(policy + 1);
+    __u32 path = PN_NO_PATH, action = XDP_PASS;
+    struct pn_polact *pa = pn_pol_map.lookup(&slot);
+    if (pa) {
+        path = pa->path;
+        action = pa->action;
+    }
+    if (r)
+        r->path = path;
+    struct pn_policy_counter *pc = pn_pcount_map.lookup(&slot);
+    if (pc) {
+        pc->packets += 1;
+        pc->bytes += sc->p.l3_len;
+    }
+    if (cfg->flags & PN_CFG_META)
+        pn_set_meta(ctx, path, policy);
+    if (action == XDP_DROP)
+        return XDP_DROP;
+    if (path != PN_NO_PATH && path < 256)
+        return pn_tx_map.redirect_map(path, XDP_PASS);
+    return XDP_PASS;
+}
+
+/* A classified miss: insert the new flow (or re-stamp a known flow of an
+ * older generation), count the packet, finish. */
+static __always_inline int pn_finish_miss(struct xdp_md *ctx, struct pn_scratch *sc, __s32 policy)
+{
+    __u32 zero = 0;
+    struct pn_cfg *cfg = pn_cfg_map.lookup(&zero);
+    if (!cfg)
+        return XDP_PASS;
+    struct pn_parsed *p = &sc->p;
+    struct pn_flow_rec *r = 0;
+    struct pn_xslot *x;
+    __u32 sk = PN_ST_RECLASS;
+    __u64 now = sc->now;
+    if (sc->reclass) {
+        x = pn_ft_find(sc->kw, sc->h);
+        if (x) {
+            r = &x->f.rec;
+            r->policy = policy;
+            r->generation = sc->gen;
+            pn_count(sc, x, now);
+        }
+    } else {
+        x = pn_ft_insert(sc->kw, sc->h, &sk);
+        if (x) {
+            r = &x->f.rec;
+            __u64 *fw = (__u64 *)x;
+            fw[0] = sc->kw[0];
+            fw[1] = sc->kw[1];
+            fw[2] = sc->kw[2];
+            fw[3] = sc->kw[3];
+            r->packets = 1;
+            r->bytes = p->l3_len;
+            r->first_ns = now;
+            r->last_ns = now;
+            r->policy = policy;
+            r->path = PN_NO_PATH;
+            r->tcp_flags = p->tcp_flags;
+            r->dscp = p->dscp;
+            r->_pad = sc->cpu1;
+            r->generation = sc->gen;
+            x->shared_packets = 0;
+            x->shared_bytes = 0;
+            /* publish: the slot matches lookups from here on */
+            __sync_val_compare_and_swap(pn_state(x), sc->kw[4] | PN_BUSY_BITS, sc->kw[4]);
+        }
+    }
+    __u64 *st = pn_stats_map.lookup(&sk);
+    if (st)
+        *st += 1;
+    return pn_out(ctx, cfg, sc, policy, r);
+}
+
+/* key: PN_PROG_CLS -> pn_cls, PN_PROG_FIN -> pn_fin. A miss leaves pn_xdp
+ * by tail calls: the classifier walk runs in its own program, which the
+ * verifier checks once, alone, instead of once per path into it; each run
+ * walks a bounded stretch of the bitmaps and tail-calls itself for the
+ * next, so the rule count is limited by the tail call limit (33 calls of 8
+ * summary words, 4,096 rules each), not by the verifier's budget; pn_fin
+ * inserts the flow and finishes the packet. */
+#define PN_PROG_CLS 0
+#define PN_PROG_FIN 1
+BPF_PROG_ARRAY(pn_progs, 2);
+
+static __always_inline int pn_unaccounted(void)
+{
+    __u32 k = PN_ST_UNACCOUNTED;
+    __u64 *c = pn_stats_map.lookup(&k);
+    if (c)
+        *c += 1;
+    return XDP_PASS;
+}
+
+/* Summary words one pn_cls run looks at before it tail-calls itself. */
+#define PN_CLS_SUMS 8
+
+/* First matching rule of the six rows in sc->rows, from summary word
+ * sc->chunk on: AND the six summary words, then only the bitmap words
+ * whose summary bit survived. */
+int pn_cls(struct xdp_md *ctx)
+{
+    __u32 zero = 0;
+    struct pn_scratch *sc = pn_scratch_map.lookup(&zero);
+    if (!sc)
+        return XDP_PASS;
+    __s32 policy = -1;
+    __u32 set = sc->set & 1;
+    __u64 c = sc->chunk;
+    struct pn_rpol *rp = pn_rpol_map.lookup(&set);
+    const struct pn_row *r0 = pn_row(set, sc->rows[0]), *r1 = pn_row(set, sc->rows[1]),
+                        *r2 = pn_row(set, sc->rows[2]), *r3 = pn_row(set, sc->rows[3]),
+                        *r4 = pn_row(set, sc->rows[4]), *r5 = pn_row(set, sc->rows[5]);
+    if (!rp || !r0 || !r1 || !r2 || !r3 || !r4 || !r5) {
+        sc->policy = -1;
+        pn_progs.call(ctx, PN_PROG_FIN);
+        return pn_unaccounted();
+    }
+    __u64 m = 0;
+    for (__u32 k = 0; k < PN_CLS_SUMS; k++) {
+        if (c >= PN_NSUM)
+            break;
+        m = r0->w[c] & r1->w[c] & r2->w[c] & r3->w[c] & r4->w[c] & r5->w[c];
+        if (m)
+            break;
+        c++;
+    }
+    int found = 0;
+    if (c >= PN_NSUM)  /* every summary word seen: m is 0 */
+        c = 0;
+    for (__u32 i = 0; i < 64; i++) {
+        if (!m)
+            break;
+        __u64 w = c * 64 + (pn_ctz64(m) & 63);
+        m &= m - 1;
+        if (w >= PN_NWORDS)  /* cannot happen (c < PN_NSUM); the verifier needs it */
+            break;
+        __u64 x = r0->w[PN_NSUM + w] & r1->w[PN_NSUM + w] & r2->w[PN_NSUM + w] & r3->w[PN_NSUM + w] &
+                  r4->w[PN_NSUM + w] & r5->w[PN_NSUM + w];
+        if (x) {
+            policy = rp->policy[(w * 64 + pn_ctz64(x)) & (PN_RULES - 1)];
+            found = 1;
+            break;
+        }
+    }
+    if (!found && c + 1 < PN_NSUM) {
+        sc->chunk = c + 1;
+        pn_progs.call(ctx, PN_PROG_CLS);
+    } else {
+        sc->policy = policy;
+        pn_progs.call(ctx, PN_PROG_FIN);
+    }
+    return pn_unaccounted();  /* only reached when a tail call fails */
+}
+
+int pn_fin(struct xdp_md *ctx)
+{
+    __u32 zero = 0;
+    struct pn_scratch *sc = pn_scratch_map.lookup(&zero);
+    if (!sc)
+        return XDP_PASS;
+    return pn_finish_miss(ctx, sc, sc->policy);
+}
+
 int pn_xdp(struct xdp_md *ctx)
 {
     __u32 zero = 0;
@@ -391,89 +574,32 @@ int pn_xdp(struct xdp_md *ctx)
     /* coarse clock (jiffies resolution): a third of the cost of the precise
      * one, and flow timestamps need no better than milliseconds */
     __u64 now = cfg->clock_ns ? cfg->clock_ns : bpf_ktime_get_coarse_ns();
-
+#ifdef PN_BENCH_NEW_FLOWS
+    /* benchmark builds only: every run of one frame is a new flow (a new
+     * source port), so repeated runs measure the miss path with the
+     * caches as warm as traffic of many flows between few hosts has them */
+    if (p->has_ports)
+        p->sport = (__u16)++sc->bench_seq;
+#endif
     pn_key_words(p, sc->kw);
-
-    __s32 policy;
-    __u32 sk;
-    __u32 l3_len = p->l3_len;
     __u32 h = pn_hash(sc->kw);
     struct pn_xslot *x = pn_ft_find(sc->kw, h);
-    struct pn_flow_rec *r = x ? &x->f.rec : 0;
     if (!sc->cpu1)
         sc->cpu1 = bpf_get_smp_processor_id() + 1;
-    if (r) {
-        if (r->generation != gen) {
-            r->policy = pn_classify_bpf(sc, p, set);
-            r->generation = gen;
-            sk = PN_ST_RECLASS;
-        } else {
-            sk = PN_ST_HIT;
-        }
-        policy = r->policy;
-        if (r->_pad == sc->cpu1) {
-            r->packets += 1;
-            r->bytes += l3_len;
-        } else {
-            __sync_fetch_and_add(&x->shared_packets, 1);
-            __sync_fetch_and_add(&x->shared_bytes, l3_len);
-        }
-        r->last_ns = now;
-        r->tcp_flags |= p->tcp_flags;
-        r->dscp = p->dscp;
-    } else {
-        policy = pn_classify_bpf(sc, p, set);
-        x = pn_ft_insert(sc->kw, h, &sk);
-        if (x) {
-            r = &x->f.rec;
-            __u64 *fw = (__u64 *)x;
-            fw[0] = sc->kw[0];
-            fw[1] = sc->kw[1];
-            fw[2] = sc->kw[2];
-            fw[3] = sc->kw[3];
-            r->packets = 1;
-            r->bytes = l3_len;
-            r->first_ns = now;
-            r->last_ns = now;
-            r->policy = policy;
-            r->path = PN_NO_PATH;
-            r->tcp_flags = p->tcp_flags;
-            r->dscp = p->dscp;
-            r->_pad = sc->cpu1;
-            x->shared_packets = 0;
-            x->shared_bytes = 0;
-            r->generation = gen;
-            /* publish: the slot matches lookups from here on */
-            __sync_val_compare_and_swap(pn_state(x), sc->kw[4] | PN_BUSY_BITS, sc->kw[4]);
-        }
+    if (x && x->f.rec.generation == gen) {  /* the hit path */
+        pn_count(sc, x, now);
+        return pn_out(ctx, cfg, sc, x->f.rec.policy, &x->f.rec);
     }
-    if (sk != PN_ST_HIT) {
-        __u64 *st = pn_stats_map.lookup(&sk);
-        if (st)
-            *st += 1;
-    }
-
-    __u32 slot = (__u32)(policy + 1);
-    __u32 path = PN_NO_PATH, action = XDP_PASS;
-    struct pn_polact *pa = pn_pol_map.lookup(&slot);
-    if (pa) {
-        path = pa->path;
-        action = pa->action;
-    }
-    if (r)
-        r->path = path;
-    struct pn_policy_counter *pc = pn_pcount_map.lookup(&slot);
-    if (pc) {
-        pc->packets += 1;
-        pc->bytes += l3_len;
-    }
-    if (cfg->flags & PN_CFG_META)
-        pn_set_meta(ctx, path, policy);
-    if (action == XDP_DROP)
-        return XDP_DROP;
-    if (path != PN_NO_PATH && path < 256)
-        return pn_tx_map.redirect_map(path, XDP_PASS);
-    return XDP_PASS;
+    sc->reclass = x != 0;
+    sc->h = h;
+    sc->now = now;
+    sc->set = set;
+    sc->gen = gen;
+    sc->chunk = 0;
+    if (pn_field_rows(sc, p, set) == 0)
+        pn_progs.call(ctx, PN_PROG_CLS);
+    /* a map read failed or the tail call did: the default policy */
+    return pn_finish_miss(ctx, sc, -1);
 }
 
 /* The floor for benchmarks: parse Ethernet/IP (the same parser), bump one

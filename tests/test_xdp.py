@@ -119,6 +119,29 @@ def test_xdp_equals_userspace(xdp_pool, policies, tr):
     assert x_c["policies"] == u_c["policies"] and x_c["default"] == u_c["default"]
 
 
+def test_rules_past_the_first_tail_call_classify_like_userspace():
+    """40,000 rules: 10 summary words, so the walk runs over two pn_cls runs
+    (8 words each, the second reached by a tail call). Matches in the first
+    word, deep in the last ones, and none at all give the userspace answers."""
+    Xdp = _xdp_or_skip()
+    n = 40_000
+    pols = [Policy(f"p{i}", Match(dst="10.0.0.0/8", dst_ports=1, proto="tcp"), priority=i) for i in range(n - 2)]
+    pols += [Policy("deep_tcp", Match(dst="10.0.0.0/8", dst_ports=2, proto="tcp"), priority=n),
+             Policy("deep_udp", Match(proto="udp", dst_ports=3), priority=n + 1)]
+    table = PolicyTable(pols)
+    frames = [packets.tcp("192.0.2.1", "10.1.1.1", 5000, 1), packets.tcp("192.0.2.1", "10.1.1.1", 5000, 2),
+              packets.udp("192.0.2.1", "198.51.100.1", 5000, 3), packets.udp("192.0.2.1", "198.51.100.1", 5000, 9),
+              packets.udp("192.0.2.1", "198.51.100.1", 5000, 3)]
+    ts = np.arange(1, len(frames) + 1, dtype=np.uint64)
+    us = Userspace(table, 64)
+    with Xdp(table, flow_capacity=64) as x:
+        got = x.test_run(frames, ts_ns=ts)
+        assert got.tolist() == us.process(frames, ts).tolist() == [0, n - 2, n - 1, -1, n - 1]
+        assert rows(x.flows()) == rows(us.flows())
+        c = x.counters()
+        assert c["unaccounted"] == 0 and c["new_flows"] == 4 and c["policies"]["deep_udp"]["packets"] == 2
+
+
 def test_swap_keeps_flow_counters_and_reclassifies(xdp_pool):
     a = PolicyTable([Policy("p", Match(proto="tcp"), priority=1)])
     b = PolicyTable([Policy("p", Match(proto="udp"), priority=1)])

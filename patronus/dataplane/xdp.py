@@ -47,7 +47,7 @@ MAX_PATH_SLOTS = 256  # pn_tx_map size
 EVICT_PAGES = 256  # eviction ring buffer: 1 MiB, about 10,900 records between drains
 TAKE_COPY, TAKE_ALL, TAKE_IDLE = 0, 1, 2  # csrc/xdptable.h enum pn_take_mode
 # pn_stats_map indexes (bpf/patronus_xdp.c enum pn_stat)
-STATS = ("new_flows", "hits", "reclassified", "insert_failed", "evicted", "export_lost")
+STATS = ("new_flows", "hits", "reclassified", "insert_failed", "evicted", "export_lost", "unaccounted")
 FIELDS = ("src4", "dst4", "src6", "dst6")
 
 
@@ -154,8 +154,9 @@ class _Capacity:
         # rule -> policy array is a power of two so the program can mask indexes
         self.max_rules = max(max_policies or 0, export["nrules"], 64)
         self.rules = _pow2(self.max_rules)
-        self.nwords = (self.max_rules + 63) // 64
-        self.nsum = (self.nwords + 63) // 64
+        # whole summary words: the program's walk needs no bound check per word
+        self.nsum = (self.max_rules + 64 * 64 - 1) // (64 * 64)
+        self.nwords = self.nsum * 64
         self.rows = max(int(_nrows(export) * headroom), 64)
         # LPM entries per trie: both sets, both directions, one per prefix + /0
         self.lpm = max(4 * (self.max_rules + 1), 256)
@@ -215,7 +216,8 @@ class Xdp:
     close and at interpreter exit.
     """
 
-    def __init__(self, table: PolicyTable, flow_capacity: int = 1 << 20, *, max_policies: int | None = None) -> None:
+    def __init__(self, table: PolicyTable, flow_capacity: int = 1 << 20, *, max_policies: int | None = None,
+                 _bench_new_flows: bool = False) -> None:
         if not isinstance(table, PolicyTable):
             raise ConfigError("Xdp.table", table, "is not a PolicyTable")
         if isinstance(flow_capacity, bool) or not isinstance(flow_capacity, int) or not 1 <= flow_capacity <= 1 << 26:
@@ -235,10 +237,16 @@ class Xdp:
         text = (bpf_dir / "patronus_xdp.c").read_text()
         self._slots = _pow2(2 * flow_capacity, 64)
         cflags = [f"-I{csrc}", *self._cap.cflags(self._npol, self._slots)]
+        if _bench_new_flows:  # benchmarks only: every run of a frame is a new flow
+            cflags.append("-DPN_BENCH_NEW_FLOWS")
         with _captured_stderr() as log:
             try:
                 self._bpf = bcc.BPF(text=text.encode(), cflags=cflags)
                 self._fn = self._bpf.load_func(b"pn_xdp", bcc.BPF.XDP)
+                # the miss path's tail calls (bpf/patronus_xdp.c, pn_progs)
+                progs = self._bpf[b"pn_progs"]
+                for i, name in enumerate((b"pn_cls", b"pn_fin")):
+                    progs[ctypes.c_int(i)] = ctypes.c_int(self._bpf.load_func(name, bcc.BPF.XDP).fd)
                 self._floor = self._bpf.load_func(b"pn_floor", bcc.BPF.XDP)
             except Exception as e:
                 tail = "\n".join(log.read().strip().splitlines()[-15:])
@@ -603,6 +611,7 @@ class Xdp:
             "cache_hits": int(pc[:, 0].sum()) - st["new_flows"] - st["reclassified"] - st["insert_failed"],
             "cache_misses": st["new_flows"] + st["reclassified"] + st["insert_failed"],
             "insert_failed": st["insert_failed"], "evicted": st["evicted"], "export_lost": st["export_lost"],
+            "unaccounted": st["unaccounted"],
             "generation": self._generation,
         }
 
