@@ -122,11 +122,9 @@ BPF_PERCPU_ARRAY(pn_floor_map, __u64, 2);
  * slots; a flow lives in one of the PN_PROBE_BUCKETS buckets from
  * hash(key). Slot states, the compare-and-swap protocol that keeps CPUs
  * (and userspace drains) from writing one slot at once, and who adds to
- * which counter are in patronus_abi.h (PN_SLOT_*, struct pn_xslot).
+ * which counter are in patronus_abi.h (PN_SLOT_*, struct pn_xslot,
+ * struct pn_bucket).
  * PN_FSLOTS is a power of two. */
-struct pn_bucket {
-    struct pn_xslot s[PN_BUCKET_SLOTS];
-};
 #define PN_FBUCKETS (PN_FSLOTS / PN_BUCKET_SLOTS)
 BPF_F_TABLE("array", __u32, struct pn_bucket, pn_ftab_map, PN_FBUCKETS, BPF_F_MMAPABLE);
 /* Records of flows evicted to make room (the oldest of a full probe window):
@@ -260,15 +258,6 @@ static __always_inline void pn_key_words(const struct pn_parsed *p, __u64 *kw)
     kw[4] = (__u64)p->sport | (__u64)p->dport << 16 | (__u64)p->proto << 32 | (__u64)p->family << 40;
 }
 
-static __always_inline __u32 pn_hash(const __u64 *w)
-{
-    __u64 h = (w[0] * 0x9e3779b97f4a7c15ull) ^ (w[1] * 0xc2b2ae3d27d4eb4full) ^
-              (w[2] * 0x165667b19e3779f9ull) ^ (w[3] * 0xd6e8feb86659fd93ull) ^ (w[4] * 0xff51afd7ed558ccdull);
-    h ^= h >> 31;
-    h *= 0x94d049bb133111ebull;
-    return (__u32)(h >> 32);
-}
-
 static __always_inline struct pn_bucket *pn_bucket_at(__u32 h, __u32 i)
 {
     __u32 k = (h + i) & (PN_FBUCKETS - 1);
@@ -295,8 +284,24 @@ static __always_inline struct pn_xslot *pn_ft_find(const __u64 *w, __u32 h)
             if (((s[4] ^ w[4]) | (s[0] ^ w[0]) | (s[1] ^ w[1]) | (s[2] ^ w[2]) | (s[3] ^ w[3])) == 0)
                 return &b->s[j];
         }
+        if (!b->passed)  /* no flow from an earlier home lives past here */
+            return 0;
     }
     return 0;
+}
+
+/* A flow homed at bucket h now lives (+1) or no longer lives (-1) in the
+ * bucket `at` places further: count it in the buckets it passed. */
+static __always_inline void pn_passed(__u32 h, __u32 at, __s64 d)
+{
+#pragma unroll
+    for (__u32 i = 0; i < PN_PROBE_BUCKETS - 1; i++) {
+        if (i >= at)
+            break;
+        struct pn_bucket *b = pn_bucket_at(h, i);
+        if (b)
+            __sync_fetch_and_add(&b->passed, d);
+    }
 }
 
 /* Claim a slot for key `w`: the first empty one in the probe window, else
@@ -306,6 +311,7 @@ static __always_inline struct pn_xslot *pn_ft_insert(const __u64 *w, __u32 h, __
 {
     struct pn_xslot *victim = 0;
     __u64 oldest = ~0ull, vword = 0;
+    __u32 vat = 0;
 #pragma unroll
     for (__u32 i = 0; i < PN_PROBE_BUCKETS; i++) {
         struct pn_bucket *b = pn_bucket_at(h, i);
@@ -318,6 +324,7 @@ static __always_inline struct pn_xslot *pn_ft_insert(const __u64 *w, __u32 h, __
             if (st == 0) {
                 if (__sync_val_compare_and_swap(pn_state(x), 0, w[4] | PN_BUSY_BITS) == 0) {
                     *stat = PN_ST_NEW;
+                    pn_passed(h, i, 1);
                     return x;
                 }
                 continue;
@@ -326,6 +333,7 @@ static __always_inline struct pn_xslot *pn_ft_insert(const __u64 *w, __u32 h, __
                 oldest = x->f.rec.last_ns;
                 victim = x;
                 vword = st;
+                vat = i;
             }
         }
     }
@@ -347,7 +355,13 @@ static __always_inline struct pn_xslot *pn_ft_insert(const __u64 *w, __u32 h, __
     __u64 *c = pn_stats_map.lookup(&k);
     if (c)
         *c += 1;
-    /* the victim is ours now: retag it with the new key, still busy */
+    /* the victim is ours now: move its passed counts to the new key's, then
+     * retag it with the new key, still busy */
+    const __u64 *vk = (const __u64 *)victim;
+    __u64 vw[5] = {vk[0], vk[1], vk[2], vk[3], vword};
+    __u32 vh = pn_flow_hash(vw);
+    pn_passed(vh, (h + vat - vh) & (PN_FBUCKETS - 1), -1);
+    pn_passed(h, vat, 1);
     __sync_val_compare_and_swap(pn_state(victim), vword | PN_BUSY_BITS, w[4] | PN_BUSY_BITS);
     *stat = PN_ST_NEW;
     return victim;
@@ -582,7 +596,7 @@ int pn_xdp(struct xdp_md *ctx)
         p->sport = (__u16)++sc->bench_seq;
 #endif
     pn_key_words(p, sc->kw);
-    __u32 h = pn_hash(sc->kw);
+    __u32 h = pn_flow_hash(sc->kw);
     struct pn_xslot *x = pn_ft_find(sc->kw, h);
     if (!sc->cpu1)
         sc->cpu1 = bpf_get_smp_processor_id() + 1;

@@ -124,14 +124,13 @@ struct pn_policy_counter {
 
 #define PN_NO_PATH 0xffffffffu
 
-/* The XDP flow table (bpf/patronus_xdp.c) is an array of struct pn_xslot
+/* The XDP flow table (bpf/patronus_xdp.c) is an array of struct pn_bucket
  * that userspace maps and reads in place. The 64-bit word at PN_SLOT_WORD
- * (ports, proto, family, _pad of the key) is each slot's state: 0 = empty
+ * of a slot (ports, proto, family, _pad of the key) is its state: 0 = empty
  * (a live key always has a family), _pad == PN_SLOT_BUSY = being written or
  * read out by its owner (claimed with a compare-and-swap), _pad == 0 = live.
- * Slots come in buckets of PN_BUCKET_SLOTS (one map element, one lookup); a
- * flow lives in one of the PN_SLOT_PROBE slots of the PN_PROBE_BUCKETS
- * buckets from hash(key). */
+ * A flow lives in one of the PN_SLOT_PROBE slots of the PN_PROBE_BUCKETS
+ * buckets from its home bucket, pn_flow_hash(key) modulo the bucket count. */
 #define PN_SLOT_WORD 32
 #define PN_SLOT_BUSY 0xb5b5
 #define PN_BUCKET_SLOTS 4
@@ -149,5 +148,31 @@ struct pn_xslot {
     __u64 shared_packets;
     __u64 shared_bytes;
 };
+
+/* One bucket: its slots, and `passed`, the number of live flows whose home
+ * bucket is this one or an earlier one of their window but which live in a
+ * later bucket. A lookup that misses in a bucket whose `passed` is 0 stops
+ * there: a new flow usually costs one bucket, not the whole window. Whoever
+ * places a flow k buckets past its home adds 1 to those k buckets' counts
+ * (atomically, before publishing it); whoever removes it subtracts. */
+struct pn_bucket {
+    __u64 passed;
+    struct pn_xslot s[PN_BUCKET_SLOTS];
+};
+
+#ifndef PN_INLINE
+#define PN_INLINE static inline __attribute__((always_inline))
+#endif
+
+/* The flow table's hash of a key given as its five 64-bit words (struct
+ * pn_flow_key, _pad zero); the same in the program and in userspace. */
+PN_INLINE __u32 pn_flow_hash(const __u64 *w)
+{
+    __u64 h = (w[0] * 0x9e3779b97f4a7c15ull) ^ (w[1] * 0xc2b2ae3d27d4eb4full) ^
+              (w[2] * 0x165667b19e3779f9ull) ^ (w[3] * 0xd6e8feb86659fd93ull) ^ (w[4] * 0xff51afd7ed558ccdull);
+    h ^= h >> 31;
+    h *= 0x94d049bb133111ebull;
+    return (__u32)(h >> 32);
+}
 
 #endif /* PATRONUS_ABI_H */

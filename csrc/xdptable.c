@@ -19,12 +19,27 @@ static inline void export_slot(const struct pn_xslot *x, struct pn_flow *out, ui
     ((uint64_t *)out)[PN_SLOT_WORD / 8] = state;
 }
 
-size_t pn_xdp_take(struct pn_xslot *table, size_t nslots, struct pn_flow *out, size_t room, int mode,
+/* A flow with key words 0-3 of x and state word `state`, in bucket `at`,
+ * leaves: take it out of the passed counts of the buckets before it in its
+ * window (the program's pn_passed, in reverse). */
+static inline void unpass(struct pn_bucket *table, size_t nbuckets, const struct pn_xslot *x, uint64_t state,
+                          size_t at)
+{
+    const uint64_t *k = (const uint64_t *)x;
+    uint64_t w[5] = {k[0], k[1], k[2], k[3], state};
+    size_t mask = nbuckets - 1;
+    size_t home = pn_flow_hash((const __u64 *)w) & mask;
+    for (size_t b = home; b != at; b = (b + 1) & mask)
+        __atomic_fetch_sub(&table[b].passed, 1, __ATOMIC_RELAXED);
+}
+
+size_t pn_xdp_take(struct pn_bucket *table, size_t nbuckets, struct pn_flow *out, size_t room, int mode,
                    uint64_t now_ns, uint64_t idle_ns)
 {
     size_t n = 0;
-    for (size_t i = 0; i < nslots && n < room; i++) {
-        struct pn_xslot *x = &table[i];
+    for (size_t i = 0; i < nbuckets * PN_BUCKET_SLOTS && n < room; i++) {
+        size_t bi = i / PN_BUCKET_SLOTS;
+        struct pn_xslot *x = &table[bi].s[i % PN_BUCKET_SLOTS];
         uint64_t *st = state_of(x);
         uint64_t w = __atomic_load_n(st, __ATOMIC_ACQUIRE);
         if (w == 0 || (w >> 48) != 0)
@@ -43,18 +58,29 @@ size_t pn_xdp_take(struct pn_xslot *table, size_t nslots, struct pn_flow *out, s
         if (!__atomic_compare_exchange_n(st, &expect, w | BUSY, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
             continue; /* a CPU is evicting it: its record goes to the ring buffer */
         export_slot(x, &out[n++], w);
+        unpass(table, nbuckets, x, w, bi);
         __atomic_store_n(st, 0, __ATOMIC_RELEASE);
     }
     return n;
 }
 
-size_t pn_xdp_count(const struct pn_xslot *table, size_t nslots)
+size_t pn_xdp_count(const struct pn_bucket *table, size_t nbuckets)
 {
     size_t n = 0;
-    for (size_t i = 0; i < nslots; i++) {
-        uint64_t w = __atomic_load_n((const uint64_t *)((const uint8_t *)&table[i] + PN_SLOT_WORD), __ATOMIC_RELAXED);
-        n += w != 0 && (w >> 48) == 0;
-    }
+    for (size_t b = 0; b < nbuckets; b++)
+        for (size_t j = 0; j < PN_BUCKET_SLOTS; j++) {
+            uint64_t w = __atomic_load_n((const uint64_t *)((const uint8_t *)&table[b].s[j] + PN_SLOT_WORD),
+                                         __ATOMIC_RELAXED);
+            n += w != 0 && (w >> 48) == 0;
+        }
+    return n;
+}
+
+uint64_t pn_xdp_passed(const struct pn_bucket *table, size_t nbuckets)
+{
+    uint64_t n = 0;
+    for (size_t b = 0; b < nbuckets; b++)
+        n += __atomic_load_n(&table[b].passed, __ATOMIC_RELAXED);
     return n;
 }
 

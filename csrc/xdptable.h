@@ -17,14 +17,18 @@ enum pn_take_mode {
     PN_TAKE_IDLE = 2,        /* copy and remove flows with last_ns + idle_ns <= now_ns */
 };
 
-/* Copy live slots of table[0:nslots] into out (room for `room` flows) as
+/* Copy live slots of table[0:nbuckets] into out (room for `room` flows) as
  * plain flow records (shared counts added in), in slot order; returns how
  * many were copied. Stops early when out is full. */
-size_t pn_xdp_take(struct pn_xslot *table, size_t nslots, struct pn_flow *out, size_t room, int mode,
+size_t pn_xdp_take(struct pn_bucket *table, size_t nbuckets, struct pn_flow *out, size_t room, int mode,
                    uint64_t now_ns, uint64_t idle_ns);
 
 /* Live slots (not empty, not busy). */
-size_t pn_xdp_count(const struct pn_xslot *table, size_t nslots);
+size_t pn_xdp_count(const struct pn_bucket *table, size_t nbuckets);
+
+/* Sum of the buckets' passed counts (a consistency check: it equals the
+ * sum, over live flows, of how many buckets past home each one lives). */
+uint64_t pn_xdp_passed(const struct pn_bucket *table, size_t nbuckets);
 
 /* Slots copied out by the program (evicted, taken while busy) as plain flow
  * records: shared counts added in, the busy mark and the creator cleared. */

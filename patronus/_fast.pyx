@@ -198,28 +198,36 @@ cdef int list_frames(list frames, Py_ssize_t start, Py_ssize_t m, const uint8_t 
 cdef extern from "xdptable.h":
     struct pn_xslot:
         pass
-    size_t pn_xdp_take(pn_xslot *table, size_t nslots, pn_flow *out, size_t room, int mode,
+    struct pn_bucket:
+        pass
+    size_t pn_xdp_take(pn_bucket *table, size_t nbuckets, pn_flow *out, size_t room, int mode,
                        uint64_t now_ns, uint64_t idle_ns) nogil
-    size_t pn_xdp_count(const pn_xslot *table, size_t nslots) nogil
+    size_t pn_xdp_count(const pn_bucket *table, size_t nbuckets) nogil
+    uint64_t pn_xdp_passed(const pn_bucket *table, size_t nbuckets) nogil
     size_t pn_xdp_fold(const pn_xslot *slots, size_t n, pn_flow *out) nogil
 
 
 def xdp_take(uint8_t[::1] table not None, uint8_t[::1] out not None, int mode, uint64_t now_ns=0,
              uint64_t idle_ns=0):
     """Copy (mode 0) or take (1 all, 2 idle) live flows of the mapped XDP
-    flow table (pn_xslot) into out (bytes of pn_flow records); returns the count."""
+    flow table (pn_bucket) into out (bytes of pn_flow records); returns the count."""
     cdef size_t n
-    if table.shape[0] % sizeof(pn_xslot) or out.shape[0] % sizeof(pn_flow):
-        raise ValueError("buffers must hold whole slots and flow records")
+    if table.shape[0] % sizeof(pn_bucket) or out.shape[0] % sizeof(pn_flow):
+        raise ValueError("buffers must hold whole buckets and flow records")
     with nogil:
-        n = pn_xdp_take(<pn_xslot *>&table[0], table.shape[0] // sizeof(pn_xslot), <pn_flow *>&out[0],
+        n = pn_xdp_take(<pn_bucket *>&table[0], table.shape[0] // sizeof(pn_bucket), <pn_flow *>&out[0],
                         out.shape[0] // sizeof(pn_flow), mode, now_ns, idle_ns)
     return n
 
 
 def xdp_count(uint8_t[::1] table not None):
     """Live flows in the mapped XDP flow table."""
-    return pn_xdp_count(<const pn_xslot *>&table[0], table.shape[0] // sizeof(pn_xslot))
+    return pn_xdp_count(<const pn_bucket *>&table[0], table.shape[0] // sizeof(pn_bucket))
+
+
+def xdp_passed(uint8_t[::1] table not None):
+    """Sum of the buckets' passed counts in the mapped XDP flow table."""
+    return pn_xdp_passed(<const pn_bucket *>&table[0], table.shape[0] // sizeof(pn_bucket))
 
 
 def xdp_fold(const uint8_t[::1] slots not None, uint8_t[::1] out not None):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["FLOW_DTYPE", "XSLOT_DTYPE", "RULE_DTYPE", "POLICY_COUNTER_DTYPE", "MALFORMED_REASONS", "NO_PATH"]
+__all__ = ["FLOW_DTYPE", "XSLOT_DTYPE", "BUCKET_DTYPE", "RULE_DTYPE", "POLICY_COUNTER_DTYPE", "MALFORMED_REASONS", "NO_PATH"]
 
 # enum pn_reason, index 1.. (0 is PN_OK, not a counter)
 MALFORMED_REASONS: tuple[str, ...] = (
@@ -29,6 +29,8 @@ FLOW_DTYPE = np.dtype([
 # struct pn_xslot: one slot of the XDP flow table (a flow plus the counts
 # of CPUs other than its creator); readers fold it into FLOW_DTYPE
 XSLOT_DTYPE = np.dtype([("f", FLOW_DTYPE), ("shared_packets", "<u8"), ("shared_bytes", "<u8")], align=True)
+# struct pn_bucket: the XDP flow table's unit (a count, then 4 slots)
+BUCKET_DTYPE = np.dtype([("passed", "<u8"), ("s", XSLOT_DTYPE, (4,))], align=True)
 
 RULE_DTYPE = np.dtype([
     ("src", "u1", (16,)), ("dst", "u1", (16,)),

@@ -257,7 +257,7 @@ class Xdp:
             "pn_pol_map", "pn_pcount_map", "pn_malformed_map", "pn_stats_map", "pn_ftab_map",
             "pn_tx_map")}
         # the flow table, mapped: flows() and drain() scan it in place
-        size = self._slots * abi.XSLOT_DTYPE.itemsize
+        size = self._slots // abi.BUCKET_DTYPE["s"].shape[0] * abi.BUCKET_DTYPE.itemsize
         self._mm = mmap.mmap(self._fd("pn_ftab_map"), (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE,
                              mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self._table_mem = np.frombuffer(self._mm, dtype=np.uint8, count=size)
