@@ -206,10 +206,11 @@ class Xdp:
     """Classification and flow accounting in an XDP program.
 
     ``flow_capacity`` sizes the flow table: twice as many slots, rounded up
-    to a power of two (88 bytes each: 1,048,576 flows take 176 MiB). A flow
-    lives in one of 32 slots from its hash; when all 32 are taken the one
-    idle longest is evicted, counted and exported by ``drain()`` (at the
-    full nominal capacity, about 1 flow in 100,000); ``max_policies``
+    to a power of two, in buckets of four (106 bytes a slot: 1,048,576 flows
+    take 212 MiB). A flow lives in one of 32 slots from its hash; when all
+    32 are taken the one idle longest is evicted, counted and exported by
+    ``drain()`` (at the full nominal capacity, about 1 flow in 100,000);
+    ``max_policies``
     leaves room for bigger tables than ``table`` in later ``set_table``
     calls (the program's sizes are fixed when it is compiled). Use as a
     context manager, or call ``close()``: attached interfaces are detached on
