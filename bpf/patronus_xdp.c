@@ -9,7 +9,8 @@
  *   PN_NSUM, PN_NWORDS  summary words and bitmap words per row; a row is
  *                       PN_NSUM + PN_NWORDS u64 (PN_NWORDS * 64 >= rules)
  *   PN_ROWS             rows per table set, all fields together
- *   PN_LPM              prefix entries per LPM trie
+ *   PN_LPM              prefix entries per LPM trie (IPv6)
+ *   PN_V4CHUNKS         IPv4 stride chunks per table set
  *   PN_RULES            rule slots (a power of two)
  *   PN_NPOL             policies + 1 (slot 0 counts the default, -1)
  *   PN_FSLOTS           flow table slots (a power of two)
@@ -31,17 +32,22 @@ struct pn_row {
     __u64 w[PN_STRIDE];
 };
 
-/* Prefix fields are looked up in LPM tries: the rules matching an address
- * are the wildcard rules plus those whose prefix contains it, and that set
- * is fixed by the longest such prefix. So every distinct prefix maps to the
- * row of "inside this prefix and no longer one" (plus a /0 entry for "inside
- * none"). `tag` = set * 2 + (0 src, 1 dst) leads the key, so both sets and
- * both directions share one trie per family; prefixlen counts its 8 bits. */
-struct pn_lpm4 {
-    __u32 prefixlen;
-    __u8 tag;
-    __u8 addr[4];
-    __u8 _pad[3];
+/* Prefix fields: the rules matching an address are the wildcard rules plus
+ * those whose prefix contains it, and that set is fixed by the longest such
+ * prefix. So every distinct prefix maps to the row of "inside this prefix
+ * and no longer one" (plus a /0 entry for "inside none").
+ *
+ * IPv4: a 16-8-8 multibit table, three array reads at most and no loop.
+ * pn_v4l1_map[(set * 2 + dir) * 65536 + (addr >> 16)] is a row, or
+ * PN_V4_CHUNK | c: then chunk c of the set (pn_v4chunk_map[set *
+ * PN_V4CHUNKS + c]) holds the entry for the next 8 bits, again a row or a
+ * chunk for the last 8. patronus/dataplane/xdp.py (v4_strides) builds it.
+ *
+ * IPv6: an LPM trie; `tag` = set * 2 + (0 src, 1 dst) leads the key, so
+ * both sets and both directions share one trie; prefixlen counts its 8 bits. */
+#define PN_V4_CHUNK 0x80000000u
+struct pn_v4chunk {
+    __u32 e[256];
 };
 
 struct pn_lpm6 {
@@ -77,8 +83,11 @@ struct pn_cfg {
 
 /* key: 0. The one word userspace flips to swap tables. */
 BPF_ARRAY(pn_cfg_map, struct pn_cfg, 1);
-/* key: (tag, prefix) -> row, see struct pn_lpm4 */
-BPF_LPM_TRIE(pn_lpm4_map, struct pn_lpm4, __u32, PN_LPM);
+/* key: (set * 2 + dir) * 65536 + top 16 address bits -> row or chunk */
+BPF_ARRAY(pn_v4l1_map, __u32, 4 * 65536);
+/* key: set * PN_V4CHUNKS + chunk */
+BPF_ARRAY(pn_v4chunk_map, struct pn_v4chunk, 2 * PN_V4CHUNKS);
+/* key: (tag, prefix) -> row, see struct pn_lpm6 */
 BPF_LPM_TRIE(pn_lpm6_map, struct pn_lpm6, __u32, PN_LPM);
 /* key: set */
 BPF_ARRAY(pn_lut_map, struct pn_lut, 2);
@@ -139,7 +148,6 @@ struct pn_scratch {
         struct pn_flow_key key;
         __u64 kw[5];          /* the key as words: hashing and compares */
     };
-    struct pn_lpm4 k4;
     struct pn_lpm6 k6;
     __u32 cpu1;               /* this CPU's number + 1, 0 until first asked */
     __u32 bench_seq;          /* PN_BENCH_NEW_FLOWS builds: source port of the next run */
@@ -184,22 +192,42 @@ static __always_inline __u32 pn_ctz64(__u64 x)
     return (__u32)((v * 0x0101010101010101ull) >> 56);
 }
 
-/* Row of the longest prefix holding the address (tag selects set and direction). */
+/* One step down the IPv4 stride table: entry `e` of the level above is a
+ * row (returned as is) or a chunk, whose entry `i` is returned. */
+static __always_inline int pn_v4step(__u32 set, __u32 *e, __u32 i)
+{
+    if (!(*e & PN_V4_CHUNK))
+        return 0;
+    __u32 c = *e & ~PN_V4_CHUNK;
+    __u32 k = set * PN_V4CHUNKS + (c < PN_V4CHUNKS ? c : 0);
+    struct pn_v4chunk *ch = pn_v4chunk_map.lookup(&k);
+    if (!ch)
+        return -1;
+    *e = ch->e[i & 255];
+    return 0;
+}
+
+/* Row of the longest prefix holding the address (tag = set * 2 + direction). */
 static __always_inline int pn_lpm(struct pn_scratch *sc, const struct pn_parsed *p, __u32 tag, __u32 *row)
 {
     const __u8 *a = (tag & 1) ? p->dst : p->src;
     __u32 *r;
     if (p->family == PN_FAMILY_V4) {
-        sc->k4.prefixlen = 8 + 32;
-        sc->k4.tag = tag;
-        __builtin_memcpy(sc->k4.addr, a, 4);
-        r = pn_lpm4_map.lookup(&sc->k4);
-    } else {
-        sc->k6.prefixlen = 8 + 128;
-        sc->k6.tag = tag;
-        __builtin_memcpy(sc->k6.addr, a, 16);
-        r = pn_lpm6_map.lookup(&sc->k6);
+        __u32 addr = __builtin_bswap32(*(const __u32 *)a);
+        __u32 k = tag * 65536 + (addr >> 16);
+        r = pn_v4l1_map.lookup(&k);
+        if (!r)
+            return -1;
+        __u32 e = *r;
+        if (pn_v4step(tag >> 1, &e, addr >> 8) || pn_v4step(tag >> 1, &e, addr))
+            return -1;
+        *row = e;
+        return 0;
     }
+    sc->k6.prefixlen = 8 + 128;
+    sc->k6.tag = tag;
+    __builtin_memcpy(sc->k6.addr, a, 16);
+    r = pn_lpm6_map.lookup(&sc->k6);
     if (!r)
         return -1;
     *row = *r;

@@ -142,6 +142,25 @@ def test_rules_past_the_first_tail_call_classify_like_userspace():
         assert c["unaccounted"] == 0 and c["new_flows"] == 4 and c["policies"]["deep_udp"]["packets"] == 2
 
 
+def test_ipv4_prefixes_at_every_stride_boundary(xdp_pool):
+    """Nested prefixes around the 16-8-8 strides (/8 /15 /16 /17 /23 /24 /25
+    /31 /32) and addresses just inside and outside each: the stride table
+    picks the longest prefix exactly as the userspace classifier does."""
+    nets = ["10.0.0.0/8", "10.2.0.0/15", "10.3.0.0/16", "10.3.128.0/17", "10.3.130.0/23", "10.3.131.0/24",
+            "10.3.131.128/25", "10.3.131.200/31", "10.3.131.201/32"]
+    pols = [Policy(f"d{i}", Match(dst=n), priority=100 - i) for i, n in enumerate(nets)]
+    pols.append(Policy("s", Match(src="10.3.131.201/32"), priority=200))
+    table = PolicyTable(pols)
+    addrs = ["9.255.255.255", "10.0.0.0", "10.1.255.255", "10.2.0.0", "10.3.0.0", "10.3.127.255", "10.3.128.0",
+             "10.3.129.255", "10.3.130.0", "10.3.131.0", "10.3.131.127", "10.3.131.128", "10.3.131.199",
+             "10.3.131.200", "10.3.131.201", "10.3.131.202", "10.3.132.0", "10.4.0.0", "11.0.0.0"]
+    frames = [packets.udp(a, b, 1, 2) for a in ("10.3.131.201", "192.0.2.1") for b in addrs]
+    x = xdp_pool(table)
+    got = x.test_run(frames).tolist()
+    assert got == Userspace(table, 4096).process(frames).tolist()
+    assert len(set(got)) == len(pols) + 1  # every policy and the default were hit
+
+
 def test_swap_keeps_flow_counters_and_reclassifies(xdp_pool):
     a = PolicyTable([Policy("p", Match(proto="tcp"), priority=1)])
     b = PolicyTable([Policy("p", Match(proto="udp"), priority=1)])
@@ -244,11 +263,20 @@ def test_bigger_table_than_compiled_in(xdp_pool):
     x = xdp_pool(PolicyTable([Policy("a", Match(), priority=1)]))
     big = PolicyTable([Policy("a", Match(dst=f"10.{i // 256}.{i % 256}.0/24"), priority=i) for i in range(1)])
     x.set_table(big)  # same size: fine
-    from patronus.dataplane.xdp import _Capacity
+    from patronus.dataplane.xdp import _Capacity, lpm_entries, v4_strides
 
-    cap = _Capacity(big._cls.export(), 64)
+    def chunks(t):
+        ex = t._cls.export()
+        return ex, len(v4_strides(lpm_entries(t.rules, ex, 0), lpm_entries(t.rules, ex, 1))[1])
+
+    cap = _Capacity(big._cls.export(), 64, 1)
     huge = PolicyTable([Policy(f"p{i}", Match(dst=f"10.{i // 256}.{i % 256}.0/24"), priority=i) for i in range(200)])
-    assert "rules" in cap.fits(huge._cls.export())
+    assert "rules" in cap.fits(*chunks(huge))
+    # as many rules, but /32s in 60 distinct /16s: two stride chunks each
+    deep = PolicyTable([Policy(f"p{i}", Match(dst=f"10.{i}.0.1/32"), priority=i) for i in range(60)])
+    ex, need = chunks(deep)
+    roomy = _Capacity(huge._cls.export(), 256, 1)  # room for the rules and rows, 64 chunks
+    assert need == 120 and "IPv4 stride chunks" in roomy.fits(ex, need)
 
 
 def test_missing_interface_is_named(xdp_pool):

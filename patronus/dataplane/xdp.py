@@ -149,7 +149,8 @@ def _nrows(export: dict[str, Any]) -> int:
 class _Capacity:
     """Compile-time sizes of one program. A table that outgrows them needs a new Xdp."""
 
-    def __init__(self, export: dict[str, Any], max_policies: int | None, headroom: float = 1.25) -> None:
+    def __init__(self, export: dict[str, Any], max_policies: int | None, v4_chunks: int,
+                 headroom: float = 1.25) -> None:
         # bitmap width follows the policy count (rows cost nrows x width); the
         # rule -> policy array is a power of two so the program can mask indexes
         self.max_rules = max(max_policies or 0, export["nrules"], 64)
@@ -158,20 +159,25 @@ class _Capacity:
         self.nsum = (self.max_rules + 64 * 64 - 1) // (64 * 64)
         self.nwords = self.nsum * 64
         self.rows = max(int(_nrows(export) * headroom), 64)
-        # LPM entries per trie: both sets, both directions, one per prefix + /0
+        # LPM entries per trie (IPv6): both sets, both directions, one per prefix + /0
         self.lpm = max(4 * (self.max_rules + 1), 256)
+        # IPv4 stride chunks per set, grown with the room left for more rules
+        grow = self.max_rules / max(export["nrules"], 1)
+        self.v4_chunks = max(int(v4_chunks * headroom * grow) + 16, 64)
 
-    def fits(self, export: dict[str, Any]) -> str | None:
+    def fits(self, export: dict[str, Any], v4_chunks: int) -> str | None:
         nrows = _nrows(export)
         if export["nrules"] > self.max_rules:
             return f"{export['nrules']} rules > {self.max_rules} compiled in"
         if nrows > self.rows:
             return f"{nrows} bitmap rows > {self.rows} compiled in"
+        if v4_chunks > self.v4_chunks:
+            return f"{v4_chunks} IPv4 stride chunks > {self.v4_chunks} compiled in"
         return None
 
     def cflags(self, npol: int, slots: int) -> list[str]:
         return [f"-DPN_NSUM={self.nsum}", f"-DPN_NWORDS={self.nwords}", f"-DPN_ROWS={self.rows}",
-                f"-DPN_LPM={self.lpm}", f"-DPN_RULES={self.rules}", f"-DPN_NPOL={npol}", f"-DPN_FSLOTS={slots}",
+                f"-DPN_LPM={self.lpm}", f"-DPN_V4CHUNKS={self.v4_chunks}", f"-DPN_RULES={self.rules}", f"-DPN_NPOL={npol}", f"-DPN_FSLOTS={slots}",
                 f"-DPN_EVICT_PAGES={EVICT_PAGES}"]
 
 
@@ -202,6 +208,44 @@ def lpm_entries(rules: np.ndarray, export: dict[str, Any], k: int) -> dict[tuple
     return out
 
 
+V4_CHUNK = 0x80000000  # a stride entry that names a chunk of 256 entries, not a row
+
+
+def v4_strides(src: dict[tuple[int, int], int], dst: dict[tuple[int, int], int],
+               base: tuple[int, int] = (0, 0)) -> tuple[np.ndarray, np.ndarray]:
+    """The IPv4 prefix fields as a 16-8-8 multibit table: ``l1[dir][a >> 16]``
+    is a row, or ``V4_CHUNK | c`` for chunk c, whose entry for the next 8
+    bits is again a row or a chunk (of the last 8 bits). Built from
+    :func:`lpm_entries` by painting prefixes shortest first, each new chunk
+    seeded with the row of the entry it replaces. ``base`` is added to the
+    rows of each direction. Returns l1 (2 x 65536) and chunks (n x 256)."""
+    l1 = np.zeros((2, 65536), dtype=np.uint32)
+    chunks: list[np.ndarray] = []
+
+    def chunk_of(table: np.ndarray, i: int) -> np.ndarray:
+        e = int(table[i])
+        if e & V4_CHUNK:
+            return chunks[e & ~V4_CHUNK]
+        chunks.append(np.full(256, e, dtype=np.uint32))
+        table[i] = V4_CHUNK | (len(chunks) - 1)
+        return chunks[-1]
+
+    for d, entries in enumerate((src, dst)):
+        top = l1[d]
+        for (plen, value), row in sorted(entries.items()):
+            row += base[d]
+            if plen <= 16:
+                top[value << (16 - plen) : (value + 1) << (16 - plen)] = row
+            elif plen <= 24:
+                sub = value & ((1 << (plen - 16)) - 1)
+                chunk_of(top, value >> (plen - 16))[sub << (24 - plen) : (sub + 1) << (24 - plen)] = row
+            else:
+                mid = chunk_of(top, value >> (plen - 16))
+                sub = value & ((1 << (plen - 24)) - 1)
+                chunk_of(mid, (value >> (plen - 24)) & 255)[sub << (32 - plen) : (sub + 1) << (32 - plen)] = row
+    return l1, (np.stack(chunks) if chunks else np.zeros((0, 256), dtype=np.uint32))
+
+
 class Xdp:
     """Classification and flow accounting in an XDP program.
 
@@ -230,7 +274,8 @@ class Xdp:
         self.flow_capacity = flow_capacity
         self._npol = len(table.policies) + 1
         export = table._cls.export()
-        self._cap = _Capacity(export, max_policies)
+        need = len(v4_strides(lpm_entries(table.rules, export, 0), lpm_entries(table.rules, export, 1))[1])
+        self._cap = _Capacity(export, max_policies, need)
         self._attached: dict[str, int] = {}
         self._steering: dict[str, tuple[Any, Path]] = {}
         self._bpf = None
@@ -254,7 +299,7 @@ class Xdp:
                 raise DataplaneUnavailable(f"the XDP program did not load: {e}\n{tail}",
                                            "see the verifier log above; smaller max_policies may help") from None
         self._maps = {name: self._bpf[name.encode()] for name in (
-            "pn_cfg_map", "pn_lpm4_map", "pn_lpm6_map", "pn_lut_map", "pn_port_map", "pn_rpol_map", "pn_rows_map",
+            "pn_cfg_map", "pn_v4l1_map", "pn_v4chunk_map", "pn_lpm6_map", "pn_lut_map", "pn_port_map", "pn_rpol_map", "pn_rows_map",
             "pn_pol_map", "pn_pcount_map", "pn_malformed_map", "pn_stats_map", "pn_ftab_map",
             "pn_tx_map")}
         # the flow table, mapped: flows() and drain() scan it in place
@@ -270,7 +315,7 @@ class Xdp:
         self._clock = 0
         self._replayed = False  # flows stamped by test_run's ts_ns, not the kernel clock
         self._meta = False  # write pn_meta (path, policy) before each frame: steering and test runs
-        self._lpm_keys: list[list[tuple[str, bytes]]] = [[], []]
+        self._lpm_keys: list[list[bytes]] = [[], []]
         self._load_table(export, 0, table.rules)
         self._write_cfg()
         self._init_paths(table)
@@ -391,7 +436,9 @@ class Xdp:
 
     def _load_table(self, export: dict[str, Any], s: int, rules: np.ndarray) -> None:
         cap = self._cap
-        why = cap.fits(export)
+        v4 = [lpm_entries(rules, export, k) for k in (0, 1)]
+        l1, chunks = v4_strides(v4[0], v4[1])  # rows relative to each field, for now
+        why = cap.fits(export, len(chunks))
         if why:
             raise ConfigError("Xdp.set_table", why, "create a new Xdp with a larger max_policies")
         base, row_base = 0, {}
@@ -405,25 +452,26 @@ class Xdp:
             base += r.shape[0]
         keys = np.arange(s * cap.rows, s * cap.rows + base, dtype=np.uint32)
         self._update_batch("pn_rows_map", keys, rows[:base])
-        for name in ("pn_lpm4_map", "pn_lpm6_map"):
-            for key in self._lpm_keys[s]:
-                if key[0] == name:
-                    m = self._maps[name]
-                    try:
-                        del m[m.Key.from_buffer_copy(key[1])]
-                    except KeyError:
-                        pass
+        # IPv4 prefixes: the 16-8-8 stride table of this set
+        l1, chunks = v4_strides(v4[0], v4[1], (row_base["src4"], row_base["dst4"]))
+        self._update_batch("pn_v4l1_map", np.arange(s * 2 * 65536, (s + 1) * 2 * 65536, dtype=np.uint32), l1.ravel())
+        self._update_batch("pn_v4chunk_map", np.arange(s * cap.v4_chunks, s * cap.v4_chunks + len(chunks),
+                                                       dtype=np.uint32), chunks)
+        # IPv6 prefixes: an LPM trie shared by both sets (the tag tells them apart)
+        m = self._maps["pn_lpm6_map"]
+        for key in self._lpm_keys[s]:
+            try:
+                del m[m.Key.from_buffer_copy(key)]
+            except KeyError:
+                pass
         self._lpm_keys[s] = []
-        for k in range(4):
-            name = "pn_lpm4_map" if k < 2 else "pn_lpm6_map"
-            m = self._maps[name]
-            nbytes = 4 if k < 2 else 16
+        for k in (2, 3):
             tag = s * 2 + (k % 2)
             for (plen, value), row in lpm_entries(rules, export, k).items():
-                addr = (value << (nbytes * 8 - plen)).to_bytes(nbytes, "big") if plen else bytes(nbytes)
+                addr = (value << (128 - plen)).to_bytes(16, "big") if plen else bytes(16)
                 raw = (8 + plen).to_bytes(4, sys.byteorder) + bytes([tag]) + addr + bytes(3)
                 m[m.Key.from_buffer_copy(raw)] = m.Leaf(int(row) + row_base[FIELDS[k]])
-                self._lpm_keys[s].append((name, raw))
+                self._lpm_keys[s].append(raw)
         ports = np.concatenate([export["sport"]["row_of"] + row_base["sport"],
                                 export["dport"]["row_of"] + row_base["dport"]]).astype(np.uint32)
         self._update_batch("pn_port_map", np.arange(s * 2 * 65536, (s + 1) * 2 * 65536, dtype=np.uint32), ports)
