@@ -471,6 +471,10 @@ static __always_inline int pn_finish_miss(struct xdp_md *ctx, struct pn_scratch 
             pn_count(sc, x, now);
         }
     } else {
+        /* this CPU's number, for the flows it creates (until then no flow
+         * names it, and pn_count takes the shared counters) */
+        if (!sc->cpu1)
+            sc->cpu1 = bpf_get_smp_processor_id() + 1;
         x = pn_ft_insert(sc->kw, sc->h, &sk);
         if (x) {
             r = &x->f.rec;
@@ -626,8 +630,6 @@ int pn_xdp(struct xdp_md *ctx)
     pn_key_words(p, sc->kw);
     __u32 h = pn_flow_hash(sc->kw);
     struct pn_xslot *x = pn_ft_find(sc->kw, h);
-    if (!sc->cpu1)
-        sc->cpu1 = bpf_get_smp_processor_id() + 1;
     if (x && x->f.rec.generation == gen) {  /* the hit path */
         pn_count(sc, x, now);
         return pn_out(ctx, cfg, sc, x->f.rec.policy, &x->f.rec);
@@ -640,8 +642,9 @@ int pn_xdp(struct xdp_md *ctx)
     sc->chunk = 0;
     if (pn_field_rows(sc, p, set) == 0)
         pn_progs.call(ctx, PN_PROG_CLS);
-    /* a map read failed or the tail call did: the default policy */
-    return pn_finish_miss(ctx, sc, -1);
+    /* a map read or the tail call failed: pass, counted as unaccounted
+     * rather than given the default policy */
+    return pn_unaccounted();
 }
 
 /* The floor for benchmarks: parse Ethernet/IP (the same parser), bump one

@@ -161,6 +161,20 @@ def test_ipv4_prefixes_at_every_stride_boundary(xdp_pool):
     assert len(set(got)) == len(pols) + 1  # every policy and the default were hit
 
 
+def test_a_failed_tail_call_passes_the_packet_and_counts_it():
+    """A miss leaves pn_xdp by a tail call; were that program missing, the
+    packet still passes and is counted as unaccounted, never silently."""
+    Xdp = _xdp_or_skip()
+    import ctypes
+
+    f = packets.udp("10.0.0.1", "10.0.0.2", 1, 2)
+    with Xdp(PolicyTable([Policy("u", Match(proto="udp"), priority=1)]), flow_capacity=16) as x:
+        del x._bpf[b"pn_progs"][ctypes.c_int(0)]  # pn_cls gone
+        x.steering = False
+        assert x.bench(f, 1) >= 0 and x.counters()["unaccounted"] == 1
+        assert x.counters()["policies"]["u"]["packets"] == 0 and x.counters()["new_flows"] == 0
+
+
 def test_swap_keeps_flow_counters_and_reclassifies(xdp_pool):
     a = PolicyTable([Policy("p", Match(proto="tcp"), priority=1)])
     b = PolicyTable([Policy("p", Match(proto="udp"), priority=1)])
