@@ -462,15 +462,13 @@ static __always_inline int pn_finish_miss(struct xdp_md *ctx, struct pn_scratch 
     struct pn_xslot *x;
     __u32 sk = PN_ST_RECLASS;
     __u64 now = sc->now;
-    if (sc->reclass) {
-        x = pn_ft_find(sc->kw, sc->h);
-        if (x) {
-            r = &x->f.rec;
-            r->policy = policy;
-            r->generation = sc->gen;
-            pn_count(sc, x, now);
-        }
-    } else {
+    x = sc->reclass ? pn_ft_find(sc->kw, sc->h) : 0;
+    if (x) {
+        r = &x->f.rec;
+        r->policy = policy;
+        r->generation = sc->gen;
+        pn_count(sc, x, now);
+    } else {  /* a new flow, or one drained since pn_xdp saw it */
         /* this CPU's number, for the flows it creates (until then no flow
          * names it, and pn_count takes the shared counters) */
         if (!sc->cpu1)
@@ -483,8 +481,13 @@ static __always_inline int pn_finish_miss(struct xdp_md *ctx, struct pn_scratch 
             fw[1] = sc->kw[1];
             fw[2] = sc->kw[2];
             fw[3] = sc->kw[3];
-            r->packets = 1;
-            r->bytes = p->l3_len;
+            /* The slot's last creator CPU may still be adding to
+             * rec.packets/bytes with a plain add it began before the slot
+             * changed hands; a store of ours could be overwritten by it
+             * with the old flow's total. So leave them and make the sums
+             * start at this packet: exports add shared_* in (wrapping). */
+            x->shared_packets = 1 - r->packets;
+            x->shared_bytes = (__u64)p->l3_len - r->bytes;
             r->first_ns = now;
             r->last_ns = now;
             r->policy = policy;
@@ -493,8 +496,6 @@ static __always_inline int pn_finish_miss(struct xdp_md *ctx, struct pn_scratch 
             r->dscp = p->dscp;
             r->_pad = sc->cpu1;
             r->generation = sc->gen;
-            x->shared_packets = 0;
-            x->shared_bytes = 0;
             /* publish: the slot matches lookups from here on */
             __sync_val_compare_and_swap(pn_state(x), sc->kw[4] | PN_BUSY_BITS, sc->kw[4]);
         }
@@ -507,11 +508,12 @@ static __always_inline int pn_finish_miss(struct xdp_md *ctx, struct pn_scratch 
 
 /* key: PN_PROG_CLS -> pn_cls, PN_PROG_FIN -> pn_fin. A miss leaves pn_xdp
  * by tail calls: the classifier walk runs in its own program, which the
- * verifier checks once, alone, instead of once per path into it; each run
- * walks a bounded stretch of the bitmaps and tail-calls itself for the
- * next, so the rule count is limited by the tail call limit (33 calls of 8
- * summary words, 4,096 rules each), not by the verifier's budget; pn_fin
- * inserts the flow and finishes the packet. */
+ * verifier checks once, alone, instead of once per path into it. A run
+ * skips up to 8 summary words without candidates, walks the candidates of
+ * one summary word (4,096 rules) and tail-calls itself for the rest, so a
+ * packet takes at most PN_NSUM + 1 tail calls: the kernel's limit of 33
+ * caps tables at 32 summary words (131,072 rules, checked by the loader),
+ * not the verifier's budget. pn_fin inserts the flow and finishes. */
 #define PN_PROG_CLS 0
 #define PN_PROG_FIN 1
 BPF_PROG_ARRAY(pn_progs, 2);
@@ -558,26 +560,34 @@ int pn_cls(struct xdp_md *ctx)
             break;
         c++;
     }
+    /* m != 0: summary word c has candidates, walk them, the next run starts
+     * after it; m == 0: c is the first word not looked at (PN_NSUM: none) */
     int found = 0;
-    if (c >= PN_NSUM)  /* every summary word seen: m is 0 */
-        c = 0;
-    for (__u32 i = 0; i < 64; i++) {
-        if (!m)
-            break;
-        __u64 w = c * 64 + (pn_ctz64(m) & 63);
-        m &= m - 1;
-        if (w >= PN_NWORDS)  /* cannot happen (c < PN_NSUM); the verifier needs it */
-            break;
-        __u64 x = r0->w[PN_NSUM + w] & r1->w[PN_NSUM + w] & r2->w[PN_NSUM + w] & r3->w[PN_NSUM + w] &
-                  r4->w[PN_NSUM + w] & r5->w[PN_NSUM + w];
-        if (x) {
-            policy = rp->policy[(w * 64 + pn_ctz64(x)) & (PN_RULES - 1)];
-            found = 1;
-            break;
+    __u64 next = c;
+    if (m && c < PN_NSUM) {
+        next = c + 1;
+        for (__u32 i = 0; i < 64; i++) {
+            if (!m)
+                break;
+            __u64 w = c * 64 + (pn_ctz64(m) & 63);
+            m &= m - 1;
+            /* w < PN_NWORDS holds (c < PN_NSUM), but the verifier's bit
+             * tracking of c * 64 | bit loses the bound: check it, behind a
+             * barrier so that clang cannot prove the check away */
+            asm volatile("" : "+r"(w));
+            if (w >= PN_NWORDS)
+                break;
+            __u64 x = r0->w[PN_NSUM + w] & r1->w[PN_NSUM + w] & r2->w[PN_NSUM + w] & r3->w[PN_NSUM + w] &
+                      r4->w[PN_NSUM + w] & r5->w[PN_NSUM + w];
+            if (x) {
+                policy = rp->policy[(w * 64 + pn_ctz64(x)) & (PN_RULES - 1)];
+                found = 1;
+                break;
+            }
         }
     }
-    if (!found && c + 1 < PN_NSUM) {
-        sc->chunk = c + 1;
+    if (!found && next < PN_NSUM) {
+        sc->chunk = next;
         pn_progs.call(ctx, PN_PROG_CLS);
     } else {
         sc->policy = policy;
@@ -626,6 +636,8 @@ int pn_xdp(struct xdp_md *ctx)
      * caches as warm as traffic of many flows between few hosts has them */
     if (p->has_ports)
         p->sport = (__u16)++sc->bench_seq;
+    else  /* no ports: the low half of the source address instead */
+        *(__u16 *)(p->src + 2) ^= (__u16)++sc->bench_seq;
 #endif
     pn_key_words(p, sc->kw);
     __u32 h = pn_flow_hash(sc->kw);

@@ -139,10 +139,13 @@ struct pn_policy_counter {
 
 /* One slot: a flow, plus what CPUs other than its creator counted. The CPU
  * that created the flow (rec._pad = its number + 1) adds to rec.packets and
- * rec.bytes with plain adds: XDP never runs twice at once on one CPU, so no
- * other writer touches them, and a hit needs no locked instruction. Any
- * other CPU adds to shared_* with atomics. Readers report the sums (and
- * rec._pad as 0), so the exported record is a plain struct pn_flow. */
+ * rec.bytes with plain adds: XDP never runs twice at once on one CPU, so a
+ * hit needs no locked instruction. Any other CPU adds to shared_* with
+ * atomics. Readers report the sums (and rec._pad as 0), so the exported
+ * record is a plain struct pn_flow. The counts are only meaningful summed:
+ * a new flow leaves rec.packets/bytes as the slot's last flow left them
+ * (its creator may still be finishing a plain add) and sets shared_* to
+ * its first packet minus them, wrapping. */
 struct pn_xslot {
     struct pn_flow f;
     __u64 shared_packets;

@@ -154,6 +154,10 @@ class _Capacity:
         # bitmap width follows the policy count (rows cost nrows x width); the
         # rule -> policy array is a power of two so the program can mask indexes
         self.max_rules = max(max_policies or 0, export["nrules"], 64)
+        if self.max_rules > MAX_RULES:
+            raise ConfigError("Xdp.max_policies", self.max_rules,
+                              f"is more than the XDP classifier takes ({MAX_RULES:,} rules: 32 summary words, "
+                              "one tail call each)")
         self.rules = _pow2(self.max_rules)
         # whole summary words: the program's walk needs no bound check per word
         self.nsum = (self.max_rules + 64 * 64 - 1) // (64 * 64)
@@ -209,6 +213,7 @@ def lpm_entries(rules: np.ndarray, export: dict[str, Any], k: int) -> dict[tuple
 
 
 V4_CHUNK = 0x80000000  # a stride entry that names a chunk of 256 entries, not a row
+MAX_RULES = 32 * 4096  # pn_cls: one tail call per summary word of 4,096 rules, 33 calls at most
 
 
 def v4_strides(src: dict[tuple[int, int], int], dst: dict[tuple[int, int], int],
