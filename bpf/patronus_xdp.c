@@ -11,6 +11,7 @@
  *   PN_ROWS             rows per table set, all fields together
  *   PN_LPM              prefix entries per LPM trie (IPv6)
  *   PN_V4CHUNKS         IPv4 stride chunks per table set
+ *   PN_CCACHE           entries of the classifier cache
  *   PN_RULES            rule slots (a power of two)
  *   PN_NPOL             policies + 1 (slot 0 counts the default, -1)
  *   PN_FSLOTS           flow table slots (a power of two)
@@ -120,7 +121,8 @@ enum pn_stat {
     PN_ST_EVICTED = 4,        /* live flows pushed out to make room */
     PN_ST_EXPORT_LOST = 5,    /* evicted records the ring buffer had no room for */
     PN_ST_UNACCOUNTED = 6,    /* passed without a policy count: a tail call failed */
-    PN_NSTATS = 7,
+    PN_ST_CLASS_HIT = 7,      /* misses the classifier cache answered (pn_ccache_map) */
+    PN_NSTATS = 8,
 };
 BPF_PERCPU_ARRAY(pn_stats_map, __u64, PN_NSTATS);
 /* key: 0 parsed, 1 malformed: the benchmark floor program's one counter */
@@ -140,6 +142,18 @@ BPF_F_TABLE("array", __u32, struct pn_bucket, pn_ftab_map, PN_FBUCKETS, BPF_F_MM
  * nothing leaves the table silently; drain() exports them. */
 BPF_RINGBUF_OUTPUT(pn_evict_rb, PN_EVICT_PAGES);
 
+/* The classifier's answer depends only on the table and the row of each of
+ * the six fields, and new flows mostly repeat a combination seen before
+ * (new connections between known hosts): the walk's result is cached
+ * under (generation, rows), in the style of Open vSwitch's megaflows. A
+ * table swap changes the generation, so old entries never match again and
+ * age out of the LRU. key: struct pn_ckey -> policy */
+struct pn_ckey {
+    __u32 gen;
+    __u32 rows[6];            /* src, dst, sport, dport, proto, dscp */
+};
+BPF_TABLE("lru_hash", struct pn_ckey, __s32, pn_ccache_map, PN_CCACHE);
+
 /* Per-CPU scratch for what does not fit the 512-byte BPF stack once the
  * parser and classifier are inlined. key: 0 */
 struct pn_scratch {
@@ -158,7 +172,7 @@ struct pn_scratch {
     __u32 reclass;            /* 1: known flow of an older generation, 0: new flow */
     __u32 chunk;              /* next summary word pn_cls looks at */
     __s32 policy;             /* what pn_cls found, for pn_fin */
-    __u32 rows[6];            /* row of each field: src, dst, sport, dport, proto, dscp */
+    struct pn_ckey ck;        /* generation and the row of each field */
 };
 BPF_PERCPU_ARRAY(pn_scratch_map, struct pn_scratch, 1);
 
@@ -259,12 +273,12 @@ static __always_inline int pn_field_rows(struct pn_scratch *sc, const struct pn_
         rsp = *ps;
         rdp = *pd;
     }
-    sc->rows[0] = rs;
-    sc->rows[1] = rd;
-    sc->rows[2] = rsp;
-    sc->rows[3] = rdp;
-    sc->rows[4] = lut->proto[p->proto];
-    sc->rows[5] = lut->dscp[p->dscp & 63];
+    sc->ck.rows[0] = rs;
+    sc->ck.rows[1] = rd;
+    sc->ck.rows[2] = rsp;
+    sc->ck.rows[3] = rdp;
+    sc->ck.rows[4] = lut->proto[p->proto];
+    sc->ck.rows[5] = lut->dscp[p->dscp & 63];
     return 0;
 }
 
@@ -543,9 +557,9 @@ int pn_cls(struct xdp_md *ctx)
     __u32 set = sc->set & 1;
     __u64 c = sc->chunk;
     struct pn_rpol *rp = pn_rpol_map.lookup(&set);
-    const struct pn_row *r0 = pn_row(set, sc->rows[0]), *r1 = pn_row(set, sc->rows[1]),
-                        *r2 = pn_row(set, sc->rows[2]), *r3 = pn_row(set, sc->rows[3]),
-                        *r4 = pn_row(set, sc->rows[4]), *r5 = pn_row(set, sc->rows[5]);
+    const struct pn_row *r0 = pn_row(set, sc->ck.rows[0]), *r1 = pn_row(set, sc->ck.rows[1]),
+                        *r2 = pn_row(set, sc->ck.rows[2]), *r3 = pn_row(set, sc->ck.rows[3]),
+                        *r4 = pn_row(set, sc->ck.rows[4]), *r5 = pn_row(set, sc->ck.rows[5]);
     if (!rp || !r0 || !r1 || !r2 || !r3 || !r4 || !r5) {
         sc->policy = -1;
         pn_progs.call(ctx, PN_PROG_FIN);
@@ -591,6 +605,7 @@ int pn_cls(struct xdp_md *ctx)
         pn_progs.call(ctx, PN_PROG_CLS);
     } else {
         sc->policy = policy;
+        pn_ccache_map.update(&sc->ck, &policy);
         pn_progs.call(ctx, PN_PROG_FIN);
     }
     return pn_unaccounted();  /* only reached when a tail call fails */
@@ -652,8 +667,20 @@ int pn_xdp(struct xdp_md *ctx)
     sc->set = set;
     sc->gen = gen;
     sc->chunk = 0;
-    if (pn_field_rows(sc, p, set) == 0)
-        pn_progs.call(ctx, PN_PROG_CLS);
+    if (pn_field_rows(sc, p, set) == 0) {
+        sc->ck.gen = gen;
+        __s32 *known = pn_ccache_map.lookup(&sc->ck);
+        if (known) {
+            sc->policy = *known;
+            __u32 k = PN_ST_CLASS_HIT;
+            __u64 *c = pn_stats_map.lookup(&k);
+            if (c)
+                *c += 1;
+            pn_progs.call(ctx, PN_PROG_FIN);
+        } else {
+            pn_progs.call(ctx, PN_PROG_CLS);
+        }
+    }
     /* a map read or the tail call failed: pass, counted as unaccounted
      * rather than given the default policy */
     return pn_unaccounted();

@@ -47,7 +47,9 @@ MAX_PATH_SLOTS = 256  # pn_tx_map size
 EVICT_PAGES = 256  # eviction ring buffer: 1 MiB, about 10,900 records between drains
 TAKE_COPY, TAKE_ALL, TAKE_IDLE = 0, 1, 2  # csrc/xdptable.h enum pn_take_mode
 # pn_stats_map indexes (bpf/patronus_xdp.c enum pn_stat)
-STATS = ("new_flows", "hits", "reclassified", "insert_failed", "evicted", "export_lost", "unaccounted")
+STATS = ("new_flows", "hits", "reclassified", "insert_failed", "evicted", "export_lost", "unaccounted",
+         "class_cache_hits")
+CCACHE = 1 << 16  # classifier cache entries (LRU; a row combination and its policy each)
 FIELDS = ("src4", "dst4", "src6", "dst6")
 
 
@@ -182,7 +184,7 @@ class _Capacity:
     def cflags(self, npol: int, slots: int) -> list[str]:
         return [f"-DPN_NSUM={self.nsum}", f"-DPN_NWORDS={self.nwords}", f"-DPN_ROWS={self.rows}",
                 f"-DPN_LPM={self.lpm}", f"-DPN_V4CHUNKS={self.v4_chunks}", f"-DPN_RULES={self.rules}", f"-DPN_NPOL={npol}", f"-DPN_FSLOTS={slots}",
-                f"-DPN_EVICT_PAGES={EVICT_PAGES}"]
+                f"-DPN_EVICT_PAGES={EVICT_PAGES}", f"-DPN_CCACHE={CCACHE}"]
 
 
 def lpm_entries(rules: np.ndarray, export: dict[str, Any], k: int) -> dict[tuple[int, int], int]:
@@ -665,7 +667,7 @@ class Xdp:
             "cache_hits": int(pc[:, 0].sum()) - st["new_flows"] - st["reclassified"] - st["insert_failed"],
             "cache_misses": st["new_flows"] + st["reclassified"] + st["insert_failed"],
             "insert_failed": st["insert_failed"], "evicted": st["evicted"], "export_lost": st["export_lost"],
-            "unaccounted": st["unaccounted"],
+            "unaccounted": st["unaccounted"], "class_cache_hits": st["class_cache_hits"],
             "generation": self._generation,
         }
 
