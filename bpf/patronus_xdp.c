@@ -11,7 +11,7 @@
  *   PN_ROWS             rows per table set, all fields together
  *   PN_LPM              prefix entries per LPM trie (IPv6)
  *   PN_V4CHUNKS         IPv4 stride chunks per table set
- *   PN_CCACHE           entries of the classifier cache
+ *   PN_CCACHE           entries of the classifier cache (0: none)
  *   PN_RULES            rule slots (a power of two)
  *   PN_NPOL             policies + 1 (slot 0 counts the default, -1)
  *   PN_FSLOTS           flow table slots (a power of two)
@@ -147,12 +147,16 @@ BPF_RINGBUF_OUTPUT(pn_evict_rb, PN_EVICT_PAGES);
  * (new connections between known hosts): the walk's result is cached
  * under (generation, rows), in the style of Open vSwitch's megaflows. A
  * table swap changes the generation, so old entries never match again and
- * age out of the LRU. key: struct pn_ckey -> policy */
+ * age out of the LRU. Below 4,097 rules the walk is one summary word and
+ * cheaper than the LRU lookup, so the loader compiles the cache out there
+ * (PN_CCACHE 0). key: struct pn_ckey -> policy */
 struct pn_ckey {
     __u32 gen;
     __u32 rows[6];            /* src, dst, sport, dport, proto, dscp */
 };
+#if PN_CCACHE
 BPF_TABLE("lru_hash", struct pn_ckey, __s32, pn_ccache_map, PN_CCACHE);
+#endif
 
 /* Per-CPU scratch for what does not fit the 512-byte BPF stack once the
  * parser and classifier are inlined. key: 0 */
@@ -605,7 +609,9 @@ int pn_cls(struct xdp_md *ctx)
         pn_progs.call(ctx, PN_PROG_CLS);
     } else {
         sc->policy = policy;
+#if PN_CCACHE
         pn_ccache_map.update(&sc->ck, &policy);
+#endif
         pn_progs.call(ctx, PN_PROG_FIN);
     }
     return pn_unaccounted();  /* only reached when a tail call fails */
@@ -669,7 +675,11 @@ int pn_xdp(struct xdp_md *ctx)
     sc->chunk = 0;
     if (pn_field_rows(sc, p, set) == 0) {
         sc->ck.gen = gen;
+#if PN_CCACHE
         __s32 *known = pn_ccache_map.lookup(&sc->ck);
+#else
+        __s32 *known = 0;
+#endif
         if (known) {
             sc->policy = *known;
             __u32 k = PN_ST_CLASS_HIT;

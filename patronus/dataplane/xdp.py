@@ -50,6 +50,7 @@ TAKE_COPY, TAKE_ALL, TAKE_IDLE = 0, 1, 2  # csrc/xdptable.h enum pn_take_mode
 STATS = ("new_flows", "hits", "reclassified", "insert_failed", "evicted", "export_lost", "unaccounted",
          "class_cache_hits")
 CCACHE = 1 << 16  # classifier cache entries (LRU; a row combination and its policy each)
+CCACHE_MIN_RULES = 4097  # below, one summary word: the walk costs less than the cache lookup
 FIELDS = ("src4", "dst4", "src6", "dst6")
 
 
@@ -184,7 +185,8 @@ class _Capacity:
     def cflags(self, npol: int, slots: int) -> list[str]:
         return [f"-DPN_NSUM={self.nsum}", f"-DPN_NWORDS={self.nwords}", f"-DPN_ROWS={self.rows}",
                 f"-DPN_LPM={self.lpm}", f"-DPN_V4CHUNKS={self.v4_chunks}", f"-DPN_RULES={self.rules}", f"-DPN_NPOL={npol}", f"-DPN_FSLOTS={slots}",
-                f"-DPN_EVICT_PAGES={EVICT_PAGES}", f"-DPN_CCACHE={CCACHE}"]
+                f"-DPN_EVICT_PAGES={EVICT_PAGES}",
+                f"-DPN_CCACHE={CCACHE if self.max_rules >= CCACHE_MIN_RULES else 0}"]
 
 
 def lpm_entries(rules: np.ndarray, export: dict[str, Any], k: int) -> dict[tuple[int, int], int]:
