@@ -653,7 +653,18 @@ class Xdp:
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
     def counters(self) -> dict[str, Any]:
-        """Per-policy packets/bytes, malformed frames by reason, flow counts."""
+        """Per-policy packets/bytes, malformed frames by reason, flow counts.
+
+        Besides the keys ``Userspace.counters()`` has: ``evicted`` and
+        ``export_lost`` (flows pushed out of a full probe window, and those the
+        eviction ring had no room for), ``insert_failed`` (lost a slot race:
+        counted, no record), ``unaccounted`` (passed without a policy because
+        a tail call failed; never expected), ``class_cache_hits`` (new flows
+        the classifier cache answered) and ``generation``.
+
+        >>> x.counters()["policies"]["voip"]["packets"]  # doctest: +SKIP
+        4
+        """
         pc = self._percpu_sum("pn_pcount_map", self._npol, 2)
         mal = self._percpu_sum("pn_malformed_map", len(abi.MALFORMED_REASONS) + 1, 1)[:, 0]
         st = dict(zip(STATS, (int(x) for x in self._percpu_sum("pn_stats_map", len(STATS), 1)[:, 0])))
