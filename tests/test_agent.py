@@ -38,6 +38,16 @@ def bfd_ups(state):
         return sum(1 for e in st.events() if e["reason"] == "bfd_up")
 
 
+def report(agents):
+    """Why agents did not get there: stop them and show the end of their output."""
+    out = []
+    for a in agents:
+        if a.poll() is None:
+            a.kill()
+        out.append(f"rc={a.wait()}: " + "".join((a.stdout.read() or "").splitlines(True)[-15:]))
+    return "\n".join(out)
+
+
 def wait_for(cond, timeout, step=0.1):
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -75,7 +85,7 @@ def test_agents_run_sites_survive_kill_9_and_stop_cleanly(tmp_path):
         start(0)
         start(1)
 
-        assert wait_for(lambda: bfd_ups(state) >= 8, 30), [a.poll() for a in agents.values()]  # 4 paths x 2 sites
+        assert wait_for(lambda: bfd_ups(state) >= 8, 30), report(agents.values())  # 4 paths x 2 sites
         assert len(wg_pids(f"{lab.tag}0a")) == 4 and len(wg_pids(f"{lab.tag}1a")) == 4
         rx = socket_in(lab.lan_ns(1), socket.AF_INET, socket.SOCK_DGRAM)
         rx.bind(("0.0.0.0", 5060))
@@ -99,10 +109,16 @@ def test_agents_run_sites_survive_kill_9_and_stop_cleanly(tmp_path):
                 return [r for r in st.flow_snapshots() if r["policy"] == "voip" and r["site"] == "s0"]
 
         assert voice_snaps() and max(r["packets"] for r in voice_snaps()) == 20
-        with Store(state) as st:  # probes over every tunnel, measured and stored
-            pm = st.path_metrics()
-        assert {r["path"] for r in pm} == {p.id for p in lab.mesh.paths("s0", "s1")}
-        assert all(r["rtt_ms"] is not None and r["rtt_ms"] < 50 for r in pm)
+        def latest():  # probes over every tunnel, measured and stored: each path's newest row
+            with Store(state) as st:
+                return {r["path"]: r for r in st.path_metrics()}
+
+        assert set(latest()) == {p.id for p in lab.mesh.paths("s0", "s1")}
+        # the first windows (50 probes, 5 s) hold probes that waited for the
+        # tunnel's WireGuard handshake (their mean reached 191 ms once); once
+        # those are out, every path measures the lab's few milliseconds
+        assert wait_for(lambda: all(r["rtt_ms"] is not None and r["rtt_ms"] < 50 for r in latest().values()), 10), \
+            latest()
         before = wg_pids(f"{lab.tag}0a")
         agents[0].kill()  # kill -9: no clean-up
         agents[0].wait()
@@ -149,7 +165,7 @@ def test_agent_without_xdp_steers_with_nftables(tmp_path):
                  "--token", tokens[s], "--backend", "userspace"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                 text=True))
 
-        assert wait_for(lambda: bfd_ups(state) >= 8, 30)
+        assert wait_for(lambda: bfd_ups(state) >= 8, 30), report(agents)
         rules = subprocess.run(["ip", "netns", "exec", lab.site_ns(0), "nft", "list", "table", "inet",
                                 f"patronus_{lab.tag}l0"], capture_output=True, text=True).stdout
         voice_path = next(p for p in lab.mesh.paths("s0", "s1") if p.local_uplink == "u1" and p.remote_uplink == "u0")

@@ -67,6 +67,18 @@ def test_tokens_are_one_time_site_bound_and_expire(reg):
         reg.enroll("guess", "br", SigningKey.generate().public_bytes)
 
 
+def test_tokens_never_read_as_a_command_line_option(reg):
+    """A URL-safe random token starts with "-" one time in 64; `patronus agent
+    --token TOKEN` then failed with "expected one argument" (it did, in CI)."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--token")
+    for _ in range(300):
+        t = reg.create_token("br")
+        assert t.startswith("pnt_") and parser.parse_args(["--token", t]).token == t
+
+
 def test_silent_sites_turn_inactive_then_leave(reg):
     key = enrolled(reg)
     a = ann()

@@ -154,7 +154,12 @@ class SqliteRegistry:
         self.store.close()
 
     def create_token(self, site: str, ttl_s: float = 3600) -> str:
-        token = secrets.token_urlsafe(24)
+        """A one-time enrollment token for ``site``, valid ``ttl_s`` seconds
+        (stored hashed). Tokens read ``pnt_`` + 32 URL-safe characters: the
+        prefix names what they are (and lets secret scanners find them), and
+        keeps a token from starting with "-", which a command line such as
+        ``patronus agent --token TOKEN`` would take for an option."""
+        token = "pnt_" + secrets.token_urlsafe(24)
         self._db.execute("INSERT INTO enroll_tokens VALUES (?, ?, ?, NULL)",
                          (hashlib.sha256(token.encode()).digest(), site, time.time() + ttl_s))
         return token
