@@ -290,14 +290,16 @@ def test_bigger_table_than_compiled_in(xdp_pool):
         ex = t._cls.export()
         return ex, len(v4_strides(lpm_entries(t.rules, ex, 0), lpm_entries(t.rules, ex, 1))[1])
 
-    cap = _Capacity(big._cls.export(), 64, 1)
+    cap = _Capacity(big._cls.export(), 64, 1, 1)
     huge = PolicyTable([Policy(f"p{i}", Match(dst=f"10.{i // 256}.{i % 256}.0/24"), priority=i) for i in range(200)])
     assert "rules" in cap.fits(*chunks(huge))
     # as many rules, but /32s in 60 distinct /16s: two stride chunks each
     deep = PolicyTable([Policy(f"p{i}", Match(dst=f"10.{i}.0.1/32"), priority=i) for i in range(60)])
     ex, need = chunks(deep)
-    roomy = _Capacity(huge._cls.export(), 256, 1)  # room for the rules and rows, 64 chunks
+    roomy = _Capacity(huge._cls.export(), 256, 1, 10_000)  # room for the rules, rows and bitmaps; 64 stride chunks
     assert need == 120 and "IPv4 stride chunks" in roomy.fits(ex, need)
+    # distinct bitmap chunks have their own limit
+    assert "distinct bitmap chunks" in _Capacity(huge._cls.export(), 256, 10_000, 1).fits(ex, 0, 100)
 
 
 def test_missing_interface_is_named(xdp_pool):

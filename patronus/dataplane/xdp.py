@@ -152,7 +152,7 @@ def _nrows(export: dict[str, Any]) -> int:
 class _Capacity:
     """Compile-time sizes of one program. A table that outgrows them needs a new Xdp."""
 
-    def __init__(self, export: dict[str, Any], max_policies: int | None, v4_chunks: int,
+    def __init__(self, export: dict[str, Any], max_policies: int | None, v4_chunks: int, chunks: int,
                  headroom: float = 1.25) -> None:
         # bitmap width follows the policy count (rows cost nrows x width); the
         # rule -> policy array is a power of two so the program can mask indexes
@@ -171,8 +171,10 @@ class _Capacity:
         # IPv4 stride chunks per set, grown with the room left for more rules
         grow = self.max_rules / max(export["nrules"], 1)
         self.v4_chunks = max(int(v4_chunks * headroom * grow) + 16, 64)
+        # distinct 64-word bitmap chunks per set (BitmapChunks)
+        self.chunks = max(int(chunks * headroom * grow) + 16, 64)
 
-    def fits(self, export: dict[str, Any], v4_chunks: int) -> str | None:
+    def fits(self, export: dict[str, Any], v4_chunks: int, chunks: int = 0) -> str | None:
         nrows = _nrows(export)
         if export["nrules"] > self.max_rules:
             return f"{export['nrules']} rules > {self.max_rules} compiled in"
@@ -180,10 +182,13 @@ class _Capacity:
             return f"{nrows} bitmap rows > {self.rows} compiled in"
         if v4_chunks > self.v4_chunks:
             return f"{v4_chunks} IPv4 stride chunks > {self.v4_chunks} compiled in"
+        if chunks > self.chunks:
+            return f"{chunks} distinct bitmap chunks > {self.chunks} compiled in"
         return None
 
     def cflags(self, npol: int, slots: int) -> list[str]:
         return [f"-DPN_NSUM={self.nsum}", f"-DPN_NWORDS={self.nwords}", f"-DPN_ROWS={self.rows}",
+                f"-DPN_CHUNKS={self.chunks}",
                 f"-DPN_LPM={self.lpm}", f"-DPN_V4CHUNKS={self.v4_chunks}", f"-DPN_RULES={self.rules}", f"-DPN_NPOL={npol}", f"-DPN_FSLOTS={slots}",
                 f"-DPN_EVICT_PAGES={EVICT_PAGES}",
                 f"-DPN_CCACHE={CCACHE if self.max_rules >= CCACHE_MIN_RULES else 0}"]
@@ -214,6 +219,45 @@ def lpm_entries(rules: np.ndarray, export: dict[str, Any], k: int) -> dict[tuple
         if out.setdefault(key, row) != row:
             raise AssertionError(f"{FIELDS[k]}: prefix {key} maps to two rows")
     return out
+
+
+class BitmapChunks:
+    """The classifier rows of a table in the program's layout: per row its
+    summary words and, for each summary word, the id of a 64-word chunk of
+    its bitmap, chunks deduplicated across all rows (id 0 is all zeros).
+    Rows of a field come in ALL_FIELDS order; ``base[f]`` is field f's first
+    row."""
+
+    def __init__(self, export: dict[str, Any], nsum: int) -> None:
+        ens = export["nsum"]
+        ids: dict[bytes, int] = {bytes(512): 0}
+        sums, chunk_ids, self.base = [], [], {}
+        n = 0
+        for f in ALL_FIELDS:
+            r = export[f]["rows"]
+            self.base[f] = n
+            n += r.shape[0]
+            s = np.zeros((r.shape[0], nsum), dtype=np.uint64)
+            s[:, :ens] = r[:, :ens]
+            words = np.zeros((r.shape[0], nsum * 64), dtype=np.uint64)
+            words[:, : r.shape[1] - ens] = r[:, ens:]
+            raw = words.tobytes()
+            cid = np.array([ids.setdefault(raw[i * 512 : (i + 1) * 512], len(ids))
+                            for i in range(r.shape[0] * nsum)], dtype=np.uint32).reshape(-1, nsum)
+            sums.append(s)
+            chunk_ids.append(cid)
+        self.sums = np.concatenate(sums) if sums else np.zeros((0, nsum), dtype=np.uint64)
+        self.chunk_ids = np.concatenate(chunk_ids) if chunk_ids else np.zeros((0, nsum), dtype=np.uint32)
+        self.chunks = np.frombuffer(b"".join(ids), dtype=np.uint64).reshape(-1, 64)
+
+    def row_values(self) -> np.ndarray:
+        """struct pn_row values, one per row: sums then chunk ids (padded to 8 bytes)."""
+        nsum = self.sums.shape[1]
+        width = nsum * 8 + (nsum * 4 + 7) // 8 * 8
+        out = np.zeros((len(self.sums), width), dtype=np.uint8)
+        out[:, : nsum * 8] = self.sums.view(np.uint8).reshape(len(self.sums), -1)
+        out[:, nsum * 8 : nsum * 12] = self.chunk_ids.view(np.uint8).reshape(len(self.sums), -1)
+        return out
 
 
 V4_CHUNK = 0x80000000  # a stride entry that names a chunk of 256 entries, not a row
@@ -284,7 +328,9 @@ class Xdp:
         self._npol = len(table.policies) + 1
         export = table._cls.export()
         need = len(v4_strides(lpm_entries(table.rules, export, 0), lpm_entries(table.rules, export, 1))[1])
-        self._cap = _Capacity(export, max_policies, need)
+        # bitmap chunks at the width the program will have (one summary word per 4,096 rules of room)
+        bitmaps = BitmapChunks(export, (max(max_policies or 0, export["nrules"], 64) + 4095) // 4096)
+        self._cap = _Capacity(export, max_policies, need, len(bitmaps.chunks))
         self._attached: dict[str, int] = {}
         self._steering: dict[str, tuple[Any, Path]] = {}
         self._bpf = None
@@ -308,7 +354,7 @@ class Xdp:
                 raise DataplaneUnavailable(f"the XDP program did not load: {e}\n{tail}",
                                            "see the verifier log above; smaller max_policies may help") from None
         self._maps = {name: self._bpf[name.encode()] for name in (
-            "pn_cfg_map", "pn_v4l1_map", "pn_v4chunk_map", "pn_lpm6_map", "pn_lut_map", "pn_port_map", "pn_rpol_map", "pn_rows_map",
+            "pn_cfg_map", "pn_v4l1_map", "pn_v4chunk_map", "pn_lpm6_map", "pn_lut_map", "pn_port_map", "pn_rpol_map", "pn_rows_map", "pn_chunks_map",
             "pn_pol_map", "pn_pcount_map", "pn_malformed_map", "pn_stats_map", "pn_ftab_map",
             "pn_tx_map")}
         # the flow table, mapped: flows() and drain() scan it in place
@@ -325,7 +371,7 @@ class Xdp:
         self._replayed = False  # flows stamped by test_run's ts_ns, not the kernel clock
         self._meta = False  # write pn_meta (path, policy) before each frame: steering and test runs
         self._lpm_keys: list[list[bytes]] = [[], []]
-        self._load_table(export, 0, table.rules)
+        self._load_table(export, 0, table.rules, bitmaps)
         self._write_cfg()
         self._init_paths(table)
         self._mono_to_real = time.time_ns() - time.monotonic_ns()
@@ -443,24 +489,25 @@ class Xdp:
 
     # -- tables and paths ----------------------------------------------------
 
-    def _load_table(self, export: dict[str, Any], s: int, rules: np.ndarray) -> None:
+    def _load_table(self, export: dict[str, Any], s: int, rules: np.ndarray,
+                    bitmaps: BitmapChunks | None = None) -> None:
         cap = self._cap
         v4 = [lpm_entries(rules, export, k) for k in (0, 1)]
         l1, chunks = v4_strides(v4[0], v4[1])  # rows relative to each field, for now
-        why = cap.fits(export, len(chunks))
+        if export["nrules"] > cap.max_rules:
+            raise ConfigError("Xdp.set_table", f"{export['nrules']} rules > {cap.max_rules} compiled in",
+                              "create a new Xdp with a larger max_policies")
+        if bitmaps is None:
+            bitmaps = BitmapChunks(export, cap.nsum)
+        why = cap.fits(export, len(chunks), len(bitmaps.chunks))
         if why:
             raise ConfigError("Xdp.set_table", why, "create a new Xdp with a larger max_policies")
-        base, row_base = 0, {}
-        rows = np.zeros((cap.rows, cap.nsum + cap.nwords), dtype=np.uint64)
-        nsum, nwords = export["nsum"], export["nwords"]
-        for f in ALL_FIELDS:
-            r = export[f]["rows"]
-            rows[base : base + r.shape[0], :nsum] = r[:, :nsum]
-            rows[base : base + r.shape[0], cap.nsum : cap.nsum + nwords] = r[:, nsum:]
-            row_base[f] = base
-            base += r.shape[0]
-        keys = np.arange(s * cap.rows, s * cap.rows + base, dtype=np.uint32)
-        self._update_batch("pn_rows_map", keys, rows[:base])
+        row_base = bitmaps.base
+        nrows = len(bitmaps.sums)
+        self._update_batch("pn_rows_map", np.arange(s * cap.rows, s * cap.rows + nrows, dtype=np.uint32),
+                           bitmaps.row_values())
+        self._update_batch("pn_chunks_map", np.arange(s * cap.chunks, s * cap.chunks + len(bitmaps.chunks),
+                                                      dtype=np.uint32), bitmaps.chunks)
         # IPv4 prefixes: the 16-8-8 stride table of this set
         l1, chunks = v4_strides(v4[0], v4[1], (row_base["src4"], row_base["dst4"]))
         self._update_batch("pn_v4l1_map", np.arange(s * 2 * 65536, (s + 1) * 2 * 65536, dtype=np.uint32), l1.ravel())
