@@ -51,6 +51,7 @@ STATS = ("new_flows", "hits", "reclassified", "insert_failed", "evicted", "expor
          "class_cache_hits")
 CCACHE = 1 << 16  # classifier cache entries (LRU; a row combination and its policy each)
 CCACHE_MIN_RULES = 4097  # below, one summary word: the walk costs less than the cache lookup
+MAX_RULES = 32 * 4096  # pn_cls: one tail call per summary word of 4,096 rules, 33 calls at most
 FIELDS = ("src4", "dst4", "src6", "dst6")
 
 
@@ -162,7 +163,7 @@ class _Capacity:
                               f"is more than the XDP classifier takes ({MAX_RULES:,} rules: 32 summary words, "
                               "one tail call each)")
         self.rules = _pow2(self.max_rules)
-        # whole summary words: the program's walk needs no bound check per word
+        # the bitmap in whole summary words of 64 words (the program's chunks)
         self.nsum = (self.max_rules + 64 * 64 - 1) // (64 * 64)
         self.nwords = self.nsum * 64
         self.rows = max(int(_nrows(export) * headroom), 64)
@@ -261,7 +262,6 @@ class BitmapChunks:
 
 
 V4_CHUNK = 0x80000000  # a stride entry that names a chunk of 256 entries, not a row
-MAX_RULES = 32 * 4096  # pn_cls: one tail call per summary word of 4,096 rules, 33 calls at most
 
 
 def v4_strides(src: dict[tuple[int, int], int], dst: dict[tuple[int, int], int],
