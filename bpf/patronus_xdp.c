@@ -6,8 +6,8 @@
  * plane's own; patronus/dataplane/xdp.py compiles this file with BCC and
  * these -D constants (capacities, fixed for the life of the program):
  *
- *   PN_NSUM, PN_NWORDS  summary words and bitmap words per row
- *                       (PN_NWORDS = PN_NSUM * 64, PN_NWORDS * 64 >= rules)
+ *   PN_NSUM             summary words per row, one per 64-word bitmap chunk
+ *                       (PN_NSUM * 4,096 >= rules)
  *   PN_ROWS             rows per table set, all fields together
  *   PN_CHUNKS           distinct 64-word bitmap chunks per table set
  *   PN_LPM              prefix entries per LPM trie (IPv6)
@@ -184,7 +184,7 @@ struct pn_scratch {
     /* handed from pn_xdp to pn_cls (and from pn_cls to itself) across tail calls */
     __u64 now;
     __u32 h;                  /* hash of kw */
-    __u32 set, gen;           /* live table set and generation when the packet came in */
+    __u32 set;                /* live table set when the packet came in (generation: ck.gen) */
     __u32 reclass;            /* 1: known flow of an older generation, 0: new flow */
     __u32 chunk;              /* next summary word pn_cls looks at */
     __s32 policy;             /* what pn_cls found, for pn_fin */
@@ -509,7 +509,7 @@ static __always_inline int pn_finish_miss(struct xdp_md *ctx, struct pn_scratch 
     if (x) {
         r = &x->f.rec;
         r->policy = policy;
-        r->generation = sc->gen;
+        r->generation = sc->ck.gen;
         pn_count(sc, x, now);
     } else {  /* a new flow, or one drained since pn_xdp saw it */
         /* this CPU's number, for the flows it creates (until then no flow
@@ -538,7 +538,7 @@ static __always_inline int pn_finish_miss(struct xdp_md *ctx, struct pn_scratch 
             r->tcp_flags = p->tcp_flags;
             r->dscp = p->dscp;
             r->_pad = sc->cpu1;
-            r->generation = sc->gen;
+            r->generation = sc->ck.gen;
             /* publish: the slot matches lookups from here on */
             __sync_val_compare_and_swap(pn_state(x), sc->kw[4] | PN_BUSY_BITS, sc->kw[4]);
         }
@@ -612,18 +612,18 @@ int pn_cls(struct xdp_md *ctx)
         const struct pn_chunk *k0 = pn_chunk_of(set, r0, c), *k1 = pn_chunk_of(set, r1, c),
                               *k2 = pn_chunk_of(set, r2, c), *k3 = pn_chunk_of(set, r3, c),
                               *k4 = pn_chunk_of(set, r4, c), *k5 = pn_chunk_of(set, r5, c);
-        if (!k0 || !k1 || !k2 || !k3 || !k4 || !k5)
-            m = 0;
-        for (__u32 i = 0; i < 64; i++) {
-            if (!m || !k0 || !k1 || !k2 || !k3 || !k4 || !k5)
-                break;
-            __u32 b = pn_ctz64(m) & 63;
-            m &= m - 1;
-            __u64 x = k0->w[b] & k1->w[b] & k2->w[b] & k3->w[b] & k4->w[b] & k5->w[b];
-            if (x) {
-                policy = rp->policy[((c * 64 + b) * 64 + pn_ctz64(x)) & (PN_RULES - 1)];
-                found = 1;
-                break;
+        if (k0 && k1 && k2 && k3 && k4 && k5) {
+            for (__u32 i = 0; i < 64; i++) {
+                if (!m)
+                    break;
+                __u32 b = pn_ctz64(m) & 63;
+                m &= m - 1;
+                __u64 x = k0->w[b] & k1->w[b] & k2->w[b] & k3->w[b] & k4->w[b] & k5->w[b];
+                if (x) {
+                    policy = rp->policy[((c * 64 + b) * 64 + pn_ctz64(x)) & (PN_RULES - 1)];
+                    found = 1;
+                    break;
+                }
             }
         }
     }
@@ -694,10 +694,9 @@ int pn_xdp(struct xdp_md *ctx)
     sc->h = h;
     sc->now = now;
     sc->set = set;
-    sc->gen = gen;
+    sc->ck.gen = gen;
     sc->chunk = 0;
     if (pn_field_rows(sc, p, set) == 0) {
-        sc->ck.gen = gen;
 #if PN_CCACHE
         __s32 *known = pn_ccache_map.lookup(&sc->ck);
 #else

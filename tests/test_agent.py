@@ -48,6 +48,27 @@ def report(agents):
     return "\n".join(out)
 
 
+def voice_through(lab, n=20, gap_s=0.0):
+    """Send n VoIP-like datagrams from LAN host 0 to LAN host 1; how many arrived."""
+    rx = socket_in(lab.lan_ns(1), socket.AF_INET, socket.SOCK_DGRAM)
+    rx.bind(("0.0.0.0", 5060))
+    rx.settimeout(1.0)
+    tx = socket_in(lab.lan_ns(0), socket.AF_INET, socket.SOCK_DGRAM)
+    for i in range(n):
+        tx.sendto(i.to_bytes(4, "big") + bytes(160), (lab.lan_addr(1), 5060))
+        time.sleep(gap_s)
+    got = 0
+    try:
+        while got < n:
+            rx.recv(2048)
+            got += 1
+    except (socket.timeout, TimeoutError):
+        pass
+    rx.close()
+    tx.close()
+    return got
+
+
 def wait_for(cond, timeout, step=0.1):
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -87,21 +108,7 @@ def test_agents_run_sites_survive_kill_9_and_stop_cleanly(tmp_path):
 
         assert wait_for(lambda: bfd_ups(state) >= 8, 30), report(agents.values())  # 4 paths x 2 sites
         assert len(wg_pids(f"{lab.tag}0a")) == 4 and len(wg_pids(f"{lab.tag}1a")) == 4
-        rx = socket_in(lab.lan_ns(1), socket.AF_INET, socket.SOCK_DGRAM)
-        rx.bind(("0.0.0.0", 5060))
-        rx.settimeout(1.0)
-        tx = socket_in(lab.lan_ns(0), socket.AF_INET, socket.SOCK_DGRAM)
-        for i in range(20):
-            tx.sendto(i.to_bytes(4, "big") + bytes(160), (lab.lan_addr(1), 5060))
-            time.sleep(0.01)
-        got = 0
-        try:
-            while got < 20:
-                rx.recv(2048)
-                got += 1
-        except (socket.timeout, TimeoutError):
-            pass
-        assert got == 20
+        assert voice_through(lab, 20, gap_s=0.01) == 20
         time.sleep(1.5)  # a flow snapshot has been written
 
         def voice_snaps():
@@ -136,8 +143,6 @@ def test_agents_run_sites_survive_kill_9_and_stop_cleanly(tmp_path):
         link = subprocess.run(["ip", "-n", lab.site_ns(0), "link", "show", f"{lab.tag}l0"], capture_output=True,
                               text=True).stdout
         assert "xdp" not in link  # detached
-        rx.close()
-        tx.close()
     finally:
         for a in agents.values():
             if a.poll() is None:
@@ -170,20 +175,7 @@ def test_agent_without_xdp_steers_with_nftables(tmp_path):
                                 f"patronus_{lab.tag}l0"], capture_output=True, text=True).stdout
         voice_path = next(p for p in lab.mesh.paths("s0", "s1") if p.local_uplink == "u1" and p.remote_uplink == "u0")
         assert f"meta mark set {0x7000 + voice_path.index:#010x}" in rules and "ip dscp set ef" in rules
-        rx = socket_in(lab.lan_ns(1), socket.AF_INET, socket.SOCK_DGRAM)
-        rx.bind(("0.0.0.0", 5060))
-        rx.settimeout(1.0)
-        tx = socket_in(lab.lan_ns(0), socket.AF_INET, socket.SOCK_DGRAM)
-        for i in range(20):
-            tx.sendto(bytes(160), (lab.lan_addr(1), 5060))
-        got = 0
-        try:
-            while got < 20:
-                rx.recv(2048)
-                got += 1
-        except (socket.timeout, TimeoutError):
-            pass
-        assert got == 20
+        assert voice_through(lab, 20) == 20
         for a in agents:
             a.send_signal(signal.SIGTERM)
         for a in agents:
@@ -191,8 +183,6 @@ def test_agent_without_xdp_steers_with_nftables(tmp_path):
         gone = subprocess.run(["ip", "netns", "exec", lab.site_ns(0), "nft", "list", "tables"], capture_output=True,
                               text=True).stdout
         assert f"patronus_{lab.tag}l0" not in gone
-        rx.close()
-        tx.close()
     finally:
         for a in agents:
             if a.poll() is None:

@@ -150,6 +150,21 @@ def _nrows(export: dict[str, Any]) -> int:
     return sum(export[f]["rows"].shape[0] for f in ALL_FIELDS)
 
 
+def _room(export: dict[str, Any], max_policies: int | None) -> tuple[int, int]:
+    """Rules a program has room for, and its summary words (4,096 rules each)."""
+    max_rules = max(max_policies or 0, export["nrules"], 64)
+    return max_rules, (max_rules + 64 * 64 - 1) // (64 * 64)
+
+
+def _layout(export: dict[str, Any], rules: np.ndarray, nsum: int) -> tuple[BitmapChunks, np.ndarray, np.ndarray]:
+    """A table in the program's layout at width ``nsum``: its bitmap rows and
+    chunks, and its IPv4 stride table (level 1, chunks) with final rows."""
+    bitmaps = BitmapChunks(export, nsum)
+    l1, v4 = v4_strides(lpm_entries(rules, export, 0), lpm_entries(rules, export, 1),
+                        (bitmaps.base["src4"], bitmaps.base["dst4"]))
+    return bitmaps, l1, v4
+
+
 class _Capacity:
     """Compile-time sizes of one program. A table that outgrows them needs a new Xdp."""
 
@@ -157,15 +172,12 @@ class _Capacity:
                  headroom: float = 1.25) -> None:
         # bitmap width follows the policy count (rows cost nrows x width); the
         # rule -> policy array is a power of two so the program can mask indexes
-        self.max_rules = max(max_policies or 0, export["nrules"], 64)
+        self.max_rules, self.nsum = _room(export, max_policies)
         if self.max_rules > MAX_RULES:
             raise ConfigError("Xdp.max_policies", self.max_rules,
                               f"is more than the XDP classifier takes ({MAX_RULES:,} rules: 32 summary words, "
                               "one tail call each)")
         self.rules = _pow2(self.max_rules)
-        # the bitmap in whole summary words of 64 words (the program's chunks)
-        self.nsum = (self.max_rules + 64 * 64 - 1) // (64 * 64)
-        self.nwords = self.nsum * 64
         self.rows = max(int(_nrows(export) * headroom), 64)
         # LPM entries per trie (IPv6): both sets, both directions, one per prefix + /0
         self.lpm = max(4 * (self.max_rules + 1), 256)
@@ -188,7 +200,7 @@ class _Capacity:
         return None
 
     def cflags(self, npol: int, slots: int) -> list[str]:
-        return [f"-DPN_NSUM={self.nsum}", f"-DPN_NWORDS={self.nwords}", f"-DPN_ROWS={self.rows}",
+        return [f"-DPN_NSUM={self.nsum}", f"-DPN_ROWS={self.rows}",
                 f"-DPN_CHUNKS={self.chunks}",
                 f"-DPN_LPM={self.lpm}", f"-DPN_V4CHUNKS={self.v4_chunks}", f"-DPN_RULES={self.rules}", f"-DPN_NPOL={npol}", f"-DPN_FSLOTS={slots}",
                 f"-DPN_EVICT_PAGES={EVICT_PAGES}",
@@ -327,10 +339,8 @@ class Xdp:
         self.flow_capacity = flow_capacity
         self._npol = len(table.policies) + 1
         export = table._cls.export()
-        need = len(v4_strides(lpm_entries(table.rules, export, 0), lpm_entries(table.rules, export, 1))[1])
-        # bitmap chunks at the width the program will have (one summary word per 4,096 rules of room)
-        bitmaps = BitmapChunks(export, (max(max_policies or 0, export["nrules"], 64) + 4095) // 4096)
-        self._cap = _Capacity(export, max_policies, need, len(bitmaps.chunks))
+        layout = _layout(export, table.rules, _room(export, max_policies)[1])
+        self._cap = _Capacity(export, max_policies, len(layout[2]), len(layout[0].chunks))
         self._attached: dict[str, int] = {}
         self._steering: dict[str, tuple[Any, Path]] = {}
         self._bpf = None
@@ -371,7 +381,7 @@ class Xdp:
         self._replayed = False  # flows stamped by test_run's ts_ns, not the kernel clock
         self._meta = False  # write pn_meta (path, policy) before each frame: steering and test runs
         self._lpm_keys: list[list[bytes]] = [[], []]
-        self._load_table(export, 0, table.rules, bitmaps)
+        self._load_table(export, 0, table.rules, layout)
         self._write_cfg()
         self._init_paths(table)
         self._mono_to_real = time.time_ns() - time.monotonic_ns()
@@ -490,16 +500,12 @@ class Xdp:
     # -- tables and paths ----------------------------------------------------
 
     def _load_table(self, export: dict[str, Any], s: int, rules: np.ndarray,
-                    bitmaps: BitmapChunks | None = None) -> None:
+                    layout: tuple[BitmapChunks, np.ndarray, np.ndarray] | None = None) -> None:
         cap = self._cap
-        v4 = [lpm_entries(rules, export, k) for k in (0, 1)]
-        l1, chunks = v4_strides(v4[0], v4[1])  # rows relative to each field, for now
-        if export["nrules"] > cap.max_rules:
-            raise ConfigError("Xdp.set_table", f"{export['nrules']} rules > {cap.max_rules} compiled in",
-                              "create a new Xdp with a larger max_policies")
-        if bitmaps is None:
-            bitmaps = BitmapChunks(export, cap.nsum)
-        why = cap.fits(export, len(chunks), len(bitmaps.chunks))
+        why = cap.fits(export, 0)  # rules and rows first: the layout needs the width to hold them
+        if not why:
+            bitmaps, l1, chunks = layout or _layout(export, rules, cap.nsum)
+            why = cap.fits(export, len(chunks), len(bitmaps.chunks))
         if why:
             raise ConfigError("Xdp.set_table", why, "create a new Xdp with a larger max_policies")
         row_base = bitmaps.base
@@ -509,7 +515,6 @@ class Xdp:
         self._update_batch("pn_chunks_map", np.arange(s * cap.chunks, s * cap.chunks + len(bitmaps.chunks),
                                                       dtype=np.uint32), bitmaps.chunks)
         # IPv4 prefixes: the 16-8-8 stride table of this set
-        l1, chunks = v4_strides(v4[0], v4[1], (row_base["src4"], row_base["dst4"]))
         self._update_batch("pn_v4l1_map", np.arange(s * 2 * 65536, (s + 1) * 2 * 65536, dtype=np.uint32), l1.ravel())
         self._update_batch("pn_v4chunk_map", np.arange(s * cap.v4_chunks, s * cap.v4_chunks + len(chunks),
                                                        dtype=np.uint32), chunks)
