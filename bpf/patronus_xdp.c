@@ -83,9 +83,14 @@ struct pn_rpol {
 struct pn_cfg {
     __u32 set;                /* live table set, 0 or 1 */
     __u32 generation;         /* bumped on every swap */
-    __u64 clock_ns;           /* non-zero: use as "now" (tests replaying captures) */
+    /* "now" in CLOCK_MONOTONIC ns is jiffies * tick_ns + clock_base: the
+     * verifier inlines bpf_jiffies64() as one load, where the coarse clock
+     * is a helper call (about 3 ns a packet). The loader measures tick_ns
+     * and clock_base (pn_clock). Replaying a capture: tick_ns 0 and
+     * clock_base the packet's time. */
+    __u64 clock_base;
+    __u32 tick_ns;
     __u32 flags;              /* PN_CFG_* */
-    __u32 _pad;
 };
 
 /* write struct pn_meta in front of every frame (steering, test runs); off,
@@ -120,8 +125,25 @@ struct pn_polact {
 BPF_ARRAY(pn_pol_map, struct pn_polact, PN_NPOL);
 /* key: path slot -> ifindex to redirect to (absent: pass to the stack) */
 BPF_DEVMAP(pn_tx_map, 256);
-/* key: policy + 1 -> packets and bytes, per CPU */
+/* key: policy + 1 -> packets and bytes, per CPU, of what no live flow
+ * record holds. A policy's count is this plus the counts of its live flows
+ * (and of the flows userspace drained): a hit counts once, in its record.
+ * Packets counted here: those without a record (insert_failed), evicted
+ * flows' totals, and on a re-classification that changes a flow's policy
+ * its totals so far, added to the old policy and taken (wrapping) from the
+ * new one, so each packet stays with the policy it was classified into. */
 BPF_PERCPU_ARRAY(pn_pcount_map, struct pn_policy_counter, PN_NPOL);
+
+/* Add a flow's (packets, bytes) to a policy's count here. */
+static __always_inline void pn_pcount_add(__s32 policy, __u64 packets, __u64 bytes)
+{
+    __u32 slot = (__u32)(policy + 1);
+    struct pn_policy_counter *pc = pn_pcount_map.lookup(&slot);
+    if (pc) {
+        pc->packets += packets;
+        pc->bytes += bytes;
+    }
+}
 /* key: enum pn_reason -> malformed frames, per CPU */
 BPF_PERCPU_ARRAY(pn_malformed_map, __u64, PN_NREASONS);
 /* key: enum pn_stat, per CPU */
@@ -426,6 +448,9 @@ static __always_inline struct pn_xslot *pn_ft_insert(const __u64 *w, __u32 h, __
     __u64 *c = pn_stats_map.lookup(&k);
     if (c)
         *c += 1;
+    /* its counts leave the table: its policy's counter keeps them */
+    pn_pcount_add(victim->f.rec.policy, victim->f.rec.packets + victim->shared_packets,
+                  victim->f.rec.bytes + victim->shared_bytes);
     /* the victim is ours now: move its passed counts to the new key's, then
      * retag it with the new key, still busy */
     const __u64 *vk = (const __u64 *)victim;
@@ -465,7 +490,8 @@ static __always_inline void pn_count(struct pn_scratch *sc, struct pn_xslot *x, 
 }
 
 /* What every classified packet ends with: the policy's path and action (one
- * map value), the per-policy counter, the metadata, the verdict. */
+ * map value), the metadata, the verdict; the policy's counter when the
+ * packet has no flow record `r` to count it. */
 static __always_inline int pn_out(struct xdp_md *ctx, struct pn_cfg *cfg, struct pn_scratch *sc, __s32 policy,
                                   struct pn_flow_rec *r)
 {
@@ -478,11 +504,8 @@ static __always_inline int pn_out(struct xdp_md *ctx, struct pn_cfg *cfg, struct
     }
     if (r)
         r->path = path;
-    struct pn_policy_counter *pc = pn_pcount_map.lookup(&slot);
-    if (pc) {
-        pc->packets += 1;
-        pc->bytes += sc->p.l3_len;
-    }
+    else
+        pn_pcount_add(policy, 1, sc->p.l3_len);
     if (cfg->flags & PN_CFG_META)
         pn_set_meta(ctx, path, policy);
     if (action == XDP_DROP)
@@ -508,8 +531,21 @@ static __always_inline int pn_finish_miss(struct xdp_md *ctx, struct pn_scratch 
     x = sc->reclass ? pn_ft_find(sc->kw, sc->h) : 0;
     if (x) {
         r = &x->f.rec;
-        r->policy = policy;
-        r->generation = sc->ck.gen;
+        /* re-stamp once (CPUs may race to): the winner moves the flow's
+         * counts so far to its old policy's counter (pn_pcount_map) */
+        _Static_assert(__builtin_offsetof(struct pn_flow_rec, generation) ==
+                       __builtin_offsetof(struct pn_flow_rec, tcp_flags) + 4, "generation: high half of a word");
+        __u64 *gw = (__u64 *)&r->tcp_flags, ow = *gw;  /* BPF has 64-bit CAS only here */
+        __u64 nw = (ow & 0xffffffffull) | (__u64)sc->ck.gen << 32;
+        if ((__u32)(ow >> 32) != sc->ck.gen && __sync_val_compare_and_swap(gw, ow, nw) == ow) {
+            __s32 old = r->policy;
+            if (old != policy) {
+                __u64 tp = r->packets + x->shared_packets, tb = r->bytes + x->shared_bytes;
+                pn_pcount_add(old, tp, tb);
+                pn_pcount_add(policy, -tp, -tb);
+                r->policy = policy;
+            }
+        }
         pn_count(sc, x, now);
     } else {  /* a new flow, or one drained since pn_xdp saw it */
         /* this CPU's number, for the flows it creates (until then no flow
@@ -671,9 +707,7 @@ int pn_xdp(struct xdp_md *ctx)
     if (!cfg)
         return XDP_PASS;
     __u32 set = cfg->set & 1, gen = cfg->generation;
-    /* coarse clock (jiffies resolution): a third of the cost of the precise
-     * one, and flow timestamps need no better than milliseconds */
-    __u64 now = cfg->clock_ns ? cfg->clock_ns : bpf_ktime_get_coarse_ns();
+    __u64 now = bpf_jiffies64() * cfg->tick_ns + cfg->clock_base;
 #ifdef PN_BENCH_NEW_FLOWS
     /* benchmark builds only: every run of one frame is a new flow (a new
      * source port), so repeated runs measure the miss path with the
@@ -716,6 +750,22 @@ int pn_xdp(struct xdp_md *ctx)
     /* a map read or the tail call failed: pass, counted as unaccounted
      * rather than given the default policy */
     return pn_unaccounted();
+}
+
+/* key: 0 jiffies, 1 CLOCK_MONOTONIC coarse ns, 2 jiffies again: the loader
+ * runs pn_clock to find the clock's tick and base (struct pn_cfg) */
+BPF_ARRAY(pn_clock_map, __u64, 3);
+
+int pn_clock(struct xdp_md *ctx)
+{
+    __u32 k0 = 0, k1 = 1, k2 = 2;
+    __u64 *j0 = pn_clock_map.lookup(&k0), *t = pn_clock_map.lookup(&k1), *j1 = pn_clock_map.lookup(&k2);
+    if (j0 && t && j1) {
+        *j0 = bpf_jiffies64();
+        *t = bpf_ktime_get_coarse_ns();
+        *j1 = bpf_jiffies64();
+    }
+    return XDP_PASS;
 }
 
 /* The floor for benchmarks: parse Ethernet/IP (the same parser), bump one

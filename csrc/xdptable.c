@@ -76,6 +76,25 @@ size_t pn_xdp_count(const struct pn_bucket *table, size_t nbuckets)
     return n;
 }
 
+size_t pn_xdp_sums(const struct pn_bucket *table, size_t nbuckets, uint64_t *sums, size_t npol)
+{
+    size_t n = 0;
+    for (size_t b = 0; b < nbuckets; b++)
+        for (size_t j = 0; j < PN_BUCKET_SLOTS; j++) {
+            const struct pn_xslot *x = &table[b].s[j];
+            uint64_t w = __atomic_load_n((const uint64_t *)((const uint8_t *)x + PN_SLOT_WORD), __ATOMIC_ACQUIRE);
+            if (w == 0 || (w >> 48) != 0)
+                continue;
+            n++;
+            size_t slot = (size_t)((int64_t)x->f.rec.policy + 1);
+            if (slot >= npol)
+                continue;
+            sums[2 * slot] += x->f.rec.packets + __atomic_load_n(&x->shared_packets, __ATOMIC_RELAXED);
+            sums[2 * slot + 1] += x->f.rec.bytes + __atomic_load_n(&x->shared_bytes, __ATOMIC_RELAXED);
+        }
+    return n;
+}
+
 uint64_t pn_xdp_passed(const struct pn_bucket *table, size_t nbuckets)
 {
     uint64_t n = 0;

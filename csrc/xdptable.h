@@ -26,6 +26,11 @@ size_t pn_xdp_take(struct pn_bucket *table, size_t nbuckets, struct pn_flow *out
 /* Live slots (not empty, not busy). */
 size_t pn_xdp_count(const struct pn_bucket *table, size_t nbuckets);
 
+/* Add each live flow's packets and bytes to sums[2 * (policy + 1)] and
+ * sums[2 * (policy + 1) + 1] (sums holds npol pairs); returns the number of
+ * live flows. */
+size_t pn_xdp_sums(const struct pn_bucket *table, size_t nbuckets, uint64_t *sums, size_t npol);
+
 /* Sum of the buckets' passed counts (a consistency check: it equals the
  * sum, over live flows, of how many buckets past home each one lives). */
 uint64_t pn_xdp_passed(const struct pn_bucket *table, size_t nbuckets);

@@ -204,6 +204,7 @@ cdef extern from "xdptable.h":
                        uint64_t now_ns, uint64_t idle_ns) nogil
     size_t pn_xdp_count(const pn_bucket *table, size_t nbuckets) nogil
     uint64_t pn_xdp_passed(const pn_bucket *table, size_t nbuckets) nogil
+    size_t pn_xdp_sums(const pn_bucket *table, size_t nbuckets, uint64_t *sums, size_t npol) nogil
     size_t pn_xdp_fold(const pn_xslot *slots, size_t n, pn_flow *out) nogil
 
 
@@ -223,6 +224,18 @@ def xdp_take(uint8_t[::1] table not None, uint8_t[::1] out not None, int mode, u
 def xdp_count(uint8_t[::1] table not None):
     """Live flows in the mapped XDP flow table."""
     return pn_xdp_count(<const pn_bucket *>&table[0], table.shape[0] // sizeof(pn_bucket))
+
+
+def xdp_sums(uint8_t[::1] table not None, uint64_t[:, ::1] sums not None):
+    """Add each live flow's (packets, bytes) of the mapped XDP flow table to
+    row policy + 1 of sums; returns the number of live flows."""
+    cdef size_t n
+    if sums.shape[1] != 2:
+        raise ValueError("sums must be (policies + 1, 2)")
+    with nogil:
+        n = pn_xdp_sums(<const pn_bucket *>&table[0], table.shape[0] // sizeof(pn_bucket), &sums[0, 0],
+                        sums.shape[0])
+    return n
 
 
 def xdp_passed(uint8_t[::1] table not None):

@@ -262,6 +262,69 @@ def test_one_flow_counted_on_two_cpus_adds_up():
         os.sched_setaffinity(0, saved)
 
 
+
+def test_policy_counters_follow_each_packet_through_evictions_swaps_and_drains():
+    """A hit counts only in its flow record; a policy's count is its live
+    flows plus what left the table (evicted, drained) plus packets without a
+    record. Whatever happens to the records, every policy's count equals the
+    packets the program classified into it."""
+    Xdp = _xdp_or_skip()
+    udp_p = PolicyTable([Policy("p", Match(proto="udp"), priority=1), Policy("q", Match(proto="tcp"), priority=2)])
+    udp_q = PolicyTable([Policy("p", Match(proto="tcp"), priority=1), Policy("q", Match(proto="udp"), priority=2)])
+    frames = [packets.udp("10.1.0.1", f"10.2.{i // 250}.{i % 250}", 1000 + i % 7, 53, payload=b"x" * (i % 50))
+              for i in range(300)]
+    frames += [packets.tcp("10.1.0.1", f"10.3.0.{i}", 4000 + i, 443) for i in range(20)]
+    want = np.zeros((3, 2), dtype=np.int64)  # default, p, q: packets, bytes
+
+    def run(fs, t0):
+        ids = x.test_run(fs, ts_ns=np.arange(t0, t0 + len(fs), dtype=np.uint64))
+        for i, f in zip(ids, fs):
+            want[i + 1] += (1, len(f) - 14)
+
+    def check():
+        c = x.counters()
+        got = [[c["default"]["packets"], c["default"]["bytes"]]] + \
+              [[c["policies"][n]["packets"], c["policies"][n]["bytes"]] for n in ("p", "q")]
+        assert got == want.tolist()
+
+    with Xdp(udp_p, flow_capacity=16) as x:  # 64 slots: most of 320 flows are evicted
+        run(frames, 1)
+        check()
+        assert x.counters()["evicted"] > 200
+        recent = frames[-30:]  # 10 udp, 20 tcp flows, all live (too few to fill a 32-slot probe window)
+        run(recent, 1_000)  # hits
+        assert x.counters()["new_flows"] == 320
+        check()
+        x.set_table(udp_q)  # udp moves from p to q, tcp from q to p
+        run(recent, 2_000)
+        check()
+        assert x.counters()["reclassified"] == 30
+        assert len(x.drain(idle_timeout_s=0, now_ns=2_015)) > 15  # the older live flows
+        run(recent, 3_000)  # some hits, some new flows again
+        check()
+        x.drain(flush=True)
+        check()
+        assert x.counters()["flows"] == 0 and want[1:, 0].sum() == 320 + 3 * 30
+
+def test_live_flow_times_are_wall_clock_to_a_tick():
+    """The program's clock is jiffies * tick + base (struct pn_cfg), measured
+    at load: a flow's times fall within a kernel tick of the wall clock."""
+    with _xdp_or_skip()(PolicyTable([]), flow_capacity=64) as x:  # never replayed: flows in wall time
+        _wall_clock_to_a_tick(x)
+
+
+def _wall_clock_to_a_tick(x):
+    tick = x._tick_ns
+    assert tick in (10_000_000, 4_000_000, 3_333_333, 1_000_000)
+    t0 = time.time_ns()
+    x.test_run([packets.udp("10.0.0.1", "10.0.0.2", 1, 2)])
+    time.sleep(3 * tick / 1e9)
+    x.test_run([packets.udp("10.0.0.1", "10.0.0.2", 1, 2)])
+    t1 = time.time_ns()
+    (f,) = x.flows()
+    assert t0 - 2 * tick <= f["first_ns"] < f["last_ns"] <= t1 + tick
+
+
 def test_drain_idle_takes_only_idle_flows(xdp_pool):
     x = xdp_pool(PolicyTable([]))
     a = packets.udp("10.0.0.1", "10.0.0.2", 1, 2)

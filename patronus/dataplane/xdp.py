@@ -359,6 +359,7 @@ class Xdp:
                 for i, name in enumerate((b"pn_cls", b"pn_fin")):
                     progs[ctypes.c_int(i)] = ctypes.c_int(self._bpf.load_func(name, bcc.BPF.XDP).fd)
                 self._floor = self._bpf.load_func(b"pn_floor", bcc.BPF.XDP)
+                clock = self._bpf.load_func(b"pn_clock", bcc.BPF.XDP)
             except Exception as e:
                 tail = "\n".join(log.read().strip().splitlines()[-15:])
                 raise DataplaneUnavailable(f"the XDP program did not load: {e}\n{tail}",
@@ -378,6 +379,10 @@ class Xdp:
         self._set = 0
         self._generation = 1
         self._clock = 0
+        self._tick_ns, self._clock_base = self._calibrate(clock.fd)
+        # (packets, bytes) by policy + 1 of the flows drains took out of the
+        # table; with pn_pcount_map and the live flows, the policy counters
+        self._gone = np.zeros((self._npol, 2), dtype=np.uint64)
         self._replayed = False  # flows stamped by test_run's ts_ns, not the kernel clock
         self._meta = False  # write pn_meta (path, policy) before each frame: steering and test runs
         self._lpm_keys: list[list[bytes]] = [[], []]
@@ -546,11 +551,42 @@ class Xdp:
         self._set_value("pn_rpol_map", s, rp)
 
     def _write_cfg(self) -> None:
-        cfg = np.zeros(3, dtype=np.uint64)
+        cfg = np.zeros(3, dtype=np.uint64)  # struct pn_cfg
         cfg.view(np.uint32)[:2] = (self._set, self._generation)
-        cfg[1] = self._clock
-        cfg.view(np.uint32)[4] = CFG_META if self._meta else 0
+        # now = jiffies * tick_ns + clock_base; replaying, the replayed time
+        cfg[1] = self._clock if self._clock else self._clock_base
+        cfg.view(np.uint32)[4:6] = (0 if self._clock else self._tick_ns, CFG_META if self._meta else 0)
         self._set_value("pn_cfg_map", 0, cfg)
+
+    def _calibrate(self, fd: int) -> tuple[int, int]:
+        """The kernel tick (1e9 / CONFIG_HZ ns) and the CLOCK_MONOTONIC time of
+        jiffy 0, from two readings of (jiffies, coarse clock) by pn_clock: the
+        coarse clock moves in whole ticks, in step with jiffies."""
+        m = self._bpf[b"pn_clock_map"]
+        obuf = ctypes.create_string_buffer(256)
+
+        def read() -> tuple[int, int]:
+            for _ in range(100):
+                self._run_one(fd, bytes(64), 1, obuf)
+                j0, t, j1 = (m[m.Key(i)].value for i in range(3))
+                if j0 == j1:  # no tick between the two reads
+                    return j0, t
+            raise DataplaneUnavailable("the kernel clock did not hold still for a microsecond",
+                                       "retry on a less loaded machine")
+
+        j0, t0 = read()
+        deadline = time.monotonic() + 2.0
+        while True:
+            time.sleep(0.005)
+            j1, t1 = read()
+            if j1 - j0 >= 2 or time.monotonic() > deadline:
+                break
+        if j1 == j0:
+            raise DataplaneUnavailable("jiffies did not advance in 2 s", "is the kernel's tick stopped?")
+        measured = (t1 - t0) / (j1 - j0)
+        # TICK_NSEC of the CONFIG_HZ choices Linux offers
+        tick = min(((10**9 + hz // 2) // hz for hz in (100, 250, 300, 1000)), key=lambda k: abs(k - measured))
+        return tick, (t1 - j1 * tick) % (1 << 64)
 
     def _init_paths(self, table: PolicyTable) -> None:
         # pn_pol_map mirrored here: column 0 path slot, column 1 XDP action
@@ -710,14 +746,20 @@ class Xdp:
         Besides the keys ``Userspace.counters()`` has: ``evicted`` and
         ``export_lost`` (flows pushed out of a full probe window, and those the
         eviction ring had no room for), ``insert_failed`` (lost a slot race:
-        counted, no record), ``unaccounted`` (passed without a policy because
+        counted, no record), ``reclassified`` (known flows classified again
+        after a table swap), ``unaccounted`` (passed without a policy because
         a tail call failed; never expected), ``class_cache_hits`` (new flows
         the classifier cache answered) and ``generation``.
 
         >>> x.counters()["policies"]["voip"]["packets"]  # doctest: +SKIP
         4
         """
-        pc = self._percpu_sum("pn_pcount_map", self._npol, 2)
+        # a policy's count: what no live record holds (pn_pcount_map), what
+        # drains took, and its live flows (read before the map: a flow evicted
+        # in between is counted twice in this reading, never lost)
+        pc = self._gone.copy()
+        live = _fast().xdp_sums(self._table_mem, pc)
+        pc += self._percpu_sum("pn_pcount_map", self._npol, 2)
         mal = self._percpu_sum("pn_malformed_map", len(abi.MALFORMED_REASONS) + 1, 1)[:, 0]
         st = dict(zip(STATS, (int(x) for x in self._percpu_sum("pn_stats_map", len(STATS), 1)[:, 0])))
         return {
@@ -725,12 +767,13 @@ class Xdp:
             "policies": {p.name: {"packets": int(pc[i + 1, 0]), "bytes": int(pc[i + 1, 1])}
                          for i, p in enumerate(self.table.policies)},
             "malformed": dict(zip(abi.MALFORMED_REASONS, (int(x) for x in mal[1:]))),
-            "flows": _fast().xdp_count(self._table_mem), "capacity": self._slots,
-            # every parsed packet bumps one policy counter; hits are the packets
+            "flows": live, "capacity": self._slots,
+            # every parsed packet is in one policy's count; hits are the packets
             # that were none of the other cases (the program does not count them)
             "new_flows": st["new_flows"],
             "cache_hits": int(pc[:, 0].sum()) - st["new_flows"] - st["reclassified"] - st["insert_failed"],
             "cache_misses": st["new_flows"] + st["reclassified"] + st["insert_failed"],
+            "reclassified": st["reclassified"],
             "insert_failed": st["insert_failed"], "evicted": st["evicted"], "export_lost": st["export_lost"],
             "unaccounted": st["unaccounted"], "class_cache_hits": st["class_cache_hits"],
             "generation": self._generation,
@@ -741,7 +784,12 @@ class Xdp:
         room = live + 1024 if mode == TAKE_COPY else self._slots  # flows arriving during the scan
         out = np.empty(min(room, self._slots), dtype=abi.FLOW_DTYPE)
         n = _fast().xdp_take(self._table_mem, out.view(np.uint8), mode, now_ns, idle_ns)
-        return self._to_wall(out[:n].copy() if n < len(out) // 2 else out[:n])
+        out = out[:n].copy() if n < len(out) // 2 else out[:n]
+        if mode != TAKE_COPY and n:  # their counts leave the table: the policy counters keep them
+            slot = out["policy"].astype(np.int64) + 1
+            for col, field in enumerate(("packets", "bytes")):  # exact in uint64 (bincount sums in float)
+                np.add.at(self._gone[:, col], slot, out[field])
+        return self._to_wall(out)
 
     def _on_evict(self, ctx: Any, data: Any, size: int) -> None:
         self._evicted.append(ctypes.string_at(data, size))
