@@ -137,3 +137,48 @@ def test_flow_export_rate(benchmark, Xdp):
         benchmark.extra_info["records_per_s"] = round(rate)
         print(f"\nflow export: {len(got)} flows ({c['evicted']} evicted at full capacity), "
               f"{rate / 1e6:.1f} M records/s")
+
+
+def test_hit_flat_across_rule_counts(benchmark, Xdp):
+    """The goal "hit flat within 10 % across rule counts", measured so that
+    the VM's noise hits every rule count alike: one program per rule count,
+    all loaded at once, the same frame (one flow) hit in each in turn, 41
+    rounds. The spread is (slowest - fastest) / fastest of the per-count
+    minimums (and medians); each count's floor is taken in the same rounds."""
+    hot = make_traffic(10, 10, 10).frames[0]
+    xs = {}
+    try:
+        for n in COUNTS:
+            table = make_table(max(n, 10))
+            if n == 1:
+                from patronus import PolicyTable
+
+                table = PolicyTable(table.policies[:1])
+            x = Xdp(table, flow_capacity=1 << 16)
+            xs[n] = x
+            x.test_run([hot])  # the flow, classified once
+            x.steering = False
+        rounds = {n: [] for n in COUNTS}
+        floors = []
+        for _ in range(41):
+            floors.append(xs[COUNTS[0]].bench(hot, 20_000, floor=True))
+            for n in COUNTS:
+                rounds[n].append(xs[n].bench(hot, 20_000))
+        for n in COUNTS:  # every hit was a hit: no new flow after the first packet
+            assert xs[n].counters()["new_flows"] == 1
+    finally:
+        for x in xs.values():
+            x.close()
+    mins = {n: min(v) for n, v in rounds.items()}
+    meds = {n: float(np.median(v)) for n, v in rounds.items()}
+    spread_min = (max(mins.values()) - min(mins.values())) / min(mins.values())
+    spread_med = (max(meds.values()) - min(meds.values())) / min(meds.values())
+    benchmark.extra_info.update({f"hit_min_{n}": mins[n] for n in COUNTS})
+    benchmark.extra_info.update({f"hit_median_{n}": meds[n] for n in COUNTS})
+    benchmark.extra_info.update(floor_min=min(floors), spread_min=round(spread_min, 3),
+                                spread_median=round(spread_med, 3))
+    benchmark.pedantic(lambda: x_dummy(), rounds=1, iterations=1)
+    print("\nhit, interleaved across rule counts (ns): " +
+          ", ".join(f"{n}: min {mins[n]:.0f} median {meds[n]:.0f}" for n in COUNTS) +
+          f" | floor min {min(floors):.0f} | spread of minimums {100 * spread_min:.0f} %, "
+          f"of medians {100 * spread_med:.0f} %")

@@ -397,6 +397,19 @@ static __always_inline void pn_passed(__u32 h, __u32 at, __s64 d)
     }
 }
 
+/* Take a claimed slot's counts out: its policy's counter gets them and the
+ * slot's sum (rec.* + shared_*) drops to 0, in one exchange per counter,
+ * so a late add (a CPU that found the flow before the claim) stays in the
+ * slot, for its next flow, rather than vanishing. csrc/xdptable.c takes
+ * drained slots the same way. */
+static __always_inline void pn_take_counts(struct pn_xslot *x)
+{
+    __u64 p = x->f.rec.packets, b = x->f.rec.bytes;
+    __u64 sp = __sync_lock_test_and_set(&x->shared_packets, -p);
+    __u64 sb = __sync_lock_test_and_set(&x->shared_bytes, -b);
+    pn_pcount_add(x->f.rec.policy, p + sp, b + sb);
+}
+
 /* Claim a slot for key `w`: the first empty one in the probe window, else
  * the one idle longest (its record goes to pn_evict_rb first). Returns the
  * slot, marked busy, or 0 when another writer won the race for it. */
@@ -449,8 +462,7 @@ static __always_inline struct pn_xslot *pn_ft_insert(const __u64 *w, __u32 h, __
     if (c)
         *c += 1;
     /* its counts leave the table: its policy's counter keeps them */
-    pn_pcount_add(victim->f.rec.policy, victim->f.rec.packets + victim->shared_packets,
-                  victim->f.rec.bytes + victim->shared_bytes);
+    pn_take_counts(victim);
     /* the victim is ours now: move its passed counts to the new key's, then
      * retag it with the new key, still busy */
     const __u64 *vk = (const __u64 *)victim;
@@ -531,22 +543,32 @@ static __always_inline int pn_finish_miss(struct xdp_md *ctx, struct pn_scratch 
     x = sc->reclass ? pn_ft_find(sc->kw, sc->h) : 0;
     if (x) {
         r = &x->f.rec;
-        /* re-stamp once (CPUs may race to): the winner moves the flow's
-         * counts so far to its old policy's counter (pn_pcount_map) */
-        _Static_assert(__builtin_offsetof(struct pn_flow_rec, generation) ==
-                       __builtin_offsetof(struct pn_flow_rec, tcp_flags) + 4, "generation: high half of a word");
-        __u64 *gw = (__u64 *)&r->tcp_flags, ow = *gw;  /* BPF has 64-bit CAS only here */
-        __u64 nw = (ow & 0xffffffffull) | (__u64)sc->ck.gen << 32;
-        if ((__u32)(ow >> 32) != sc->ck.gen && __sync_val_compare_and_swap(gw, ow, nw) == ow) {
-            __s32 old = r->policy;
-            if (old != policy) {
-                __u64 tp = r->packets + x->shared_packets, tb = r->bytes + x->shared_bytes;
-                pn_pcount_add(old, tp, tb);
-                pn_pcount_add(policy, -tp, -tb);
-                r->policy = policy;
+        __u32 gen = sc->ck.gen;
+        if ((__s32)(gen - r->generation) > 0) {
+            /* Re-stamp it, claimed (busy) like a slot being evicted, so no
+             * eviction, drain or other re-stamp runs at once: its counts so
+             * far move to its old policy's counter. A packet arriving
+             * meanwhile misses the lookup and may start a second record of
+             * the flow (as two CPUs seeing its first packet can). */
+            __u64 *stp = pn_state(x), w = sc->kw[4];
+            if (__sync_val_compare_and_swap(stp, w, w | PN_BUSY_BITS) == w) {
+                __s32 old = r->policy;
+                if ((__s32)(gen - r->generation) > 0 && old != policy) {
+                    __u64 tp = r->packets + x->shared_packets, tb = r->bytes + x->shared_bytes;
+                    pn_pcount_add(old, tp, tb);
+                    pn_pcount_add(policy, -tp, -tb);
+                    r->policy = policy;
+                }
+                if ((__s32)(gen - r->generation) > 0)
+                    r->generation = gen;
+                pn_count(sc, x, now);
+                __sync_val_compare_and_swap(stp, w | PN_BUSY_BITS, w);
+            } else {
+                r = 0;  /* being evicted, drained or re-stamped: count the packet by its policy */
             }
+        } else {
+            pn_count(sc, x, now);  /* another CPU re-stamped it first */
         }
-        pn_count(sc, x, now);
     } else {  /* a new flow, or one drained since pn_xdp saw it */
         /* this CPU's number, for the flows it creates (until then no flow
          * names it, and pn_count takes the shared counters) */
@@ -560,13 +582,12 @@ static __always_inline int pn_finish_miss(struct xdp_md *ctx, struct pn_scratch 
             fw[1] = sc->kw[1];
             fw[2] = sc->kw[2];
             fw[3] = sc->kw[3];
-            /* The slot's last creator CPU may still be adding to
-             * rec.packets/bytes with a plain add it began before the slot
-             * changed hands; a store of ours could be overwritten by it
-             * with the old flow's total. So leave them and make the sums
-             * start at this packet: exports add shared_* in (wrapping). */
-            x->shared_packets = 1 - r->packets;
-            x->shared_bytes = (__u64)p->l3_len - r->bytes;
+            /* The slot's sum is 0 (plus a late add of its last flow, see
+             * pn_take_counts); rec.packets/bytes may still take a plain
+             * add from its last creator CPU, so leave them and add this
+             * packet to the sum. Exports add shared_* in (wrapping). */
+            __sync_fetch_and_add(&x->shared_packets, 1);
+            __sync_fetch_and_add(&x->shared_bytes, (__u64)p->l3_len);
             r->first_ns = now;
             r->last_ns = now;
             r->policy = policy;

@@ -142,10 +142,12 @@ struct pn_policy_counter {
  * rec.bytes with plain adds: XDP never runs twice at once on one CPU, so a
  * hit needs no locked instruction. Any other CPU adds to shared_* with
  * atomics. Readers report the sums (and rec._pad as 0), so the exported
- * record is a plain struct pn_flow. The counts are only meaningful summed:
- * a new flow leaves rec.packets/bytes as the slot's last flow left them
- * (its creator may still be finishing a plain add) and sets shared_* to
- * its first packet minus them, wrapping. */
+ * record is a plain struct pn_flow. The counts are only meaningful summed
+ * (wrapping): whoever takes a flow out (an eviction, a drain) claims the
+ * slot, reads rec.* and exchanges shared_* for -rec.*, leaving the sum at
+ * 0; a new flow leaves rec.* alone (its last creator may still be
+ * finishing a plain add, which then counts for the new flow instead of
+ * vanishing) and adds its first packet to shared_*. */
 struct pn_xslot {
     struct pn_flow f;
     __u64 shared_packets;

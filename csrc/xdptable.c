@@ -19,6 +19,21 @@ static inline void export_slot(const struct pn_xslot *x, struct pn_flow *out, ui
     ((uint64_t *)out)[PN_SLOT_WORD / 8] = state;
 }
 
+/* The exported record of a claimed slot that leaves the table: its counts
+ * are taken out with one exchange per counter, leaving the slot's sum at 0,
+ * so a late add by a CPU that found the flow before the claim stays in the
+ * slot for its next flow (the program's pn_take_counts). */
+static inline void take_slot(struct pn_xslot *x, struct pn_flow *out, uint64_t state)
+{
+    memcpy(out, &x->f, sizeof(*out));
+    uint64_t p = __atomic_load_n(&x->f.rec.packets, __ATOMIC_RELAXED);
+    uint64_t b = __atomic_load_n(&x->f.rec.bytes, __ATOMIC_RELAXED);
+    out->rec.packets = p + __atomic_exchange_n(&x->shared_packets, -p, __ATOMIC_ACQ_REL);
+    out->rec.bytes = b + __atomic_exchange_n(&x->shared_bytes, -b, __ATOMIC_ACQ_REL);
+    out->rec._pad = 0;
+    ((uint64_t *)out)[PN_SLOT_WORD / 8] = state;
+}
+
 /* A flow with key words 0-3 of x and state word `state`, in bucket `at`,
  * leaves: take it out of the passed counts of the buckets before it in its
  * window (the program's pn_passed, in reverse). */
@@ -57,7 +72,7 @@ size_t pn_xdp_take(struct pn_bucket *table, size_t nbuckets, struct pn_flow *out
         uint64_t expect = w;
         if (!__atomic_compare_exchange_n(st, &expect, w | BUSY, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
             continue; /* a CPU is evicting it: its record goes to the ring buffer */
-        export_slot(x, &out[n++], w);
+        take_slot(x, &out[n++], w);
         unpass(table, nbuckets, x, w, bi);
         __atomic_store_n(st, 0, __ATOMIC_RELEASE);
     }

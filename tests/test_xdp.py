@@ -306,6 +306,34 @@ def test_policy_counters_follow_each_packet_through_evictions_swaps_and_drains()
         check()
         assert x.counters()["flows"] == 0 and want[1:, 0].sum() == 320 + 3 * 30
 
+def test_a_late_add_to_a_taken_slot_counts_for_its_next_flow():
+    """A CPU that found a flow just before a drain took it may still add to
+    the slot's creator counters after the take. The take leaves the slot's
+    sum (rec + shared) at 0 and a new flow adds its first packet to that sum,
+    so such a late add is counted (for the slot's next flow), never lost.
+    The late add is simulated by writing the freed slot through the map."""
+    from patronus import abi
+
+    Xdp = _xdp_or_skip()
+    f = packets.udp("10.0.0.1", "10.0.0.2", 1000, 53, payload=b"x" * 10)  # 38 bytes of IP
+    with Xdp(PolicyTable([Policy("u", Match(proto="udp"), priority=1)]), flow_capacity=1) as x:
+        x.test_run([f])
+        (gone,) = x.drain(flush=True)
+        assert gone["packets"] == 1
+        slots = x._table_mem.view(abi.BUCKET_DTYPE)["s"]  # (bucket, slot), a view of the map's memory
+        (i,) = np.argwhere((slots["f"]["dst"][..., :4] == [10, 0, 0, 2]).all(axis=-1))  # the freed slot
+        rec = slots[tuple(i)]
+        assert rec["f"]["packets"] + rec["shared_packets"] == 0  # its sum, taken out
+        rec["f"]["packets"] += 1  # the late plain add
+        rec["f"]["bytes"] += 38
+        del slots, rec  # views of the mapping: close() unmaps it
+        x.test_run([f])  # the same flow again: the same home bucket, the same free slot
+        (live,) = x.flows()
+        assert (live["packets"], live["bytes"]) == (2, 76)
+        c = x.counters()["policies"]["u"]
+        assert (c["packets"], c["bytes"]) == (3, 114)
+
+
 def test_live_flow_times_are_wall_clock_to_a_tick():
     """The program's clock is jiffies * tick + base (struct pn_cfg), measured
     at load: a flow's times fall within a kernel tick of the wall clock."""
@@ -369,6 +397,25 @@ def test_missing_interface_is_named(xdp_pool):
     x = xdp_pool(PolicyTable([]))
     with pytest.raises(DataplaneUnavailable, match="does not exist"):
         x.attach("pnnosuchif0")
+
+
+def test_replaying_times_on_an_attached_program_is_refused():
+    """Replayed times go into the program's one configuration word: on an
+    attached program they would stamp live packets too."""
+    Xdp = _xdp_or_skip()
+    a, b = f"pnr{os.getpid() % 100000}a", f"pnr{os.getpid() % 100000}b"
+    subprocess.run(["ip", "link", "add", a, "type", "veth", "peer", "name", b], check=True)
+    try:
+        with Xdp(PolicyTable([]), flow_capacity=64) as x:
+            x.attach(a, mode="generic")
+            f = packets.udp("10.0.0.1", "10.0.0.2", 1, 2)
+            with pytest.raises(ConfigError, match="replayed times"):
+                x.test_run([f], ts_ns=[1])
+            assert x.test_run([f]).tolist() == [-1]  # the live clock is fine
+            x.detach(a)
+            assert x.test_run([f], ts_ns=[5]).tolist() == [-1]
+    finally:
+        subprocess.run(["ip", "link", "del", a], capture_output=True)
 
 
 NOT_ROOT = r"""
