@@ -414,6 +414,12 @@ def test_replaying_times_on_an_attached_program_is_refused():
             assert x.test_run([f]).tolist() == [-1]  # the live clock is fine
             x.detach(a)
             assert x.test_run([f], ts_ns=[5]).tolist() == [-1]
+            # replayed flows and live ones do not share a table
+            with pytest.raises(ConfigError, match="replayed flows"):
+                x.attach(a, mode="generic")
+            assert x.drain(flush=True)["last_ns"].tolist() == [5]
+            x.attach(a, mode="generic")
+            _wall_clock_to_a_tick(x)  # live flows read in wall time again
     finally:
         subprocess.run(["ip", "link", "del", a], capture_output=True)
 

@@ -417,9 +417,17 @@ class Xdp:
         _live.discard(self)
 
     def attach(self, ifname: str, mode: str = "native") -> None:
-        """Attach to an interface of the current network namespace."""
+        """Attach to an interface of the current network namespace. A flow
+        table holding replayed flows (``test_run(ts_ns=...)``) must be
+        flushed first: their times are the capture's, live flows' the
+        kernel's, and the two do not mix in one table."""
         if mode not in XDP_FLAGS:
             raise ConfigError("mode", mode, f"is not one of {', '.join(XDP_FLAGS)}")
+        if self._replayed:
+            if _fast().xdp_count(self._table_mem):
+                raise ConfigError("attach", ifname, "the flow table holds replayed flows (test_run with ts_ns); "
+                                  "drain(flush=True) first")
+            self._replayed = False
         try:
             socket.if_nametoindex(ifname)
         except OSError:
@@ -745,6 +753,7 @@ class Xdp:
         parts = [self._take_evicted()]
         if flush:
             parts.append(self._take(TAKE_ALL))
+            self._replayed = False  # nothing replayed is left: flows are the kernel clock's again
         elif idle_timeout_s is not None:
             now = now_ns if now_ns is not None else self._clock or time.monotonic_ns()
             parts.append(self._take(TAKE_IDLE, now, int(idle_timeout_s * 1e9)))
