@@ -10,6 +10,11 @@
  * set bit: the highest-priority rule matching every field. A summary bitmap
  * (bit w set iff word w is non-zero) is ANDed first, so words where any field
  * is all-zero are skipped without being read.
+ *
+ * Bitmaps are stored as chunks of 64 words (one per summary word), each
+ * distinct chunk once for the whole classifier: rows of a field differ in
+ * few chunks (those of the rules of one prefix or port range), so at 65,536
+ * rules the 872 MB of dense rows of the benchmark table are about 65 MB.
  */
 #ifndef PATRONUS_CLASSIFY_H
 #define PATRONUS_CLASSIFY_H
@@ -32,14 +37,19 @@ typedef struct {
     pn_u128 *starts;        /* sorted interval starts (prefix fields) */
     uint32_t *row_of;       /* interval -> row (prefix fields), or value -> row (LUT fields) */
     uint32_t nrows;
-    uint64_t *rows;         /* nrows x stride words: summary then bitmap */
+    uint64_t *sums;         /* nrows x nsum: bit b of word j says bitmap word 64 j + b is non-zero */
+    uint32_t *chunk;        /* nrows x nsum: the chunk holding bitmap words 64 j .. 64 j + 63 */
 } pn_field;
 
+#define PN_CHUNK_WORDS 64
+
 typedef struct {
-    uint32_t nrules, nwords, nsum, stride;
+    uint32_t nrules, nwords, nsum;
     pn_field f[PN_NFIELDS];
     uint32_t noport_row[2]; /* sport/dport row for packets without ports */
     int32_t *rule_policy;   /* rule (priority order) -> policy index */
+    uint64_t *chunks;       /* nchunks x PN_CHUNK_WORDS, distinct; chunk 0 is all zeros */
+    uint32_t nchunks;
     size_t memory;          /* bytes allocated, for users sizing big tables */
 } pn_classifier;
 

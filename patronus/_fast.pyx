@@ -87,12 +87,15 @@ cdef extern from "classify.h":
         uint32_t nintervals
         uint32_t *row_of
         uint32_t nrows
-        uint64_t *rows
+        uint64_t *sums
+        uint32_t *chunk
     ctypedef struct pn_classifier:
-        uint32_t nrules, nwords, nsum, stride
+        uint32_t nrules, nwords, nsum
         pn_field f[8]
         uint32_t noport_row[2]
         int32_t *rule_policy
+        uint64_t *chunks
+        uint32_t nchunks
         size_t memory
     void pn_field_starts(const pn_field *f, uint64_t *hi, uint64_t *lo)
     int pn_classifier_build(pn_classifier *c, const pn_rule *rules, uint32_t n)
@@ -343,27 +346,37 @@ cdef class Classifier:
     def export(self):
         """The compiled bit vectors as numpy arrays, for loading into BPF maps.
 
-        Per field (src4, dst4, src6, dst6, sport, dport, proto, dscp): "rows"
-        (nrows x stride uint64: nsum summary words then nwords bitmap words),
+        Per field (src4, dst4, src6, dst6, sport, dport, proto, dscp): "sums"
+        (nrows x nsum uint64 summary words), "chunk" (nrows x nsum uint32: the
+        id of the 64-word chunk of the row's bitmap under each summary word)
         and "row_of" (prefix fields: per interval, with "start_hi"/"start_lo";
-        small fields: per value)."""
+        small fields: per value). "chunks" (nchunks x 64 uint64) holds each
+        distinct chunk once, for all fields; chunk 0 is all zeros."""
         cdef pn_field *f
         names = ("src4", "dst4", "src6", "dst6", "sport", "dport", "proto", "dscp")
         out = {"nrules": self.c.nrules, "nwords": self.c.nwords, "nsum": self.c.nsum,
-               "stride": self.c.stride, "noport_row": (self.c.noport_row[0], self.c.noport_row[1]),
+               "noport_row": (self.c.noport_row[0], self.c.noport_row[1]),
                "rule_policy": np.array([self.c.rule_policy[i] for i in range(self.c.nrules)], dtype=np.int32)}
-        cdef uint64_t[::1] hi, lo, rows
-        cdef uint32_t[::1] ro
+        cdef uint64_t[::1] hi, lo, words
+        cdef uint32_t[::1] ro, ids
+        cdef size_t ns = self.c.nsum
+        chunks = np.empty(self.c.nchunks * 64, dtype=np.uint64)
+        words = chunks
+        memcpy(&words[0], self.c.chunks, self.c.nchunks * 64 * 8)
+        out["chunks"] = chunks.reshape(self.c.nchunks, 64)
         for k in range(8):
             f = &self.c.f[k]
             nvals = f.nintervals if k < 4 else (65536 if k < 6 else (256 if k == 6 else 64))
             row_of = np.empty(nvals, dtype=np.uint32)
             ro = row_of
             memcpy(&ro[0], f.row_of, nvals * 4)
-            allrows = np.empty(f.nrows * self.c.stride, dtype=np.uint64)
-            rows = allrows
-            memcpy(&rows[0], f.rows, f.nrows * self.c.stride * 8)
-            d = {"row_of": row_of, "rows": allrows.reshape(f.nrows, self.c.stride)}
+            sums = np.zeros(f.nrows * ns + 1, dtype=np.uint64)  # + 1: never empty, for the memoryview
+            cids = np.zeros(f.nrows * ns + 1, dtype=np.uint32)
+            words = sums
+            ids = cids
+            memcpy(&words[0], f.sums, f.nrows * ns * 8)
+            memcpy(&ids[0], f.chunk, f.nrows * ns * 4)
+            d = {"row_of": row_of, "sums": sums[:-1].reshape(f.nrows, ns), "chunk": cids[:-1].reshape(f.nrows, ns)}
             if k < 4:
                 sh = np.empty(f.nintervals, dtype=np.uint64)
                 sl = np.empty(f.nintervals, dtype=np.uint64)

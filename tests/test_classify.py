@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -94,3 +96,27 @@ def test_empty_table_and_empty_input():
     assert t.classify([packets.icmp("1.1.1.1", "2.2.2.2")]).tolist() == [-1]
     assert t.classify([]).tolist() == []
     assert t.classify(frames_to_buffer([])).tolist() == []
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.large_base_example])
+@given(policy_lists(max_size=12), st.lists(any_frames, max_size=20), st.integers(4_100, 9_000),
+       st.integers(0, 2**32))
+def test_tables_of_several_bitmap_chunks_classify_like_the_linear_scan(policies, frames, n, seed):
+    """Past 4,096 rules a row's bitmap spans several 64-word chunks, stored
+    once each and shared between rows. Random policies hidden among n filler
+    rules (distinct /24s and ports, random priorities) classify like the
+    linear scan, including frames aimed at the filler."""
+    rnd = random.Random(seed)
+    taken = {p.priority for p in policies}
+    prios = [p for p in rnd.sample(range(2**31 - 1), n + len(taken)) if p not in taken][:n]
+    filler = [Policy(f"fill{i}", Match(dst=f"10.{i // 250}.{i % 250}.0/24", dst_ports=1000 + i % 64, proto="tcp"),
+                     priority=prios[i]) for i in range(n)]
+    names = {p.name for p in policies}
+    table = PolicyTable([p for p in filler if p.name not in names] + policies)
+    aimed = [packets.tcp("192.0.2.1", f"10.{i // 250}.{i % 250}.9", 5000, 1000 + i % 64)
+             for i in rnd.sample(range(n), 10)]
+    aimed += [packets.tcp("192.0.2.1", f"10.{i // 250}.{i % 250}.9", 5000, 999) for i in rnd.sample(range(n), 3)]
+    fs = frames + aimed
+    want = table.classify_linear(fs).tolist()
+    assert table.classify(fs, cache=False).tolist() == want
+    assert sum(1 for w in want[len(frames):len(frames) + 10] if w >= 0) >= 1  # the filler does match

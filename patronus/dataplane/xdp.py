@@ -147,7 +147,7 @@ ALL_FIELDS = (*FIELDS, "sport", "dport", "proto", "dscp")
 
 
 def _nrows(export: dict[str, Any]) -> int:
-    return sum(export[f]["rows"].shape[0] for f in ALL_FIELDS)
+    return sum(export[f]["sums"].shape[0] for f in ALL_FIELDS)
 
 
 def _room(export: dict[str, Any], max_policies: int | None) -> tuple[int, int]:
@@ -237,31 +237,30 @@ def lpm_entries(rules: np.ndarray, export: dict[str, Any], k: int) -> dict[tuple
 class BitmapChunks:
     """The classifier rows of a table in the program's layout: per row its
     summary words and, for each summary word, the id of a 64-word chunk of
-    its bitmap, chunks deduplicated across all rows (id 0 is all zeros).
-    Rows of a field come in ALL_FIELDS order; ``base[f]`` is field f's first
-    row."""
+    its bitmap. The userspace classifier keeps its bitmaps this way already
+    (each distinct chunk once, id 0 all zeros); here rows are widened to the
+    program's ``nsum`` (more summary words stand for rules not there yet:
+    zero, chunk 0). Rows of a field come in ALL_FIELDS order; ``base[f]`` is
+    field f's first row."""
 
     def __init__(self, export: dict[str, Any], nsum: int) -> None:
         ens = export["nsum"]
-        ids: dict[bytes, int] = {bytes(512): 0}
         sums, chunk_ids, self.base = [], [], {}
         n = 0
         for f in ALL_FIELDS:
-            r = export[f]["rows"]
+            e = export[f]
+            rows = e["sums"].shape[0]
             self.base[f] = n
-            n += r.shape[0]
-            s = np.zeros((r.shape[0], nsum), dtype=np.uint64)
-            s[:, :ens] = r[:, :ens]
-            words = np.zeros((r.shape[0], nsum * 64), dtype=np.uint64)
-            words[:, : r.shape[1] - ens] = r[:, ens:]
-            raw = words.tobytes()
-            cid = np.array([ids.setdefault(raw[i * 512 : (i + 1) * 512], len(ids))
-                            for i in range(r.shape[0] * nsum)], dtype=np.uint32).reshape(-1, nsum)
+            n += rows
+            s = np.zeros((rows, nsum), dtype=np.uint64)
+            s[:, :ens] = e["sums"]
+            cid = np.zeros((rows, nsum), dtype=np.uint32)
+            cid[:, :ens] = e["chunk"]
             sums.append(s)
             chunk_ids.append(cid)
-        self.sums = np.concatenate(sums) if sums else np.zeros((0, nsum), dtype=np.uint64)
-        self.chunk_ids = np.concatenate(chunk_ids) if chunk_ids else np.zeros((0, nsum), dtype=np.uint32)
-        self.chunks = np.frombuffer(b"".join(ids), dtype=np.uint64).reshape(-1, 64)
+        self.sums = np.concatenate(sums)
+        self.chunk_ids = np.concatenate(chunk_ids)
+        self.chunks = export["chunks"]
 
     def row_values(self) -> np.ndarray:
         """struct pn_row values, one per row: sums then chunk ids (padded to 8 bytes)."""
