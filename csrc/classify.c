@@ -39,7 +39,10 @@ static uint64_t hash_words(const uint64_t *w, uint32_t n)
         h *= 0xbf58476d1ce4e5b9ull;
         h ^= h >> 29;
     }
-    return h;
+    /* the last word's high bits reach the low bits (slot indexes) too */
+    h ^= h >> 32;
+    h *= 0x94d049bb133111ebull;
+    return h ^ (h >> 31);
 }
 
 /* Distinct 64-word bitmap chunks of the whole classifier (c->chunks), found
@@ -239,14 +242,20 @@ static int build_field(pn_classifier *c, chunkstore_t *cs, pn_field *f, const iv
             f->row_of[v] = rowid[j];
         }
         c->memory += sizeof(uint32_t) * nv;
-    } else {
-        f->starts = realloc(starts, sizeof(pn_u128) * ni);
-        f->row_of = realloc(rowid, sizeof(uint32_t) * ni);
+    } else {  /* shrink to fit; a failed shrink keeps the larger buffer */
+        pn_u128 *ts = realloc(starts, sizeof(pn_u128) * ni);
+        uint32_t *tr = realloc(rowid, sizeof(uint32_t) * ni);
+        f->starts = ts ? ts : starts;
+        f->row_of = tr ? tr : rowid;
         starts = NULL;
         rowid = NULL;
         c->memory += (sizeof(pn_u128) + sizeof(uint32_t)) * ni;
     }
-    c->memory += (size_t)rs.cap * c->nsum * 12;
+    uint64_t *ts = realloc(f->sums, (size_t)f->nrows * c->nsum * 8);
+    uint32_t *tk = realloc(f->chunk, (size_t)f->nrows * c->nsum * 4);
+    f->sums = ts ? ts : f->sums;
+    f->chunk = tk ? tk : f->chunk;
+    c->memory += (size_t)f->nrows * c->nsum * 12;
     rc = 0;
 out:
     free(ev);
@@ -275,8 +284,14 @@ static int64_t wildcard_row(pn_classifier *c, chunkstore_t *cs, pn_field *f, con
                 bits[i / 64] |= 1ull << (i % 64);
         memset(dirty, 1, c->nsum);
         /* appended without the dedupe table: one extra row at most */
-        uint32_t cap = f->nrows;
-        if (!intern_dirty(c, cs, bits, dirty, ids, sums))
+        uint32_t cap = f->nrows + 1;
+        uint64_t *ns = realloc(f->sums, (size_t)cap * c->nsum * 8);
+        if (ns)
+            f->sums = ns;
+        uint32_t *nk = ns ? realloc(f->chunk, (size_t)cap * c->nsum * 4) : NULL;
+        if (nk)
+            f->chunk = nk;
+        if (nk && !intern_dirty(c, cs, bits, dirty, ids, sums))
             row = row_append(c, f, &cap, ids, sums);
         if (row >= 0)
             c->memory += (size_t)c->nsum * 12;
@@ -350,7 +365,9 @@ int pn_classifier_build(pn_classifier *c, const struct pn_rule *rules, uint32_t 
         goto fail;
     free(ivs);
     free(cs.slots);
-    c->memory += sizeof(int32_t) * n + (size_t)cs.cap * PN_CHUNK_WORDS * 8;
+    uint64_t *tc = realloc(c->chunks, (size_t)c->nchunks * PN_CHUNK_WORDS * 8);  /* shrink to fit */
+    c->chunks = tc ? tc : c->chunks;
+    c->memory += sizeof(int32_t) * n + (size_t)c->nchunks * PN_CHUNK_WORDS * 8;
     return 0;
 fail:
     free(ivs);

@@ -360,9 +360,9 @@ cdef class Classifier:
         cdef uint64_t[::1] hi, lo, words
         cdef uint32_t[::1] ro, ids
         cdef size_t ns = self.c.nsum
-        chunks = np.empty(self.c.nchunks * 64, dtype=np.uint64)
+        chunks = np.empty(<size_t>self.c.nchunks * 64, dtype=np.uint64)
         words = chunks
-        memcpy(&words[0], self.c.chunks, self.c.nchunks * 64 * 8)
+        memcpy(&words[0], self.c.chunks, <size_t>self.c.nchunks * 64 * 8)
         out["chunks"] = chunks.reshape(self.c.nchunks, 64)
         for k in range(8):
             f = &self.c.f[k]
@@ -370,8 +370,8 @@ cdef class Classifier:
             row_of = np.empty(nvals, dtype=np.uint32)
             ro = row_of
             memcpy(&ro[0], f.row_of, nvals * 4)
-            sums = np.zeros(f.nrows * ns + 1, dtype=np.uint64)  # + 1: never empty, for the memoryview
-            cids = np.zeros(f.nrows * ns + 1, dtype=np.uint32)
+            sums = np.zeros(<size_t>f.nrows * ns + 1, dtype=np.uint64)  # + 1: never empty, for the memoryview
+            cids = np.zeros(<size_t>f.nrows * ns + 1, dtype=np.uint32)
             words = sums
             ids = cids
             memcpy(&words[0], f.sums, f.nrows * ns * 8)
