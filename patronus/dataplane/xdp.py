@@ -761,6 +761,12 @@ class Xdp:
     def counters(self) -> dict[str, Any]:
         """Per-policy packets/bytes, malformed frames by reason, flow counts.
 
+        A hit counts only in its flow record, so a policy's count is summed
+        here from its live flows (one pass over the mapped table: about 20 ms
+        at a million flows), what left the table and packets without a record
+        (bpf/patronus_xdp.c, ``pn_pcount_map``). Under eviction churn a reading
+        can miss the flows evicted while it runs; the next reading has them.
+
         Besides the keys ``Userspace.counters()`` has: ``evicted`` and
         ``export_lost`` (flows pushed out of a full probe window, and those the
         eviction ring had no room for), ``insert_failed`` (lost a slot race:
