@@ -552,15 +552,16 @@ static __always_inline int pn_finish_miss(struct xdp_md *ctx, struct pn_scratch 
              * the flow (as two CPUs seeing its first packet can). */
             __u64 *stp = pn_state(x), w = sc->kw[4];
             if (__sync_val_compare_and_swap(stp, w, w | PN_BUSY_BITS) == w) {
-                __s32 old = r->policy;
-                if ((__s32)(gen - r->generation) > 0 && old != policy) {
-                    __u64 tp = r->packets + x->shared_packets, tb = r->bytes + x->shared_bytes;
-                    pn_pcount_add(old, tp, tb);
-                    pn_pcount_add(policy, -tp, -tb);
-                    r->policy = policy;
-                }
-                if ((__s32)(gen - r->generation) > 0)
+                /* still older now that it is ours? (another CPU may have won) */
+                if ((__s32)(gen - r->generation) > 0) {
+                    if (r->policy != policy) {
+                        __u64 tp = r->packets + x->shared_packets, tb = r->bytes + x->shared_bytes;
+                        pn_pcount_add(r->policy, tp, tb);
+                        pn_pcount_add(policy, -tp, -tb);
+                        r->policy = policy;
+                    }
                     r->generation = gen;
+                }
                 pn_count(sc, x, now);
                 __sync_val_compare_and_swap(stp, w | PN_BUSY_BITS, w);
             } else {

@@ -9,14 +9,39 @@ static inline uint64_t *state_of(struct pn_xslot *x)
     return (uint64_t *)((uint8_t *)x + PN_SLOT_WORD);
 }
 
-/* the exported record: the creator's counts plus the other CPUs' */
-static inline void export_slot(const struct pn_xslot *x, struct pn_flow *out, uint64_t state)
+/* The state word of a live slot (not empty, not busy), else 0. */
+static inline uint64_t live_state(const struct pn_xslot *x)
+{
+    uint64_t w = __atomic_load_n((const uint64_t *)((const uint8_t *)x + PN_SLOT_WORD), __ATOMIC_ACQUIRE);
+    return (w >> 48) == 0 ? w : 0;
+}
+
+/* A slot as a plain flow record with the given total counts. */
+static inline void export_counts(const struct pn_xslot *x, struct pn_flow *out, uint64_t state, uint64_t packets,
+                                 uint64_t bytes)
 {
     memcpy(out, &x->f, sizeof(*out));
-    out->rec.packets += __atomic_load_n(&x->shared_packets, __ATOMIC_RELAXED);
-    out->rec.bytes += __atomic_load_n(&x->shared_bytes, __ATOMIC_RELAXED);
+    out->rec.packets = packets;
+    out->rec.bytes = bytes;
     out->rec._pad = 0;
     ((uint64_t *)out)[PN_SLOT_WORD / 8] = state;
+}
+
+/* A slot's totals: the creator's counts plus the other CPUs' (wrapping). */
+static inline uint64_t total_packets(const struct pn_xslot *x)
+{
+    return x->f.rec.packets + __atomic_load_n(&x->shared_packets, __ATOMIC_RELAXED);
+}
+
+static inline uint64_t total_bytes(const struct pn_xslot *x)
+{
+    return x->f.rec.bytes + __atomic_load_n(&x->shared_bytes, __ATOMIC_RELAXED);
+}
+
+/* the exported record, with the totals */
+static inline void export_slot(const struct pn_xslot *x, struct pn_flow *out, uint64_t state)
+{
+    export_counts(x, out, state, total_packets(x), total_bytes(x));
 }
 
 /* The exported record of a claimed slot that leaves the table: its counts
@@ -25,13 +50,10 @@ static inline void export_slot(const struct pn_xslot *x, struct pn_flow *out, ui
  * slot for its next flow (the program's pn_take_counts). */
 static inline void take_slot(struct pn_xslot *x, struct pn_flow *out, uint64_t state)
 {
-    memcpy(out, &x->f, sizeof(*out));
     uint64_t p = __atomic_load_n(&x->f.rec.packets, __ATOMIC_RELAXED);
     uint64_t b = __atomic_load_n(&x->f.rec.bytes, __ATOMIC_RELAXED);
-    out->rec.packets = p + __atomic_exchange_n(&x->shared_packets, -p, __ATOMIC_ACQ_REL);
-    out->rec.bytes = b + __atomic_exchange_n(&x->shared_bytes, -b, __ATOMIC_ACQ_REL);
-    out->rec._pad = 0;
-    ((uint64_t *)out)[PN_SLOT_WORD / 8] = state;
+    export_counts(x, out, state, p + __atomic_exchange_n(&x->shared_packets, -p, __ATOMIC_ACQ_REL),
+                  b + __atomic_exchange_n(&x->shared_bytes, -b, __ATOMIC_ACQ_REL));
 }
 
 /* A flow with key words 0-3 of x and state word `state`, in bucket `at`,
@@ -56,8 +78,8 @@ size_t pn_xdp_take(struct pn_bucket *table, size_t nbuckets, struct pn_flow *out
         size_t bi = i / PN_BUCKET_SLOTS;
         struct pn_xslot *x = &table[bi].s[i % PN_BUCKET_SLOTS];
         uint64_t *st = state_of(x);
-        uint64_t w = __atomic_load_n(st, __ATOMIC_ACQUIRE);
-        if (w == 0 || (w >> 48) != 0)
+        uint64_t w = live_state(x);
+        if (!w)
             continue;
         if (mode == PN_TAKE_COPY) {
             export_slot(x, &out[n++], w);
@@ -83,11 +105,8 @@ size_t pn_xdp_count(const struct pn_bucket *table, size_t nbuckets)
 {
     size_t n = 0;
     for (size_t b = 0; b < nbuckets; b++)
-        for (size_t j = 0; j < PN_BUCKET_SLOTS; j++) {
-            uint64_t w = __atomic_load_n((const uint64_t *)((const uint8_t *)&table[b].s[j] + PN_SLOT_WORD),
-                                         __ATOMIC_RELAXED);
-            n += w != 0 && (w >> 48) == 0;
-        }
+        for (size_t j = 0; j < PN_BUCKET_SLOTS; j++)
+            n += live_state(&table[b].s[j]) != 0;
     return n;
 }
 
@@ -97,15 +116,15 @@ size_t pn_xdp_sums(const struct pn_bucket *table, size_t nbuckets, uint64_t *sum
     for (size_t b = 0; b < nbuckets; b++)
         for (size_t j = 0; j < PN_BUCKET_SLOTS; j++) {
             const struct pn_xslot *x = &table[b].s[j];
-            uint64_t w = __atomic_load_n((const uint64_t *)((const uint8_t *)x + PN_SLOT_WORD), __ATOMIC_ACQUIRE);
-            if (w == 0 || (w >> 48) != 0)
+            uint64_t w = live_state(x);
+            if (!w)
                 continue;
             n++;
             size_t slot = (size_t)((int64_t)x->f.rec.policy + 1);
-            if (slot >= npol)
-                continue;
-            sums[2 * slot] += x->f.rec.packets + __atomic_load_n(&x->shared_packets, __ATOMIC_RELAXED);
-            sums[2 * slot + 1] += x->f.rec.bytes + __atomic_load_n(&x->shared_bytes, __ATOMIC_RELAXED);
+            if (slot < npol) {
+                sums[2 * slot] += total_packets(x);
+                sums[2 * slot + 1] += total_bytes(x);
+            }
         }
     return n;
 }

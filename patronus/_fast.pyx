@@ -370,13 +370,13 @@ cdef class Classifier:
             row_of = np.empty(nvals, dtype=np.uint32)
             ro = row_of
             memcpy(&ro[0], f.row_of, nvals * 4)
-            sums = np.zeros(<size_t>f.nrows * ns + 1, dtype=np.uint64)  # + 1: never empty, for the memoryview
-            cids = np.zeros(<size_t>f.nrows * ns + 1, dtype=np.uint32)
+            sums = np.empty(<size_t>f.nrows * ns, dtype=np.uint64)  # every field has a row at least
+            cids = np.empty(<size_t>f.nrows * ns, dtype=np.uint32)
             words = sums
             ids = cids
             memcpy(&words[0], f.sums, f.nrows * ns * 8)
             memcpy(&ids[0], f.chunk, f.nrows * ns * 4)
-            d = {"row_of": row_of, "sums": sums[:-1].reshape(f.nrows, ns), "chunk": cids[:-1].reshape(f.nrows, ns)}
+            d = {"row_of": row_of, "sums": sums.reshape(f.nrows, ns), "chunk": cids.reshape(f.nrows, ns)}
             if k < 4:
                 sh = np.empty(f.nintervals, dtype=np.uint64)
                 sl = np.empty(f.nintervals, dtype=np.uint64)
