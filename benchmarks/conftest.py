@@ -195,15 +195,15 @@ def _flow_for(rng: random.Random, p: Policy | None, family: int) -> FlowSpec:
         dst = _in_net(rng, None, _UNMATCHED_V4 if family == 4 else _UNMATCHED_V6)
     else:
         dst = _in_net(rng, m.dst, anyd)
-    if m.proto is not None:
-        proto = m.proto
+    if m.protos:
+        proto = rng.choice(m.protos)
     elif m.src_ports or m.dst_ports:
         proto = rng.choice((6, 17))
     else:
         proto = rng.choices((6, 17, 1 if family == 4 else 58), weights=(60, 35, 5))[0]
-    sport = rng.randint(*m.src_ports) if m.src_ports else rng.randint(1024, 65535)
+    sport = rng.randint(*rng.choice(m.src_ports)) if m.src_ports else rng.randint(1024, 65535)
     if m.dst_ports:
-        dport = rng.randint(*m.dst_ports)
+        dport = rng.randint(*rng.choice(m.dst_ports))
     elif p is None:
         dport = rng.randint(1024, 65535)
     else:

@@ -1,5 +1,5 @@
 /* patronus steering, tc half: copy the path the XDP program chose (the
- * struct pn_meta it wrote in front of the frame) into skb->mark, so that
+ * struct pn_meta of patronus_abi.h it wrote in front of the frame) into skb->mark, so that
  * `ip rule fwmark` sends the packet into that path's routing table and
  * tunnel. Attached at clsact ingress of the same interface as pn_xdp,
  * direct action; packets without metadata pass untouched.
@@ -14,13 +14,10 @@
 #include <uapi/linux/pkt_cls.h>
 #include <uapi/linux/if_ether.h>
 
+#include "patronus_abi.h"
+
 /* key: policy + 1 -> DSCP + 1 to write (0: leave the packet's own) */
 BPF_ARRAY(pn_dscp_map, __u8, PN_NPOL);
-
-struct pn_meta {          /* bpf/patronus_xdp.c writes it */
-    __u32 path;
-    __s32 policy;
-};
 
 int pn_tc_mark(struct __sk_buff *skb)
 {
@@ -28,7 +25,7 @@ int pn_tc_mark(struct __sk_buff *skb)
     struct pn_meta *m = (void *)(long)skb->data_meta;
     if ((void *)(m + 1) > data)
         return TC_ACT_OK;
-    if (m->path != 0xffffffffu)
+    if (m->path != PN_NO_PATH)
         skb->mark = PN_MARK_BASE + m->path;
     __u32 k = (__u32)(m->policy + 1);
     __u8 *d = pn_dscp_map.lookup(&k);

@@ -15,6 +15,8 @@
  *   PN_CCACHE           entries of the classifier cache (0: none)
  *   PN_RULES            rule slots (a power of two)
  *   PN_NPOL             policies + 1 (slot 0 counts the default, -1)
+ *   PN_SCOLS            destination site columns: sites + 1 (0: outside every site)
+ *   PN_SITE_LPM         entries of the destination-site LPM trie (both sets)
  *   PN_FSLOTS           flow table slots (a power of two)
  *   PN_EVICT_PAGES      pages of the eviction ring buffer (a power of two)
  *
@@ -49,14 +51,17 @@ struct pn_chunk {
  * and no longer one" (plus a /0 entry for "inside none").
  *
  * IPv4: a 16-8-8 multibit table, three array reads at most and no loop.
- * pn_v4l1_map[(set * 2 + dir) * 65536 + (addr >> 16)] is a row, or
+ * pn_v4l1_map[(set * PN_V4_DIRS + dir) * 65536 + (addr >> 16)] is a row, or
  * PN_V4_CHUNK | c: then chunk c of the set (pn_v4chunk_map[set *
  * PN_V4CHUNKS + c]) holds the entry for the next 8 bits, again a row or a
  * chunk for the last 8. patronus/dataplane/xdp.py (v4_strides) builds it.
+ * Direction 2 is not a field: its entries are destination sites
+ * (struct pn_site_prefix; 0 outside every site), the same walk.
  *
  * IPv6: an LPM trie; `tag` = set * 2 + (0 src, 1 dst) leads the key, so
  * both sets and both directions share one trie; prefixlen counts its 8 bits. */
 #define PN_V4_CHUNK 0x80000000u
+#define PN_V4_DIRS 3              /* source, destination, destination site */
 struct pn_v4chunk {
     __u32 e[256];
 };
@@ -99,8 +104,8 @@ struct pn_cfg {
 
 /* key: 0. The one word userspace flips to swap tables. */
 BPF_ARRAY(pn_cfg_map, struct pn_cfg, 1);
-/* key: (set * 2 + dir) * 65536 + top 16 address bits -> row or chunk */
-BPF_ARRAY(pn_v4l1_map, __u32, 4 * 65536);
+/* key: (set * PN_V4_DIRS + dir) * 65536 + top 16 address bits -> row (site) or chunk */
+BPF_ARRAY(pn_v4l1_map, __u32, 2 * PN_V4_DIRS * 65536);
 /* key: set * PN_V4CHUNKS + chunk */
 BPF_ARRAY(pn_v4chunk_map, struct pn_v4chunk, 2 * PN_V4CHUNKS);
 /* key: (tag, prefix) -> row, see struct pn_lpm6 */
@@ -115,14 +120,17 @@ BPF_ARRAY(pn_rpol_map, struct pn_rpol, 2);
 BPF_ARRAY(pn_rows_map, struct pn_row, 2 * PN_ROWS);
 /* key: set * PN_CHUNKS + chunk */
 BPF_ARRAY(pn_chunks_map, struct pn_chunk, 2 * PN_CHUNKS);
-/* What to do with a policy's packets: one value, so moving a policy to
- * another path is one map write and a packet reads both with one lookup. */
-struct pn_polact {
-    __u32 path;               /* path slot, PN_NO_PATH: none */
-    __u32 action;             /* XDP_PASS or XDP_DROP */
-};
-/* key: policy + 1 */
-BPF_ARRAY(pn_pol_map, struct pn_polact, PN_NPOL);
+/* key: (policy + 1) * PN_SCOLS + destination site -> struct pn_route (the
+ * path and verdict of that class to that site; patronus_abi.h). Moving one
+ * class to another path for one site is one map write. */
+BPF_ARRAY(pn_route_map, struct pn_route, PN_NPOL * PN_SCOLS);
+/* key: struct pn_lpm6 with tag = set * 2 + 1 and an IPv6 destination
+ * address -> its site (1..). The longest site subnet holding the address
+ * wins; no entry: outside every site (PN_SITE_NONE). IPv4 sites are in the
+ * stride table (pn_v4l1_map, direction 2): three array reads. */
+#if PN_SCOLS > 1
+BPF_LPM_TRIE(pn_site_map, struct pn_lpm6, __u32, PN_SITE_LPM);
+#endif
 /* key: path slot -> ifindex to redirect to (absent: pass to the stack) */
 BPF_DEVMAP(pn_tx_map, 256);
 /* key: policy + 1 -> packets and bytes, per CPU, of what no live flow
@@ -214,23 +222,20 @@ struct pn_scratch {
 };
 BPF_PERCPU_ARRAY(pn_scratch_map, struct pn_scratch, 1);
 
-/* What the program leaves in front of the frame (XDP metadata): tc reads
- * `path` into skb->mark; test runs read `policy` back from data_out. */
-struct pn_meta {
-    __u32 path;
-    __s32 policy;
-};
-
-static __always_inline void pn_set_meta(struct xdp_md *ctx, __u32 path, __s32 policy)
+/* struct pn_meta (patronus_abi.h) in front of the frame: tc reads `path`
+ * into skb->mark; test runs read all of it back from data_out. */
+static __always_inline void pn_set_meta(struct xdp_md *ctx, __u32 path, __s32 policy, __u32 site)
 {
     if (bpf_xdp_adjust_meta(ctx, -(int)sizeof(struct pn_meta)) == 0) {
         struct pn_meta *meta = (struct pn_meta *)(long)ctx->data_meta;
         if ((void *)(meta + 1) <= (void *)(long)ctx->data) {
             meta->path = path;
             meta->policy = policy;
+            meta->site = site;
         }
     }
 }
+
 
 /* Trailing zeros of x != 0, without a branch: every data-dependent branch
  * inside a loop multiplies the paths the verifier walks. popcount of the
@@ -259,23 +264,28 @@ static __always_inline int pn_v4step(__u32 set, __u32 *e, __u32 i)
     return 0;
 }
 
+/* The entry of an IPv4 address in stride table `dir` of set `set`: a row
+ * (dir 0 source, 1 destination) or a site (dir 2). */
+static __always_inline int pn_v4walk(__u32 set, __u32 dir, __u32 addr, __u32 *out)
+{
+    __u32 k = (set * PN_V4_DIRS + dir) * 65536 + (addr >> 16);
+    __u32 *r = pn_v4l1_map.lookup(&k);
+    if (!r)
+        return -1;
+    __u32 e = *r;
+    if (pn_v4step(set, &e, addr >> 8) || pn_v4step(set, &e, addr))
+        return -1;
+    *out = e;
+    return 0;
+}
+
 /* Row of the longest prefix holding the address (tag = set * 2 + direction). */
 static __always_inline int pn_lpm(struct pn_scratch *sc, const struct pn_parsed *p, __u32 tag, __u32 *row)
 {
     const __u8 *a = (tag & 1) ? p->dst : p->src;
     __u32 *r;
-    if (p->family == PN_FAMILY_V4) {
-        __u32 addr = __builtin_bswap32(*(const __u32 *)a);
-        __u32 k = tag * 65536 + (addr >> 16);
-        r = pn_v4l1_map.lookup(&k);
-        if (!r)
-            return -1;
-        __u32 e = *r;
-        if (pn_v4step(tag >> 1, &e, addr >> 8) || pn_v4step(tag >> 1, &e, addr))
-            return -1;
-        *row = e;
-        return 0;
-    }
+    if (p->family == PN_FAMILY_V4)
+        return pn_v4walk(tag >> 1, tag & 1, __builtin_bswap32(*(const __u32 *)a), row);
     sc->k6.prefixlen = 8 + 128;
     sc->k6.tag = tag;
     __builtin_memcpy(sc->k6.addr, a, 16);
@@ -284,6 +294,28 @@ static __always_inline int pn_lpm(struct pn_scratch *sc, const struct pn_parsed 
         return -1;
     *row = *r;
     return 0;
+}
+
+/* Destination site of a parsed packet in table set `set`. */
+static __always_inline __u32 pn_site(struct pn_scratch *sc, const struct pn_parsed *p, __u32 set)
+{
+#if PN_SCOLS > 1
+    __u32 site = PN_SITE_NONE;
+    if (p->family == PN_FAMILY_V4) {
+        if (pn_v4walk(set, 2, __builtin_bswap32(*(const __u32 *)p->dst), &site))
+            return PN_SITE_NONE;
+    } else {
+        sc->k6.prefixlen = 8 + 128;
+        sc->k6.tag = set * 2 + 1;
+        __builtin_memcpy(sc->k6.addr, p->dst, 16);
+        __u32 *v = pn_site_map.lookup(&sc->k6);
+        if (v)
+            site = *v;
+    }
+    if (site < PN_SCOLS)
+        return site;
+#endif
+    return PN_SITE_NONE;
 }
 
 /* Chunk j (< PN_NSUM) of row r's bitmap. */
@@ -501,25 +533,25 @@ static __always_inline void pn_count(struct pn_scratch *sc, struct pn_xslot *x, 
     r->dscp = sc->p.dscp;
 }
 
-/* What every classified packet ends with: the policy's path and action (one
- * map value), the metadata, the verdict; the policy's counter when the
- * packet has no flow record `r` to count it. */
+/* What every classified packet ends with: the path and action of (its
+ * policy, its destination site) (one map value), the metadata, the verdict;
+ * the policy's counter when the packet has no flow record `r` to count it. */
 static __always_inline int pn_out(struct xdp_md *ctx, struct pn_cfg *cfg, struct pn_scratch *sc, __s32 policy,
-                                  struct pn_flow_rec *r)
+                                  __u32 site, struct pn_flow_rec *r)
 {
-    __u32 slot = (__u32)(policy + 1);
+    __u32 key = (__u32)(policy + 1) * PN_SCOLS + site;
     __u32 path = PN_NO_PATH, action = XDP_PASS;
-    struct pn_polact *pa = pn_pol_map.lookup(&slot);
-    if (pa) {
-        path = pa->path;
-        action = pa->action;
+    struct pn_route *ra = pn_route_map.lookup(&key);
+    if (ra) {
+        path = ra->path;
+        action = ra->action;
     }
     if (r)
         r->path = path;
     else
         pn_pcount_add(policy, 1, sc->p.l3_len);
     if (cfg->flags & PN_CFG_META)
-        pn_set_meta(ctx, path, policy);
+        pn_set_meta(ctx, path, policy, site);
     if (action == XDP_DROP)
         return XDP_DROP;
     if (path != PN_NO_PATH && path < 256)
@@ -540,6 +572,7 @@ static __always_inline int pn_finish_miss(struct xdp_md *ctx, struct pn_scratch 
     struct pn_xslot *x;
     __u32 sk = PN_ST_RECLASS;
     __u64 now = sc->now;
+    __u32 site = pn_site(sc, p, sc->set & 1);
     x = sc->reclass ? pn_ft_find(sc->kw, sc->h) : 0;
     if (x) {
         r = &x->f.rec;
@@ -560,6 +593,7 @@ static __always_inline int pn_finish_miss(struct xdp_md *ctx, struct pn_scratch 
                         pn_pcount_add(policy, -tp, -tb);
                         r->policy = policy;
                     }
+                    r->site = site;
                     r->generation = gen;
                 }
                 pn_count(sc, x, now);
@@ -569,6 +603,7 @@ static __always_inline int pn_finish_miss(struct xdp_md *ctx, struct pn_scratch 
             }
         } else {
             pn_count(sc, x, now);  /* another CPU re-stamped it first */
+            site = r->site;
         }
     } else {  /* a new flow, or one drained since pn_xdp saw it */
         /* this CPU's number, for the flows it creates (until then no flow
@@ -595,6 +630,7 @@ static __always_inline int pn_finish_miss(struct xdp_md *ctx, struct pn_scratch 
             r->first_ns = now;
             r->last_ns = now;
             r->policy = policy;
+            r->site = site;
             r->path = PN_NO_PATH;
             r->tcp_flags = p->tcp_flags;
             r->dscp = p->dscp;
@@ -607,7 +643,7 @@ static __always_inline int pn_finish_miss(struct xdp_md *ctx, struct pn_scratch 
     __u64 *st = pn_stats_map.lookup(&sk);
     if (st)
         *st += 1;
-    return pn_out(ctx, cfg, sc, policy, r);
+    return pn_out(ctx, cfg, sc, policy, site, r);
 }
 
 /* key: PN_PROG_CLS -> pn_cls, PN_PROG_FIN -> pn_fin. A miss leaves pn_xdp
@@ -725,7 +761,7 @@ int pn_xdp(struct xdp_md *ctx)
             *m += 1;
         struct pn_cfg *c = pn_cfg_map.lookup(&zero);
         if (c && (c->flags & PN_CFG_META))
-            pn_set_meta(ctx, PN_NO_PATH, -1);
+            pn_set_meta(ctx, PN_NO_PATH, -1, PN_SITE_NONE);
         return XDP_PASS;
     }
     struct pn_cfg *cfg = pn_cfg_map.lookup(&zero);
@@ -747,7 +783,7 @@ int pn_xdp(struct xdp_md *ctx)
     struct pn_xslot *x = pn_ft_find(sc->kw, h);
     if (x && x->f.rec.generation == gen) {  /* the hit path */
         pn_count(sc, x, now);
-        return pn_out(ctx, cfg, sc, x->f.rec.policy, &x->f.rec);
+        return pn_out(ctx, cfg, sc, x->f.rec.policy, x->f.rec.site, &x->f.rec);
     }
     sc->reclass = x != 0;
     sc->h = h;

@@ -162,7 +162,7 @@ size_t pn_ft_snapshot(const pn_flowtable *ft, struct pn_flow *out)
 
 /* Everything after parsing: idle expiry, flow lookup or insert, classify on
  * a miss, account. `b` is the key's bucket. */
-static inline int32_t dp_account(pn_dp *dp, const struct pn_parsed *p, const struct pn_flow_key *key,
+static inline const struct pn_flow_rec *dp_account(pn_dp *dp, const struct pn_parsed *p, const struct pn_flow_key *key,
                                  uint32_t b, uint64_t ts)
 {
     pn_flowtable *ft = &dp->ft;
@@ -186,6 +186,7 @@ static inline int32_t dp_account(pn_dp *dp, const struct pn_parsed *p, const str
         }
         if (r->generation != dp->generation) {
             r->policy = pn_classify(dp->cls, p);
+            r->site = pn_site_of(dp->sites, p);
             r->generation = dp->generation;
             dp->cache_misses++;
         } else {
@@ -209,6 +210,7 @@ static inline int32_t dp_account(pn_dp *dp, const struct pn_parsed *p, const str
         memset(r, 0, sizeof(*r));
         r->first_ns = ts;
         r->policy = pn_classify(dp->cls, p);
+        r->site = pn_site_of(dp->sites, p);
         r->generation = dp->generation;
         dp->cache_misses++;
     }
@@ -218,17 +220,10 @@ static inline int32_t dp_account(pn_dp *dp, const struct pn_parsed *p, const str
     r->tcp_flags |= p->tcp_flags;
     r->dscp = p->dscp;
     uint32_t slot = (uint32_t)(r->policy + 1);
-    r->path = dp->path_of[slot];
+    r->path = dp->route[slot * dp->ncols + r->site];
     dp->pcount[slot].packets++;
     dp->pcount[slot].bytes += p->l3_len;
-    return r->policy;
-}
-
-int32_t pn_dp_packet(pn_dp *dp, const uint8_t *data, size_t len, uint64_t ts)
-{
-    int32_t out;
-    pn_dp_run(dp, &data, &len, &ts, &out, 1);
-    return out;
+    return r;
 }
 
 /* Frames in bursts: parse and hash a burst, prefetch the buckets, then the
@@ -236,7 +231,7 @@ int32_t pn_dp_packet(pn_dp *dp, const uint8_t *data, size_t len, uint64_t ts)
  * (an eviction inside the burst may change a bucket), so the result is
  * exactly that of one frame at a time. */
 void pn_dp_run(pn_dp *dp, const uint8_t *const *data, const size_t *len, const uint64_t *ts,
-               int32_t *out, size_t n)
+               int32_t *out, uint32_t *where, size_t n)
 {
     pn_flowtable *ft = &dp->ft;
     struct pn_parsed p[PN_BURST];
@@ -261,11 +256,19 @@ void pn_dp_run(pn_dp *dp, const uint8_t *const *data, const size_t *len, const u
             }
         }
         for (size_t j = 0; j < m; j++) {
+            uint32_t site = PN_SITE_NONE, path = PN_NO_PATH;
             if (rc[j] != PN_OK) {
                 dp->malformed[rc[j]]++;
                 out[base + j] = -1;
             } else {
-                out[base + j] = dp_account(dp, &p[j], &k[j], b[j], ts[base + j]);
+                const struct pn_flow_rec *r = dp_account(dp, &p[j], &k[j], b[j], ts[base + j]);
+                out[base + j] = r->policy;
+                site = r->site;
+                path = r->path;
+            }
+            if (where) {
+                where[2 * (base + j)] = site;
+                where[2 * (base + j) + 1] = path;
             }
         }
     }

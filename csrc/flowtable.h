@@ -15,6 +15,7 @@
 
 #include "classify.h"
 #include "patronus_abi.h"
+#include "sites.h"
 
 #define PN_NIL 0xffffffffu
 
@@ -41,9 +42,11 @@ size_t pn_ft_snapshot(const pn_flowtable *ft, struct pn_flow *out);
 /* Per-packet pipeline state. */
 typedef struct {
     const pn_classifier *cls;
-    uint32_t generation;      /* bumped whenever cls changes */
+    const pn_sites *sites;
+    uint32_t generation;      /* bumped whenever cls or sites change */
     uint32_t npolicies;
-    uint32_t *path_of;        /* npolicies + 1: slot 0 = default, i + 1 = policy i */
+    uint32_t ncols;           /* sites + 1: route columns, 0 = outside every site */
+    uint32_t *route;          /* (npolicies + 1) x ncols path slots: row 0 = default, i + 1 = policy i */
     struct pn_policy_counter *pcount;  /* npolicies + 1, same indexing */
     uint64_t malformed[PN_NREASONS];
     uint64_t cache_hits, cache_misses;
@@ -52,12 +55,12 @@ typedef struct {
 
 #define PN_BURST 16
 
-/* One frame: returns the policy index (-1: default or malformed). */
-int32_t pn_dp_packet(pn_dp *dp, const uint8_t *data, size_t len, uint64_t ts_ns);
-/* n frames (pointers and lengths), in bursts with prefetching; same result as
- * n calls of pn_dp_packet. */
+/* n frames (pointers and lengths), in bursts with prefetching: out[i] gets
+ * frame i's policy index (-1: default or malformed); when `where` is not
+ * NULL, where[2 i] its destination site and where[2 i + 1] its path slot
+ * (PN_SITE_NONE and PN_NO_PATH for a malformed frame). */
 void pn_dp_run(pn_dp *dp, const uint8_t *const *data, const size_t *len, const uint64_t *ts,
-               int32_t *out, size_t n);
+               int32_t *out, uint32_t *where, size_t n);
 
 /* Classification cache without accounting (PolicyTable.classify): a
  * direct-mapped table of flow key -> policy. */

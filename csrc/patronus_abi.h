@@ -12,7 +12,7 @@
 
 #include <linux/types.h>
 
-#define PN_ABI_VERSION 1
+#define PN_ABI_VERSION 2
 
 /* address families as stored in pn_flow_key.family and pn_rule.family */
 #define PN_FAMILY_ANY 0
@@ -70,7 +70,7 @@ struct pn_flow_key {
     __u16 _pad;
 };
 
-/* Flow record: counters of one flow. 48 bytes, no implicit padding. */
+/* Flow record: counters of one flow. 56 bytes, no implicit padding. */
 struct pn_flow_rec {
     __u64 packets;
     __u64 bytes;             /* L3 bytes (IP header included, L2 excluded) */
@@ -81,10 +81,12 @@ struct pn_flow_rec {
     __u8 tcp_flags;          /* OR of every packet's TCP flags */
     __u8 dscp;               /* DSCP of the last packet */
     __u16 _pad;
-    __u32 generation;        /* rule table generation `policy` was computed in */
+    __u32 generation;        /* rule table generation `policy` and `site` were computed in */
+    __u32 site;              /* destination site (PolicyTable.sites, from 1), PN_SITE_NONE: outside every site */
+    __u32 _pad2;
 };
 
-/* What flows() returns, row by row: key then record. 88 bytes. */
+/* What flows() returns, row by row: key then record. 96 bytes. */
 struct pn_flow {
     struct pn_flow_key key;
     struct pn_flow_rec rec;
@@ -123,6 +125,42 @@ struct pn_policy_counter {
 };
 
 #define PN_NO_PATH 0xffffffffu
+
+/* Destination sites. A packet's destination site is the site whose subnet
+ * holds its destination address (longest prefix); sites are numbered from 1
+ * in PolicyTable.sites order and 0 stands for "outside every site" (the
+ * internet, or a network no site announces). The path of a packet is looked
+ * up by (class, site): class 0 is the default (no policy), class i + 1 is
+ * policy i, so route[class * nsites_cols + site] with nsites_cols = sites + 1.
+ * Moving one class to another path for one site is one write of that entry. */
+#define PN_SITE_NONE 0
+
+/* One subnet of a site, as the data planes load them: the userspace plane
+ * builds sorted intervals from these, the XDP program an LPM trie. */
+struct pn_site_prefix {
+    __u8 addr[16];           /* network order, host bits zero; IPv4 in the first 4 bytes */
+    __u8 plen;
+    __u8 family;             /* PN_FAMILY_V4 / PN_FAMILY_V6 */
+    __u16 _pad;
+    __u32 site;              /* 1.. */
+};
+
+/* What a (class, site) pair does: the path slot its packets take
+ * (PN_NO_PATH: the local routing table decides) and the XDP verdict
+ * (XDP_PASS, or XDP_DROP for a policy whose action is drop). One value, so
+ * a packet reads both with one lookup and a move is one map write. */
+struct pn_route {
+    __u32 path;
+    __u32 action;
+};
+
+/* What the XDP program leaves in front of a frame (XDP metadata): the tc
+ * program copies `path` into skb->mark; test runs read all three back. */
+struct pn_meta {
+    __u32 path;
+    __s32 policy;
+    __u32 site;
+};
 
 /* The XDP flow table (bpf/patronus_xdp.c) is an array of struct pn_bucket
  * that userspace maps and reads in place. The 64-bit word at PN_SLOT_WORD

@@ -116,18 +116,25 @@ cdef extern from "flowtable.h":
     void pn_ft_free(pn_flowtable *ft)
     void pn_ft_flush(pn_flowtable *ft)
     size_t pn_ft_snapshot(const pn_flowtable *ft, pn_flow *out)
+    ctypedef struct pn_sites:
+        uint32_t n[2]
+        uint32_t nsites
+    int pn_sites_build(pn_sites *s, const void *pfx, uint32_t n)
+    void pn_sites_free(pn_sites *s)
+    uint32_t pn_site_of(const pn_sites *s, const pn_parsed *p) nogil
     ctypedef struct pn_dp:
         const pn_classifier *cls
+        const pn_sites *sites
         uint32_t generation
         uint32_t npolicies
-        uint32_t *path_of
+        uint32_t ncols
+        uint32_t *route
         pn_policy_counter *pcount
         uint64_t malformed[9]
         uint64_t cache_hits, cache_misses
         pn_flowtable ft
-    int32_t pn_dp_packet(pn_dp *dp, const uint8_t *data, size_t len, uint64_t ts_ns) nogil
     void pn_dp_run(pn_dp *dp, const uint8_t *const *data, const size_t *len, const uint64_t *ts,
-                   int32_t *out, size_t n) nogil
+                   int32_t *out, uint32_t *where, size_t n) nogil
     void pn_cache_run(pn_cache *c, const pn_classifier *cls, const uint8_t *const *data, const size_t *len,
                       int32_t *out, size_t n, uint64_t *malformed) nogil
     ctypedef struct pn_cache:
@@ -445,78 +452,158 @@ cdef class Classifier:
         return pn_classify_linear(<const pn_rule *>&self.rule_bytes[0], self.c.nrules, <pn_parsed *>parsed)
 
 
+cdef class Sites:
+    """Destination sites: longest-prefix match of the destination address
+    over site subnets (csrc/sites.c), from a struct pn_site_prefix array."""
+    cdef pn_sites s
+    cdef readonly uint32_t nsites
+
+    def __cinit__(self, prefixes not None, uint32_t nsites):
+        cdef const uint8_t[::1] raw
+        arr = np.ascontiguousarray(prefixes)
+        raw = arr.view(np.uint8).reshape(-1) if len(arr) else np.zeros(1, np.uint8)
+        if pn_sites_build(&self.s, &raw[0], <uint32_t>len(arr)):
+            raise ValueError("site prefixes: out of memory, or a prefix with a bad family, length or site")
+        if self.s.nsites > nsites:
+            pn_sites_free(&self.s)
+            raise ValueError("a prefix names a site past nsites")
+        self.nsites = nsites
+
+    def __dealloc__(self):
+        pn_sites_free(&self.s)
+
+    def lookup(self, list frames not None):
+        """Destination site per frame (0: outside every site, -1: malformed)."""
+        cdef char parsed[64]
+        cdef const uint8_t *p
+        cdef Py_ssize_t i, n = len(frames)
+        out = np.empty(n, dtype=np.int32)
+        cdef int32_t[::1] o = out
+        for i in range(n):
+            f = frames[i]
+            if not PyBytes_CheckExact(f):
+                f = bytes(f)
+            p = <const uint8_t *>PyBytes_AS_STRING(f)
+            memset(parsed, 0, 64)
+            if pn_parse(p, p + PyBytes_GET_SIZE(f), <pn_parsed *>parsed):
+                o[i] = -1
+            else:
+                o[i] = pn_site_of(&self.s, <pn_parsed *>parsed)
+        return out
+
+
 cdef class Dataplane:
     """Parse, classify and account frames into a fixed-capacity flow table."""
     cdef pn_dp dp
     cdef Classifier cls
+    cdef Sites sites
     cdef public object flow_dtype
 
-    def __cinit__(self, Classifier cls not None, uint32_t npolicies, uint32_t capacity,
+    def __cinit__(self, Classifier cls not None, Sites sites not None, uint32_t npolicies, uint32_t capacity,
                   int64_t idle_ns=0, int64_t active_ns=0, flow_dtype=None):
         memset(&self.dp, 0, sizeof(self.dp))
         if pn_ft_init(&self.dp.ft, capacity, idle_ns, active_ns):
             raise MemoryError(f"flow table of {capacity} flows")
-        self.dp.path_of = <uint32_t *>calloc(npolicies + 1, sizeof(uint32_t))
+        self.dp.ncols = sites.nsites + 1
+        self.dp.route = <uint32_t *>malloc((npolicies + 1) * self.dp.ncols * sizeof(uint32_t))
         self.dp.pcount = <pn_policy_counter *>calloc(npolicies + 1, sizeof(pn_policy_counter))
-        if not self.dp.path_of or not self.dp.pcount:
-            raise MemoryError("policy counters")
-        for i in range(npolicies + 1):
-            self.dp.path_of[i] = PN_NO_PATH
+        if not self.dp.route or not self.dp.pcount:
+            raise MemoryError("route table and policy counters")
+        for i in range((npolicies + 1) * self.dp.ncols):
+            self.dp.route[i] = PN_NO_PATH
         self.dp.npolicies = npolicies
         self.dp.generation = 1
         self.cls = cls
         self.dp.cls = &cls.c
+        self.sites = sites
+        self.dp.sites = &sites.s
         self.flow_dtype = flow_dtype
 
     def __dealloc__(self):
         pn_ft_free(&self.dp.ft)
-        free(self.dp.path_of)
+        free(self.dp.route)
         free(self.dp.pcount)
 
-    def set_classifier(self, Classifier cls not None, uint32_t npolicies):
-        """Swap the rule table; flows keep their counters and are re-classified on their next packet."""
+    def set_classifier(self, Classifier cls not None, Sites sites not None, uint32_t npolicies, routes=None):
+        """Swap the rule table and the site prefixes; flows keep their counters
+        and are re-classified on their next packet. `routes`: the new route
+        table ((policies + 1) x (sites + 1) uint32), needed when the number of
+        sites changes."""
+        cdef uint32_t[:, ::1] rv
+        cdef uint32_t *nr
         if npolicies != self.dp.npolicies:
             raise ValueError("a new table must keep the number of policies (counters are per policy)")
+        if routes is None and sites.nsites + 1 != self.dp.ncols:
+            raise ValueError("a new number of sites needs a new route table")
+        if routes is not None:
+            rv = np.ascontiguousarray(routes, dtype=np.uint32)
+            if rv.shape[0] != npolicies + 1 or rv.shape[1] != sites.nsites + 1:
+                raise ValueError("routes must be (policies + 1) x (sites + 1)")
+            nr = <uint32_t *>malloc(rv.shape[0] * rv.shape[1] * sizeof(uint32_t))
+            if not nr:
+                raise MemoryError("route table")
+            memcpy(nr, &rv[0, 0], rv.shape[0] * rv.shape[1] * sizeof(uint32_t))
+            free(self.dp.route)
+            self.dp.route = nr
+            self.dp.ncols = sites.nsites + 1
         self.cls = cls
         self.dp.cls = &cls.c
+        self.sites = sites
+        self.dp.sites = &sites.s
         self.dp.generation += 1
 
-    def set_path(self, int32_t policy, uint32_t path):
-        """Point `policy` (-1 = default) at path slot `path`: one array write."""
+    def set_path(self, int32_t policy, uint32_t site, uint32_t path):
+        """Point (`policy` (-1 = default), destination `site`) at path slot `path`: one array write."""
         if policy < -1 or policy >= <int32_t>self.dp.npolicies:
             raise IndexError(policy)
-        self.dp.path_of[policy + 1] = path
+        if site >= self.dp.ncols:
+            raise IndexError(site)
+        self.dp.route[(policy + 1) * self.dp.ncols + site] = path
 
-    def path_of(self, int32_t policy):
+    def path_of(self, int32_t policy, uint32_t site):
         if policy < -1 or policy >= <int32_t>self.dp.npolicies:
             raise IndexError(policy)
-        return self.dp.path_of[policy + 1]
+        if site >= self.dp.ncols:
+            raise IndexError(site)
+        return self.dp.route[(policy + 1) * self.dp.ncols + site]
 
-    def process_list(self, list frames not None, const uint64_t[::1] ts not None, int32_t[::1] out not None):
+    def routes(self):
+        """The route table as a (policies + 1, sites + 1) uint32 array (a copy)."""
+        out = np.empty(((self.dp.npolicies + 1), self.dp.ncols), dtype=np.uint32)
+        cdef uint32_t[:, ::1] v = out
+        memcpy(&v[0, 0], self.dp.route, (self.dp.npolicies + 1) * self.dp.ncols * sizeof(uint32_t))
+        return out
+
+    def process_list(self, list frames not None, const uint64_t[::1] ts not None, int32_t[::1] out not None,
+                     uint32_t[::1] where=None):
+        """where, if given: 2 entries per frame, its destination site and path slot."""
         cdef Py_ssize_t i, j, m, n = len(frames), ln
         cdef const uint8_t *ptrs[CHUNK]
         cdef size_t lens[CHUNK]
-        if ts.shape[0] < n or out.shape[0] < n:
-            raise ValueError("ts and out need one entry per frame")
+        if ts.shape[0] < n or out.shape[0] < n or (where is not None and where.shape[0] < 2 * n):
+            raise ValueError("ts and out need one entry per frame, where two")
         for i in range(0, n, CHUNK):
             m = min(CHUNK, n - i)
             list_frames(frames, i, m, ptrs, lens)
-            pn_dp_run(&self.dp, ptrs, lens, &ts[i], &out[i], m)
+            pn_dp_run(&self.dp, ptrs, lens, &ts[i], &out[i], NULL if where is None else &where[2 * i], m)
 
     def process_buffer(self, const uint8_t[::1] buf not None, const int64_t[::1] offsets not None,
-                       const uint64_t[::1] ts not None, int32_t[::1] out not None):
+                       const uint64_t[::1] ts not None, int32_t[::1] out not None, uint32_t[::1] where=None):
         cdef Py_ssize_t i, j, m, n = offsets.shape[0] - 1
         cdef const uint8_t *ptrs[CHUNK]
         cdef size_t lens[CHUNK]
         cdef const uint8_t *base
-        if n < 0 or ts.shape[0] < n or out.shape[0] < n:
-            raise ValueError("ts and out need len(offsets) - 1 entries")
+        cdef uint32_t *w = NULL
+        if n < 0 or ts.shape[0] < n or out.shape[0] < n or (where is not None and where.shape[0] < 2 * n):
+            raise ValueError("ts and out need len(offsets) - 1 entries, where twice that")
+        if where is not None and n:
+            w = &where[0]
         base = frames_base(buf, offsets)
         with nogil:
             for i in range(0, n, CHUNK):
                 m = min(<Py_ssize_t>CHUNK, n - i)
                 slice_frames(base, &offsets[i], m, ptrs, lens)
-                pn_dp_run(&self.dp, ptrs, lens, &ts[i], &out[i], m)
+                pn_dp_run(&self.dp, ptrs, lens, &ts[i], &out[i], NULL if w == NULL else w + 2 * i, m)
 
     def flows(self):
         arr = np.zeros(self.dp.ft.count, dtype=self.flow_dtype)
@@ -608,7 +695,7 @@ cdef class Dataplane:
                         else:
                             skipped += 1
                         n += 1
-                    pn_dp_run(&self.dp, ptrs, lens, tss, res, m)
+                    pn_dp_run(&self.dp, ptrs, lens, tss, res, NULL, m)
                     for i in range(<Py_ssize_t>m):
                         outbuf[idx[i]] = res[i]
             if st == -100:

@@ -77,32 +77,163 @@ def optional_number(field: str, value: Any, lo: float, hi: float = math.inf, *, 
     return None if value is None else number(field, value, lo, hi, lo_open=lo_open)
 
 
-def port_range(field: str, value: Any) -> tuple[int, int] | None:
-    """None, a port, or an inclusive (lo, hi) pair -> (lo, hi) or None."""
+MAX_PORT_ITEMS = 256
+MAX_PORT_TEXT = 2048
+_PORT_ITEM_RE = re.compile(r"([0-9]{1,5})(?:\s*-\s*([0-9]{1,5}))?")
+_PORTS_WHAT = ("is not a port, an inclusive (lo, hi) pair, a list of ports and (lo, hi) pairs, "
+               "a '5060-5061,10000' string, or None")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _port_pair(field: str, value: Any, lo: Any, hi: Any) -> tuple[int, int]:
+    integer(field, lo, 0, 65535)
+    integer(field, hi, 0, 65535)
+    if lo > hi:
+        raise ConfigError(field, value, "has lo > hi")
+    return (lo, hi)
+
+
+def _port_item(field: str, item: Any) -> tuple[int, int]:
+    """One item of a port list: a port or a [lo, hi] / (lo, hi) pair."""
+    if _is_int(item):
+        integer(field, item, 0, 65535)
+        return (item, item)
+    if isinstance(item, (tuple, list)) and len(item) == 2:
+        return _port_pair(field, item, item[0], item[1])
+    raise ConfigError(field, item, "is not a port or an inclusive (lo, hi) pair")
+
+
+def _port_text_items(field: str, value: str) -> list[tuple[int, int]]:
+    if len(value) > MAX_PORT_TEXT:
+        raise ConfigError(field, value[:40] + "...", f"is longer than {MAX_PORT_TEXT} characters")
+    if not value.strip():
+        raise ConfigError(field, value, "is empty: use None for any port")
+    items = value.split(",")
+    if len(items) > MAX_PORT_ITEMS:
+        raise ConfigError(field, value[:40] + "...", f"has more than {MAX_PORT_ITEMS} items")
+    out = []
+    for item in items:
+        m = _PORT_ITEM_RE.fullmatch(item.strip())
+        if m is None:
+            raise ConfigError(field, value, f"has item {item.strip()!r} that is not a port or a lo-hi range")
+        lo = int(m.group(1))
+        out.append(_port_pair(field, value, lo, lo if m.group(2) is None else int(m.group(2))))
+    return out
+
+
+def merge_ranges(ranges: Any) -> tuple[tuple[int, int], ...]:
+    """Inclusive (lo, hi) ranges sorted, overlapping and adjacent ones merged."""
+    out: list[list[int]] = []
+    for lo, hi in sorted(ranges):
+        if out and lo <= out[-1][1] + 1:
+            out[-1][1] = max(out[-1][1], hi)
+        else:
+            out.append([lo, hi])
+    return tuple((lo, hi) for lo, hi in out)
+
+
+def ports(field: str, value: Any) -> tuple[tuple[int, int], ...] | None:
+    """None (any port), or a port set in canonical form: sorted (lo, hi)
+    tuples, overlapping and adjacent ranges merged.
+
+    Takes a port, a (lo, hi) tuple of two ints (one inclusive range), a list
+    (or any other tuple) of ports and (lo, hi) pairs, or a string of
+    comma-separated ports and lo-hi ranges.
+
+    >>> ports("f", "10000-20000, 5060,5061")
+    ((5060, 5061), (10000, 20000))
+    >>> ports("f", (1000, 2000)), ports("f", [1000, 2000])
+    (((1000, 2000),), ((1000, 1000), (2000, 2000)))
+    """
     if value is None:
         return None
-    if isinstance(value, int) and not isinstance(value, bool):
+    if _is_int(value):
         integer(field, value, 0, 65535)
-        return (value, value)
-    if isinstance(value, (tuple, list)) and len(value) == 2:
-        lo, hi = value
-        integer(field, lo, 0, 65535)
-        integer(field, hi, 0, 65535)
-        if lo > hi:
-            raise ConfigError(field, value, "has lo > hi")
-        return (lo, hi)
-    raise ConfigError(field, value, "is not a port, an inclusive (lo, hi) pair, or None")
+        return ((value, value),)
+    if isinstance(value, str):
+        items = _port_text_items(field, value)
+    elif isinstance(value, tuple) and len(value) == 2 and _is_int(value[0]) and _is_int(value[1]):
+        items = [_port_pair(field, value, value[0], value[1])]
+    elif isinstance(value, (list, tuple)):
+        if len(value) > MAX_PORT_ITEMS:
+            raise ConfigError(field, f"<{len(value)} items>", f"has more than {MAX_PORT_ITEMS} items")
+        if not value:
+            raise ConfigError(field, value, "is empty: use None for any port")
+        items = [_port_item(field, x) for x in value]
+    else:
+        raise ConfigError(field, value, _PORTS_WHAT)
+    merged = merge_ranges(items) if len(items) > 1 else tuple(items)
+    if len(merged) * 12 > MAX_PORT_TEXT and len(port_text(merged) or "") > MAX_PORT_TEXT:
+        raise ConfigError(field, value if isinstance(value, str) else f"<{len(merged)} ranges>",
+                          f"is longer than {MAX_PORT_TEXT} characters written as a string")
+    return merged
 
 
-def protocol(field: str, value: Any) -> int | None:
+def port_text(ranges: tuple[tuple[int, int], ...] | None) -> str | None:
+    """The string form of canonical ports: '5060-5061,10000-20000', '53'; None for None.
+
+    >>> port_text(((53, 53),)), port_text(((5060, 5061), (10000, 20000)))
+    ('53', '5060-5061,10000-20000')
+    """
+    if ranges is None:
+        return None
+    return ",".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in ranges)
+
+
+MAX_PROTOCOL_ITEMS = 256
+MAX_PROTOCOL_TEXT = 1024
+_PROTOCOLS_WHAT = f"is not a known protocol (one of {', '.join(PROTOCOLS)} or 0-255)"
+
+
+def _one_protocol(field: str, item: Any, value: Any) -> int:
+    if isinstance(item, str):
+        key = item.strip().lower()
+        if key in PROTOCOLS:
+            return PROTOCOLS[key]
+        if key.isascii() and key.isdigit() and len(key) <= 3 and int(key) <= 255:
+            return int(key)
+        why = _PROTOCOLS_WHAT if item is value else f"has {item!r} that {_PROTOCOLS_WHAT}"
+        raise ConfigError(field, value, why)
+    return integer(field, item, 0, 255)
+
+
+def protocols(field: str, value: Any) -> int | tuple[int, ...] | None:
+    """None (any protocol), the number of one protocol, or a sorted tuple of
+    two or more distinct numbers. Takes a number, a name, names and numbers
+    joined by '/' or ',', or a list, tuple or set of names and numbers.
+
+    >>> protocols("f", "udp"), protocols("f", "tcp/udp"), protocols("f", [17, "tcp", 6])
+    (17, (6, 17), (6, 17))
+    """
     if value is None:
         return None
     if isinstance(value, str):
-        key = value.lower()
-        if key in PROTOCOLS:
-            return PROTOCOLS[key]
-        raise ConfigError(field, value, f"is not a known protocol (one of {', '.join(PROTOCOLS)} or 0-255)")
-    return integer(field, value, 0, 255)
+        if len(value) > MAX_PROTOCOL_TEXT:
+            raise ConfigError(field, value[:40] + "...", f"is longer than {MAX_PROTOCOL_TEXT} characters")
+        if value.lower() in PROTOCOLS:
+            return PROTOCOLS[value.lower()]
+        if not value.strip():
+            raise ConfigError(field, value, "is empty: use None for any protocol")
+        parts = re.split(r"[/,]", value)
+        nums = {_one_protocol(field, value if len(parts) == 1 else p, value) for p in parts}
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        if len(value) > MAX_PROTOCOL_ITEMS:
+            raise ConfigError(field, f"<{len(value)} items>", f"has more than {MAX_PROTOCOL_ITEMS} items")
+        if not value:
+            raise ConfigError(field, value, "is empty: use None for any protocol")
+        nums = set()
+        for item in value:
+            if not isinstance(item, str) and not _is_int(item):
+                raise ConfigError(field, item, _PROTOCOLS_WHAT)
+            nums.add(_one_protocol(field, item, value))
+    else:
+        nums = {_one_protocol(field, value, value)}
+    if len(nums) == 1:
+        return nums.pop()
+    return tuple(sorted(nums))
 
 
 def boolean(field: str, value: Any) -> bool:

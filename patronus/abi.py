@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["FLOW_DTYPE", "XSLOT_DTYPE", "BUCKET_DTYPE", "RULE_DTYPE", "POLICY_COUNTER_DTYPE", "MALFORMED_REASONS", "NO_PATH"]
+__all__ = ["FLOW_DTYPE", "XSLOT_DTYPE", "BUCKET_DTYPE", "RULE_DTYPE", "POLICY_COUNTER_DTYPE", "SITE_PREFIX_DTYPE",
+           "ROUTE_DTYPE", "META_DTYPE", "DETAIL_DTYPE", "MALFORMED_REASONS", "NO_PATH", "SITE_NONE"]
 
 # enum pn_reason, index 1.. (0 is PN_OK, not a counter)
 MALFORMED_REASONS: tuple[str, ...] = (
@@ -16,14 +17,15 @@ MALFORMED_REASONS: tuple[str, ...] = (
 )
 
 NO_PATH = 0xFFFFFFFF
+SITE_NONE = 0  # a destination outside every site's subnets
 
-# struct pn_flow = pn_flow_key + pn_flow_rec, flattened (88 bytes)
+# struct pn_flow = pn_flow_key + pn_flow_rec, flattened (96 bytes)
 FLOW_DTYPE = np.dtype([
     ("src", "u1", (16,)), ("dst", "u1", (16,)),
     ("sport", "<u2"), ("dport", "<u2"), ("proto", "u1"), ("family", "u1"), ("_pad0", "<u2"),
     ("packets", "<u8"), ("bytes", "<u8"), ("first_ns", "<u8"), ("last_ns", "<u8"),
     ("policy", "<i4"), ("path", "<u4"), ("tcp_flags", "u1"), ("dscp", "u1"), ("_pad1", "<u2"),
-    ("generation", "<u4"),
+    ("generation", "<u4"), ("site", "<u4"), ("_pad2", "<u4"),
 ], align=True)
 
 # struct pn_xslot: one slot of the XDP flow table (a flow plus the counts
@@ -41,3 +43,13 @@ RULE_DTYPE = np.dtype([
 ], align=True)
 
 POLICY_COUNTER_DTYPE = np.dtype([("packets", "<u8"), ("bytes", "<u8")])
+
+# struct pn_site_prefix: one subnet of a destination site
+SITE_PREFIX_DTYPE = np.dtype([("addr", "u1", (16,)), ("plen", "u1"), ("family", "u1"), ("_pad", "<u2"),
+                              ("site", "<u4")], align=True)
+# struct pn_route: what one (class, site) pair does
+ROUTE_DTYPE = np.dtype([("path", "<u4"), ("action", "<u4")])
+# struct pn_meta: what the XDP program leaves in front of a frame
+META_DTYPE = np.dtype([("path", "<u4"), ("policy", "<i4"), ("site", "<u4")])
+# what process(detail=True) and test_run(detail=True) return per frame
+DETAIL_DTYPE = np.dtype([("policy", "<i4"), ("site", "<u4"), ("path", "<u4")])

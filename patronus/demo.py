@@ -74,11 +74,13 @@ def run(out: TextIO, state: str | None = None) -> int:
         say(f"   {p.priority:>3} {p.name:<7} app={p.app:<8} {_match_text(p.match)}")
     say()
     table = mesh.policy_table()
-    ids = table.classify([f for _, f in SAMPLE_TRAFFIC])
-    say("4. Classifying sample packets:")
-    for (label, _), i in zip(SAMPLE_TRAFFIC, ids):
-        target = table.policies[i].name if i >= 0 else "(default: no policy matched)"
-        say(f"   {label:<30} -> {target}")
+    sample = [f for _, f in SAMPLE_TRAFFIC]
+    ids, sites = table.classify(sample), table.sites_of(sample)
+    say("4. Classifying sample packets (policy, and the destination site from the sites' subnets):")
+    for (label, _), i, site in zip(SAMPLE_TRAFFIC, ids, sites):
+        target = table.name_of(i) or "(default: no policy matched)"
+        to = "-" if site < 0 else table.site_name(site) or "outside every site"
+        say(f"   {label:<30} -> {target:<28} to {to}")
     say()
     from . import dataplane
 
@@ -86,17 +88,20 @@ def run(out: TextIO, state: str | None = None) -> int:
     kind = ("the XDP data plane (the kernel program, run with BPF_PROG_TEST_RUN)" if type(dp).__name__ == "Xdp"
             else "the userspace data plane (Cython; XDP needs root and BCC)")
     say(f"5. Accounting flows in {kind}.")
-    say("   VoIP is pinned to path #0, then moved to #2 with one write:")
-    dp.set_path("voip", 0)
+    say("   Every class has a path per destination site: VoIP to br1 on path #0, to br2 on #4, the default")
+    say("   class on each site's first path; then VoIP to br1 moves to #2 with one write:")
+    first = {s.name: mesh.paths("hq", s.name)[0].index for s in mesh.sites if s.name != "hq"}
+    dp.set_paths([(cls, site, path) for site, path in first.items() for cls in (None, "voip")])
     frames = [f for _, f in SAMPLE_TRAFFIC]
     dp.process(frames * 3, ts_ns=[i * 20_000_000 for i in range(len(frames) * 3)])
-    dp.set_path("voip", 2)  # a failover is this one write; the flow keeps its counters
+    dp.set_path("voip", 2, site="br1")  # a failover is this one write; the flow keeps its counters
     dp.process(frames[:1], ts_ns=[10**9])
-    names = {i: p.name for i, p in enumerate(table.policies)}
     for r in sorted(dp.flows(), key=lambda r: -int(r["packets"])):
-        pol = names.get(int(r["policy"]), "(default)")
+        pol = table.name_of(int(r["policy"])) or "(default)"
+        to = table.site_name(int(r["site"])) or "-"
         path = "-" if r["path"] == 0xFFFFFFFF else f"#{int(r['path'])}"
-        say(f"   {_flow_text(r):<44} {pol:<10} path {path:<3} {int(r['packets'])} pkts {int(r['bytes'])} B")
+        say(f"   {_flow_text(r):<44} {pol:<9} to {to:<4} path {path:<3} {int(r['packets'])} pkts "
+            f"{int(r['bytes'])} B")
     c = dp.counters()
     dp.close()
     bad = {k: v for k, v in c["malformed"].items() if v}
@@ -186,8 +191,8 @@ def _simulated_story(say) -> int:  # type: ignore[no-untyped-def]
     dp = Userspace(table, flow_capacity=4096)
     core = FailoverCore(mesh, dp, local_site="hq")
     events = list(core.start(now=0.0))
-    primary = core.where()["voip"]
-    say(f"   policies put voip on {primary} and backup on {core.where()['backup']}")
+    primary = core.where()[("voip", "br1")]
+    say(f"   to br1, policies put voip on {primary} and backup on {core.where()[('backup', 'br1')]}")
     voice = packets.udp("10.1.0.10", "10.2.0.20", 5062, 5060)
     bulk = packets.tcp("10.1.0.200", "10.2.0.5", 40022, 873, payload=bytes(1200))
     t_cut, t_heal, detect = 1.5, 3.5, 0.15
@@ -206,7 +211,7 @@ def _simulated_story(say) -> int:  # type: ignore[no-untyped-def]
                 events += core.bfd(pid, up=True, now=t)
         events += core.tick(now=t)
         ids = dp.process([voice, bulk, bulk], ts_ns=[int(t * 1e9)] * 3)
-        on = core.where()["voip"]
+        on = core.where()[("voip", "br1")]
         if not (on == primary and dead_from <= t < max(dead_to or t_heal, t_heal)):
             received.append(t)  # the voice packet's path was alive
         assert ids[0] == table.index("voip")
@@ -215,12 +220,11 @@ def _simulated_story(say) -> int:  # type: ignore[no-untyped-def]
     say(f"   cut uplink hq.{uplink} at {t_cut} s, restored at {t_heal} s: simulated BFD (50 ms x 3) detects the "
         f"cut {detect * 1e3:.0f} ms later; largest voice gap {gap * 1e3:.0f} ms")
     for e in events:
-        if e.reason in ("initial", "bfd_down", "failback") and e.policy:
-            say(f"     {e.ts:5.2f} s {e.reason:<9} {e.policy:<7} {e.from_path or '-'} -> {e.to_path} "
+        if e.reason in ("initial", "bfd_down", "failback") and e.policy and e.site == "br1":
+            say(f"     {e.ts:5.2f} s {e.reason:<9} {e.policy:<9} {e.from_path or '-'} -> {e.to_path} "
                 f"{e.detail or ''}")
-    names = {i: p.name for i, p in enumerate(table.policies)}
     for r in dp.flows():
-        say(f"   flow of {names.get(int(r['policy']), 'default'):<7}: {int(r['packets'])} packets, "
+        say(f"   flow of {table.name_of(int(r['policy'])) or 'default':<7}: {int(r['packets'])} packets, "
             f"{int(r['bytes'])} bytes, now on path #{int(r['path'])}")
     dp.close()
     return 0
@@ -247,9 +251,9 @@ def _match_text(m: Match) -> str:
     for label, v in (("src", m.src), ("dst", m.dst)):
         if v:
             parts.append(f"{label} {v}")
-    for label, r in (("sport", m.src_ports), ("dport", m.dst_ports)):
-        if r:
-            parts.append(f"{label} {r[0]}" if r[0] == r[1] else f"{label} {r[0]}-{r[1]}")
+    for label, text in (("sport", m.src_ports_text), ("dport", m.dst_ports_text)):
+        if text:
+            parts.append(f"{label} {text}")
     if m.dscp is not None:
         parts.append(f"dscp {m.dscp}")
     return " ".join(parts) or "any"

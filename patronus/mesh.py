@@ -174,10 +174,11 @@ class Mesh:
         raise ConfigError("policy", name, "is not a policy of this mesh")
 
     def policy_table(self) -> PolicyTable:
-        """Compile the policies into the data plane's rule table."""
+        """Compile the policies into the data plane's rule table, with the
+        sites (their subnets decide each packet's destination site)."""
         from .policy import PolicyTable
 
-        return PolicyTable(self._policies)
+        return PolicyTable(self._policies, sites=self.sites)
 
     # -- serialisation -------------------------------------------------------
 

@@ -155,7 +155,8 @@ def _check_family(inst: Match, attribute: Any, value: Any) -> None:
 
 
 def _check_ports(inst: Match, attribute: Any, value: Any) -> None:
-    if value is not None and (inst.src_ports or inst.dst_ports) and value not in (6, 17):
+    protos = () if value is None else (value,) if isinstance(value, int) else value
+    if (inst.src_ports or inst.dst_ports) and any(p not in (6, 17) for p in protos):
         raise ConfigError("Match.proto", value, "cannot be combined with ports: ports are matched for tcp and udp only")
 
 
@@ -164,35 +165,82 @@ class Match:
     """Which packets a policy takes: every field set must match; None matches anything.
 
     ``src``/``dst`` are CIDRs (IPv4 or IPv6) and match only their family;
-    ports are an int or an inclusive ``(lo, hi)`` and match only TCP/UDP
-    packets that carry ports; ``proto`` is "tcp", "udp", "icmp", "icmpv6" or a
-    number (stored as the number); ``dscp`` is 0-63.
+    ``dscp`` is 0-63.
 
-    >>> Match(proto="udp", dst_ports=(5060, 5061))
-    Match(src=None, dst=None, src_ports=None, dst_ports=(5060, 5061), proto=17, dscp=None)
+    Ports (``src_ports``, ``dst_ports``) match only TCP/UDP packets that carry
+    ports. They take a port (``53``), a tuple of exactly two ints, one
+    inclusive range (``(5060, 5061)``), a list (or any other tuple) of ports
+    and ``(lo, hi)`` pairs (``[5060, (10000, 20000)]``; a two-int list inside
+    the list is a range too), or a string of comma-separated ports and lo-hi
+    ranges (``"5060-5061, 10000-20000"``). At most 256 items, a string at
+    most 2,048 characters; an empty list or string is an error (None is any
+    port). They are stored as a sorted tuple of ``(lo, hi)`` ranges, with
+    overlapping and adjacent ranges merged: ``Match(dst_ports=53).dst_ports
+    == ((53, 53),)``.
+
+    ``proto`` takes a number (0-255), a name ("tcp", "udp", "icmp",
+    "icmpv6") or a number as a string ("132"), several joined by "/" or ","
+    ("tcp/udp", "6,17"), or a list, tuple or set of names and numbers. It is
+    stored as the number when there is one protocol (``Match(proto="udp").proto
+    == 17``), as a sorted tuple of distinct numbers when there are several;
+    ``protos`` is always a tuple. With ports, every protocol must be tcp or udp.
+
+    ``to_dict`` writes ports in the string form and proto as a number or a
+    list of numbers; ``from_dict`` reads them back to an equal Match.
+
+    >>> m = Match(proto="tcp/udp", dst_ports="10000-20000, 5060,5061")
+    >>> m
+    Match(src=None, dst=None, src_ports=None, dst_ports=((5060, 5061), (10000, 20000)), proto=(6, 17), dscp=None)
+    >>> m == Match(proto=["udp", 6], dst_ports=[5060, 5061, (10000, 20000)])
+    True
+    >>> m.proto_name, m.protos, m.dst_ports_text
+    ('tcp/udp', (6, 17), '5060-5061,10000-20000')
+    >>> m.to_dict()["dst_ports"], m.to_dict()["proto"]
+    ('5060-5061,10000-20000', [6, 17])
     """
 
     src: str | None = attrs.field(default=None, converter=lambda x: None if x is None else v.network("Match.src", x))
     dst: str | None = attrs.field(
         default=None, converter=lambda x: None if x is None else v.network("Match.dst", x), validator=_check_family
     )
-    src_ports: tuple[int, int] | None = attrs.field(default=None, converter=lambda x: v.port_range("Match.src_ports", x))
-    dst_ports: tuple[int, int] | None = attrs.field(default=None, converter=lambda x: v.port_range("Match.dst_ports", x))
-    proto: int | None = attrs.field(default=None, converter=lambda x: v.protocol("Match.proto", x), validator=_check_ports)
+    src_ports: tuple[tuple[int, int], ...] | None = attrs.field(
+        default=None, converter=lambda x: v.ports("Match.src_ports", x))
+    dst_ports: tuple[tuple[int, int], ...] | None = attrs.field(
+        default=None, converter=lambda x: v.ports("Match.dst_ports", x))
+    proto: int | tuple[int, ...] | None = attrs.field(
+        default=None, converter=lambda x: v.protocols("Match.proto", x), validator=_check_ports)
     dscp: int | None = attrs.field(default=None, converter=lambda x: v.optional_integer("Match.dscp", x, 0, 63))
 
     @property
+    def protos(self) -> tuple[int, ...]:
+        """The protocol numbers, sorted; () matches any protocol."""
+        if self.proto is None:
+            return ()
+        return (self.proto,) if isinstance(self.proto, int) else self.proto
+
+    @property
     def proto_name(self) -> str | None:
-        """'udp' for 17, the number as a string for protocols without a name."""
+        """'udp' for 17, 'tcp/udp' for (6, 17), the number as a string for protocols without a name."""
         if self.proto is None:
             return None
-        return v.PROTOCOL_NAMES.get(self.proto, str(self.proto))
+        return "/".join(v.PROTOCOL_NAMES.get(p, str(p)) for p in self.protos)
+
+    @property
+    def src_ports_text(self) -> str | None:
+        """``src_ports`` as a string: '5060-5061,10000-20000', '53'; None for any port."""
+        return v.port_text(self.src_ports)
+
+    @property
+    def dst_ports_text(self) -> str | None:
+        """``dst_ports`` as a string: '5060-5061,10000-20000', '53'; None for any port."""
+        return v.port_text(self.dst_ports)
 
     def to_dict(self) -> dict[str, Any]:
+        """Ports as their string form, proto as a number or a list of numbers."""
         d = attrs.asdict(self)
-        for k in ("src_ports", "dst_ports"):
-            if d[k] is not None:
-                d[k] = list(d[k])
+        d["src_ports"], d["dst_ports"] = self.src_ports_text, self.dst_ports_text
+        if isinstance(self.proto, tuple):
+            d["proto"] = list(self.proto)
         return d
 
     @classmethod

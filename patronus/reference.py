@@ -20,13 +20,13 @@ from __future__ import annotations
 import ipaddress
 import struct
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import NamedTuple
 
 from .abi import MALFORMED_REASONS
 from .model import Policy
 
-__all__ = ["Parsed", "Malformed", "parse", "matches", "classify", "FlowAccounting"]
+__all__ = ["Parsed", "Malformed", "parse", "matches", "classify", "site_of", "FlowAccounting"]
 
 ETH_P_IPV4 = 0x0800
 ETH_P_IPV6 = 0x86DD
@@ -154,10 +154,10 @@ def _prefix_ok(cidr: str | None, family: int, addr: bytes) -> bool:
     return ipaddress.ip_address(addr) in net
 
 
-def _ports_ok(rng: tuple[int, int] | None, pkt: Parsed, port: int) -> bool:
-    if rng is None:
+def _ports_ok(ranges: tuple[tuple[int, int], ...] | None, pkt: Parsed, port: int) -> bool:
+    if ranges is None:
         return True
-    return pkt.has_ports and rng[0] <= port <= rng[1]
+    return pkt.has_ports and any(lo <= port <= hi for lo, hi in ranges)
 
 
 def matches(policy: Policy, pkt: Parsed) -> bool:
@@ -168,7 +168,7 @@ def matches(policy: Policy, pkt: Parsed) -> bool:
         and _prefix_ok(m.dst, pkt.family, pkt.dst)
         and _ports_ok(m.src_ports, pkt, pkt.sport)
         and _ports_ok(m.dst_ports, pkt, pkt.dport)
-        and (m.proto is None or m.proto == pkt.proto)
+        and (not m.protos or pkt.proto in m.protos)
         and (m.dscp is None or m.dscp == pkt.dscp)
     )
 
@@ -188,17 +188,38 @@ def classify(policies: Sequence[Policy], frame: bytes) -> int:
     return classify_parsed(policies, parse(frame))
 
 
+def site_of(sites: Mapping[str, Sequence[str]] | None, pkt: Parsed | Malformed) -> int:
+    """Destination site number of a packet: 1 + the position in ``sites``
+    (name -> subnets) of the site with the longest subnet holding the
+    destination address; 0 when no subnet holds it (or for a malformed frame)."""
+    if isinstance(pkt, Malformed) or not sites:
+        return 0
+    addr = ipaddress.ip_address(pkt.dst)
+    best, best_len = 0, -1
+    for i, nets in enumerate(sites.values()):
+        for n in nets:
+            net = ipaddress.ip_network(n)
+            if net.version == addr.version and addr in net and net.prefixlen > best_len:
+                best, best_len = i + 1, net.prefixlen
+    return best
+
+
 class FlowAccounting:
     """Flow table semantics, spelled out: LRU eviction when full, idle and
     active timeouts driven by packet timestamps, everything that leaves the
     table goes to ``exported``.
 
-    ``path_of`` maps a policy index to its path slot (-1 maps to the default slot).
+    Each flow's destination site comes from ``sites`` (``site_of``) and its
+    path from ``routes[(policy, site)]``, else ``path_of[policy]`` (policy
+    -1 is the default class), else no path.
     """
 
     def __init__(self, policies: Sequence[Policy], capacity: int, idle_ns: int = 0, active_ns: int = 0,
-                 path_of: dict[int, int] | None = None) -> None:
+                 path_of: dict[int, int] | None = None, *, sites: Mapping[str, Sequence[str]] | None = None,
+                 routes: dict[tuple[int, int], int] | None = None) -> None:
         self.policies = list(policies)
+        self.sites = dict(sites or {})
+        self.routes = routes or {}
         self.capacity = capacity
         self.idle_ns = idle_ns
         self.active_ns = active_ns
@@ -235,7 +256,7 @@ class FlowAccounting:
             policy = classify_parsed(self.policies, pkt)
             rec = dict(family=pkt.family, src=pkt.src, dst=pkt.dst, sport=pkt.sport, dport=pkt.dport,
                        proto=pkt.proto, packets=0, bytes=0, first_ns=ts, last_ns=ts, policy=policy,
-                       path=0, tcp_flags=0, dscp=0)
+                       site=site_of(self.sites, pkt), path=0, tcp_flags=0, dscp=0)
             self.flows[key] = rec
         elif self.active_ns and ts - rec["first_ns"] >= self.active_ns:
             self.exported.append(dict(rec))
@@ -247,7 +268,7 @@ class FlowAccounting:
         rec["last_ns"] = ts
         rec["tcp_flags"] |= pkt.tcp_flags
         rec["dscp"] = pkt.dscp
-        rec["path"] = self.path_of.get(rec["policy"], 0xFFFFFFFF)
+        rec["path"] = self.routes.get((rec["policy"], rec["site"]), self.path_of.get(rec["policy"], 0xFFFFFFFF))
         self.policy_packets[rec["policy"] + 1] += 1
         self.policy_bytes[rec["policy"] + 1] += pkt.l3_len
         return rec["policy"]

@@ -137,6 +137,15 @@ MIGRATIONS: list[str] = [
         ts REAL NOT NULL
     );
     """,
+    # 3: several port ranges and protocols per policy. sports/dports are the
+    # string form ('5060-5061,10000-20000'), protos the numbers ('6,17'),
+    # NULL for any. The lo/hi and proto columns stay filled when there is one
+    # range or one protocol, NULL otherwise.
+    """
+    ALTER TABLE policies ADD COLUMN sports TEXT;
+    ALTER TABLE policies ADD COLUMN dports TEXT;
+    ALTER TABLE policies ADD COLUMN protos TEXT
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -235,12 +244,17 @@ class Store:
             )
             for i, p in enumerate(mesh.policies):
                 m = p.match
-                sp = m.src_ports or (None, None)
-                dp = m.dst_ports or (None, None)
+                # one range or one protocol: also in the simple columns, for SQL users
+                sp = m.src_ports[0] if m.src_ports and len(m.src_ports) == 1 else (None, None)
+                dp = m.dst_ports[0] if m.dst_ports and len(m.dst_ports) == 1 else (None, None)
                 db.execute(
-                    "INSERT INTO policies VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (p.name, i, p.priority, p.app, m.src, m.dst, sp[0], sp[1], dp[0], dp[1], m.proto, m.dscp,
-                     p.qos.dscp, p.qos.rate_kbps, json.dumps(list(p.prefer)), p.action),
+                    "INSERT INTO policies (name, position, priority, app, src, dst, sport_lo, sport_hi, "
+                    "dport_lo, dport_hi, proto, dscp, qos_dscp, qos_rate_kbps, prefer, action, sports, dports, "
+                    "protos) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (p.name, i, p.priority, p.app, m.src, m.dst, sp[0], sp[1], dp[0], dp[1],
+                     m.proto if isinstance(m.proto, int) else None, m.dscp,
+                     p.qos.dscp, p.qos.rate_kbps, json.dumps(list(p.prefer)), p.action,
+                     m.src_ports_text, m.dst_ports_text, ",".join(map(str, m.protos)) or None),
                 )
             db.execute("COMMIT")
         except BaseException:
@@ -272,14 +286,15 @@ class Store:
                 d["sites"].append({"name": name, "subnets": subnets, "uplinks": uplinks})
             for r in db.execute(
                 "SELECT name, priority, app, src, dst, sport_lo, sport_hi, dport_lo, dport_hi, proto, dscp, "
-                "qos_dscp, qos_rate_kbps, prefer, action FROM policies ORDER BY position"
+                "qos_dscp, qos_rate_kbps, prefer, action, sports, dports, protos FROM policies ORDER BY position"
             ):
+                # the text columns (schema 3) when set, else the columns of rows written before them
                 d["policies"].append({
                     "name": r[0], "priority": r[1], "app": r[2],
                     "match": {"src": r[3], "dst": r[4],
-                              "src_ports": None if r[5] is None else (r[5], r[6]),
-                              "dst_ports": None if r[7] is None else (r[7], r[8]),
-                              "proto": r[9], "dscp": r[10]},
+                              "src_ports": r[15] if r[15] is not None else None if r[5] is None else (r[5], r[6]),
+                              "dst_ports": r[16] if r[16] is not None else None if r[7] is None else (r[7], r[8]),
+                              "proto": r[17] if r[17] is not None else r[9], "dscp": r[10]},
                     "qos": {"dscp": r[11], "rate_kbps": r[12]},
                     "prefer": json.loads(r[13]), "action": r[14],
                 })

@@ -81,3 +81,35 @@ def site_lists(draw, max_sites=5):
         ups = draw(st.lists(uplinks, min_size=1, max_size=3, unique_by=lambda u: u.name))
         out.append(Site(sn, subnets=sorted(subnets), uplinks=ups))
     return out
+
+
+def _prefix_of(addr: str, plen: int) -> str:
+    return str(ipaddress.ip_network(f"{addr}/{plen}", strict=False))
+
+
+@st.composite
+def site_tables(draw, max_sites=6):
+    """A random site table (name -> subnets) whose prefixes often hold the
+    addresses of tests/frames.py and nest inside each other across sites
+    (longest prefix decides), never the same prefix twice."""
+    from .frames import V4, V6
+
+    n = draw(st.integers(0, max_sites))
+    snames = draw(st.lists(names, min_size=n, max_size=n, unique=True))
+    seen: set[str] = set()
+    table: dict[str, list[str]] = {}
+    for sn in snames:
+        nets = []
+        for _ in range(draw(st.integers(0, 4))):
+            kind = draw(st.sampled_from(["v4", "v6", "random"]))
+            if kind == "v4":
+                net = _prefix_of(draw(st.sampled_from(V4)), draw(st.integers(0, 32)))
+            elif kind == "v6":
+                net = _prefix_of(draw(st.sampled_from(V6)), draw(st.integers(0, 128)))
+            else:
+                net = draw(networks())
+            if net not in seen:
+                seen.add(net)
+                nets.append(net)
+        table[sn] = nets
+    return table

@@ -15,7 +15,10 @@ HEADER = Path(__file__).parent.parent / "csrc" / "patronus_abi.h"
 @pytest.mark.parametrize(("struct", "dtype"), [("pn_rule", abi.RULE_DTYPE),
                                                ("pn_policy_counter", abi.POLICY_COUNTER_DTYPE),
                                                ("pn_xslot", abi.XSLOT_DTYPE),
-                                               ("pn_bucket", abi.BUCKET_DTYPE)])
+                                               ("pn_bucket", abi.BUCKET_DTYPE),
+                                               ("pn_site_prefix", abi.SITE_PREFIX_DTYPE),
+                                               ("pn_route", abi.ROUTE_DTYPE),
+                                               ("pn_meta", abi.META_DTYPE)])
 def test_dtype_matches_struct(struct, dtype):
     layout = _fast.abi_layout()[struct]
     assert dtype.itemsize == layout.pop("size")

@@ -12,22 +12,25 @@ from hypothesis import strategies as st
 
 from patronus import Failover, Match, Mesh, Policy, Site, Uplink, packets
 from patronus.dataplane import Userspace
-from patronus.failover import BfdSession, Engine, FailoverCore, State
+from patronus.failover import DEFAULT_CLASS, BfdSession, Engine, FailoverCore, State
 from patronus.store import Store
 
 MPLS, LTE = "br.inet~hq.mpls", "br.inet~hq.lte"
 
 
 class RecordingPlane(Userspace):
-    """The real userspace data plane, recording each set_path call."""
+    """The real userspace data plane, recording each set_path call as
+    (class, path) (and the site in ``sites``)."""
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
         self.calls: list[tuple[str, int]] = []
+        self.sites: list[str] = []
 
-    def set_path(self, policy, path_id):
-        self.calls.append((policy, path_id))
-        super().set_path(policy, path_id)
+    def set_path(self, policy, path_id, site=None):
+        self.calls.append((DEFAULT_CLASS if policy is None else policy, path_id))
+        self.sites.append(site)
+        super().set_path(policy, path_id, site)
 
 
 def make_mesh(**failover):
@@ -60,14 +63,17 @@ def idx(mesh, pid):
 
 def test_bfd_down_moves_every_policy_on_the_path_with_one_set_path_each(setup):
     mesh, dp, core, store = setup
-    assert core.where() == {"voip": MPLS, "video": MPLS, "bulk": LTE}
+    assert core.where() == {("voip", "br"): MPLS, ("video", "br"): MPLS, ("bulk", "br"): LTE,
+                            (DEFAULT_CLASS, "br"): MPLS}
     voice = packets.udp("10.1.0.5", "10.2.0.9", 4000, 5060)
     dp.process([voice], ts_ns=[1])
     dp.calls.clear()
     evs = core.bfd(MPLS, up=False, now=5.0)
-    assert sorted(dp.calls) == [("video", idx(mesh, LTE)), ("voip", idx(mesh, LTE))]
-    assert {(e.policy, e.reason, e.from_path, e.to_path) for e in evs} == {
-        ("voip", "bfd_down", MPLS, LTE), ("video", "bfd_down", MPLS, LTE)}
+    assert sorted(dp.calls) == [(DEFAULT_CLASS, idx(mesh, LTE)), ("video", idx(mesh, LTE)), ("voip", idx(mesh, LTE))]
+    assert set(dp.sites[-3:]) == {"br"}
+    assert {(e.policy, e.site, e.reason, e.from_path, e.to_path) for e in evs} == {
+        ("voip", "br", "bfd_down", MPLS, LTE), ("video", "br", "bfd_down", MPLS, LTE),
+        (DEFAULT_CLASS, "br", "bfd_down", MPLS, LTE)}
     dp.process([voice], ts_ns=[2])
     (flow,) = dp.flows()
     assert flow["packets"] == 2 and flow["path"] == idx(mesh, LTE)  # same record, new path
@@ -80,8 +86,9 @@ def test_failback_waits_for_the_hold(setup):
     dp.calls.clear()
     assert core.tick(now=39.9) == [] and dp.calls == []
     evs = core.tick(now=40.0)
-    assert {(e.policy, e.reason) for e in evs} == {("voip", "failback"), ("video", "failback")}
-    assert core.where()["voip"] == MPLS and len(dp.calls) == 2
+    assert {(e.policy, e.reason) for e in evs} == {("voip", "failback"), ("video", "failback"),
+                                                   (DEFAULT_CLASS, "failback")}
+    assert core.where()[("voip", "br")] == MPLS and len(dp.calls) == 3
 
 
 def test_a_toggling_link_is_damped_then_reused(setup):
@@ -93,16 +100,16 @@ def test_a_toggling_link_is_damped_then_reused(setup):
         core.tick(now=t + 0.3)
         t += 0.6
     assert len(damped) == 1 and core.paths[MPLS].suppressed
-    assert core.where()["voip"] == LTE
+    assert core.where()[("voip", "br")] == LTE
     dp.calls.clear()
     # the penalty (about 3,700) halves every 15 s: still above the reuse
     # level of 750 after 31 s, when the link has been up longer than the hold
-    assert core.tick(now=t + 31) == [] and dp.calls == [] and core.where()["voip"] == LTE
+    assert core.tick(now=t + 31) == [] and dp.calls == [] and core.where()[("voip", "br")] == LTE
     evs = core.tick(now=t + 36)      # below 750 after about 34.5 s
     assert [e.reason for e in evs] == ["reuse"]
     assert core.tick(now=t + 36 + 29.9) == []
     evs = core.tick(now=t + 36 + 30)  # and then the hold again
-    assert {e.reason for e in evs} == {"failback"} and core.where()["voip"] == MPLS
+    assert {e.reason for e in evs} == {"failback"} and core.where()[("voip", "br")] == MPLS
 
 
 def test_sla_violation_moves_after_n_windows_only(setup):
@@ -111,7 +118,7 @@ def test_sla_violation_moves_after_n_windows_only(setup):
     assert core.sla(MPLS, bad, now=1.0) == [] and core.sla(MPLS, bad, now=2.0) == []
     (ev,) = core.sla(MPLS, bad, now=3.0)
     assert (ev.policy, ev.reason, ev.detail, ev.to_path) == ("voip", "sla_violation", "loss 3.2 % > 1 % for voip", LTE)
-    assert core.where()["video"] == MPLS  # video's SLA holds there
+    assert core.where()[("video", "br")] == MPLS  # video's SLA holds there
     core.sla(MPLS, {"voip": None}, now=4.0)
     assert core.tick(now=4.0 + 29.9) == []
     assert [e.reason for e in core.tick(now=34.0)] == ["failback"]
@@ -122,7 +129,7 @@ def test_events_are_persisted(setup):
     core.bfd(MPLS, up=False, now=5.0)
     rows = store.events()
     assert [(r["reason"], r["policy"]) for r in rows if r["reason"] != "initial"] == [
-        ("bfd_down", "voip"), ("bfd_down", "video")]
+        ("bfd_down", "voip"), ("bfd_down", "video"), ("bfd_down", DEFAULT_CLASS)]
     assert rows[-1]["from_path"] == MPLS and rows[-1]["to_path"] == LTE and rows[-1]["ts"] == 5.0
 
 
@@ -159,7 +166,7 @@ def test_any_event_sequence_keeps_policies_on_usable_paths(evs):
             out = core.tick(now=t)
         out += core.tick(now=t)
         moves += sum(1 for e in out if e.to_path is not None and e.policy is not None)
-        for st_ in core.policies.values():
+        for st_ in core.pairs.values():
             usable = [c for c in st_.candidates if core._usable(c, st_.app)]
             if usable:  # after a tick a policy is never left on an unusable path when a usable one exists
                 assert st_.current in usable
@@ -186,7 +193,7 @@ def test_engine_on_asyncio_with_real_bfd_sessions(tmp_path):
             ends[pid] = (a, b)
         task = asyncio.create_task(engine.run())
         await asyncio.sleep(0.2)
-        first = engine.where()["voip"]
+        first = engine.where()[("voip", "br")]
         got = []
 
         async def follow():
@@ -225,7 +232,49 @@ def test_backups_avoid_the_uplink_that_just_failed():
     dp = RecordingPlane(mesh.policy_table(), flow_capacity=64)
     core = FailoverCore(mesh, dp, local_site="hq")
     core.start(0.0)
-    first = core.where()["voip"]
+    first = core.where()[("voip", "br")]
     assert "hq.mpls" in first
-    (ev,) = core.bfd(first, up=False, now=1.0)
+    (ev,) = [e for e in core.bfd(first, up=False, now=1.0) if e.policy == "voip"]
     assert "hq.lte" in ev.to_path  # not the other hq.mpls path
+
+
+def three_sites():
+    mesh = Mesh("t3")
+    for i in range(3):
+        mesh.add_site(Site(f"s{i}", subnets=[f"10.{i}.0.0/24"],
+                           uplinks=[Uplink("u0", f"192.0.2.{i + 1}"), Uplink("u1", f"198.51.100.{i + 1}")]))
+    mesh.add_policy(Policy("voip", Match(proto="udp", dst_ports=[5060, (10000, 20000)]), priority=1, app="voip",
+                           prefer=["u1"]))
+    mesh.add_policy(Policy("to-s2", Match(dst="10.2.0.0/24"), priority=2, app="bulk"))
+    mesh.add_policy(Policy("blocked", Match(proto="tcp", dst_ports=23), priority=3, action="drop"))
+    return mesh
+
+
+def test_every_class_has_a_path_to_every_site_and_a_cut_moves_one_pair_only():
+    mesh = three_sites()
+    dp = RecordingPlane(mesh.policy_table(), flow_capacity=64)
+    core = FailoverCore(mesh, dp, local_site="s0")
+    core.start(0.0)
+    where = core.where()
+    # voip and the default class reach both sites; a policy for s2's subnet only s2; drop policies none
+    assert set(where) == {("voip", "s1"), ("voip", "s2"), (DEFAULT_CLASS, "s1"), (DEFAULT_CLASS, "s2"),
+                          ("to-s2", "s2")}
+    for site in ("s1", "s2"):
+        assert where[("voip", site)].startswith("s0.u1~") or where[("voip", site)].endswith("~s0.u1") or             "s0.u1" in where[("voip", site)]
+        assert mesh.path(where[("voip", site)]).remote_site in ("s0", site)
+    # the data plane agrees: voice to each site leaves on that site's u1 path
+    frames = [packets.udp("10.0.0.2", f"10.{i}.0.2", 4000, 5060) for i in (1, 2)]
+    got = dp.process(frames, detail=True)
+    assert [mesh.paths("s0", f"s{i}")[0].__class__ for i in (1, 2)]
+    assert got["path"].tolist() == [mesh.path(where[("voip", s)]).index for s in ("s1", "s2")]
+    before = dict(where)
+    dp.calls.clear()
+    evs = core.bfd(where[("voip", "s1")], up=False, now=1.0)
+    after = core.where()
+    moved = {k for k in after if after[k] != before[k]}
+    assert moved == {k for k in before if before[k] == before[("voip", "s1")]}
+    assert all(site == "s1" for _, site in moved) and ("voip", "s1") in moved
+    assert {e.site for e in evs if e.to_path} == {"s1"}
+    assert after[("voip", "s2")] == before[("voip", "s2")]
+    assert dp.process(frames, detail=True)["path"].tolist() == [mesh.path(after[("voip", "s1")]).index,
+                                                                mesh.path(before[("voip", "s2")]).index]

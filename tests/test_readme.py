@@ -17,8 +17,9 @@ def test_quick_start_runs(tmp_path, capsys):
         exec(compile(blocks[0], "README.md", "exec"), {})
     finally:
         os.chdir(cwd)
-    out = capsys.readouterr().out.split()
-    assert "voip" in out and "hq.isp1" in out
+    text = capsys.readouterr().out
+    out = text.split()
+    assert "['voip', None]" in text and "[2 2]" in text and "hq.isp1" in out
     assert (tmp_path / "state.db").exists()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -12,9 +13,10 @@ import time
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from patronus import Mesh, SchemaVersionError, StateError
-from patronus.store import SCHEMA_VERSION, Store
+from patronus import Failover, Match, Mesh, Policy, QoS, SchemaVersionError, Site, StateError, Uplink
+from patronus.store import MIGRATIONS, SCHEMA_VERSION, Store
 
+from .test_match_multi import multi_policy_lists
 from .test_mesh import acme, meshes
 
 
@@ -127,3 +129,76 @@ def test_kill_mid_save_leaves_previous_state(tmp_path):
         assert all(p.name.startswith("p" + m.name[1]) for p in m.policies)
         names.add(m.name)
     assert names  # at least one state loaded; usually both appear
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(policies=multi_policy_lists())
+def test_several_ranges_and_protocols_survive_save_load(tmp_path, policies):
+    f = tmp_path / "multi.db"
+    mesh = acme()
+    for p in policies:
+        mesh.add_policy(p)
+    mesh.save(f)
+    assert Mesh.load(f) == mesh
+
+
+def test_policy_columns_for_sql_users(tmp_path):
+    f = tmp_path / "cols.db"
+    mesh = acme()
+    mesh.add_policy(Policy("sip", Match(proto="tcp/udp", dst_ports="5060-5061,10000-20000"), priority=1))
+    mesh.add_policy(Policy("dns", Match(proto="udp", src_ports=(1024, 65535), dst_ports=53), priority=2))
+    mesh.add_policy(Policy("any", Match(), priority=3))
+    mesh.save(f)
+    db = sqlite3.connect(f)
+    rows = db.execute("SELECT name, sport_lo, sport_hi, dport_lo, dport_hi, proto, sports, dports, protos "
+                      "FROM policies ORDER BY position").fetchall()
+    db.close()
+    assert rows == [
+        # several ranges or protocols: only the text columns; one: the simple columns too
+        ("sip", None, None, None, None, None, None, "5060-5061,10000-20000", "6,17"),
+        ("dns", 1024, 65535, 53, 53, 17, "1024-65535", "53", "17"),
+        ("any", None, None, None, None, None, None, None, None),
+    ]
+    assert Mesh.load(f) == mesh
+
+
+def test_a_file_of_the_previous_schema_loads(tmp_path):
+    """A state file written before the port-list columns (schema 2): its
+    policies come from the lo/hi and proto columns, and it is migrated."""
+    f = tmp_path / "v2.db"
+    db = sqlite3.connect(f, isolation_level=None)
+    db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    for migration in MIGRATIONS[:2]:
+        for stmt in migration.split(";"):
+            if stmt.strip():
+                db.execute(stmt)
+    db.execute("INSERT INTO schema_version VALUES (2)")
+    db.execute("INSERT INTO mesh VALUES (1, 'old', ?, 0)", (json.dumps(Failover().to_dict()),))
+    db.execute("INSERT INTO sites VALUES ('hq', 0)")
+    db.execute("INSERT INTO site_subnets VALUES ('hq', 0, '10.1.0.0/24')")
+    db.execute("INSERT INTO uplinks VALUES ('hq', 'isp1', 0, '192.0.2.1', 1500, NULL, 0, NULL, 0)")
+    # the INSERT of the previous save_mesh: 16 columns
+    insert = "INSERT INTO policies VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    db.execute(insert, ("voip", 0, 10, "voip", None, "10.2.0.0/24", None, None, 5060, 5061, 17, None, 46, None,
+                        '["isp1"]', "forward"))
+    db.execute(insert, ("web", 1, 20, "default", "fd00::/64", None, 1024, 65535, 443, 443, 6, 10, None, 800, "[]",
+                        "forward"))
+    db.execute(insert, ("ping", 2, 30, "default", None, None, None, None, None, None, 1, None, None, None, "[]",
+                        "drop"))
+    db.execute(insert, ("rest", 3, 40, "default", None, None, None, None, None, None, None, None, None, None, "[]",
+                        "forward"))
+    db.close()
+    want = Mesh("old")
+    want.add_site(Site("hq", subnets=["10.1.0.0/24"], uplinks=[Uplink("isp1", "192.0.2.1")]))
+    want.add_policy(Policy("voip", Match(dst="10.2.0.0/24", proto="udp", dst_ports=(5060, 5061)), priority=10,
+                           app="voip", qos=QoS(dscp=46), prefer=["isp1"]))
+    want.add_policy(Policy("web", Match(src="fd00::/64", src_ports=(1024, 65535), dst_ports=443, proto="tcp",
+                                        dscp=10), priority=20, qos=QoS(rate_kbps=800)))
+    want.add_policy(Policy("ping", Match(proto="icmp"), priority=30, action="drop"))
+    want.add_policy(Policy("rest", Match(), priority=40))
+    assert Mesh.load(f) == want
+    with Store(f) as st:
+        assert st.version == SCHEMA_VERSION
+    want.add_policy(Policy("sip", Match(proto="tcp/udp", dst_ports=[5060, (10000, 20000)]), priority=50))
+    want.save(f)  # the migrated file takes the new columns
+    assert Mesh.load(f) == want

@@ -14,9 +14,9 @@ from patronus.dataplane import Userspace
 from patronus.policy import frames_to_buffer
 
 from .frames import any_frames
-from .strategies import policy_lists
+from .strategies import policy_lists, site_tables
 
-FIELDS = ("family", "sport", "dport", "proto", "packets", "bytes", "first_ns", "last_ns", "policy", "path",
+FIELDS = ("family", "sport", "dport", "proto", "packets", "bytes", "first_ns", "last_ns", "policy", "site", "path",
           "tcp_flags", "dscp")
 
 
@@ -44,16 +44,20 @@ def traffic(draw):
 
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(policy_lists(max_size=10), traffic(), st.integers(1, 8),
-       st.sampled_from([0, 2_000, 5_000]), st.sampled_from([0, 4_000, 20_000]))
-def test_flows_equal_reference_accounting(policies, tr, capacity, idle, active):
+       st.sampled_from([0, 2_000, 5_000]), st.sampled_from([0, 4_000, 20_000]), site_tables(), st.data())
+def test_flows_equal_reference_accounting(policies, tr, capacity, idle, active, sites, data):
     frames, ts = tr
-    table = PolicyTable(policies)
+    table = PolicyTable(policies, sites=sites)
     path_of = {i: 100 + i for i in range(-1, len(policies))}
+    # and a path of its own for some (class, site) pairs
+    routes = data.draw(st.dictionaries(st.tuples(st.integers(-1, len(policies) - 1), st.integers(0, len(sites))),
+                                       st.integers(0, 1000), max_size=8))
     dp = Userspace(table, flow_capacity=capacity, idle_timeout_s=idle / 1e9 or None,
                    active_timeout_s=active / 1e9 or None)
     for i, p in path_of.items():
         dp.set_path(i, p)
-    ref = reference.FlowAccounting(policies, capacity, idle, active, path_of)
+    dp.set_paths([(c, s, p) for (c, s), p in routes.items()])
+    ref = reference.FlowAccounting(policies, capacity, idle, active, path_of, sites=sites, routes=routes)
     got = dp.process(frames, ts_ns=ts)
     want = ref.process(frames, [int(t) for t in ts])
     assert got.tolist() == want

@@ -24,7 +24,7 @@ from patronus.dataplane import open as dp_open
 
 from .frames import any_frames
 from .netns import sh, unique, veth_pair
-from .strategies import policy_lists
+from .strategies import policy_lists, site_tables
 from .test_userspace import rows
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,7 +52,8 @@ def xdp_pool():
     def get(table: PolicyTable):
         n = len(table.policies)
         if n not in pool:
-            pool[n] = Xdp(table, flow_capacity=4096, max_policies=5_000)  # classifier cache compiled in
+            # classifier cache compiled in; room for the site tables of tests/strategies.py
+            pool[n] = Xdp(table, flow_capacity=4096, max_policies=5_000, max_sites=8)
         x = pool[n]
         x.set_table(table)
         x.drain(flush=True)
@@ -76,10 +77,10 @@ class Backend:
             self.dp = Userspace(table, flow_capacity=4096)
             self.before = None
 
-    def run(self, frames, ts):
+    def run(self, frames, ts, detail=False):
         if self.name == "xdp":
-            return self.dp.test_run(frames, ts_ns=ts)
-        return self.dp.process(frames, ts_ns=ts)
+            return self.dp.test_run(frames, ts_ns=ts, detail=detail)
+        return self.dp.process(frames, ts_ns=ts, detail=detail)
 
     def counters(self):
         c = self.dp.counters()
@@ -101,19 +102,34 @@ def traffic(draw):
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                    HealthCheck.function_scoped_fixture])
-@given(policies=policy_lists(max_size=10), tr=traffic())
-def test_xdp_equals_userspace(xdp_pool, policies, tr):
+@given(policies=policy_lists(max_size=10), tr=traffic(), sites=site_tables(), data=st.data())
+def test_xdp_equals_userspace(xdp_pool, policies, tr, sites, data):
+    """Policy, destination site and path of every packet, the flows and the
+    counters: the same from XDP test_run, Userspace and the reference."""
     frames, ts = tr
-    table = PolicyTable(policies)
+    table = PolicyTable(policies, sites=sites)
+    routes = data.draw(st.dictionaries(st.tuples(st.integers(-1, len(policies) - 1), st.integers(0, len(sites))),
+                                       st.integers(0, 1000), max_size=8))
     results = {}
     for name in ("userspace", "xdp"):
         b = Backend(name, table, xdp_pool)
         for i in range(-1, len(policies)):
             b.dp.set_path(i, 100 + i)
-        ids = b.run(frames, ts)
-        results[name] = (ids.tolist(), rows(b.dp.flows()), b.counters())
-    (u_ids, u_flows, u_c), (x_ids, x_flows, x_c) = results["userspace"], results["xdp"]
-    assert x_ids == u_ids == reference.FlowAccounting(policies, 4096).process(frames, ts.tolist())
+        b.dp.set_paths([(c, s, p) for (c, s), p in routes.items()])
+        got = b.run(frames, ts, detail=True)
+        results[name] = (got.tolist(), rows(b.dp.flows()), b.counters())
+    (u_got, u_flows, u_c), (x_got, x_flows, x_c) = results["userspace"], results["xdp"]
+    ref = reference.FlowAccounting(policies, 4096, path_of={i: 100 + i for i in range(-1, len(policies))},
+                                   sites=sites, routes=routes)
+    ref_ids = ref.process(frames, ts.tolist())
+    assert x_got == u_got
+    assert [g[0] for g in u_got] == ref_ids
+    # per packet: the site and path of its flow (malformed frames: none)
+    parsed = [reference.parse(f) for f in frames]
+    want = [(0, 0xFFFFFFFF) if isinstance(p, reference.Malformed) else
+            (lambda r: (r["site"], r["path"]))(ref.flows[(p.family, p.src, p.dst, p.sport, p.dport, p.proto)])
+            for p in parsed]
+    assert [g[1:] for g in u_got] == want
     assert x_flows == u_flows
     assert x_c["malformed"] == u_c["malformed"]
     assert x_c["policies"] == u_c["policies"] and x_c["default"] == u_c["default"]

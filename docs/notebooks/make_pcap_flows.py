@@ -211,7 +211,7 @@ CELLS: list[tuple[str, str]] = [
     """),
     ("py", """
         pd.DataFrame([{
-            "policy": p.name, "priority": p.priority, "proto": p.match.proto_name, "dst_ports": p.match.dst_ports,
+            "policy": p.name, "priority": p.priority, "proto": p.match.proto_name, "dst_ports": p.match.dst_ports_text,
             "dscp": p.match.dscp, "app": p.app, "max_rtt_ms": BUILTIN_PROFILES[p.app].max_rtt_ms,
             "max_loss_pct": BUILTIN_PROFILES[p.app].max_loss_pct, "mark_dscp": p.qos.dscp, "rate_kbps": p.qos.rate_kbps,
         } for p in table.by_priority]).set_index("policy")

@@ -1,13 +1,19 @@
 """Steering without XDP: the policy table as nftables rules that mark each
-policy's packets with its path (``mark_base + path slot``) at prerouting,
-for ``ip rule fwmark`` to pick the path's table, exactly as the XDP + tc
-pair does. The same rules apply each policy's QoS: DSCP rewrite and an
-optional rate limit (packets over ``rate_kbps`` are dropped, a policer).
+packet with the path of (its class, its destination site) (``mark_base +
+path slot``) at prerouting, for ``ip rule fwmark`` to pick the path's
+table, exactly as the XDP + tc pair does. The same rules apply each
+policy's QoS: DSCP rewrite and an optional rate limit (packets over
+``rate_kbps`` are dropped, a policer).
 
-Rules keep the table's first-match order (lower priority number first):
-every rule ends in a verdict, so the first policy that matches decides.
-Moving a policy to another path replaces its one rule (``nft replace rule
-... handle``), the other rules and the flows stay.
+Layout (one table per LAN interface): chain ``steer`` holds one rule per
+policy in the table's first-match order (lower priority number first),
+each ending in ``goto cK`` (K = policy id + 1; ``c0`` is the default class,
+the chain's last rule). Chain ``cK`` marks by destination: an interval map
+per family from every site subnet to the mark of the class's path to that
+site (0: no path), then one rule for destinations outside every site.
+Moving (class, site) to another path rewrites that site's map elements in
+one nft transaction; no rule is replaced and flows stay. Site subnets must
+not overlap (a Mesh guarantees it).
 
 >>> from patronus import Policy, Match, PolicyTable, QoS
 >>> t = PolicyTable([Policy("voip", Match(proto="udp", dst_ports=5060), priority=1, qos=QoS(dscp=46))])
@@ -22,21 +28,34 @@ import re
 import subprocess
 from typing import Any
 
-from ..errors import ConfigError, DataplaneUnavailable
+import numpy as np
+
+from ..errors import DataplaneUnavailable
 from ..model import Policy
 from . import PATH_MARK
+from ._routes import resolve_moves
 
 __all__ = ["NftSteering", "rule_text"]
 
 NO_PATH = 0xFFFFFFFF
 
 
-def _ports(r: tuple[int, int]) -> str:
-    return str(r[0]) if r[0] == r[1] else f"{r[0]}-{r[1]}"
+def _ports(ranges: tuple[tuple[int, int], ...]) -> str:
+    """'5060', '5060-5061', or an anonymous set '{ 5060-5061, 10000-20000 }'."""
+    items = [str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in ranges]
+    return items[0] if len(items) == 1 else "{ " + ", ".join(items) + " }"
 
 
-def rule_text(p: Policy, ifname: str, mark: int | None) -> str:
-    """The nftables rule (inet family) of one policy: match, QoS, path mark, verdict."""
+def rule_text(p: Policy, ifname: str, mark: int | None, verdict: str = "accept") -> str:
+    """The nftables rule (inet family) of one policy: match, QoS, path mark, verdict.
+
+    Several port ranges or protocols become anonymous sets:
+
+    >>> from patronus import Match
+    >>> print(rule_text(Policy("sip", Match(proto="tcp/udp", dst_ports="5060-5061,10000-20000"), priority=1),
+    ...                 "lan0", None))
+    iifname "lan0" meta l4proto { 6, 17 } th dport { 5060-5061, 10000-20000 } accept
+    """
     m = p.match
     fam = None
     parts = [f'iifname "{ifname}"']
@@ -45,8 +64,10 @@ def rule_text(p: Policy, ifname: str, mark: int | None) -> str:
             net = ipaddress.ip_network(cidr)
             fam = "ip" if net.version == 4 else "ip6"
             parts.append(f"{fam} {side} {net}")
-    if m.proto is not None:
-        parts.append(f"meta l4proto {m.proto}")
+    if len(m.protos) == 1:
+        parts.append(f"meta l4proto {m.protos[0]}")
+    elif m.protos:
+        parts.append("meta l4proto { " + ", ".join(map(str, m.protos)) + " }")
     elif m.src_ports or m.dst_ports:
         parts.append("meta l4proto { 6, 17 }")
     if m.src_ports:
@@ -65,25 +86,49 @@ def rule_text(p: Policy, ifname: str, mark: int | None) -> str:
         parts.append(f"{fam or 'ip'} dscp set {p.qos.dscp}")
     if mark is not None:
         parts.append(f"meta mark set {mark:#x}")
-    return " ".join(parts + ["accept"])
+    return " ".join(parts + [verdict])
 
 
 class NftSteering:
-    """The policy rules of one LAN interface in their own table ``inet
-    patronus_IFNAME`` (chain ``steer``, prerouting at mangle priority; a
-    leftover table of an earlier run is replaced). ``netns`` runs nft inside
-    a named namespace."""
+    """The steering rules of one LAN interface in their own table ``inet
+    patronus_IFNAME`` (prerouting at mangle priority; a leftover table of an
+    earlier run is replaced). ``netns`` runs nft inside a named namespace.
+    ``set_path`` / ``set_paths`` take the same (class, site, path) moves as
+    the data planes."""
 
     def __init__(self, table: Any, ifname: str, *, mark_base: int = PATH_MARK, netns: str | None = None) -> None:
         self.table, self.ifname, self.mark_base, self.netns = table, ifname, mark_base, netns
-        self.nft_table = f"patronus_{re.sub(r'[^A-Za-z0-9_]', '_', ifname)}"
-        self.paths: dict[int, int] = {}
-        self.handles: dict[int, list[int]] = {}
-        t = self.nft_table
-        self._nft(f"add table inet {t}; delete table inet {t}; add table inet {t}; "
-                  f"add chain inet {t} steer {{ type filter hook prerouting priority mangle; }}")
+        self.nft_table = t = f"patronus_{re.sub(r'[^A-Za-z0-9_]', '_', ifname)}"
+        # (class + 1, site column) -> path slot, the state the maps hold
+        self.routes = np.full((len(table.policies) + 1, len(table.sites) + 1), NO_PATH, dtype=np.uint32)
+        self._outside: dict[int, int] = {}   # class + 1 -> handle of its "outside every site" rule
+        script = [f"add table inet {t}", f"delete table inet {t}", f"add table inet {t}",
+                  f"add chain inet {t} steer {{ type filter hook prerouting priority mangle; }}"]
+        for k in range(len(table.policies) + 1):
+            script.append(f"add chain inet {t} c{k}")
+            for fam, typ in (("4", "ipv4_addr"), ("6", "ipv6_addr")):
+                els = [f"{n} : 0x0" for n in self._subnets(None, fam)]
+                elements = f" elements = {{ {', '.join(els)} }};" if els else ""
+                script.append(f"add map inet {t} m{k}v{fam} {{ type {typ} : mark; flags interval;{elements} }}")
+            script.append(f"add rule inet {t} c{k} meta mark set ip daddr map @m{k}v4 accept")
+            script.append(f"add rule inet {t} c{k} meta mark set ip6 daddr map @m{k}v6 accept")
         for idx in sorted(range(len(table.policies)), key=lambda i: table.policies[i].priority):
-            self._add(idx)
+            for r in self._policy_rules(idx):
+                script.append(f"add rule inet {t} steer {r}")
+        script.append(f'add rule inet {t} steer iifname "{ifname}" goto c0')
+        self._nft("; ".join(script))
+        for k in range(len(table.policies) + 1):
+            out = self._nft(f"add rule inet {t} c{k} accept", echo=True)
+            h = re.search(r"# handle (\d+)", out)
+            if h is None:
+                raise DataplaneUnavailable(f"nft did not echo a rule handle: {out[-200:]}", "nftables >= 0.9")
+            self._outside[k] = int(h.group(1))
+
+    def _subnets(self, col: int | None, fam: str) -> list[str]:
+        """Subnets of site column ``col`` (None: every site) of one family."""
+        sites = self.table.sites if col is None else [self.table.sites[col - 1]]
+        v = 4 if fam == "4" else 6
+        return [n for s in sites for n in self.table.site_subnets[s] if ipaddress.ip_network(n).version == v]
 
     def _nft(self, script: str, echo: bool = False) -> str:
         cmd = (["ip", "netns", "exec", self.netns] if self.netns else []) + ["nft"]
@@ -95,33 +140,44 @@ class NftSteering:
                                        "is nftables installed and are we root?")
         return r.stdout
 
-    def _rules(self, idx: int) -> list[str]:
+    def _policy_rules(self, idx: int) -> list[str]:
         p = self.table.policies[idx]
-        slot = self.paths.get(idx)
-        mark = None if slot is None else self.mark_base + slot
+        goto = f"goto c{idx + 1}"
         if p.qos.rate_kbps and p.action != "drop":
             unlimited = p.__class__(p.name, p.match, priority=p.priority, app=p.app,
                                     qos=p.qos.__class__(dscp=p.qos.dscp), prefer=p.prefer)
-            return [rule_text(p, self.ifname, mark), rule_text(unlimited, self.ifname, mark)]
-        return [rule_text(p, self.ifname, mark)]
+            return [rule_text(p, self.ifname, None), rule_text(unlimited, self.ifname, None, goto)]
+        return [rule_text(p, self.ifname, None, goto)]
 
-    def _add(self, idx: int) -> None:
-        self.handles[idx] = []
-        for r in self._rules(idx):
-            out = self._nft(f"add rule inet {self.nft_table} steer {r}", echo=True)
-            h = re.search(r"# handle (\d+)", out)
-            if h is None:
-                raise DataplaneUnavailable(f"nft did not echo a rule handle: {out[-200:]}", "nftables >= 0.9")
-            self.handles[idx].append(int(h.group(1)))
+    def set_path(self, policy: str | int | None, path_id: int | None, site: str | int | None = None) -> None:
+        """Point (class, destination site) at a path slot (see ``Userspace.set_path``)."""
+        self.set_paths([(policy, site, path_id)])
 
-    def set_path(self, policy: str | int, path_id: int) -> None:
-        """Point a policy at a path slot: its rule is replaced in place."""
-        idx = self.table.index(policy) if isinstance(policy, str) else policy
-        if not 0 <= idx < len(self.table.policies):
-            raise ConfigError("policy", policy, "is not a policy of this table")
-        self.paths[idx] = path_id
-        for h, r in zip(self.handles[idx], self._rules(idx)):
-            self._nft(f"replace rule inet {self.nft_table} steer handle {h} {r}")
+    def set_paths(self, moves: Any) -> None:
+        """Several (class, site, path) moves, the map updates in one nft transaction."""
+        script = []
+        for cls, cols, slot in resolve_moves(self.table, moves):
+            k = cls + 1
+            for c in cols:
+                self.routes[k, c] = slot
+                mark = 0 if slot == NO_PATH else self.mark_base + slot
+                if c == 0:
+                    rule = "accept" if slot == NO_PATH else f"meta mark set {mark:#x} accept"
+                    script.append(f"replace rule inet {self.nft_table} c{k} handle {self._outside[k]} {rule}")
+                    continue
+                for fam in ("4", "6"):
+                    nets = self._subnets(c, fam)
+                    if nets:
+                        m = f"inet {self.nft_table} m{k}v{fam}"
+                        script.append(f"delete element {m} {{ {', '.join(nets)} }}")
+                        script.append(f"add element {m} {{ {', '.join(f'{n} : {mark:#x}' for n in nets)} }}")
+        if script:
+            self._nft("; ".join(script))
+
+    def path_of(self, policy: str | int | None, site: str | int = 0) -> int | None:
+        cls, cols, _ = resolve_moves(self.table, [(policy, site, None)])[0]
+        v = int(self.routes[cls + 1, cols[0]])
+        return None if v == NO_PATH else v
 
     def close(self) -> None:
         self._nft(f"delete table inet {self.nft_table}")

@@ -6,7 +6,7 @@ import mmap
 import os
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -14,6 +14,7 @@ import numpy as np
 from .. import _fast, abi
 from ..errors import ConfigError
 from ..policy import PolicyTable, is_buffer
+from ._routes import remap_routes, resolve_moves
 
 __all__ = ["Userspace"]
 
@@ -42,7 +43,7 @@ class Userspace:
         self.table = table
         self.flow_capacity = flow_capacity
         self._dp = _fast.Dataplane(
-            table._cls, len(table.policies), flow_capacity,
+            table._cls, table._sites, len(table.policies), flow_capacity,
             int((idle_timeout_s or 0) * 1e9), int((active_timeout_s or 0) * 1e9), abi.FLOW_DTYPE,
         )
         self.last_capture: dict[str, Any] | None = None
@@ -58,14 +59,17 @@ class Userspace:
 
     # -- input ---------------------------------------------------------------
 
-    def process(self, frames: Sequence[bytes] | tuple[Any, np.ndarray], ts_ns: Any = None) -> np.ndarray:
-        """Account frames; returns each frame's policy index (-1: default or malformed).
+    def process(self, frames: Sequence[bytes] | tuple[Any, np.ndarray], ts_ns: Any = None, *,
+                detail: bool = False) -> np.ndarray:
+        """Account frames; returns each frame's policy id (-1: default or malformed).
 
         ``frames``: a list of bytes-like objects, or ``(buffer, offsets)``
         with frame i = ``buffer[offsets[i]:offsets[i+1]]``. ``ts_ns``: one
         timestamp per frame (ns), or None for "now" for the whole batch.
-        A flow's policy is decided by its first packet and kept (flows are
-        pinned; see docs/ARCHITECTURE.md).
+        A flow's policy and destination site are decided by its first packet
+        and kept (flows are pinned; see docs/ARCHITECTURE.md).
+        ``detail=True`` returns ``abi.DETAIL_DTYPE`` rows instead: policy,
+        destination site and path slot of each frame.
         """
         if is_buffer(frames):
             buf, offsets = frames
@@ -77,11 +81,17 @@ class Userspace:
             n = len(frames)
         ts = self._timestamps(ts_ns, n)
         out = np.empty(n, dtype=np.int32)
+        where = np.empty((n, 2), dtype=np.uint32) if detail else None
+        w = None if where is None else where.reshape(-1)
         if isinstance(frames, list):
-            self._dp.process_list(frames, ts, out)
+            self._dp.process_list(frames, ts, out, w)
         else:
-            self._dp.process_buffer(np.frombuffer(buf, np.uint8), offsets, ts, out)
-        return out
+            self._dp.process_buffer(np.frombuffer(buf, np.uint8), offsets, ts, out, w)
+        if not detail:
+            return out
+        res = np.empty(n, dtype=abi.DETAIL_DTYPE)
+        res["policy"], res["site"], res["path"] = out, where[:, 0], where[:, 1]
+        return res
 
     @staticmethod
     def _timestamps(ts_ns: Any, n: int) -> np.ndarray:
@@ -114,35 +124,50 @@ class Userspace:
 
     # -- steering ------------------------------------------------------------
 
-    def set_path(self, policy: str | int, path_id: int) -> None:
-        """Point a policy (name, index, or -1 for the default) at a path slot.
+    def set_path(self, policy: str | int | None, path_id: int | None, site: str | int | None = None) -> None:
+        """Point a class (a policy by name or id; None or -1: the default
+        class) at a path slot for one destination site (name or number; 0:
+        outside every site), or for every destination when ``site`` is None.
+        ``path_id`` None: no path (the local routing table decides).
 
-        One array write: flows keep their records; their next packet carries
-        the new path.
+        One array write per site: flows keep their records; their next
+        packet carries the new path.
         """
-        idx = self.table.index(policy) if isinstance(policy, str) else policy
-        if isinstance(path_id, bool) or not isinstance(path_id, int) or not 0 <= path_id < abi.NO_PATH:
-            raise ConfigError("path_id", path_id, "is not a path slot (0 .. 2**32-2)")
-        try:
-            self._dp.set_path(idx, path_id)
-        except (IndexError, TypeError, OverflowError):
-            raise ConfigError("policy", policy, "is not a policy index of this table") from None
+        self.set_paths([(policy, site, path_id)])
 
-    def path_of(self, policy: str | int) -> int | None:
-        idx = self.table.index(policy) if isinstance(policy, str) else policy
-        p = self._dp.path_of(idx)
+    def set_paths(self, moves: Iterable[tuple[str | int | None, str | int | None, int | None]]) -> None:
+        """Several (class, site, path) moves at once (``set_path`` for each;
+        all are checked before any is applied)."""
+        for cls, cols, slot in resolve_moves(self.table, moves):
+            for c in cols:
+                self._dp.set_path(cls, c, slot)
+
+    def path_of(self, policy: str | int | None, site: str | int = 0) -> int | None:
+        """The path slot of (class, destination site); None: no path."""
+        cls, cols, _ = resolve_moves(self.table, [(policy, site, None)])[0]
+        p = self._dp.path_of(cls, cols[0])
         return None if p == abi.NO_PATH else p
+
+    def routes(self) -> np.ndarray:
+        """Path slot per (class, site): a (policies + 1, sites + 1) uint32
+        array, row 0 the default class, column 0 outside every site."""
+        return self._dp.routes()
 
     def set_table(self, table: PolicyTable) -> None:
         """Swap the rule table atomically. Flow records stay; each flow is
-        re-classified on its next packet. The policy list must keep its length
-        (counters are per policy index)."""
+        re-classified on its next packet (its destination site too). The
+        policy list must keep its length (counters are per policy index);
+        routes follow site names: a site kept keeps its paths, a new site
+        starts with none."""
         if not isinstance(table, PolicyTable):
             raise ConfigError("set_table", table, "is not a PolicyTable")
         if len(table.policies) != len(self.table.policies):
             raise ConfigError("set_table", len(table.policies),
                               f"policies given; this data plane counts {len(self.table.policies)}")
-        self._dp.set_classifier(table._cls, len(table.policies))
+        routes = None
+        if table.sites != self.table.sites:
+            routes = remap_routes(self._dp.routes(), self.table.sites, table.sites)
+        self._dp.set_classifier(table._cls, table._sites, len(table.policies), routes)
         self.table = table
 
     # -- output --------------------------------------------------------------

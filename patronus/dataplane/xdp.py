@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from .. import abi
 from ..errors import ConfigError, DataplaneUnavailable
 from ..policy import PolicyTable, is_buffer
 from . import PATH_MARK
+from ._routes import remap_routes, resolve_moves
 
 __all__ = ["Xdp", "bpf_source_dir"]
 
@@ -51,6 +52,7 @@ STATS = ("new_flows", "hits", "reclassified", "insert_failed", "evicted", "expor
          "class_cache_hits")
 CCACHE = 1 << 16  # classifier cache entries (LRU; a row combination and its policy each)
 CCACHE_MIN_RULES = 4097  # below, one summary word: the walk costs less than the cache lookup
+MAX_ROUTES = 1 << 26  # pn_route_map entries: (policies + 1) x (sites + 1), 512 MiB
 MAX_RULES = 32 * 4096  # pn_cls: one tail call per summary word of 4,096 rules, 33 calls at most
 FIELDS = ("src4", "dst4", "src6", "dst6")
 
@@ -156,13 +158,25 @@ def _room(export: dict[str, Any], max_policies: int | None) -> tuple[int, int]:
     return max_rules, (max_rules + 64 * 64 - 1) // (64 * 64)
 
 
-def _layout(export: dict[str, Any], rules: np.ndarray, nsum: int) -> tuple[BitmapChunks, np.ndarray, np.ndarray]:
+def _layout(table: PolicyTable, export: dict[str, Any], nsum: int) -> tuple[BitmapChunks, np.ndarray, np.ndarray]:
     """A table in the program's layout at width ``nsum``: its bitmap rows and
-    chunks, and its IPv4 stride table (level 1, chunks) with final rows."""
+    chunks, and its IPv4 stride table (level 1, chunks) with final rows for
+    source and destination and the destination site as a third direction."""
     bitmaps = BitmapChunks(export, nsum)
-    l1, v4 = v4_strides(lpm_entries(rules, export, 0), lpm_entries(rules, export, 1),
-                        (bitmaps.base["src4"], bitmaps.base["dst4"]))
+    l1, v4 = v4_strides(lpm_entries(table.rules, export, 0), lpm_entries(table.rules, export, 1),
+                        (bitmaps.base["src4"], bitmaps.base["dst4"]), sites=site_entries(table.site_prefixes, 4))
     return bitmaps, l1, v4
+
+
+def site_entries(prefixes: np.ndarray, family: int) -> dict[tuple[int, int], int]:
+    """(prefix length, prefix value) -> site of one family's site subnets."""
+    bits = 32 if family == 4 else 128
+    out = {}
+    for row in prefixes[prefixes["family"] == family]:
+        plen = int(row["plen"])
+        value = int.from_bytes(row["addr"].tobytes()[: bits // 8], "big") >> (bits - plen)
+        out[(plen, value)] = int(row["site"])
+    return out
 
 
 class _Capacity:
@@ -273,17 +287,21 @@ class BitmapChunks:
 
 
 V4_CHUNK = 0x80000000  # a stride entry that names a chunk of 256 entries, not a row
+V4_DIRS = 3  # stride tables per set: source, destination, destination site
 
 
 def v4_strides(src: dict[tuple[int, int], int], dst: dict[tuple[int, int], int],
-               base: tuple[int, int] = (0, 0)) -> tuple[np.ndarray, np.ndarray]:
+               base: tuple[int, int] = (0, 0), sites: dict[tuple[int, int], int] | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
     """The IPv4 prefix fields as a 16-8-8 multibit table: ``l1[dir][a >> 16]``
     is a row, or ``V4_CHUNK | c`` for chunk c, whose entry for the next 8
     bits is again a row or a chunk (of the last 8 bits). Built from
     :func:`lpm_entries` by painting prefixes shortest first, each new chunk
     seeded with the row of the entry it replaces. ``base`` is added to the
-    rows of each direction. Returns l1 (2 x 65536) and chunks (n x 256)."""
-    l1 = np.zeros((2, 65536), dtype=np.uint32)
+    rows of each direction. The third direction holds the destination site
+    of the ``sites`` prefixes (:func:`site_entries`; 0: none). Returns l1
+    (3 x 65536) and chunks (n x 256)."""
+    l1 = np.zeros((V4_DIRS, 65536), dtype=np.uint32)
     chunks: list[np.ndarray] = []
 
     def chunk_of(table: np.ndarray, i: int) -> np.ndarray:
@@ -294,10 +312,10 @@ def v4_strides(src: dict[tuple[int, int], int], dst: dict[tuple[int, int], int],
         table[i] = V4_CHUNK | (len(chunks) - 1)
         return chunks[-1]
 
-    for d, entries in enumerate((src, dst)):
+    for d, entries in enumerate((src, dst, sites or {})):
         top = l1[d]
         for (plen, value), row in sorted(entries.items()):
-            row += base[d]
+            row += base[d] if d < 2 else 0
             if plen <= 16:
                 top[value << (16 - plen) : (value + 1) << (16 - plen)] = row
             elif plen <= 24:
@@ -318,14 +336,16 @@ class Xdp:
     take 212 MiB). A flow lives in one of 32 slots from its hash; when all
     32 are taken the one idle longest is evicted, counted and exported by
     ``drain()`` (at the full nominal capacity, about 1 flow in 100,000);
-    ``max_policies``
-    leaves room for bigger tables than ``table`` in later ``set_table``
-    calls (the program's sizes are fixed when it is compiled). Use as a
+    ``max_policies``, ``max_sites`` and ``max_site_prefixes`` leave room
+    for bigger tables than ``table`` in later ``set_table`` calls
+    (``max_policies`` counts compiled rules: a policy with several port
+    ranges or protocols takes one rule per combination, ``table.rules``) (the program's sizes are fixed when it is compiled). Use as a
     context manager, or call ``close()``: attached interfaces are detached on
     close and at interpreter exit.
     """
 
     def __init__(self, table: PolicyTable, flow_capacity: int = 1 << 20, *, max_policies: int | None = None,
+                 max_sites: int | None = None, max_site_prefixes: int | None = None,
                  _bench_new_flows: bool = False) -> None:
         if not isinstance(table, PolicyTable):
             raise ConfigError("Xdp.table", table, "is not a PolicyTable")
@@ -337,8 +357,13 @@ class Xdp:
         self.table = table
         self.flow_capacity = flow_capacity
         self._npol = len(table.policies) + 1
+        self._scols = max(max_sites or 0, len(table.sites)) + 1
+        if self._npol * self._scols > MAX_ROUTES:
+            raise ConfigError("Xdp.table", f"{self._npol - 1} policies x {self._scols - 1} sites",
+                              f"need {self._npol * self._scols:,} routes, more than the {MAX_ROUTES:,} the program takes")
+        self._site_lpm = 2 * max(max_site_prefixes or 0, 2 * len(table.site_prefixes), 256)
         export = table._cls.export()
-        layout = _layout(export, table.rules, _room(export, max_policies)[1])
+        layout = _layout(table, export, _room(export, max_policies)[1])
         self._cap = _Capacity(export, max_policies, len(layout[2]), len(layout[0].chunks))
         self._attached: dict[str, int] = {}
         self._steering: dict[str, tuple[Any, Path]] = {}
@@ -346,7 +371,8 @@ class Xdp:
         self._closed = False
         text = (bpf_dir / "patronus_xdp.c").read_text()
         self._slots = _pow2(2 * flow_capacity, 64)
-        cflags = [f"-I{csrc}", *self._cap.cflags(self._npol, self._slots)]
+        cflags = [f"-I{csrc}", *self._cap.cflags(self._npol, self._slots),
+                  f"-DPN_SCOLS={self._scols}", f"-DPN_SITE_LPM={self._site_lpm}"]
         if _bench_new_flows:  # benchmarks only: every run of a frame is a new flow
             cflags.append("-DPN_BENCH_NEW_FLOWS")
         with _captured_stderr() as log:
@@ -365,7 +391,7 @@ class Xdp:
                                            "see the verifier log above; smaller max_policies may help") from None
         self._maps = {name: self._bpf[name.encode()] for name in (
             "pn_cfg_map", "pn_v4l1_map", "pn_v4chunk_map", "pn_lpm6_map", "pn_lut_map", "pn_port_map", "pn_rpol_map", "pn_rows_map", "pn_chunks_map",
-            "pn_pol_map", "pn_pcount_map", "pn_malformed_map", "pn_stats_map", "pn_ftab_map",
+            "pn_route_map", "pn_pcount_map", "pn_malformed_map", "pn_stats_map", "pn_ftab_map",
             "pn_tx_map")}
         # the flow table, mapped: flows() and drain() scan it in place
         size = self._slots // abi.BUCKET_DTYPE["s"].shape[0] * abi.BUCKET_DTYPE.itemsize
@@ -385,7 +411,8 @@ class Xdp:
         self._replayed = False  # flows stamped by test_run's ts_ns, not the kernel clock
         self._meta = False  # write pn_meta (path, policy) before each frame: steering and test runs
         self._lpm_keys: list[list[bytes]] = [[], []]
-        self._load_table(export, 0, table.rules, layout)
+        self._site_keys: list[list[bytes]] = [[], []]
+        self._load_table(table, 0, layout)
         self._write_cfg()
         self._init_paths(table)
         self._mono_to_real = time.time_ns() - time.monotonic_ns()
@@ -451,11 +478,11 @@ class Xdp:
         if not 0 <= mark_base <= 0xFFFF0000:
             raise ConfigError("mark_base", mark_base, "leaves no room for path slots in a 32-bit mark")
         bcc = _import_bcc()
-        bpf_dir, _ = bpf_source_dir()
+        bpf_dir, csrc = bpf_source_dir()
         with _captured_stderr() as log:
             try:
                 prog = bcc.BPF(text=(bpf_dir / "patronus_tc.c").read_text().encode(),
-                               cflags=[f"-DPN_MARK_BASE={mark_base}", f"-DPN_NPOL={self._npol}"])
+                               cflags=[f"-I{csrc}", f"-DPN_MARK_BASE={mark_base}", f"-DPN_NPOL={self._npol}"])
                 fn = prog.load_func(b"pn_tc_mark", bcc.BPF.SCHED_CLS)
             except Exception as e:
                 raise DataplaneUnavailable(f"the tc steering program did not load: {e} {log.read()[-500:]}",
@@ -511,23 +538,26 @@ class Xdp:
 
     # -- tables and paths ----------------------------------------------------
 
-    def _load_table(self, export: dict[str, Any], s: int, rules: np.ndarray,
+    def _load_table(self, table: PolicyTable, s: int,
                     layout: tuple[BitmapChunks, np.ndarray, np.ndarray] | None = None) -> None:
         cap = self._cap
+        export, rules = table._cls.export(), table.rules
         why = cap.fits(export, 0)  # rules and rows first: the layout needs the width to hold them
         if not why:
-            bitmaps, l1, chunks = layout or _layout(export, rules, cap.nsum)
+            bitmaps, l1, chunks = layout or _layout(table, export, cap.nsum)
             why = cap.fits(export, len(chunks), len(bitmaps.chunks))
         if why:
-            raise ConfigError("Xdp.set_table", why, "create a new Xdp with a larger max_policies")
+            raise ConfigError("Xdp.set_table", why, "create a new Xdp with a larger max_policies (it counts compiled "
+                              "rules: len(table.rules))")
         row_base = bitmaps.base
         nrows = len(bitmaps.sums)
         self._update_batch("pn_rows_map", np.arange(s * cap.rows, s * cap.rows + nrows, dtype=np.uint32),
                            bitmaps.row_values())
         self._update_batch("pn_chunks_map", np.arange(s * cap.chunks, s * cap.chunks + len(bitmaps.chunks),
                                                       dtype=np.uint32), bitmaps.chunks)
-        # IPv4 prefixes: the 16-8-8 stride table of this set
-        self._update_batch("pn_v4l1_map", np.arange(s * 2 * 65536, (s + 1) * 2 * 65536, dtype=np.uint32), l1.ravel())
+        # IPv4 prefixes and destination sites: the 16-8-8 stride tables of this set
+        self._update_batch("pn_v4l1_map", np.arange(s * V4_DIRS * 65536, (s + 1) * V4_DIRS * 65536, dtype=np.uint32),
+                           l1.ravel())
         self._update_batch("pn_v4chunk_map", np.arange(s * cap.v4_chunks, s * cap.v4_chunks + len(chunks),
                                                        dtype=np.uint32), chunks)
         # IPv6 prefixes: an LPM trie shared by both sets (the tag tells them apart)
@@ -556,6 +586,7 @@ class Xdp:
         rp = np.full(cap.rules, -1, dtype=np.int32)  # power-of-two slots
         rp[: export["nrules"]] = export["rule_policy"]
         self._set_value("pn_rpol_map", s, rp)
+        self._load_sites(table, s)
 
     def _write_cfg(self) -> None:
         cfg = np.zeros(3, dtype=np.uint64)  # struct pn_cfg
@@ -602,15 +633,38 @@ class Xdp:
                                        "report this kernel's CONFIG_HZ to the patronus developers")
         return tick, max((t - j * tick) % (1 << 64) for j, t in samples)
 
+    def _load_sites(self, table: PolicyTable, s: int) -> None:
+        """The IPv6 destination-site LPM entries of table set ``s`` (tag = s * 2
+        + 1; IPv4 sites are in the stride table)."""
+        if self._scols == 1:
+            return
+        v6 = table.site_prefixes[table.site_prefixes["family"] == 6]
+        if len(v6) * 2 > self._site_lpm:
+            raise ConfigError("Xdp.set_table", f"{len(table.site_prefixes)} site subnets",
+                              f"exceed the {self._site_lpm // 2} compiled in: create a new Xdp with a larger "
+                              "max_site_prefixes")
+        m = self._bpf[b"pn_site_map"]
+        for key in self._site_keys[s]:
+            try:
+                del m[m.Key.from_buffer_copy(key)]
+            except KeyError:
+                pass
+        self._site_keys[s] = []
+        for row in v6:
+            raw = (8 + int(row["plen"])).to_bytes(4, sys.byteorder) + bytes([s * 2 + 1]) + row["addr"].tobytes() + bytes(3)
+            m[m.Key.from_buffer_copy(raw)] = m.Leaf(int(row["site"]))
+            self._site_keys[s].append(raw)
+
     def _init_paths(self, table: PolicyTable) -> None:
-        # pn_pol_map mirrored here: column 0 path slot, column 1 XDP action
-        self._polact = np.zeros((self._npol, 2), dtype=np.uint32)
-        self._polact[:, 0] = abi.NO_PATH
+        # pn_route_map mirrored here: (class, site) -> (path slot, XDP action)
+        self._routes = np.zeros((self._npol, self._scols), dtype=abi.ROUTE_DTYPE)
+        self._routes["path"] = abi.NO_PATH
         self._write_actions(table)
 
     def _write_actions(self, table: PolicyTable) -> None:
-        self._polact[:, 1] = [XDP_PASS] + [XDP_DROP if p.action == "drop" else XDP_PASS for p in table.policies]
-        self._update_batch("pn_pol_map", np.arange(self._npol, dtype=np.uint32), self._polact)
+        acts = [XDP_PASS] + [XDP_DROP if p.action == "drop" else XDP_PASS for p in table.policies]
+        self._routes["action"] = np.asarray(acts, dtype=np.uint32)[:, None]
+        self._update_batch("pn_route_map", np.arange(self._routes.size, dtype=np.uint32), self._routes.ravel())
 
     def set_table(self, table: PolicyTable) -> None:
         """Swap the rule table atomically: fill the idle map set, then flip
@@ -622,10 +676,15 @@ class Xdp:
         if len(table.policies) + 1 != self._npol:
             raise ConfigError("set_table", len(table.policies),
                               f"policies given; this program counts {self._npol - 1}")
+        if len(table.sites) >= self._scols:
+            raise ConfigError("set_table", f"{len(table.sites)} sites",
+                              f"exceed the {self._scols - 1} compiled in: create a new Xdp with a larger max_sites")
         idle = 1 - self._set
-        self._load_table(table._cls.export(), idle, table.rules)
+        self._load_table(table, idle)
         self._set = idle
         self._generation += 1
+        if table.sites != self.table.sites:  # routes follow site names
+            self._routes = remap_routes(self._routes, self.table.sites, table.sites, self._scols)
         self._write_cfg()
         self._write_actions(table)
         self.table = table
@@ -643,24 +702,40 @@ class Xdp:
         self._meta = bool(on)
         self._write_cfg()
 
-    def set_path(self, policy: str | int, path_id: int) -> None:
-        """Point a policy (name, index or -1 for the default) at a path slot:
-        one map write; flows keep their records."""
-        idx = self.table.index(policy) if isinstance(policy, str) else policy
-        if isinstance(idx, bool) or not isinstance(idx, int) or not -1 <= idx < self._npol - 1:
-            raise ConfigError("policy", policy, "is not a policy index of this table")
-        if isinstance(path_id, bool) or not isinstance(path_id, int) or not 0 <= path_id < abi.NO_PATH:
-            raise ConfigError("path_id", path_id, "is not a path slot (0 .. 2**32-2)")
-        self._polact[idx + 1, 0] = path_id
-        self._set_value("pn_pol_map", idx + 1, self._polact[idx + 1])
+    def set_path(self, policy: str | int | None, path_id: int | None, site: str | int | None = None) -> None:
+        """Point a class (a policy by name or id; None or -1: the default
+        class) at a path slot for one destination site (name or number; 0:
+        outside every site), or for every destination when ``site`` is None;
+        ``path_id`` None: no path. One map write per (class, site); flows
+        keep their records."""
+        self.set_paths([(policy, site, path_id)])
+
+    def set_paths(self, moves: Iterable[tuple[str | int | None, str | int | None, int | None]]) -> None:
+        """Several (class, site, path) moves in one batched map update (all
+        checked before any is applied)."""
+        keys = []
+        for cls, cols, slot in resolve_moves(self.table, moves):
+            for c in cols:
+                self._routes[cls + 1, c]["path"] = slot
+                keys.append((cls + 1) * self._scols + c)
+        if len(keys) == 1:
+            self._set_value("pn_route_map", keys[0], self._routes.ravel()[keys[0]])
+        elif keys:
+            k = np.unique(np.asarray(keys, dtype=np.uint32))
+            self._update_batch("pn_route_map", k, self._routes.ravel()[k])
         if not self._meta:
             self.steering = True
 
-    def path_of(self, policy: str | int) -> int | None:
-        idx = self.table.index(policy) if isinstance(policy, str) else policy
-        m = self._maps["pn_pol_map"]
-        v = m[m.Key(idx + 1)].path
+    def path_of(self, policy: str | int | None, site: str | int = 0) -> int | None:
+        """The path slot of (class, destination site), read from the map; None: no path."""
+        cls, cols, _ = resolve_moves(self.table, [(policy, site, None)])[0]
+        m = self._maps["pn_route_map"]
+        v = m[m.Key((cls + 1) * self._scols + cols[0])].path
         return None if v == abi.NO_PATH else v
+
+    def routes(self) -> np.ndarray:
+        """Path slot per (class, site), as ``Userspace.routes``."""
+        return self._routes["path"].copy()
 
     def set_redirect(self, path_id: int, ifname: str) -> None:
         """Send packets of ``path_id`` (< 256) out of ``ifname`` with XDP_REDIRECT."""
@@ -675,9 +750,12 @@ class Xdp:
 
     # -- packets without an interface ----------------------------------------
 
-    def test_run(self, frames: Sequence[bytes] | tuple[Any, np.ndarray], ts_ns: Any = None) -> np.ndarray:
+    def test_run(self, frames: Sequence[bytes] | tuple[Any, np.ndarray], ts_ns: Any = None, *,
+                 detail: bool = False) -> np.ndarray:
         """Run the program on each frame with BPF_PROG_TEST_RUN (no interface
-        needed); returns each frame's policy index, like Userspace.process.
+        needed); returns each frame's policy index, like Userspace.process
+        (``detail=True``: ``abi.DETAIL_DTYPE`` rows, policy, destination site
+        and path, read back from the metadata the program wrote).
         ``ts_ns`` (one per frame) replaces the kernel clock for these frames."""
         if is_buffer(frames):
             buf, offsets = frames
@@ -694,7 +772,9 @@ class Xdp:
         ts = None if ts_ns is None else np.asarray(ts_ns, dtype=np.uint64)
         if ts is not None and ts.shape != (len(frames),):
             raise ConfigError("ts_ns", len(ts), f"timestamps given for {len(frames)} frames")
-        out = np.empty(len(frames), dtype=np.int32)
+        out = np.zeros(len(frames), dtype=abi.DETAIL_DTYPE)
+        out["policy"], out["path"] = -1, abi.NO_PATH
+        meta = abi.META_DTYPE.itemsize
         obuf = ctypes.create_string_buffer(65536 + 256)
         if not self._meta:  # the policy comes back in the metadata
             self.steering = True
@@ -704,19 +784,19 @@ class Xdp:
                 self._replayed = True
                 self._write_cfg()
             retval, data_out = self._run_one(self._fn.fd, f, 1, obuf)[:2]
-            if len(data_out) == len(f) + 8:
-                out[i] = int.from_bytes(data_out[4:8], "little", signed=True)
-            else:
-                out[i] = -1
+            if len(data_out) == len(f) + meta:
+                m = np.frombuffer(data_out[:meta], dtype=abi.META_DTYPE)[0]
+                out[i] = (m["policy"], m["site"], m["path"])
         if ts is not None:
             self._clock = 0
             self._write_cfg()
-        return out
+        return out if detail else out["policy"].copy()
 
-    def process(self, frames: Sequence[bytes] | tuple[Any, np.ndarray], ts_ns: Any = None) -> np.ndarray:
+    def process(self, frames: Sequence[bytes] | tuple[Any, np.ndarray], ts_ns: Any = None, *,
+                detail: bool = False) -> np.ndarray:
         """Same as ``Userspace.process``: run frames given by Python through the
         program (with BPF_PROG_TEST_RUN), so both backends take offline input."""
-        return self.test_run(frames, ts_ns=ts_ns)
+        return self.test_run(frames, ts_ns=ts_ns, detail=detail)
 
     def _run_one(self, fd: int, frame: bytes, repeat: int, obuf: Any) -> tuple[int, bytes, int]:
         inbuf = ctypes.create_string_buffer(frame, len(frame))

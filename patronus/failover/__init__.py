@@ -8,8 +8,8 @@ sessions on asyncio sockets.
 from __future__ import annotations
 
 from .bfd import Auth, ControlPacket, Diag, Session, State, Transition
-from .engine import Engine, Event, FailoverCore
+from .engine import DEFAULT_CLASS, Engine, Event, FailoverCore
 from .transport import BfdSession
 
 __all__ = ["BfdSession", "Session", "State", "Diag", "Auth", "ControlPacket", "Transition", "Engine", "FailoverCore",
-           "Event"]
+           "Event", "DEFAULT_CLASS"]

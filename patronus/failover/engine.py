@@ -1,9 +1,13 @@
-"""The failover engine: which path each policy uses, and when it moves.
+"""The failover engine: which path each class of traffic takes to each
+site, and when it moves.
 
-For every policy of the mesh the engine keeps an ordered list of candidate
-paths from the local site (the policy's ``prefer`` uplinks first, then the
-selector's ranking for the policy's application, then path order) and the
-path in use. It moves a policy when
+A class is a policy, or the default class (``DEFAULT_CLASS``: traffic no
+policy takes). For every (class, remote site) pair the engine keeps an
+ordered list of candidate paths from the local site to that site (the
+policy's ``prefer`` uplinks first, then the selector's ranking for the
+policy's application, then path order) and the path in use. A policy whose
+``match.dst`` lies outside a site's subnets has no pair for that site, and
+drop policies have none at all. It moves a pair when
 
 * BFD reports its path Down (``bfd_down``, at once),
 * the path has violated the policy's SLA for ``sla_windows`` consecutive
@@ -16,8 +20,10 @@ adds ``damp_penalty`` to the path, the penalty halves every
 ``damp_half_life_s``, a path above ``damp_suppress`` is not used until it
 decays below ``damp_reuse`` (BGP route flap dampening, RFC 2439).
 
-A move is one ``dataplane.set_path(policy, path.index)``: flows keep their
-records. Every event goes to callbacks, to ``events()`` iterators and to the
+A move is one ``dataplane.set_path(policy, path.index, site=remote)``
+(policy None for the default class): one (class, site) entry of the data
+plane's route table; flows keep their records, and the other sites' paths
+do not change. Every event goes to callbacks, to ``events()`` iterators and to the
 SQLite state when a ``Store`` is given.
 
 ``FailoverCore`` is the decision logic with an explicit clock (tests drive
@@ -29,19 +35,24 @@ it); ``Engine`` runs it on asyncio with real BFD sessions and a path monitor.
 >>> mesh.add_site(Site("br", subnets=["10.2.0.0/24"], uplinks=[Uplink("inet", "203.0.113.1")]))
 >>> mesh.add_policy(Policy("voip", Match(dst="10.2.0.0/24", proto="udp"), priority=1, app="voip", prefer=["mpls"]))
 >>> mesh.failover = Failover(failback_hold_s=10)
->>> class Plane:                                   # any object with set_path(policy, slot)
-...     def set_path(self, policy, slot): print("set_path", policy, slot)
+>>> class Plane:                                   # any object with set_path(policy, slot, site)
+...     def set_path(self, policy, slot, site): print("set_path", policy, slot, site)
 >>> core = FailoverCore(mesh, Plane(), local_site="hq")
 >>> _ = core.start(now=0.0)
-set_path voip 0
->>> [e.reason for e in core.bfd("br.inet~hq.mpls", up=False, now=5.0)]
-set_path voip 1
-['bfd_down']
+set_path voip 0 br
+set_path None 0 br
+>>> [(e.policy, e.reason) for e in core.bfd("br.inet~hq.mpls", up=False, now=5.0)]
+set_path voip 1 br
+set_path None 1 br
+[('voip', 'bfd_down'), ('(default)', 'bfd_down')]
 >>> _ = core.bfd("br.inet~hq.mpls", up=True, now=6.0); core.tick(now=15.0)
 []
 >>> [e.reason for e in core.tick(now=16.0)]
-set_path voip 0
-['failback']
+set_path voip 0 br
+set_path None 0 br
+['failback', 'failback']
+>>> core.where()[("voip", "br")], core.where()[(DEFAULT_CLASS, "br")]
+('br.inet~hq.mpls', 'br.inet~hq.mpls')
 """
 
 from __future__ import annotations
@@ -59,7 +70,11 @@ from ..apps import BUILTIN_PROFILES, AppProfile
 from ..errors import ConfigError
 from ..model import Failover, Path
 
-__all__ = ["FailoverCore", "Engine", "Event"]
+__all__ = ["FailoverCore", "Engine", "Event", "DEFAULT_CLASS"]
+
+# The name of the default class (no policy matched) in events and where():
+# not a valid policy name, so it never collides with one.
+DEFAULT_CLASS = "(default)"
 
 
 @dataclass(frozen=True)
@@ -67,15 +82,16 @@ class Event:
     """One thing the engine did or noticed."""
 
     ts: float
-    reason: str            # bfd_down, bfd_up, sla_violation, failback, damped, reuse, initial
-    policy: str | None = None
+    reason: str            # bfd_down, bfd_up, sla_violation, failback, reroute, damped, reuse, initial
+    policy: str | None = None   # a move's class: a policy name or DEFAULT_CLASS
     from_path: str | None = None
     to_path: str | None = None
     detail: str | None = None
+    site: str | None = None     # a move's destination site
 
     def as_dict(self) -> dict[str, Any]:
-        return {"ts": self.ts, "reason": self.reason, "policy": self.policy, "from_path": self.from_path,
-                "to_path": self.to_path, "detail": self.detail}
+        return {"ts": self.ts, "reason": self.reason, "policy": self.policy, "site": self.site,
+                "from_path": self.from_path, "to_path": self.to_path, "detail": self.detail}
 
 
 @dataclass
@@ -95,7 +111,10 @@ class _PathHealth:
 
 @dataclass
 class _PolicyState:
-    name: str
+    """One (class, remote site) pair: where its traffic goes now."""
+
+    name: str              # policy name or DEFAULT_CLASS
+    site: str              # remote site
     app: str
     candidates: list[str]
     prefer: dict[str, int] = field(default_factory=dict)  # local uplink -> rank in Policy.prefer
@@ -108,8 +127,7 @@ class FailoverCore:
     they produced (and have already acted on the data plane)."""
 
     def __init__(self, mesh: Any, dataplane: Any, *, local_site: str | None = None, selector: Any = None,
-                 store: Any = None, targets: dict[str, str] | None = None,
-                 profiles: dict[str, AppProfile] | None = None) -> None:
+                 store: Any = None, profiles: dict[str, AppProfile] | None = None) -> None:
         names = [site.name for site in mesh.sites]
         if local_site is None and names:
             local_site = names[0]  # the site this agent runs at; the first one unless told
@@ -124,16 +142,18 @@ class FailoverCore:
             if remote != local_site:
                 for p in mesh.paths(local_site, remote):
                     self.paths[p.id] = _PathHealth(p)
-        self.policies: dict[str, _PolicyState] = {}
-        targets = targets or {}
-        for pol in mesh.policies:
-            remote = targets.get(pol.name) or self._remote_of(pol)
-            cands = [p.id for p in mesh.paths(local_site, remote)] if remote else []
-            if not cands:
-                continue
-            st = _PolicyState(pol.name, pol.app or "default", cands, {u: i for i, u in enumerate(pol.prefer)})
-            st.candidates = sorted(cands, key=lambda pid, st=st: (self._pref(st, pid), self.paths[pid].path.index))
-            self.policies[pol.name] = st
+        # (class, remote site) -> its state; the default class last
+        self.pairs: dict[tuple[str, str], _PolicyState] = {}
+        classes = [(p.name, p.app or "default", p.prefer, p.match.dst) for p in mesh.policies if p.action != "drop"]
+        classes.append((DEFAULT_CLASS, "default", (), None))
+        for name, app, prefer, dst in classes:
+            for remote in names:
+                if remote == local_site or not self._reaches(dst, remote):
+                    continue
+                cands = [p.id for p in mesh.paths(local_site, remote)]
+                st = _PolicyState(name, remote, app, cands, {u: i for i, u in enumerate(prefer)})
+                st.candidates = sorted(cands, key=lambda pid, st=st: (self._pref(st, pid), self.paths[pid].path.index))
+                self.pairs[(name, remote)] = st
         self._events: Fanout[Event] = Fanout()
         self.set_path_calls = 0
         # fate sharing: after a path over a local uplink goes down, the other
@@ -143,19 +163,13 @@ class FailoverCore:
 
     # -- set-up ---------------------------------------------------------------
 
-    def _remote_of(self, pol: Any) -> str | None:
-        """The remote site whose subnets hold the policy's destination prefix,
-        else the first other site (a policy without one follows the hub)."""
-        others = [site.name for site in self.mesh.sites if site.name != self.local_site]
-        dst = pol.match.dst
-        if dst is not None:
-            net = ipaddress.ip_network(dst)
-            for name in others:
-                for sub in self.mesh.site(name).subnets:
-                    sn = ipaddress.ip_network(sub)
-                    if net.version == sn.version and net.subnet_of(sn):
-                        return name
-        return others[0] if others else None
+    def _reaches(self, dst: str | None, remote: str) -> bool:
+        """Can a policy matching destination prefix ``dst`` take traffic to ``remote``?"""
+        if dst is None:
+            return True
+        net = ipaddress.ip_network(dst)
+        return any(net.version == sn.version and net.overlaps(sn)
+                   for sn in map(ipaddress.ip_network, self.mesh.site(remote).subnets))
 
     def _local_uplink(self, pid: str) -> str:
         p = self.paths[pid].path
@@ -215,15 +229,16 @@ class FailoverCore:
 
     def _move(self, st: _PolicyState, to: str, reason: str, detail: str | None, now: float) -> Event:
         frm = st.current
-        self.dataplane.set_path(st.name, self.paths[to].path.index)
+        self.dataplane.set_path(None if st.name == DEFAULT_CLASS else st.name, self.paths[to].path.index,
+                                site=st.site)
         self.set_path_calls += 1
         st.current, st.moved_at = to, now
-        return self._emit(Event(now, reason, st.name, frm, to, detail))
+        return self._emit(Event(now, reason, st.name, frm, to, detail, site=st.site))
 
     def start(self, now: float) -> list[Event]:
         """Put every policy on its best usable path."""
         out = []
-        for st in self.policies.values():
+        for st in self.pairs.values():
             best = self._best(st)
             if best is not None:
                 out.append(self._move(st, best, "initial", None, now))
@@ -245,7 +260,7 @@ class FailoverCore:
                 out.append(self._emit(Event(now, "damped", None, path_id, None,
                                             f"penalty {h.penalty:.0f} > {self.cfg.damp_suppress:g}")))
             self._suspect[self._local_uplink(path_id)] = now + 2 * self.cfg.detect_ms / 1000
-            for st in self.policies.values():
+            for st in self.pairs.values():
                 if st.current == path_id:
                     to = self._best(st, now)
                     if to is not None and to != path_id:
@@ -255,7 +270,7 @@ class FailoverCore:
             h.healthy_since = now
             out.append(self._emit(Event(now, "bfd_up", None, None, path_id, None)))
             # a policy with no usable path at all takes this one at once
-            for st in self.policies.values():
+            for st in self.pairs.values():
                 if st.current is not None and not self._usable(st.current, st.app) and self._usable(path_id, st.app):
                     out.append(self._move(st, path_id, "bfd_up", f"{path_id} up, {st.current} unusable", now))
         return out
@@ -276,7 +291,7 @@ class FailoverCore:
             h.sla_why[app] = why
             if h.sla_bad[app] == self.cfg.sla_windows:
                 h.healthy_since = None
-                for st in self.policies.values():
+                for st in self.pairs.values():
                     if st.current == path_id and st.app == app:
                         to = self._best(st)
                         if to is not None and to != path_id:
@@ -293,7 +308,7 @@ class FailoverCore:
                 if h.bfd_up is not False:
                     h.healthy_since = now
                 out.append(self._emit(Event(now, "reuse", None, None, pid, "penalty decayed")))
-        for st in self.policies.values():
+        for st in self.pairs.values():
             best = self._best(st)
             if best is None or best == st.current:
                 continue
@@ -311,9 +326,10 @@ class FailoverCore:
                                       now))
         return out
 
-    def where(self) -> dict[str, str | None]:
-        """Policy -> path id in use."""
-        return {n: st.current for n, st in self.policies.items()}
+    def where(self) -> dict[tuple[str, str], str | None]:
+        """(class, remote site) -> path id in use; the class is a policy name
+        or DEFAULT_CLASS."""
+        return {k: st.current for k, st in self.pairs.items()}
 
 
 class Engine(FailoverCore):
@@ -352,7 +368,7 @@ class Engine(FailoverCore):
 
     def _window(self, now: float) -> None:
         mon = self._monitor
-        apps = {st.app for st in self.policies.values() if st.app in self.profiles}
+        apps = {st.app for st in self.pairs.values() if st.app in self.profiles}
         for pid in self.paths:
             if pid not in mon.paths():
                 continue

@@ -64,7 +64,8 @@ async def main(role: str, cfg: dict[str, Any]) -> None:
                 d["bytes"] += int(r["bytes"])
             c = x.counters()
             print(json.dumps({"flows": per, "policies": c["policies"], "default": c["default"],
-                              "where": engine.where()}), flush=True)
+                              "where": [{"class": c, "site": site, "path": pid}
+                                        for (c, site), pid in engine.where().items()]}), flush=True)
             continue
         break
     if engine is not None:
