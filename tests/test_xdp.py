@@ -588,22 +588,31 @@ def test_live_swap_under_traffic_loses_no_counts():
     with veth_pair(tag) as net:
         agent = _agent(net["ns_b"], net["if_b"], "generic")
         try:
-            n = 3000
+            # the sender sends until told to stop (after the swaps), then says how many it sent
             sender = subprocess.Popen(
                 ["ip", "netns", "exec", net["ns_a"], sys.executable, "-c",
-                 "import socket,time,sys\nu=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
-                 "u.bind(('0.0.0.0',40002))\n"
-                 f"for i in range({n}):\n    u.sendto(b'x'*64,('{net['addr_b']}',9999))\n"
-                 "    time.sleep(0.0003) if i % 10 == 0 else None\n"])
+                 "import socket,sys,threading\nu=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
+                 "import time\nu.bind(('0.0.0.0',40002))\nstop=threading.Event()\n"
+                 "threading.Thread(target=lambda: (sys.stdin.readline(), stop.set()), daemon=True).start()\n"
+                 "n=0\nwhile not stop.is_set() or n < 1000:\n"
+                 f"    u.sendto(b'x'*64,('{net['addr_b']}',9999)); n += 1\n"
+                 "    time.sleep(0.0003) if n % 10 == 0 else None\n"
+                 "print(n, flush=True)\n"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             swaps = 0
-            while sender.poll() is None:
+            for _ in range(5):  # table swaps while the packets flow
                 assert _ask(agent, "swap") == "swapped"
                 swaps += 1
-            assert sender.returncode == 0
-            time.sleep(0.2)
-            dump = _ask(agent, "dump")
-            (udp,) = [f for f in dump["flows"] if f["sport"] == 40002]
-            assert swaps >= 3
+            sender.stdin.write("stop\n")
+            sender.stdin.flush()
+            n = int(sender.stdout.readline())
+            assert sender.wait(30) == 0
+            deadline = time.monotonic() + 30  # wait for the last packets to be counted
+            while True:
+                dump = _ask(agent, "dump")
+                (udp,) = [f for f in dump["flows"] if f["sport"] == 40002]
+                if udp["packets"] >= n or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
             assert udp["packets"] == n and udp["bytes"] == n * (20 + 8 + 64) and udp["policy"] == 0
             assert dump["counters"]["generation"] == 1 + swaps
         finally:
