@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
+import logging
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -40,6 +43,8 @@ from .wireguard.plan import Tunnel, tunnels
 from .wireguard.uapi import Uapi, UapiError, WireguardGo
 
 __all__ = ["SiteAgent"]
+
+log = logging.getLogger("patronus.agent")
 
 UPLINK_MARK = 0x5000
 PROBE_PORT = 7362
@@ -130,6 +135,9 @@ class SiteAgent:
                 _ip("addr", "replace", t.local_v4, "dev", t.ifname)
                 _ip("link", "set", t.ifname, "mtu", str(t.mtu), "up")
                 path_table(t, remote.subnets, _ip)
+                log.info("tunnel %s up%s: path %s (#%d) to %s at %s", t.ifname,
+                         " (adopted)" if self.wg[t.ifname] is None else "", t.path.id, t.path.index,
+                         t.path.remote_site, t.remote_endpoint)
             else:
                 Uapi(t.ifname).apply(cfg)
             self.tunnels[t.path.index] = t
@@ -157,6 +165,9 @@ class SiteAgent:
 
                 self.dp = _NftPlane(self.dp, NftSteering(table, self.lan_if, mark_base=PATH_MARK))
             self.engine = Engine(self.mesh, self.dp, local_site=self.site, store=self.store, tick_s=0.02)
+            self.engine.on_event(self._log_event)
+            log.info("site %s started: backend %s, LAN interface %s, %d tunnels, %d policies", self.site,
+                     self.backend_name(), self.lan_if or "(none)", len(self.tunnels), len(self.mesh.policies))
             from .paths import Monitor, Responder
 
             self.responder = await Responder(("0.0.0.0", PROBE_PORT)).start()
@@ -164,6 +175,8 @@ class SiteAgent:
             self.engine.watch_monitor(self.monitor)
             await self._watch_new_tunnels(BfdSession)
             engine_task = asyncio.create_task(self.engine.run())
+            engine_task.add_done_callback(self._engine_done)
+            self._engine_task = engine_task
             names = [p.name for p in self.mesh.policies]
             next_announce, last_snap = 0.0, 0.0
             while not self._stop.is_set():
@@ -183,6 +196,7 @@ class SiteAgent:
                 ms = self.monitor.all_metrics()
                 self.store.add_path_metrics(now, [(pid, m.rtt_ms, m.jitter_ms, m.loss_pct, m.mos, m.mtu,
                                                    m.bandwidth_mbps) for pid, m in ms.items() if m.samples])
+                self.write_status()
                 try:
                     await asyncio.wait_for(self._stop.wait(), self.interval_s)
                 except asyncio.TimeoutError:
@@ -196,6 +210,7 @@ class SiteAgent:
         for t in self.tunnels.values():
             if t.path.id not in self.sessions:
                 s = session_cls(t.local_v4.split("/")[0], t.remote_v4, self.bfd_ms, self.bfd_ms, 3)
+                s.on_change(lambda tr, pid=t.path.id: self._log_bfd(pid, tr))
                 await s.start()
                 self.sessions[t.path.id] = s
                 self.engine.watch(t.path.id, s)
@@ -222,9 +237,107 @@ class SiteAgent:
                 _ip("link", "del", name, check=False)
         self.registry.close()
         self.store.close()
+        try:
+            self.write_status(stopped=True)
+        except Exception as e:  # the last status must not hide why the agent stops
+            log.warning("status file %s: %s", self.status_path, e)
+        log.info("site %s stopped", self.site)
 
     def stop(self) -> None:
         self._stop.set()
+
+    # -- status and log ---------------------------------------------------------------
+
+    def backend_name(self) -> str | None:
+        """The data plane actually in use ("Xdp", "Userspace", a wrapper with
+        what it wraps), or None before it is open."""
+        if self.dp is None:
+            return None
+        name = type(self.dp).__name__
+        inner = getattr(self.dp, "dp", None)
+        return f"{name.lstrip('_')}({type(inner).__name__})" if inner is not None else name
+
+    @property
+    def status_path(self) -> Path:
+        return self.state.with_name(f"{self.state.name}.{self.site}.status.json")
+
+    def _remote_of(self, path_id: str | None) -> str | None:
+        if path_id is None:
+            return None
+        p = self.mesh.path(path_id)
+        return p.remote_site if p.local_site == self.site else p.local_site
+
+    def routes(self) -> list[dict[str, Any]]:
+        """Which path each (traffic class, remote site) uses, from the engine:
+        ``[{"class": policy or "(default)", "site": remote site, "path": path id or None}]``."""
+        if self.engine is None:
+            return []
+        out = []
+        for key, pid in self.engine.where().items():
+            if isinstance(key, tuple):   # (class, remote site) -> path
+                cls, site = key
+            else:                        # one path per policy: the remote site is the path's
+                cls, site = key, self._remote_of(pid)
+            out.append({"class": cls or "(default)", "site": site, "path": pid})
+        return sorted(out, key=lambda r: (r["class"] != "(default)", r["class"], r["site"] or ""))
+
+    def status(self, stopped: bool = False) -> dict[str, Any]:
+        """What ``write_status`` writes: paths with BFD state and probe
+        metrics, routes, and whether the site is ready (tunnels up, BFD
+        running on every one)."""
+        def num(x: Any) -> float | None:
+            return None if x is None or not np.isfinite(x) else round(float(x), 3)
+
+        monitor = getattr(self, "monitor", None)
+        metrics = monitor.all_metrics() if monitor is not None else {}
+        paths: dict[str, Any] = {}
+        for t in sorted(self.tunnels.values(), key=lambda t: t.path.index):
+            s, m = self.sessions.get(t.path.id), metrics.get(t.path.id)
+            sampled = m is not None and m.samples
+            paths[t.path.id] = {"bfd": s.state.name.lower() if s is not None else None, "ifname": t.ifname,
+                                "remote_site": t.path.remote_site, "local_uplink": t.path.local_uplink,
+                                "rtt_ms": num(m.rtt_ms) if sampled else None,
+                                "loss_pct": num(m.loss_pct) if sampled else None}
+        task = getattr(self, "_engine_task", None)
+        failed = task.exception() if task is not None and task.done() and not task.cancelled() else None
+        ready = (not stopped and failed is None and self.engine is not None and bool(self.tunnels)
+                 and all(t.path.id in self.sessions for t in self.tunnels.values()))
+        return {"site": self.site, "pid": os.getpid(), "ts": time.time(), "backend": self.backend_name(),
+                "lan_if": self.lan_if, "ready": ready, "stopped": stopped,
+                "engine_error": None if failed is None else f"{type(failed).__name__}: {failed}",
+                "paths": paths, "routes": self.routes()}
+
+    def write_status(self, stopped: bool = False) -> None:
+        """Write ``{state}.{site}.status.json`` atomically (a reader never
+        sees half a file), mode 0644."""
+        path = self.status_path
+        tmp = path.with_name(path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), 0o644)
+            json.dump(self.status(stopped), f, indent=1)
+        os.replace(tmp, path)
+
+    def _engine_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:  # said now, not only when the agent stops
+            log.error("failover engine failed: %s", task.exception(), exc_info=task.exception())
+
+    def _log_bfd(self, path_id: str, tr: Any) -> None:
+        from .failover.bfd import Diag, State
+
+        if tr.new == State.UP or tr.old == State.UP:
+            log.info("bfd %s %s (%s -> %s%s)", path_id, "up" if tr.new == State.UP else "down", tr.old.name.lower(),
+                     tr.new.name.lower(), "" if tr.diag == Diag.NONE else f", {tr.diag.name.lower()}")
+
+    def _log_event(self, ev: Any) -> None:
+        site = getattr(ev, "site", None)
+        detail = f" ({ev.detail})" if ev.detail else ""
+        if ev.policy is None and site is None:   # about a path, not a move
+            if ev.reason != "bfd_up":            # (the bfd line said that)
+                log.info("path %s: %s%s", ev.to_path or ev.from_path, ev.reason, detail)
+            return
+        log.info("move %s%s: %s -> %s, %s%s", ev.policy or "(default)", f" to {site}" if site else "",
+                 ev.from_path or "(none)", ev.to_path or "(none)", ev.reason, detail)
 
 
 class _NftPlane:
@@ -233,9 +346,9 @@ class _NftPlane:
     def __init__(self, dp: Any, nft: Any) -> None:
         self.dp, self.nft = dp, nft
 
-    def set_path(self, policy: str | int, path_id: int) -> None:
-        self.dp.set_path(policy, path_id)
-        self.nft.set_path(policy, path_id)
+    def set_path(self, policy: str | int | None, path_id: int | None, site: str | int | None = None) -> None:
+        self.dp.set_path(policy, path_id, site)
+        self.nft.set_path(policy, path_id, site)
 
     def flows(self) -> Any:
         return self.dp.flows()
@@ -246,6 +359,10 @@ class _NftPlane:
 
 
 def main(args: Any) -> int:
+    if not logging.getLogger().handlers:  # an embedding program's logging stays as it is
+        logging.basicConfig(stream=sys.stderr, level=logging.INFO,
+                            format="%(asctime)s.%(msecs)03d %(levelname).1s %(name)s: %(message)s",
+                            datefmt="%H:%M:%S")
     agent = SiteAgent(args.state, args.site, lan_if=args.lan_if, token=args.token, backend=args.backend,
                       prefix=args.prefix)
 

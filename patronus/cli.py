@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,6 +26,14 @@ def main(argv: list[str] | None = None) -> int:
     lab.add_argument("--tag", default="pnlab", help="name of the lab (1-6 letters/digits; default pnlab)")
     lab.add_argument("--sites", type=int, default=3)
     lab.add_argument("--uplinks", type=int, default=2)
+    lab.add_argument("--agents", action="store_true",
+                     help="up: the network only, then a `patronus agent` per site (its own tunnels, data plane, "
+                          "BFD, failover) in the site's namespace; waits until every path's BFD is up")
+    lab.add_argument("--backend", default="auto", choices=["auto", "xdp", "userspace"],
+                     help="the agents' data plane (with --agents)")
+    lab.add_argument("--timeout", type=float, default=120.0,
+                     help="seconds to wait for the agents to be ready (with --agents)")
+    lab.add_argument("--json", action="store_true", help="status: print JSON instead of tables")
     ag = sub.add_parser("agent", help="run a site: tunnels, data plane, BFD, failover, state")
     ag.add_argument("--state", required=True, help="the SQLite state file (mesh and discovery registry)")
     ag.add_argument("--site", required=True, help="which site of the mesh this is")
@@ -56,6 +65,8 @@ def _lab(args: argparse.Namespace) -> int:
 
     path = net.STATE_DIR / f"{args.tag}.json"
     try:
+        if args.action == "up" and args.agents:
+            return _lab_agents(args, net)
         if args.action == "up":
             lab = net.Lab(args.tag, args.sites, args.uplinks).up()
             for p in lab.mesh.paths():  # a route for every site pair: its first path
@@ -66,7 +77,8 @@ def _lab(args: argparse.Namespace) -> int:
                   f"(10.N.0.2); 'patronus lab down --tag {args.tag}' removes it")
             return 0
         if args.action == "status":
-            print(json.dumps(net.status(path), indent=2))
+            st = net.status(path)
+            print(json.dumps(st, indent=2) if args.json else net.status_text(st))
             return 0
         removed = net.cleanup(path)
         print(f"lab {args.tag}: {'removed' if removed else 'nothing to remove'}")
@@ -74,6 +86,27 @@ def _lab(args: argparse.Namespace) -> int:
     except PatronusError as e:
         print(f"patronus lab: {e}", file=sys.stderr)
         return 2
+
+
+def _lab_agents(args: argparse.Namespace, net: Any) -> int:
+    import time
+
+    t0 = time.monotonic()
+    lab = net.Lab(args.tag, args.sites, args.uplinks).up(tunnels=False)
+    try:
+        lab.start_agents(backend=args.backend)
+        statuses = lab.wait_agents(args.timeout)
+    except BaseException:  # the agents' last words are in the error; nothing is left behind
+        lab.down()
+        raise
+    backends = sorted({st["backend"] for st in statuses.values()})
+    paths = sum(len(st["paths"]) for st in statuses.values())
+    print(f"lab {args.tag}: {args.sites} sites x {args.uplinks} uplinks, {len(statuses)} agents ready "
+          f"(backend {', '.join(backends)}) in {time.monotonic() - t0:.1f} s, BFD up on {paths} tunnels; "
+          f"LAN hosts in namespaces {lab.lan_ns(0)} .. {lab.lan_ns(args.sites - 1)} (10.N.0.2); "
+          f"'patronus lab status --tag {args.tag}' shows paths and routes, "
+          f"'patronus lab down --tag {args.tag}' removes it")
+    return 0
 
 
 def _bfd(args: argparse.Namespace) -> int:

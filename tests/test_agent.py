@@ -174,7 +174,11 @@ def test_agent_without_xdp_steers_with_nftables(tmp_path):
         rules = subprocess.run(["ip", "netns", "exec", lab.site_ns(0), "nft", "list", "table", "inet",
                                 f"patronus_{lab.tag}l0"], capture_output=True, text=True).stdout
         voice_path = next(p for p in lab.mesh.paths("s0", "s1") if p.local_uplink == "u1" and p.remote_uplink == "u0")
-        assert f"meta mark set {0x7000 + voice_path.index:#010x}" in rules and "ip dscp set ef" in rules
+        # voip (class 1) to s1's subnet carries the voice path's mark, in voip's map
+        voip_map = rules[rules.index("map m1v4"):]
+        voip_map = voip_map[: voip_map.index("}", voip_map.index("elements"))]
+        assert f"10.2.0.0/24 : {0x7000 + voice_path.index:#010x}" in voip_map, rules
+        assert "goto c1" in rules and "ip dscp set ef" in rules
         assert voice_through(lab, 20) == 20
         for a in agents:
             a.send_signal(signal.SIGTERM)

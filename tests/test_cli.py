@@ -1,10 +1,13 @@
 """`patronus demo` runs and tells its story: the offline parts everywhere,
-the live failover story in the lab where root, BCC and wireguard-go are."""
+the live failover story in the lab where root, BCC and wireguard-go are;
+`patronus lab up --agents | status | down`."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -65,3 +68,50 @@ def test_simulated_story_without_a_network():
     assert re.search(r"1\.66 s bfd_down\s+voip\s+br1\.isp1~hq\.isp1 -> br1\.isp1~hq\.lte", out)
     assert re.search(r"failback\s+voip\s+br1\.isp1~hq\.lte -> br1\.isp1~hq\.isp1", out)
     assert "flow of voip   : 350 packets" in out
+
+
+def test_lab_status_of_no_lab(tmp_path):
+    env = {**os.environ, "PATRONUS_LAB_DIR": str(tmp_path)}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "patronus.cli", "lab", "status", "--tag", "nolab", *a],  # noqa: E731
+                                    capture_output=True, text=True, env=env, timeout=60)
+    assert run().stdout.strip() == "no such lab"
+    assert run("--json").stdout.strip() == '{\n  "exists": false\n}'
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("wireguard-go"), reason="needs root and wireguard-go")
+def test_lab_up_with_agents_status_down(tmp_path):
+    """`patronus lab up --agents`: the network only, an agent per site (its
+    own tunnels), back once every path's BFD is up; the agents outlive the
+    command; `lab status` shows them, `lab down` stops them and leaves nothing."""
+    from .netns import unique
+
+    tag = unique("Q")[:6]
+    env = {**os.environ, "PATRONUS_LAB_DIR": str(tmp_path)}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "patronus.cli", "lab", *a, "--tag", tag],  # noqa: E731
+                                    capture_output=True, text=True, env=env, timeout=240)
+    agents: dict = {}
+    try:
+        up = run("up", "--agents", "--sites", "2", "--uplinks", "2", "--backend", "userspace")
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert "2 agents ready" in up.stdout and "BFD up on 8 tunnels" in up.stdout
+        st = json.loads(run("status", "--json").stdout)
+        agents = st["agents"]
+        assert sorted(agents) == ["s0", "s1"] and all(a["alive"] for a in agents.values())
+        for site, a in agents.items():
+            assert a["status"]["ready"] and "Userspace" in a["status"]["backend"]
+            assert len(a["status"]["paths"]) == 4 and all(p["bfd"] == "up" for p in a["status"]["paths"].values())
+            assert f"site {site} started" in open(a["log"]).read()
+        assert len(st["tunnels"]) == 8 and all(isinstance(t, dict) for t in st["tunnels"].values())
+        table = run("status").stdout
+        assert re.search(r"agent s0: pid \d+ running, backend NftPlane\(Userspace\), ready", table), table
+        assert re.search(r"s0\.u0~s1\.u0\s+up\s+" + tag + r"a0t0", table), table
+        again = run("up", "--agents")
+        assert again.returncode == 2 and "exists already" in again.stderr
+    finally:
+        down = run("down")
+    assert down.returncode == 0 and "removed" in down.stdout
+    for a in agents.values():  # SIGTERM, waited for: no agent left
+        assert not os.path.exists(f"/proc/{a['pid']}") or "zombie" in open(f"/proc/{a['pid']}/status").read().lower()
+    assert list(tmp_path.iterdir()) == []
+    assert f"{tag}-s0" not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert not [x for x in os.listdir("/var/run/wireguard") if x.startswith(f"{tag}a")]

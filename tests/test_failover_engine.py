@@ -278,3 +278,60 @@ def test_every_class_has_a_path_to_every_site_and_a_cut_moves_one_pair_only():
     assert after[("voip", "s2")] == before[("voip", "s2")]
     assert dp.process(frames, detail=True)["path"].tolist() == [mesh.path(after[("voip", "s1")]).index,
                                                                 mesh.path(before[("voip", "s2")]).index]
+
+
+def test_a_path_coming_up_only_takes_pairs_of_its_own_site():
+    """Every path to s2 down, then a path to s1 comes up: the s2 pairs stay
+    where they are (a path to s1 cannot carry them) and the engine keeps
+    ticking."""
+    mesh = three_sites()
+    dp = RecordingPlane(mesh.policy_table(), flow_capacity=64)
+    core = FailoverCore(mesh, dp, local_site="s0")
+    core.start(0.0)
+    to_s1 = [p.id for p in mesh.paths("s0", "s1")]
+    to_s2 = [p.id for p in mesh.paths("s0", "s2")]
+    for pid in to_s1 + to_s2:
+        core.bfd(pid, up=True, now=0.5)
+    for pid in to_s2 + to_s1[:1]:
+        core.bfd(pid, up=False, now=1.0)
+    before = core.where()
+    evs = core.bfd(to_s1[0], up=True, now=2.0)
+    assert all(e.site in (None, "s1") for e in evs)
+    for (cls, site), pid in core.where().items():
+        assert mesh.path(pid).remote_site in (site, "s0") and {x.split(".")[0] for x in pid.split("~")} == {"s0", site}
+        if site == "s2":
+            assert pid == before[(cls, site)]
+    for t in range(3, 60):  # ticks never fail, whatever the pairs hold
+        core.tick(now=float(t))
+
+
+PATHS3 = ["s0.u0~s1.u0", "s0.u0~s1.u1", "s0.u1~s1.u0", "s0.u1~s1.u1",
+          "s0.u0~s2.u0", "s0.u0~s2.u1", "s0.u1~s2.u0", "s0.u1~s2.u1"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["down", "up", "bad", "good", "tick"]), st.sampled_from(PATHS3),
+                          st.floats(0.01, 20)), max_size=60))
+def test_any_event_sequence_keeps_every_pair_on_a_path_to_its_site(evs):
+    mesh = three_sites()
+    dp = RecordingPlane(mesh.policy_table(), flow_capacity=64)
+    core = FailoverCore(mesh, dp, local_site="s0")
+    core.start(0.0)
+    t = 0.0
+    for kind, pid, dt in evs:
+        t += dt
+        if kind in ("down", "up"):
+            core.bfd(pid, up=kind == "up", now=t)
+        elif kind in ("bad", "good"):
+            core.sla(pid, {"voip": "loss 5 % > 1 %" if kind == "bad" else None}, now=t)
+        core.tick(now=t)
+        for (cls, site), st_ in core.pairs.items():
+            assert st_.current in st_.candidates  # a path to the pair's own site
+            usable = [c for c in st_.candidates if core._usable(c, st_.app)]
+            if usable:
+                assert st_.current in usable
+    # the data plane holds what the engine says, pair by pair
+    routes = dp.routes()
+    for (cls, site), pid in core.where().items():
+        row = 0 if cls == DEFAULT_CLASS else dp.table.index(cls) + 1
+        assert routes[row, dp.table.site_id(site)] == mesh.path(pid).index

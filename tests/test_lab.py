@@ -178,15 +178,18 @@ def test_lab_command_up_status_down(tmp_path):
         up = run("up", "--sites", "2", "--uplinks", "1")
         assert up.returncode == 0, up.stderr
         assert ping(f"{tag}-lan0", "10.2.0.2", timeout=5) is not None  # the lab outlives the command
-        st = json.loads(run("status").stdout)
+        st = json.loads(run("status", "--json").stdout)
         assert st["exists"] and all(st["namespaces"].values()) and st["processes_alive"] == 2
         assert len(st["tunnels"]) == 2 and all(isinstance(v, dict) for v in st["tunnels"].values())
+        table = run("status").stdout  # tables for people
+        assert f"lab {tag}: 2 sites x 1 uplinks" in table and "tunnels (2):" in table and f"{tag}0w0" in table
         again = run("up")
         assert again.returncode == 2 and "exists already" in again.stderr
     finally:
         down = run("down")
     assert down.returncode == 0 and "removed" in down.stdout
-    assert json.loads(run("status").stdout) == {"exists": False}
+    assert json.loads(run("status", "--json").stdout) == {"exists": False}
+    assert run("status").stdout.strip() == "no such lab"
     assert f"{tag}-s0" not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
 
 
@@ -290,3 +293,49 @@ def test_impairment_relay_under_a_tunnel(lab):
     assert any(ping(lab.lan_ns(0), lab.lan_addr(1), timeout=2) is not None for _ in range(3))
     st = relay.stats()
     assert st["forward"]["lost"] > 0 and st["reverse"]["forwarded"] > 0  # both ways go through it
+
+
+def test_a_taken_listen_port_is_named_in_the_error(tmp_path):
+    """Two WireGuard devices of one namespace on one port: the UAPI's errno
+    is named, with the port (what `patronus agent` next to a lab that has
+    tunnels of its own used to say as "set refused (errno=-98)")."""
+    from patronus.errors import ConfigError
+    from patronus.wireguard.uapi import UapiError
+
+    lab = Lab(unique("P")[:6], sites=2, uplinks=1, state_dir=tmp_path)
+    try:
+        lab.up()
+        port = lab.tunnels[("s0", 0)].listen_port
+        with WireguardGo(f"{lab.tag}dup", lab.site_ns(0)) as wg:
+            with pytest.raises(UapiError, match=rf"errno=-98 EADDRINUSE, address in use: listen port {port} is taken"):
+                wg.uapi.set([f"listen_port={port}"])
+        with pytest.raises(ConfigError, match="tunnels of its own"):
+            lab.start_agents()  # their tunnels would want the same ports
+    finally:
+        lab.down()
+
+
+def test_cleanup_stops_agents_with_sigterm_first(tmp_path):
+    """Agents started by a lab are in its state file before they run: the
+    clean-up after a crashed lab process (``cleanup(state)`` alone) sends
+    them SIGTERM and waits, so they exit cleanly (0) after detaching, and
+    then nothing of the lab or the agents is left."""
+    lab = Lab(unique("G")[:6], sites=2, uplinks=1, state_dir=tmp_path)
+    try:
+        lab.up(tunnels=False)
+        procs = lab.start_agents(backend="userspace")
+        made = json.loads(lab.state_path.read_text())
+        assert sorted(made["agents"]) == ["s0", "s1"]
+        assert {a["pid"] for a in made["agents"].values()} == {p.pid for p in procs.values()} <= set(made["pids"])
+        assert len(made["sockets"]) == 2  # the agents' tunnels, named before they exist
+        statuses = lab.wait_agents(120)
+        assert all(st["ready"] and st["backend"] for st in statuses.values())
+        assert all(p["bfd"] == "up" for st in statuses.values() for p in st["paths"].values())
+        assert cleanup(lab.state_path)  # as `patronus lab down` after the lab's process died
+        assert {s: p.wait(5) for s, p in procs.items()} == {0: 0, 1: 0}
+        nets = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        assert not any(ns in nets for ns in made["namespaces"])
+        assert not any(os.path.exists(x) for x in made["sockets"] + made["files"])
+        assert list(tmp_path.iterdir()) == []
+    finally:
+        lab.down()

@@ -269,9 +269,10 @@ class FailoverCore:
             h.bfd_up = True
             h.healthy_since = now
             out.append(self._emit(Event(now, "bfd_up", None, None, path_id, None)))
-            # a policy with no usable path at all takes this one at once
+            # a pair to this path's site with no usable path at all takes it at once
             for st in self.pairs.values():
-                if st.current is not None and not self._usable(st.current, st.app) and self._usable(path_id, st.app):
+                if path_id in st.candidates and st.current is not None and not self._usable(st.current, st.app) \
+                        and self._usable(path_id, st.app):
                     out.append(self._move(st, path_id, "bfd_up", f"{path_id} up, {st.current} unusable", now))
         return out
 

@@ -14,6 +14,12 @@ a policy rule sends them out of its own local uplink. Everything the lab
 creates is recorded in a state file first, so ``down()`` (or ``patronus lab
 down``) removes it after a crash too.
 
+Site agents instead of the lab's own tunnels (``patronus lab up --agents``):
+``up(tunnels=False)`` builds the network only, ``start_agents()`` runs a
+``patronus agent`` per site in its namespace (tunnels ``{tag}a{s}t{index}``,
+state ``{tag}.agents.db``, a log and a status file per site next to the
+lab's state file), ``wait_agents()`` waits until every path's BFD is up.
+
 >>> Lab.plan_mesh(sites=2, uplinks=1).paths("s0", "s1")[0].id
 's0.u0~s1.u0'
 """
@@ -24,6 +30,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +44,7 @@ from ..wireguard.keys import PrivateKey, PublicKey
 from ..wireguard.plan import Topology, Tunnel, tunnels
 from ..wireguard.uapi import Uapi, WireguardGo
 
-__all__ = ["Lab", "LabError"]
+__all__ = ["Lab", "LabError", "cleanup", "status", "status_text"]
 
 STATE_DIR = Path(os.environ.get("PATRONUS_LAB_DIR", "/run/patronus-lab"))
 MARK_BASE = 0x5000
@@ -78,6 +85,8 @@ class _State:
     namespaces: list[str] = field(default_factory=list)
     pids: list[int] = field(default_factory=list)
     sockets: list[str] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)   # removed by cleanup (agent state, keys, logs)
+    agents: dict[str, dict[str, Any]] = field(default_factory=dict)  # site -> pid, start, log, status
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -107,6 +116,10 @@ class Lab:
         self.next_keys: dict[str, PrivateKey] = {}  # keys being rotated in (overlap window)
         self.wg: dict[str, WireguardGo] = {}      # ifname -> process
         self.tunnels: dict[tuple[str, int], Tunnel] = {}  # (site, path index) -> tunnel seen from site
+        self.agents: dict[int, subprocess.Popen[bytes]] = {}  # site index -> `patronus agent` process
+        self._agent_state: Path | None = None
+        self._agent_mesh: Mesh | None = None
+        self._tokens: dict[tuple[str, str], str] = {}      # (state file, site) -> enrolment token
         self._state = _State(tag, sites, uplinks)
 
     # -- names ------------------------------------------------------------------
@@ -426,8 +439,199 @@ class Lab:
                 devices.setdefault(t.path.remote_site, {})[t.path.id] = self.wg[t.ifname].uapi.get()
         return site_status(devices, time.time())
 
+    # -- site agents ----------------------------------------------------------------
+
+    def agent_prefix(self, s: int) -> str:
+        """Tunnel name prefix of site s's agent (+ path index). The lab's own
+        tunnels end in ``w`` + digits, these in ``t`` + digits, so the two
+        never share a name (nor their UAPI socket); the ``a`` ends the tag, so
+        labs ``ab`` and ``ab1`` differ too (``aba11t`` vs ``ab1a1t``)."""
+        return f"{self.tag}a{s}t"
+
+    @property
+    def agent_state_path(self) -> Path:
+        """The agents' SQLite state (mesh + discovery registry), next to the lab's state file."""
+        return self.state_path.with_name(f"{self.tag}.agents.db")
+
+    @staticmethod
+    def agent_status_path(state_path: Path, s: int) -> Path:
+        return Path(f"{state_path}.s{s}.status.json")
+
+    @staticmethod
+    def agent_log_path(state_path: Path, s: int) -> Path:
+        return Path(f"{state_path}.s{s}.log")
+
+    def _own_files(self, *paths: Path) -> None:
+        new = [str(p) for p in paths if str(p) not in self._state.files]
+        if new:
+            self._state.files += new
+            self._state.save(self.state_path)
+
+    def write_agent_state(self, mesh: Mesh | None = None, path: Path | None = None) -> Path:
+        """Save ``mesh`` (default: the lab's) as the agents' desired state.
+        Saving again replaces the mesh and keeps the registry (enrolled
+        sites stay enrolled): agents started after it read the new mesh.
+        The lab removes the file at ``down()``."""
+        path = Path(path or self.agent_state_path)
+        self._own_files(path, *(Path(f"{path}{x}") for x in ("-wal", "-shm", "-journal")))
+        (mesh or self.mesh).save(path)
+        return path
+
+    def start_agents(self, state_path: Path | None = None, backend: str = "auto") -> dict[int, subprocess.Popen[bytes]]:
+        """Start one ``patronus agent`` per site inside its site namespace:
+        LAN interface ``{tag}l{s}``, tunnel prefix ``agent_prefix(s)``, the
+        state at ``state_path`` (written from the lab's mesh if missing) and
+        an enrolment token per site. Output goes to ``agent_log_path``; each
+        pid is in the lab state before the agent has done anything, so
+        ``down()`` and ``patronus lab down`` stop it (SIGTERM: it detaches
+        what it attached) even after this process died. Build the lab with
+        ``up(tunnels=False)``: the agents bring their own tunnels, and the
+        lab's would hold their listen ports. ``wait_agents()`` waits for them."""
+        if backend not in ("auto", "xdp", "userspace"):
+            raise ConfigError("backend", backend, "is not one of auto, xdp, userspace")
+        if self.agents:
+            raise ConfigError("Lab.start_agents", sorted(self.agents), "agents are running; stop_agents() first")
+        if self.wg:
+            raise ConfigError("Lab.start_agents", self.tag, "the lab has tunnels of its own: use up(tunnels=False)")
+        from ..store import Store
+        from ..wireguard.discovery import SqliteRegistry
+        from ..wireguard.uapi import SOCKET_DIR
+
+        path = Path(state_path or self.agent_state_path).resolve()
+        if not path.exists():
+            self.write_agent_state(path=path)
+        with Store(path) as st:
+            mesh = st.load_mesh()
+        names = [x.name for x in mesh.sites]
+        missing = [n for n in names if (str(path), n) not in self._tokens]
+        if missing:
+            reg = SqliteRegistry(path)
+            try:
+                for n in missing:
+                    self._tokens[(str(path), n)] = reg.create_token(n)
+            finally:
+                reg.close()
+        self._agent_state, self._agent_mesh = path, mesh
+        for n in names:  # what the agents will make, recorded before they make it
+            s = int(n[1:])
+            base = f"{path}.{n}"
+            self._own_files(self.agent_log_path(path, s), self.agent_status_path(path, s),
+                            Path(f"{base}.status.json.tmp"), Path(f"{base}.wg.key"), Path(f"{base}.sign.key"))
+            for t in tunnels(mesh, n, prefix=self.agent_prefix(s)):
+                sock = os.path.join(SOCKET_DIR, f"{t.ifname}.sock")
+                if sock not in self._state.sockets:
+                    self._state.sockets.append(sock)
+        self._state.save(self.state_path)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            [str(Path(__file__).resolve().parents[2]), *filter(None, [os.environ.get("PYTHONPATH")])])}
+        try:
+            for n in names:
+                s = int(n[1:])
+                cmd = ["ip", "netns", "exec", self.site_ns(s), sys.executable, "-m", "patronus.cli", "agent",
+                       "--state", str(path), "--site", n, "--lan-if", f"{self.tag}l{s}",
+                       "--prefix", self.agent_prefix(s), "--backend", backend, "--token", self._tokens[(str(path), n)]]
+                with open(self.agent_log_path(path, s), "ab") as logf:
+                    logf.write(f"--- {time.strftime('%H:%M:%S')} lab {self.tag}: agent {n}, backend {backend}\n"
+                               .encode())
+                    logf.flush()
+                    # its own session: a terminal's Ctrl-C after `lab up` returned is not for it
+                    p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+                                         env=env, start_new_session=True)
+                self.agents[s] = p
+                self._state.pids.append(p.pid)   # `ip netns exec` execs: this is the agent's pid
+                self._state.agents[n] = {"pid": p.pid, "start": _start_time(p.pid), "backend": backend,
+                                         "state": str(path), "log": str(self.agent_log_path(path, s)),
+                                         "status": str(self.agent_status_path(path, s))}
+                self._state.save(self.state_path)
+        except BaseException:
+            self.stop_agents()
+            raise
+        return dict(self.agents)
+
+    def agent_status(self, s: int, state_path: Path | None = None) -> dict[str, Any] | None:
+        """Site s's agent status file (``SiteAgent.write_status``), or None."""
+        path = state_path or self._agent_state or self.agent_state_path
+        return _read_json(self.agent_status_path(Path(path), s))
+
+    def agent_logs(self, lines: int = 20) -> str:
+        """The last lines of every agent's log (for error messages)."""
+        out = []
+        for s in sorted(self.agents):
+            p = self.agents[s]
+            rc = p.poll()
+            out.append(f"--- agent s{s} (pid {p.pid}, {'running' if rc is None else f'exited rc={rc}'}), last lines:")
+            out.append(_tail(self.agent_log_path(self._agent_state or self.agent_state_path, s), lines))
+        return "\n".join(out)
+
+    def wait_agents(self, timeout: float = 120.0, *, bfd_up: bool = True,
+                    cond: Any = None) -> dict[str, dict[str, Any]]:
+        """Wait until every running agent's status file (written by this
+        process, not an earlier one) says ready and, with ``bfd_up``, lists
+        every path of its site with BFD up; ``cond(statuses)`` may demand
+        more. Returns the statuses by site. An agent that exits, or the
+        timeout, raises ``LabError`` with what is missing and each log's tail."""
+        mesh = self._agent_mesh or self.mesh
+        end = time.monotonic() + timeout
+        while True:
+            statuses: dict[str, dict[str, Any]] = {}
+            missing: dict[str, str] = {}
+            for s, p in sorted(self.agents.items()):
+                name = f"s{s}"
+                if p.poll() is not None:
+                    raise LabError(f"agent {name} exited (rc={p.returncode}) before it was ready\n{self.agent_logs()}")
+                st = self.agent_status(s)
+                if st is None or st.get("pid") != p.pid:
+                    missing[name] = "no status file yet"
+                    continue
+                statuses[name] = st
+                if st.get("engine_error"):
+                    raise LabError(f"agent {name}: its failover engine failed: {st['engine_error']}\n"
+                                   f"{self.agent_logs()}")
+                if not st.get("ready"):
+                    missing[name] = "not ready"
+                    continue
+                if bfd_up:
+                    want = {x.id for x in mesh.paths(name)}
+                    have = st.get("paths", {})
+                    down = sorted(pid for pid in want if (have.get(pid) or {}).get("bfd") != "up")
+                    if down:
+                        missing[name] = f"BFD not up on {len(down)}/{len(want)} paths: " + ", ".join(
+                            f"{pid} ({(have.get(pid) or {}).get('bfd', 'no tunnel')})" for pid in down[:4])
+            if not self.agents:
+                raise LabError("no agents running: start_agents() first")
+            if not missing and (cond is None or cond(statuses)):
+                return statuses
+            if time.monotonic() > end:
+                why = "; ".join(f"{k}: {v}" for k, v in missing.items()) or "the condition did not hold"
+                raise LabError(f"agents not ready after {timeout:g} s: {why}\n{self.agent_logs()}")
+            time.sleep(0.2)
+
+    def stop_agents(self, timeout: float = 20.0) -> dict[int, int]:
+        """SIGTERM every agent (each detaches XDP/nftables and removes its
+        tunnels), wait up to ``timeout`` s, SIGKILL what is left. Returns
+        the exit codes by site."""
+        for p in self.agents.values():
+            if p.poll() is None:
+                p.terminate()
+        end = time.monotonic() + timeout
+        rcs: dict[int, int] = {}
+        for s, p in self.agents.items():
+            try:
+                rcs[s] = p.wait(max(0.1, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                rcs[s] = p.wait()
+            if p.pid in self._state.pids:
+                self._state.pids.remove(p.pid)
+            self._state.agents.pop(f"s{s}", None)
+        self.agents.clear()
+        self._state.save(self.state_path)
+        return rcs
+
     def down(self) -> None:
-        """Remove everything this lab made (processes, sockets, namespaces)."""
+        """Remove everything this lab made (agents, processes, sockets, namespaces, files)."""
+        if self.agents:
+            self.stop_agents()
         for relay in getattr(self, "_relays", {}).values():
             self._relay_loop.call_soon_threadsafe(relay.close)
         if hasattr(self, "_relay_loop"):
@@ -444,18 +648,57 @@ class Lab:
         self.down()
 
 
-def cleanup(state_path: Path) -> bool:
+def _start_time(pid: int) -> int | None:
+    """The process's start time (clock ticks after boot): a pid the kernel
+    gave to another process since has another one."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _tail(path: Path, lines: int) -> str:
+    try:
+        return "".join(path.read_text(errors="replace").splitlines(True)[-lines:]).rstrip("\n")
+    except OSError as e:
+        return f"({path}: {e.strerror})"
+
+
+def cleanup(state_path: Path, agent_timeout: float = 15.0) -> bool:
     """Remove what a lab's state file lists, also after the lab's process
-    died. Returns whether there was anything to remove."""
+    died: SIGTERM to every process first, and up to ``agent_timeout`` s for
+    site agents to detach what they attached, then the namespaces (and any
+    process left in them), sockets and files. Returns whether there was
+    anything to remove."""
     if not state_path.exists():
         return False
     st = json.loads(state_path.read_text())
-    for pid in st.get("pids", []):
+    # an agent whose pid now names another process (start time differs) is gone
+    stale = {a["pid"] for a in st.get("agents", {}).values()
+             if a.get("start") is not None and _start_time(a["pid"]) != a["start"]}
+    pids = [pid for pid in st.get("pids", []) if pid not in stale]
+    for pid in pids:
         try:
             os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
-    time.sleep(0.05)
+    end = time.monotonic() + (agent_timeout if st.get("agents") else 0.05)
+    while time.monotonic() < end and any(_alive(pid) for pid in pids):
+        time.sleep(0.05)
     for ns in st.get("namespaces", []):
         for pid in subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split():
             try:
@@ -468,6 +711,8 @@ def cleanup(state_path: Path) -> bool:
             os.unlink(sock)
         except FileNotFoundError:
             pass
+    for f in st.get("files", []):
+        Path(f).unlink(missing_ok=True)
     state_path.unlink(missing_ok=True)
     return True
 
@@ -497,5 +742,61 @@ def status(state_path: Path) -> dict[str, Any]:
         hs = [p.last_handshake_ns for p in dev.peers.values()]
         out["tunnels"][name] = {"listen_port": dev.listen_port,
                                 "handshake_age_s": round(now - max(hs) / 1e9, 1) if hs and max(hs) else None}
+    out["agents"] = {}
+    for site, a in sorted(st.get("agents", {}).items(), key=lambda kv: int(kv[0][1:])):
+        alive = _alive(a["pid"]) and (a.get("start") is None or _start_time(a["pid"]) == a["start"])
+        sf = _read_json(Path(a["status"]))
+        if not isinstance(sf, dict) or sf.get("pid") != a["pid"]:
+            sf = None  # a file an earlier agent left says nothing about this one
+        out["agents"][site] = {"pid": a["pid"], "alive": alive, "backend_asked": a.get("backend"),
+                               "log": a.get("log"), "status_file": a["status"],
+                               "status_age_s": max(0.0, round(now - sf["ts"], 1)) if sf and "ts" in sf else None,
+                               "status": sf}
     return out
+
+
+def _natural(name: str) -> tuple[str, int]:
+    """``x10`` after ``x9``: the name without its trailing digits, then their number."""
+    stem = name.rstrip("0123456789")
+    return stem, int(name[len(stem):] or -1)
+
+
+def _table(header: list[str], rows: list[list[Any]], indent: str = "  ") -> list[str]:
+    cells = [header] + [["-" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    return [indent + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+
+
+def status_text(st: dict[str, Any]) -> str:
+    """``status()`` as a few readable tables (``patronus lab status``)."""
+    if not st.get("exists"):
+        return "no such lab"
+    ns = st["namespaces"]
+    lines = [f"lab {st['tag']}: {st['sites']} sites x {st['uplinks']} uplinks; namespaces {sum(ns.values())}/"
+             f"{len(ns)} present; {st['processes_alive']} processes alive"]
+    if st["tunnels"]:
+        lines.append(f"tunnels ({len(st['tunnels'])}):")
+        rows = []
+        for name, t in sorted(st["tunnels"].items(), key=lambda kv: _natural(kv[0])):
+            if isinstance(t, dict):
+                age = t["handshake_age_s"]
+                rows.append([name, t["listen_port"], "never" if age is None else f"{age:g} s ago"])
+            else:
+                rows.append([name, "-", "gone" if t is None else t])
+        lines += _table(["tunnel", "port", "handshake"], rows)
+    for site, a in st.get("agents", {}).items():
+        sf = a["status"] or {}
+        state = ("ready" if sf.get("ready") else "stopped" if sf.get("stopped") else
+                 f"ENGINE FAILED ({sf['engine_error']})" if sf.get("engine_error") else "starting") if sf else "no status"
+        age = "" if a["status_age_s"] is None else f", status {a['status_age_s']:g} s old"
+        lines.append(f"agent {site}: pid {a['pid']} {'running' if a['alive'] else 'NOT RUNNING'}, backend "
+                     f"{sf.get('backend') or a['backend_asked']}, {state}{age}; log {a['log']}")
+        if sf.get("paths"):
+            lines += _table(["path", "bfd", "tunnel", "rtt ms", "loss %"],
+                            [[pid, p["bfd"], p["ifname"], p["rtt_ms"], p["loss_pct"]]
+                             for pid, p in sf["paths"].items()], indent="    ")
+        if sf.get("routes"):
+            lines += _table(["class", "to", "path"], [[r["class"], r["site"], r["path"] or "(none)"]
+                                                       for r in sf["routes"]], indent="    ")
+    return "\n".join(lines)
 

@@ -10,7 +10,9 @@ changes, ``errno=0`` on success.
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -51,6 +53,18 @@ class DeviceState:
     peers: dict[PublicKey, PeerState] = field(default_factory=dict)
 
 
+def _errno_text(value: str) -> str:
+    """``-98`` -> ``errno=-98 EADDRINUSE, address in use``: UAPI replies carry
+    a negated errno."""
+    try:
+        n = abs(int(value))
+    except ValueError:
+        return f"errno={value}"
+    name = errno.errorcode.get(n)
+    text = os.strerror(n).lower().replace("already ", "")
+    return f"errno={value} {name}, {text}" if name else f"errno={value}"
+
+
 def _parse_get(text: str) -> DeviceState:
     dev = DeviceState()
     peer: PeerState | None = None
@@ -60,7 +74,7 @@ def _parse_get(text: str) -> DeviceState:
         key, _, value = line.partition("=")
         if key == "errno":
             if value != "0":
-                raise UapiError(f"get failed: errno={value}")
+                raise UapiError(f"get failed ({_errno_text(value)})")
             continue
         if key == "public_key":
             peer = PeerState(PublicKey(bytes.fromhex(value)))
@@ -122,7 +136,17 @@ class Uapi:
             return
         reply = self._talk("set=1\n" + "".join(f"{line}\n" for line in lines) + "\n")
         if "errno=0" not in reply:
-            raise UapiError(f"{self.ifname}: set refused ({reply.strip()})")
+            m = re.search(r"errno=(-?\d+)", reply)
+            if m is None:
+                raise UapiError(f"{self.ifname}: set refused ({reply.strip() or 'no reply'})")
+            why = _errno_text(m.group(1))
+            if abs(int(m.group(1))) == errno.EADDRINUSE:
+                port = next((x.partition("=")[2] for x in lines if x.startswith("listen_port=")), None)
+                why += (f": listen port {port} is taken by another socket in this network namespace"
+                        if port else ": its listen port is taken")
+                why += (" (another WireGuard device? a lab with tunnels of its own holds the ports its site "
+                        "agents need: `patronus lab up --agents` makes none)")
+            raise UapiError(f"{self.ifname}: set refused ({why})")
 
     def apply(self, cfg: InterfaceConfig) -> list[str]:
         """Reconcile the device with ``cfg``: only what differs is sent, stale
