@@ -23,6 +23,7 @@ Nothing here is a test: pytest's testpaths is tests/, run these with
 from __future__ import annotations
 
 import functools
+import os
 import ipaddress
 import random
 import struct
@@ -32,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from patronus import Match, Policy, PolicyTable
+from patronus import DataplaneUnavailable, Match, Policy, PolicyTable
 from patronus.policy import frames_to_buffer
 
 SEED = 20_240_917
@@ -333,3 +334,16 @@ class BenchData:
 @pytest.fixture(scope="session")
 def bench_data(tmp_path_factory: pytest.TempPathFactory) -> BenchData:
     return BenchData(tmp_path_factory.mktemp("bench"))
+
+
+@pytest.fixture(scope="module")
+def Xdp():
+    """The XDP data plane class, or a skip saying why it cannot run here."""
+    if os.geteuid() != 0:
+        pytest.skip("XDP needs root")
+    try:
+        from patronus.dataplane.xdp import Xdp
+
+        return Xdp
+    except DataplaneUnavailable as e:
+        pytest.skip(str(e))

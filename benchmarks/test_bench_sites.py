@@ -16,13 +16,12 @@ Run: .venv/bin/python -m pytest benchmarks/test_bench_sites.py --benchmark-only 
 from __future__ import annotations
 
 import ipaddress
-import os
 import time
 
 import numpy as np
 import pytest
 
-from patronus import DataplaneUnavailable, PolicyTable
+from patronus import PolicyTable
 from patronus.dataplane import Userspace
 
 from conftest import make_policies, make_traffic
@@ -87,18 +86,6 @@ def test_cython_end_to_end_with_and_without_sites(benchmark, tables):
     print(f"\nCython end to end, {POLICIES:,} policies, {len(tr):,} frames over {tr.n_flows:,} flows: "
           f"no sites {r['no sites']:.0f} ns/frame, {SITES:,} sites {r['1,000 sites']:.0f} ns/frame "
           f"(+{r['1,000 sites'] - r['no sites']:.0f} ns)")
-
-
-@pytest.fixture(scope="module")
-def Xdp():
-    if os.geteuid() != 0:
-        pytest.skip("XDP needs root")
-    try:
-        from patronus.dataplane.xdp import Xdp
-
-        return Xdp
-    except DataplaneUnavailable as e:
-        pytest.skip(str(e))
 
 
 def test_xdp_hit_and_miss_with_and_without_sites(benchmark, Xdp, tables):

@@ -20,31 +20,17 @@ Run: .venv/bin/python -m pytest benchmarks/test_bench_xdp.py --benchmark-only -s
 
 from __future__ import annotations
 
-import os
 import time
 
 import numpy as np
 import pytest
 
-from patronus import DataplaneUnavailable
 from patronus.dataplane import Userspace
 
 from conftest import make_table, make_traffic
 
 COUNTS = [1, 100, 1_000, 10_000, 65_536]
 RESULTS: dict[int, dict[str, float]] = {}
-
-
-@pytest.fixture(scope="module")
-def Xdp():
-    if os.geteuid() != 0:
-        pytest.skip("XDP needs root")
-    try:
-        from patronus.dataplane.xdp import Xdp
-
-        return Xdp
-    except DataplaneUnavailable as e:
-        pytest.skip(str(e))
 
 
 def _per_run(x, frames, floor=False):

@@ -120,10 +120,13 @@ BPF_ARRAY(pn_rpol_map, struct pn_rpol, 2);
 BPF_ARRAY(pn_rows_map, struct pn_row, 2 * PN_ROWS);
 /* key: set * PN_CHUNKS + chunk */
 BPF_ARRAY(pn_chunks_map, struct pn_chunk, 2 * PN_CHUNKS);
-/* key: (policy + 1) * PN_SCOLS + destination site -> struct pn_route (the
- * path and verdict of that class to that site; patronus_abi.h). Moving one
- * class to another path for one site is one map write. */
-BPF_ARRAY(pn_route_map, struct pn_route, PN_NPOL * PN_SCOLS);
+/* key: (set * PN_NPOL + policy + 1) * PN_SCOLS + destination site ->
+ * struct pn_route (the path and verdict of that class to that site;
+ * patronus_abi.h). Moving one class to another path for one site is one
+ * write into the live set. Double buffered with the tables: a swap may
+ * renumber sites, and a packet classified in one set reads the routes of
+ * that set. */
+BPF_ARRAY(pn_route_map, struct pn_route, 2 * PN_NPOL * PN_SCOLS);
 /* key: struct pn_lpm6 with tag = set * 2 + 1 and an IPv6 destination
  * address -> its site (1..). The longest site subnet holding the address
  * wins; no entry: outside every site (PN_SITE_NONE). IPv4 sites are in the
@@ -536,10 +539,10 @@ static __always_inline void pn_count(struct pn_scratch *sc, struct pn_xslot *x, 
 /* What every classified packet ends with: the path and action of (its
  * policy, its destination site) (one map value), the metadata, the verdict;
  * the policy's counter when the packet has no flow record `r` to count it. */
-static __always_inline int pn_out(struct xdp_md *ctx, struct pn_cfg *cfg, struct pn_scratch *sc, __s32 policy,
-                                  __u32 site, struct pn_flow_rec *r)
+static __always_inline int pn_out(struct xdp_md *ctx, struct pn_cfg *cfg, struct pn_scratch *sc, __u32 set,
+                                  __s32 policy, __u32 site, struct pn_flow_rec *r)
 {
-    __u32 key = (__u32)(policy + 1) * PN_SCOLS + site;
+    __u32 key = (set * PN_NPOL + (__u32)(policy + 1)) * PN_SCOLS + site;
     __u32 path = PN_NO_PATH, action = XDP_PASS;
     struct pn_route *ra = pn_route_map.lookup(&key);
     if (ra) {
@@ -601,8 +604,9 @@ static __always_inline int pn_finish_miss(struct xdp_md *ctx, struct pn_scratch 
             } else {
                 r = 0;  /* being evicted, drained or re-stamped: count the packet by its policy */
             }
-        } else {
-            pn_count(sc, x, now);  /* another CPU re-stamped it first */
+        } else {  /* another CPU re-stamped it first: the record's answer */
+            pn_count(sc, x, now);
+            policy = r->policy;
             site = r->site;
         }
     } else {  /* a new flow, or one drained since pn_xdp saw it */
@@ -643,7 +647,7 @@ static __always_inline int pn_finish_miss(struct xdp_md *ctx, struct pn_scratch 
     __u64 *st = pn_stats_map.lookup(&sk);
     if (st)
         *st += 1;
-    return pn_out(ctx, cfg, sc, policy, site, r);
+    return pn_out(ctx, cfg, sc, sc->set & 1, policy, site, r);
 }
 
 /* key: PN_PROG_CLS -> pn_cls, PN_PROG_FIN -> pn_fin. A miss leaves pn_xdp
@@ -783,7 +787,7 @@ int pn_xdp(struct xdp_md *ctx)
     struct pn_xslot *x = pn_ft_find(sc->kw, h);
     if (x && x->f.rec.generation == gen) {  /* the hit path */
         pn_count(sc, x, now);
-        return pn_out(ctx, cfg, sc, x->f.rec.policy, x->f.rec.site, &x->f.rec);
+        return pn_out(ctx, cfg, sc, set, x->f.rec.policy, x->f.rec.site, &x->f.rec);
     }
     sc->reclass = x != 0;
     sc->h = h;

@@ -233,7 +233,10 @@ def xdp_take(uint8_t[::1] table not None, uint8_t[::1] out not None, int mode, u
 
 def xdp_count(uint8_t[::1] table not None):
     """Live flows in the mapped XDP flow table."""
-    return pn_xdp_count(<const pn_bucket *>&table[0], table.shape[0] // sizeof(pn_bucket))
+    cdef size_t n
+    with nogil:
+        n = pn_xdp_count(<const pn_bucket *>&table[0], table.shape[0] // sizeof(pn_bucket))
+    return n
 
 
 def xdp_sums(uint8_t[::1] table not None, uint64_t[:, ::1] sums not None):
@@ -461,6 +464,8 @@ cdef class Sites:
     def __cinit__(self, prefixes not None, uint32_t nsites):
         cdef const uint8_t[::1] raw
         arr = np.ascontiguousarray(prefixes)
+        if arr.ndim != 1 or arr.dtype.itemsize != 24:
+            raise ValueError("prefixes must be a 1-d array of struct pn_site_prefix (abi.SITE_PREFIX_DTYPE)")
         raw = arr.view(np.uint8).reshape(-1) if len(arr) else np.zeros(1, np.uint8)
         if pn_sites_build(&self.s, &raw[0], <uint32_t>len(arr)):
             raise ValueError("site prefixes: out of memory, or a prefix with a bad family, length or site")
@@ -501,15 +506,18 @@ cdef class Dataplane:
 
     def __cinit__(self, Classifier cls not None, Sites sites not None, uint32_t npolicies, uint32_t capacity,
                   int64_t idle_ns=0, int64_t active_ns=0, flow_dtype=None):
+        cdef size_t nroutes = (<size_t>npolicies + 1) * (<size_t>sites.nsites + 1)
         memset(&self.dp, 0, sizeof(self.dp))
         if pn_ft_init(&self.dp.ft, capacity, idle_ns, active_ns):
             raise MemoryError(f"flow table of {capacity} flows")
+        if nroutes > (1 << 26):
+            raise ValueError("more than 2**26 routes: (policies + 1) x (sites + 1)")
         self.dp.ncols = sites.nsites + 1
-        self.dp.route = <uint32_t *>malloc((npolicies + 1) * self.dp.ncols * sizeof(uint32_t))
+        self.dp.route = <uint32_t *>malloc(nroutes * sizeof(uint32_t))
         self.dp.pcount = <pn_policy_counter *>calloc(npolicies + 1, sizeof(pn_policy_counter))
         if not self.dp.route or not self.dp.pcount:
             raise MemoryError("route table and policy counters")
-        for i in range((npolicies + 1) * self.dp.ncols):
+        for i in range(nroutes):
             self.dp.route[i] = PN_NO_PATH
         self.dp.npolicies = npolicies
         self.dp.generation = 1

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import json
 import logging
 import os
@@ -34,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from .dataplane import PATH_MARK
 from .errors import ConfigError, PatronusError
+from .failover.engine import DEFAULT_CLASS
 from .lab.net import path_table
 from .store import Store
 from .wireguard.config import InterfaceConfig, PeerConfig
@@ -87,6 +89,11 @@ class SiteAgent:
         self.sessions: dict[str, Any] = {}
         self.dp: Any = None
         self.engine: Any = None
+        self._applied: dict[str, InterfaceConfig] = {}  # ifname -> config its wireguard-go holds
+        # telemetry (flow table scans, SQLite writes, the status file) runs on
+        # this thread, with its own store connection, off the event loop
+        self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="agent-io")
+        self._io_store: Store | None = None
 
     # -- keys and discovery -------------------------------------------------------
 
@@ -138,8 +145,9 @@ class SiteAgent:
                 log.info("tunnel %s up%s: path %s (#%d) to %s at %s", t.ifname,
                          " (adopted)" if self.wg[t.ifname] is None else "", t.path.id, t.path.index,
                          t.path.remote_site, t.remote_endpoint)
-            else:
+            elif self._applied.get(t.ifname) != cfg:  # a peer's key or endpoint changed
                 Uapi(t.ifname).apply(cfg)
+            self._applied[t.ifname] = cfg
             self.tunnels[t.path.index] = t
 
     # -- run ------------------------------------------------------------------------
@@ -179,6 +187,7 @@ class SiteAgent:
             self._engine_task = engine_task
             names = [p.name for p in self.mesh.policies]
             next_announce, last_snap = 0.0, 0.0
+            loop = asyncio.get_running_loop()
             while not self._stop.is_set():
                 now = time.time()
                 if now >= next_announce:
@@ -186,17 +195,12 @@ class SiteAgent:
                     next_announce = now + 5
                 self._sync_tunnels()  # sites that joined since: new tunnels, BFD on them
                 await self._watch_new_tunnels(BfdSession)
-                flows = self.dp.flows()
-                # only flows that saw packets since the last snapshot (10 ms of
-                # slack for the kernel's coarse clock): the state grows with
-                # traffic, not with time
-                active = flows[flows["last_ns"] >= np.uint64(max(0, int(last_snap * 1e9) - 10_000_000))]
-                self.store.add_flow_snapshot(now, self.site, active, names)
-                last_snap = now
+                # flows, metrics and status off the event loop: a scan of the
+                # flow table and SQLite writes must not hold up BFD (at 50 ms
+                # x 3, a 150 ms stall is a false Down at every peer)
                 ms = self.monitor.all_metrics()
-                self.store.add_path_metrics(now, [(pid, m.rtt_ms, m.jitter_ms, m.loss_pct, m.mos, m.mtu,
-                                                   m.bandwidth_mbps) for pid, m in ms.items() if m.samples])
-                self.write_status()
+                await loop.run_in_executor(self._io, self._telemetry, now, last_snap, names, ms, self.status())
+                last_snap = now
                 try:
                     await asyncio.wait_for(self._stop.wait(), self.interval_s)
                 except asyncio.TimeoutError:
@@ -205,6 +209,21 @@ class SiteAgent:
             await engine_task
         finally:
             await self._teardown()
+
+    def _telemetry(self, now: float, last_snap: float, names: list[str], ms: dict[str, Any],
+                   status: dict[str, Any]) -> None:
+        """Flow snapshot, path metrics and the status file; runs on the agent's
+        I/O thread with a store connection of its own."""
+        if self._io_store is None:
+            self._io_store = Store(self.state)
+        flows = self.dp.flows()
+        # only flows that saw packets since the last snapshot (10 ms of slack
+        # for the kernel's coarse clock): the state grows with traffic, not time
+        active = flows[flows["last_ns"] >= np.uint64(max(0, int(last_snap * 1e9) - 10_000_000))]
+        self._io_store.add_flow_snapshot(now, self.site, active, names)
+        self._io_store.add_path_metrics(now, [(pid, m.rtt_ms, m.jitter_ms, m.loss_pct, m.mos, m.mtu, m.bandwidth_mbps)
+                                              for pid, m in ms.items() if m.samples])
+        self.write_status(status=status)
 
     async def _watch_new_tunnels(self, session_cls: Any) -> None:
         for t in self.tunnels.values():
@@ -216,7 +235,14 @@ class SiteAgent:
                 self.engine.watch(t.path.id, s)
                 self.monitor.add(t.path.id, remote=(t.remote_v4, PROBE_PORT), local=(t.local_v4.split("/")[0], 0))
 
+    def _io_close(self) -> None:
+        if self._io_store is not None:
+            self._io_store.close()
+            self._io_store = None
+
     async def _teardown(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._io, self._io_close)
+        self._io.shutdown(wait=True)
         for s in self.sessions.values():
             await s.stop()
         if getattr(self, "monitor", None) is not None:
@@ -261,25 +287,13 @@ class SiteAgent:
     def status_path(self) -> Path:
         return self.state.with_name(f"{self.state.name}.{self.site}.status.json")
 
-    def _remote_of(self, path_id: str | None) -> str | None:
-        if path_id is None:
-            return None
-        p = self.mesh.path(path_id)
-        return p.remote_site if p.local_site == self.site else p.local_site
-
     def routes(self) -> list[dict[str, Any]]:
         """Which path each (traffic class, remote site) uses, from the engine:
         ``[{"class": policy or "(default)", "site": remote site, "path": path id or None}]``."""
         if self.engine is None:
             return []
-        out = []
-        for key, pid in self.engine.where().items():
-            if isinstance(key, tuple):   # (class, remote site) -> path
-                cls, site = key
-            else:                        # one path per policy: the remote site is the path's
-                cls, site = key, self._remote_of(pid)
-            out.append({"class": cls or "(default)", "site": site, "path": pid})
-        return sorted(out, key=lambda r: (r["class"] != "(default)", r["class"], r["site"] or ""))
+        out = [{"class": cls, "site": site, "path": pid} for (cls, site), pid in self.engine.where().items()]
+        return sorted(out, key=lambda r: (r["class"] != DEFAULT_CLASS, r["class"], r["site"]))
 
     def status(self, stopped: bool = False) -> dict[str, Any]:
         """What ``write_status`` writes: paths with BFD state and probe
@@ -307,15 +321,15 @@ class SiteAgent:
                 "engine_error": None if failed is None else f"{type(failed).__name__}: {failed}",
                 "paths": paths, "routes": self.routes()}
 
-    def write_status(self, stopped: bool = False) -> None:
+    def write_status(self, stopped: bool = False, status: dict[str, Any] | None = None) -> None:
         """Write ``{state}.{site}.status.json`` atomically (a reader never
-        sees half a file), mode 0644."""
+        sees half a file), mode 0644: ``status``, or ``self.status(stopped)``."""
         path = self.status_path
         tmp = path.with_name(path.name + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         with os.fdopen(fd, "w") as f:
             os.fchmod(f.fileno(), 0o644)
-            json.dump(self.status(stopped), f, indent=1)
+            json.dump(status if status is not None else self.status(stopped), f, indent=1)
         os.replace(tmp, path)
 
     def _engine_done(self, task: asyncio.Task[None]) -> None:

@@ -246,6 +246,13 @@ class Match:
     @classmethod
     def from_dict(cls, d: Any) -> Match:
         v.mapping("Match", d, _fields(cls))
+        for k in ("src_ports", "dst_ports"):
+            p = d.get(k)
+            # JSON has no tuples: [lo, hi] was a range in earlier versions and
+            # is two ports now; refuse to guess (to_dict writes "lo-hi")
+            if isinstance(p, list) and len(p) == 2 and all(type(x) is int for x in p) and p[1] - p[0] > 1:
+                raise ConfigError(f"Match.{k}", p, f'is ambiguous in a mapping: write "{p[0]}-{p[1]}" for the '
+                                  f'range or "{p[0]},{p[1]}" for two ports')
         return cls(**d)
 
 

@@ -146,6 +146,10 @@ MIGRATIONS: list[str] = [
     ALTER TABLE policies ADD COLUMN dports TEXT;
     ALTER TABLE policies ADD COLUMN protos TEXT
     """,
+    # 4: a move's destination site (a class has a path per remote site)
+    """
+    ALTER TABLE failover_events ADD COLUMN site TEXT
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -308,11 +312,13 @@ class Store:
     # -- records written by later layers -------------------------------------
 
     def add_event(self, reason: str, *, policy: str | None = None, from_path: str | None = None,
-                  to_path: str | None = None, detail: str | None = None, ts: float | None = None) -> None:
+                  to_path: str | None = None, detail: str | None = None, ts: float | None = None,
+                  site: str | None = None) -> None:
         """Append one failover event (its own transaction)."""
         self._db.execute(
-            "INSERT INTO failover_events (ts, policy, from_path, to_path, reason, detail) VALUES (?, ?, ?, ?, ?, ?)",
-            (time.time() if ts is None else ts, policy, from_path, to_path, reason, detail),
+            "INSERT INTO failover_events (ts, policy, site, from_path, to_path, reason, detail) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (time.time() if ts is None else ts, policy, site, from_path, to_path, reason, detail),
         )
 
     def add_path_metrics(self, ts: float, rows: list[tuple[str, Any, Any, Any, Any, Any, Any]]) -> None:
@@ -356,6 +362,6 @@ class Store:
     def events(self) -> list[dict[str, Any]]:
         """All failover events, oldest first."""
         cur = self._db.execute(
-            "SELECT id, ts, policy, from_path, to_path, reason, detail FROM failover_events ORDER BY id")
+            "SELECT id, ts, policy, site, from_path, to_path, reason, detail FROM failover_events ORDER BY id")
         cols = [c[0] for c in cur.description]
         return [dict(zip(cols, r)) for r in cur]

@@ -131,6 +131,7 @@ def test_events_are_persisted(setup):
     assert [(r["reason"], r["policy"]) for r in rows if r["reason"] != "initial"] == [
         ("bfd_down", "voip"), ("bfd_down", "video"), ("bfd_down", DEFAULT_CLASS)]
     assert rows[-1]["from_path"] == MPLS and rows[-1]["to_path"] == LTE and rows[-1]["ts"] == 5.0
+    assert {r["site"] for r in rows if r["policy"]} == {"br"}
 
 
 def test_cooldown_holds_back_a_quick_return():

@@ -162,3 +162,14 @@ def test_nft_rule_text_writes_sets():
     assert rule_text(one, "lan0", None) == 'iifname "lan0" meta l4proto 17 th dport 5060 accept'
     icmp = Policy("icmp", Match(proto="icmp/icmpv6"), priority=4)
     assert rule_text(icmp, "lan0", None) == 'iifname "lan0" meta l4proto { 1, 58 } accept'
+
+
+def test_a_two_port_list_in_a_mapping_is_refused_when_it_could_mean_a_range():
+    """Earlier versions wrote a range as [lo, hi]; now a list holds ports. A
+    mapping (JSON) with such a list is refused by name instead of guessed."""
+    with pytest.raises(ConfigError, match=r'ambiguous in a mapping: write "10000-20000" for the range'):
+        Match.from_dict({"proto": 17, "dst_ports": [10000, 20000]})
+    # where both readings are the same ports, nothing to guess
+    assert Match.from_dict({"dst_ports": [5060, 5061]}).dst_ports == ((5060, 5061),)
+    assert Match.from_dict({"dst_ports": "10000-20000"}).dst_ports == ((10000, 20000),)
+    assert Match.from_dict({"dst_ports": [[10000, 20000], 53]}).dst_ports == ((53, 53), (10000, 20000))

@@ -8,6 +8,19 @@ from typing import Any
 from .. import abi
 from ..errors import ConfigError
 
+# routes per table: (policies + 1) x (sites + 1); the XDP program keeps two
+# sets of them (8 bytes each: 1 GiB at the cap), userspace one (4 bytes each)
+MAX_ROUTES = 1 << 26
+
+
+def check_routes(field: str, npolicies: int, nsites: int) -> None:
+    """Refuse a table whose route table would pass MAX_ROUTES, by name."""
+    n = (npolicies + 1) * (nsites + 1)
+    if n > MAX_ROUTES:
+        raise ConfigError(field, f"{npolicies} policies x {nsites} sites",
+                          f"need {n:,} routes ((policies + 1) x (sites + 1)), more than the {MAX_ROUTES:,} "
+                          "a data plane takes")
+
 
 def class_id(table: Any, policy: str | int | None) -> int:
     """-1 for the default class (None or -1), else the policy's id."""

@@ -8,12 +8,13 @@ policy's QoS: DSCP rewrite and an optional rate limit (packets over
 Layout (one table per LAN interface): chain ``steer`` holds one rule per
 policy in the table's first-match order (lower priority number first),
 each ending in ``goto cK`` (K = policy id + 1; ``c0`` is the default class,
-the chain's last rule). Chain ``cK`` marks by destination: an interval map
-per family from every site subnet to the mark of the class's path to that
-site (0: no path), then one rule for destinations outside every site.
-Moving (class, site) to another path rewrites that site's map elements in
-one nft transaction; no rule is replaced and flows stay. Site subnets must
-not overlap (a Mesh guarantees it).
+the chain's last rule). Chain ``cK`` marks by destination: per family, an
+interval set of the site subnets the class has no path to (accepted, the
+mark left as it is, as tc leaves it), an interval map from the others to
+the mark of the class's path there, then one rule for destinations outside
+every site. Moving (class, site) rewrites that site's elements in one nft
+transaction; no rule is replaced and flows stay. Site subnets must not
+overlap (a Mesh guarantees it; nft interval sets refuse overlaps).
 
 >>> from patronus import Policy, Match, PolicyTable, QoS
 >>> t = PolicyTable([Policy("voip", Match(proto="udp", dst_ports=5060), priority=1, qos=QoS(dscp=46))])
@@ -30,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import DataplaneUnavailable
+from ..errors import ConfigError, DataplaneUnavailable
 from ..model import Policy
 from . import PATH_MARK
 from ._routes import resolve_moves
@@ -99,6 +100,12 @@ class NftSteering:
     def __init__(self, table: Any, ifname: str, *, mark_base: int = PATH_MARK, netns: str | None = None) -> None:
         self.table, self.ifname, self.mark_base, self.netns = table, ifname, mark_base, netns
         self.nft_table = t = f"patronus_{re.sub(r'[^A-Za-z0-9_]', '_', ifname)}"
+        nets = sorted(((ipaddress.ip_network(n), site) for site in table.sites for n in table.site_subnets[site]),
+                      key=lambda x: (x[0].version, x[0]))
+        for (a, sa), (b, sb) in zip(nets, nets[1:]):
+            if a.version == b.version and a.overlaps(b):
+                raise ConfigError("NftSteering.table", f"{a} of site {sa!r}, {b} of site {sb!r}",
+                                  "overlap: nftables interval maps need disjoint site subnets (a Mesh has them)")
         # (class + 1, site column) -> path slot, the state the maps hold
         self.routes = np.full((len(table.policies) + 1, len(table.sites) + 1), NO_PATH, dtype=np.uint32)
         self._outside: dict[int, int] = {}   # class + 1 -> handle of its "outside every site" rule
@@ -107,11 +114,13 @@ class NftSteering:
         for k in range(len(table.policies) + 1):
             script.append(f"add chain inet {t} c{k}")
             for fam, typ in (("4", "ipv4_addr"), ("6", "ipv6_addr")):
-                els = [f"{n} : 0x0" for n in self._subnets(None, fam)]
+                els = self._subnets(None, fam)
                 elements = f" elements = {{ {', '.join(els)} }};" if els else ""
-                script.append(f"add map inet {t} m{k}v{fam} {{ type {typ} : mark; flags interval;{elements} }}")
-            script.append(f"add rule inet {t} c{k} meta mark set ip daddr map @m{k}v4 accept")
-            script.append(f"add rule inet {t} c{k} meta mark set ip6 daddr map @m{k}v6 accept")
+                script.append(f"add set inet {t} n{k}v{fam} {{ type {typ}; flags interval;{elements} }}")
+                script.append(f"add map inet {t} m{k}v{fam} {{ type {typ} : mark; flags interval; }}")
+            for fam, ip in (("4", "ip"), ("6", "ip6")):
+                script.append(f"add rule inet {t} c{k} {ip} daddr @n{k}v{fam} accept")
+                script.append(f"add rule inet {t} c{k} meta mark set {ip} daddr map @m{k}v{fam} accept")
         for idx in sorted(range(len(table.policies)), key=lambda i: table.policies[i].priority):
             for r in self._policy_rules(idx):
                 script.append(f"add rule inet {t} steer {r}")
@@ -154,25 +163,38 @@ class NftSteering:
         self.set_paths([(policy, site, path_id)])
 
     def set_paths(self, moves: Any) -> None:
-        """Several (class, site, path) moves, the map updates in one nft transaction."""
-        script = []
+        """Several (class, site, path) moves, the element updates in one nft
+        transaction (the last move of a (class, site) pair wins)."""
+        final: dict[tuple[int, int], int] = {}
         for cls, cols, slot in resolve_moves(self.table, moves):
-            k = cls + 1
             for c in cols:
-                self.routes[k, c] = slot
-                mark = 0 if slot == NO_PATH else self.mark_base + slot
-                if c == 0:
-                    rule = "accept" if slot == NO_PATH else f"meta mark set {mark:#x} accept"
-                    script.append(f"replace rule inet {self.nft_table} c{k} handle {self._outside[k]} {rule}")
+                final[(cls + 1, c)] = slot
+        t, script = self.nft_table, []
+        for (k, c), slot in final.items():
+            was = int(self.routes[k, c])
+            if slot == was:
+                continue
+            mark = 0 if slot == NO_PATH else self.mark_base + slot
+            if c == 0:
+                rule = "accept" if slot == NO_PATH else f"meta mark set {mark:#x} accept"
+                script.append(f"replace rule inet {t} c{k} handle {self._outside[k]} {rule}")
+                continue
+            for fam in ("4", "6"):
+                nets = self._subnets(c, fam)
+                if not nets:
                     continue
-                for fam in ("4", "6"):
-                    nets = self._subnets(c, fam)
-                    if nets:
-                        m = f"inet {self.nft_table} m{k}v{fam}"
-                        script.append(f"delete element {m} {{ {', '.join(nets)} }}")
-                        script.append(f"add element {m} {{ {', '.join(f'{n} : {mark:#x}' for n in nets)} }}")
+                els = ", ".join(nets)
+                # each subnet sits in the class's no-path set or its map, never both
+                script.append(f"delete element inet {t} {'n' if was == NO_PATH else 'm'}{k}v{fam} {{ {els} }}")
+                if slot == NO_PATH:
+                    script.append(f"add element inet {t} n{k}v{fam} {{ {els} }}")
+                else:
+                    marks = ", ".join(f"{n} : {mark:#x}" for n in nets)
+                    script.append(f"add element inet {t} m{k}v{fam} {{ {marks} }}")
         if script:
-            self._nft("; ".join(script))
+            self._nft("; ".join(script))  # one transaction: all or nothing
+        for (k, c), slot in final.items():
+            self.routes[k, c] = slot
 
     def path_of(self, policy: str | int | None, site: str | int = 0) -> int | None:
         cls, cols, _ = resolve_moves(self.table, [(policy, site, None)])[0]

@@ -14,7 +14,7 @@ import numpy as np
 from .. import _fast, abi
 from ..errors import ConfigError
 from ..policy import PolicyTable, is_buffer
-from ._routes import remap_routes, resolve_moves
+from ._routes import check_routes, remap_routes, resolve_moves
 
 __all__ = ["Userspace"]
 
@@ -40,6 +40,7 @@ class Userspace:
         for name, v in (("idle_timeout_s", idle_timeout_s), ("active_timeout_s", active_timeout_s)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0):
                 raise ConfigError(f"Userspace.{name}", v, "is not a positive number of seconds")
+        check_routes("Userspace.table", len(table.policies), len(table.sites))
         self.table = table
         self.flow_capacity = flow_capacity
         self._dp = _fast.Dataplane(
@@ -165,6 +166,7 @@ class Userspace:
             raise ConfigError("set_table", len(table.policies),
                               f"policies given; this data plane counts {len(self.table.policies)}")
         routes = None
+        check_routes("set_table", len(table.policies), len(table.sites))
         if table.sites != self.table.sites:
             routes = remap_routes(self._dp.routes(), self.table.sites, table.sites)
         self._dp.set_classifier(table._cls, table._sites, len(table.policies), routes)

@@ -36,7 +36,7 @@ from .. import abi
 from ..errors import ConfigError, DataplaneUnavailable
 from ..policy import PolicyTable, is_buffer
 from . import PATH_MARK
-from ._routes import remap_routes, resolve_moves
+from ._routes import check_routes, remap_routes, resolve_moves
 
 __all__ = ["Xdp", "bpf_source_dir"]
 
@@ -52,7 +52,6 @@ STATS = ("new_flows", "hits", "reclassified", "insert_failed", "evicted", "expor
          "class_cache_hits")
 CCACHE = 1 << 16  # classifier cache entries (LRU; a row combination and its policy each)
 CCACHE_MIN_RULES = 4097  # below, one summary word: the walk costs less than the cache lookup
-MAX_ROUTES = 1 << 26  # pn_route_map entries: (policies + 1) x (sites + 1), 512 MiB
 MAX_RULES = 32 * 4096  # pn_cls: one tail call per summary word of 4,096 rules, 33 calls at most
 FIELDS = ("src4", "dst4", "src6", "dst6")
 
@@ -168,6 +167,24 @@ def _layout(table: PolicyTable, export: dict[str, Any], nsum: int) -> tuple[Bitm
     return bitmaps, l1, v4
 
 
+def _lpm_replace(m: Any, old: list[bytes], entries: list[tuple[int, int, int, int]]) -> list[bytes]:
+    """Replace one set's entries of an IPv6 LPM trie (struct pn_lpm6 keys):
+    delete the ``old`` keys, insert (tag, prefix length, prefix value, value)
+    ``entries``; returns the keys now held."""
+    for key in old:
+        try:
+            del m[m.Key.from_buffer_copy(key)]
+        except KeyError:
+            pass
+    keys = []
+    for tag, plen, value, leaf in entries:
+        addr = (value << (128 - plen)).to_bytes(16, "big") if plen else bytes(16)
+        raw = (8 + plen).to_bytes(4, sys.byteorder) + bytes([tag]) + addr + bytes(3)
+        m[m.Key.from_buffer_copy(raw)] = m.Leaf(leaf)
+        keys.append(raw)
+    return keys
+
+
 def site_entries(prefixes: np.ndarray, family: int) -> dict[tuple[int, int], int]:
     """(prefix length, prefix value) -> site of one family's site subnets."""
     bits = 32 if family == 4 else 128
@@ -183,7 +200,7 @@ class _Capacity:
     """Compile-time sizes of one program. A table that outgrows them needs a new Xdp."""
 
     def __init__(self, export: dict[str, Any], max_policies: int | None, v4_chunks: int, chunks: int,
-                 headroom: float = 1.25) -> None:
+                 headroom: float = 1.25, site_prefixes: int = 0) -> None:
         # bitmap width follows the policy count (rows cost nrows x width); the
         # rule -> policy array is a power of two so the program can mask indexes
         self.max_rules, self.nsum = _room(export, max_policies)
@@ -197,7 +214,8 @@ class _Capacity:
         self.lpm = max(4 * (self.max_rules + 1), 256)
         # IPv4 stride chunks per set, grown with the room left for more rules
         grow = self.max_rules / max(export["nrules"], 1)
-        self.v4_chunks = max(int(v4_chunks * headroom * grow) + 16, 64)
+        # (plus two per IPv4 site subnet there is room for: a /25../32 takes two)
+        self.v4_chunks = max(int(v4_chunks * headroom * grow) + 16, 64) + 2 * site_prefixes
         # distinct 64-word bitmap chunks per set (BitmapChunks)
         self.chunks = max(int(chunks * headroom * grow) + 16, 64)
 
@@ -332,8 +350,8 @@ class Xdp:
     """Classification and flow accounting in an XDP program.
 
     ``flow_capacity`` sizes the flow table: twice as many slots, rounded up
-    to a power of two, in buckets of four (106 bytes a slot: 1,048,576 flows
-    take 212 MiB). A flow lives in one of 32 slots from its hash; when all
+    to a power of two, in buckets of four (114 bytes a slot: 1,048,576 flows
+    take 228 MiB). A flow lives in one of 32 slots from its hash; when all
     32 are taken the one idle longest is evicted, counted and exported by
     ``drain()`` (at the full nominal capacity, about 1 flow in 100,000);
     ``max_policies``, ``max_sites`` and ``max_site_prefixes`` leave room
@@ -358,13 +376,12 @@ class Xdp:
         self.flow_capacity = flow_capacity
         self._npol = len(table.policies) + 1
         self._scols = max(max_sites or 0, len(table.sites)) + 1
-        if self._npol * self._scols > MAX_ROUTES:
-            raise ConfigError("Xdp.table", f"{self._npol - 1} policies x {self._scols - 1} sites",
-                              f"need {self._npol * self._scols:,} routes, more than the {MAX_ROUTES:,} the program takes")
+        check_routes("Xdp.table", self._npol - 1, self._scols - 1)
         self._site_lpm = 2 * max(max_site_prefixes or 0, 2 * len(table.site_prefixes), 256)
         export = table._cls.export()
         layout = _layout(table, export, _room(export, max_policies)[1])
-        self._cap = _Capacity(export, max_policies, len(layout[2]), len(layout[0].chunks))
+        self._cap = _Capacity(export, max_policies, len(layout[2]), len(layout[0].chunks),
+                              site_prefixes=max(max_site_prefixes or 0, max_sites or 0, len(table.site_prefixes)))
         self._attached: dict[str, int] = {}
         self._steering: dict[str, tuple[Any, Path]] = {}
         self._bpf = None
@@ -548,7 +565,7 @@ class Xdp:
             why = cap.fits(export, len(chunks), len(bitmaps.chunks))
         if why:
             raise ConfigError("Xdp.set_table", why, "create a new Xdp with a larger max_policies (it counts compiled "
-                              "rules: len(table.rules))")
+                              "rules: len(table.rules)), or max_site_prefixes for more site subnets")
         row_base = bitmaps.base
         nrows = len(bitmaps.sums)
         self._update_batch("pn_rows_map", np.arange(s * cap.rows, s * cap.rows + nrows, dtype=np.uint32),
@@ -561,20 +578,9 @@ class Xdp:
         self._update_batch("pn_v4chunk_map", np.arange(s * cap.v4_chunks, s * cap.v4_chunks + len(chunks),
                                                        dtype=np.uint32), chunks)
         # IPv6 prefixes: an LPM trie shared by both sets (the tag tells them apart)
-        m = self._maps["pn_lpm6_map"]
-        for key in self._lpm_keys[s]:
-            try:
-                del m[m.Key.from_buffer_copy(key)]
-            except KeyError:
-                pass
-        self._lpm_keys[s] = []
-        for k in (2, 3):
-            tag = s * 2 + (k % 2)
-            for (plen, value), row in lpm_entries(rules, export, k).items():
-                addr = (value << (128 - plen)).to_bytes(16, "big") if plen else bytes(16)
-                raw = (8 + plen).to_bytes(4, sys.byteorder) + bytes([tag]) + addr + bytes(3)
-                m[m.Key.from_buffer_copy(raw)] = m.Leaf(int(row) + row_base[FIELDS[k]])
-                self._lpm_keys[s].append(raw)
+        self._lpm_keys[s] = _lpm_replace(self._maps["pn_lpm6_map"], self._lpm_keys[s], [
+            (s * 2 + (k % 2), plen, value, int(row) + row_base[FIELDS[k]])
+            for k in (2, 3) for (plen, value), row in lpm_entries(rules, export, k).items()])
         ports = np.concatenate([export["sport"]["row_of"] + row_base["sport"],
                                 export["dport"]["row_of"] + row_base["dport"]]).astype(np.uint32)
         self._update_batch("pn_port_map", np.arange(s * 2 * 65536, (s + 1) * 2 * 65536, dtype=np.uint32), ports)
@@ -643,28 +649,22 @@ class Xdp:
             raise ConfigError("Xdp.set_table", f"{len(table.site_prefixes)} site subnets",
                               f"exceed the {self._site_lpm // 2} compiled in: create a new Xdp with a larger "
                               "max_site_prefixes")
-        m = self._bpf[b"pn_site_map"]
-        for key in self._site_keys[s]:
-            try:
-                del m[m.Key.from_buffer_copy(key)]
-            except KeyError:
-                pass
-        self._site_keys[s] = []
-        for row in v6:
-            raw = (8 + int(row["plen"])).to_bytes(4, sys.byteorder) + bytes([s * 2 + 1]) + row["addr"].tobytes() + bytes(3)
-            m[m.Key.from_buffer_copy(raw)] = m.Leaf(int(row["site"]))
-            self._site_keys[s].append(raw)
+        self._site_keys[s] = _lpm_replace(self._bpf[b"pn_site_map"], self._site_keys[s], [
+            (s * 2 + 1, plen, value, site) for (plen, value), site in site_entries(v6, 6).items()])
 
     def _init_paths(self, table: PolicyTable) -> None:
         # pn_route_map mirrored here: (class, site) -> (path slot, XDP action)
         self._routes = np.zeros((self._npol, self._scols), dtype=abi.ROUTE_DTYPE)
         self._routes["path"] = abi.NO_PATH
-        self._write_actions(table)
+        self._write_actions(table, self._set)
 
-    def _write_actions(self, table: PolicyTable) -> None:
+    def _write_actions(self, table: PolicyTable, s: int) -> None:
+        """Every route with ``table``'s verdicts into map set ``s``."""
         acts = [XDP_PASS] + [XDP_DROP if p.action == "drop" else XDP_PASS for p in table.policies]
         self._routes["action"] = np.asarray(acts, dtype=np.uint32)[:, None]
-        self._update_batch("pn_route_map", np.arange(self._routes.size, dtype=np.uint32), self._routes.ravel())
+        base = s * self._routes.size
+        self._update_batch("pn_route_map", np.arange(base, base + self._routes.size, dtype=np.uint32),
+                           self._routes.ravel())
 
     def set_table(self, table: PolicyTable) -> None:
         """Swap the rule table atomically: fill the idle map set, then flip
@@ -681,12 +681,12 @@ class Xdp:
                               f"exceed the {self._scols - 1} compiled in: create a new Xdp with a larger max_sites")
         idle = 1 - self._set
         self._load_table(table, idle)
-        self._set = idle
-        self._generation += 1
         if table.sites != self.table.sites:  # routes follow site names
             self._routes = remap_routes(self._routes, self.table.sites, table.sites, self._scols)
+        self._write_actions(table, idle)
+        self._set = idle
+        self._generation += 1
         self._write_cfg()
-        self._write_actions(table)
         self.table = table
         self._write_dscp()
 
@@ -718,11 +718,12 @@ class Xdp:
             for c in cols:
                 self._routes[cls + 1, c]["path"] = slot
                 keys.append((cls + 1) * self._scols + c)
+        base = self._set * self._routes.size  # the live set's routes
         if len(keys) == 1:
-            self._set_value("pn_route_map", keys[0], self._routes.ravel()[keys[0]])
+            self._set_value("pn_route_map", base + keys[0], self._routes.ravel()[keys[0]])
         elif keys:
             k = np.unique(np.asarray(keys, dtype=np.uint32))
-            self._update_batch("pn_route_map", k, self._routes.ravel()[k])
+            self._update_batch("pn_route_map", base + k, self._routes.ravel()[k])
         if not self._meta:
             self.steering = True
 
@@ -730,7 +731,7 @@ class Xdp:
         """The path slot of (class, destination site), read from the map; None: no path."""
         cls, cols, _ = resolve_moves(self.table, [(policy, site, None)])[0]
         m = self._maps["pn_route_map"]
-        v = m[m.Key((cls + 1) * self._scols + cols[0])].path
+        v = m[m.Key(self._set * self._routes.size + (cls + 1) * self._scols + cols[0])].path
         return None if v == abi.NO_PATH else v
 
     def routes(self) -> np.ndarray:

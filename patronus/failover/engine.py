@@ -223,7 +223,7 @@ class FailoverCore:
     def _emit(self, ev: Event) -> Event:
         if self.store is not None:
             self.store.add_event(ev.reason, policy=ev.policy, from_path=ev.from_path, to_path=ev.to_path,
-                                 detail=ev.detail, ts=ev.ts)
+                                 detail=ev.detail, ts=ev.ts, site=ev.site)
         self._events.publish(ev)
         return ev
 
