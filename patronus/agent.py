@@ -89,6 +89,7 @@ class SiteAgent:
         self.sessions: dict[str, Any] = {}
         self.dp: Any = None
         self.engine: Any = None
+        self.bfd_changes = 0  # BFD sessions that came Up or went Down, all paths
         self._applied: dict[str, InterfaceConfig] = {}  # ifname -> config its wireguard-go holds
         # telemetry (flow table scans, SQLite writes, the status file) runs on
         # this thread, with its own store connection, off the event loop
@@ -319,6 +320,8 @@ class SiteAgent:
         return {"site": self.site, "pid": os.getpid(), "ts": time.time(), "backend": self.backend_name(),
                 "lan_if": self.lan_if, "ready": ready, "stopped": stopped,
                 "engine_error": None if failed is None else f"{type(failed).__name__}: {failed}",
+                "moves": self.engine.set_path_calls if self.engine is not None else 0,
+                "bfd_changes": self.bfd_changes,
                 "paths": paths, "routes": self.routes()}
 
     def write_status(self, stopped: bool = False, status: dict[str, Any] | None = None) -> None:
@@ -340,6 +343,7 @@ class SiteAgent:
         from .failover.bfd import Diag, State
 
         if tr.new == State.UP or tr.old == State.UP:
+            self.bfd_changes += 1
             log.info("bfd %s %s (%s -> %s%s)", path_id, "up" if tr.new == State.UP else "down", tr.old.name.lower(),
                      tr.new.name.lower(), "" if tr.diag == Diag.NONE else f", {tr.diag.name.lower()}")
 

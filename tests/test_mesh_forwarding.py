@@ -316,6 +316,19 @@ class Mesh3:
         assert st is not None, f"no status file for s{s}"
         return st
 
+    def fresh(self, s: int, after: float) -> dict[str, Any]:
+        """Site s's status as the agent wrote it after wall time ``after``
+        (it writes one a second)."""
+        end = time.monotonic() + EVENT_S
+        while True:
+            self.healthy()
+            st = self.status(s)
+            if st["ts"] > after:
+                return st
+            if time.monotonic() > end:
+                pytest.fail(f"s{s} wrote no status after {after}\n{self.context()}")
+            time.sleep(0.1)
+
     def routes(self, s: int) -> dict[tuple[str, str | None], str | None]:
         return {(r["class"], r["site"]): r["path"] for r in self.status(s)["routes"]}
 
@@ -455,7 +468,8 @@ def _steered(m3: Mesh3, cls: str, uplink: str, send: Callable[[int], str | None]
     disturbed is made again once the routes are home."""
     def once(d: int) -> tuple[list[str], bool]:
         bad = []
-        routes = m3.routes(0)
+        start = m3.fresh(0, time.time())
+        routes = {(r["class"], r["site"]): r["path"] for r in start["routes"]}
         path = routes.get((cls, f"s{d}"))
         if path is None:
             bad.append(f"s0 has no route for {cls} to s{d} (routes: {sorted(routes)})")
@@ -466,9 +480,10 @@ def _steered(m3: Mesh3, cls: str, uplink: str, send: Callable[[int], str | None]
         before = tx_bytes(m3.lab, 0)
         why = send(d)
         after = tx_bytes(m3.lab, 0)
-        st = m3.status(0)
-        # a BFD flap under load while sending (a route moved, a path not up): not what is tested here
-        moved = retry and (m3.routes(0) != routes or any(p["bfd"] != "up" for p in st["paths"].values()))
+        st = m3.fresh(0, time.time())
+        # a BFD flap under load while sending (a move, a BFD change, a path not up): not what is tested here
+        moved = retry and (st["moves"] != start["moves"] or st["bfd_changes"] != start["bfd_changes"]
+                           or any(p["bfd"] != "up" for p in st["paths"].values()))
         on = carriers(st, before, after, nbytes)
         if why is not None:
             bad.append(f"{cls}{what} s0->s{d}: {why}")
