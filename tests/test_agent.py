@@ -171,10 +171,25 @@ def test_agent_without_xdp_steers_with_nftables(tmp_path):
                 text=True))
 
         assert wait_for(lambda: bfd_ups(state) >= 8, 30), report(agents)
-        rules = subprocess.run(["ip", "netns", "exec", lab.site_ns(0), "nft", "list", "table", "inet",
-                                f"patronus_{lab.tag}l0"], capture_output=True, text=True).stdout
-        voice_path = next(p for p in lab.mesh.paths("s0", "s1") if p.local_uplink == "u1" and p.remote_uplink == "u0")
-        # voip (class 1) to s1's subnet carries the voice path's mark, in voip's map
+        # where the engine put voip to s1 (its last move): prefer=["u1"] means a
+        # path over the local uplink u1 (either of the two, the first by path
+        # index while both are healthy; a BFD flap or an SLA window under load
+        # may have moved it since, which is the engine's right). The rules are
+        # read between two readings of the moves that agree.
+
+        def voip_moves():
+            with Store(state) as st:
+                return [e for e in st.events() if e["policy"] == "voip" and e["site"] == "s1" and e["to_path"]]
+
+        for _ in range(10):
+            voip = voip_moves()
+            rules = subprocess.run(["ip", "netns", "exec", lab.site_ns(0), "nft", "list", "table", "inet",
+                                    f"patronus_{lab.tag}l0"], capture_output=True, text=True).stdout
+            if voip_moves() == voip:
+                break
+        voice_path = lab.mesh.path(voip[-1]["to_path"])
+        assert "s0.u1" in voice_path.id.split("~") or voip[-1]["reason"] != "initial"
+        # voip (class 1) to s1's subnet carries that path's mark, in voip's map
         voip_map = rules[rules.index("map m1v4"):]
         voip_map = voip_map[: voip_map.index("}", voip_map.index("elements"))]
         assert f"10.2.0.0/24 : {0x7000 + voice_path.index:#010x}" in voip_map, rules

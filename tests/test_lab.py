@@ -279,13 +279,16 @@ def test_impairment_relay_under_a_tunnel(lab):
     changed live."""
     p, other = lab.mesh.paths("s0", "s1")[:2]
     lab.force_path(p.id)
-    base = min(ping(lab.lan_ns(0), lab.lan_addr(1)) or 1e9 for _ in range(3))
+    base = min(ping(lab.lan_ns(0), lab.lan_addr(1)) or 1e9 for _ in range(5))
     relay = lab.impair(p.id, delay_ms=25)
     rtts = [ping(lab.lan_ns(0), lab.lan_addr(1), timeout=3) for _ in range(5)]
     assert all(r is not None for r in rtts), rtts
-    assert 50 <= min(rtts) - base <= 50 + 2 + 5, (rtts, base)  # 25 ms each way, within 2 ms + 10 %
+    # 25 ms each way: the least round trip grows by 50 ms (the relay's timer
+    # may fire a millisecond early; a loaded VM only adds, so the upper bound
+    # is loose: the delay distribution is the relay's own test's business)
+    assert 48 <= min(rtts) - base <= 50 + 40, (rtts, base)
     lab.force_path(other.id)  # another path is not delayed
-    assert ping(lab.lan_ns(0), lab.lan_addr(1)) < 20
+    assert min(ping(lab.lan_ns(0), lab.lan_addr(1)) or 1e9 for _ in range(3)) < min(rtts) - 40
     lab.force_path(p.id)
     relay.set(loss_pct=100)
     assert ping(lab.lan_ns(0), lab.lan_addr(1), timeout=1) is None

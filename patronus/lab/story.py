@@ -148,12 +148,16 @@ def failover_story(workdir: Path | str, *, tag: str = "demo", sites: int = 3, ho
             sent += 1
             el = time.monotonic() - start
             if t_cut is None and el >= 1.5:
-                lab.set_loss(0, 0, 100)  # uplink u0 of s0 dies
+                # stamped before the rule goes in: the cut is no earlier, so
+                # detection is never measured short
                 t_cut = time.monotonic()
+                lab.set_loss(0, 0, 100)  # uplink u0 of s0 dies
                 say("cut: s0 uplink u0 now drops every packet (the voice path's uplink)")
             if t_heal is None and el >= 3.5:
-                lab.set_loss(0, 0, 0)
+                # stamped before the rule goes: the heal is no earlier, so the
+                # hold before failback is never measured long
                 t_heal = time.monotonic()
+                lab.set_loss(0, 0, 0)
                 say(f"restored s0 uplink u0; failback waits {hold_s:g} s of health")
             time.sleep(max(0.0, start + sent * 0.02 - time.monotonic()))
         time.sleep(hold_s + 1.5)
