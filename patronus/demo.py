@@ -152,8 +152,8 @@ def _network_story(say) -> int:  # type: ignore[no-untyped-def]
     say("7. Live: a lab of network namespaces with real WireGuard tunnels, XDP steering and BFD.")
     workdir = tempfile.mkdtemp(prefix="patronus-demo-lab-")
     r = failover_story(workdir, tag="pndemo", say=lambda m: say("   " + m))
-    down = next((m for m in r["moves"] if m["reason"] == "bfd_down"), None)
-    back = next((m for m in r["moves"] if m["reason"] == "failback"), None)
+    down = next((m for m in r["moves"] if m["reason"] == "bfd_down" and m["mono"] >= r["t_cut"]), None)
+    back = next((m for m in r["moves"] if m["reason"] == "failback" and m["mono"] >= r["t_heal"]), None)
     say(f"   voice stream: {r['sent']} packets sent at 50/s, {r['received']} received, "
         f"{r['sent'] - r['received']} lost during the cut")
     if down:

@@ -35,19 +35,29 @@ def test_voice_fails_over_on_bfd_detection_and_fails_back_after_the_hold(tmp_pat
     require_xdp()
     r = run_failover(tmp_path)
     assert r["tcp_ok"], "the TCP transfer did not survive intact"
-    down = next(m for m in r["moves"] if m["reason"] == "bfd_down")
-    assert down["from_path"] == r["voice_first"] and "s0.u1" in down["to_path"]
+    # the move the cut caused: the first bfd_down after it (BFD at 50 ms may
+    # flap once before the cut on a loaded machine; the engine handles that,
+    # the test must not take that move for this one), from where voice was
+    carrying = r["voice_first"]
+    for m in r["moves"]:
+        if m["mono"] < r["t_cut"]:
+            carrying = m["to_path"]
+    down = next(m for m in r["moves"] if m["reason"] == "bfd_down" and m["mono"] >= r["t_cut"])
+    assert "s0.u0" in carrying and down["from_path"] == carrying and "s0.u1" in down["to_path"], (carrying, down)
     detect_ms = (down["mono"] - r["t_cut"]) * 1e3
     assert 0 < detect_ms < DETECT_GUARD_MS, detect_ms
-    # the gap is the detection plus up to two voice intervals (the last packet
-    # before the cut, the first after the move), and the sender's own delays
-    assert r["max_gap_ms"] < detect_ms + 150, (r["max_gap_ms"], detect_ms)
+    # the voice gap the cut made (the one spanning it) is the detection plus
+    # up to two voice intervals (the last packet before the cut, the first
+    # after the move), and the sender's own delays
+    t = r["arrivals"]
+    gap_ms = max((b - a) * 1e3 for a, b in zip(t, t[1:]) if a <= r["t_cut"] <= b or r["t_cut"] <= a <= down["mono"])
+    assert gap_ms < detect_ms + 150, (gap_ms, detect_ms)
     # no packet left the site unencrypted: on the WAN uplinks only WireGuard
     # (UDP between the uplink addresses, ports 51820 + path), and plenty of it
     assert len(r["wan"]) > 1000
     wg = re.compile(r"^\S+ IP 172\.(16|17)\.0\.2\.518\d\d > 172\.(16|17)\.1\.2\.518\d\d: UDP|"
                     r"^\S+ IP 172\.(16|17)\.1\.2\.518\d\d > 172\.(16|17)\.0\.2\.518\d\d: UDP")
     assert [line for line in r["wan"] if not wg.match(line)] == []
-    back = [m for m in r["moves"] if m["reason"] == "failback"]
+    back = [m for m in r["moves"] if m["reason"] == "failback" and m["mono"] >= r["t_heal"]]
     assert back and back[0]["to_path"] == r["voice_first"]
     assert back[0]["mono"] - r["t_heal"] >= HOLD_S  # not before the hold
