@@ -26,8 +26,8 @@ def test_failover_gap_distribution(benchmark, tmp_path_factory):
     def all_runs():
         for i in range(RUNS):
             r = run_failover(tmp_path_factory.mktemp(f"e2e{i}"))
-            down = next(m for m in r["moves"] if m["reason"] == "bfd_down")
-            back = [m for m in r["moves"] if m["reason"] == "failback"]
+            down = next(m for m in r["moves"] if m["reason"] == "bfd_down" and m["mono"] >= r["t_cut"])
+            back = [m for m in r["moves"] if m["reason"] == "failback" and m["mono"] >= r["t_heal"]]
             results.append({"gap_ms": r["max_gap_ms"], "detect_ms": (down["mono"] - r["t_cut"]) * 1e3,
                             "lost": r["sent"] - r["received"], "tcp_ok": r["tcp_ok"],
                             "failback_after_heal_s": (back[0]["mono"] - r["t_heal"]) if back else None})
