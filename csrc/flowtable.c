@@ -276,6 +276,11 @@ void pn_dp_run(pn_dp *dp, const uint8_t *const *data, const size_t *len, const u
 
 int pn_cache_init(pn_cache *c, uint32_t size_pow2)
 {
+    /* 2-way sets: at least one set of two entries, a power of two */
+    if (size_pow2 < 2 || (size_pow2 & (size_pow2 - 1))) {
+        c->e = NULL;
+        return -1;
+    }
     c->e = calloc(size_pow2, sizeof(pn_cache_entry));
     c->mask = size_pow2 - 1;
     c->generation = 1;

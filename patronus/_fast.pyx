@@ -326,12 +326,27 @@ cdef class Classifier:
     cdef const uint8_t[::1] rule_bytes
     cdef uint64_t _malformed[9]
 
-    def __cinit__(self, rules not None, uint32_t cache_size=1 << 17):
+    def __cinit__(self, rules not None, cache_size=1 << 17):
+        # private API, but a bad argument must be an error, not a crash: the
+        # cache is 2-way set associative over cache_size entries (>= 2, a
+        # power of two), and the rules are read as struct pn_rule
+        from .abi import RULE_DTYPE
+
+        if isinstance(cache_size, bool) or not isinstance(cache_size, int) or not 2 <= cache_size <= 1 << 31 \
+                or cache_size & (cache_size - 1):
+            raise ValueError(f"cache_size {cache_size!r} is not a power of two in [2, 2**31]")
+        if not isinstance(rules, np.ndarray) or rules.ndim != 1 or rules.dtype != RULE_DTYPE \
+                or rules.dtype.itemsize != sizeof(pn_rule):
+            raise ValueError(f"rules must be a 1-d numpy array of abi.RULE_DTYPE ({sizeof(pn_rule)} bytes a rule), "
+                             f"not {type(rules).__name__}"
+                             + (f" of {rules.dtype} with shape {rules.shape}" if isinstance(rules, np.ndarray) else ""))
+        if len(rules) >= 1 << 31:
+            raise ValueError(f"rules: {len(rules)} rules is too many")
         self.rules = np.ascontiguousarray(rules)
         self.rule_bytes = self.rules.view(np.uint8).reshape(-1) if len(self.rules) else np.zeros(1, np.uint8)
         if pn_classifier_build(&self.c, <const pn_rule *>&self.rule_bytes[0], <uint32_t>len(self.rules)):
             raise MemoryError("rule table too large to compile")
-        if cache_size & (cache_size - 1) or pn_cache_init(&self.cache, cache_size):
+        if pn_cache_init(&self.cache, <uint32_t>cache_size):
             pn_classifier_free(&self.c)
             raise MemoryError("classification cache")
         memset(self._malformed, 0, sizeof(self._malformed))

@@ -10,17 +10,30 @@ from typing import Any
 
 from .errors import ConfigError
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")   # always fullmatch: no trailing newline
+# Site and uplink names make path ids ("br1.isp1~hq.lte"): '.' and '~' are
+# the separators there, so these names may not contain them (else sites
+# "a.b"/"a" with uplinks "c"/"b.c" would both be "a.b.c").
+PATH_ID_SEPARATORS = ".~"
 
 PROTOCOLS: dict[str, int] = {"icmp": 1, "tcp": 6, "udp": 17, "icmpv6": 58}
 PROTOCOL_NAMES: dict[int, str] = {v: k for k, v in PROTOCOLS.items()}
 
 
 def name(field: str, value: Any) -> str:
-    if not isinstance(value, str) or not _NAME_RE.match(value):
+    if not isinstance(value, str) or not _NAME_RE.fullmatch(value):
         raise ConfigError(
             field, value, "is not a valid name (1-32 characters: letters, digits, '_', '.', '-')"
         )
+    return value
+
+
+def endpoint_name(field: str, value: Any) -> str:
+    """A site or uplink name: a name without '.' (or '~'), the separators of path ids."""
+    if isinstance(value, str) and any(c in value for c in PATH_ID_SEPARATORS):
+        raise ConfigError(field, value, "contains '.' or '~', which separate the parts of a path id "
+                          "('site.uplink~site.uplink'): use '-' or '_' in site and uplink names")
+    name(field, value)
     return value
 
 
@@ -65,12 +78,20 @@ def optional_integer(field: str, value: Any, lo: int, hi: int) -> int | None:
 
 
 def number(field: str, value: Any, lo: float, hi: float = math.inf, *, lo_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+    """A finite float in [lo, hi] (``(lo, hi]`` with ``lo_open``); ints are
+    converted. NaN, infinities and ints too large for a float are errors."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(field, value, "is not a number")
-    if value < lo or (lo_open and value == lo) or value > hi:
-        lo_b = "(" if lo_open else "["
+    lo_b = "(" if lo_open else "["
+    try:
+        x = float(value)
+    except OverflowError:
+        raise ConfigError(field, value, f"is out of range {lo_b}{lo}, {hi}]") from None
+    if not math.isfinite(x):
+        raise ConfigError(field, value, "is not a finite number")
+    if x < lo or (lo_open and x == lo) or x > hi:
         raise ConfigError(field, value, f"is out of range {lo_b}{lo}, {hi}]")
-    return float(value)
+    return x
 
 
 def optional_number(field: str, value: Any, lo: float, hi: float = math.inf, *, lo_open: bool = False) -> float | None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import concurrent.futures
 import json
 import logging
@@ -34,13 +35,13 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from .dataplane import PATH_MARK
-from .errors import ConfigError, PatronusError
+from .errors import ConfigError, PatronusError, StateError
 from .failover.engine import DEFAULT_CLASS
 from .lab.net import path_table
 from .store import Store
 from .wireguard.config import InterfaceConfig, PeerConfig
 from .wireguard.discovery import Announcement, SigningKey, SqliteRegistry
-from .wireguard.keys import PrivateKey, PublicKey
+from .wireguard.keys import PrivateKey, PublicKey, read_secret_file, write_secret_file
 from .wireguard.plan import Tunnel, tunnels
 from .wireguard.uapi import Uapi, UapiError, WireguardGo
 
@@ -49,6 +50,7 @@ __all__ = ["SiteAgent"]
 log = logging.getLogger("patronus.agent")
 
 UPLINK_MARK = 0x5000
+PRUNE_EVERY_S = 60.0  # how often the agent applies the state's retention policy
 PROBE_PORT = 7362
 
 
@@ -59,15 +61,20 @@ def _ip(*args: str, check: bool = True) -> None:
 
 
 def _secret_file(path: Path, make: Any) -> bytes:
-    """Read a 0600 secret file, creating it with ``make()`` when missing."""
-    if path.exists():
-        if path.stat().st_mode & 0o077:
-            raise ConfigError("key file", str(path), "is readable by others; chmod 600 it")
-        return base64.b64decode(path.read_text())
-    raw = make()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(base64.b64encode(raw).decode() + "\n")
+    """Read a 0600 secret file (32 bytes, base64), creating it with ``make()``
+    when missing. Reading refuses symlinks, files of other owners or readable
+    by others, and content that is not a key (ConfigError); creating writes a
+    temporary file (O_EXCL|O_NOFOLLOW, 0600, fsync) and hard-links it into
+    place, so a crash never leaves half a key and a concurrent creator wins."""
+    if not os.path.lexists(path):
+        write_secret_file(path, (base64.b64encode(make()).decode() + "\n").encode(), replace=False)
+    text = read_secret_file(path)
+    try:
+        raw = base64.b64decode(text.strip(), validate=True)
+    except (ValueError, binascii.Error):
+        raw = b""
+    if len(raw) != 32:
+        raise ConfigError("key file", str(path), "does not hold a key (base64 of 32 bytes)")
     return raw
 
 
@@ -95,20 +102,63 @@ class SiteAgent:
         # this thread, with its own store connection, off the event loop
         self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="agent-io")
         self._io_store: Store | None = None
+        self._next_prune = 0.0
 
     # -- keys and discovery -------------------------------------------------------
 
+    def _key_base(self) -> Path:
+        return self.state.with_name(f"{self.state.name}.{self.site}")
+
+    def _check_enrolment(self, mesh: Any, registry: SqliteRegistry) -> bool:
+        """Refuse (named error, with the fix) a site the mesh does not have,
+        or one that is not enrolled yet and has no usable token, before any
+        file is written. True when the site must enroll (a valid token given)."""
+        names = [x.name for x in mesh.sites]
+        if self.site not in names:
+            raise ConfigError("agent --site", self.site, f"is not a site of the mesh in {str(self.state)!r} "
+                                                         f"(its sites: {', '.join(names) or 'none'})")
+        sign_path = Path(f"{self._key_base()}.sign.key")
+        if os.path.lexists(sign_path):
+            raw = _secret_file(sign_path, lambda: os.urandom(32))  # reads only: it exists
+            public = SigningKey(Ed25519PrivateKey.from_private_bytes(raw)).public_bytes
+            if registry._db.execute("SELECT 1 FROM site_keys WHERE public_key = ? AND site = ?",
+                                    (public, self.site)).fetchone():
+                return False
+        if not self.token:
+            raise PatronusError(
+                f"site {self.site!r} is not enrolled yet: give its enrolment token with --token-file PATH or "
+                f"the PATRONUS_TOKEN environment variable (make one with `patronus token create --state "
+                f"{self.state} --site {self.site}`)")
+        registry.check_token(self.token, self.site)
+        return True
+
+    def preflight(self) -> None:
+        """Every check ``run`` would fail on at start, without creating or
+        writing anything: the state file exists and holds a mesh, the site is
+        one of it, and it is enrolled or has a valid token."""
+        if not self.state.exists():
+            raise StateError(f"no state file at {str(self.state)!r}: save the mesh there first "
+                             f"(Mesh.save({str(self.state)!r}), or `patronus lab up --agents`), "
+                             f"or point --state at the mesh's state file")
+        with Store(self.state, create=False) as store:
+            try:
+                mesh = store.load_mesh()
+            except StateError as e:
+                raise StateError(f"{e}: save the mesh into it first (Mesh.save({str(self.state)!r}))") from None
+        registry = SqliteRegistry(self.state, create=False)
+        try:
+            self._check_enrolment(mesh, registry)
+        finally:
+            registry.close()
+
     def _keys(self) -> None:
-        base = self.state.with_name(f"{self.state.name}.{self.site}")
+        enroll = self._check_enrolment(self.mesh, self.registry)  # refuses before writing key files
+        base = self._key_base()
         self.key = PrivateKey(_secret_file(Path(f"{base}.wg.key"), lambda: PrivateKey.generate()._raw))
-        sign_path = Path(f"{base}.sign.key")
-        new = not sign_path.exists()
-        raw = _secret_file(sign_path, lambda: os.urandom(32))
+        raw = _secret_file(Path(f"{base}.sign.key"), lambda: os.urandom(32))
         self.signer = SigningKey(Ed25519PrivateKey.from_private_bytes(raw))
-        if new or not self.registry._db.execute("SELECT 1 FROM site_keys WHERE public_key = ?",
-                                                (self.signer.public_bytes,)).fetchone():
-            if not self.token:
-                raise ConfigError("agent --token", None, f"site {self.site!r} is not enrolled yet: give its token")
+        if enroll:
+            assert self.token is not None
             self.registry.enroll(self.token, self.site, self.signer.public_bytes)
 
     def announce(self) -> None:
@@ -224,6 +274,9 @@ class SiteAgent:
         self._io_store.add_flow_snapshot(now, self.site, active, names)
         self._io_store.add_path_metrics(now, [(pid, m.rtt_ms, m.jitter_ms, m.loss_pct, m.mos, m.mtu, m.bandwidth_mbps)
                                               for pid, m in ms.items() if m.samples])
+        if now >= self._next_prune:  # the state's retention policy (Store.prune's defaults)
+            self._io_store.prune(now=now)
+            self._next_prune = now + PRUNE_EVERY_S
         self.write_status(status=status)
 
     async def _watch_new_tunnels(self, session_cls: Any) -> None:
@@ -376,13 +429,38 @@ class _NftPlane:
         self.dp.close()
 
 
+def _token(args: Any) -> str | None:
+    """The enrolment token: ``--token`` (visible to every local user in
+    /proc/PID/cmdline), ``--token-file PATH``, or ``$PATRONUS_TOKEN``, in that order."""
+    token = getattr(args, "token", None)
+    path = getattr(args, "token_file", None)
+    if token:
+        return str(token)
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read(4096).strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError("--token-file", str(path), f"cannot be read: {e}") from None
+        if not text:
+            raise ConfigError("--token-file", str(path), "is empty (the token file holds the enrolment token)")
+        return text
+    return os.environ.get("PATRONUS_TOKEN", "").strip() or None
+
+
 def main(args: Any) -> int:
     if not logging.getLogger().handlers:  # an embedding program's logging stays as it is
         logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                             format="%(asctime)s.%(msecs)03d %(levelname).1s %(name)s: %(message)s",
                             datefmt="%H:%M:%S")
-    agent = SiteAgent(args.state, args.site, lan_if=args.lan_if, token=args.token, backend=args.backend,
-                      prefix=args.prefix)
+    try:
+        token = _token(args)
+        agent = SiteAgent(args.state, args.site, lan_if=args.lan_if, token=token, backend=args.backend,
+                          prefix=args.prefix)
+        agent.preflight()  # refuse a bad start before anything is created
+    except PatronusError as e:
+        print(f"patronus agent: {e}", flush=True)
+        return 2
 
     async def go() -> None:
         loop = asyncio.get_running_loop()

@@ -38,10 +38,29 @@ def main(argv: list[str] | None = None) -> int:
     ag.add_argument("--state", required=True, help="the SQLite state file (mesh and discovery registry)")
     ag.add_argument("--site", required=True, help="which site of the mesh this is")
     ag.add_argument("--lan-if", help="LAN interface to attach the data plane and steering to")
-    ag.add_argument("--token", help="enrollment token (first run of a site)")
+    tok = ag.add_mutually_exclusive_group()
+    tok.add_argument("--token", help="enrollment token (first run of a site); on the command line it is visible "
+                                     "to every local user (/proc/PID/cmdline, ps): prefer --token-file or "
+                                     "the PATRONUS_TOKEN environment variable")
+    tok.add_argument("--token-file", metavar="PATH", help="read the enrollment token from this file")
     ag.add_argument("--prefix", help="tunnel interface name prefix (unique on the machine)")
     ag.add_argument("--backend", default="auto", choices=["auto", "xdp", "userspace"])
+    ag.epilog = ("Without --token or --token-file the token is read from $PATRONUS_TOKEN; "
+                 "a site enrolled already needs none.")
+    tk = sub.add_parser("token", help="create, list and revoke enrollment tokens")
+    tk_sub = tk.add_subparsers(dest="token_cmd", required=True)
+    tk_create = tk_sub.add_parser("create", help="make a one-time token for a site; printed once, stored hashed")
+    tk_create.add_argument("--state", required=True, help="the SQLite state file (must exist)")
+    tk_create.add_argument("--site", required=True, help="the site it enrolls")
+    tk_create.add_argument("--ttl-s", type=float, default=3600.0, help="seconds it stays valid (default 3600)")
+    tk_revoke = tk_sub.add_parser("revoke", help="delete a site's unused tokens")
+    tk_revoke.add_argument("--state", required=True, help="the SQLite state file (must exist)")
+    tk_revoke.add_argument("--site", required=True)
+    tk_list = tk_sub.add_parser("list", help="every token: site, expiry, when used (never the token)")
+    tk_list.add_argument("--state", required=True, help="the SQLite state file (must exist)")
     args = parser.parse_args(argv)
+    if args.cmd == "token":
+        return _token(args)
     if args.cmd == "agent":
         from . import agent
 
@@ -55,6 +74,44 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "bfd":
         return _bfd(args)
     return 2
+
+
+def _token(args: argparse.Namespace) -> int:
+    import time
+
+    from .errors import ConfigError, PatronusError
+    from .wireguard.discovery import SqliteRegistry
+
+    try:
+        reg = SqliteRegistry(args.state, create=False)
+    except PatronusError as e:
+        print(f"patronus token: {e} (create the state with Mesh.save first)", file=sys.stderr)
+        return 2
+    try:
+        if args.token_cmd == "create":
+            sites = [r[0] for r in reg._db.execute("SELECT name FROM sites ORDER BY position")]
+            if reg._db.execute("SELECT 1 FROM mesh").fetchone() is not None and args.site not in sites:
+                raise ConfigError("--site", args.site, f"is not a site of the saved mesh (its sites: "
+                                                       f"{', '.join(sites) or 'none'})")
+            print(reg.create_token(args.site, ttl_s=args.ttl_s), flush=True)
+        elif args.token_cmd == "revoke":
+            print(f"revoked {reg.revoke_tokens(args.site)} unused token(s) of site {args.site!r}")
+        else:
+            def when(t: float | None) -> str:
+                return "-" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+            rows = reg.tokens()
+            print(f"{'site':<32} {'expires':<19} used")
+            now = time.time()
+            for r in rows:
+                exp = when(r["expires"]) + (" (expired)" if r["used"] is None and r["expires"] < now else "")
+                print(f"{r['site']:<32} {exp:<19} {when(r['used'])}")
+        return 0
+    except PatronusError as e:
+        print(f"patronus token: {e}", file=sys.stderr)
+        return 2
+    finally:
+        reg.close()
 
 
 def _lab(args: argparse.Namespace) -> int:

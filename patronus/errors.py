@@ -10,8 +10,43 @@ class PatronusError(Exception):
     """Base class of every error patronus raises on purpose."""
 
 
+MAX_QUOTE = 200
+
+
+def quote(value: object, limit: int = MAX_QUOTE) -> str:
+    """``repr(value)`` for an error message, at most about ``limit`` characters:
+    a longer one is cut, with an ellipsis and the value's length. Never raises
+    (a huge int is not turned into digits; a failing ``__repr__`` gives
+    ``<Type object>``).
+
+    >>> quote("x" * 1000)[190:]
+    'xxxxxxxxxx... (1000 characters)'
+    >>> quote(10**5000)
+    '<int of 16610 bits>'
+    """
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 4 * limit:
+        return f"<int of {value.bit_length()} bits>"
+    try:
+        text = repr(value)
+    except Exception:
+        return f"<{type(value).__name__} object>"
+    if not isinstance(text, str):
+        return f"<{type(value).__name__} object>"
+    if len(text) <= limit:
+        return text
+    try:
+        unit = "characters" if isinstance(value, str) else "bytes" if isinstance(value, (bytes, bytearray)) else "items"
+        size = f"{len(value)} {unit}"  # type: ignore[arg-type]
+    except Exception:
+        size = f"{len(text)} characters written out"
+    return f"{text[:limit]}... ({size})"
+
+
 class ConfigError(PatronusError, ValueError):
     """An invalid model input: names the field and the offending value.
+
+    The message quotes at most about 200 characters of the value
+    (:func:`quote`); ``value`` holds all of it.
 
     >>> from patronus import Match
     >>> Match(dst="10.0.0.1/8")
@@ -24,7 +59,7 @@ class ConfigError(PatronusError, ValueError):
         self.field = field
         self.value = value
         self.reason = reason
-        super().__init__(f"{field}: {value!r} {reason}")
+        super().__init__(f"{field}: {quote(value)} {reason}")
 
 
 class StateError(PatronusError):

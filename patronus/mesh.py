@@ -38,6 +38,12 @@ def _failover(value: Any) -> Failover:
     return value
 
 
+def _reaches(dst: str, site: Site) -> bool:
+    """Does destination prefix ``dst`` overlap one of the site's subnets?"""
+    net = ipaddress.ip_network(dst)
+    return any(net.version == sn.version and net.overlaps(sn) for sn in map(ipaddress.ip_network, site.subnets))
+
+
 @attrs.define(eq=True)
 class Mesh:
     """A named set of sites joined by paths, with policies and failover settings.
@@ -75,11 +81,19 @@ class Mesh:
             raise ConfigError("site", name, f"is not a site of mesh {self.name!r}") from None
 
     def add_site(self, site: Site) -> None:
-        """Add a site; its subnets must not overlap another site's."""
+        """Add a site; its subnets must not overlap another site's, and its
+        uplink addresses must not be another site's."""
         if not isinstance(site, Site):
             raise ConfigError("Mesh.add_site", site, "is not a Site")
         if site.name in self._sites:
             raise ConfigError("Site.name", site.name, "is a duplicate site name")
+        taken = {u.address: (other.name, u.name) for other in self._sites.values() for u in other.uplinks}
+        for u in site.uplinks:
+            if u.address in taken:
+                other_site, other_uplink = taken[u.address]
+                raise ConfigError("Uplink.address", u.address,
+                                  f"of uplink {u.name!r} at site {site.name!r} is already the address of uplink "
+                                  f"{other_uplink!r} at site {other_site!r}")
         mine = [ipaddress.ip_network(s) for s in site.subnets]
         for other in self._sites.values():
             for s in other.subnets:
@@ -92,8 +106,28 @@ class Mesh:
         self._sites[site.name] = site
 
     def remove_site(self, name: str) -> Site:
-        """Remove and return a site. Path indexes of later sites shift."""
+        """Remove and return a site. Path indexes of later sites shift.
+
+        Refused (ConfigError naming the policy) while a forwarding policy's
+        ``match.dst`` reaches this site and no other (it would send to
+        nowhere), or while a policy prefers an uplink name only this site
+        has: change or remove the policy first.
+        """
         site = self.site(name)
+        rest = [s for s in self._sites.values() if s.name != name]
+        left = {u.name for s in rest for u in s.uplinks}
+        for p in self._policies:
+            dst = p.match.dst
+            if p.action != "drop" and dst is not None and _reaches(dst, site) \
+                    and not any(_reaches(dst, s) for s in rest):
+                raise ConfigError("Mesh.remove_site", name,
+                                  f"cannot be removed: policy {p.name!r} sends match.dst {dst} to this site and "
+                                  "no other; remove or change the policy first")
+            for n in p.prefer:
+                if n not in left:
+                    raise ConfigError("Mesh.remove_site", name,
+                                      f"cannot be removed: policy {p.name!r} prefers uplink {n!r}, which no other "
+                                      "site has; remove or change the policy first")
         del self._sites[name]
         return site
 
@@ -155,7 +189,8 @@ class Mesh:
         self._profiles[profile.name] = profile
 
     def add_policy(self, policy: Policy) -> None:
-        """Add a policy; names and priorities are unique within a mesh."""
+        """Add a policy; names and priorities are unique within a mesh, and
+        every ``prefer`` name is the name of an uplink of some site."""
         if not isinstance(policy, Policy):
             raise ConfigError("Mesh.add_policy", policy, "is not a Policy")
         for p in self._policies:
@@ -165,6 +200,12 @@ class Mesh:
                 raise ConfigError("Policy.priority", policy.priority, f"is already used by policy {p.name!r}")
         if policy.app not in self.profiles:
             raise ConfigError("Policy.app", policy.app, f"is not a known profile ({', '.join(sorted(self.profiles))})")
+        uplinks = sorted({u.name for s in self._sites.values() for u in s.uplinks})
+        for n in policy.prefer:
+            if n not in uplinks:
+                known = ", ".join(uplinks[:20]) + (", ..." if len(uplinks) > 20 else "") if uplinks else "none"
+                raise ConfigError("Policy.prefer", n, f"of policy {policy.name!r} is not the name of an uplink of "
+                                  f"any site (uplinks: {known}); add the sites first")
         self._policies.append(policy)
 
     def remove_policy(self, name: str) -> Policy:

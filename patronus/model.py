@@ -32,13 +32,14 @@ class Uplink:
 
     ``port`` is the WireGuard listen port (None: derived per path), ``nat`` says
     the uplink sits behind NAT (keepalives are sent), ``cost`` ranks metered
-    links (higher is dearer).
+    links (higher is dearer). The name may not contain '.' or '~' (the
+    separators of path ids); a mesh refuses one address at two sites.
 
     >>> Uplink("lte", "198.51.100.7", mtu=1420, nat=True, cost=10)
     Uplink(name='lte', address='198.51.100.7', mtu=1420, port=None, nat=True, bandwidth_mbps=None, cost=10)
     """
 
-    name: str = attrs.field(converter=lambda x: v.name("Uplink.name", x))
+    name: str = attrs.field(converter=lambda x: v.endpoint_name("Uplink.name", x))
     address: str = attrs.field(converter=lambda x: v.address("Uplink.address", x))
     mtu: int = attrs.field(default=1500, converter=lambda x: v.integer("Uplink.mtu", x, 576, 65535))
     port: int | None = attrs.field(default=None, converter=lambda x: v.optional_integer("Uplink.port", x, 1, 65535))
@@ -83,13 +84,14 @@ def _subnets(value: Any) -> tuple[str, ...]:
 
 @attrs.frozen
 class Site:
-    """A location of the mesh: its LAN subnets and its WAN uplinks.
+    """A location of the mesh: its LAN subnets and its WAN uplinks. The name
+    may not contain '.' or '~' (the separators of path ids).
 
     >>> Site("br1", subnets=["10.2.0.0/24", "fd00:2::/64"], uplinks=[Uplink("isp1", "203.0.113.9")])
     Site(name='br1', subnets=('10.2.0.0/24', 'fd00:2::/64'), uplinks=(Uplink(name='isp1', ...),))
     """
 
-    name: str = attrs.field(converter=lambda x: v.name("Site.name", x))
+    name: str = attrs.field(converter=lambda x: v.endpoint_name("Site.name", x))
     subnets: tuple[str, ...] = attrs.field(converter=_subnets)
     uplinks: tuple[Uplink, ...] = attrs.field(converter=_uplinks)
 
@@ -119,6 +121,7 @@ class Path:
     """One tunnel between two sites: a (local uplink, remote uplink) pair.
 
     ``id`` is the same from both ends ("br1.isp1~hq.lte": site names sorted);
+    site and uplink names hold no '.' or '~', so an id names one path;
     ``index`` is the numeric path slot the data plane uses, stable while sites
     are only added (see Mesh.paths).
 

@@ -6,6 +6,16 @@ with forward migrations. A save is atomic: a crash in the middle leaves the
 previous state loadable, because the old rows are only replaced inside the
 same transaction that writes the new ones.
 
+Every read (``load_mesh``, ``events``, ``path_metrics``, ``flow_snapshots``)
+of a damaged or hostile file (truncated, not SQLite, rows of the wrong type,
+invalid JSON or UTF-8) raises :class:`StateError` naming the file and what
+was wrong, never a sqlite3, JSON or Unicode error.
+
+Timestamps (``ts``) are wall-clock seconds (``time.time()``). The records
+grow without bound unless pruned: ``Store.prune()`` deletes rows older than
+``RETENTION_S`` (7 days of path metrics and flow snapshots, 30 days of
+failover events) and keeps at most ``MAX_ROWS`` rows of each table.
+
 >>> import tempfile, os
 >>> from patronus import Mesh
 >>> f = os.path.join(tempfile.mkdtemp(), "state.db")
@@ -16,17 +26,19 @@ same transaction that writes the new ones.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sqlite3
 import time
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigError, SchemaVersionError, StateError
+from . import _validate as v
+from .errors import ConfigError, SchemaVersionError, StateError, quote
 
 if TYPE_CHECKING:
     from .mesh import Mesh
 
-__all__ = ["Store", "SCHEMA_VERSION"]
+__all__ = ["Store", "SCHEMA_VERSION", "RETENTION_S", "MAX_ROWS"]
 
 # Each entry migrates from version i to i + 1. Append only; never edit a
 # shipped migration. Statements are split on ';', so none may appear in a comment.
@@ -155,6 +167,39 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 _CONFIG_TABLES = ("paths", "uplinks", "site_subnets", "sites", "policies", "profiles", "mesh")
 
+# Retention of the records (Store.prune): age in seconds, and a row cap per table.
+RETENTION_S: dict[str, float] = {
+    "path_metrics": 7 * 86400.0,
+    "flow_snapshots": 7 * 86400.0,
+    "failover_events": 30 * 86400.0,
+}
+MAX_ROWS: dict[str, int] = {
+    "path_metrics": 1_000_000,
+    "flow_snapshots": 1_000_000,
+    "failover_events": 100_000,
+}
+
+# What a damaged or hostile file can make a read raise (turned into StateError).
+_DAMAGE = (sqlite3.Error, ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError,
+           OverflowError)
+
+_NUM = (int, float)
+_INT = (int,)
+_TEXT = (str,)
+_OPT_NUM = (int, float, type(None))
+_OPT_INT = (int, type(None))
+_OPT_TEXT = (str, type(None))
+# Column types of the records, checked on read.
+_RECORD_TYPES: dict[str, dict[str, tuple[type, ...]]] = {
+    "failover_events": {"id": _INT, "ts": _NUM, "policy": _OPT_TEXT, "site": _OPT_TEXT, "from_path": _OPT_TEXT,
+                        "to_path": _OPT_TEXT, "reason": _TEXT, "detail": _OPT_TEXT},
+    "path_metrics": {"ts": _NUM, "path": _TEXT, "rtt_ms": _OPT_NUM, "jitter_ms": _OPT_NUM, "loss_pct": _OPT_NUM,
+                     "mos": _OPT_NUM, "mtu": _OPT_INT, "bandwidth_mbps": _OPT_NUM},
+    "flow_snapshots": {"ts": _NUM, "site": _OPT_TEXT, "src": _TEXT, "dst": _TEXT, "sport": _INT, "dport": _INT,
+                       "proto": _INT, "packets": _INT, "bytes": _INT, "first_ns": _INT, "last_ns": _INT,
+                       "policy": _OPT_TEXT, "path": _OPT_INT, "tcp_flags": _INT},
+}
+
 
 class Store:
     """An open state file. Use as a context manager.
@@ -168,11 +213,18 @@ class Store:
             raise StateError(f"no state file at {self.path!r}")
         try:
             self._db = sqlite3.connect(self.path, isolation_level=None, timeout=10.0)
+        except sqlite3.Error as e:
+            raise StateError(f"{self.path!r} is not a usable patronus state file: {e}") from e
+        try:
             self._db.execute("PRAGMA foreign_keys = ON")
             self._db.execute("PRAGMA journal_mode = WAL")
             self._db.execute("PRAGMA synchronous = NORMAL")
             self._migrate()
-        except sqlite3.DatabaseError as e:
+        except StateError:
+            self._db.close()
+            raise
+        except _DAMAGE as e:
+            self._db.close()
             raise StateError(f"{self.path!r} is not a usable patronus state file: {e}") from e
 
     def __enter__(self) -> Store:
@@ -186,8 +238,32 @@ class Store:
 
     @property
     def version(self) -> int:
-        row = self._db.execute("SELECT version FROM schema_version").fetchone()
+        try:
+            row = self._db.execute("SELECT version FROM schema_version").fetchone()
+        except _DAMAGE as e:
+            raise self._damaged("schema_version", e) from e
+        return self._schema_version(row)
+
+    def _damaged(self, what: str, e: BaseException) -> StateError:
+        msg = str(e)
+        if len(msg) > 300:   # sqlite quotes the undecodable text in full
+            msg = f"{msg[:300]}... ({len(msg)} characters)"
+        return StateError(f"{self.path!r} is damaged ({what}): {type(e).__name__}: {msg}")
+
+    def _schema_version(self, row: Any) -> int:
+        if row is None:
+            raise StateError(f"{self.path!r} is damaged (schema_version): no version row")
+        if isinstance(row[0], bool) or not isinstance(row[0], int) or not 0 <= row[0] <= 1 << 30:
+            raise StateError(f"{self.path!r} is damaged (schema_version): version {quote(row[0])} "
+                             "is not a schema version")
         return int(row[0])
+
+    def _rollback(self) -> None:
+        if self._db.in_transaction:
+            try:
+                self._db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
 
     def _migrate(self) -> None:
         db = self._db
@@ -195,7 +271,7 @@ class Store:
         try:
             db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
             row = db.execute("SELECT version FROM schema_version").fetchone()
-            current = 0 if row is None else int(row[0])
+            current = 0 if row is None else self._schema_version(row)
             if current > SCHEMA_VERSION:
                 raise SchemaVersionError(
                     f"{self.path!r} has schema version {current}, this patronus reads up to "
@@ -211,7 +287,7 @@ class Store:
                 db.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            self._rollback()
             raise
 
     # -- mesh ----------------------------------------------------------------
@@ -262,52 +338,95 @@ class Store:
                 )
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            self._rollback()
             raise
 
     def load_mesh(self) -> Mesh:
-        """The stored mesh, validated as if it were built by hand."""
+        """The stored mesh, validated as if it were built by hand; StateError
+        naming the file and the fault when it is missing, damaged or invalid."""
         from .mesh import Mesh
 
         db = self._db
-        db.execute("BEGIN")  # one snapshot for every read
+        where = "mesh"
         try:
-            row = db.execute("SELECT name, failover FROM mesh").fetchone()
-            if row is None:
-                raise StateError(f"{self.path!r} holds no saved mesh")
-            d: dict[str, Any] = {"name": row[0], "failover": json.loads(row[1]), "sites": [], "policies": []}
-            d["profiles"] = [json.loads(b) for (b,) in db.execute("SELECT body FROM profiles ORDER BY position")]
-            for (name,) in db.execute("SELECT name FROM sites ORDER BY position").fetchall():
-                subnets = [c for (c,) in db.execute(
-                    "SELECT cidr FROM site_subnets WHERE site = ? ORDER BY position", (name,))]
-                uplinks = [
-                    {"name": u[0], "address": u[1], "mtu": u[2], "port": u[3], "nat": bool(u[4]),
-                     "bandwidth_mbps": u[5], "cost": u[6]}
-                    for u in db.execute(
-                        "SELECT name, address, mtu, port, nat, bandwidth_mbps, cost FROM uplinks "
-                        "WHERE site = ? ORDER BY position", (name,))
-                ]
-                d["sites"].append({"name": name, "subnets": subnets, "uplinks": uplinks})
-            for r in db.execute(
-                "SELECT name, priority, app, src, dst, sport_lo, sport_hi, dport_lo, dport_hi, proto, dscp, "
-                "qos_dscp, qos_rate_kbps, prefer, action, sports, dports, protos FROM policies ORDER BY position"
-            ):
-                # the text columns (schema 3) when set, else the columns of rows written before them
-                d["policies"].append({
-                    "name": r[0], "priority": r[1], "app": r[2],
-                    "match": {"src": r[3], "dst": r[4],
-                              "src_ports": r[15] if r[15] is not None else None if r[5] is None else (r[5], r[6]),
-                              "dst_ports": r[16] if r[16] is not None else None if r[7] is None else (r[7], r[8]),
-                              "proto": r[17] if r[17] is not None else r[9], "dscp": r[10]},
-                    "qos": {"dscp": r[11], "rate_kbps": r[12]},
-                    "prefer": json.loads(r[13]), "action": r[14],
-                })
-        finally:
-            db.execute("COMMIT")
+            db.execute("BEGIN")  # one snapshot for every read
+            try:
+                row = db.execute("SELECT name, failover FROM mesh").fetchone()
+                if row is None:
+                    raise StateError(f"{self.path!r} holds no saved mesh")
+                d: dict[str, Any] = {"name": row[0], "failover": self._json(row[1], "mesh.failover"),
+                                     "sites": [], "policies": []}
+                where = "profiles"
+                d["profiles"] = [self._json(b, "profiles.body")
+                                 for (b,) in db.execute("SELECT body FROM profiles ORDER BY position")]
+                where = "sites"
+                for (name,) in db.execute("SELECT name FROM sites ORDER BY position").fetchall():
+                    where = "site_subnets"
+                    subnets = [c for (c,) in db.execute(
+                        "SELECT cidr FROM site_subnets WHERE site = ? ORDER BY position", (name,))]
+                    where = "uplinks"
+                    uplinks = [
+                        {"name": u[0], "address": u[1], "mtu": u[2], "port": u[3], "nat": bool(u[4]),
+                         "bandwidth_mbps": u[5], "cost": u[6]}
+                        for u in db.execute(
+                            "SELECT name, address, mtu, port, nat, bandwidth_mbps, cost FROM uplinks "
+                            "WHERE site = ? ORDER BY position", (name,))
+                    ]
+                    d["sites"].append({"name": name, "subnets": subnets, "uplinks": uplinks})
+                where = "policies"
+                for r in db.execute(
+                    "SELECT name, priority, app, src, dst, sport_lo, sport_hi, dport_lo, dport_hi, proto, dscp, "
+                    "qos_dscp, qos_rate_kbps, prefer, action, sports, dports, protos FROM policies ORDER BY position"
+                ):
+                    # the text columns (schema 3) when set, else the columns of rows written before them
+                    d["policies"].append({
+                        "name": r[0], "priority": r[1], "app": r[2],
+                        "match": {"src": r[3], "dst": r[4],
+                                  "src_ports": r[15] if r[15] is not None else None if r[5] is None else (r[5], r[6]),
+                                  "dst_ports": r[16] if r[16] is not None else None if r[7] is None else (r[7], r[8]),
+                                  "proto": r[17] if r[17] is not None else r[9], "dscp": r[10]},
+                        "qos": {"dscp": r[11], "rate_kbps": r[12]},
+                        "prefer": self._json(r[13], "policies.prefer"), "action": r[14],
+                    })
+                db.execute("COMMIT")
+            finally:
+                self._rollback()
+        except StateError:
+            raise
+        except _DAMAGE as e:
+            raise self._damaged(where, e) from e
         try:
             return Mesh.from_dict(d)
         except ConfigError as e:
             raise StateError(f"{self.path!r} holds an invalid mesh: {e}") from e
+        except _DAMAGE as e:
+            raise StateError(f"{self.path!r} holds an invalid mesh: {type(e).__name__}: {e}") from e
+
+    def _json(self, text: Any, where: str) -> Any:
+        """A JSON column: StateError naming it when it is not JSON text."""
+        if not isinstance(text, str):
+            raise StateError(f"{self.path!r} is damaged ({where}): {quote(text)} is not JSON text")
+        try:
+            return json.loads(text)
+        except (ValueError, RecursionError) as e:
+            raise StateError(f"{self.path!r} is damaged ({where}): invalid JSON: {e}") from e
+
+    def _records(self, table: str, query: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        """Rows of a record table as dicts, every column of the type it is written with."""
+        types = _RECORD_TYPES[table]
+        try:
+            cur = self._db.execute(query, params)
+            cols = [c[0] for c in cur.description]
+            rows = [dict(zip(cols, r)) for r in cur]
+        except _DAMAGE as e:
+            raise self._damaged(table, e) from e
+        for row in rows:
+            for col, val in row.items():
+                ok = types.get(col)
+                if ok is not None and (isinstance(val, bool) or not isinstance(val, ok)):
+                    raise StateError(f"{self.path!r} is damaged ({table}.{col}): {quote(val)} is not "
+                                     f"{'a number' if ok[0] is int and float in ok else ok[0].__name__}")
+        return rows
 
     # -- records written by later layers -------------------------------------
 
@@ -331,11 +450,10 @@ class Store:
                              [(ts, *[clean(v) for v in r]) for r in rows])
 
     def path_metrics(self, path: str | None = None) -> list[dict[str, Any]]:
+        """The stored measurements (of one path), oldest first."""
         q = "SELECT ts, path, rtt_ms, jitter_ms, loss_pct, mos, mtu, bandwidth_mbps FROM path_metrics"
-        cur = self._db.execute(q + (" WHERE path = ? ORDER BY ts" if path else " ORDER BY ts"),
-                               (path,) if path else ())
-        cols = [c[0] for c in cur.description]
-        return [dict(zip(cols, r)) for r in cur]
+        return self._records("path_metrics", q + (" WHERE path = ? ORDER BY ts" if path else " ORDER BY ts"),
+                             (path,) if path else ())
 
     def add_flow_snapshot(self, ts: float, site: str, flows: Any, policy_names: list[str]) -> int:
         """Append the flow records of one snapshot (``abi.FLOW_DTYPE`` rows)."""
@@ -355,13 +473,53 @@ class Store:
         return len(rows)
 
     def flow_snapshots(self) -> list[dict[str, Any]]:
-        cur = self._db.execute("SELECT * FROM flow_snapshots ORDER BY ts")
-        cols = [c[0] for c in cur.description]
-        return [dict(zip(cols, r)) for r in cur]
+        """The stored flow records, oldest first."""
+        return self._records("flow_snapshots", "SELECT * FROM flow_snapshots ORDER BY ts")
 
     def events(self) -> list[dict[str, Any]]:
-        """All failover events, oldest first."""
-        cur = self._db.execute(
+        """All failover events, oldest first; ``ts`` is wall-clock time."""
+        return self._records(
+            "failover_events",
             "SELECT id, ts, policy, site, from_path, to_path, reason, detail FROM failover_events ORDER BY id")
-        cols = [c[0] for c in cur.description]
-        return [dict(zip(cols, r)) for r in cur]
+
+    # -- retention -------------------------------------------------------------
+
+    def prune(self, older_than_s: float | None = None, *, max_rows: int | None = None,
+              now: float | None = None) -> dict[str, int]:
+        """Delete old records, in one transaction; returns the rows deleted per table.
+
+        Deletes the rows of ``path_metrics``, ``flow_snapshots`` and
+        ``failover_events`` older than ``older_than_s`` seconds before ``now``
+        (default ``time.time()``); without ``older_than_s``, each table's
+        ``RETENTION_S`` (7 days of metrics and snapshots, 30 days of events).
+        Then each table keeps at most ``max_rows`` rows, the newest written
+        (default ``MAX_ROWS``: 1,000,000 metrics, 1,000,000 flow records,
+        100,000 events). The mesh and the discovery tables are never touched.
+        """
+        if older_than_s is not None:
+            older_than_s = v.number("Store.prune.older_than_s", older_than_s, 0)
+        if max_rows is not None:
+            max_rows = v.integer("Store.prune.max_rows", max_rows, 0, 2**62)
+        now = time.time() if now is None else v.number("Store.prune.now", now, -math.inf)
+        out: dict[str, int] = {}
+        db = self._db
+        table = "the records"
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            for table, keep_s in RETENTION_S.items():
+                age = keep_s if older_than_s is None else older_than_s
+                cap = MAX_ROWS[table] if max_rows is None else max_rows
+                n = db.execute(f"DELETE FROM {table} WHERE ts < ?", (now - age,)).rowcount
+                # the cap keeps the newest written (the highest rowids); no sort of the table
+                n += db.execute(
+                    f"DELETE FROM {table} WHERE rowid <= "
+                    f"(SELECT rowid FROM {table} ORDER BY rowid DESC LIMIT 1 OFFSET ?)", (cap,)).rowcount
+                out[table] = n
+            db.execute("COMMIT")
+        except sqlite3.Error as e:
+            self._rollback()
+            raise StateError(f"{self.path!r}: pruning {table} failed: {type(e).__name__}: {e}") from e
+        except BaseException:
+            self._rollback()
+            raise
+        return out

@@ -9,6 +9,8 @@ from hypothesis import strategies as st
 from patronus import Failover, Match, Policy, QoS, Site, Uplink
 
 names = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,11}", fullmatch=True)
+# site and uplink names make path ids ("site.uplink~site.uplink"): no '.'
+endpoint_names = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_-]{0,11}", fullmatch=True)
 
 
 @st.composite
@@ -26,7 +28,7 @@ ports = st.integers(0, 65535)
 port_ranges = st.one_of(st.none(), ports, st.tuples(ports, ports).map(lambda t: (min(t), max(t))))
 
 uplinks = st.builds(
-    Uplink, name=names, address=addresses, mtu=st.integers(576, 9000),
+    Uplink, name=endpoint_names, address=addresses, mtu=st.integers(576, 9000),
     port=st.one_of(st.none(), st.integers(1, 65535)), nat=st.booleans(),
     bandwidth_mbps=st.one_of(st.none(), st.floats(0.001, 1e5)), cost=st.integers(0, 100),
 )
@@ -73,7 +75,7 @@ failovers = st.builds(
 def site_lists(draw, max_sites=5):
     """Sites with non-overlapping subnets (each site owns its own /24 and /64)."""
     n = draw(st.integers(0, max_sites))
-    snames = draw(st.lists(names, min_size=n, max_size=n, unique=True))
+    snames = draw(st.lists(endpoint_names, min_size=n, max_size=n, unique=True))
     out = []
     for i, sn in enumerate(snames):
         subnets = draw(st.sets(st.sampled_from([f"10.{i}.{j}.0/24" for j in range(4)]
@@ -95,7 +97,7 @@ def site_tables(draw, max_sites=6):
     from .frames import V4, V6
 
     n = draw(st.integers(0, max_sites))
-    snames = draw(st.lists(names, min_size=n, max_size=n, unique=True))
+    snames = draw(st.lists(endpoint_names, min_size=n, max_size=n, unique=True))
     seen: set[str] = set()
     table: dict[str, list[str]] = {}
     for sn in snames:

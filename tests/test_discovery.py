@@ -51,7 +51,10 @@ def test_each_bad_announcement_has_its_reason(reg):
     assert reason(reg, key.sign(ann(ts=0.0))) == "stale"
     other = enrolled(reg, "hq")
     assert reason(reg, other.sign(ann("br"))) == "unknown_key"  # hq's key cannot speak for br
-    assert reason(reg, SignedAnnouncement(b"{not json", b"x" * 64, key.public_bytes)) == "malformed"
+    # the signature is checked before the body is parsed: garbage signed by an enrolled key is malformed,
+    # garbage with a wrong signature is a bad signature (never parsed)
+    assert reason(reg, SignedAnnouncement(b"{not json", key._key.sign(b"{not json"), key.public_bytes)) == "malformed"
+    assert reason(reg, SignedAnnouncement(b"{not json", b"x" * 64, key.public_bytes)) == "bad_signature"
 
 
 def test_tokens_are_one_time_site_bound_and_expire(reg):
@@ -61,8 +64,10 @@ def test_tokens_are_one_time_site_bound_and_expire(reg):
     reg.enroll(t, "br", SigningKey.generate().public_bytes)
     with pytest.raises(ConfigError, match="used already"):
         reg.enroll(t, "br", SigningKey.generate().public_bytes)
+    expired = reg.create_token("br", ttl_s=1)
+    reg._db.execute("UPDATE enroll_tokens SET expires = 0 WHERE used IS NULL")  # a ttl <= 0 is refused now
     with pytest.raises(ConfigError, match="has expired"):
-        reg.enroll(reg.create_token("br", ttl_s=-1), "br", SigningKey.generate().public_bytes)
+        reg.enroll(expired, "br", SigningKey.generate().public_bytes)
     with pytest.raises(ConfigError, match="not a token"):
         reg.enroll("guess", "br", SigningKey.generate().public_bytes)
 

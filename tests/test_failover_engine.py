@@ -5,6 +5,7 @@ violations move traffic after N windows, events land in the SQLite state."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -126,11 +127,17 @@ def test_sla_violation_moves_after_n_windows_only(setup):
 
 def test_events_are_persisted(setup):
     mesh, dp, core, store = setup
-    core.bfd(MPLS, up=False, now=5.0)
+    core._clock = lambda: 105.0          # the engine's (monotonic) clock reads 105 s now
+    before = time.time()
+    evs = core.bfd(MPLS, up=False, now=5.0)
+    after = time.time()
+    assert {e.ts for e in evs} == {5.0}  # callbacks get the engine's clock
     rows = store.events()
     assert [(r["reason"], r["policy"]) for r in rows if r["reason"] != "initial"] == [
         ("bfd_down", "voip"), ("bfd_down", "video"), ("bfd_down", DEFAULT_CLASS)]
-    assert rows[-1]["from_path"] == MPLS and rows[-1]["to_path"] == LTE and rows[-1]["ts"] == 5.0
+    assert rows[-1]["from_path"] == MPLS and rows[-1]["to_path"] == LTE
+    # the store holds wall time, as flow snapshots do: 100 s before the wall clock's now
+    assert before - 100 <= rows[-1]["ts"] <= after - 100
     assert {r["site"] for r in rows if r["policy"]} == {"br"}
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import attrs
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -9,7 +10,33 @@ from hypothesis import strategies as st
 from patronus import ConfigError, Failover, Match, Mesh, Policy, QoS, Site, Uplink
 from patronus.apps import AppProfile
 
-from .strategies import failovers, policy_lists, site_lists
+from .strategies import addresses, failovers, policy_lists
+
+# Site and uplink names hold no '.' (the path id separator); tests.strategies.names
+# does (policy names keep it), so these strategies draw names of their own.
+endpoint_names = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_-]{0,11}", fullmatch=True)
+uplinks = st.builds(
+    Uplink, name=endpoint_names, address=addresses, mtu=st.integers(576, 9000),
+    port=st.one_of(st.none(), st.integers(1, 65535)), nat=st.booleans(),
+    bandwidth_mbps=st.one_of(st.none(), st.floats(0.001, 1e5)), cost=st.integers(0, 100),
+)
+
+
+@st.composite
+def site_lists(draw, max_sites=5):
+    """As tests.strategies.site_lists, with site and uplink names without '.'
+    and uplink addresses unique across sites (a mesh refuses one address at two)."""
+    n = draw(st.integers(0, max_sites))
+    snames = draw(st.lists(endpoint_names, min_size=n, max_size=n, unique=True))
+    out, used = [], set()
+    for i, sn in enumerate(snames):
+        subnets = draw(st.sets(st.sampled_from([f"10.{i}.{j}.0/24" for j in range(4)]
+                                               + [f"fd00:{i}:{j}::/64" for j in range(4)]), max_size=3))
+        ups = draw(st.lists(uplinks.filter(lambda u: u.address not in used), min_size=1, max_size=3,
+                            unique_by=lambda u: u.name))
+        used.update(u.address for u in ups)
+        out.append(Site(sn, subnets=sorted(subnets), uplinks=ups))
+    return out
 
 
 def acme() -> Mesh:
@@ -90,8 +117,11 @@ def meshes(draw):
     mesh.failover = draw(failovers)
     for s in draw(site_lists()):
         mesh.add_site(s)
+    ups = sorted({u.name for s in mesh.sites for u in s.uplinks})
     for p in draw(policy_lists()):
-        mesh.add_policy(p)
+        # prefer names an uplink of some site (add_policy refuses others)
+        prefer = draw(st.lists(st.sampled_from(ups), max_size=3, unique=True)) if ups else []
+        mesh.add_policy(attrs.evolve(p, prefer=prefer))
     return mesh
 
 

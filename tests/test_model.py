@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -13,7 +14,8 @@ from patronus import ConfigError, Failover, Match, Policy, QoS, Site, Uplink
 from patronus import _validate as v
 from patronus.apps import BUILTIN_PROFILES, AppProfile
 
-from .strategies import failovers, matches, policy_lists, qos, site_lists, uplinks
+from .strategies import failovers, matches, policy_lists, qos
+from .test_mesh import site_lists, uplinks  # site and uplink names without '.'
 
 
 def test_match_canonical_forms():
@@ -174,7 +176,10 @@ def test_site_roundtrip(sites):
 
 # Anything goes in: a constructor either builds a valid object or raises ConfigError.
 junk = st.one_of(
-    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True), st.text(max_size=40),
+    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True, allow_infinity=True),
+    st.integers(-(10**400), 10**400), st.sampled_from([10**400, -(10**400), 2**1024, 10**5000, math.inf, -math.inf,
+                                                       math.nan]),
+    st.text(max_size=40),
     st.binary(max_size=8), st.lists(st.integers(-5, 70000), max_size=3),
     st.tuples(st.integers(-5, 70000), st.integers(-5, 70000)),
     st.sampled_from(["10.0.0.0/8", "10.0.0.1/8", "::/0", "fe80::1/64", "tcp", "udp", "x", "1.2.3.4"]),

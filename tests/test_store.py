@@ -95,7 +95,7 @@ from patronus import Mesh, Site, Uplink, Policy, Match
 def big(tag):
     m = Mesh("m" + tag)
     for i in range(150):
-        m.add_site(Site(f"s{i}", subnets=[f"10.{i}.0.0/16"], uplinks=[Uplink("a", "192.0.2.1"), Uplink("b", "192.0.2.2")]))
+        m.add_site(Site(f"s{i}", subnets=[f"10.{i}.0.0/16"], uplinks=[Uplink("a", f"198.18.{i}.1"), Uplink("b", f"198.18.{i}.2")]))
     for i in range(300):
         m.add_policy(Policy(f"p{tag}{i}", Match(proto="udp", dst_ports=i), priority=i))
     return m

@@ -24,6 +24,7 @@ import hashlib
 import hmac
 import random
 import struct
+from collections import deque
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import NamedTuple
@@ -31,9 +32,13 @@ from typing import NamedTuple
 from ..errors import PatronusError
 
 __all__ = ["State", "Diag", "ControlPacket", "Auth", "encode", "decode", "Session", "BfdDecodeError",
-           "DISCARD_REASONS", "SLOW_US"]
+           "DISCARD_REASONS", "SLOW_US", "TRANSITIONS_KEPT"]
 
 SLOW_US = 1_000_000  # RFC 5880 6.8.3: at least 1 s between packets while not Up
+# Session.transitions keeps the newest this many state changes: packets a
+# spoofer sends (Down, then AdminDown, with Your Discriminator 0) each cause
+# one, so an unbounded list grew with the attacker's packet rate
+TRANSITIONS_KEPT = 256
 _HDR = struct.Struct("!BBBBIIIII")  # vers|diag, sta|flags, detect mult, length, discrs, intervals
 _AUTH_SHA1 = struct.Struct("!BBBBI20s")
 AUTH_KEYED_SHA1, AUTH_METICULOUS_SHA1 = 4, 5
@@ -201,7 +206,8 @@ class Session:
     applies a decoded packet (6.8.6) and returns packets to send at once
     (the Final answering a Poll, and the first packet after a state change);
     ``next_deadline()`` says when to call ``tick`` again. Every state change
-    is appended to ``transitions``.
+    is appended to ``transitions``, which keeps the newest
+    ``TRANSITIONS_KEPT`` (a deque); ``transition_count`` counts them all.
     """
 
     def __init__(self, local_discr: int, tx_us: int = 300_000, rx_us: int = 300_000, multiplier: int = 3,
@@ -236,7 +242,8 @@ class Session:
         self._next_tx: float | None = 0.0
         self._last_rx: float | None = None
         self._last_auth_rx: float | None = None
-        self.transitions: list[Transition] = []
+        self.transitions: deque[Transition] = deque(maxlen=TRANSITIONS_KEPT)  # bounded: see TRANSITIONS_KEPT
+        self.transition_count = 0
         self.discards: dict[str, int] = {}
         self.received = self.sent = 0
 
@@ -295,6 +302,7 @@ class Session:
             self.desired_min_tx_us = max(self.config_tx_us, SLOW_US)
             self._tx_interval_us = self.desired_min_tx_us
         self.transitions.append(Transition(old, new, self.local_diag, now))
+        self.transition_count += 1
         self._next_tx = now  # tell the peer at once
 
     def _start_poll(self, tx_us: int, rx_us: int) -> None:

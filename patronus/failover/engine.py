@@ -26,6 +26,12 @@ plane's route table; flows keep their records, and the other sites' paths
 do not change. Every event goes to callbacks, to ``events()`` iterators and to the
 SQLite state when a ``Store`` is given.
 
+Times inside the engine (``now``, ``Event.ts``) are of its clock,
+``time.monotonic`` (so holds and damping are immune to wall-clock steps);
+the store gets wall-clock time (``time.time()``, as flow snapshots and path
+metrics), converted when the event is written: ``ts + (time.time() -
+clock())``.
+
 ``FailoverCore`` is the decision logic with an explicit clock (tests drive
 it); ``Engine`` runs it on asyncio with real BFD sessions and a path monitor.
 
@@ -81,7 +87,7 @@ DEFAULT_CLASS = "(default)"
 class Event:
     """One thing the engine did or noticed."""
 
-    ts: float
+    ts: float              # the engine's clock (time.monotonic); the store keeps wall time
     reason: str            # bfd_down, bfd_up, sla_violation, failback, reroute, damped, reuse, initial
     policy: str | None = None   # a move's class: a policy name or DEFAULT_CLASS
     from_path: str | None = None
@@ -155,6 +161,8 @@ class FailoverCore:
                 st.candidates = sorted(cands, key=lambda pid, st=st: (self._pref(st, pid), self.paths[pid].path.index))
                 self.pairs[(name, remote)] = st
         self._events: Fanout[Event] = Fanout()
+        # the clock ``now`` comes from; events are stored in wall time (wall_time)
+        self._clock: Callable[[], float] = time.monotonic
         self.set_path_calls = 0
         # fate sharing: after a path over a local uplink goes down, the other
         # paths over that uplink are suspect for a while (their own BFD may
@@ -220,10 +228,15 @@ class FailoverCore:
 
     # -- acting -----------------------------------------------------------------
 
+    def wall_time(self, ts: float) -> float:
+        """``ts`` of the engine's clock as wall-clock time (``time.time()``),
+        by the offset between the two clocks now."""
+        return ts + (time.time() - self._clock())
+
     def _emit(self, ev: Event) -> Event:
         if self.store is not None:
             self.store.add_event(ev.reason, policy=ev.policy, from_path=ev.from_path, to_path=ev.to_path,
-                                 detail=ev.detail, ts=ev.ts, site=ev.site)
+                                 detail=ev.detail, ts=self.wall_time(ev.ts), site=ev.site)
         self._events.publish(ev)
         return ev
 
@@ -345,7 +358,6 @@ class Engine(FailoverCore):
         self.window_s, self.tick_s = window_s, tick_s
         self._monitor: Any = None
         self._stop: asyncio.Event | None = None
-        self._clock: Callable[[], float] = time.monotonic
 
     def watch(self, path_id: str, session: Any) -> None:
         from .bfd import State

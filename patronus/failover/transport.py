@@ -1,7 +1,8 @@
 """BFD over UDP with asyncio: RFC 5881 single hop (port 3784, TTL 255 both
 ways) and RFC 5883 multihop (port 4784). Sessions that share a local address
-share one receiving socket (an endpoint), which finds each packet's session
-by Your Discriminator, or by the peer address while that is still zero.
+share one receiving socket (an endpoint, bound to that address and not
+shareable with any other socket), which finds each packet's session by Your
+Discriminator, or by the peer address while that is still zero.
 Every session has its own sending socket (a source port in 49152-65535,
 kept for the life of the session) and its own timer on the event loop.
 
@@ -21,9 +22,11 @@ kept for the life of the session) and its own timer on the event loop.
 from __future__ import annotations
 
 import asyncio
+import errno
 import heapq
 import ipaddress
 import json
+import logging
 import math
 import random
 import socket
@@ -44,6 +47,7 @@ SINGLE_HOP_PORT, MULTIHOP_PORT = 3784, 4784
 IP_RECVTTL, IP_TTL, IP_PKTINFO = 12, 2, 8                      # <linux/in.h>
 IPV6_RECVHOPLIMIT, IPV6_HOPLIMIT, IPV6_RECVPKTINFO, IPV6_PKTINFO = 51, 52, 49, 50  # <linux/in6.h>
 _SRC_PORTS = (49152, 65535)
+log = logging.getLogger(__name__)
 
 
 def _family(addr: str) -> int:
@@ -53,19 +57,39 @@ def _family(addr: str) -> int:
         raise ConfigError("BfdSession address", addr, "is not an IP address") from None
 
 
+def _bind_error(local: str, port: int | None, e: OSError) -> ConfigError:
+    """The named error for a failed bind: an address the host lacks says so
+    and how to fix it (it used to surface as "no free source port")."""
+    if e.errno == errno.EADDRNOTAVAIL:
+        return ConfigError("BfdSession local", local, "is not an address of this host (fix: assign it to an "
+                           f"interface, e.g. 'ip addr add {local} dev lo', or run in the network namespace "
+                           "that has it: netns= / --netns)")
+    if e.errno == errno.EADDRINUSE:
+        return ConfigError("BfdSession local", (local, port), "is in use by another socket (another BFD daemon "
+                           "on this address, e.g. FRR bfdd or a second patronus bfd; fix: stop it, or use "
+                           "another local address or port)")
+    return ConfigError("BfdSession local", (local, port), f"cannot be bound: {e.strerror}")
+
+
 class BfdEndpoint:
-    """The receiving socket of one port, family and namespace, bound to the
-    wildcard address and shared by every session there (as BFD daemons do):
-    one reader for hundreds of sessions. The destination address of each
-    packet (IP_PKTINFO) and its TTL (IP_RECVTTL, the check of RFC 5881
-    section 5) come with it."""
+    """The receiving socket of one local address, port and namespace, shared
+    by every session of that address: one reader for hundreds of sessions.
+    The destination address of each packet (IP_PKTINFO) and its TTL
+    (IP_RECVTTL, the check of RFC 5881 section 5) come with it.
+
+    It binds the local address, not the wildcard, and without SO_REUSEADDR:
+    with the wildcard two processes on one host (say ``patronus bfd`` on
+    127.0.0.1 and on 127.0.0.2) both wanted 0.0.0.0:3784 and, sharing it,
+    the kernel gave all packets to one of them, so neither came Up; with
+    SO_REUSEADDR any other local user could bind the same (unprivileged)
+    port and take the session's packets, and the session went Down."""
 
     _all: dict[tuple[Any, ...], BfdEndpoint] = {}
 
     @classmethod
     def get(cls, local: str, port: int, netns: str | None, min_ttl: int) -> BfdEndpoint:
         loop = asyncio.get_running_loop()
-        key = (id(loop), netns, _family(local), port, min_ttl)
+        key = (id(loop), netns, _family(local), local, port, min_ttl)
         ep = cls._all.get(key)
         if ep is None:
             ep = cls._all[key] = BfdEndpoint(local, port, netns, min_ttl, key)
@@ -80,19 +104,19 @@ class BfdEndpoint:
         self.discards: dict[str, int] = {}
         sock = socket_in(netns, self.family, socket.SOCK_DGRAM)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            # no SO_REUSEADDR/SO_REUSEPORT: no port of ours may be shared (see the class docstring)
             big_buffers(sock)  # hundreds of sessions' packets may queue while the loop is busy
             if self.family == socket.AF_INET:
                 sock.setsockopt(socket.IPPROTO_IP, IP_RECVTTL, 1)
                 sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
-                sock.bind(("0.0.0.0", port))
+                sock.bind((local, port))
             else:
                 sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVHOPLIMIT, 1)
                 sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)
-                sock.bind(("::", port))
+                sock.bind((local, port))
         except OSError as e:
             sock.close()
-            raise ConfigError("BfdSession local", (local, port), f"cannot be bound: {e.strerror}") from None
+            raise _bind_error(local, port, e) from None
         sock.setblocking(False)
         self.sock = sock
         self.loop = asyncio.get_running_loop()
@@ -201,7 +225,9 @@ class BfdSession:
     multiplier=3)``; ``await start()``; ``state``; ``on_change(callback)``
     (called with a ``Transition``: old, new, diag, at); ``async for t in
     changes()``; ``set_timers(tx_ms, rx_ms)`` (a Poll Sequence while Up);
-    ``await stop()``. ``multihop=True`` uses port 4784 and accepts packets
+    ``await stop()``. A callback that raises is logged and counted in
+    ``callback_errors``; it cannot stop this or any other session's timers.
+    ``multihop=True`` uses port 4784 and accepts packets
     with TTL >= ``min_ttl``; single hop sends with TTL 255 and drops any
     packet that arrives with less. ``netns`` runs it in a named namespace.
     """
@@ -231,6 +257,7 @@ class BfdSession:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._seen = 0
         self.send_errors = 0
+        self.callback_errors = 0  # state-change callbacks that raised (logged, then ignored)
 
     # -- public ------------------------------------------------------------------
 
@@ -239,7 +266,19 @@ class BfdSession:
         return self.core.state
 
     def on_change(self, callback: Callable[[Transition], Any]) -> None:
-        self._changes.subscribe(callback)
+        # Callbacks run inside the timer scheduler shared by every session of
+        # the loop and inside the endpoint's reader: one that raised used to
+        # abort the scheduler before it re-armed, and every session on the
+        # loop stopped sending and detecting. Isolate it: log, count, go on.
+        def guarded(t: Transition) -> None:
+            try:
+                callback(t)
+            except Exception:
+                self.callback_errors += 1
+                log.exception("BFD %s -> %s: state-change callback %r raised on %s -> %s", self.local, self.peer,
+                              callback, t.old.name, t.new.name)
+
+        self._changes.subscribe(guarded)
 
     def changes(self) -> AsyncIterator[Transition]:
         """Every state change from now on (``async for t in s.changes()``)."""
@@ -313,7 +352,10 @@ class BfdSession:
             try:
                 sock.bind((self.local, random.randint(*_SRC_PORTS)))
                 break
-            except OSError:
+            except OSError as e:
+                if e.errno != errno.EADDRINUSE:  # another port would not help (say, an address we lack)
+                    sock.close()
+                    raise _bind_error(self.local, None, e) from None
                 continue
         else:
             sock.close()
@@ -348,11 +390,14 @@ class BfdSession:
             self._sched.arm(self, at)
 
     def _notify(self) -> None:
-        if len(self.core.transitions) == self._seen:
+        # core.transitions keeps only the newest TRANSITIONS_KEPT: count by
+        # transition_count, which keeps growing, and take the tail
+        n = self.core.transition_count - self._seen
+        if n <= 0:
             return
-        new = self.core.transitions[self._seen:]
-        self._seen = len(self.core.transitions)
-        for t in new:
+        self._seen = self.core.transition_count
+        kept = self.core.transitions
+        for t in list(kept)[max(len(kept) - n, 0):]:
             self._changes.publish(t)
 
 

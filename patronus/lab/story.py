@@ -187,7 +187,13 @@ def failover_story(workdir: Path | str, *, tag: str = "demo", sites: int = 3, ho
         while stats is None and time.monotonic() < deadline:
             stats = dump_box.get("stats")
             time.sleep(0.05)
+        # the voice gap the cut made: the gap spanning it, or starting between
+        # it and the move that answered it
+        down = next((e for e in moves if e["reason"] == "bfd_down" and e["mono"] >= t_cut), None)
+        end = down["mono"] if down else t_heal
+        cut_gaps = [b - a for a, b in zip(times, times[1:]) if a <= t_cut <= b or t_cut <= a <= end]
         return {"sent": sent, "received": len(arrivals), "max_gap_ms": max(gaps) * 1e3, "arrivals": times,
+                "cut_gap_ms": max(cut_gaps, default=0.0) * 1e3,
                 "tcp_ok": bytes(got) == payload, "moves": moves, "t_cut": t_cut, "t_heal": t_heal,
                 "voice_first": voice_first, "bulk_first": bulk_first, "events": list(events), "wan": wan,
                 "stats": stats}

@@ -14,6 +14,7 @@ True
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass, field, replace
 
 from ..errors import ConfigError
@@ -22,18 +23,29 @@ from .keys import PresharedKey, PrivateKey, PublicKey
 __all__ = ["InterfaceConfig", "PeerConfig", "render", "render_quick", "parse", "parse_endpoint"]
 
 
+MIN_MTU = 68   # IPv4's minimum (RFC 791); an interface cannot go lower
+_PORT_RE = re.compile(r"[0-9]{1,5}")
+
+
 def parse_endpoint(text: str) -> tuple[str, int]:
-    """"192.0.2.1:51820" or "[2001:db8::1]:51820" -> (host, port)."""
-    t = text.strip()
-    if t.startswith("["):
-        host, _, port = t[1:].partition("]:")
+    """"192.0.2.1:51820" or "[2001:db8::1]:51820" -> (host, port). The port
+    is 1-5 ASCII digits (no sign, no "_"); an IPv6 address needs brackets
+    ("::1:80" is refused: which colon ends the address?), an IPv4 one none."""
+    t = text.strip() if isinstance(text, str) else ""
+    bracketed = t.startswith("[")
+    if bracketed:
+        host, sep, port = t[1:].partition("]:")
     else:
-        host, _, port = t.rpartition(":")
+        host, sep, port = t.rpartition(":")
     try:
-        ipaddress.ip_address(host)
+        if not sep or not _PORT_RE.fullmatch(port):
+            raise ValueError
+        addr = ipaddress.ip_address(host)
+        if (addr.version == 6) != bracketed:
+            raise ValueError
         p = int(port)
     except ValueError:
-        raise ConfigError("Endpoint", text, "is not IP:port (IPv6 in brackets)") from None
+        raise ConfigError("Endpoint", text, "is not IP:port (IPv6 in brackets, port in decimal digits)") from None
     if not 1 <= p <= 65535:
         raise ConfigError("Endpoint", text, "has a port outside 1..65535")
     return host, p
@@ -88,6 +100,9 @@ class InterfaceConfig:
         object.__setattr__(self, "addresses", tuple(_addr(a) for a in self.addresses))
         if self.listen_port is not None and not 0 <= self.listen_port <= 65535:
             raise ConfigError("ListenPort", self.listen_port, "is not in 0..65535")
+        if self.mtu is not None and (isinstance(self.mtu, bool) or not isinstance(self.mtu, int)
+                                     or not MIN_MTU <= self.mtu <= 65535):
+            raise ConfigError("MTU", self.mtu, f"is not in {MIN_MTU}..65535")
         keys = [p.public_key for p in self.peers]
         if len(set(keys)) != len(keys):
             raise ConfigError("Peer", [k.base64 for k in keys], "lists a public key twice")
@@ -111,7 +126,7 @@ def _render(cfg: InterfaceConfig, quick: bool) -> str:
     if quick:
         if cfg.addresses:
             lines.append(f"Address = {', '.join(cfg.addresses)}")
-        if cfg.mtu:
+        if cfg.mtu is not None:
             lines.append(f"MTU = {cfg.mtu}")
     for p in cfg.peers:
         lines += ["", "[Peer]", f"PublicKey = {p.public_key.base64}"]
@@ -176,13 +191,15 @@ def parse(text: str) -> InterfaceConfig:
     if "privatekey" not in iface:
         raise ConfigError("[Interface]", None, "has no PrivateKey")
 
-    def integer(v: str, what: str, hi: int) -> int:
+    def integer(v: str, what: str, hi: int, lo: int = 0) -> int:
         try:
+            if not re.fullmatch(r"[0-9]+|0[xX][0-9a-fA-F]+", v):
+                raise ValueError
             x = int(v, 0)
         except ValueError:
-            raise ConfigError(what, v, "is not an integer") from None
-        if not 0 <= x <= hi:
-            raise ConfigError(what, v, f"is not in 0..{hi}")
+            raise ConfigError(what, v, "is not an integer (decimal, or 0x hex)") from None
+        if not lo <= x <= hi:
+            raise ConfigError(what, v, f"is not in {lo}..{hi}")
         return x
 
     def split(v: str) -> tuple[str, ...]:
@@ -203,5 +220,5 @@ def parse(text: str) -> InterfaceConfig:
         integer(iface["fwmark"], "FwMark", 2**32 - 1) if iface.get("fwmark", "off").lower() != "off" else 0,
         tuple(out_peers),
         tuple(_addr(a) for a in split(iface.get("address", ""))),
-        integer(iface["mtu"], "MTU", 65535) if "mtu" in iface else None,
+        integer(iface["mtu"], "MTU", 65535, MIN_MTU) if "mtu" in iface else None,
     )

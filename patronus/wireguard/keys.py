@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import os
+import secrets
+import stat
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -21,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from ..errors import ConfigError
 
-__all__ = ["PrivateKey", "PublicKey", "PresharedKey", "decode_key"]
+__all__ = ["PrivateKey", "PublicKey", "PresharedKey", "decode_key", "write_secret_file", "read_secret_file"]
 
 _RAW = serialization.Encoding.Raw
 
@@ -40,6 +43,91 @@ def decode_key(text: str | bytes, field: str = "key") -> bytes:
         raise ConfigError(field, "<redacted>" if "private" in field or "preshared" in field else t,
                           f"decodes to {len(raw)} bytes, a key has 32")
     return raw
+
+
+def write_secret_file(path: str | os.PathLike[str], data: bytes, *, replace: bool = True) -> bool:
+    """Write ``data`` to ``path`` with mode 0600, atomically.
+
+    The bytes go to a temporary file of an unpredictable name in the same
+    directory, opened with O_CREAT|O_EXCL|O_NOFOLLOW and mode 0600 (a file or
+    symlink planted there makes the open fail instead of being reused or
+    followed), are fsync'd, and the file is renamed over ``path`` (a symlink
+    at ``path`` is replaced, never written through). With ``replace=False``
+    it is hard-linked instead, so an existing ``path`` is kept and False is
+    returned (two writers racing: the first one wins)."""
+    path = Path(path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(10):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+        try:
+            fd = os.open(tmp, flags, 0o600)
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise ConfigError("key file", str(path), "cannot make a temporary file beside it")
+    try:
+        try:
+            os.fchmod(fd, 0o600)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if replace:
+            os.replace(tmp, path)
+            written = True
+        else:
+            try:
+                os.link(tmp, path, follow_symlinks=False)
+                written = True
+            except FileExistsError:
+                written = False
+            os.unlink(tmp)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    try:  # the rename itself durable
+        dfd = os.open(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+    return written
+
+
+def read_secret_file(path: str | os.PathLike[str], what: str = "key file") -> bytes:
+    """The bytes of a secret file, refused (ConfigError) unless it is a
+    regular file, not a symlink, owned by this user and unreadable by others."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ConfigError(what, str(path), "is a symlink; a key file must be a regular file") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(what, str(path), "is not a regular file")
+        if st.st_uid != os.geteuid():
+            raise ConfigError(what, str(path), f"is owned by uid {st.st_uid}, not by this user ({os.geteuid()})")
+        if st.st_mode & 0o077:
+            raise ConfigError(what, str(path),
+                              f"is readable by others (mode {st.st_mode & 0o777:o}); chmod 600 it")
+        chunks = []
+        while chunk := os.read(fd, 4096):
+            chunks.append(chunk)
+            if sum(map(len, chunks)) > 4096:
+                raise ConfigError(what, str(path), "is too large for a key file")
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 class PublicKey:
@@ -100,16 +188,10 @@ class _Secret:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the base64 key to ``path`` with mode 0600 (created that way,
-        never world-readable for an instant), replacing it atomically."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, (self.base64 + "\n").encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+        never world-readable for an instant), replacing it atomically
+        (``write_secret_file``: an unpredictable temporary name opened
+        O_EXCL|O_NOFOLLOW, fsync, rename)."""
+        write_secret_file(path, (self.base64 + "\n").encode())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]):  # type: ignore[no-untyped-def]

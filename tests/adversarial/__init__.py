@@ -1,0 +1,1 @@
+"""Tests written from an adversarial review: each reproduces a defect found by attacking the code."""
