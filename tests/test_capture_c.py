@@ -10,8 +10,6 @@ final status that is END or one of the named errors.
 from __future__ import annotations
 
 import importlib.util
-import os
-import shutil
 import struct
 import subprocess
 from pathlib import Path
@@ -19,6 +17,8 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from .sanitized import build, san_env
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -35,29 +35,12 @@ mk = _load("make_captures")
 EXPECTED = _load("expected").EXPECTED
 
 STATUSES = {"END", "ERR_MAGIC", "ERR_TRUNCATED", "ERR_BLOCK"}
-SAN_ENV = {
-    **os.environ,
-    "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0:exitcode=86",
-    "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1",
-}
+SAN_ENV = san_env()
 
 
 @pytest.fixture(scope="module")
 def harness(tmp_path_factory):
-    cc = shutil.which("cc")
-    if cc is None:
-        pytest.skip("no C compiler")
-    exe = tmp_path_factory.mktemp("capture_c") / "capture_dump"
-    cmd = [cc, "-std=c11", "-O1", "-g", "-Wall", "-Wextra", "-Werror",
-           "-I", "csrc", "csrc/capture.c", "tests/c/capture_dump.c", "-o", str(exe)]
-    san = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
-    proc = subprocess.run(cmd + san, cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode != 0:
-        # A toolchain without sanitizer runtimes (e.g. clang lacking
-        # compiler-rt) still gets every functional check; the C must build.
-        plain = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-        assert plain.returncode == 0, plain.stderr
-    return exe
+    return build(tmp_path_factory.mktemp("capture_c") / "capture_dump", ["csrc/capture.c", "tests/c/capture_dump.c"])
 
 
 def run_harness(exe: Path, *args: str, data: bytes | None = None) -> str:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import random
-import shutil
 import struct
 import subprocess
 from pathlib import Path
@@ -34,17 +33,14 @@ from patronus import reference
 from patronus.abi import MALFORMED_REASONS
 
 from ..frames import V4, V6, any_frames
+from ..sanitized import build, san_env
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCES = ["csrc/classify.c", "csrc/sites.c", "csrc/flowtable.c", "tests/c/dataplane_fuzz.c"]
 # Leak checks only when asked (`make fuzz`): LeakSanitizer cannot run under
 # ptrace, which some CI sandboxes use.
 LEAKS = int(os.environ.get("PATRONUS_FUZZ_LEAKS", "0"))
-SAN_ENV = {
-    **os.environ,
-    "ASAN_OPTIONS": f"detect_leaks={LEAKS}:abort_on_error=0:exitcode=86",
-    "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1",
-}
+SAN_ENV = san_env(bool(LEAKS))
 EXAMPLES = int(os.environ.get("PATRONUS_FUZZ_EXAMPLES", "150"))
 
 # struct layouts of csrc/patronus_abi.h and the harness header
@@ -58,19 +54,7 @@ RF_SRC, RF_DST, RF_SPORT, RF_DPORT, RF_PROTO, RF_DSCP = 1, 2, 4, 8, 16, 32
 
 @pytest.fixture(scope="session")
 def harness(tmp_path_factory):
-    cc = shutil.which("cc")
-    if cc is None:
-        pytest.skip("no C compiler")
-    exe = tmp_path_factory.mktemp("dataplane_c") / "dataplane_fuzz"
-    cmd = [cc, "-std=c11", "-O1", "-g", "-Wall", "-Wextra", "-Werror", "-I", "csrc", *SOURCES, "-o", str(exe)]
-    san = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
-    proc = subprocess.run(cmd + san, cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode != 0:
-        # A toolchain without sanitizer runtimes (e.g. clang lacking
-        # compiler-rt) still gets every functional check; the C must build.
-        plain = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-        assert plain.returncode == 0, plain.stderr
-    return exe
+    return build(tmp_path_factory.mktemp("dataplane_c") / "dataplane_fuzz", SOURCES)
 
 
 def run(exe: Path, data: bytes, *args: str) -> str:
