@@ -21,6 +21,8 @@ from patronus.wireguard.discovery import (REJECT_REASONS, Announcement, Announce
                                           SignedAnnouncement, SigningKey, SqliteRegistry)
 from patronus.wireguard.keys import PrivateKey
 
+from ..test_discovery import enrolled
+
 MAX_BODY = getattr(discovery, "MAX_BODY", 65536)
 WG = PrivateKey.generate().public_key().base64
 
@@ -32,10 +34,6 @@ def reg(tmp_path):
     r.close()
 
 
-def enrolled(reg, site="br"):
-    key = SigningKey.generate()
-    reg.enroll(reg.create_token(site), site, key.public_bytes)
-    return key
 
 
 def body(**over):
