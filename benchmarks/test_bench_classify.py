@@ -103,13 +103,13 @@ def test_cached_classify(benchmark, bench_data, n):
     table = bench_data.table(n)
     tr = bench_data.traffic(n, FRAMES, FLOWS)
     frames = (tr.buf, tr.offsets)
-    table._cls.clear_cache()
+    table.classifier.clear_cache()
     table.classify(frames)  # warm: every flow seen once
-    before = table._cls.cache_stats
+    before = table.classifier.cache_stats
     out = measure(benchmark, lambda: table.classify(frames), frames=len(tr), group=f"cached classify, {n} policies",
                   case=f"classify cached, {n} policies, {FLOWS} flows", role="patronus", policies=n, flows=FLOWS,
                   matched=tr.matched)
-    after = table._cls.cache_stats
+    after = table.classifier.cache_stats
     hits, misses = after["hits"] - before["hits"], after["misses"] - before["misses"]
     benchmark.extra_info["cache_hit_rate"] = hits / max(hits + misses, 1)
     assert len(out) == len(tr)
@@ -122,13 +122,13 @@ def test_cached_classify_100k_flows(benchmark, bench_data, cache_size):
     table = bench_data.table(n) if cache_size == 1 << 17 else PolicyTable(bench_data.policies(n), cache_size=cache_size)
     tr = bench_data.traffic(n, *FLOWS_100K)
     frames = (tr.buf, tr.offsets)
-    table._cls.clear_cache()
+    table.classifier.clear_cache()
     table.classify(frames)
-    before = table._cls.cache_stats
+    before = table.classifier.cache_stats
     measure(benchmark, lambda: table.classify(frames), frames=len(tr), group=f"cached classify, {n} policies",
             case=f"classify cached, {n} policies, {FLOWS_100K[1]} flows, cache_size={cache_size}", role="patronus",
             policies=n, flows=FLOWS_100K[1], matched=tr.matched, rounds=5)
-    after = table._cls.cache_stats
+    after = table.classifier.cache_stats
     hits, misses = after["hits"] - before["hits"], after["misses"] - before["misses"]
     benchmark.extra_info["cache_hit_rate"] = hits / max(hits + misses, 1)
 
@@ -139,13 +139,13 @@ def test_cached_classify_hot(benchmark, bench_data):
     table = bench_data.table(n)
     tr = bench_data.traffic(n, FRAMES, HOT_FLOWS)
     frames = (tr.buf, tr.offsets)
-    table._cls.clear_cache()
+    table.classifier.clear_cache()
     table.classify(frames)
-    before = table._cls.cache_stats
+    before = table.classifier.cache_stats
     measure(benchmark, lambda: table.classify(frames), frames=len(tr), group=f"cached classify, {n} policies",
             case=f"classify cached, {n} policies, {HOT_FLOWS} flows (best case)", role="patronus", policies=n,
             flows=HOT_FLOWS, matched=tr.matched)
-    after = table._cls.cache_stats
+    after = table.classifier.cache_stats
     hits, misses = after["hits"] - before["hits"], after["misses"] - before["misses"]
     benchmark.extra_info["cache_hit_rate"] = hits / max(hits + misses, 1)
 

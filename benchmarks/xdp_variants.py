@@ -18,6 +18,7 @@ Not a test: pytest does not collect it.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -29,21 +30,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import patronus.dataplane.xdp as xdp  # noqa: E402
+from patronus._sources import source_dirs  # noqa: E402
 from conftest import make_table, make_traffic  # noqa: E402
 
 
 def load(src: Path, table, flows_log2: int, new_flows: bool) -> xdp.Xdp:
-    """An Xdp built from ``src`` instead of bpf/patronus_xdp.c."""
+    """An Xdp built from ``src`` instead of bpf/patronus_xdp.c (through
+    PATRONUS_SRC: a source tree whose bpf/ holds ``src``)."""
     d = Path(tempfile.mkdtemp(prefix="pn_variant_"))
-    bpf_dir, csrc = xdp.bpf_source_dir()
-    shutil.copy(src, d / "patronus_xdp.c")
-    shutil.copy(bpf_dir / "patronus_tc.c", d)
-    saved = xdp.bpf_source_dir
-    xdp.bpf_source_dir = lambda: (d, csrc)
+    bpf_dir, csrc = source_dirs()
+    (d / "bpf").mkdir()
+    shutil.copy(src, d / "bpf" / "patronus_xdp.c")
+    shutil.copy(bpf_dir / "patronus_tc.c", d / "bpf")
+    (d / "csrc").symlink_to(csrc)
+    saved = os.environ.get("PATRONUS_SRC")
+    os.environ["PATRONUS_SRC"] = str(d)
     try:
         x = xdp.Xdp(table, flow_capacity=1 << flows_log2, _bench_new_flows=new_flows)
     finally:
-        xdp.bpf_source_dir = saved
+        if saved is None:
+            del os.environ["PATRONUS_SRC"]
+        else:
+            os.environ["PATRONUS_SRC"] = saved
     x.steering = False
     return x
 

@@ -30,91 +30,19 @@
 #include "patronus_abi.h"
 #include "parse.h"
 
-/* A classifier row: bit i of the bitmap says whether rule i can match the
- * field value the row stands for; summary bit j says whether bitmap word j
- * is non-zero. The bitmap is stored as PN_NSUM chunks of 64 words (one per
- * summary word), deduplicated across all rows of a table set: rows differ
- * from each other in few chunks (a prefix's own rules), so at 65,536 rules
- * the 869 MB of dense rows of the benchmark table are 65 MB of chunks. */
-struct pn_row {
-    __u64 sum[PN_NSUM];
-    __u32 chunk[PN_NSUM];     /* chunk of bitmap words 64 * j .. 64 * j + 63 */
-};
-
-struct pn_chunk {
-    __u64 w[64];
-};
-
-/* Prefix fields: the rules matching an address are the wildcard rules plus
- * those whose prefix contains it, and that set is fixed by the longest such
- * prefix. So every distinct prefix maps to the row of "inside this prefix
- * and no longer one" (plus a /0 entry for "inside none").
- *
- * IPv4: a 16-8-8 multibit table, three array reads at most and no loop.
- * pn_v4l1_map[(set * PN_V4_DIRS + dir) * 65536 + (addr >> 16)] is a row, or
- * PN_V4_CHUNK | c: then chunk c of the set (pn_v4chunk_map[set *
- * PN_V4CHUNKS + c]) holds the entry for the next 8 bits, again a row or a
- * chunk for the last 8. patronus/dataplane/xdp.py (v4_strides) builds it.
- * Direction 2 is not a field: its entries are destination sites
- * (struct pn_site_prefix; 0 outside every site), the same walk.
- *
- * IPv6: an LPM trie; `tag` = set * 2 + (0 src, 1 dst) leads the key, so
- * both sets and both directions share one trie; prefixlen counts its 8 bits. */
-#define PN_V4_CHUNK 0x80000000u
-#define PN_V4_DIRS 3              /* source, destination, destination site */
-struct pn_v4chunk {
-    __u32 e[256];
-};
-
-struct pn_lpm6 {
-    __u32 prefixlen;
-    __u8 tag;
-    __u8 addr[16];
-    __u8 _pad[3];
-};
-
-/* Direct lookups for the small fields, and per-set sizes. Row numbers in
- * here already include each field's base in the set's row map. */
-struct pn_lut {
-    __u32 proto[256];
-    __u32 dscp[64];
-    __u32 noport[2];          /* sport, dport row of packets without ports */
-};
-
-struct pn_rpol {
-    __s32 policy[PN_RULES];   /* rule (priority order) -> policy index */
-};
-
-struct pn_cfg {
-    __u32 set;                /* live table set, 0 or 1 */
-    __u32 generation;         /* bumped on every swap */
-    /* "now" in CLOCK_MONOTONIC ns is jiffies * tick_ns + clock_base: the
-     * verifier inlines bpf_jiffies64() as one load, where the coarse clock
-     * is a helper call (about 3 ns a packet). The loader measures tick_ns
-     * and clock_base (pn_clock). Replaying a capture: tick_ns 0 and
-     * clock_base the packet's time. */
-    __u64 clock_base;
-    __u32 tick_ns;
-    __u32 flags;              /* PN_CFG_* */
-};
-
-/* write struct pn_meta in front of every frame (steering, test runs); off,
- * it saves the bpf_xdp_adjust_meta call on every packet */
-#define PN_CFG_META 1
-
 /* key: 0. The one word userspace flips to swap tables. */
 BPF_ARRAY(pn_cfg_map, struct pn_cfg, 1);
-/* key: (set * PN_V4_DIRS + dir) * 65536 + top 16 address bits -> row (site) or chunk */
-BPF_ARRAY(pn_v4l1_map, __u32, 2 * PN_V4_DIRS * 65536);
+/* key: (set * PN_V4_DIRS + dir) * PN_V4_L1 + top 16 address bits -> row (site) or chunk */
+BPF_ARRAY(pn_v4l1_map, __u32, 2 * PN_V4_DIRS * PN_V4_L1);
 /* key: set * PN_V4CHUNKS + chunk */
 BPF_ARRAY(pn_v4chunk_map, struct pn_v4chunk, 2 * PN_V4CHUNKS);
 /* key: (tag, prefix) -> row, see struct pn_lpm6 */
 BPF_LPM_TRIE(pn_lpm6_map, struct pn_lpm6, __u32, PN_LPM);
 /* key: set */
 BPF_ARRAY(pn_lut_map, struct pn_lut, 2);
-/* key: (set * 2 + (0 sport, 1 dport)) * 65536 + port -> row. Separate from
+/* key: (set * 2 + (0 sport, 1 dport)) * PN_PORTS + port -> row. Separate from
  * pn_lut: BCC takes seconds to describe a struct holding 64k-element arrays. */
-BPF_ARRAY(pn_port_map, __u32, 4 * 65536);
+BPF_ARRAY(pn_port_map, __u32, 4 * PN_PORTS);
 BPF_ARRAY(pn_rpol_map, struct pn_rpol, 2);
 /* key: set * PN_ROWS + row */
 BPF_ARRAY(pn_rows_map, struct pn_row, 2 * PN_ROWS);
@@ -135,7 +63,7 @@ BPF_ARRAY(pn_route_map, struct pn_route, 2 * PN_NPOL * PN_SCOLS);
 BPF_LPM_TRIE(pn_site_map, struct pn_lpm6, __u32, PN_SITE_LPM);
 #endif
 /* key: path slot -> ifindex to redirect to (absent: pass to the stack) */
-BPF_DEVMAP(pn_tx_map, 256);
+BPF_DEVMAP(pn_tx_map, PN_TX_SLOTS);
 /* key: policy + 1 -> packets and bytes, per CPU, of what no live flow
  * record holds. A policy's count is this plus the counts of its live flows
  * (and of the flows userspace drained): a hit counts once, in its record.
@@ -157,18 +85,7 @@ static __always_inline void pn_pcount_add(__s32 policy, __u64 packets, __u64 byt
 }
 /* key: enum pn_reason -> malformed frames, per CPU */
 BPF_PERCPU_ARRAY(pn_malformed_map, __u64, PN_NREASONS);
-/* key: enum pn_stat, per CPU */
-enum pn_stat {
-    PN_ST_NEW = 0,            /* flows inserted */
-    PN_ST_HIT = 1,            /* not counted: packets - the other three (saves a write per hit) */
-    PN_ST_RECLASS = 2,        /* known flow re-classified after a table swap */
-    PN_ST_INSERT_FAILED = 3,  /* lost a slot race: packet counted, no record */
-    PN_ST_EVICTED = 4,        /* live flows pushed out to make room */
-    PN_ST_EXPORT_LOST = 5,    /* evicted records the ring buffer had no room for */
-    PN_ST_UNACCOUNTED = 6,    /* passed without a policy count: a tail call failed */
-    PN_ST_CLASS_HIT = 7,      /* misses the classifier cache answered (pn_ccache_map) */
-    PN_NSTATS = 8,
-};
+/* key: enum pn_stat (patronus_abi.h), per CPU */
 BPF_PERCPU_ARRAY(pn_stats_map, __u64, PN_NSTATS);
 /* key: 0 parsed, 1 malformed: the benchmark floor program's one counter */
 BPF_PERCPU_ARRAY(pn_floor_map, __u64, 2);
@@ -271,7 +188,7 @@ static __always_inline int pn_v4step(__u32 set, __u32 *e, __u32 i)
  * (dir 0 source, 1 destination) or a site (dir 2). */
 static __always_inline int pn_v4walk(__u32 set, __u32 dir, __u32 addr, __u32 *out)
 {
-    __u32 k = (set * PN_V4_DIRS + dir) * 65536 + (addr >> 16);
+    __u32 k = (set * PN_V4_DIRS + dir) * PN_V4_L1 + (addr >> 16);
     __u32 *r = pn_v4l1_map.lookup(&k);
     if (!r)
         return -1;
@@ -289,7 +206,7 @@ static __always_inline int pn_lpm(struct pn_scratch *sc, const struct pn_parsed 
     __u32 *r;
     if (p->family == PN_FAMILY_V4)
         return pn_v4walk(tag >> 1, tag & 1, __builtin_bswap32(*(const __u32 *)a), row);
-    sc->k6.prefixlen = 8 + 128;
+    sc->k6.prefixlen = PN_LPM6_TAG_BITS + 128;
     sc->k6.tag = tag;
     __builtin_memcpy(sc->k6.addr, a, 16);
     r = pn_lpm6_map.lookup(&sc->k6);
@@ -308,7 +225,7 @@ static __always_inline __u32 pn_site(struct pn_scratch *sc, const struct pn_pars
         if (pn_v4walk(set, 2, __builtin_bswap32(*(const __u32 *)p->dst), &site))
             return PN_SITE_NONE;
     } else {
-        sc->k6.prefixlen = 8 + 128;
+        sc->k6.prefixlen = PN_LPM6_TAG_BITS + 128;
         sc->k6.tag = set * 2 + 1;
         __builtin_memcpy(sc->k6.addr, p->dst, 16);
         __u32 *v = pn_site_map.lookup(&sc->k6);
@@ -352,7 +269,7 @@ static __always_inline int pn_field_rows(struct pn_scratch *sc, const struct pn_
         return -1;
     __u32 rsp = lut->noport[0], rdp = lut->noport[1];
     if (p->has_ports) {
-        __u32 ks = set * 2 * 65536 + p->sport, kd = (set * 2 + 1) * 65536 + p->dport;
+        __u32 ks = set * 2 * PN_PORTS + p->sport, kd = (set * 2 + 1) * PN_PORTS + p->dport;
         __u32 *ps = pn_port_map.lookup(&ks), *pd = pn_port_map.lookup(&kd);
         if (!ps || !pd)
             return -1;
@@ -557,7 +474,7 @@ static __always_inline int pn_out(struct xdp_md *ctx, struct pn_cfg *cfg, struct
         pn_set_meta(ctx, path, policy, site);
     if (action == XDP_DROP)
         return XDP_DROP;
-    if (path != PN_NO_PATH && path < 256)
+    if (path != PN_NO_PATH && path < PN_TX_SLOTS)
         return pn_tx_map.redirect_map(path, XDP_PASS);
     return XDP_PASS;
 }
@@ -714,14 +631,14 @@ int pn_cls(struct xdp_md *ctx)
                               *k2 = pn_chunk_of(set, r2, c), *k3 = pn_chunk_of(set, r3, c),
                               *k4 = pn_chunk_of(set, r4, c), *k5 = pn_chunk_of(set, r5, c);
         if (k0 && k1 && k2 && k3 && k4 && k5) {
-            for (__u32 i = 0; i < 64; i++) {
+            for (__u32 i = 0; i < PN_CHUNK_WORDS; i++) {
                 if (!m)
                     break;
                 __u32 b = pn_ctz64(m) & 63;
                 m &= m - 1;
                 __u64 x = k0->w[b] & k1->w[b] & k2->w[b] & k3->w[b] & k4->w[b] & k5->w[b];
                 if (x) {
-                    policy = rp->policy[((c * 64 + b) * 64 + pn_ctz64(x)) & (PN_RULES - 1)];
+                    policy = rp->policy[((c * PN_CHUNK_WORDS + b) * 64 + pn_ctz64(x)) & (PN_RULES - 1)];
                     found = 1;
                     break;
                 }

@@ -12,7 +12,20 @@ struct pn_layout_entry {
     size_t size;
 };
 
-/* Terminated by an entry whose type is NULL. */
+/* Terminated by an entry whose type is NULL. Structs sized by compile-time
+ * capacities are laid out at PN_LAYOUT_NSUM summary words and
+ * PN_LAYOUT_RULES rule slots. */
 extern const struct pn_layout_entry pn_abi_layout[];
+
+#define PN_LAYOUT_NSUM 3
+#define PN_LAYOUT_RULES 8
+
+/* Every integer constant of patronus_abi.h that Python reads, by name.
+ * Terminated by an entry whose name is NULL. */
+struct pn_const_entry {
+    const char *name;
+    unsigned long long value;
+};
+extern const struct pn_const_entry pn_abi_constants[];
 
 #endif

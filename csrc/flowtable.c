@@ -152,6 +152,19 @@ void pn_ft_flush(pn_flowtable *ft)
         remove_entry(ft, ft->tail, &flushed);
 }
 
+size_t pn_ft_expire_idle(pn_flowtable *ft, uint64_t now_ns, int64_t idle_ns)
+{
+    size_t n = 0;
+    if (idle_ns < 0)
+        return 0;
+    /* least recently used first: the walk stops at the first flow still active */
+    while (ft->tail != PN_NIL && (int64_t)(now_ns - ft->flows[ft->tail].rec.last_ns) >= idle_ns) {
+        remove_entry(ft, ft->tail, &ft->expired_idle);
+        n++;
+    }
+    return n;
+}
+
 size_t pn_ft_snapshot(const pn_flowtable *ft, struct pn_flow *out)
 {
     size_t n = 0;

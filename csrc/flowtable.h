@@ -36,6 +36,9 @@ int pn_ft_init(pn_flowtable *ft, uint32_t capacity, int64_t idle_ns, int64_t act
 void pn_ft_free(pn_flowtable *ft);
 /* Move every live flow into the export buffer (end of a capture). */
 void pn_ft_flush(pn_flowtable *ft);
+/* Move the flows idle for idle_ns or more at now_ns into the export buffer
+ * (counted as expired_idle); returns how many. */
+size_t pn_ft_expire_idle(pn_flowtable *ft, uint64_t now_ns, int64_t idle_ns);
 /* Copy live flows, most recent first, into out (room for ft->count). */
 size_t pn_ft_snapshot(const pn_flowtable *ft, struct pn_flow *out);
 

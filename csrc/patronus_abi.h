@@ -203,6 +203,120 @@ struct pn_bucket {
     struct pn_xslot s[PN_BUCKET_SLOTS];
 };
 
+/* Flow table readers (csrc/xdptable.c) take flows out of the XDP table in
+ * one of these modes. */
+enum pn_take_mode {
+    PN_TAKE_COPY = 0,        /* copy live flows, leave them */
+    PN_TAKE_ALL = 1,         /* copy and remove every live flow */
+    PN_TAKE_IDLE = 2,        /* copy and remove flows with last_ns + idle_ns <= now_ns */
+};
+
+/* ---- the XDP program's maps that userspace writes or reads (bpf/patronus_xdp.c;
+ * patronus/dataplane/xdp.py). Sizes that depend on the compiled capacities
+ * (PN_NSUM, PN_RULES) are given by those -D constants. ---- */
+
+/* pn_cfg_map[0]: the one value userspace rewrites to swap tables, set the
+ * clock and turn metadata on. */
+struct pn_cfg {
+    __u32 set;                /* live table set, 0 or 1 */
+    __u32 generation;         /* bumped on every swap */
+    /* "now" in CLOCK_MONOTONIC ns is jiffies * tick_ns + clock_base: the
+     * verifier inlines bpf_jiffies64() as one load, where the coarse clock
+     * is a helper call (about 3 ns a packet). The loader measures tick_ns
+     * and clock_base (pn_clock). Replaying a capture: tick_ns 0 and
+     * clock_base the packet's time. */
+    __u64 clock_base;
+    __u32 tick_ns;
+    __u32 flags;              /* PN_CFG_* */
+};
+
+/* write struct pn_meta in front of every frame (steering, test runs); off,
+ * it saves the bpf_xdp_adjust_meta call on every packet */
+#define PN_CFG_META 1
+
+/* pn_stats_map: per-CPU event counters, by index. Keep
+ * patronus/abi.py STATS in this order. */
+enum pn_stat {
+    PN_ST_NEW = 0,            /* flows inserted */
+    PN_ST_HIT = 1,            /* not counted: packets - the other three (saves a write per hit) */
+    PN_ST_RECLASS = 2,        /* known flow re-classified after a table swap */
+    PN_ST_INSERT_FAILED = 3,  /* lost a slot race: packet counted, no record */
+    PN_ST_EVICTED = 4,        /* live flows pushed out to make room */
+    PN_ST_EXPORT_LOST = 5,    /* evicted records the ring buffer had no room for */
+    PN_ST_UNACCOUNTED = 6,    /* passed without a policy count: a tail call failed */
+    PN_ST_CLASS_HIT = 7,      /* misses the classifier cache answered (pn_ccache_map) */
+    PN_NSTATS = 8,
+};
+
+/* Prefix fields: the rules matching an address are the wildcard rules plus
+ * those whose prefix contains it, and that set is fixed by the longest such
+ * prefix. So every distinct prefix maps to the row of "inside this prefix
+ * and no longer one" (plus a /0 entry for "inside none").
+ *
+ * IPv4: a 16-8-8 multibit table, three array reads at most and no loop.
+ * pn_v4l1_map[(set * PN_V4_DIRS + dir) * 65536 + (addr >> 16)] is a row, or
+ * PN_V4_CHUNK | c: then chunk c of the set (pn_v4chunk_map[set *
+ * PN_V4CHUNKS + c]) holds the entry for the next 8 bits, again a row or a
+ * chunk for the last 8. Direction 2 is not a field: its entries are
+ * destination sites (0 outside every site), the same walk. */
+#define PN_V4_CHUNK 0x80000000u
+#define PN_V4_DIRS 3              /* source, destination, destination site */
+#define PN_V4_L1 65536            /* level-1 entries per direction */
+struct pn_v4chunk {
+    __u32 e[256];
+};
+
+/* IPv6 prefixes: an LPM trie whose key leads with `tag` = set * 2 + (0
+ * source, 1 destination), so both sets and both directions share one trie;
+ * prefixlen counts its 8 bits. The destination-site trie uses the same key
+ * with tag = set * 2 + 1. */
+#define PN_LPM6_TAG_BITS 8
+struct pn_lpm6 {
+    __u32 prefixlen;
+    __u8 tag;
+    __u8 addr[16];
+    __u8 _pad[3];
+};
+
+/* pn_lut_map[set]: direct lookups for the small fields. Row numbers include
+ * each field's base in the set's row map. */
+struct pn_lut {
+    __u32 proto[256];
+    __u32 dscp[64];
+    __u32 noport[2];          /* sport, dport row of packets without ports */
+};
+
+/* Ports: pn_port_map[(set * 2 + (0 sport, 1 dport)) * PN_PORTS + port] -> row */
+#define PN_PORTS 65536
+
+/* A classifier row: bit i of the bitmap says whether rule i can match the
+ * field value the row stands for; summary bit j says whether bitmap word j
+ * is non-zero. The bitmap is stored as PN_NSUM chunks of PN_CHUNK_WORDS
+ * words (one per summary word), deduplicated across all rows of a table set
+ * (pn_chunks_map): rows differ from each other in few chunks (a prefix's
+ * own rules), so at 65,536 rules the 869 MB of dense rows of the benchmark
+ * table are 65 MB of chunks. */
+#define PN_CHUNK_WORDS 64
+#define PN_RULES_PER_SUM (PN_CHUNK_WORDS * 64)
+struct pn_chunk {
+    __u64 w[PN_CHUNK_WORDS];
+};
+#ifdef PN_NSUM
+struct pn_row {
+    __u64 sum[PN_NSUM];
+    __u32 chunk[PN_NSUM];     /* chunk of bitmap words 64 * j .. 64 * j + 63 */
+};
+#endif
+#ifdef PN_RULES
+/* pn_rpol_map[set]: rule (priority order) -> policy index; PN_RULES is a power of two */
+struct pn_rpol {
+    __s32 policy[PN_RULES];
+};
+#endif
+
+/* pn_tx_map: path slot -> ifindex to redirect to (a devmap of this size) */
+#define PN_TX_SLOTS 256
+
 #ifndef PN_INLINE
 #define PN_INLINE static inline __attribute__((always_inline))
 #endif

@@ -11,11 +11,7 @@
 
 #include "patronus_abi.h"
 
-enum pn_take_mode {
-    PN_TAKE_COPY = 0,        /* copy live flows, leave them */
-    PN_TAKE_ALL = 1,         /* copy and remove every live flow */
-    PN_TAKE_IDLE = 2,        /* copy and remove flows with last_ns + idle_ns <= now_ns */
-};
+/* modes: enum pn_take_mode (patronus_abi.h) */
 
 /* Copy live slots of table[0:nbuckets] into out (room for `room` flows) as
  * plain flow records (shared counts added in), in slot order; returns how

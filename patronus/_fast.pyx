@@ -18,6 +18,10 @@ cdef extern from "abi_layout.h":
         size_t offset
         size_t size
     const pn_layout_entry pn_abi_layout[]
+    struct pn_const_entry:
+        const char *name
+        unsigned long long value
+    const pn_const_entry pn_abi_constants[]
 
 cdef extern from "util.h":
     uint16_t pn_inet_checksum(const uint8_t *buf, size_t len) nogil
@@ -25,6 +29,17 @@ cdef extern from "util.h":
 
 ABI_VERSION = PN_ABI_VERSION
 NREASONS = PN_NREASONS
+
+
+def abi_constants():
+    """{name: value} of every integer constant of patronus_abi.h Python reads
+    (names without the PN_ prefix)."""
+    out = {}
+    cdef int i = 0
+    while pn_abi_constants[i].name != NULL:
+        out[pn_abi_constants[i].name.decode()[3:]] = int(pn_abi_constants[i].value)
+        i += 1
+    return out
 
 
 def abi_layout():

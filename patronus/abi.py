@@ -1,23 +1,38 @@
-"""numpy views of the structs in csrc/patronus_abi.h.
+"""numpy views of the structs in csrc/patronus_abi.h, and its constants.
 
-tests/test_abi.py checks every offset and size here against the compiled
-header, so a layout change that forgets this file fails the suite.
+The constants come from the compiled header (``_fast.abi_constants()``);
+tests/test_abi.py checks every offset and size of the dtypes here against
+the compiled header, so a layout change that forgets this file fails the
+suite.
+
+>>> NO_PATH == 0xFFFFFFFF, CFG_DTYPE.itemsize
+(True, 24)
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from . import _fast
+
 __all__ = ["FLOW_DTYPE", "XSLOT_DTYPE", "BUCKET_DTYPE", "RULE_DTYPE", "POLICY_COUNTER_DTYPE", "SITE_PREFIX_DTYPE",
-           "ROUTE_DTYPE", "META_DTYPE", "DETAIL_DTYPE", "MALFORMED_REASONS", "NO_PATH", "SITE_NONE"]
+           "ROUTE_DTYPE", "META_DTYPE", "DETAIL_DTYPE", "CFG_DTYPE", "LUT_DTYPE", "LPM6_DTYPE", "V4CHUNK_DTYPE",
+           "CHUNK_DTYPE", "row_dtype", "MALFORMED_REASONS", "STATS", "CONSTANTS", "NO_PATH", "SITE_NONE"]
+
+# every integer constant of the header, without the PN_ prefix
+CONSTANTS: dict[str, int] = _fast.abi_constants()
 
 # enum pn_reason, index 1.. (0 is PN_OK, not a counter)
 MALFORMED_REASONS: tuple[str, ...] = (
     "trunc_l2", "not_ip", "trunc_ip", "bad_version", "bad_ihl", "bad_len", "trunc_ext", "trunc_l4",
 )
 
-NO_PATH = 0xFFFFFFFF
-SITE_NONE = 0  # a destination outside every site's subnets
+# enum pn_stat: the XDP program's per-CPU event counters, by index
+STATS: tuple[str, ...] = ("new_flows", "hits", "reclassified", "insert_failed", "evicted", "export_lost",
+                          "unaccounted", "class_cache_hits")
+
+NO_PATH: int = CONSTANTS["NO_PATH"]
+SITE_NONE: int = CONSTANTS["SITE_NONE"]  # a destination outside every site's subnets
 
 # struct pn_flow = pn_flow_key + pn_flow_rec, flattened (96 bytes)
 FLOW_DTYPE = np.dtype([
@@ -53,3 +68,25 @@ ROUTE_DTYPE = np.dtype([("path", "<u4"), ("action", "<u4")])
 META_DTYPE = np.dtype([("path", "<u4"), ("policy", "<i4"), ("site", "<u4")])
 # what process(detail=True) and test_run(detail=True) return per frame
 DETAIL_DTYPE = np.dtype([("policy", "<i4"), ("site", "<u4"), ("path", "<u4")])
+
+# struct pn_cfg: the XDP program's one configuration value (pn_cfg_map[0])
+CFG_DTYPE = np.dtype([("set", "<u4"), ("generation", "<u4"), ("clock_base", "<u8"), ("tick_ns", "<u4"),
+                      ("flags", "<u4")], align=True)
+# struct pn_lut: direct row lookups of a table set (pn_lut_map[set])
+LUT_DTYPE = np.dtype([("proto", "<u4", (256,)), ("dscp", "<u4", (64,)), ("noport", "<u4", (2,))])
+# struct pn_lpm6: the key of the IPv6 prefix and destination-site tries
+LPM6_DTYPE = np.dtype([("prefixlen", "<u4"), ("tag", "u1"), ("addr", "u1", (16,)), ("_pad", "u1", (3,))])
+# struct pn_v4chunk: 256 entries of the IPv4 stride table below level 1
+V4CHUNK_DTYPE = np.dtype([("e", "<u4", (256,))])
+# struct pn_chunk: CHUNK_WORDS words of a classifier bitmap
+CHUNK_DTYPE = np.dtype([("w", "<u8", (CONSTANTS["CHUNK_WORDS"],))])
+
+
+def row_dtype(nsum: int) -> np.dtype:
+    """struct pn_row of a program compiled with ``PN_NSUM = nsum``: its
+    summary words, then the chunk id of each.
+
+    >>> row_dtype(3).itemsize
+    40
+    """
+    return np.dtype([("sum", "<u8", (nsum,)), ("chunk", "<u4", (nsum,))], align=True)

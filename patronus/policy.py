@@ -225,6 +225,17 @@ class PolicyTable:
         self._cls = _fast.Classifier(self.rules, cache_size)
         self._sites = _fast.Sites(self.site_prefixes, len(self.sites))
 
+    @property
+    def classifier(self) -> Any:
+        """The compiled classifier of this table (``patronus._fast.Classifier``):
+        what the data planes load (``export()`` gives its rows and bitmaps)."""
+        return self._cls
+
+    @property
+    def site_index(self) -> Any:
+        """The compiled destination-site lookup (``patronus._fast.Sites``)."""
+        return self._sites
+
     # -- ids -> policies and sites -------------------------------------------
 
     def policy(self, i: int) -> Policy | None:

@@ -58,9 +58,9 @@ def require_xdp() -> None:
     from patronus.errors import DataplaneUnavailable
 
     try:
-        from patronus.dataplane.xdp import _preflight
+        from patronus.dataplane import preflight
 
-        _preflight()
+        preflight()
     except DataplaneUnavailable as e:
         if os.environ.get("CI"):
             raise

@@ -391,22 +391,22 @@ def test_bigger_table_than_compiled_in(xdp_pool):
     x = xdp_pool(PolicyTable([Policy("a", Match(), priority=1)]))
     big = PolicyTable([Policy("a", Match(dst=f"10.{i // 256}.{i % 256}.0/24"), priority=i) for i in range(1)])
     x.set_table(big)  # same size: fine
-    from patronus.dataplane.xdp import _Capacity, lpm_entries, v4_strides
+    from patronus.dataplane._layout import Capacity, lpm_entries, v4_strides
 
     def chunks(t):
-        ex = t._cls.export()
+        ex = t.classifier.export()
         return ex, len(v4_strides(lpm_entries(t.rules, ex, 0), lpm_entries(t.rules, ex, 1))[1])
 
-    cap = _Capacity(big._cls.export(), 64, 1, 1)
+    cap = Capacity(big.classifier.export(), 64, 1, 1)
     huge = PolicyTable([Policy(f"p{i}", Match(dst=f"10.{i // 256}.{i % 256}.0/24"), priority=i) for i in range(200)])
     assert "rules" in cap.fits(*chunks(huge))
     # as many rules, but /32s in 60 distinct /16s: two stride chunks each
     deep = PolicyTable([Policy(f"p{i}", Match(dst=f"10.{i}.0.1/32"), priority=i) for i in range(60)])
     ex, need = chunks(deep)
-    roomy = _Capacity(huge._cls.export(), 256, 1, 10_000)  # room for the rules, rows and bitmaps; 64 stride chunks
+    roomy = Capacity(huge.classifier.export(), 256, 1, 10_000)  # room for the rules, rows and bitmaps; 64 stride chunks
     assert need == 120 and "IPv4 stride chunks" in roomy.fits(ex, need)
     # distinct bitmap chunks have their own limit
-    assert "distinct bitmap chunks" in _Capacity(huge._cls.export(), 256, 10_000, 1).fits(ex, 0, 100)
+    assert "distinct bitmap chunks" in Capacity(huge.classifier.export(), 256, 10_000, 1).fits(ex, 0, 100)
 
 
 def test_missing_interface_is_named(xdp_pool):

@@ -1,8 +1,10 @@
 """Data planes: where packets are classified, accounted and steered.
 
-``Userspace`` runs the Cython extension (anywhere, no root). The XDP backend
-(bpf/, loaded with BCC) arrives with the kernel data plane work and is
-imported lazily so that ``import patronus`` never needs BCC.
+Every backend implements ``DataPlane`` (``base.py``) and declares what it
+can do in ``capabilities``. ``Userspace`` runs the Cython extension
+anywhere, without root (steering, where asked, through nftables). ``Xdp``
+runs bpf/patronus_xdp.c, loaded with BCC; it is imported on first use so
+that ``import patronus`` never needs BCC. ``open`` picks one.
 
 >>> from patronus import Policy, Match, PolicyTable, packets
 >>> from patronus.dataplane import Userspace
@@ -19,19 +21,14 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, DataplaneUnavailable
+from .base import PATH_MARK, PATH_RULE_PRIORITY, PATH_TABLE, QOS_DSCP, QOS_RATE, REDIRECT, STEER, DataPlane
 from .userspace import Userspace
 
 if TYPE_CHECKING:
     from ..policy import PolicyTable
-    from .xdp import Xdp
 
-__all__ = ["Userspace", "Xdp", "open", "PATH_MARK", "PATH_TABLE", "PATH_RULE_PRIORITY"]
-
-# Steering convention shared by the XDP/tc pair, the nftables rules, the site
-# agent and the lab: a packet steered into path i carries the mark
-# PATH_MARK + i, and `ip rule fwmark` (priority PATH_RULE_PRIORITY + i) sends
-# it to routing table PATH_TABLE + i, whose routes leave by that path's tunnel.
-PATH_MARK, PATH_TABLE, PATH_RULE_PRIORITY = 0x7000, 200, 500
+__all__ = ["DataPlane", "Userspace", "Xdp", "open", "preflight", "STEER", "QOS_DSCP", "QOS_RATE", "REDIRECT",
+           "PATH_MARK", "PATH_TABLE", "PATH_RULE_PRIORITY"]
 
 log = logging.getLogger("patronus.dataplane")
 _warned: set[str] = set()
@@ -45,9 +42,19 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'patronus.dataplane' has no attribute {name!r}")
 
 
-def open(table: PolicyTable, backend: str = "auto", flow_capacity: int = 1 << 20, **kw: Any) -> Userspace | Xdp:
+def preflight() -> None:
+    """Check that the XDP backend can run here (root, BCC, kernel headers);
+    ``DataplaneUnavailable`` names what is missing and the fix."""
+    from ._bpf import preflight as check
+
+    check()
+
+
+def open(table: PolicyTable, backend: str = "auto", flow_capacity: int = 1 << 20, **kw: Any) -> DataPlane:
     """A data plane for ``table``: ``"xdp"``, ``"userspace"``, or ``"auto"``
-    (XDP where it can run, else userspace, saying why once per process)."""
+    (XDP where it can run, else userspace, saying why once per process).
+    ``kw`` goes to the backend (both take ``idle_timeout_s`` and the
+    capacity hints ``max_policies``, ``max_sites``, ``max_site_prefixes``)."""
     if backend not in ("auto", "xdp", "userspace"):
         raise ConfigError("backend", backend, "is not one of auto, xdp, userspace")
     if backend == "userspace":
@@ -62,4 +69,4 @@ def open(table: PolicyTable, backend: str = "auto", flow_capacity: int = 1 << 20
         if e.cause not in _warned:
             _warned.add(e.cause)
             log.warning("XDP data plane unavailable (%s); using the userspace data plane. Fix: %s", e.cause, e.fix)
-        return Userspace(table, flow_capacity)
+        return Userspace(table, flow_capacity, **kw)

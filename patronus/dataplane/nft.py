@@ -33,12 +33,13 @@ import numpy as np
 
 from ..errors import ConfigError, DataplaneUnavailable
 from ..model import Policy
-from . import PATH_MARK
+from .. import abi
+from .base import PATH_MARK
 from ._routes import resolve_moves
 
 __all__ = ["NftSteering", "rule_text"]
 
-NO_PATH = 0xFFFFFFFF
+NO_PATH = abi.NO_PATH
 
 
 def _ports(ranges: tuple[tuple[int, int], ...]) -> str:

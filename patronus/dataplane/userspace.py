@@ -7,7 +7,7 @@ import os
 import time
 import warnings
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -15,6 +15,10 @@ from .. import _fast, abi
 from ..errors import ConfigError
 from ..policy import PolicyTable, is_buffer
 from ._routes import check_routes, remap_routes, resolve_moves
+from .base import PATH_MARK, QOS_DSCP, QOS_RATE, STEER
+
+if TYPE_CHECKING:
+    from .nft import NftSteering
 
 __all__ = ["Userspace"]
 
@@ -29,10 +33,20 @@ class Userspace:
     ``active_timeout_s`` exports a running flow's counters every period (the
     flow stays, its counters restart). Timestamps come from the frames'
     capture times, or from ``ts_ns``.
+
+    ``steer(ifname)`` (root, nftables) marks what arrives on an interface
+    with its class's path, enforcing each policy's DSCP and rate limit; the
+    marks follow every ``set_path``. ``max_policies``, ``max_sites`` and
+    ``max_site_prefixes`` are accepted so that both backends take the same
+    arguments: userspace tables have no compiled sizes.
     """
 
+    capabilities = frozenset({STEER, QOS_DSCP, QOS_RATE})
+
     def __init__(self, table: PolicyTable, flow_capacity: int = 1 << 20, *,
-                 idle_timeout_s: float | None = None, active_timeout_s: float | None = None) -> None:
+                 idle_timeout_s: float | None = None, active_timeout_s: float | None = None,
+                 max_policies: int | None = None, max_sites: int | None = None,
+                 max_site_prefixes: int | None = None) -> None:
         if not isinstance(table, PolicyTable):
             raise ConfigError("Userspace.table", table, "is not a PolicyTable")
         if isinstance(flow_capacity, bool) or not isinstance(flow_capacity, int) or not 1 <= flow_capacity <= 1 << 30:
@@ -43,8 +57,9 @@ class Userspace:
         check_routes("Userspace.table", len(table.policies), len(table.sites))
         self.table = table
         self.flow_capacity = flow_capacity
+        self._steering: dict[str, NftSteering] = {}
         self._dp = _fast.Dataplane(
-            table._cls, table._sites, len(table.policies), flow_capacity,
+            table.classifier, table.site_index, len(table.policies), flow_capacity,
             int((idle_timeout_s or 0) * 1e9), int((active_timeout_s or 0) * 1e9), abi.FLOW_DTYPE,
         )
         self.last_capture: dict[str, Any] | None = None
@@ -56,7 +71,33 @@ class Userspace:
         self.close()
 
     def close(self) -> None:
-        """Nothing to detach in userspace; present so both backends read alike."""
+        """Remove the steering rules of every interface (idempotent)."""
+        while self._steering:
+            self._steering.popitem()[1].close()
+
+    def steer(self, ifname: str, mark_base: int = PATH_MARK) -> None:
+        """Mark what arrives on ``ifname`` (in this network namespace) with
+        ``mark_base`` + the path of its class and destination site, with
+        nftables (``NftSteering``): the same decisions as the classifier
+        here, made by the kernel on the live packets."""
+        from .nft import NftSteering
+
+        if ifname in self._steering:
+            raise ConfigError("steer", ifname, "is steered already")
+        nft = NftSteering(self.table, ifname, mark_base=mark_base)
+        moves = self._moves()
+        try:
+            if moves:
+                nft.set_paths(moves)
+        except BaseException:
+            nft.close()
+            raise
+        self._steering[ifname] = nft
+
+    def _moves(self) -> list[tuple[int, int, int | None]]:
+        """Every (class, site, path) that has a path, as set_paths takes them."""
+        r = self._dp.routes()
+        return [(k - 1, c, int(r[k, c])) for k, c in zip(*np.nonzero(r != abi.NO_PATH))]
 
     # -- input ---------------------------------------------------------------
 
@@ -139,7 +180,11 @@ class Userspace:
     def set_paths(self, moves: Iterable[tuple[str | int | None, str | int | None, int | None]]) -> None:
         """Several (class, site, path) moves at once (``set_path`` for each;
         all are checked before any is applied)."""
-        for cls, cols, slot in resolve_moves(self.table, moves):
+        moves = list(moves)
+        resolved = resolve_moves(self.table, moves)
+        for nft in self._steering.values():  # the kernel's marks first: it may refuse
+            nft.set_paths(moves)
+        for cls, cols, slot in resolved:
             for c in cols:
                 self._dp.set_path(cls, c, slot)
 
@@ -169,8 +214,13 @@ class Userspace:
         check_routes("set_table", len(table.policies), len(table.sites))
         if table.sites != self.table.sites:
             routes = remap_routes(self._dp.routes(), self.table.sites, table.sites)
-        self._dp.set_classifier(table._cls, table._sites, len(table.policies), routes)
+        self._dp.set_classifier(table.classifier, table.site_index, len(table.policies), routes)
         self.table = table
+        for ifname, old in list(self._steering.items()):  # rules and sets follow the new table
+            mark_base = old.mark_base
+            old.close()
+            del self._steering[ifname]
+            self.steer(ifname, mark_base)
 
     # -- output --------------------------------------------------------------
 
@@ -178,9 +228,16 @@ class Userspace:
         """Live flows (``abi.FLOW_DTYPE``), most recently used first."""
         return self._dp.flows()
 
-    def drain(self, flush: bool = False) -> np.ndarray:
+    def drain(self, flush: bool = False, *, idle_timeout_s: float | None = None,
+              now_ns: int | None = None) -> np.ndarray:
         """Return and clear the export buffer: flows evicted or expired since
-        the last drain. ``flush=True`` first exports every live flow too."""
+        the last drain. ``flush=True`` first exports every live flow too;
+        ``idle_timeout_s`` those idle that long at ``now_ns`` (default: now,
+        wall clock, the time base of the flows)."""
+        if idle_timeout_s is not None and not flush:
+            if isinstance(idle_timeout_s, bool) or not isinstance(idle_timeout_s, (int, float)) or idle_timeout_s < 0:
+                raise ConfigError("drain.idle_timeout_s", idle_timeout_s, "is not a number of seconds >= 0")
+            self._dp.expire_idle(time.time_ns() if now_ns is None else int(now_ns), int(idle_timeout_s * 1e9))
         return self._dp.drain(flush)
 
     def counters(self) -> dict[str, Any]:

@@ -2,7 +2,9 @@
 
 Import this module only through ``patronus.dataplane.Xdp`` or
 ``patronus.dataplane.open``: it needs root, Debian's BCC binding and kernel
-headers, and says which one is missing (``DataplaneUnavailable``).
+headers, and says which one is missing (``DataplaneUnavailable``). The
+table layout it loads is computed in ``_layout`` (pure, testable without
+root), the system calls are in ``_bpf``, tc steering in ``_tc``.
 
 Example (needs root, BCC and kernel headers; tests/test_xdp.py runs the same):
 
@@ -16,334 +18,37 @@ from __future__ import annotations
 
 import atexit
 import ctypes
-import ctypes.util
-import errno
 import mmap
-import os
 import socket
-import subprocess
-import sys
-import tempfile
 import time
 import weakref
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .. import abi
+from .. import _fast, abi
+from .._sources import source_dirs
 from ..errors import ConfigError, DataplaneUnavailable
 from ..policy import PolicyTable, is_buffer
-from . import PATH_MARK
+from ._bpf import Libbpf, captured_stderr, possible_cpus, preflight
+from ._clock import calibrate
+from ._layout import (EVICT_PAGES, FIELDS, V4_DIRS, V4_L1, Capacity, lpm6_key, lpm_entries, pow2, room,
+                      site_entries, table_layout)
 from ._routes import check_routes, remap_routes, resolve_moves
+from ._tc import TcSteering
+from .base import QOS_DSCP, REDIRECT, STEER
+from .base import PATH_MARK
 
-__all__ = ["Xdp", "bpf_source_dir"]
+__all__ = ["Xdp"]
 
-ROOT = Path(__file__).resolve().parents[2]
 XDP_FLAGS = {"native": 1 << 2, "generic": 1 << 1, "offload": 1 << 3}
 XDP_PASS, XDP_DROP = 2, 1
-CFG_META = 1  # bpf/patronus_xdp.c PN_CFG_META
-MAX_PATH_SLOTS = 256  # pn_tx_map size
-EVICT_PAGES = 256  # eviction ring buffer: 1 MiB, about 10,900 records between drains
-TAKE_COPY, TAKE_ALL, TAKE_IDLE = 0, 1, 2  # csrc/xdptable.h enum pn_take_mode
-# pn_stats_map indexes (bpf/patronus_xdp.c enum pn_stat)
-STATS = ("new_flows", "hits", "reclassified", "insert_failed", "evicted", "export_lost", "unaccounted",
-         "class_cache_hits")
-CCACHE = 1 << 16  # classifier cache entries (LRU; a row combination and its policy each)
-CCACHE_MIN_RULES = 4097  # below, one summary word: the walk costs less than the cache lookup
-MAX_RULES = 32 * 4096  # pn_cls: one tail call per summary word of 4,096 rules, 33 calls at most
-FIELDS = ("src4", "dst4", "src6", "dst6")
-
-
-def bpf_source_dir() -> tuple[Path, Path]:
-    """(bpf/, csrc/) of this checkout, or of PATRONUS_SRC if set."""
-    base = Path(os.environ.get("PATRONUS_SRC", ROOT))
-    bpf, csrc = base / "bpf", base / "csrc"
-    if not (bpf / "patronus_xdp.c").exists() or not (csrc / "patronus_abi.h").exists():
-        raise DataplaneUnavailable(f"XDP sources not found under {base}",
-                                   "run from a patronus checkout or set PATRONUS_SRC to one")
-    return bpf, csrc
-
-
-def _import_bcc() -> Any:
-    try:
-        import bcc  # noqa: F401
-    except ImportError:
-        deb = "/usr/lib/python3/dist-packages"
-        if os.path.isdir(os.path.join(deb, "bcc")):
-            sys.path.append(deb)
-            try:
-                import bcc  # noqa: F401
-            except ImportError:
-                pass
-            finally:
-                sys.path.remove(deb)
-    try:
-        import bcc
-    except ImportError:
-        raise DataplaneUnavailable("the BCC Python binding is not installed",
-                                   "apt-get install python3-bpfcc (not PyPI's 'bcc'); "
-                                   "scripts/bootstrap.sh exposes it to the venv") from None
-    return bcc
-
-
-def _preflight() -> Any:
-    if os.geteuid() != 0:
-        raise DataplaneUnavailable("XDP needs root (CAP_BPF and CAP_NET_ADMIN)",
-                                   "run as root, or use backend='userspace'")
-    bcc = _import_bcc()
-    build = Path(f"/lib/modules/{os.uname().release}/build")
-    if not (build / "include").exists():
-        raise DataplaneUnavailable(f"no kernel headers at {build} (BCC compiles against them)",
-                                   "apt-get install linux-headers-cloud-amd64 and link build/ and source/ "
-                                   "as scripts/bootstrap.sh does")
-    return bcc
-
-
-class _BatchOpts(ctypes.Structure):
-    _fields_ = [("sz", ctypes.c_size_t), ("elem_flags", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
-
-
-class _TestRunOpts(ctypes.Structure):
-    _fields_ = [
-        ("sz", ctypes.c_size_t), ("data_in", ctypes.c_void_p), ("data_out", ctypes.c_void_p),
-        ("data_size_in", ctypes.c_uint32), ("data_size_out", ctypes.c_uint32),
-        ("ctx_in", ctypes.c_void_p), ("ctx_out", ctypes.c_void_p),
-        ("ctx_size_in", ctypes.c_uint32), ("ctx_size_out", ctypes.c_uint32),
-        ("retval", ctypes.c_uint32), ("repeat", ctypes.c_int), ("duration", ctypes.c_uint32),
-        ("flags", ctypes.c_uint32), ("cpu", ctypes.c_uint32), ("batch_size", ctypes.c_uint32),
-    ]
-
-
-def _libbpf() -> ctypes.CDLL:
-    try:
-        lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
-    except OSError:
-        raise DataplaneUnavailable("libbpf.so.1 not found (batch map reads and test runs use it)",
-                                   "apt-get install libbpf1") from None
-    for name in ("bpf_map_lookup_batch", "bpf_map_update_batch", "bpf_map_lookup_and_delete_batch"):
-        fn = getattr(lib, name)
-        fn.restype = ctypes.c_int
-    lib.bpf_map_lookup_batch.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                                         ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32), ctypes.c_void_p]
-    lib.bpf_map_lookup_and_delete_batch.argtypes = lib.bpf_map_lookup_batch.argtypes
-    lib.bpf_map_update_batch.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                                         ctypes.POINTER(ctypes.c_uint32), ctypes.c_void_p]
-    lib.bpf_obj_pin.argtypes = [ctypes.c_int, ctypes.c_char_p]
-    lib.bpf_obj_pin.restype = ctypes.c_int
-    lib.bpf_prog_test_run_opts.argtypes = [ctypes.c_int, ctypes.POINTER(_TestRunOpts)]
-    lib.bpf_prog_test_run_opts.restype = ctypes.c_int
-    return lib
-
-
-def _pow2(n: int, floor: int = 1) -> int:
-    p = floor
-    while p < n:
-        p <<= 1
-    return p
-
-
-ALL_FIELDS = (*FIELDS, "sport", "dport", "proto", "dscp")
-
-
-def _nrows(export: dict[str, Any]) -> int:
-    return sum(export[f]["sums"].shape[0] for f in ALL_FIELDS)
-
-
-def _room(export: dict[str, Any], max_policies: int | None) -> tuple[int, int]:
-    """Rules a program has room for, and its summary words (4,096 rules each)."""
-    max_rules = max(max_policies or 0, export["nrules"], 64)
-    return max_rules, (max_rules + 64 * 64 - 1) // (64 * 64)
-
-
-def _layout(table: PolicyTable, export: dict[str, Any], nsum: int) -> tuple[BitmapChunks, np.ndarray, np.ndarray]:
-    """A table in the program's layout at width ``nsum``: its bitmap rows and
-    chunks, and its IPv4 stride table (level 1, chunks) with final rows for
-    source and destination and the destination site as a third direction."""
-    bitmaps = BitmapChunks(export, nsum)
-    l1, v4 = v4_strides(lpm_entries(table.rules, export, 0), lpm_entries(table.rules, export, 1),
-                        (bitmaps.base["src4"], bitmaps.base["dst4"]), sites=site_entries(table.site_prefixes, 4))
-    return bitmaps, l1, v4
-
-
-def _lpm_replace(m: Any, old: list[bytes], entries: list[tuple[int, int, int, int]]) -> list[bytes]:
-    """Replace one set's entries of an IPv6 LPM trie (struct pn_lpm6 keys):
-    delete the ``old`` keys, insert (tag, prefix length, prefix value, value)
-    ``entries``; returns the keys now held."""
-    for key in old:
-        try:
-            del m[m.Key.from_buffer_copy(key)]
-        except KeyError:
-            pass
-    keys = []
-    for tag, plen, value, leaf in entries:
-        addr = (value << (128 - plen)).to_bytes(16, "big") if plen else bytes(16)
-        raw = (8 + plen).to_bytes(4, sys.byteorder) + bytes([tag]) + addr + bytes(3)
-        m[m.Key.from_buffer_copy(raw)] = m.Leaf(leaf)
-        keys.append(raw)
-    return keys
-
-
-def site_entries(prefixes: np.ndarray, family: int) -> dict[tuple[int, int], int]:
-    """(prefix length, prefix value) -> site of one family's site subnets."""
-    bits = 32 if family == 4 else 128
-    out = {}
-    for row in prefixes[prefixes["family"] == family]:
-        plen = int(row["plen"])
-        value = int.from_bytes(row["addr"].tobytes()[: bits // 8], "big") >> (bits - plen)
-        out[(plen, value)] = int(row["site"])
-    return out
-
-
-class _Capacity:
-    """Compile-time sizes of one program. A table that outgrows them needs a new Xdp."""
-
-    def __init__(self, export: dict[str, Any], max_policies: int | None, v4_chunks: int, chunks: int,
-                 headroom: float = 1.25, site_prefixes: int = 0) -> None:
-        # bitmap width follows the policy count (rows cost nrows x width); the
-        # rule -> policy array is a power of two so the program can mask indexes
-        self.max_rules, self.nsum = _room(export, max_policies)
-        if self.max_rules > MAX_RULES:
-            raise ConfigError("Xdp.max_policies", self.max_rules,
-                              f"is more than the XDP classifier takes ({MAX_RULES:,} rules: 32 summary words, "
-                              "one tail call each)")
-        self.rules = _pow2(self.max_rules)
-        self.rows = max(int(_nrows(export) * headroom), 64)
-        # LPM entries per trie (IPv6): both sets, both directions, one per prefix + /0
-        self.lpm = max(4 * (self.max_rules + 1), 256)
-        # IPv4 stride chunks per set, grown with the room left for more rules
-        grow = self.max_rules / max(export["nrules"], 1)
-        # (plus two per IPv4 site subnet there is room for: a /25../32 takes two)
-        self.v4_chunks = max(int(v4_chunks * headroom * grow) + 16, 64) + 2 * site_prefixes
-        # distinct 64-word bitmap chunks per set (BitmapChunks)
-        self.chunks = max(int(chunks * headroom * grow) + 16, 64)
-
-    def fits(self, export: dict[str, Any], v4_chunks: int, chunks: int = 0) -> str | None:
-        nrows = _nrows(export)
-        if export["nrules"] > self.max_rules:
-            return f"{export['nrules']} rules > {self.max_rules} compiled in"
-        if nrows > self.rows:
-            return f"{nrows} bitmap rows > {self.rows} compiled in"
-        if v4_chunks > self.v4_chunks:
-            return f"{v4_chunks} IPv4 stride chunks > {self.v4_chunks} compiled in"
-        if chunks > self.chunks:
-            return f"{chunks} distinct bitmap chunks > {self.chunks} compiled in"
-        return None
-
-    def cflags(self, npol: int, slots: int) -> list[str]:
-        return [f"-DPN_NSUM={self.nsum}", f"-DPN_ROWS={self.rows}",
-                f"-DPN_CHUNKS={self.chunks}",
-                f"-DPN_LPM={self.lpm}", f"-DPN_V4CHUNKS={self.v4_chunks}", f"-DPN_RULES={self.rules}", f"-DPN_NPOL={npol}", f"-DPN_FSLOTS={slots}",
-                f"-DPN_EVICT_PAGES={EVICT_PAGES}",
-                f"-DPN_CCACHE={CCACHE if self.max_rules >= CCACHE_MIN_RULES else 0}"]
-
-
-def lpm_entries(rules: np.ndarray, export: dict[str, Any], k: int) -> dict[tuple[int, int], int]:
-    """(prefix length, prefix value) -> row for prefix field k (src4, dst4,
-    src6, dst6): each interval's row belongs to the longest rule prefix that
-    holds it; (0, 0) stands for "no rule prefix holds it" unless a /0 exists."""
-    fam, bits = (4, 32) if k < 2 else (6, 128)
-    side, flag = ("src", 0x01) if k % 2 == 0 else ("dst", 0x02)
-    by_len: dict[int, set[int]] = {}
-    for r in rules:
-        if r["flags"] & flag and r["family"] == fam:
-            plen = int(r[f"{side}_plen"])
-            value = int.from_bytes(bytes(r[side])[: bits // 8], "big")
-            by_len.setdefault(plen, set()).add(value >> (bits - plen))
-    lens = sorted(by_len, reverse=True)
-    f = export[FIELDS[k]]
-    starts = [(int(h) << 64) | int(lo) for h, lo in zip(f["start_hi"], f["start_lo"])]
-    out: dict[tuple[int, int], int] = {}
-    for start, row in zip(starts, f["row_of"].tolist()):
-        key = (0, 0)
-        for plen in lens:
-            if (start >> (bits - plen)) in by_len[plen]:
-                key = (plen, start >> (bits - plen))
-                break
-        if out.setdefault(key, row) != row:
-            raise AssertionError(f"{FIELDS[k]}: prefix {key} maps to two rows")
-    return out
-
-
-class BitmapChunks:
-    """The classifier rows of a table in the program's layout: per row its
-    summary words and, for each summary word, the id of a 64-word chunk of
-    its bitmap. The userspace classifier keeps its bitmaps this way already
-    (each distinct chunk once, id 0 all zeros); here rows are widened to the
-    program's ``nsum`` (more summary words stand for rules not there yet:
-    zero, chunk 0). Rows of a field come in ALL_FIELDS order; ``base[f]`` is
-    field f's first row."""
-
-    def __init__(self, export: dict[str, Any], nsum: int) -> None:
-        ens = export["nsum"]
-        sums, chunk_ids, self.base = [], [], {}
-        n = 0
-        for f in ALL_FIELDS:
-            e = export[f]
-            rows = e["sums"].shape[0]
-            self.base[f] = n
-            n += rows
-            s = np.zeros((rows, nsum), dtype=np.uint64)
-            s[:, :ens] = e["sums"]
-            cid = np.zeros((rows, nsum), dtype=np.uint32)
-            cid[:, :ens] = e["chunk"]
-            sums.append(s)
-            chunk_ids.append(cid)
-        self.sums = np.concatenate(sums)
-        self.chunk_ids = np.concatenate(chunk_ids)
-        self.chunks = export["chunks"]
-
-    def row_values(self) -> np.ndarray:
-        """struct pn_row values, one per row: sums then chunk ids (padded to 8 bytes)."""
-        nsum = self.sums.shape[1]
-        width = nsum * 8 + (nsum * 4 + 7) // 8 * 8
-        out = np.zeros((len(self.sums), width), dtype=np.uint8)
-        out[:, : nsum * 8] = self.sums.view(np.uint8).reshape(len(self.sums), -1)
-        out[:, nsum * 8 : nsum * 12] = self.chunk_ids.view(np.uint8).reshape(len(self.sums), -1)
-        return out
-
-
-V4_CHUNK = 0x80000000  # a stride entry that names a chunk of 256 entries, not a row
-V4_DIRS = 3  # stride tables per set: source, destination, destination site
-
-
-def v4_strides(src: dict[tuple[int, int], int], dst: dict[tuple[int, int], int],
-               base: tuple[int, int] = (0, 0), sites: dict[tuple[int, int], int] | None = None
-               ) -> tuple[np.ndarray, np.ndarray]:
-    """The IPv4 prefix fields as a 16-8-8 multibit table: ``l1[dir][a >> 16]``
-    is a row, or ``V4_CHUNK | c`` for chunk c, whose entry for the next 8
-    bits is again a row or a chunk (of the last 8 bits). Built from
-    :func:`lpm_entries` by painting prefixes shortest first, each new chunk
-    seeded with the row of the entry it replaces. ``base`` is added to the
-    rows of each direction. The third direction holds the destination site
-    of the ``sites`` prefixes (:func:`site_entries`; 0: none). Returns l1
-    (3 x 65536) and chunks (n x 256)."""
-    l1 = np.zeros((V4_DIRS, 65536), dtype=np.uint32)
-    chunks: list[np.ndarray] = []
-
-    def chunk_of(table: np.ndarray, i: int) -> np.ndarray:
-        e = int(table[i])
-        if e & V4_CHUNK:
-            return chunks[e & ~V4_CHUNK]
-        chunks.append(np.full(256, e, dtype=np.uint32))
-        table[i] = V4_CHUNK | (len(chunks) - 1)
-        return chunks[-1]
-
-    for d, entries in enumerate((src, dst, sites or {})):
-        top = l1[d]
-        for (plen, value), row in sorted(entries.items()):
-            row += base[d] if d < 2 else 0
-            if plen <= 16:
-                top[value << (16 - plen) : (value + 1) << (16 - plen)] = row
-            elif plen <= 24:
-                sub = value & ((1 << (plen - 16)) - 1)
-                chunk_of(top, value >> (plen - 16))[sub << (24 - plen) : (sub + 1) << (24 - plen)] = row
-            else:
-                mid = chunk_of(top, value >> (plen - 16))
-                sub = value & ((1 << (plen - 24)) - 1)
-                chunk_of(mid, (value >> (plen - 24)) & 255)[sub << (32 - plen) : (sub + 1) << (32 - plen)] = row
-    return l1, (np.stack(chunks) if chunks else np.zeros((0, 256), dtype=np.uint32))
+CFG_META = abi.CONSTANTS["CFG_META"]
+TX_SLOTS = abi.CONSTANTS["TX_SLOTS"]
+PORTS = abi.CONSTANTS["PORTS"]
+TAKE_COPY, TAKE_ALL, TAKE_IDLE = (abi.CONSTANTS[k] for k in ("TAKE_COPY", "TAKE_ALL", "TAKE_IDLE"))
+OUT_BYTES = 65536 + 256  # test-run output: the largest frame and room for metadata in front
 
 
 class Xdp:
@@ -354,6 +59,8 @@ class Xdp:
     take 228 MiB). A flow lives in one of 32 slots from its hash; when all
     32 are taken the one idle longest is evicted, counted and exported by
     ``drain()`` (at the full nominal capacity, about 1 flow in 100,000);
+    ``idle_timeout_s``: what ``drain()`` takes out besides evictions when
+    not told otherwise (the kernel program never expires flows by itself).
     ``max_policies``, ``max_sites`` and ``max_site_prefixes`` leave room
     for bigger tables than ``table`` in later ``set_table`` calls
     (``max_policies`` counts compiled rules: a policy with several port
@@ -362,37 +69,43 @@ class Xdp:
     close and at interpreter exit.
     """
 
+    capabilities = frozenset({STEER, QOS_DSCP, REDIRECT})
+
     def __init__(self, table: PolicyTable, flow_capacity: int = 1 << 20, *, max_policies: int | None = None,
                  max_sites: int | None = None, max_site_prefixes: int | None = None,
-                 _bench_new_flows: bool = False) -> None:
+                 idle_timeout_s: float | None = None, _bench_new_flows: bool = False) -> None:
         if not isinstance(table, PolicyTable):
             raise ConfigError("Xdp.table", table, "is not a PolicyTable")
         if isinstance(flow_capacity, bool) or not isinstance(flow_capacity, int) or not 1 <= flow_capacity <= 1 << 26:
             raise ConfigError("Xdp.flow_capacity", flow_capacity, "is not an integer in [1, 2**26]")
-        bcc = _preflight()
-        self._lib = _libbpf()
-        bpf_dir, csrc = bpf_source_dir()
+        if idle_timeout_s is not None and (isinstance(idle_timeout_s, bool) or
+                                           not isinstance(idle_timeout_s, (int, float)) or not idle_timeout_s > 0):
+            raise ConfigError("Xdp.idle_timeout_s", idle_timeout_s, "is not a positive number of seconds")
+        self.idle_timeout_s = idle_timeout_s
+        bcc = preflight()
+        self._lib = Libbpf()
+        bpf_dir, csrc = source_dirs()
         self.table = table
         self.flow_capacity = flow_capacity
         self._npol = len(table.policies) + 1
         self._scols = max(max_sites or 0, len(table.sites)) + 1
         check_routes("Xdp.table", self._npol - 1, self._scols - 1)
         self._site_lpm = 2 * max(max_site_prefixes or 0, 2 * len(table.site_prefixes), 256)
-        export = table._cls.export()
-        layout = _layout(table, export, _room(export, max_policies)[1])
-        self._cap = _Capacity(export, max_policies, len(layout[2]), len(layout[0].chunks),
+        export = table.classifier.export()
+        layout = table_layout(table, export, room(export, max_policies)[1])
+        self._cap = Capacity(export, max_policies, len(layout[2]), len(layout[0].chunks),
                               site_prefixes=max(max_site_prefixes or 0, max_sites or 0, len(table.site_prefixes)))
         self._attached: dict[str, int] = {}
-        self._steering: dict[str, tuple[Any, Path]] = {}
+        self._steering: dict[str, TcSteering] = {}
         self._bpf = None
         self._closed = False
         text = (bpf_dir / "patronus_xdp.c").read_text()
-        self._slots = _pow2(2 * flow_capacity, 64)
+        self._slots = pow2(2 * flow_capacity, 64)
         cflags = [f"-I{csrc}", *self._cap.cflags(self._npol, self._slots),
                   f"-DPN_SCOLS={self._scols}", f"-DPN_SITE_LPM={self._site_lpm}"]
         if _bench_new_flows:  # benchmarks only: every run of a frame is a new flow
             cflags.append("-DPN_BENCH_NEW_FLOWS")
-        with _captured_stderr() as log:
+        with captured_stderr() as log:
             try:
                 self._bpf = bcc.BPF(text=text.encode(), cflags=cflags)
                 self._fn = self._bpf.load_func(b"pn_xdp", bcc.BPF.XDP)
@@ -417,7 +130,7 @@ class Xdp:
         self._table_mem = np.frombuffer(self._mm, dtype=np.uint8, count=size)
         self._evicted: list[bytes] = []
         self._bpf[b"pn_evict_rb"].open_ring_buffer(self._on_evict)
-        self._ncpu = len(_possible_cpus())
+        self._ncpu = len(possible_cpus())
         self._set = 0
         self._generation = 1
         self._clock = 0
@@ -467,7 +180,7 @@ class Xdp:
         if mode not in XDP_FLAGS:
             raise ConfigError("mode", mode, f"is not one of {', '.join(XDP_FLAGS)}")
         if self._replayed:
-            if _fast().xdp_count(self._table_mem):
+            if _fast.xdp_count(self._table_mem):
                 raise ConfigError("attach", ifname, "the flow table holds replayed flows (test_run with ts_ns); "
                                   "drain(flush=True) first")
             self._replayed = False
@@ -476,13 +189,20 @@ class Xdp:
         except OSError:
             raise DataplaneUnavailable(f"interface {ifname!r} does not exist in this network namespace",
                                        "create it, or attach from the namespace that holds it") from None
-        with _captured_stderr() as log:
+        with captured_stderr() as log:
             try:
                 self._bpf.attach_xdp(ifname.encode(), self._fn, XDP_FLAGS[mode])
             except Exception as e:
                 raise DataplaneUnavailable(f"attaching to {ifname!r} in {mode} mode failed: {e} "
                                            f"{log.read().strip()}", "try mode='generic'") from None
         self._attached[ifname] = XDP_FLAGS[mode]
+
+    def steer(self, ifname: str, mark_base: int = PATH_MARK) -> None:
+        """Steer what arrives on ``ifname``: attach the program (native mode)
+        unless it is attached already, then ``enable_steering``."""
+        if ifname not in self._attached:
+            self.attach(ifname, mode="native")
+        self.enable_steering(ifname, mark_base)
 
     def enable_steering(self, ifname: str, mark_base: int = PATH_MARK) -> None:
         """Steer packets into paths: a tc program at clsact ingress of
@@ -494,30 +214,7 @@ class Xdp:
             raise ConfigError("enable_steering", ifname, "has no XDP program of this Xdp attached")
         if not 0 <= mark_base <= 0xFFFF0000:
             raise ConfigError("mark_base", mark_base, "leaves no room for path slots in a 32-bit mark")
-        bcc = _import_bcc()
-        bpf_dir, csrc = bpf_source_dir()
-        with _captured_stderr() as log:
-            try:
-                prog = bcc.BPF(text=(bpf_dir / "patronus_tc.c").read_text().encode(),
-                               cflags=[f"-I{csrc}", f"-DPN_MARK_BASE={mark_base}", f"-DPN_NPOL={self._npol}"])
-                fn = prog.load_func(b"pn_tc_mark", bcc.BPF.SCHED_CLS)
-            except Exception as e:
-                raise DataplaneUnavailable(f"the tc steering program did not load: {e} {log.read()[-500:]}",
-                                           "check the verifier log") from None
-        _mount_bpffs()
-        pin = Path(f"/sys/fs/bpf/patronus_tc_{os.getpid()}_{ifname}")
-        pin.unlink(missing_ok=True)
-        if self._lib.bpf_obj_pin(fn.fd, str(pin).encode()) != 0:
-            raise DataplaneUnavailable(f"pinning the tc program at {pin}: {os.strerror(ctypes.get_errno())}",
-                                       "mount bpffs on /sys/fs/bpf")
-        for cmd in (["tc", "qdisc", "replace", "dev", ifname, "clsact"],
-                    ["tc", "filter", "replace", "dev", ifname, "ingress", "prio", "1", "handle", "1", "bpf", "da",
-                     "object-pinned", str(pin)]):
-            r = subprocess.run(cmd, capture_output=True, text=True)
-            if r.returncode != 0:
-                pin.unlink(missing_ok=True)
-                raise DataplaneUnavailable(f"{' '.join(cmd)}: {r.stderr.strip()}", "is iproute2's tc installed?")
-        self._steering[ifname] = (prog, pin)
+        self._steering[ifname] = TcSteering(self._lib, ifname, mark_base, self._npol)
         self._write_dscp()
         if not self._meta:
             self.steering = True
@@ -528,18 +225,11 @@ class Xdp:
         for i, p in enumerate(self.table.policies):
             if p.qos.dscp is not None:
                 vals[i + 1] = p.qos.dscp + 1
-        for prog, _ in self._steering.values():
-            m = prog[b"pn_dscp_map"]
-            for i in range(self._npol):
-                m[m.Key(i)] = m.Leaf(int(vals[i]))
+        for tc in self._steering.values():
+            tc.write_dscp(vals)
 
     def _disable_steering(self, ifname: str) -> None:
-        prog, pin = self._steering.pop(ifname)
-        subprocess.run(["tc", "filter", "del", "dev", ifname, "ingress", "prio", "1", "handle", "1", "bpf"],
-                       capture_output=True)
-        subprocess.run(["tc", "qdisc", "del", "dev", ifname, "clsact"], capture_output=True)
-        pin.unlink(missing_ok=True)
-        prog.cleanup()
+        self._steering.pop(ifname).close()
 
     def detach(self, ifname: str) -> None:
         if ifname not in self._attached:
@@ -558,10 +248,10 @@ class Xdp:
     def _load_table(self, table: PolicyTable, s: int,
                     layout: tuple[BitmapChunks, np.ndarray, np.ndarray] | None = None) -> None:
         cap = self._cap
-        export, rules = table._cls.export(), table.rules
+        export, rules = table.classifier.export(), table.rules
         why = cap.fits(export, 0)  # rules and rows first: the layout needs the width to hold them
         if not why:
-            bitmaps, l1, chunks = layout or _layout(table, export, cap.nsum)
+            bitmaps, l1, chunks = layout or table_layout(table, export, cap.nsum)
             why = cap.fits(export, len(chunks), len(bitmaps.chunks))
         if why:
             raise ConfigError("Xdp.set_table", why, "create a new Xdp with a larger max_policies (it counts compiled "
@@ -573,21 +263,21 @@ class Xdp:
         self._update_batch("pn_chunks_map", np.arange(s * cap.chunks, s * cap.chunks + len(bitmaps.chunks),
                                                       dtype=np.uint32), bitmaps.chunks)
         # IPv4 prefixes and destination sites: the 16-8-8 stride tables of this set
-        self._update_batch("pn_v4l1_map", np.arange(s * V4_DIRS * 65536, (s + 1) * V4_DIRS * 65536, dtype=np.uint32),
+        self._update_batch("pn_v4l1_map", np.arange(s * V4_DIRS * V4_L1, (s + 1) * V4_DIRS * V4_L1, dtype=np.uint32),
                            l1.ravel())
         self._update_batch("pn_v4chunk_map", np.arange(s * cap.v4_chunks, s * cap.v4_chunks + len(chunks),
                                                        dtype=np.uint32), chunks)
         # IPv6 prefixes: an LPM trie shared by both sets (the tag tells them apart)
-        self._lpm_keys[s] = _lpm_replace(self._maps["pn_lpm6_map"], self._lpm_keys[s], [
+        self._lpm_keys[s] = self._lpm_replace(self._maps["pn_lpm6_map"], self._lpm_keys[s], [
             (s * 2 + (k % 2), plen, value, int(row) + row_base[FIELDS[k]])
             for k in (2, 3) for (plen, value), row in lpm_entries(rules, export, k).items()])
         ports = np.concatenate([export["sport"]["row_of"] + row_base["sport"],
                                 export["dport"]["row_of"] + row_base["dport"]]).astype(np.uint32)
-        self._update_batch("pn_port_map", np.arange(s * 2 * 65536, (s + 1) * 2 * 65536, dtype=np.uint32), ports)
-        lut = np.concatenate([
-            export["proto"]["row_of"] + row_base["proto"], export["dscp"]["row_of"] + row_base["dscp"],
-            np.array([export["noport_row"][0] + row_base["sport"], export["noport_row"][1] + row_base["dport"]]),
-        ]).astype(np.uint32)
+        self._update_batch("pn_port_map", np.arange(s * 2 * PORTS, (s + 1) * 2 * PORTS, dtype=np.uint32), ports)
+        lut = np.zeros(1, dtype=abi.LUT_DTYPE)
+        lut["proto"] = export["proto"]["row_of"] + row_base["proto"]
+        lut["dscp"] = export["dscp"]["row_of"] + row_base["dscp"]
+        lut["noport"] = (export["noport_row"][0] + row_base["sport"], export["noport_row"][1] + row_base["dport"])
         self._set_value("pn_lut_map", s, lut)
         rp = np.full(cap.rules, -1, dtype=np.int32)  # power-of-two slots
         rp[: export["nrules"]] = export["rule_policy"]
@@ -595,49 +285,46 @@ class Xdp:
         self._load_sites(table, s)
 
     def _write_cfg(self) -> None:
-        cfg = np.zeros(3, dtype=np.uint64)  # struct pn_cfg
-        cfg.view(np.uint32)[:2] = (self._set, self._generation)
+        cfg = np.zeros(1, dtype=abi.CFG_DTYPE)
+        cfg["set"], cfg["generation"] = self._set, self._generation
         # now = jiffies * tick_ns + clock_base; replaying, the replayed time
-        cfg[1] = self._clock if self._clock else self._clock_base
-        cfg.view(np.uint32)[4:6] = (0 if self._clock else self._tick_ns, CFG_META if self._meta else 0)
+        cfg["clock_base"] = self._clock if self._clock else self._clock_base
+        cfg["tick_ns"] = 0 if self._clock else self._tick_ns
+        cfg["flags"] = CFG_META if self._meta else 0
         self._set_value("pn_cfg_map", 0, cfg)
 
     def _calibrate(self, fd: int) -> tuple[int, int]:
-        """The kernel tick (TICK_NSEC of CONFIG_HZ) and the CLOCK_MONOTONIC
-        time of jiffy 0, from readings of (jiffies, coarse clock) by pn_clock
-        over at least 25 ticks. The coarse clock moves in whole ticks with
-        jiffies, but the kernel bumps jiffies a moment before the clock: a
-        reading in that moment has the clock one tick behind. Over 25 ticks
-        that skews the measured tick by 4 % at most, and the base is taken
-        from the reading furthest ahead."""
+        """The kernel tick and the CLOCK_MONOTONIC time of jiffy 0 (``_clock.calibrate``)."""
         m = self._bpf[b"pn_clock_map"]
         obuf = ctypes.create_string_buffer(256)
 
         def read() -> tuple[int, int]:
             for _ in range(100):
-                self._run_one(fd, bytes(64), 1, obuf)
+                self._lib.test_run(fd, bytes(64), 1, obuf)
                 j0, t, j1 = (m[m.Key(i)].value for i in range(3))
                 if j0 == j1:  # no tick between the two reads
                     return j0, t
             raise DataplaneUnavailable("the kernel clock did not hold still for a microsecond",
                                        "retry on a less loaded machine")
 
-        samples = [read()]
-        deadline = time.monotonic() + 3.0
-        while samples[-1][0] - samples[0][0] < 25 and time.monotonic() < deadline:
-            time.sleep(0.002)
-            samples.append(read())
-        (j0, t0), (j1, t1) = samples[0], samples[-1]
-        if j1 - j0 < 25:
-            raise DataplaneUnavailable(f"jiffies advanced {j1 - j0} in 3 s", "is the kernel's tick stopped?")
-        measured = (t1 - t0) / (j1 - j0)
-        # TICK_NSEC of the CONFIG_HZ values Linux offers
-        tick = min(((10**9 + hz // 2) // hz for hz in (24, 48, 100, 128, 200, 250, 256, 300, 500, 1000, 1024, 1200)),
-                   key=lambda k: abs(k - measured))
-        if abs(measured - tick) > 0.05 * tick:
-            raise DataplaneUnavailable(f"the kernel tick measured {measured:.0f} ns, not a CONFIG_HZ tick",
-                                       "report this kernel's CONFIG_HZ to the patronus developers")
-        return tick, max((t - j * tick) % (1 << 64) for j, t in samples)
+        return calibrate(read)
+
+    @staticmethod
+    def _lpm_replace(m: Any, old: list[bytes], entries: list[tuple[int, int, int, int]]) -> list[bytes]:
+        """Replace one set's entries of an IPv6 LPM trie (struct pn_lpm6
+        keys): delete the ``old`` keys, insert (tag, prefix length, prefix
+        value, value) ``entries``; returns the keys now held."""
+        for key in old:
+            try:
+                del m[m.Key.from_buffer_copy(key)]
+            except KeyError:
+                pass
+        keys = []
+        for tag, plen, value, leaf in entries:
+            raw = lpm6_key(tag, plen, value)
+            m[m.Key.from_buffer_copy(raw)] = m.Leaf(leaf)
+            keys.append(raw)
+        return keys
 
     def _load_sites(self, table: PolicyTable, s: int) -> None:
         """The IPv6 destination-site LPM entries of table set ``s`` (tag = s * 2
@@ -649,7 +336,7 @@ class Xdp:
             raise ConfigError("Xdp.set_table", f"{len(table.site_prefixes)} site subnets",
                               f"exceed the {self._site_lpm // 2} compiled in: create a new Xdp with a larger "
                               "max_site_prefixes")
-        self._site_keys[s] = _lpm_replace(self._bpf[b"pn_site_map"], self._site_keys[s], [
+        self._site_keys[s] = self._lpm_replace(self._bpf[b"pn_site_map"], self._site_keys[s], [
             (s * 2 + 1, plen, value, site) for (plen, value), site in site_entries(v6, 6).items()])
 
     def _init_paths(self, table: PolicyTable) -> None:
@@ -740,8 +427,8 @@ class Xdp:
 
     def set_redirect(self, path_id: int, ifname: str) -> None:
         """Send packets of ``path_id`` (< 256) out of ``ifname`` with XDP_REDIRECT."""
-        if not 0 <= path_id < MAX_PATH_SLOTS:
-            raise ConfigError("path_id", path_id, f"redirect slots are 0..{MAX_PATH_SLOTS - 1}")
+        if not 0 <= path_id < TX_SLOTS:
+            raise ConfigError("path_id", path_id, f"redirect slots are 0..{TX_SLOTS - 1}")
         try:
             ifindex = socket.if_nametoindex(ifname)
         except OSError:
@@ -776,7 +463,7 @@ class Xdp:
         out = np.zeros(len(frames), dtype=abi.DETAIL_DTYPE)
         out["policy"], out["path"] = -1, abi.NO_PATH
         meta = abi.META_DTYPE.itemsize
-        obuf = ctypes.create_string_buffer(65536 + 256)
+        obuf = ctypes.create_string_buffer(OUT_BYTES)
         if not self._meta:  # the policy comes back in the metadata
             self.steering = True
         for i, f in enumerate(frames):
@@ -784,7 +471,7 @@ class Xdp:
                 self._clock = int(ts[i])
                 self._replayed = True
                 self._write_cfg()
-            retval, data_out = self._run_one(self._fn.fd, f, 1, obuf)[:2]
+            retval, data_out = self._lib.test_run(self._fn.fd, f, 1, obuf)[:2]
             if len(data_out) == len(f) + meta:
                 m = np.frombuffer(data_out[:meta], dtype=abi.META_DTYPE)[0]
                 out[i] = (m["policy"], m["site"], m["path"])
@@ -799,22 +486,11 @@ class Xdp:
         program (with BPF_PROG_TEST_RUN), so both backends take offline input."""
         return self.test_run(frames, ts_ns=ts_ns, detail=detail)
 
-    def _run_one(self, fd: int, frame: bytes, repeat: int, obuf: Any) -> tuple[int, bytes, int]:
-        inbuf = ctypes.create_string_buffer(frame, len(frame))
-        opts = _TestRunOpts(sz=ctypes.sizeof(_TestRunOpts), data_in=ctypes.cast(inbuf, ctypes.c_void_p),
-                            data_size_in=len(frame), data_out=ctypes.cast(obuf, ctypes.c_void_p),
-                            data_size_out=len(obuf), repeat=repeat)
-        rc = self._lib.bpf_prog_test_run_opts(fd, ctypes.byref(opts))
-        if rc != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"BPF_PROG_TEST_RUN: {os.strerror(err)} (frame of {len(frame)} bytes)")
-        return opts.retval, obuf.raw[: opts.data_size_out], opts.duration
-
     def bench(self, frame: bytes, repeat: int = 100_000, floor: bool = False) -> float:
         """ns per run of the program (or of the floor program) on one frame, measured by the kernel."""
-        obuf = ctypes.create_string_buffer(65536 + 256)
+        obuf = ctypes.create_string_buffer(OUT_BYTES)
         fd = (self._floor if floor else self._fn).fd
-        return float(self._run_one(fd, frame, repeat, obuf)[2])
+        return float(self._lib.test_run(fd, frame, repeat, obuf)[2])
 
     # -- reading maps ----------------------------------------------------------
 
@@ -823,7 +499,8 @@ class Xdp:
         table (one pass over its memory, no syscall per flow)."""
         return self._take(TAKE_COPY)
 
-    def drain(self, flush: bool = False, idle_timeout_s: float | None = None, *, now_ns: int | None = None) -> np.ndarray:
+    def drain(self, flush: bool = False, *, idle_timeout_s: float | None = None,
+              now_ns: int | None = None) -> np.ndarray:
         """Export and remove flows: the ones evicted to make room since the
         last drain, plus every live flow (``flush``) or those idle for
         ``idle_timeout_s``. Each slot is claimed with a compare-and-swap
@@ -831,6 +508,8 @@ class Xdp:
         writing. ``now_ns`` is "now" for the idle test (default: the kernel's
         clock; pass the replay time for flows stamped by ``test_run(ts_ns=...)``)."""
         parts = [self._take_evicted()]
+        if idle_timeout_s is None:
+            idle_timeout_s = self.idle_timeout_s
         if flush:
             parts.append(self._take(TAKE_ALL))
             self._replayed = False  # nothing replayed is left: flows are the kernel clock's again
@@ -861,7 +540,7 @@ class Xdp:
         """
         pc, live = self._policy_counts()
         mal = self._percpu_sum("pn_malformed_map", len(abi.MALFORMED_REASONS) + 1, 1)[:, 0]
-        st = dict(zip(STATS, (int(x) for x in self._percpu_sum("pn_stats_map", len(STATS), 1)[:, 0])))
+        st = dict(zip(abi.STATS, (int(x) for x in self._percpu_sum("pn_stats_map", len(abi.STATS), 1)[:, 0])))
         return {
             "default": {"packets": int(pc[0, 0]), "bytes": int(pc[0, 1])},
             "policies": {p.name: {"packets": int(pc[i + 1, 0]), "bytes": int(pc[i + 1, 1])}
@@ -891,7 +570,7 @@ class Xdp:
         for _ in range(3):
             before = self._percpu_sum("pn_pcount_map", self._npol, 2)
             pc = self._gone + before
-            live = _fast().xdp_sums(self._table_mem, pc)
+            live = _fast.xdp_sums(self._table_mem, pc)
             if np.array_equal(before, self._percpu_sum("pn_pcount_map", self._npol, 2)):
                 break
         # under eviction churn a policy can still read a moment low; never as
@@ -899,10 +578,10 @@ class Xdp:
         return np.maximum(pc.view(np.int64), 0).astype(np.uint64), live
 
     def _take(self, mode: int, now_ns: int = 0, idle_ns: int = 0) -> np.ndarray:
-        live = _fast().xdp_count(self._table_mem)
+        live = _fast.xdp_count(self._table_mem)
         room = live + 1024 if mode == TAKE_COPY else self._slots  # flows arriving during the scan
         out = np.empty(min(room, self._slots), dtype=abi.FLOW_DTYPE)
-        n = _fast().xdp_take(self._table_mem, out.view(np.uint8), mode, now_ns, idle_ns)
+        n = _fast.xdp_take(self._table_mem, out.view(np.uint8), mode, now_ns, idle_ns)
         out = out[:n].copy() if n < len(out) // 2 else out[:n]
         if mode != TAKE_COPY and n:  # their counts leave the table: the policy counters keep them
             slot = out["policy"].astype(np.int64) + 1
@@ -918,7 +597,7 @@ class Xdp:
         raw, self._evicted = b"".join(self._evicted), []
         # ring buffer copies are whole slots, taken while busy
         out = np.empty(len(raw) // abi.XSLOT_DTYPE.itemsize, dtype=abi.FLOW_DTYPE)
-        _fast().xdp_fold(raw, out.view(np.uint8))
+        _fast.xdp_fold(raw, out.view(np.uint8))
         return self._to_wall(out)
 
     # -- low-level map helpers ------------------------------------------------
@@ -934,17 +613,7 @@ class Xdp:
         m[m.Key(key)] = m.Leaf.from_buffer_copy(raw)
 
     def _update_batch(self, name: str, keys: np.ndarray, values: np.ndarray) -> None:
-        keys = np.ascontiguousarray(keys, dtype=np.uint32)
-        values = np.ascontiguousarray(values)
-        count = ctypes.c_uint32(len(keys))
-        if not len(keys):
-            return
-        opts = _BatchOpts(sz=ctypes.sizeof(_BatchOpts))
-        rc = self._lib.bpf_map_update_batch(self._fd(name), keys.ctypes.data, values.ctypes.data,
-                                            ctypes.byref(count), ctypes.byref(opts))
-        if rc != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"updating {name}: {os.strerror(err)}")
+        self._lib.update_batch(self._fd(name), name, keys, values)
 
     def _to_wall(self, out: np.ndarray) -> np.ndarray:
         if not self._replayed and len(out):
@@ -954,65 +623,11 @@ class Xdp:
         return out
 
     def _percpu_sum(self, name: str, n: int, words: int) -> np.ndarray:
-        keys = np.arange(n, dtype=np.uint32)
-        vals = np.zeros((n, self._ncpu, words), dtype=np.uint64)
-        token = ctypes.c_uint32(0)
-        count = ctypes.c_uint32(n)
-        opts = _BatchOpts(sz=ctypes.sizeof(_BatchOpts))
-        rc = self._lib.bpf_map_lookup_batch(self._fd(name), None, ctypes.byref(token), keys.ctypes.data,
-                                            vals.ctypes.data, ctypes.byref(count), ctypes.byref(opts))
-        if rc != 0 and ctypes.get_errno() != errno.ENOENT:
-            raise OSError(ctypes.get_errno(), f"reading {name}")
-        return vals.sum(axis=1)
+        return self._lib.percpu_sum(self._fd(name), name, n, words, self._ncpu)
 
     def __repr__(self) -> str:
         return (f"Xdp({self._npol - 1} policies, flows<={self.flow_capacity}, "
                 f"attached={list(self._attached)}, generation={self._generation})")
-
-
-def _fast() -> Any:
-    from .. import _fast as fast
-
-    return fast
-
-
-def _mount_bpffs() -> None:
-    """bpffs on /sys/fs/bpf (``ip netns exec`` gives each command a fresh /sys without it)."""
-    if subprocess.run(["mountpoint", "-q", "/sys/fs/bpf"]).returncode != 0:
-        r = subprocess.run(["mount", "-t", "bpf", "bpf", "/sys/fs/bpf"], capture_output=True, text=True)
-        if r.returncode != 0:
-            raise DataplaneUnavailable(f"cannot mount bpffs on /sys/fs/bpf: {r.stderr.strip()}", "run as root")
-
-
-def _possible_cpus() -> list[int]:
-    text = Path("/sys/devices/system/cpu/possible").read_text().strip()
-    cpus: list[int] = []
-    for part in text.split(","):
-        a, _, b = part.partition("-")
-        cpus.extend(range(int(a), int(b or a) + 1))
-    return cpus
-
-
-class _captured_stderr:
-    """Capture fd 2 (libbcc prints compiler and verifier logs there)."""
-
-    def __enter__(self) -> Any:
-        self._tmp = tempfile.TemporaryFile(mode="w+")
-        sys.stderr.flush()
-        self._saved = os.dup(2)
-        os.dup2(self._tmp.fileno(), 2)
-        return self
-
-    def read(self) -> str:
-        self._tmp.flush()
-        self._tmp.seek(0)
-        return self._tmp.read()
-
-    def __exit__(self, *exc: object) -> None:
-        sys.stderr.flush()
-        os.dup2(self._saved, 2)
-        os.close(self._saved)
-        self._tmp.close()
 
 
 _live: weakref.WeakSet[Xdp] = weakref.WeakSet()
