@@ -42,7 +42,6 @@ typedef struct {
     uint32_t *chunk;        /* nrows x nsum: the chunk holding bitmap words 64 j .. 64 j + 63 */
 } pn_field;
 
-#define PN_CHUNK_WORDS 64
 
 typedef struct {
     uint32_t nrules, nwords, nsum;

@@ -89,7 +89,5 @@ int32_t pn_cache_classify(pn_cache *c, const pn_classifier *cls, const uint8_t *
 void pn_cache_run(pn_cache *c, const pn_classifier *cls, const uint8_t *const *data, const size_t *len,
                   int32_t *out, size_t n, uint64_t *malformed);
 
-/* patronus/_fast.pyx keeps a pn_parsed in a 64-byte stack buffer */
-_Static_assert(sizeof(struct pn_parsed) <= 64, "pn_parsed grew past 64 bytes");
 
 #endif

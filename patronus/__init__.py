@@ -10,6 +10,9 @@ traffic with policies, and move it off failing paths in well under a second.
 >>> len(mesh.paths("hq", "br1"))
 2
 
+``save_mesh(mesh, path)`` writes it into a SQLite state file and
+``load_mesh(path)`` reads it back (``patronus.store``).
+
 Importing patronus is cheap and needs neither root nor BCC: heavier parts
 (numpy, the compiled classifier, the XDP backend) load on first use.
 """
@@ -27,15 +30,17 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Mesh", "Site", "Uplink", "Path", "Policy", "Match", "QoS", "Failover", "AppProfile",
-    "PolicyTable", "flows_to_pandas",
+    "PolicyTable", "flows_to_pandas", "save_mesh", "load_mesh",
     "ConfigError", "StateError", "SchemaVersionError", "DataplaneUnavailable", "PatronusError",
 ]
 
 if TYPE_CHECKING:
     from .policy import PolicyTable, flows_to_pandas
+    from .store import load_mesh, save_mesh
 
 # name -> module that defines it; imported on first attribute access
-_LAZY = {"PolicyTable": "policy", "flows_to_pandas": "policy", "dataplane": None, "paths": None, "lab": None}
+_LAZY = {"PolicyTable": "policy", "flows_to_pandas": "policy", "save_mesh": "store", "load_mesh": "store",
+         "dataplane": None, "paths": None, "lab": None}
 
 
 def __getattr__(name: str) -> Any:

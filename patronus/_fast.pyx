@@ -3,32 +3,47 @@
 and (csrc/) the packet parser, classifier and flow table.
 
 Private: use patronus.abi, patronus.policy and patronus.dataplane.
+
+The C declarations are in patronus/includes/: one .pxd per header of csrc/
+(patronus_abi.h is abi.pxd) and consts.pxi for this module's own constants.
 """
 
-from libc.stdint cimport uint8_t, uint16_t
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_GET_SIZE
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdlib cimport calloc, free, malloc, realloc
+from libc.string cimport memcpy, memset
 
-cdef extern from "patronus_abi.h":
-    int PN_ABI_VERSION
-    int PN_NREASONS
+from patronus.includes.abi cimport (
+    PN_ABI_VERSION, PN_CHUNK_WORDS, PN_NO_PATH, PN_NREASONS, PN_PORTS, pn_bucket, pn_flow, pn_parsed,
+    pn_policy_counter, pn_rule, pn_site_prefix, pn_xslot,
+)
+from patronus.includes.abi_layout cimport pn_abi_constants, pn_abi_layout
+from patronus.includes.capture cimport (
+    PN_CAP_END, PN_CAP_FORMAT_PCAPNG, PN_CAP_OK, pn_cap_pkt, pn_capture, pn_capture_format, pn_capture_next,
+    pn_capture_open, pn_capture_strerror,
+)
+from patronus.includes.classify cimport (
+    PN_F_DSCP, PN_F_PROTO, PN_F_SPORT, PN_NFIELDS, pn_classifier, pn_classifier_build, pn_classifier_free,
+    pn_classify, pn_classify_linear, pn_field, pn_field_starts,
+)
+from patronus.includes.flowtable cimport (
+    pn_cache, pn_cache_free, pn_cache_init, pn_cache_run, pn_dp, pn_dp_run, pn_ft_expire_idle, pn_ft_flush, pn_ft_free, pn_ft_init,
+    pn_ft_snapshot,
+)
+from patronus.includes.parse cimport pn_parse
+from patronus.includes.score cimport pn_score_select, pn_select_changes
+from patronus.includes.sites cimport pn_site_of, pn_sites, pn_sites_build, pn_sites_free
+from patronus.includes.util cimport pn_inet_checksum, pn_prefix_contains
+from patronus.includes.xdptable cimport pn_xdp_count, pn_xdp_fold, pn_xdp_passed, pn_xdp_sums, pn_xdp_take
 
-cdef extern from "abi_layout.h":
-    struct pn_layout_entry:
-        const char *type
-        const char *field
-        size_t offset
-        size_t size
-    const pn_layout_entry pn_abi_layout[]
-    struct pn_const_entry:
-        const char *name
-        unsigned long long value
-    const pn_const_entry pn_abi_constants[]
+import numpy as np
 
-cdef extern from "util.h":
-    uint16_t pn_inet_checksum(const uint8_t *buf, size_t len) nogil
-    int pn_prefix_contains(const uint8_t *net, unsigned plen, const uint8_t *addr, unsigned nbytes) nogil
+include "includes/consts.pxi"
 
 ABI_VERSION = PN_ABI_VERSION
 NREASONS = PN_NREASONS
+# classify modes of Classifier.classify_list / classify_buffer
+MODE_CACHE, MODE_BITVEC, MODE_LINEAR = CLASSIFY_CACHE, CLASSIFY_BITVEC, CLASSIFY_LINEAR
 
 
 def abi_constants():
@@ -70,112 +85,6 @@ def prefix_contains(const uint8_t[::1] net not None, unsigned plen, const uint8_
     if net.shape[0] != addr.shape[0] or net.shape[0] not in (4, 16):
         raise ValueError("net and addr must both be 4 or both be 16 bytes")
     return bool(pn_prefix_contains(&net[0], plen, &addr[0], addr.shape[0]))
-
-
-# ---------------------------------------------------------------------------
-# classifier, flow table, per-packet pipeline (csrc/classify.c, flowtable.c)
-
-cimport cython
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_CheckExact
-from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
-from libc.string cimport memset, memcpy
-
-import numpy as np
-
-cdef extern from "patronus_abi.h":
-    struct pn_rule:
-        pass
-    struct pn_flow:
-        pass
-    struct pn_parsed:
-        pass
-    struct pn_policy_counter:
-        uint64_t packets
-        uint64_t bytes
-    int PN_NO_PATH
-
-cdef extern from "classify.h":
-    ctypedef unsigned long long pn_u64 "uint64_t"
-    ctypedef struct pn_u128_t "pn_u128":
-        pass
-    ctypedef struct pn_field:
-        uint32_t nintervals
-        uint32_t *row_of
-        uint32_t nrows
-        uint64_t *sums
-        uint32_t *chunk
-    ctypedef struct pn_classifier:
-        uint32_t nrules, nwords, nsum
-        pn_field f[8]
-        uint32_t noport_row[2]
-        int32_t *rule_policy
-        uint64_t *chunks
-        uint32_t nchunks
-        size_t memory
-    void pn_field_starts(const pn_field *f, uint64_t *hi, uint64_t *lo)
-    int pn_classifier_build(pn_classifier *c, const pn_rule *rules, uint32_t n)
-    void pn_classifier_free(pn_classifier *c)
-    int32_t pn_classify(const pn_classifier *c, const pn_parsed *p) nogil
-    int32_t pn_classify_linear(const pn_rule *rules, uint32_t n, const pn_parsed *p) nogil
-
-cdef extern from "parse.h":
-    int pn_parse(const uint8_t *data, const uint8_t *end, pn_parsed *o) nogil
-
-cdef extern from "flowtable.h":
-    ctypedef struct pn_flowtable:
-        uint32_t capacity, count
-        pn_flow *exp
-        size_t exp_len
-        uint64_t evicted, expired_idle, expired_active, export_lost
-    int pn_ft_init(pn_flowtable *ft, uint32_t capacity, int64_t idle_ns, int64_t active_ns)
-    void pn_ft_free(pn_flowtable *ft)
-    void pn_ft_flush(pn_flowtable *ft)
-    size_t pn_ft_snapshot(const pn_flowtable *ft, pn_flow *out)
-    ctypedef struct pn_sites:
-        uint32_t n[2]
-        uint32_t nsites
-    int pn_sites_build(pn_sites *s, const void *pfx, uint32_t n)
-    void pn_sites_free(pn_sites *s)
-    uint32_t pn_site_of(const pn_sites *s, const pn_parsed *p) nogil
-    ctypedef struct pn_dp:
-        const pn_classifier *cls
-        const pn_sites *sites
-        uint32_t generation
-        uint32_t npolicies
-        uint32_t ncols
-        uint32_t *route
-        pn_policy_counter *pcount
-        uint64_t malformed[9]
-        uint64_t cache_hits, cache_misses
-        pn_flowtable ft
-    void pn_dp_run(pn_dp *dp, const uint8_t *const *data, const size_t *len, const uint64_t *ts,
-                   int32_t *out, uint32_t *where, size_t n) nogil
-    void pn_cache_run(pn_cache *c, const pn_classifier *cls, const uint8_t *const *data, const size_t *len,
-                      int32_t *out, size_t n, uint64_t *malformed) nogil
-    ctypedef struct pn_cache:
-        uint32_t generation
-        uint64_t hits, misses
-    int pn_cache_init(pn_cache *c, uint32_t size_pow2)
-    void pn_cache_free(pn_cache *c)
-    int32_t pn_cache_classify(pn_cache *c, const pn_classifier *cls, const uint8_t *data, size_t len, int *reason) nogil
-
-from libc.stdlib cimport calloc, free, malloc, realloc
-
-DEF CHUNK = 1024
-
-cdef extern from "capture.h":
-    ctypedef struct pn_capture:
-        pass
-    ctypedef struct pn_cap_pkt:
-        const uint8_t *data
-        uint32_t caplen, wirelen
-        uint64_t ts_ns
-        uint32_t linktype
-    int PN_CAP_OK, PN_CAP_END
-    int pn_capture_open(pn_capture *c, const uint8_t *buf, size_t len) nogil
-    int pn_capture_next(pn_capture *c, pn_cap_pkt *out) nogil
-    int pn_capture_format(const pn_capture *c) nogil
-    const char *pn_capture_strerror(int status) nogil
 
 
 cdef inline int frame_ptr(object f, const uint8_t **p, Py_ssize_t *n) except -1:
@@ -220,23 +129,11 @@ cdef int list_frames(list frames, Py_ssize_t start, Py_ssize_t m, const uint8_t 
     return 0
 
 
-cdef extern from "xdptable.h":
-    struct pn_xslot:
-        pass
-    struct pn_bucket:
-        pass
-    size_t pn_xdp_take(pn_bucket *table, size_t nbuckets, pn_flow *out, size_t room, int mode,
-                       uint64_t now_ns, uint64_t idle_ns) nogil
-    size_t pn_xdp_count(const pn_bucket *table, size_t nbuckets) nogil
-    uint64_t pn_xdp_passed(const pn_bucket *table, size_t nbuckets) nogil
-    size_t pn_xdp_sums(const pn_bucket *table, size_t nbuckets, uint64_t *sums, size_t npol) nogil
-    size_t pn_xdp_fold(const pn_xslot *slots, size_t n, pn_flow *out) nogil
-
-
 def xdp_take(uint8_t[::1] table not None, uint8_t[::1] out not None, int mode, uint64_t now_ns=0,
              uint64_t idle_ns=0):
-    """Copy (mode 0) or take (1 all, 2 idle) live flows of the mapped XDP
-    flow table (pn_bucket) into out (bytes of pn_flow records); returns the count."""
+    """Copy (mode PN_TAKE_COPY) or take (PN_TAKE_ALL, PN_TAKE_IDLE: those idle
+    since now_ns - idle_ns) live flows of the mapped XDP flow table
+    (pn_bucket) into out (bytes of pn_flow records); returns the count."""
     cdef size_t n
     if table.shape[0] % sizeof(pn_bucket) or out.shape[0] % sizeof(pn_flow):
         raise ValueError("buffers must hold whole buckets and flow records")
@@ -274,22 +171,12 @@ def xdp_passed(uint8_t[::1] table not None):
 def xdp_fold(const uint8_t[::1] slots not None, uint8_t[::1] out not None):
     """Slots the program copied out (pn_xslot bytes) as pn_flow records in out."""
     cdef size_t n = slots.shape[0] // sizeof(pn_xslot)
-    if slots.shape[0] % sizeof(pn_xslot) or out.shape[0] != n * sizeof(pn_flow):
+    if slots.shape[0] % sizeof(pn_xslot) or <size_t>out.shape[0] != n * sizeof(pn_flow):
         raise ValueError("slots must be whole pn_xslot records and out room for as many flows")
     if n:
         with nogil:
             pn_xdp_fold(<const pn_xslot *>&slots[0], n, <pn_flow *>&out[0])
     return n
-
-
-cdef extern from "score.h":
-    void pn_score_select(size_t npaths, size_t nc, const double *rtt, const double *jit, const double *loss,
-                         const uint8_t *alive, const double *bw, const float *wmat, const float *lim,
-                         const float *wn, size_t ng, const int64_t *gstart, const int64_t *members,
-                         float *scores, int64_t *best) nogil
-    void pn_select_changes(size_t npaths, size_t nc, size_t ng, const float *scores, const int64_t *best,
-                           const int64_t *cur, const double *since, double margin, double hold_s, double now,
-                           uint8_t *change, uint8_t *forced) nogil
 
 
 def score_select(const double[::1] rtt not None, const double[::1] jit not None, const double[::1] loss not None,
@@ -298,7 +185,7 @@ def score_select(const double[::1] rtt not None, const double[::1] jit not None,
                  const int64_t[::1] gstart not None, const int64_t[::1] members not None,
                  float[:, ::1] scores not None, int64_t[:, ::1] best not None):
     """Scores [profile, path] and the best path per [profile, group] (csrc/score.c)."""
-    cdef size_t n = rtt.shape[0], nc = wmat.shape[0], ng = gstart.shape[0] - 1
+    cdef Py_ssize_t n = rtt.shape[0], nc = wmat.shape[0], ng = gstart.shape[0] - 1
     cdef const double[::1] bwv
     cdef const double *bwp = NULL
     if not (jit.shape[0] == loss.shape[0] == alive.shape[0] == n == members.shape[0] == scores.shape[1]):
@@ -322,7 +209,7 @@ def select_changes(const float[:, ::1] scores not None, const int64_t[:, ::1] be
                    const int64_t[:, ::1] cur not None, const double[:, ::1] since not None, double margin,
                    double hold_s, double now, uint8_t[:, ::1] change not None, uint8_t[:, ::1] forced not None):
     """The selector's move rule for every [profile, group] (csrc/score.c)."""
-    cdef size_t nc = best.shape[0], ng = best.shape[1]
+    cdef Py_ssize_t nc = best.shape[0], ng = best.shape[1]
     if not (cur.shape[0] == since.shape[0] == change.shape[0] == forced.shape[0] == scores.shape[0] == nc
             and cur.shape[1] == since.shape[1] == change.shape[1] == forced.shape[1] == ng):
         raise ValueError("selection arrays disagree")
@@ -339,7 +226,7 @@ cdef class Classifier:
     cdef pn_cache cache
     cdef object rules
     cdef const uint8_t[::1] rule_bytes
-    cdef uint64_t _malformed[9]
+    cdef uint64_t _malformed[PN_NREASONS]
 
     def __cinit__(self, rules not None, cache_size=1 << 17):
         # private API, but a bad argument must be an error, not a crash: the
@@ -393,6 +280,8 @@ cdef class Classifier:
         small fields: per value). "chunks" (nchunks x 64 uint64) holds each
         distinct chunk once, for all fields; chunk 0 is all zeros."""
         cdef pn_field *f
+        cdef Py_ssize_t k
+        cdef size_t nvals
         names = ("src4", "dst4", "src6", "dst6", "sport", "dport", "proto", "dscp")
         out = {"nrules": self.c.nrules, "nwords": self.c.nwords, "nsum": self.c.nsum,
                "noport_row": (self.c.noport_row[0], self.c.noport_row[1]),
@@ -400,24 +289,31 @@ cdef class Classifier:
         cdef uint64_t[::1] hi, lo, words
         cdef uint32_t[::1] ro, ids
         cdef size_t ns = self.c.nsum
-        chunks = np.empty(<size_t>self.c.nchunks * 64, dtype=np.uint64)
+        chunks = np.empty(<size_t>self.c.nchunks * PN_CHUNK_WORDS, dtype=np.uint64)
         words = chunks
-        memcpy(&words[0], self.c.chunks, <size_t>self.c.nchunks * 64 * 8)
-        out["chunks"] = chunks.reshape(self.c.nchunks, 64)
-        for k in range(8):
+        memcpy(&words[0], self.c.chunks, <size_t>self.c.nchunks * PN_CHUNK_WORDS * sizeof(uint64_t))
+        out["chunks"] = chunks.reshape(self.c.nchunks, PN_CHUNK_WORDS)
+        for k in range(PN_NFIELDS):  # enum pn_field_id: the four prefix fields, then the small ones
             f = &self.c.f[k]
-            nvals = f.nintervals if k < 4 else (65536 if k < 6 else (256 if k == 6 else 64))
+            if k < PN_F_SPORT:
+                nvals = f.nintervals
+            elif k < PN_F_PROTO:
+                nvals = PN_PORTS
+            elif k == PN_F_PROTO:
+                nvals = NPROTO
+            else:
+                nvals = NDSCP
             row_of = np.empty(nvals, dtype=np.uint32)
             ro = row_of
-            memcpy(&ro[0], f.row_of, nvals * 4)
+            memcpy(&ro[0], f.row_of, nvals * sizeof(uint32_t))
             sums = np.empty(<size_t>f.nrows * ns, dtype=np.uint64)  # every field has a row at least
             cids = np.empty(<size_t>f.nrows * ns, dtype=np.uint32)
             words = sums
             ids = cids
-            memcpy(&words[0], f.sums, f.nrows * ns * 8)
-            memcpy(&ids[0], f.chunk, f.nrows * ns * 4)
+            memcpy(&words[0], f.sums, f.nrows * ns * sizeof(uint64_t))
+            memcpy(&ids[0], f.chunk, f.nrows * ns * sizeof(uint32_t))
             d = {"row_of": row_of, "sums": sums.reshape(f.nrows, ns), "chunk": cids.reshape(f.nrows, ns)}
-            if k < 4:
+            if k < PN_F_SPORT:
                 sh = np.empty(f.nintervals, dtype=np.uint64)
                 sl = np.empty(f.nintervals, dtype=np.uint64)
                 hi = sh
@@ -431,9 +327,10 @@ cdef class Classifier:
     def clear_cache(self):
         self.cache.generation += 1
 
-    def classify_list(self, list frames not None, int32_t[::1] out not None, int mode=0):
-        """mode 0: cache + bit vectors; 1: bit vectors only; 2: linear scan (baseline)."""
-        cdef Py_ssize_t i, j, n = len(frames), ln
+    def classify_list(self, list frames not None, int32_t[::1] out not None, int mode=CLASSIFY_CACHE):
+        """mode 0 (CLASSIFY_CACHE): cache + bit vectors; 1 (CLASSIFY_BITVEC): bit
+        vectors only; 2 (CLASSIFY_LINEAR): linear scan (baseline)."""
+        cdef Py_ssize_t i, m, n = len(frames)
         cdef const uint8_t *ptrs[CHUNK]
         cdef size_t lens[CHUNK]
         if out.shape[0] < n:
@@ -444,9 +341,9 @@ cdef class Classifier:
             self._run(ptrs, lens, &out[i], m, mode)
 
     def classify_buffer(self, const uint8_t[::1] buf not None, const int64_t[::1] offsets not None,
-                        int32_t[::1] out not None, int mode=0):
-        """Frames are buf[offsets[i]:offsets[i+1]]."""
-        cdef Py_ssize_t i, j, m, n = offsets.shape[0] - 1
+                        int32_t[::1] out not None, int mode=CLASSIFY_CACHE):
+        """Frames are buf[offsets[i]:offsets[i+1]]; mode as for classify_list."""
+        cdef Py_ssize_t i, m, n = offsets.shape[0] - 1
         cdef const uint8_t *ptrs[CHUNK]
         cdef size_t lens[CHUNK]
         cdef const uint8_t *base
@@ -461,28 +358,24 @@ cdef class Classifier:
 
     cdef void _run(self, const uint8_t **ptrs, size_t *lens, int32_t *out, Py_ssize_t m, int mode) noexcept nogil:
         cdef Py_ssize_t j
-        if mode == 0:
+        if mode == CLASSIFY_CACHE:
             pn_cache_run(&self.cache, &self.c, ptrs, lens, out, m, self._malformed)
         else:
             for j in range(m):
                 out[j] = self._one(ptrs[j], lens[j], mode)
 
     cdef inline int32_t _one(self, const uint8_t *p, Py_ssize_t n, int mode) noexcept nogil:
-        cdef int reason = 0
-        cdef char parsed[64]
-        if mode == 0:
-            r = pn_cache_classify(&self.cache, &self.c, p, n, &reason)
-            if reason:
-                self._malformed[reason] += 1
-            return r
-        memset(parsed, 0, 64)
-        reason = pn_parse(p, p + n, <pn_parsed *>parsed)
+        """One frame without the cache: bit vectors (CLASSIFY_BITVEC) or a linear scan (any other mode)."""
+        cdef pn_parsed parsed
+        cdef int reason
+        memset(&parsed, 0, sizeof(parsed))
+        reason = pn_parse(p, p + n, &parsed)
         if reason:
             self._malformed[reason] += 1
             return -1
-        if mode == 1:
-            return pn_classify(&self.c, <pn_parsed *>parsed)
-        return pn_classify_linear(<const pn_rule *>&self.rule_bytes[0], self.c.nrules, <pn_parsed *>parsed)
+        if mode == CLASSIFY_BITVEC:
+            return pn_classify(&self.c, &parsed)
+        return pn_classify_linear(<const pn_rule *>&self.rule_bytes[0], self.c.nrules, &parsed)
 
 
 cdef class Sites:
@@ -494,10 +387,10 @@ cdef class Sites:
     def __cinit__(self, prefixes not None, uint32_t nsites):
         cdef const uint8_t[::1] raw
         arr = np.ascontiguousarray(prefixes)
-        if arr.ndim != 1 or arr.dtype.itemsize != 24:
+        if arr.ndim != 1 or arr.dtype.itemsize != sizeof(pn_site_prefix):
             raise ValueError("prefixes must be a 1-d array of struct pn_site_prefix (abi.SITE_PREFIX_DTYPE)")
         raw = arr.view(np.uint8).reshape(-1) if len(arr) else np.zeros(1, np.uint8)
-        if pn_sites_build(&self.s, &raw[0], <uint32_t>len(arr)):
+        if pn_sites_build(&self.s, <const pn_site_prefix *>&raw[0], <uint32_t>len(arr)):
             raise ValueError("site prefixes: out of memory, or a prefix with a bad family, length or site")
         if self.s.nsites > nsites:
             pn_sites_free(&self.s)
@@ -509,7 +402,7 @@ cdef class Sites:
 
     def lookup(self, list frames not None):
         """Destination site per frame (0: outside every site, -1: malformed)."""
-        cdef char parsed[64]
+        cdef pn_parsed parsed
         cdef const uint8_t *p
         cdef Py_ssize_t i, n = len(frames)
         out = np.empty(n, dtype=np.int32)
@@ -519,11 +412,11 @@ cdef class Sites:
             if not PyBytes_CheckExact(f):
                 f = bytes(f)
             p = <const uint8_t *>PyBytes_AS_STRING(f)
-            memset(parsed, 0, 64)
-            if pn_parse(p, p + PyBytes_GET_SIZE(f), <pn_parsed *>parsed):
+            memset(&parsed, 0, sizeof(parsed))
+            if pn_parse(p, p + PyBytes_GET_SIZE(f), &parsed):
                 o[i] = -1
             else:
-                o[i] = pn_site_of(&self.s, <pn_parsed *>parsed)
+                o[i] = pn_site_of(&self.s, &parsed)
         return out
 
 
@@ -540,7 +433,7 @@ cdef class Dataplane:
         memset(&self.dp, 0, sizeof(self.dp))
         if pn_ft_init(&self.dp.ft, capacity, idle_ns, active_ns):
             raise MemoryError(f"flow table of {capacity} flows")
-        if nroutes > (1 << 26):
+        if nroutes > MAX_ROUTES:
             raise ValueError("more than 2**26 routes: (policies + 1) x (sites + 1)")
         self.dp.ncols = sites.nsites + 1
         self.dp.route = <uint32_t *>malloc(nroutes * sizeof(uint32_t))
@@ -615,7 +508,7 @@ cdef class Dataplane:
     def process_list(self, list frames not None, const uint64_t[::1] ts not None, int32_t[::1] out not None,
                      uint32_t[::1] where=None):
         """where, if given: 2 entries per frame, its destination site and path slot."""
-        cdef Py_ssize_t i, j, m, n = len(frames), ln
+        cdef Py_ssize_t i, m, n = len(frames)
         cdef const uint8_t *ptrs[CHUNK]
         cdef size_t lens[CHUNK]
         if ts.shape[0] < n or out.shape[0] < n or (where is not None and where.shape[0] < 2 * n):
@@ -627,7 +520,7 @@ cdef class Dataplane:
 
     def process_buffer(self, const uint8_t[::1] buf not None, const int64_t[::1] offsets not None,
                        const uint64_t[::1] ts not None, int32_t[::1] out not None, uint32_t[::1] where=None):
-        cdef Py_ssize_t i, j, m, n = offsets.shape[0] - 1
+        cdef Py_ssize_t i, m, n = offsets.shape[0] - 1
         cdef const uint8_t *ptrs[CHUNK]
         cdef size_t lens[CHUNK]
         cdef const uint8_t *base
@@ -650,6 +543,11 @@ cdef class Dataplane:
             v = arr.view(np.uint8).reshape(-1)
             pn_ft_snapshot(&self.dp.ft, <pn_flow *>&v[0])
         return arr
+
+    def expire_idle(self, uint64_t now_ns, int64_t idle_ns):
+        """Move flows idle for idle_ns or more at now_ns into the export
+        buffer (counted as expired_idle); returns how many."""
+        return pn_ft_expire_idle(&self.dp.ft, now_ns, idle_ns)
 
     def drain(self, bint flush=False):
         """Return the export buffer (evicted and expired flows) and empty it.
@@ -696,7 +594,7 @@ cdef class Dataplane:
         if st != PN_CAP_OK:
             return np.empty(0, np.int32), {"format": None, "packets": 0, "skipped_linktype": 0,
                                            "error": pn_capture_strerror(st).decode(), "status": st}
-        fmt = "pcapng" if pn_capture_format(&cap) == 1 else "pcap"
+        fmt = "pcapng" if pn_capture_format(&cap) == PN_CAP_FORMAT_PCAPNG else "pcap"
         cdef const uint8_t *ptrs[CHUNK]
         cdef size_t lens[CHUNK]
         cdef uint64_t tss[CHUNK]
@@ -719,12 +617,12 @@ cdef class Dataplane:
                         if <size_t>n == cap_out:
                             grown = <int32_t *>realloc(outbuf, 2 * cap_out * sizeof(int32_t))
                             if grown == NULL:
-                                st = -100
+                                st = CAP_ERR_NOMEM
                                 break
                             outbuf = grown
                             cap_out *= 2
                         outbuf[n] = -1
-                        if pkt.linktype == 1:
+                        if pkt.linktype == LINKTYPE_ETHERNET:
                             ptrs[m] = pkt.data
                             lens[m] = pkt.caplen
                             tss[m] = pkt.ts_ns
@@ -736,7 +634,7 @@ cdef class Dataplane:
                     pn_dp_run(&self.dp, ptrs, lens, tss, res, NULL, m)
                     for i in range(<Py_ssize_t>m):
                         outbuf[idx[i]] = res[i]
-            if st == -100:
+            if st == CAP_ERR_NOMEM:
                 raise MemoryError("capture results")
             ids = np.empty(n, dtype=np.int32)
             if n:

@@ -1,18 +1,15 @@
 """`patronus agent`: one site's whole job.
 
-From the SQLite state (the mesh, the discovery registry) it brings up one
-WireGuard tunnel per path to every announced site (adopting tunnels a
-previous run left, so a restart after kill -9 reconciles instead of
-duplicating), attaches the data plane to the LAN interface with steering,
-runs BFD and probes on every path, runs the failover engine, and writes
-path metrics (UDP probes against the other sites' responders, every 100 ms),
-failover events and flow snapshots into the state. SIGTERM
-(or ``stop()``) detaches everything it attached.
-
-Conventions it shares with the lab: tunnel packets carry the mark
-``0x5000 + local uplink index`` (policy routing sends them out of that
-uplink), steered packets ``PATH_MARK + path index`` with one routing table
-per path (``patronus.dataplane.PATH_*``).
+It takes the desired state (the mesh) from a ``StateSource`` (today
+``LocalStateFile``, the SQLite state file) and, through the site realiser
+(``patronus.site``), brings up one WireGuard tunnel per path to every site
+announced in the discovery registry (adopting tunnels a previous run left,
+so a restart after kill -9 reconciles instead of duplicating) with a
+routing table per steered path. It attaches the data plane to the LAN
+interface with steering, runs BFD and probes on every path, runs the
+failover engine, and writes path metrics (UDP probes against the other
+sites' responders, every 100 ms), failover events and flow snapshots into
+the state. SIGTERM (or ``stop()``) detaches everything it attached.
 """
 
 from __future__ import annotations
@@ -21,15 +18,16 @@ import asyncio
 import base64
 import binascii
 import concurrent.futures
+import hashlib
 import json
 import logging
 import os
 import signal
-import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -37,27 +35,74 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from .dataplane import PATH_MARK
 from .errors import ConfigError, PatronusError, StateError
 from .failover.engine import DEFAULT_CLASS
-from .lab.net import path_table
+from .mesh import Mesh
+from .paths.monitor import DEFAULT_PORT
+from .site import SiteRealiser
 from .store import Store
-from .wireguard.config import InterfaceConfig, PeerConfig
-from .wireguard.discovery import Announcement, SigningKey, SqliteRegistry
-from .wireguard.keys import PrivateKey, PublicKey, read_secret_file, write_secret_file
-from .wireguard.plan import Tunnel, tunnels
-from .wireguard.uapi import Uapi, UapiError, WireguardGo
+from .wireguard.discovery import SigningKey, SqliteRegistry
+from .wireguard.keys import PrivateKey, read_secret_file, write_secret_file
+from .wireguard.plan import Tunnel
 
-__all__ = ["SiteAgent"]
+__all__ = ["SiteAgent", "StateSource", "DesiredState", "LocalStateFile"]
 
 log = logging.getLogger("patronus.agent")
 
-UPLINK_MARK = 0x5000
 PRUNE_EVERY_S = 60.0  # how often the agent applies the state's retention policy
-PROBE_PORT = 7362
 
 
-def _ip(*args: str, check: bool = True) -> None:
-    p = subprocess.run(["ip", *args], capture_output=True, text=True)
-    if check and p.returncode != 0:
-        raise PatronusError(f"ip {' '.join(args)}: {p.stderr.strip()}")
+@dataclass(frozen=True)
+class DesiredState:
+    """What a site should be: the mesh, and a version that changes when it does."""
+
+    mesh: Mesh
+    version: str
+
+
+class StateSource(Protocol):
+    """Where the agent gets its desired state from: a local state file
+    (``LocalStateFile``), or a controller."""
+
+    def load(self) -> DesiredState:
+        """The desired state now; PatronusError (with the fix) when there is none."""
+        ...
+
+    def version(self) -> str:
+        """The version ``load()`` would return now (to tell whether it changed)."""
+        ...
+
+
+class LocalStateFile:
+    """The desired state from the mesh saved in a SQLite state file (``patronus.save_mesh``)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    def load(self) -> DesiredState:
+        """The saved mesh; StateError naming the fix when the file or the mesh is missing."""
+        if not self.path.exists():
+            raise _no_state_file(self.path)
+        with Store(self.path, create=False) as store:
+            try:
+                mesh = store.load_mesh()
+            except StateError as e:
+                raise StateError(f"{e}: save the mesh into it first "
+                                 f"(patronus.save_mesh(mesh, {str(self.path)!r}))") from None
+        return DesiredState(mesh, _mesh_version(mesh))
+
+    def version(self) -> str:
+        return self.load().version
+
+
+def _no_state_file(path: Path) -> StateError:
+    return StateError(f"no state file at {str(path)!r}: save the mesh there first "
+                      f"(patronus.save_mesh(mesh, {str(path)!r}), "
+                      f"or `patronus lab up --agents`), or point --state at the mesh's state file")
+
+
+def _mesh_version(mesh: Mesh) -> str:
+    """A digest of the mesh's content: equal meshes, equal versions."""
+    text = json.dumps(mesh.to_dict(), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _secret_file(path: Path, make: Any) -> bytes:
@@ -83,21 +128,26 @@ class SiteAgent:
 
     def __init__(self, state: str | os.PathLike[str], site: str, *, lan_if: str | None = None,
                  token: str | None = None, prefix: str | None = None, backend: str = "auto",
-                 interval_s: float = 1.0, bfd_ms: int = 50) -> None:
+                 interval_s: float = 1.0, bfd_ms: int = 50, source: StateSource | None = None,
+                 wireguard: str = "userspace") -> None:
+        """``state``: the SQLite state file (discovery registry, events,
+        metrics; keys and the status file next to it). ``source``: where
+        the desired mesh comes from (default: the mesh in ``state``).
+        ``backend``: the data plane ("auto", "xdp", "userspace");
+        ``wireguard``: the tunnels ("userspace" wireguard-go, "kernel", "auto")."""
         self.state = Path(state)
         self.site = site
-        self.lan_if, self.token, self.backend = lan_if, token, backend
+        self.source: StateSource = source if source is not None else LocalStateFile(self.state)
+        self.lan_if, self.token, self.backend, self.wireguard = lan_if, token, backend, wireguard
         self.prefix = prefix or f"{site[:6]}w"
         self.interval_s, self.bfd_ms = interval_s, bfd_ms
         self._stop = asyncio.Event()
-        self.tunnels: dict[int, Tunnel] = {}
-        self.wg: dict[str, WireguardGo | None] = {}   # None: adopted from an earlier run
-        self.adopted: list[str] = []
+        self.net: SiteRealiser | None = None
+        self.version: str | None = None  # of the desired state in use
         self.sessions: dict[str, Any] = {}
         self.dp: Any = None
         self.engine: Any = None
         self.bfd_changes = 0  # BFD sessions that came Up or went Down, all paths
-        self._applied: dict[str, InterfaceConfig] = {}  # ifname -> config its wireguard-go holds
         # telemetry (flow table scans, SQLite writes, the status file) runs on
         # this thread, with its own store connection, off the event loop
         self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="agent-io")
@@ -108,6 +158,16 @@ class SiteAgent:
 
     def _key_base(self) -> Path:
         return self.state.with_name(f"{self.state.name}.{self.site}")
+
+    @property
+    def tunnels(self) -> dict[int, Tunnel]:
+        """The site's tunnels by path index."""
+        return self.net.tunnels if self.net is not None else {}
+
+    @property
+    def adopted(self) -> list[str]:
+        """Tunnel interfaces an earlier run left and this one took over."""
+        return self.net.adopted if self.net is not None else []
 
     def _check_enrolment(self, mesh: Any, registry: SqliteRegistry) -> bool:
         """Refuse (named error, with the fix) a site the mesh does not have,
@@ -121,8 +181,7 @@ class SiteAgent:
         if os.path.lexists(sign_path):
             raw = _secret_file(sign_path, lambda: os.urandom(32))  # reads only: it exists
             public = SigningKey(Ed25519PrivateKey.from_private_bytes(raw)).public_bytes
-            if registry._db.execute("SELECT 1 FROM site_keys WHERE public_key = ? AND site = ?",
-                                    (public, self.site)).fetchone():
+            if registry.is_enrolled(self.site, public):
                 return False
         if not self.token:
             raise PatronusError(
@@ -134,17 +193,11 @@ class SiteAgent:
 
     def preflight(self) -> None:
         """Every check ``run`` would fail on at start, without creating or
-        writing anything: the state file exists and holds a mesh, the site is
-        one of it, and it is enrolled or has a valid token."""
-        if not self.state.exists():
-            raise StateError(f"no state file at {str(self.state)!r}: save the mesh there first "
-                             f"(Mesh.save({str(self.state)!r}), or `patronus lab up --agents`), "
-                             f"or point --state at the mesh's state file")
-        with Store(self.state, create=False) as store:
-            try:
-                mesh = store.load_mesh()
-            except StateError as e:
-                raise StateError(f"{e}: save the mesh into it first (Mesh.save({str(self.state)!r}))") from None
+        writing anything: the desired state loads, the site is one of its
+        mesh, and it is enrolled or has a valid token."""
+        if not self.state.exists():  # the registry lives there, whatever the source of the mesh
+            raise _no_state_file(self.state)
+        mesh = self.source.load().mesh
         registry = SqliteRegistry(self.state, create=False)
         try:
             self._check_enrolment(mesh, registry)
@@ -162,44 +215,18 @@ class SiteAgent:
             self.registry.enroll(self.token, self.site, self.signer.public_bytes)
 
     def announce(self) -> None:
-        site = self.mesh.site(self.site)
-        ann = Announcement.make(self.site, wg_public_key=self.key.public_key().base64, subnets=list(site.subnets),
-                                uplinks=[{"name": u.name, "address": u.address, "port": u.port} for u in site.uplinks])
-        self.registry.publish(self.signer.sign(ann))
+        """Publish the site's signed announcement (key, subnets, uplinks)."""
+        assert self.net is not None
+        self.net.announce(self.mesh, self.registry, self.signer)
 
     # -- tunnels ------------------------------------------------------------------
 
     def _sync_tunnels(self) -> None:
-        peers = {st.site: PublicKey.from_text(st.announcement.wg_public_key) for st in self.registry.sites()
-                 if st.site != self.site}
-        local = self.mesh.site(self.site)
-        for t in tunnels(self.mesh, self.site, prefix=self.prefix):
-            if t.path.remote_site not in peers:
-                continue
-            remote = self.mesh.site(t.path.remote_site)
-            k = [u.name for u in local.uplinks].index(t.path.local_uplink)
-            cfg = InterfaceConfig(self.key, listen_port=t.listen_port, fwmark=UPLINK_MARK + k, peers=(
-                PeerConfig(peers[t.path.remote_site], endpoint=t.remote_endpoint, persistent_keepalive=t.keepalive,
-                           allowed_ips=(f"{t.remote_v4}/32", f"{t.remote_v6}/128", *remote.subnets)),))
-            if t.ifname not in self.wg:
-                uapi = Uapi(t.ifname)
-                try:
-                    uapi.get()  # a tunnel an earlier run left: adopt and reconcile it
-                    self.wg[t.ifname] = None
-                    self.adopted.append(t.ifname)
-                except UapiError:
-                    self.wg[t.ifname] = WireguardGo(t.ifname).start()
-                uapi.apply(cfg)
-                _ip("addr", "replace", t.local_v4, "dev", t.ifname)
-                _ip("link", "set", t.ifname, "mtu", str(t.mtu), "up")
-                path_table(t, remote.subnets, _ip)
-                log.info("tunnel %s up%s: path %s (#%d) to %s at %s", t.ifname,
-                         " (adopted)" if self.wg[t.ifname] is None else "", t.path.id, t.path.index,
-                         t.path.remote_site, t.remote_endpoint)
-            elif self._applied.get(t.ifname) != cfg:  # a peer's key or endpoint changed
-                Uapi(t.ifname).apply(cfg)
-            self._applied[t.ifname] = cfg
-            self.tunnels[t.path.index] = t
+        """Tunnels to every announced site; reconfigured when a peer's key or endpoint changed."""
+        assert self.net is not None
+        net, peers = self.net, SiteRealiser.peers(self.registry, exclude=self.site)
+        net.sync(self.mesh, lambda t: net.config(self.mesh, t, peers[t.path.remote_site])
+                 if t.path.remote_site in peers else None)
 
     # -- run ------------------------------------------------------------------------
 
@@ -207,29 +234,32 @@ class SiteAgent:
         from . import dataplane
         from .failover import BfdSession, Engine
 
+        desired = self.source.load()
+        self.mesh, self.version = desired.mesh, desired.version
         self.store = Store(self.state)
-        self.mesh = self.store.load_mesh()
         self.registry = SqliteRegistry(self.state)
         try:
             self._keys()
+            self.net = SiteRealiser(self.site, self.key, prefix=self.prefix, wireguard=self.wireguard,
+                                    route_paths=True)
             self.announce()
             self._sync_tunnels()
             table = self.mesh.policy_table()
             self.dp = dataplane.open(table, backend=self.backend, flow_capacity=1 << 18)
-            if self.lan_if and type(self.dp).__name__ == "Xdp":
-                self.dp.attach(self.lan_if, mode="native")
-                self.dp.enable_steering(self.lan_if, mark_base=PATH_MARK)
-            elif self.lan_if:  # no XDP here: the same decisions as nftables marks
-                from .dataplane.nft import NftSteering
-
-                self.dp = _NftPlane(self.dp, NftSteering(table, self.lan_if, mark_base=PATH_MARK))
+            if self.lan_if:  # XDP + tc, or nftables marks: what the backend offers
+                self.dp.steer(self.lan_if, mark_base=PATH_MARK)
+            limited = [p.name for p in self.mesh.policies if p.qos.rate_kbps]
+            if limited and dataplane.QOS_RATE not in self.dp.capabilities:
+                log.warning("the %s data plane does not enforce QoS.rate_kbps (policies %s); "
+                            "run with --backend userspace for rate limits", type(self.dp).__name__,
+                            ", ".join(limited))
             self.engine = Engine(self.mesh, self.dp, local_site=self.site, store=self.store, tick_s=0.02)
             self.engine.on_event(self._log_event)
             log.info("site %s started: backend %s, LAN interface %s, %d tunnels, %d policies", self.site,
                      self.backend_name(), self.lan_if or "(none)", len(self.tunnels), len(self.mesh.policies))
             from .paths import Monitor, Responder
 
-            self.responder = await Responder(("0.0.0.0", PROBE_PORT)).start()
+            self.responder = await Responder(("0.0.0.0", DEFAULT_PORT)).start()
             self.monitor = await Monitor(interval_ms=100, window=50).start()
             self.engine.watch_monitor(self.monitor)
             await self._watch_new_tunnels(BfdSession)
@@ -287,7 +317,7 @@ class SiteAgent:
                 await s.start()
                 self.sessions[t.path.id] = s
                 self.engine.watch(t.path.id, s)
-                self.monitor.add(t.path.id, remote=(t.remote_v4, PROBE_PORT), local=(t.local_v4.split("/")[0], 0))
+                self.monitor.add(t.path.id, remote=(t.remote_v4, DEFAULT_PORT), local=(t.local_v4.split("/")[0], 0))
 
     def _io_close(self) -> None:
         if self._io_store is not None:
@@ -310,15 +340,13 @@ class SiteAgent:
             except Exception:
                 pass
             self.dp.close()
-        for name, proc in self.wg.items():
-            if proc is not None:
-                proc.stop()
-            else:  # adopted: deleting the interface ends its wireguard-go
-                _ip("link", "del", name, check=False)
+        last = self.status(stopped=True)  # with the tunnels it had
+        if self.net is not None:
+            self.net.close()
         self.registry.close()
         self.store.close()
         try:
-            self.write_status(stopped=True)
+            self.write_status(status=last)
         except Exception as e:  # the last status must not hide why the agent stops
             log.warning("status file %s: %s", self.status_path, e)
         log.info("site %s stopped", self.site)
@@ -329,13 +357,8 @@ class SiteAgent:
     # -- status and log ---------------------------------------------------------------
 
     def backend_name(self) -> str | None:
-        """The data plane actually in use ("Xdp", "Userspace", a wrapper with
-        what it wraps), or None before it is open."""
-        if self.dp is None:
-            return None
-        name = type(self.dp).__name__
-        inner = getattr(self.dp, "dp", None)
-        return f"{name.lstrip('_')}({type(inner).__name__})" if inner is not None else name
+        """The data plane in use ("Xdp", "Userspace"), or None before it is open."""
+        return None if self.dp is None else type(self.dp).__name__
 
     @property
     def status_path(self) -> Path:
@@ -411,24 +434,6 @@ class SiteAgent:
                  ev.from_path or "(none)", ev.to_path or "(none)", ev.reason, detail)
 
 
-class _NftPlane:
-    """The userspace data plane plus nftables steering: one set_path moves both."""
-
-    def __init__(self, dp: Any, nft: Any) -> None:
-        self.dp, self.nft = dp, nft
-
-    def set_path(self, policy: str | int | None, path_id: int | None, site: str | int | None = None) -> None:
-        self.dp.set_path(policy, path_id, site)
-        self.nft.set_path(policy, path_id, site)
-
-    def flows(self) -> Any:
-        return self.dp.flows()
-
-    def close(self) -> None:
-        self.nft.close()
-        self.dp.close()
-
-
 def _token(args: Any) -> str | None:
     """The enrolment token: ``--token`` (visible to every local user in
     /proc/PID/cmdline), ``--token-file PATH``, or ``$PATRONUS_TOKEN``, in that order."""
@@ -456,7 +461,7 @@ def main(args: Any) -> int:
     try:
         token = _token(args)
         agent = SiteAgent(args.state, args.site, lan_if=args.lan_if, token=token, backend=args.backend,
-                          prefix=args.prefix)
+                          prefix=args.prefix, wireguard=getattr(args, "wireguard", "userspace"))
         agent.preflight()  # refuse a bad start before anything is created
     except PatronusError as e:
         print(f"patronus agent: {e}", flush=True)

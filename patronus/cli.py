@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     tok.add_argument("--token-file", metavar="PATH", help="read the enrollment token from this file")
     ag.add_argument("--prefix", help="tunnel interface name prefix (unique on the machine)")
     ag.add_argument("--backend", default="auto", choices=["auto", "xdp", "userspace"])
+    ag.add_argument("--wireguard", default="userspace", choices=["userspace", "kernel", "auto"],
+                    help="the tunnels: wireguard-go (userspace, the default), the kernel's WireGuard, or the "
+                         "kernel's where it has WireGuard (auto)")
     ag.epilog = ("Without --token or --token-file the token is read from $PATRONUS_TOKEN; "
                  "a site enrolled already needs none.")
     tk = sub.add_parser("token", help="create, list and revoke enrollment tokens")
@@ -85,12 +88,12 @@ def _token(args: argparse.Namespace) -> int:
     try:
         reg = SqliteRegistry(args.state, create=False)
     except PatronusError as e:
-        print(f"patronus token: {e} (create the state with Mesh.save first)", file=sys.stderr)
+        print(f"patronus token: {e} (create the state with patronus.save_mesh first)", file=sys.stderr)
         return 2
     try:
         if args.token_cmd == "create":
-            sites = [r[0] for r in reg._db.execute("SELECT name FROM sites ORDER BY position")]
-            if reg._db.execute("SELECT 1 FROM mesh").fetchone() is not None and args.site not in sites:
+            sites = reg.mesh_sites()
+            if sites is not None and args.site not in sites:
                 raise ConfigError("--site", args.site, f"is not a site of the saved mesh (its sites: "
                                                        f"{', '.join(sites) or 'none'})")
             print(reg.create_token(args.site, ttl_s=args.ttl_s), flush=True)

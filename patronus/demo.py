@@ -19,6 +19,7 @@ from typing import TextIO
 from . import packets
 from .mesh import Mesh
 from .model import Failover, Match, Policy, QoS, Site, Uplink
+from .store import load_mesh, save_mesh
 
 
 def build_mesh() -> Mesh:
@@ -112,8 +113,8 @@ def run(out: TextIO, state: str | None = None) -> int:
     if state is None:
         tmpdir = tempfile.mkdtemp(prefix="patronus-demo-")
         state = os.path.join(tmpdir, "state.db")
-    mesh.save(state)
-    loaded = Mesh.load(state)
+    save_mesh(mesh, state)
+    loaded = load_mesh(state)
     same = loaded == mesh
     say(f"6. Saved the state to {state} ({os.path.getsize(state)} bytes) and loaded it back: "
         f"{'identical' if same else 'DIFFERENT'}")
@@ -138,9 +139,9 @@ def _network_story(say) -> int:  # type: ignore[no-untyped-def]
         why = "wireguard-go is not installed (apt-get install wireguard-go)"
     else:
         try:
-            from .dataplane.xdp import _preflight
+            from .dataplane import preflight
 
-            _preflight()
+            preflight()
         except Exception as e:  # DataplaneUnavailable names cause and fix
             why = str(e)
     if why:
@@ -149,7 +150,8 @@ def _network_story(say) -> int:  # type: ignore[no-untyped-def]
         return _simulated_story(say)
     from .lab.story import failover_story
 
-    say("7. Live: a lab of network namespaces with real WireGuard tunnels, XDP steering and BFD.")
+    say("7. Live: a lab of network namespaces, a `patronus agent` per site: real WireGuard tunnels, XDP steering "
+        "and BFD.")
     workdir = tempfile.mkdtemp(prefix="patronus-demo-lab-")
     r = failover_story(workdir, tag="pndemo", say=lambda m: say("   " + m))
     down = next((m for m in r["moves"] if m["reason"] == "bfd_down" and m["mono"] >= r["t_cut"]), None)
@@ -183,13 +185,13 @@ def _simulated_story(say) -> int:  # type: ignore[no-untyped-def]
     plane and failover engine, on a simulated clock; BFD is simulated as
     50 ms x 3 (the cut is detected 150 ms after the last packet got through)."""
     from .dataplane import Userspace
-    from .failover.engine import FailoverCore
+    from .failover.engine import Engine
 
     mesh = build_mesh()
     mesh.failover = Failover(detect_ms=150, failback_hold_s=2, cooldown_s=0.5)
     table = mesh.policy_table()
     dp = Userspace(table, flow_capacity=4096)
-    core = FailoverCore(mesh, dp, local_site="hq")
+    core = Engine(mesh, dp, local_site="hq")
     events = list(core.start(now=0.0))
     primary = core.where()[("voip", "br1")]
     say(f"   to br1, policies put voip on {primary} and backup on {core.where()[('backup', 'br1')]}")
@@ -199,7 +201,7 @@ def _simulated_story(say) -> int:  # type: ignore[no-untyped-def]
     dead_from, dead_to = t_cut, None
     uplink = core.paths[primary].path.local_uplink if core.paths[primary].path.local_site == "hq" else \
         core.paths[primary].path.remote_uplink
-    cut = [pid for pid, h in core.paths.items() if core._local_uplink(pid) == uplink]  # the uplink's paths
+    cut = [pid for pid, h in core.paths.items() if core.core.local_uplink(pid) == uplink]  # the uplink's paths
     received, t = [], 0.0
     while t < 7.0:
         if dead_to is None and t >= t_cut + detect:

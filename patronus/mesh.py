@@ -1,7 +1,9 @@
 """The mesh: sites, the paths between them, policies and failover settings.
 
 A Mesh is the desired state a controller works toward. Every mutating call
-validates first and changes nothing when it raises.
+validates first and changes nothing when it raises. ``to_dict`` and
+``from_dict`` are its whole serialised form; ``patronus.store`` keeps it in
+a state file (``save_mesh(mesh, path)``, ``load_mesh(path)``).
 
 >>> from patronus import Mesh, Site, Uplink
 >>> mesh = Mesh("acme")
@@ -14,7 +16,6 @@ validates first and changes nothing when it raises.
 from __future__ import annotations
 
 import ipaddress
-import os
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -48,8 +49,10 @@ def _reaches(dst: str, site: Site) -> bool:
 class Mesh:
     """A named set of sites joined by paths, with policies and failover settings.
 
-    Equality compares everything a save stores, so ``Mesh.load(f) == mesh``
-    after ``mesh.save(f)``.
+    Equality compares everything ``to_dict`` holds (and a state file
+    stores), so ``Mesh.from_dict(mesh.to_dict()) == mesh``. Files are the
+    store's job: ``patronus.save_mesh(mesh, path)`` and
+    ``patronus.load_mesh(path)``.
     """
 
     name: str = attrs.field(converter=lambda x: v.name("Mesh.name", x), on_setattr=attrs.setters.convert)
@@ -247,18 +250,3 @@ class Mesh:
         for p in v.sequence("Mesh.policies", d.get("policies", [])):
             mesh.add_policy(Policy.from_dict(p))
         return mesh
-
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the whole mesh into the SQLite state file, in one transaction."""
-        from .store import Store
-
-        with Store(path) as st:
-            st.save_mesh(self)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> Mesh:
-        """Read the mesh from a state file written by ``save``."""
-        from .store import Store
-
-        with Store(path, create=False) as st:
-            return st.load_mesh()

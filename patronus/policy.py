@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from . import abi
+from . import _fast, abi
 from .errors import ConfigError
 from .model import Policy
 
@@ -220,7 +220,6 @@ class PolicyTable:
         self.policies: Policies = Policies(pols)
         self._index = names
         self.rules = compile_rules(self.policies)
-        from . import _fast
 
         self._cls = _fast.Classifier(self.rules, cache_size)
         self._sites = _fast.Sites(self.site_prefixes, len(self.sites))
@@ -297,12 +296,11 @@ class PolicyTable:
         pair where frame i is ``buffer[offsets[i]:offsets[i+1]]``.
         ``cache=False`` skips the classification cache (every lookup is a miss).
         """
-        mode = 0 if cache else 1
-        return self._run(frames, mode)
+        return self._run(frames, _fast.MODE_CACHE if cache else _fast.MODE_BITVEC)
 
     def classify_linear(self, frames: Sequence[bytes] | tuple[Any, np.ndarray]) -> np.ndarray:
         """The same answer by scanning every rule in C: a baseline, not for production."""
-        return self._run(frames, 2)
+        return self._run(frames, _fast.MODE_LINEAR)
 
     def _run(self, frames: Any, mode: int) -> np.ndarray:
         if is_buffer(frames):

@@ -1,5 +1,5 @@
-"""Durable state in SQLite (standard library): the mesh, and the tables later
-layers fill (path metrics, failover events, flow snapshots).
+"""Durable state in SQLite (standard library): the mesh, and the records
+other layers write (path metrics, failover events, flow snapshots).
 
 WAL mode, foreign keys on, one transaction per save, a schema version table
 with forward migrations. A save is atomic: a crash in the middle leaves the
@@ -16,11 +16,17 @@ grow without bound unless pruned: ``Store.prune()`` deletes rows older than
 ``RETENTION_S`` (7 days of path metrics and flow snapshots, 30 days of
 failover events) and keeps at most ``MAX_ROWS`` rows of each table.
 
+``save_mesh(mesh, path)`` and ``load_mesh(path)`` open the file for one
+call (``patronus.save_mesh`` / ``patronus.load_mesh`` are the same
+functions); ``Store`` keeps it open for the records.
+
 >>> import tempfile, os
 >>> from patronus import Mesh
 >>> f = os.path.join(tempfile.mkdtemp(), "state.db")
->>> Mesh("acme").save(f); Mesh.load(f).name
+>>> save_mesh(Mesh("acme"), f); load_mesh(f).name
 'acme'
+>>> with Store(f) as st: st.load_mesh() == load_mesh(f)
+True
 """
 
 from __future__ import annotations
@@ -30,15 +36,13 @@ import math
 import os
 import sqlite3
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from . import _validate as v
 from .errors import ConfigError, SchemaVersionError, StateError, quote
+from .mesh import Mesh
 
-if TYPE_CHECKING:
-    from .mesh import Mesh
-
-__all__ = ["Store", "SCHEMA_VERSION", "RETENTION_S", "MAX_ROWS"]
+__all__ = ["Store", "save_mesh", "load_mesh", "SCHEMA_VERSION", "RETENTION_S", "MAX_ROWS"]
 
 # Each entry migrates from version i to i + 1. Append only; never edit a
 # shipped migration. Statements are split on ';', so none may appear in a comment.
@@ -204,7 +208,7 @@ _RECORD_TYPES: dict[str, dict[str, tuple[type, ...]]] = {
 class Store:
     """An open state file. Use as a context manager.
 
-    ``create=False`` refuses to create a missing file (for ``Mesh.load``).
+    ``create=False`` refuses to create a missing file (as ``load_mesh`` does).
     """
 
     def __init__(self, path: str | os.PathLike[str], *, create: bool = True) -> None:
@@ -344,8 +348,6 @@ class Store:
     def load_mesh(self) -> Mesh:
         """The stored mesh, validated as if it were built by hand; StateError
         naming the file and the fault when it is missing, damaged or invalid."""
-        from .mesh import Mesh
-
         db = self._db
         where = "mesh"
         try:
@@ -428,7 +430,7 @@ class Store:
                                      f"{'a number' if ok[0] is int and float in ok else ok[0].__name__}")
         return rows
 
-    # -- records written by later layers -------------------------------------
+    # -- records (path metrics, failover events, flow snapshots) ---------------
 
     def add_event(self, reason: str, *, policy: str | None = None, from_path: str | None = None,
                   to_path: str | None = None, detail: str | None = None, ts: float | None = None,
@@ -459,6 +461,8 @@ class Store:
         """Append the flow records of one snapshot (``abi.FLOW_DTYPE`` rows)."""
         import ipaddress
 
+        from .abi import NO_PATH  # here, not at the top: abi loads numpy, the rest of the store does not need it
+
         rows = []
         for r in flows:
             fam = int(r["family"])
@@ -468,7 +472,7 @@ class Store:
             rows.append((ts, site, conv(r["src"]), conv(r["dst"]), int(r["sport"]), int(r["dport"]), int(r["proto"]),
                          int(r["packets"]), int(r["bytes"]), int(r["first_ns"]), int(r["last_ns"]),
                          policy_names[pol] if 0 <= pol < len(policy_names) else None,
-                         None if int(r["path"]) == 0xFFFFFFFF else int(r["path"]), int(r["tcp_flags"])))
+                         None if int(r["path"]) == NO_PATH else int(r["path"]), int(r["tcp_flags"])))
         self._db.executemany("INSERT INTO flow_snapshots VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
         return len(rows)
 
@@ -523,3 +527,32 @@ class Store:
             self._rollback()
             raise
         return out
+
+
+def save_mesh(mesh: Mesh, path: str | os.PathLike[str]) -> None:
+    """Write ``mesh`` into the state file at ``path`` (created when missing)
+    in one transaction, replacing the mesh stored there; the records and the
+    discovery registry stay.
+
+    >>> import tempfile, os
+    >>> from patronus import Mesh
+    >>> f = os.path.join(tempfile.mkdtemp(), "state.db")
+    >>> save_mesh(Mesh("acme"), f)
+    """
+    with Store(path) as st:
+        st.save_mesh(mesh)
+
+
+def load_mesh(path: str | os.PathLike[str]) -> Mesh:
+    """The mesh of the state file at ``path``, as ``save_mesh`` wrote it;
+    StateError when the file is missing, holds no mesh, or is damaged.
+
+    >>> import tempfile, os
+    >>> from patronus import Mesh
+    >>> f = os.path.join(tempfile.mkdtemp(), "state.db")
+    >>> mesh = Mesh("acme"); save_mesh(mesh, f)
+    >>> load_mesh(f) == mesh
+    True
+    """
+    with Store(path, create=False) as st:
+        return st.load_mesh()

@@ -82,7 +82,7 @@ make_venv() {
     local vpy="$VENV/bin/python"
     # Rebuild only when a build input changed: the stamp is a hash of them.
     local stamp="$VENV/.bootstrap-stamp" want
-    want="$(cat "$ROOT/pyproject.toml" "$ROOT/setup.py" "$ROOT"/patronus/*.pyx "$ROOT"/csrc/* 2>/dev/null | sha256sum | cut -d' ' -f1)"
+    want="$(cat "$ROOT/pyproject.toml" "$ROOT/setup.py" "$ROOT"/patronus/*.pyx "$ROOT"/patronus/includes/* "$ROOT"/csrc/* 2>/dev/null | sha256sum | cut -d' ' -f1)"
     if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]] && "$vpy" -c 'import patronus._fast' 2>/dev/null; then
         say "pip: patronus and its extension are up to date"
     else

@@ -18,7 +18,7 @@ import pytest
 from patronus import Failover, Match, Policy, QoS
 from patronus.lab.net import Lab
 from patronus.netns import socket_in
-from patronus.store import Store
+from patronus.store import Store, save_mesh
 from patronus.wireguard.discovery import SqliteRegistry
 
 from .netns import require_xdp, unique
@@ -90,7 +90,7 @@ def test_agents_run_sites_survive_kill_9_and_stop_cleanly(tmp_path):
                                qos=QoS(dscp=46), prefer=["u0"]))
         mesh.add_policy(Policy("bulk", Match(proto="tcp"), priority=2, app="bulk", prefer=["u1"]))
         mesh.failover = Failover(failback_hold_s=2, cooldown_s=0.5)
-        mesh.save(state)
+        save_mesh(mesh, state)
         reg = SqliteRegistry(state)
         tokens = {s: reg.create_token(f"s{s}") for s in (0, 1)}
         reg.close()
@@ -159,7 +159,7 @@ def test_agent_without_xdp_steers_with_nftables(tmp_path):
         mesh = lab.mesh
         mesh.add_policy(Policy("voip", Match(proto="udp", dst_ports=5060), priority=1, app="voip",
                                qos=QoS(dscp=46), prefer=["u1"]))
-        mesh.save(state)
+        save_mesh(mesh, state)
         reg = SqliteRegistry(state)
         tokens = {s: reg.create_token(f"s{s}") for s in (0, 1)}
         reg.close()

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from patronus import Mesh
+from patronus import load_mesh
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def test_demo(demo):
     assert "3 sites, 8 paths" in out
     assert "SIP INVITE hq->br1 udp/5060    -> voip" in out
     assert "truncated frame" in out and "identical" in out
-    assert len(Mesh.load(state).sites) == 3
+    assert len(load_mesh(state).sites) == 3
 
 
 def test_demo_shows_flows_and_failover_write(demo):
@@ -104,7 +104,7 @@ def test_lab_up_with_agents_status_down(tmp_path):
             assert f"site {site} started" in open(a["log"]).read()
         assert len(st["tunnels"]) == 8 and all(isinstance(t, dict) for t in st["tunnels"].values())
         table = run("status").stdout
-        assert re.search(r"agent s0: pid \d+ running, backend NftPlane\(Userspace\), ready", table), table
+        assert re.search(r"agent s0: pid \d+ running, backend Userspace, ready", table), table
         assert re.search(r"s0\.u0~s1\.u0\s+up\s+" + tag + r"a0t0", table), table
         again = run("up", "--agents")
         assert again.returncode == 2 and "exists already" in again.stderr

@@ -1,6 +1,8 @@
-"""The failover engine: BFD Down moves every policy on the path with one
-set_path each, failback waits for the hold, toggling links are damped, SLA
-violations move traffic after N windows, events land in the SQLite state."""
+"""The failover engine applied to a real data plane: BFD Down moves every
+policy on the path (one set_paths call, one entry per move), failback waits
+for the hold, toggling links are damped, SLA violations move traffic after
+N windows, events land in the SQLite state. tests/test_failover_core.py
+holds the sans-I/O engine as a state machine."""
 
 from __future__ import annotations
 
@@ -13,25 +15,29 @@ from hypothesis import strategies as st
 
 from patronus import Failover, Match, Mesh, Policy, Site, Uplink, packets
 from patronus.dataplane import Userspace
-from patronus.failover import DEFAULT_CLASS, BfdSession, Engine, FailoverCore, State
+from patronus.failover import DEFAULT_CLASS, BfdSession, Engine, State
 from patronus.store import Store
 
 MPLS, LTE = "br.inet~hq.mpls", "br.inet~hq.lte"
 
 
 class RecordingPlane(Userspace):
-    """The real userspace data plane, recording each set_path call as
-    (class, path) (and the site in ``sites``)."""
+    """The real userspace data plane, recording each move it is given as
+    (class, path) (the site in ``sites``, each set_paths call in ``batches``)."""
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
         self.calls: list[tuple[str, int]] = []
         self.sites: list[str] = []
+        self.batches: list[list[tuple]] = []
 
-    def set_path(self, policy, path_id, site=None):
-        self.calls.append((DEFAULT_CLASS if policy is None else policy, path_id))
-        self.sites.append(site)
-        super().set_path(policy, path_id, site)
+    def set_paths(self, moves):
+        moves = list(moves)
+        super().set_paths(moves)
+        self.batches.append(moves)
+        for policy, site, path_id in moves:
+            self.calls.append((DEFAULT_CLASS if policy is None else policy, path_id))
+            self.sites.append(site)
 
 
 def make_mesh(**failover):
@@ -52,9 +58,9 @@ def setup(tmp_path):
     mesh = make_mesh()
     dp = RecordingPlane(mesh.policy_table(), flow_capacity=1024)
     store = Store(tmp_path / "state.db")
-    core = FailoverCore(mesh, dp, local_site="hq", store=store)
-    core.start(now=0.0)
-    yield mesh, dp, core, store
+    engine = Engine(mesh, dp, local_site="hq", store=store)
+    engine.start(now=0.0)
+    yield mesh, dp, engine, store
     store.close()
 
 
@@ -62,15 +68,17 @@ def idx(mesh, pid):
     return next(p.index for p in mesh.paths("hq", "br") if p.id == pid)
 
 
-def test_bfd_down_moves_every_policy_on_the_path_with_one_set_path_each(setup):
-    mesh, dp, core, store = setup
-    assert core.where() == {("voip", "br"): MPLS, ("video", "br"): MPLS, ("bulk", "br"): LTE,
+def test_bfd_down_moves_every_policy_on_the_path_in_one_set_paths_call(setup):
+    mesh, dp, engine, store = setup
+    assert engine.where() == {("voip", "br"): MPLS, ("video", "br"): MPLS, ("bulk", "br"): LTE,
                             (DEFAULT_CLASS, "br"): MPLS}
     voice = packets.udp("10.1.0.5", "10.2.0.9", 4000, 5060)
     dp.process([voice], ts_ns=[1])
     dp.calls.clear()
-    evs = core.bfd(MPLS, up=False, now=5.0)
+    dp.batches.clear()
+    evs = engine.bfd(MPLS, up=False, now=5.0)
     assert sorted(dp.calls) == [(DEFAULT_CLASS, idx(mesh, LTE)), ("video", idx(mesh, LTE)), ("voip", idx(mesh, LTE))]
+    assert len(dp.batches) == 1 and engine.set_path_calls == 4 + 3  # 4 initial moves, then these 3
     assert set(dp.sites[-3:]) == {"br"}
     assert {(e.policy, e.site, e.reason, e.from_path, e.to_path) for e in evs} == {
         ("voip", "br", "bfd_down", MPLS, LTE), ("video", "br", "bfd_down", MPLS, LTE),
@@ -81,55 +89,55 @@ def test_bfd_down_moves_every_policy_on_the_path_with_one_set_path_each(setup):
 
 
 def test_failback_waits_for_the_hold(setup):
-    mesh, dp, core, store = setup
-    core.bfd(MPLS, up=False, now=5.0)
-    core.bfd(MPLS, up=True, now=10.0)
+    mesh, dp, engine, store = setup
+    engine.bfd(MPLS, up=False, now=5.0)
+    engine.bfd(MPLS, up=True, now=10.0)
     dp.calls.clear()
-    assert core.tick(now=39.9) == [] and dp.calls == []
-    evs = core.tick(now=40.0)
+    assert engine.tick(now=39.9) == [] and dp.calls == []
+    evs = engine.tick(now=40.0)
     assert {(e.policy, e.reason) for e in evs} == {("voip", "failback"), ("video", "failback"),
                                                    (DEFAULT_CLASS, "failback")}
-    assert core.where()[("voip", "br")] == MPLS and len(dp.calls) == 3
+    assert engine.where()[("voip", "br")] == MPLS and len(dp.calls) == 3
 
 
 def test_a_toggling_link_is_damped_then_reused(setup):
-    mesh, dp, core, store = setup
+    mesh, dp, engine, store = setup
     t, damped = 1.0, []
     for _ in range(4):  # down/up every 300 ms
-        damped += [e for e in core.bfd(MPLS, up=False, now=t) if e.reason == "damped"]
-        core.bfd(MPLS, up=True, now=t + 0.3)
-        core.tick(now=t + 0.3)
+        damped += [e for e in engine.bfd(MPLS, up=False, now=t) if e.reason == "damped"]
+        engine.bfd(MPLS, up=True, now=t + 0.3)
+        engine.tick(now=t + 0.3)
         t += 0.6
-    assert len(damped) == 1 and core.paths[MPLS].suppressed
-    assert core.where()[("voip", "br")] == LTE
+    assert len(damped) == 1 and engine.paths[MPLS].suppressed
+    assert engine.where()[("voip", "br")] == LTE
     dp.calls.clear()
     # the penalty (about 3,700) halves every 15 s: still above the reuse
     # level of 750 after 31 s, when the link has been up longer than the hold
-    assert core.tick(now=t + 31) == [] and dp.calls == [] and core.where()[("voip", "br")] == LTE
-    evs = core.tick(now=t + 36)      # below 750 after about 34.5 s
+    assert engine.tick(now=t + 31) == [] and dp.calls == [] and engine.where()[("voip", "br")] == LTE
+    evs = engine.tick(now=t + 36)      # below 750 after about 34.5 s
     assert [e.reason for e in evs] == ["reuse"]
-    assert core.tick(now=t + 36 + 29.9) == []
-    evs = core.tick(now=t + 36 + 30)  # and then the hold again
-    assert {e.reason for e in evs} == {"failback"} and core.where()[("voip", "br")] == MPLS
+    assert engine.tick(now=t + 36 + 29.9) == []
+    evs = engine.tick(now=t + 36 + 30)  # and then the hold again
+    assert {e.reason for e in evs} == {"failback"} and engine.where()[("voip", "br")] == MPLS
 
 
 def test_sla_violation_moves_after_n_windows_only(setup):
-    mesh, dp, core, store = setup
+    mesh, dp, engine, store = setup
     bad = {"voip": "loss 3.2 % > 1 %", "video": None, "bulk": None}
-    assert core.sla(MPLS, bad, now=1.0) == [] and core.sla(MPLS, bad, now=2.0) == []
-    (ev,) = core.sla(MPLS, bad, now=3.0)
+    assert engine.sla(MPLS, bad, now=1.0) == [] and engine.sla(MPLS, bad, now=2.0) == []
+    (ev,) = engine.sla(MPLS, bad, now=3.0)
     assert (ev.policy, ev.reason, ev.detail, ev.to_path) == ("voip", "sla_violation", "loss 3.2 % > 1 % for voip", LTE)
-    assert core.where()[("video", "br")] == MPLS  # video's SLA holds there
-    core.sla(MPLS, {"voip": None}, now=4.0)
-    assert core.tick(now=4.0 + 29.9) == []
-    assert [e.reason for e in core.tick(now=34.0)] == ["failback"]
+    assert engine.where()[("video", "br")] == MPLS  # video's SLA holds there
+    engine.sla(MPLS, {"voip": None}, now=4.0)
+    assert engine.tick(now=4.0 + 29.9) == []
+    assert [e.reason for e in engine.tick(now=34.0)] == ["failback"]
 
 
 def test_events_are_persisted(setup):
-    mesh, dp, core, store = setup
-    core._clock = lambda: 105.0          # the engine's (monotonic) clock reads 105 s now
+    mesh, dp, engine, store = setup
+    engine._clock = lambda: 105.0          # the engine's (monotonic) clock reads 105 s now
     before = time.time()
-    evs = core.bfd(MPLS, up=False, now=5.0)
+    evs = engine.bfd(MPLS, up=False, now=5.0)
     after = time.time()
     assert {e.ts for e in evs} == {5.0}  # callbacks get the engine's clock
     rows = store.events()
@@ -144,12 +152,12 @@ def test_events_are_persisted(setup):
 def test_cooldown_holds_back_a_quick_return():
     mesh = make_mesh(failback_hold_s=0, cooldown_s=5)
     dp = RecordingPlane(mesh.policy_table(), flow_capacity=64)
-    core = FailoverCore(mesh, dp, local_site="hq")
-    core.start(0.0)
-    core.bfd(MPLS, up=False, now=1.0)
-    core.bfd(MPLS, up=True, now=1.5)
-    assert core.tick(now=5.9) == []
-    assert {e.reason for e in core.tick(now=6.0)} == {"failback"}
+    engine = Engine(mesh, dp, local_site="hq")
+    engine.start(0.0)
+    engine.bfd(MPLS, up=False, now=1.0)
+    engine.bfd(MPLS, up=True, now=1.5)
+    assert engine.tick(now=5.9) == []
+    assert {e.reason for e in engine.tick(now=6.0)} == {"failback"}
 
 
 events = st.lists(st.tuples(st.sampled_from(["down", "up", "bad", "good", "tick"]), st.sampled_from([MPLS, LTE]),
@@ -161,24 +169,24 @@ events = st.lists(st.tuples(st.sampled_from(["down", "up", "bad", "good", "tick"
 def test_any_event_sequence_keeps_policies_on_usable_paths(evs):
     mesh = make_mesh()
     dp = RecordingPlane(mesh.policy_table(), flow_capacity=64)
-    core = FailoverCore(mesh, dp, local_site="hq")
-    moves = len(core.start(0.0))
+    engine = Engine(mesh, dp, local_site="hq")
+    moves = len(engine.start(0.0))
     t = 0.0
     for kind, pid, dt in evs:
         t += dt
         if kind in ("down", "up"):
-            out = core.bfd(pid, up=kind == "up", now=t)
+            out = engine.bfd(pid, up=kind == "up", now=t)
         elif kind in ("bad", "good"):
-            out = core.sla(pid, {"voip": "loss 5 % > 1 %" if kind == "bad" else None}, now=t)
+            out = engine.sla(pid, {"voip": "loss 5 % > 1 %" if kind == "bad" else None}, now=t)
         else:
-            out = core.tick(now=t)
-        out += core.tick(now=t)
+            out = engine.tick(now=t)
+        out += engine.tick(now=t)
         moves += sum(1 for e in out if e.to_path is not None and e.policy is not None)
-        for st_ in core.pairs.values():
-            usable = [c for c in st_.candidates if core._usable(c, st_.app)]
+        for st_ in engine.core.pairs.values():
+            usable = [c for c in st_.candidates if engine.core.usable(c, st_.app)]
             if usable:  # after a tick a policy is never left on an unusable path when a usable one exists
                 assert st_.current in usable
-            assert not core.paths[st_.current].suppressed or not usable
+            assert not engine.paths[st_.current].suppressed or not usable
     assert moves == len(dp.calls)  # one set_path per move, nothing else
 
 
@@ -240,11 +248,11 @@ def test_backups_avoid_the_uplink_that_just_failed():
                        uplinks=[Uplink("a", "203.0.113.1"), Uplink("b", "203.0.113.2")]))
     mesh.add_policy(Policy("voip", Match(dst="10.2.0.0/24"), priority=1, app="voip", prefer=["mpls"]))
     dp = RecordingPlane(mesh.policy_table(), flow_capacity=64)
-    core = FailoverCore(mesh, dp, local_site="hq")
-    core.start(0.0)
-    first = core.where()[("voip", "br")]
+    engine = Engine(mesh, dp, local_site="hq")
+    engine.start(0.0)
+    first = engine.where()[("voip", "br")]
     assert "hq.mpls" in first
-    (ev,) = [e for e in core.bfd(first, up=False, now=1.0) if e.policy == "voip"]
+    (ev,) = [e for e in engine.bfd(first, up=False, now=1.0) if e.policy == "voip"]
     assert "hq.lte" in ev.to_path  # not the other hq.mpls path
 
 
@@ -263,9 +271,9 @@ def three_sites():
 def test_every_class_has_a_path_to_every_site_and_a_cut_moves_one_pair_only():
     mesh = three_sites()
     dp = RecordingPlane(mesh.policy_table(), flow_capacity=64)
-    core = FailoverCore(mesh, dp, local_site="s0")
-    core.start(0.0)
-    where = core.where()
+    engine = Engine(mesh, dp, local_site="s0")
+    engine.start(0.0)
+    where = engine.where()
     # voip and the default class reach both sites; a policy for s2's subnet only s2; drop policies none
     assert set(where) == {("voip", "s1"), ("voip", "s2"), (DEFAULT_CLASS, "s1"), (DEFAULT_CLASS, "s2"),
                           ("to-s2", "s2")}
@@ -279,8 +287,8 @@ def test_every_class_has_a_path_to_every_site_and_a_cut_moves_one_pair_only():
     assert got["path"].tolist() == [mesh.path(where[("voip", s)]).index for s in ("s1", "s2")]
     before = dict(where)
     dp.calls.clear()
-    evs = core.bfd(where[("voip", "s1")], up=False, now=1.0)
-    after = core.where()
+    evs = engine.bfd(where[("voip", "s1")], up=False, now=1.0)
+    after = engine.where()
     moved = {k for k in after if after[k] != before[k]}
     assert moved == {k for k in before if before[k] == before[("voip", "s1")]}
     assert all(site == "s1" for _, site in moved) and ("voip", "s1") in moved
@@ -296,23 +304,23 @@ def test_a_path_coming_up_only_takes_pairs_of_its_own_site():
     ticking."""
     mesh = three_sites()
     dp = RecordingPlane(mesh.policy_table(), flow_capacity=64)
-    core = FailoverCore(mesh, dp, local_site="s0")
-    core.start(0.0)
+    engine = Engine(mesh, dp, local_site="s0")
+    engine.start(0.0)
     to_s1 = [p.id for p in mesh.paths("s0", "s1")]
     to_s2 = [p.id for p in mesh.paths("s0", "s2")]
     for pid in to_s1 + to_s2:
-        core.bfd(pid, up=True, now=0.5)
+        engine.bfd(pid, up=True, now=0.5)
     for pid in to_s2 + to_s1[:1]:
-        core.bfd(pid, up=False, now=1.0)
-    before = core.where()
-    evs = core.bfd(to_s1[0], up=True, now=2.0)
+        engine.bfd(pid, up=False, now=1.0)
+    before = engine.where()
+    evs = engine.bfd(to_s1[0], up=True, now=2.0)
     assert all(e.site in (None, "s1") for e in evs)
-    for (cls, site), pid in core.where().items():
+    for (cls, site), pid in engine.where().items():
         assert mesh.path(pid).remote_site in (site, "s0") and {x.split(".")[0] for x in pid.split("~")} == {"s0", site}
         if site == "s2":
             assert pid == before[(cls, site)]
     for t in range(3, 60):  # ticks never fail, whatever the pairs hold
-        core.tick(now=float(t))
+        engine.tick(now=float(t))
 
 
 PATHS3 = ["s0.u0~s1.u0", "s0.u0~s1.u1", "s0.u1~s1.u0", "s0.u1~s1.u1",
@@ -325,23 +333,77 @@ PATHS3 = ["s0.u0~s1.u0", "s0.u0~s1.u1", "s0.u1~s1.u0", "s0.u1~s1.u1",
 def test_any_event_sequence_keeps_every_pair_on_a_path_to_its_site(evs):
     mesh = three_sites()
     dp = RecordingPlane(mesh.policy_table(), flow_capacity=64)
-    core = FailoverCore(mesh, dp, local_site="s0")
-    core.start(0.0)
+    engine = Engine(mesh, dp, local_site="s0")
+    engine.start(0.0)
     t = 0.0
     for kind, pid, dt in evs:
         t += dt
         if kind in ("down", "up"):
-            core.bfd(pid, up=kind == "up", now=t)
+            engine.bfd(pid, up=kind == "up", now=t)
         elif kind in ("bad", "good"):
-            core.sla(pid, {"voip": "loss 5 % > 1 %" if kind == "bad" else None}, now=t)
-        core.tick(now=t)
-        for (cls, site), st_ in core.pairs.items():
+            engine.sla(pid, {"voip": "loss 5 % > 1 %" if kind == "bad" else None}, now=t)
+        engine.tick(now=t)
+        for (cls, site), st_ in engine.core.pairs.items():
             assert st_.current in st_.candidates  # a path to the pair's own site
-            usable = [c for c in st_.candidates if core._usable(c, st_.app)]
+            usable = [c for c in st_.candidates if engine.core.usable(c, st_.app)]
             if usable:
                 assert st_.current in usable
     # the data plane holds what the engine says, pair by pair
     routes = dp.routes()
-    for (cls, site), pid in core.where().items():
+    for (cls, site), pid in engine.where().items():
         row = 0 if cls == DEFAULT_CLASS else dp.table.index(cls) + 1
         assert routes[row, dp.table.site_id(site)] == mesh.path(pid).index
+
+
+class RefusingPlane(RecordingPlane):
+    """Refuses set_paths while ``refuse`` is set (a data plane write that failed)."""
+
+    refuse = False
+
+    def set_paths(self, moves):
+        if self.refuse:
+            raise OSError("map update failed")
+        super().set_paths(moves)
+
+
+def test_a_refused_write_leaves_the_pairs_where_the_data_plane_has_them():
+    """The data plane refuses a batch (all or nothing): the engine forgets
+    those moves, still reports the path's own events, raises, and the next
+    tick moves the pairs again."""
+    mesh = make_mesh()
+    dp = RefusingPlane(mesh.policy_table(), flow_capacity=64)
+    engine = Engine(mesh, dp, local_site="hq")
+    engine.start(now=0.0)
+    got = []
+    engine.on_event(got.append)
+    before = engine.where()
+    dp.refuse = True
+    with pytest.raises(OSError):
+        engine.bfd(MPLS, up=False, now=1.0)
+    assert engine.where() == before and got == []   # no move happened, no move reported
+    assert dp.path_of("voip", "br") == idx(mesh, MPLS) and engine.paths[MPLS].bfd_up is False
+    dp.refuse = False
+    evs = engine.tick(now=1.1)
+    assert {(e.policy, e.to_path) for e in evs} == {("voip", LTE), ("video", LTE), (DEFAULT_CLASS, LTE)}
+    assert dp.path_of("voip", "br") == idx(mesh, LTE) and got == evs
+
+
+def test_the_engine_judges_sla_windows_from_metrics():
+    """``window`` turns each path's metrics into SLA verdicts per application
+    with the mesh's profiles: three windows of 1.5 % loss move voip and
+    video (limit 1 %), not the default class (2 %) nor bulk (on lte)."""
+    from patronus.paths.stats import Metrics
+
+    mesh = make_mesh(sla_windows=3)
+    dp = RecordingPlane(mesh.policy_table(), flow_capacity=64)
+    engine = Engine(mesh, dp, local_site="hq")
+    engine.start(now=0.0)
+    lossy = Metrics(rtt_ms=20.0, jitter_ms=1.0, loss_pct=1.5, samples=10, alive=True)
+    clean = Metrics(rtt_ms=20.0, jitter_ms=1.0, loss_pct=0.0, samples=10, alive=True)
+    evs = []
+    for t in (1.0, 2.0, 3.0):
+        evs += engine.window({MPLS: lossy, LTE: clean, "not.a~path.x": lossy}, now=t)
+    assert [(e.policy, e.reason, e.to_path, e.ts) for e in evs] == [("voip", "sla_violation", LTE, 3.0),
+                                                                    ("video", "sla_violation", LTE, 3.0)]
+    assert evs[0].detail == "loss 1.5 % > 1 % for voip"
+    assert engine.where()[(DEFAULT_CLASS, "br")] == MPLS

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 from patronus import Failover, Match, Mesh, Policy, QoS, SchemaVersionError, Site, StateError, Uplink
-from patronus.store import MIGRATIONS, SCHEMA_VERSION, Store
+from patronus.store import MIGRATIONS, SCHEMA_VERSION, Store, load_mesh, save_mesh
 
 from .test_match_multi import multi_policy_lists
 from .test_mesh import acme, meshes
@@ -23,8 +23,8 @@ from .test_mesh import acme, meshes
 def test_save_load_and_wal(tmp_path):
     f = tmp_path / "state.db"
     mesh = acme()
-    mesh.save(f)
-    assert Mesh.load(f) == mesh
+    save_mesh(mesh, f)
+    assert load_mesh(f) == mesh
     db = sqlite3.connect(f)
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert db.execute("SELECT version FROM schema_version").fetchone()[0] == SCHEMA_VERSION
@@ -37,12 +37,12 @@ def test_save_load_and_wal(tmp_path):
 def test_resave_replaces_and_keeps_records(tmp_path):
     f = tmp_path / "state.db"
     mesh = acme()
-    mesh.save(f)
+    save_mesh(mesh, f)
     with Store(f) as st:
         st.add_event("bfd_down", policy="voip", from_path="a", to_path="b", detail="test")
     mesh.remove_site("br1")
-    mesh.save(f)
-    assert Mesh.load(f) == mesh
+    save_mesh(mesh, f)
+    assert load_mesh(f) == mesh
     with Store(f) as st:
         assert [e["reason"] for e in st.events()] == ["bfd_down"]
 
@@ -51,47 +51,47 @@ def test_resave_replaces_and_keeps_records(tmp_path):
 @given(mesh=meshes())
 def test_every_valid_mesh_survives_save_load(tmp_path, mesh):
     f = tmp_path / "prop.db"
-    mesh.save(f)
-    assert Mesh.load(f) == mesh
+    save_mesh(mesh, f)
+    assert load_mesh(f) == mesh
 
 
 def test_missing_and_empty_and_corrupt(tmp_path):
     with pytest.raises(StateError, match="no state file"):
-        Mesh.load(tmp_path / "nope.db")
+        load_mesh(tmp_path / "nope.db")
     Store(tmp_path / "empty.db").close()
     with pytest.raises(StateError, match="holds no saved mesh"):
-        Mesh.load(tmp_path / "empty.db")
+        load_mesh(tmp_path / "empty.db")
     bad = tmp_path / "bad.db"
     bad.write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(StateError, match="not a usable patronus state file"):
-        Mesh.load(bad)
+        load_mesh(bad)
 
 
 def test_newer_schema_is_refused(tmp_path):
     f = tmp_path / "new.db"
-    acme().save(f)
+    save_mesh(acme(), f)
     db = sqlite3.connect(f)
     db.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION + 1,))
     db.commit()
     db.close()
     with pytest.raises(SchemaVersionError, match="upgrade patronus"):
-        Mesh.load(f)
+        load_mesh(f)
 
 
 def test_invalid_rows_are_a_state_error(tmp_path):
     f = tmp_path / "s.db"
-    acme().save(f)
+    save_mesh(acme(), f)
     db = sqlite3.connect(f)
     db.execute("UPDATE site_subnets SET cidr = '10.1.0.1/24'")
     db.commit()
     db.close()
     with pytest.raises(StateError, match="host bits set"):
-        Mesh.load(f)
+        load_mesh(f)
 
 
 SAVER = r"""
 import sys
-from patronus import Mesh, Site, Uplink, Policy, Match
+from patronus import Mesh, Site, Uplink, Policy, Match, save_mesh
 def big(tag):
     m = Mesh("m" + tag)
     for i in range(150):
@@ -100,11 +100,11 @@ def big(tag):
         m.add_policy(Policy(f"p{tag}{i}", Match(proto="udp", dst_ports=i), priority=i))
     return m
 a, b = big("a"), big("b")
-a.save(sys.argv[1])
+save_mesh(a, sys.argv[1])
 print("ready", flush=True)
 while True:
-    b.save(sys.argv[1])
-    a.save(sys.argv[1])
+    save_mesh(b, sys.argv[1])
+    save_mesh(a, sys.argv[1])
 """
 
 
@@ -123,7 +123,7 @@ def test_kill_mid_save_leaves_previous_state(tmp_path):
         finally:
             p.kill()
             p.wait()
-        m = Mesh.load(f)
+        m = load_mesh(f)
         assert m.name in ("ma", "mb")
         assert len(m.sites) == 150 and len(m.policies) == 300
         assert all(p.name.startswith("p" + m.name[1]) for p in m.policies)
@@ -138,8 +138,8 @@ def test_several_ranges_and_protocols_survive_save_load(tmp_path, policies):
     mesh = acme()
     for p in policies:
         mesh.add_policy(p)
-    mesh.save(f)
-    assert Mesh.load(f) == mesh
+    save_mesh(mesh, f)
+    assert load_mesh(f) == mesh
 
 
 def test_policy_columns_for_sql_users(tmp_path):
@@ -148,7 +148,7 @@ def test_policy_columns_for_sql_users(tmp_path):
     mesh.add_policy(Policy("sip", Match(proto="tcp/udp", dst_ports="5060-5061,10000-20000"), priority=1))
     mesh.add_policy(Policy("dns", Match(proto="udp", src_ports=(1024, 65535), dst_ports=53), priority=2))
     mesh.add_policy(Policy("any", Match(), priority=3))
-    mesh.save(f)
+    save_mesh(mesh, f)
     db = sqlite3.connect(f)
     rows = db.execute("SELECT name, sport_lo, sport_hi, dport_lo, dport_hi, proto, sports, dports, protos "
                       "FROM policies ORDER BY position").fetchall()
@@ -159,7 +159,7 @@ def test_policy_columns_for_sql_users(tmp_path):
         ("dns", 1024, 65535, 53, 53, 17, "1024-65535", "53", "17"),
         ("any", None, None, None, None, None, None, None, None),
     ]
-    assert Mesh.load(f) == mesh
+    assert load_mesh(f) == mesh
 
 
 def test_a_file_of_the_previous_schema_loads(tmp_path):
@@ -196,9 +196,9 @@ def test_a_file_of_the_previous_schema_loads(tmp_path):
                                         dscp=10), priority=20, qos=QoS(rate_kbps=800)))
     want.add_policy(Policy("ping", Match(proto="icmp"), priority=30, action="drop"))
     want.add_policy(Policy("rest", Match(), priority=40))
-    assert Mesh.load(f) == want
+    assert load_mesh(f) == want
     with Store(f) as st:
         assert st.version == SCHEMA_VERSION
     want.add_policy(Policy("sip", Match(proto="tcp/udp", dst_ports=[5060, (10000, 20000)]), priority=50))
-    want.save(f)  # the migrated file takes the new columns
-    assert Mesh.load(f) == want
+    save_mesh(want, f)  # the migrated file takes the new columns
+    assert load_mesh(f) == want

@@ -20,11 +20,19 @@ adds ``damp_penalty`` to the path, the penalty halves every
 ``damp_half_life_s``, a path above ``damp_suppress`` is not used until it
 decays below ``damp_reuse`` (BGP route flap dampening, RFC 2439).
 
-A move is one ``dataplane.set_path(policy, path.index, site=remote)``
-(policy None for the default class): one (class, site) entry of the data
-plane's route table; flows keep their records, and the other sites' paths
-do not change. Every event goes to callbacks, to ``events()`` iterators and to the
-SQLite state when a ``Store`` is given.
+Two layers, as in ``bfd`` / ``transport``:
+
+* ``FailoverCore`` is the decision logic, sans-I/O: its inputs are a path's
+  BFD state, a path's metrics (one SLA window) and the time (``tick``), each
+  with an explicit ``now``; each returns an ``Outcome``: the moves to make
+  (``Move``: (class, site) -> path) and the events (``Event``). It touches
+  neither the data plane nor the store, so tests drive it with any clock.
+* ``Engine`` composes a core with a data plane and a store: it applies the
+  moves of each outcome with one ``dataplane.set_paths(moves)`` (checked
+  before any is written: all or nothing; one (class, site) entry of the
+  route table per move, flows keep their records), writes the events to the
+  SQLite state, passes them to ``on_event`` callbacks and ``events()``
+  iterators, and runs on asyncio with real BFD sessions and a path monitor.
 
 Times inside the engine (``now``, ``Event.ts``) are of its clock,
 ``time.monotonic`` (so holds and damping are immune to wall-clock steps);
@@ -32,33 +40,37 @@ the store gets wall-clock time (``time.time()``, as flow snapshots and path
 metrics), converted when the event is written: ``ts + (time.time() -
 clock())``.
 
-``FailoverCore`` is the decision logic with an explicit clock (tests drive
-it); ``Engine`` runs it on asyncio with real BFD sessions and a path monitor.
-
 >>> from patronus import Mesh, Site, Uplink, Policy, Match, Failover
 >>> mesh = Mesh("m")
 >>> mesh.add_site(Site("hq", subnets=["10.1.0.0/24"], uplinks=[Uplink("mpls", "192.0.2.1"), Uplink("lte", "198.51.100.1")]))
 >>> mesh.add_site(Site("br", subnets=["10.2.0.0/24"], uplinks=[Uplink("inet", "203.0.113.1")]))
 >>> mesh.add_policy(Policy("voip", Match(dst="10.2.0.0/24", proto="udp"), priority=1, app="voip", prefer=["mpls"]))
 >>> mesh.failover = Failover(failback_hold_s=10)
->>> class Plane:                                   # any object with set_path(policy, slot, site)
-...     def set_path(self, policy, slot, site): print("set_path", policy, slot, site)
->>> core = FailoverCore(mesh, Plane(), local_site="hq")
->>> _ = core.start(now=0.0)
-set_path voip 0 br
-set_path None 0 br
->>> [(e.policy, e.reason) for e in core.bfd("br.inet~hq.mpls", up=False, now=5.0)]
-set_path voip 1 br
-set_path None 1 br
+>>> core = FailoverCore(mesh, local_site="hq")
+>>> [(m.cls, m.site, m.path, m.slot) for m in core.start(now=0.0).moves]
+[('voip', 'br', 'br.inet~hq.mpls', 0), ('(default)', 'br', 'br.inet~hq.mpls', 0)]
+>>> out = core.bfd("br.inet~hq.mpls", up=False, now=5.0)
+>>> [m.dataplane() for m in out.moves]          # what DataPlane.set_paths takes
+[('voip', 'br', 1), (None, 'br', 1)]
+>>> [(e.policy, e.reason) for e in out.events]
 [('voip', 'bfd_down'), ('(default)', 'bfd_down')]
->>> _ = core.bfd("br.inet~hq.mpls", up=True, now=6.0); core.tick(now=15.0)
-[]
->>> [e.reason for e in core.tick(now=16.0)]
-set_path voip 0 br
-set_path None 0 br
+>>> _ = core.bfd("br.inet~hq.mpls", up=True, now=6.0); core.tick(now=15.0).moves
+()
+>>> [e.reason for e in core.tick(now=16.0).events]
 ['failback', 'failback']
 >>> core.where()[("voip", "br")], core.where()[(DEFAULT_CLASS, "br")]
 ('br.inet~hq.mpls', 'br.inet~hq.mpls')
+
+The same with a data plane (``Engine`` applies each outcome and returns its
+events):
+
+>>> from patronus.dataplane import Userspace
+>>> engine = Engine(mesh, Userspace(mesh.policy_table(), flow_capacity=64), local_site="hq")
+>>> _ = engine.start(now=0.0)
+>>> [e.reason for e in engine.bfd("br.inet~hq.mpls", up=False, now=5.0)]
+['bfd_down', 'bfd_down']
+>>> engine.dataplane.path_of("voip", "br"), engine.set_path_calls
+(1, 4)
 """
 
 from __future__ import annotations
@@ -67,16 +79,22 @@ import asyncio
 import ipaddress
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .._fanout import Fanout
 from ..apps import BUILTIN_PROFILES, AppProfile
 from ..errors import ConfigError
 from ..model import Failover, Path
 
-__all__ = ["FailoverCore", "Engine", "Event", "DEFAULT_CLASS"]
+if TYPE_CHECKING:
+    from ..dataplane.base import DataPlane
+    from ..mesh import Mesh
+    from ..paths.stats import Metrics
+    from ..store import Store
+
+__all__ = ["FailoverCore", "Engine", "Event", "Move", "Outcome", "DEFAULT_CLASS"]
 
 # The name of the default class (no policy matched) in events and where():
 # not a valid policy name, so it never collides with one.
@@ -98,6 +116,51 @@ class Event:
     def as_dict(self) -> dict[str, Any]:
         return {"ts": self.ts, "reason": self.reason, "policy": self.policy, "site": self.site,
                 "from_path": self.from_path, "to_path": self.to_path, "detail": self.detail}
+
+
+class Move(NamedTuple):
+    """One (class, remote site) pair pointed at a path.
+
+    >>> Move("voip", "br", "br.inet~hq.lte", 1).dataplane()
+    ('voip', 'br', 1)
+    >>> Move(DEFAULT_CLASS, "br", "br.inet~hq.lte", 1).dataplane()
+    (None, 'br', 1)
+    """
+
+    cls: str    # a policy name or DEFAULT_CLASS
+    site: str   # the remote site
+    path: str   # the path id
+    slot: int   # the path's index: its slot in the data plane
+
+    def dataplane(self) -> tuple[str | None, str, int]:
+        """This move as ``DataPlane.set_paths`` takes it: (policy or None for
+        the default class, site, path slot)."""
+        return (None if self.cls == DEFAULT_CLASS else self.cls, self.site, self.slot)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one input to a ``FailoverCore`` led to: the moves to apply, in
+    order, and every event, in order; each move has exactly one event (its
+    ``policy``, ``site`` and ``to_path`` are the move's), the other events
+    are about a path (``policy`` and ``site`` None)."""
+
+    moves: tuple[Move, ...] = ()
+    events: tuple[Event, ...] = ()
+    # (pair, path in use, moved_at) before the moves: what FailoverCore.revert restores
+    prior: tuple[tuple[tuple[str, str], str | None, float], ...] = field(default=(), repr=False, compare=False)
+
+
+class _Collect:
+    """The moves and events of one input, as they happen."""
+
+    def __init__(self) -> None:
+        self.moves: list[Move] = []
+        self.events: list[Event] = []
+        self.prior: list[tuple[tuple[str, str], str | None, float]] = []
+
+    def outcome(self) -> Outcome:
+        return Outcome(tuple(self.moves), tuple(self.events), tuple(self.prior))
 
 
 @dataclass
@@ -129,18 +192,23 @@ class _PolicyState:
 
 
 class FailoverCore:
-    """Failover decisions with an explicit clock. Methods return the events
-    they produced (and have already acted on the data plane)."""
+    """Failover decisions, sans-I/O: inputs with an explicit ``now``, each
+    returning an ``Outcome`` (moves and events). Nothing here writes the
+    data plane or the store; ``Engine`` does.
 
-    def __init__(self, mesh: Any, dataplane: Any, *, local_site: str | None = None, selector: Any = None,
-                 store: Any = None, profiles: dict[str, AppProfile] | None = None) -> None:
+    ``selector``: a ``patronus.paths.Selector`` whose scores rank the paths
+    among those equally preferred (read on every decision).
+    """
+
+    def __init__(self, mesh: Mesh, *, local_site: str | None = None, selector: Any = None,
+                 profiles: Mapping[str, AppProfile] | None = None) -> None:
         names = [site.name for site in mesh.sites]
         if local_site is None and names:
             local_site = names[0]  # the site this agent runs at; the first one unless told
         if local_site not in names:
             raise ConfigError("Engine.local_site", local_site, "is not a site of the mesh")
-        self.mesh, self.dataplane, self.selector, self.store = mesh, dataplane, selector, store
-        self.local_site = local_site
+        self.mesh, self.selector = mesh, selector
+        self.local_site: str = local_site
         self.cfg: Failover = mesh.failover
         self.profiles = {**BUILTIN_PROFILES, **dict(getattr(mesh, "profiles", None) or {}), **(profiles or {})}
         self.paths: dict[str, _PathHealth] = {}
@@ -160,10 +228,6 @@ class FailoverCore:
                 st = _PolicyState(name, remote, app, cands, {u: i for i, u in enumerate(prefer)})
                 st.candidates = sorted(cands, key=lambda pid, st=st: (self._pref(st, pid), self.paths[pid].path.index))
                 self.pairs[(name, remote)] = st
-        self._events: Fanout[Event] = Fanout()
-        # the clock ``now`` comes from; events are stored in wall time (wall_time)
-        self._clock: Callable[[], float] = time.monotonic
-        self.set_path_calls = 0
         # fate sharing: after a path over a local uplink goes down, the other
         # paths over that uplink are suspect for a while (their own BFD may
         # not have noticed yet); backups avoid them when there is a choice
@@ -179,26 +243,26 @@ class FailoverCore:
         return any(net.version == sn.version and net.overlaps(sn)
                    for sn in map(ipaddress.ip_network, self.mesh.site(remote).subnets))
 
-    def _local_uplink(self, pid: str) -> str:
-        p = self.paths[pid].path
+    def local_uplink(self, path_id: str) -> str:
+        """The local site's uplink a path leaves by."""
+        p = self.paths[path_id].path
         return p.local_uplink if p.local_site == self.local_site else p.remote_uplink
 
     def _pref(self, st: _PolicyState, pid: str) -> int:
         """Rank of the path's local uplink in the policy's ``prefer`` (unlisted last)."""
-        return st.prefer.get(self._local_uplink(pid), len(st.prefer))
-
-    def on_event(self, callback: Callable[[Event], Any]) -> None:
-        self._events.subscribe(callback)
+        return st.prefer.get(self.local_uplink(pid), len(st.prefer))
 
     # -- health ---------------------------------------------------------------
 
-    def _usable(self, pid: str, app: str) -> bool:
-        h = self.paths[pid]
+    def usable(self, path_id: str, app: str) -> bool:
+        """May traffic of application ``app`` take this path now: BFD not
+        Down, not damped, and its SLA for ``app`` not violated."""
+        h = self.paths[path_id]
         return h.bfd_up is not False and not h.suppressed and h.sla_bad.get(app, 0) < self.cfg.sla_windows
 
     def _healthy_for(self, pid: str, app: str, now: float) -> float:
         h = self.paths[pid]
-        if not self._usable(pid, app) or h.healthy_since is None:
+        if not self.usable(pid, app) or h.healthy_since is None:
             return -1.0
         return now - h.healthy_since
 
@@ -206,9 +270,9 @@ class FailoverCore:
         order = st.candidates
         if self.selector is not None:  # the selector's ranking among equally preferred paths
             order = self._ranked(st)
-        usable = [pid for pid in order if self._usable(pid, st.app)]
+        usable = [pid for pid in order if self.usable(pid, st.app)]
         if now is not None:
-            clear = [pid for pid in usable if self._suspect.get(self._local_uplink(pid), -math.inf) <= now]
+            clear = [pid for pid in usable if self._suspect.get(self.local_uplink(pid), -math.inf) <= now]
             if clear:
                 return clear[0]
         return usable[0] if usable else None
@@ -217,52 +281,38 @@ class FailoverCore:
         try:
             scores = self.selector.scores_
             names = [p.name for p in self.selector.profiles]
-            c = names.index(st.app) if st.app in names else None
-            idx = self.selector._index
-        except (AttributeError, ValueError):
+            idx = {pid: i for i, pid in enumerate(self.selector.ids)}
+        except AttributeError:
             return st.candidates
-        if c is None:
+        if st.app not in names:
             return st.candidates
+        c = names.index(st.app)
         return sorted(st.candidates, key=lambda pid: (self._pref(st, pid),
                                                       -float(scores[c, idx[pid]]) if pid in idx else 0.0))
 
-    # -- acting -----------------------------------------------------------------
+    # -- deciding ---------------------------------------------------------------
 
-    def wall_time(self, ts: float) -> float:
-        """``ts`` of the engine's clock as wall-clock time (``time.time()``),
-        by the offset between the two clocks now."""
-        return ts + (time.time() - self._clock())
-
-    def _emit(self, ev: Event) -> Event:
-        if self.store is not None:
-            self.store.add_event(ev.reason, policy=ev.policy, from_path=ev.from_path, to_path=ev.to_path,
-                                 detail=ev.detail, ts=self.wall_time(ev.ts), site=ev.site)
-        self._events.publish(ev)
-        return ev
-
-    def _move(self, st: _PolicyState, to: str, reason: str, detail: str | None, now: float) -> Event:
-        frm = st.current
-        self.dataplane.set_path(None if st.name == DEFAULT_CLASS else st.name, self.paths[to].path.index,
-                                site=st.site)
-        self.set_path_calls += 1
+    def _move(self, out: _Collect, st: _PolicyState, to: str, reason: str, detail: str | None, now: float) -> None:
+        out.prior.append(((st.name, st.site), st.current, st.moved_at))
+        out.moves.append(Move(st.name, st.site, to, self.paths[to].path.index))
+        out.events.append(Event(now, reason, st.name, st.current, to, detail, site=st.site))
         st.current, st.moved_at = to, now
-        return self._emit(Event(now, reason, st.name, frm, to, detail, site=st.site))
 
-    def start(self, now: float) -> list[Event]:
-        """Put every policy on its best usable path."""
-        out = []
+    def start(self, now: float) -> Outcome:
+        """Put every pair on its best usable path."""
+        out = _Collect()
         for st in self.pairs.values():
             best = self._best(st)
             if best is not None:
-                out.append(self._move(st, best, "initial", None, now))
-        return out
+                self._move(out, st, best, "initial", None, now)
+        return out.outcome()
 
-    def bfd(self, path_id: str, up: bool, now: float) -> list[Event]:
+    def bfd(self, path_id: str, up: bool, now: float) -> Outcome:
         """A BFD state change on a path."""
         h = self.paths.get(path_id)
         if h is None:
             raise ConfigError("Engine.bfd", path_id, "is not a path of the local site")
-        out: list[Event] = []
+        out = _Collect()
         if h.bfd_up is not False and not up:
             h.bfd_up = False
             h.healthy_since = None
@@ -270,30 +320,34 @@ class FailoverCore:
             h.penalty_at = now
             if not h.suppressed and h.penalty > self.cfg.damp_suppress:
                 h.suppressed = True
-                out.append(self._emit(Event(now, "damped", None, path_id, None,
-                                            f"penalty {h.penalty:.0f} > {self.cfg.damp_suppress:g}")))
-            self._suspect[self._local_uplink(path_id)] = now + 2 * self.cfg.detect_ms / 1000
+                out.events.append(Event(now, "damped", None, path_id, None,
+                                        f"penalty {h.penalty:.0f} > {self.cfg.damp_suppress:g}"))
+            self._suspect[self.local_uplink(path_id)] = now + 2 * self.cfg.detect_ms / 1000
             for st in self.pairs.values():
                 if st.current == path_id:
                     to = self._best(st, now)
                     if to is not None and to != path_id:
-                        out.append(self._move(st, to, "bfd_down", f"{path_id} down", now))
+                        self._move(out, st, to, "bfd_down", f"{path_id} down", now)
         elif up and h.bfd_up is not True:
             h.bfd_up = True
             h.healthy_since = now
-            out.append(self._emit(Event(now, "bfd_up", None, None, path_id, None)))
+            out.events.append(Event(now, "bfd_up", None, None, path_id, None))
             # a pair to this path's site with no usable path at all takes it at once
             for st in self.pairs.values():
-                if path_id in st.candidates and st.current is not None and not self._usable(st.current, st.app) \
-                        and self._usable(path_id, st.app):
-                    out.append(self._move(st, path_id, "bfd_up", f"{path_id} up, {st.current} unusable", now))
-        return out
+                if path_id in st.candidates and st.current is not None and not self.usable(st.current, st.app) \
+                        and self.usable(path_id, st.app):
+                    self._move(out, st, path_id, "bfd_up", f"{path_id} up, {st.current} unusable", now)
+        return out.outcome()
 
-    def sla(self, path_id: str, violations: dict[str, str | None], now: float) -> list[Event]:
+    def sla(self, path_id: str, violations: Mapping[str, str | None], now: float) -> Outcome:
         """One measurement window of a path: for each application, the SLA
         violation (a reason such as ``loss 3.2 % > 1 %``) or None."""
+        out = _Collect()
+        self._sla(out, path_id, violations, now)
+        return out.outcome()
+
+    def _sla(self, out: _Collect, path_id: str, violations: Mapping[str, str | None], now: float) -> None:
         h = self.paths[path_id]
-        out: list[Event] = []
         for app, why in violations.items():
             was = h.sla_bad.get(app, 0)
             if why is None:
@@ -309,36 +363,57 @@ class FailoverCore:
                     if st.current == path_id and st.app == app:
                         to = self._best(st)
                         if to is not None and to != path_id:
-                            out.append(self._move(st, to, "sla_violation", f"{why} for {app}", now))
-        return out
+                            self._move(out, st, to, "sla_violation", f"{why} for {app}", now)
 
-    def tick(self, now: float) -> list[Event]:
+    def window(self, metrics: Mapping[str, Metrics], now: float) -> Outcome:
+        """One SLA window from measured metrics (``patronus.paths.Metrics`` by
+        path id; paths without samples and paths of other sites are skipped):
+        each path is judged against the profile of every application a pair
+        uses, then as ``sla``."""
+        # the applications in pair order (deterministic: the order of the moves follows it)
+        apps = list(dict.fromkeys(st.app for st in self.pairs.values() if st.app in self.profiles))
+        out = _Collect()
+        for pid in self.paths:
+            m = metrics.get(pid)
+            if m is not None and m.samples:
+                self._sla(out, pid, {app: self.profiles[app].violation(m.rtt_ms, m.jitter_ms, m.loss_pct, m.alive)
+                                     for app in apps}, now)
+        return out.outcome()
+
+    def tick(self, now: float) -> Outcome:
         """Damping decay and failback; call it every few hundred ms."""
-        out: list[Event] = []
+        out = _Collect()
         for pid, h in self.paths.items():
             if h.suppressed and h.decayed(now, self.cfg.damp_half_life_s) < self.cfg.damp_reuse:
                 h.suppressed = False
                 h.penalty, h.penalty_at = h.decayed(now, self.cfg.damp_half_life_s), now
                 if h.bfd_up is not False:
                     h.healthy_since = now
-                out.append(self._emit(Event(now, "reuse", None, None, pid, "penalty decayed")))
+                out.events.append(Event(now, "reuse", None, None, pid, "penalty decayed"))
         for st in self.pairs.values():
             best = self._best(st)
             if best is None or best == st.current:
                 continue
-            cur_ok = st.current is not None and self._usable(st.current, st.app)
+            cur_ok = st.current is not None and self.usable(st.current, st.app)
             if not cur_ok:
-                out.append(self._move(st, best, "failback" if best == st.candidates[0] else "reroute",
-                                      f"{st.current} unusable", now))
+                self._move(out, st, best, "failback" if best == st.candidates[0] else "reroute",
+                           f"{st.current} unusable", now)
                 continue
             if st.candidates.index(best) >= st.candidates.index(st.current):
                 continue  # only better-preferred paths pull traffic back
             if now - st.moved_at < self.cfg.cooldown_s:
                 continue
             if self._healthy_for(best, st.app, now) >= self.cfg.failback_hold_s:
-                out.append(self._move(st, best, "failback", f"{best} healthy for {self.cfg.failback_hold_s:g} s",
-                                      now))
-        return out
+                self._move(out, st, best, "failback", f"{best} healthy for {self.cfg.failback_hold_s:g} s", now)
+        return out.outcome()
+
+    def revert(self, outcome: Outcome) -> None:
+        """Put the pairs an outcome moved back where they were (the data
+        plane refused its moves); the next ``tick`` decides them again.
+        Path health stays as observed."""
+        for key, current, moved_at in reversed(outcome.prior):
+            st = self.pairs[key]
+            st.current, st.moved_at = current, moved_at
 
     def where(self) -> dict[tuple[str, str], str | None]:
         """(class, remote site) -> path id in use; the class is a policy name
@@ -346,58 +421,146 @@ class FailoverCore:
         return {k: st.current for k, st in self.pairs.items()}
 
 
-class Engine(FailoverCore):
-    """The failover engine on asyncio: ``watch(path_id, bfd_session)`` feeds
-    BFD state changes in as they happen; ``watch_monitor(monitor)`` feeds
-    each path's metrics every ``window_s`` as SLA windows; ``await run()``
-    ticks until ``stop()``; ``async for ev in events()`` follows it."""
+class Engine:
+    """A ``FailoverCore`` applied: each outcome's moves go to the data plane
+    in one ``set_paths`` call, its events to the store (when given), to
+    ``on_event`` callbacks and to ``events()`` iterators.
 
-    def __init__(self, mesh: Any, dataplane: Any, selector: Any = None, *, local_site: str | None = None,
-                 store: Any = None, window_s: float = 1.0, tick_s: float = 0.1, **kw: Any) -> None:
-        super().__init__(mesh, dataplane, local_site=local_site, selector=selector, store=store, **kw)
+    On asyncio, ``watch(path_id, bfd_session)`` feeds BFD state changes in as
+    they happen; ``watch_monitor(monitor)`` feeds each path's metrics every
+    ``window_s`` as SLA windows; ``await run()`` ticks every ``tick_s`` until
+    ``stop()``; ``async for ev in events()`` follows it. ``start``, ``bfd``,
+    ``sla``, ``window`` and ``tick`` feed one input at ``now`` (default: the
+    engine's clock) and return its events, applied.
+    """
+
+    def __init__(self, mesh: Mesh, dataplane: DataPlane, selector: Any = None, *, local_site: str | None = None,
+                 store: Store | None = None, window_s: float = 1.0, tick_s: float = 0.1,
+                 profiles: Mapping[str, AppProfile] | None = None) -> None:
+        self.core = FailoverCore(mesh, local_site=local_site, selector=selector, profiles=profiles)
+        self.dataplane, self.store = dataplane, store
         self.window_s, self.tick_s = window_s, tick_s
+        # (class, site) entries written to the data plane (one per move)
+        self.set_path_calls = 0
+        self._events: Fanout[Event] = Fanout()
+        # the clock ``now`` comes from; events are stored in wall time (wall_time)
+        self._clock: Callable[[], float] = time.monotonic
         self._monitor: Any = None
         self._stop: asyncio.Event | None = None
 
-    def watch(self, path_id: str, session: Any) -> None:
-        from .bfd import State
+    @property
+    def mesh(self) -> Mesh:
+        return self.core.mesh
 
-        def changed(t: Any) -> None:
-            if t.new == State.UP:
-                self.bfd(path_id, True, self._clock())
-            elif t.old == State.UP or t.new in (State.DOWN, State.ADMIN_DOWN):
-                self.bfd(path_id, False, self._clock())
+    @property
+    def local_site(self) -> str:
+        return self.core.local_site
 
-        session.on_change(changed)
-        if session.state == State.UP:
-            self.bfd(path_id, True, self._clock())
+    @property
+    def paths(self) -> Mapping[str, _PathHealth]:
+        """Each local path's health (BFD state, damping, SLA windows), by path id."""
+        return self.core.paths
 
-    def watch_monitor(self, monitor: Any) -> None:
-        self._monitor = monitor
+    def where(self) -> dict[tuple[str, str], str | None]:
+        """(class, remote site) -> path id in use (``FailoverCore.where``)."""
+        return self.core.where()
+
+    def on_event(self, callback: Callable[[Event], Any]) -> None:
+        """Call ``callback(event)`` for every event from now on."""
+        self._events.subscribe(callback)
 
     def events(self) -> AsyncIterator[Event]:
         """Every event from now on (``async for ev in engine.events()``)."""
         return self._events.stream()
 
-    def _window(self, now: float) -> None:
+    def wall_time(self, ts: float) -> float:
+        """``ts`` of the engine's clock as wall-clock time (``time.time()``),
+        by the offset between the two clocks now."""
+        return ts + (time.time() - self._clock())
+
+    # -- applying ---------------------------------------------------------------
+
+    def _apply(self, outcome: Outcome) -> list[Event]:
+        """Write the moves (all or nothing), then record and publish the
+        events. When the data plane refuses, the core forgets the moves, the
+        path events still go out, and the error propagates."""
+        if outcome.moves:
+            try:
+                self.dataplane.set_paths([m.dataplane() for m in outcome.moves])
+            except BaseException:
+                self.core.revert(outcome)
+                for ev in outcome.events:
+                    if ev.site is None:
+                        self._emit(ev)
+                raise
+            self.set_path_calls += len(outcome.moves)
+        for ev in outcome.events:
+            self._emit(ev)
+        return list(outcome.events)
+
+    def _emit(self, ev: Event) -> None:
+        if self.store is not None:
+            self.store.add_event(ev.reason, policy=ev.policy, from_path=ev.from_path, to_path=ev.to_path,
+                                 detail=ev.detail, ts=self.wall_time(ev.ts), site=ev.site)
+        self._events.publish(ev)
+
+    def _now(self, now: float | None) -> float:
+        return self._clock() if now is None else now
+
+    def start(self, now: float | None = None) -> list[Event]:
+        """Put every pair on its best usable path (``FailoverCore.start``)."""
+        return self._apply(self.core.start(self._now(now)))
+
+    def bfd(self, path_id: str, up: bool, now: float | None = None) -> list[Event]:
+        """A BFD state change on a path (``FailoverCore.bfd``)."""
+        return self._apply(self.core.bfd(path_id, up, self._now(now)))
+
+    def sla(self, path_id: str, violations: Mapping[str, str | None], now: float | None = None) -> list[Event]:
+        """One SLA window of a path (``FailoverCore.sla``)."""
+        return self._apply(self.core.sla(path_id, violations, self._now(now)))
+
+    def window(self, metrics: Mapping[str, Metrics], now: float | None = None) -> list[Event]:
+        """One SLA window from measured metrics (``FailoverCore.window``)."""
+        return self._apply(self.core.window(metrics, self._now(now)))
+
+    def tick(self, now: float | None = None) -> list[Event]:
+        """Damping decay and failback (``FailoverCore.tick``)."""
+        return self._apply(self.core.tick(self._now(now)))
+
+    # -- asyncio ------------------------------------------------------------------
+
+    def watch(self, path_id: str, session: Any) -> None:
+        """Follow a BFD session (``BfdSession``) of the path: Up and Down go in as they happen."""
+        from .bfd import State
+
+        def changed(t: Any) -> None:
+            if t.new == State.UP:
+                self.bfd(path_id, True)
+            elif t.old == State.UP or t.new in (State.DOWN, State.ADMIN_DOWN):
+                self.bfd(path_id, False)
+
+        session.on_change(changed)
+        if session.state == State.UP:
+            self.bfd(path_id, True)
+
+    def watch_monitor(self, monitor: Any) -> None:
+        """Read each path's metrics from ``monitor`` (``patronus.paths.Monitor``) every ``window_s``."""
+        self._monitor = monitor
+
+    def _metrics(self) -> dict[str, Metrics]:
         mon = self._monitor
-        apps = {st.app for st in self.pairs.values() if st.app in self.profiles}
-        for pid in self.paths:
-            if pid not in mon.paths():
-                continue
-            m = mon.metrics(pid)
-            if m.samples:
-                self.sla(pid, {app: self.profiles[app].violation(m.rtt_ms, m.jitter_ms, m.loss_pct, m.alive)
-                               for app in apps}, now)
+        known = mon.paths()
+        return {pid: mon.metrics(pid) for pid in self.core.paths if pid in known}
 
     async def run(self) -> None:
+        """Start, then tick (and judge an SLA window every ``window_s``) until ``stop()``."""
         self._stop = asyncio.Event()
-        self.start(self._clock())
+        self.start()
         next_window = self._clock() + self.window_s
         while not self._stop.is_set():
             now = self._clock()
             if self._monitor is not None and now >= next_window:
-                self._window(now)
+                self.window(self._metrics(), now)
                 next_window = now + self.window_s
             self.tick(now)
             try:
@@ -406,5 +569,6 @@ class Engine(FailoverCore):
                 pass
 
     def stop(self) -> None:
+        """End ``run()`` after its current tick."""
         if self._stop is not None:
             self._stop.set()

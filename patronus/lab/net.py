@@ -9,8 +9,9 @@ side; interface names stay within 15 characters)::
     10.{s+1}.0.2/24          10.{s+1}.0.1                    172.{16+k}.{s}.1/24 ... (forwarding)
 
 Site ``s`` uplink ``k`` has address 172.{16+k}.{s}.2 behind the core's
-172.{16+k}.{s}.1; each tunnel marks its packets (wireguard-go's fwmark) so
-a policy rule sends them out of its own local uplink. Everything the lab
+172.{16+k}.{s}.1. Each site's tunnels, marks and announcement come from the
+site realiser (``patronus.site``), the same code the production agent runs;
+the lab adds the namespaces, the WAN and impairment. Everything the lab
 creates is recorded in a state file first, so ``down()`` (or ``patronus lab
 down``) removes it after a crash too.
 
@@ -38,8 +39,10 @@ from typing import Any
 
 from ..errors import ConfigError, PatronusError
 from ..mesh import Mesh
+from ..store import save_mesh
 from ..model import Site, Uplink
-from ..wireguard.config import InterfaceConfig, PeerConfig
+from ..site import SiteRealiser, ip_runner, path_table, uplink_route
+from ..wireguard.config import InterfaceConfig
 from ..wireguard.keys import PrivateKey, PublicKey
 from ..wireguard.plan import Topology, Tunnel, tunnels
 from ..wireguard.uapi import Uapi, WireguardGo
@@ -47,22 +50,6 @@ from ..wireguard.uapi import Uapi, WireguardGo
 __all__ = ["Lab", "LabError", "cleanup", "status", "status_text"]
 
 STATE_DIR = Path(os.environ.get("PATRONUS_LAB_DIR", "/run/patronus-lab"))
-MARK_BASE = 0x5000
-
-
-def path_table(t: Tunnel, subnets: list[str], ip: Any) -> None:
-    """The routing of one steered path (``patronus.dataplane.PATH_*``): table
-    PATH_TABLE + i sends ``subnets`` into the path's tunnel and a rule picks
-    it for packets marked PATH_MARK + i. ``ip(*args, check=...)`` runs `ip`
-    where the tunnel is."""
-    from ..dataplane import PATH_MARK, PATH_RULE_PRIORITY, PATH_TABLE
-
-    i = t.path.index
-    for sub in subnets:
-        ip("route", "replace", sub, "dev", t.ifname, "table", str(PATH_TABLE + i))
-    ip("rule", "del", "fwmark", hex(PATH_MARK + i), check=False)
-    ip("rule", "add", "fwmark", hex(PATH_MARK + i), "lookup", str(PATH_TABLE + i), "priority",
-       str(PATH_RULE_PRIORITY + i))
 
 
 class LabError(PatronusError):
@@ -114,8 +101,7 @@ class Lab:
         self.pubkeys: dict[str, PublicKey] = {}   # what each site knows of the others (from discovery)
         self.signers: dict[str, Any] = {}         # each site's announcement key
         self.next_keys: dict[str, PrivateKey] = {}  # keys being rotated in (overlap window)
-        self.wg: dict[str, WireguardGo] = {}      # ifname -> process
-        self.tunnels: dict[tuple[str, int], Tunnel] = {}  # (site, path index) -> tunnel seen from site
+        self.nets: dict[str, SiteRealiser] = {}   # site -> its tunnels
         self.agents: dict[int, subprocess.Popen[bytes]] = {}  # site index -> `patronus agent` process
         self._agent_state: Path | None = None
         self._agent_mesh: Mesh | None = None
@@ -138,6 +124,20 @@ class Lab:
 
     def site_ns(self, s: int) -> str:
         return f"{self.tag}-s{s}"
+
+    @property
+    def wg(self) -> dict[str, WireguardGo]:
+        """Every tunnel's wireguard-go, by interface name."""
+        return {name: proc for net in self.nets.values() for name, proc in net.wg.items() if proc is not None}
+
+    @property
+    def tunnels(self) -> dict[tuple[str, int], Tunnel]:
+        """Every tunnel, by (the site it is seen from, path index)."""
+        return {(site, i): t for site, net in self.nets.items() for i, t in net.tunnels.items()}
+
+    def _ip(self, s: int) -> Any:
+        """Runs `ip` in site s's namespace."""
+        return ip_runner(self.site_ns(s), LabError)
 
     def lan_ns(self, s: int) -> str:
         return f"{self.tag}-lan{s}"
@@ -209,13 +209,20 @@ class Lab:
             _run("ip", "addr", "add", f"172.{16 + k}.{s}.1/24", "dev", core, ns=self.wan_ns)
             _run("ip", "link", "set", up, "up", ns=sn)
             _run("ip", "link", "set", core, "up", ns=self.wan_ns)
-            # tunnels of uplink k carry mark MARK_BASE + k: table 100 + k leaves through it
-            table = str(100 + k)
-            _run("ip", "route", "add", "default", "via", f"172.{16 + k}.{s}.1", "dev", up, "table", table, ns=sn)
-            _run("ip", "rule", "add", "fwmark", hex(MARK_BASE + k), "lookup", table, "priority", str(1000 + k),
-                 ns=sn)
+            uplink_route(k, f"172.{16 + k}.{s}.1", up, self._ip(s))
         self.keys[f"s{s}"] = PrivateKey.generate()
         self.pubkeys[f"s{s}"] = self.keys[f"s{s}"].public_key()
+        self.nets[f"s{s}"] = SiteRealiser(f"s{s}", self.keys[f"s{s}"], prefix=self._prefix(s), netns=sn,
+                                          topology=self.topology, ip=self._ip(s), on_process=self._record)
+
+    def _record(self, proc: WireguardGo, started: bool) -> None:
+        """A tunnel's socket before its wireguard-go starts, its pid after:
+        in the state file, so ``cleanup`` finds them after a crash."""
+        if not started:
+            self._state.sockets.append(proc.uapi.path)
+        elif proc.proc is not None:
+            self._state.pids.append(proc.proc.pid)
+        self._state.save(self.state_path)
 
     def add_site(self) -> int:
         """Add a site to the running lab: only the new tunnels are created and
@@ -233,14 +240,7 @@ class Lab:
 
     def announce(self, registry: Any, s: int, signer: Any) -> Any:
         """Site s announces itself (uplinks, WireGuard key, subnets), signed."""
-        from ..wireguard.discovery import Announcement
-
-        site = self.mesh.site(f"s{s}")
-        ann = Announcement.make(site.name, wg_public_key=self.keys[site.name].public_key().base64,
-                                subnets=list(site.subnets),
-                                uplinks=[{"name": u.name, "address": u.address, "port": u.port, "nat": u.nat,
-                                          "mtu": u.mtu} for u in site.uplinks])
-        return registry.publish(signer.sign(ann))
+        return self.nets[f"s{s}"].announce(self.mesh, registry, signer)
 
     def announce_all(self, registry: Any) -> None:
         """Every site re-announces itself (a site that stops is marked Inactive)."""
@@ -287,12 +287,9 @@ class Lab:
         """Remove a site: its tunnels at every other site, then its namespaces."""
         name = f"s{s}"
         gone = [p.index for p in self.mesh.paths(name)]
-        for (site, idx), tun in list(self.tunnels.items()):
-            if idx in gone:
-                proc = self.wg.pop(tun.ifname, None)
-                if proc is not None:
-                    proc.stop()
-                self.tunnels.pop((site, idx))
+        for net in self.nets.values():
+            net.remove(gone)
+        self.nets.pop(name, None)
         self.mesh.remove_site(name)
         for ns in (self.site_ns(s), self.lan_ns(s)):
             _run("ip", "netns", "del", ns, check=False)
@@ -301,54 +298,30 @@ class Lab:
         self._state.save(self.state_path)
 
     def _config(self, s: int, t: Tunnel) -> InterfaceConfig:
+        """Tunnel t's configuration at site s: the remote's LANs (a spoke's
+        hub carries every other site's too) and, during a rotation, the
+        remote's next key staged next to the current one (no AllowedIPs, so
+        the switch is only a move of AllowedIPs)."""
         remote = t.path.remote_site
         lans = list(self.mesh.site(remote).subnets)
         if self.topology.kind == "hub" and remote in self.topology.hubs and f"s{s}" not in self.topology.hubs:
             # a spoke reaches every other site through its hub
             lans += [n for x in self.mesh.sites if x.name not in (remote, f"s{s}") for n in x.subnets]
-        peer = PeerConfig(self.pubkeys[remote], endpoint=t.remote_endpoint,
-                          allowed_ips=(f"{t.remote_v4}/32", f"{t.remote_v6}/128", *lans),
-                          persistent_keepalive=t.keepalive)
-        peers = [peer]
-        if remote in self.next_keys:
-            # the remote's next key, staged with no AllowedIPs (it routes
-            # nothing) so the switch is only a move of AllowedIPs
-            peers.append(PeerConfig(self.next_keys[remote].public_key(), endpoint=t.remote_endpoint,
-                                    persistent_keepalive=t.keepalive))
-        k = int(t.path.local_uplink[1:])
-        return InterfaceConfig(self.keys[f"s{s}"], listen_port=t.listen_port, fwmark=MARK_BASE + k,
-                               peers=tuple(peers))
+        staged = [self.next_keys[remote].public_key()] if remote in self.next_keys else []
+        return self.nets[f"s{s}"].config(self.mesh, t, self.pubkeys[remote], lans=lans, staged=staged)
 
     def _sync_tunnels(self, s: int) -> None:
         """Create missing tunnels of site s and reconcile the others."""
-        ns = self.site_ns(s)
-        for t in tunnels(self.mesh, f"s{s}", self.topology, prefix=self._prefix(s)):
-            cfg = self._config(s, t)
-            if t.ifname not in self.wg:
-                proc = WireguardGo(t.ifname, ns)
-                self._state.sockets.append(proc.uapi.path)
-                self._state.save(self.state_path)
-                proc.start()
-                self.wg[t.ifname] = proc
-                assert proc.proc is not None
-                self._state.pids.append(proc.proc.pid)
-                self._state.save(self.state_path)
-                proc.uapi.apply(cfg)
-                _run("ip", "addr", "add", t.local_v4, "dev", t.ifname, ns=ns)
-                _run("ip", "addr", "add", t.local_v6, "dev", t.ifname, ns=ns, check=False)
-                _run("ip", "link", "set", t.ifname, "mtu", str(t.mtu), "up", ns=ns)
-            else:
-                proc = self.wg[t.ifname]
-                proc.uapi.apply(cfg)
-            self.tunnels[(f"s{s}", t.path.index)] = t
+        net = self.nets[f"s{s}"]
+        net.key = self.keys[f"s{s}"]
+        net.sync(self.mesh, lambda t: self._config(s, t), force=True)
 
     def steer_tables(self, s: int, other: int) -> None:
         """At site s, one routing table per path to site ``other``, chosen by
         the path's steering mark (for the data plane's steering to use)."""
         for (site, _), t in self.tunnels.items():
             if site == f"s{s}" and t.path.remote_site == f"s{other}":
-                path_table(t, list(self.mesh.site(f"s{other}").subnets),
-                           lambda *a, check=True: _run("ip", *a, ns=self.site_ns(s), check=check))
+                path_table(t, list(self.mesh.site(f"s{other}").subnets), self._ip(s))
 
     def force_path(self, path_id: str) -> None:
         """Route the LANs of the path's two sites through that path only."""
@@ -474,7 +447,7 @@ class Lab:
         The lab removes the file at ``down()``."""
         path = Path(path or self.agent_state_path)
         self._own_files(path, *(Path(f"{path}{x}") for x in ("-wal", "-shm", "-journal")))
-        (mesh or self.mesh).save(path)
+        save_mesh(mesh or self.mesh, path)
         return path
 
     def start_agents(self, state_path: Path | None = None, backend: str = "auto") -> dict[int, subprocess.Popen[bytes]]:
@@ -636,9 +609,11 @@ class Lab:
             self._relay_loop.call_soon_threadsafe(relay.close)
         if hasattr(self, "_relay_loop"):
             self._relay_loop.call_soon_threadsafe(self._relay_loop.stop)
-        for proc in self.wg.values():
-            proc.stop()
-        self.wg.clear()
+        for net in self.nets.values():
+            for proc in net.wg.values():  # the namespaces go with cleanup: no interface to delete
+                if proc is not None:
+                    proc.stop()
+        self.nets.clear()
         cleanup(self.state_path)
 
     def __enter__(self) -> Lab:

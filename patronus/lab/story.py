@@ -1,94 +1,129 @@
 """The failover story in the lab, used by ``patronus demo`` and the
-end-to-end tests: policies steer a VoIP-like stream and a TCP transfer from
-site s0 to s1 onto different paths, the voice path's uplink is cut, BFD
-detects it, the engine moves voice, the link comes back, voice fails back
-after the hold. Needs root, BCC and wireguard-go.
+end-to-end tests: a ``patronus agent`` per site (tunnels, XDP steering, BFD,
+failover), policies steer a VoIP-like stream and a TCP transfer from site
+s0 to s1 onto different paths, the voice path's uplink is cut, BFD detects
+it, the engine moves voice, the link comes back, voice fails back after the
+hold. Needs root, BCC and wireguard-go.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..model import Failover, Match, Policy
 from ..netns import socket_in
-from .net import Lab, LabError, _run
+from ..store import Store
+from .net import Lab, LabError
 
 __all__ = ["failover_story", "HOLD_S"]
 
 HOLD_S = 2.0
-_ROOT = Path(__file__).resolve().parents[2]
 
 
-def _env() -> dict[str, str]:
-    path = os.environ.get("PYTHONPATH", "")
-    return {**os.environ, "PYTHONPATH": f"{_ROOT}{os.pathsep}{path}" if path else str(_ROOT)}
+def story_mesh(sites: int, hold_s: float = HOLD_S) -> Any:
+    """The lab's mesh with the story's policies: voice (SIP port 5060, UDP)
+    from s0 to s1 prefers uplink u0, bulk (TCP) u1; failback after ``hold_s``."""
+    mesh = Lab.plan_mesh(sites, 2)
+    mesh.add_policy(Policy("voip", Match(dst="10.2.0.0/24", proto="udp", dst_ports=5060), priority=1,
+                           app="voip", prefer=["u0"]))
+    mesh.add_policy(Policy("bulk", Match(dst="10.2.0.0/24", proto="tcp"), priority=2, app="bulk", prefer=["u1"]))
+    mesh.failover = Failover(failback_hold_s=hold_s, cooldown_s=0.5)
+    return mesh
+
+
+class _Events:
+    """The failover events of site s0's agent towards s1, read from the
+    agents' state as they are written; ``mono`` is each event's time on this
+    process's monotonic clock."""
+
+    def __init__(self, state: Path) -> None:
+        self.state = state
+        self.events: list[dict[str, Any]] = []
+        self._seen = 0
+        self._offset = time.time() - time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True, name="story-events")
+
+    def start(self) -> _Events:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.read()
+
+    def read(self) -> None:
+        with Store(self.state) as st:
+            rows = st.events()
+        for e in rows[self._seen:]:
+            paths = f"{e['from_path'] or ''} {e['to_path'] or ''}"
+            if e["site"] == "s1" and "s0." in paths:  # s0's moves towards s1 (path ids name both ends)
+                self.events.append({**e, "mono": e["ts"] - self._offset})
+        self._seen = len(rows)
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.02):
+            self.read()
+
+
+def _flow_stats(state: Path) -> dict[str, Any]:
+    """Site s0's flows per policy from the agents' last flow snapshots."""
+    with Store(state) as st:
+        rows = [r for r in st.flow_snapshots() if r["site"] == "s0"]
+    last: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for r in rows:  # oldest first: the last snapshot of a flow has its totals
+        last[(r["src"], r["dst"], r["sport"], r["dport"], r["proto"])] = r
+    per: dict[str, dict[str, Any]] = {}
+    for r in last.values():
+        d = per.setdefault(r["policy"] or "default", {"flows": 0, "packets": 0, "bytes": 0})
+        d["flows"] += 1
+        d["packets"] += int(r["packets"])
+        d["bytes"] += int(r["bytes"])
+    return {"flows": per}
 
 
 def failover_story(workdir: Path | str, *, tag: str = "demo", sites: int = 3, hold_s: float = HOLD_S,
                    say: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
-    """Build the lab, steer voice and bulk from s0 to s1 by policy, cut the
-    voice path's uplink, restore it, tear down. Returns what was measured."""
+    """Build the lab with a site agent per site, steer voice and bulk from
+    s0 to s1 by policy, cut the voice path's uplink, restore it, tear down.
+    Returns what was measured."""
     workdir = Path(workdir)
     lab = Lab(tag, sites=sites, uplinks=2, state_dir=workdir)
-    procs = []
+    reader: _Events | None = None
     try:
         t_up = time.monotonic()
-        lab.up()
-        say(f"lab up in {time.monotonic() - t_up:.1f} s: {sites} sites x 2 uplinks, {len(lab.wg)} wireguard-go "
-            f"tunnels, LAN hosts {', '.join(lab.lan_addr(s) for s in range(sites))}")
+        lab.up(tunnels=False)
+        state = lab.write_agent_state(story_mesh(sites, hold_s))
+        lab.start_agents(state, backend="xdp")
+        statuses = lab.wait_agents()
         paths = lab.mesh.paths("s0", "s1")
-        ns0, ns1 = lab.site_ns(0), lab.site_ns(1)
-        lab.steer_tables(0, 1)
-        back = next(p for p in paths if p.local_uplink == "u1" and p.remote_uplink == "u1")
-        lab.force_path(back.id)  # the way back (TCP ACKs) and unmarked traffic: an uplink we do not cut
-        sess = lambda s, o: [[p.id, lab.tunnels[(s, p.index)].local_v4.split("/")[0],  # noqa: E731
-                              lab.tunnels[(s, p.index)].remote_v4] for p in paths]
-        far = subprocess.Popen(["ip", "netns", "exec", ns1, sys.executable, "-m", "patronus.lab.agent",
-                                "far", json.dumps({"sessions": sess("s1", "s0")})],
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                               env=_env())
-        procs.append(far)
-        near = subprocess.Popen(["ip", "netns", "exec", ns0, sys.executable, "-m", "patronus.lab.agent",
-                                 "near", json.dumps({"lan_if": f"{lab.tag}l0", "site": "s0", "sites": sites, "uplinks": 2,
-                                                     "sessions": sess("s0", "s1"), "hold_s": hold_s})],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                env=_env())
-        procs.append(near)
-        if not json.loads(far.stdout.readline())["ready"]:
-            raise LabError("the far agent did not start")
-        events = []
-        ready = threading.Event()
-
-        dump_box: dict[str, Any] = {}
-
-        def read_events():
-            for line in near.stdout:
-                ev = json.loads(line)
-                if ev.get("ready"):
-                    ready.set()
-                elif "flows" in ev:
-                    dump_box["stats"] = ev
-                else:
-                    events.append(ev)
-
-        threading.Thread(target=read_events, daemon=True).start()
-        if not ready.wait(30):
-            raise LabError("the near agent did not start (XDP and BCC needed)")
+        ns0 = lab.site_ns(0)
+        say(f"lab up in {time.monotonic() - t_up:.1f} s: {sites} sites x 2 uplinks, a site agent each, "
+            f"{sum(len(st['paths']) for st in statuses.values())} wireguard-go tunnels, LAN hosts "
+            f"{', '.join(lab.lan_addr(s) for s in range(sites))}")
+        reader = _Events(state).start()
+        events = reader.events
+        # where voice and bulk are with every path up (where voice fails back to)
         deadline = time.monotonic() + 15
-        while sum(1 for e in events if e["reason"] == "bfd_up") < 4 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if sum(1 for e in events if e["reason"] == "bfd_up") < 4:
-            raise LabError(f"BFD did not come up on every path: {events}")
-        voice_first = next(e["to_path"] for e in events if e["policy"] == "voip" and e["reason"] == "initial")
-        bulk_first = next(e["to_path"] for e in events if e["policy"] == "bulk" and e["reason"] == "initial")
+        placed: dict[str | None, str | None] = {}
+        while time.monotonic() < deadline:
+            placed = {e["policy"]: e["to_path"] for e in list(events)}
+            if placed.get("voip") and placed.get("bulk"):
+                break
+            time.sleep(0.05)
+        else:
+            raise LabError(f"voip and bulk from s0 to s1 have no path: {list(events)}\n{lab.agent_logs()}")
+        time.sleep(0.5)  # a move the last BFD Up caused, read
+        placed = {e["policy"]: e["to_path"] for e in list(events)}
+        voice_first, bulk_first = placed["voip"], placed["bulk"]
         say(f"BFD (50 ms x 3) Up on all {len(paths)} paths between s0 and s1; policies put voip on {voice_first} "
             f"and bulk on {bulk_first}")
         assert "s0.u0" in voice_first
@@ -179,14 +214,10 @@ def failover_story(workdir: Path | str, *, tag: str = "demo", sites: int = 3, ho
         seqs = sorted(arrivals)
         times = [arrivals[s] for s in seqs]
         gaps = [b - a for a, b in zip(times, times[1:])]
+        reader.stop()
         moves = [e for e in events if e["policy"] == "voip" and e["reason"] in ("bfd_down", "failback", "reroute")]
-        near.stdin.write("dump\n")
-        near.stdin.flush()
-        stats = None
-        deadline = time.monotonic() + 5
-        while stats is None and time.monotonic() < deadline:
-            stats = dump_box.get("stats")
-            time.sleep(0.05)
+        lab.stop_agents()  # each agent writes its last flow snapshot as it stops
+        stats = _flow_stats(state)
         # the voice gap the cut made: the gap spanning it, or starting between
         # it and the move that answered it
         down = next((e for e in moves if e["reason"] == "bfd_down" and e["mono"] >= t_cut), None)
@@ -198,11 +229,6 @@ def failover_story(workdir: Path | str, *, tag: str = "demo", sites: int = 3, ho
                 "voice_first": voice_first, "bulk_first": bulk_first, "events": list(events), "wan": wan,
                 "stats": stats}
     finally:
-        for p in procs:
-            try:
-                p.stdin.write("stop\n")
-                p.stdin.flush()
-                p.wait(10)
-            except Exception:
-                p.kill()
+        if reader is not None:
+            reader.stop()
         lab.down()

@@ -36,6 +36,7 @@ from ..errors import ConfigError, MalformedProbe, ProbeUnavailable
 from .._sockets import big_buffers, drain
 from ..netns import socket_in
 from .codec import FLAG_TRAIN, HEADER, KIND_REPLY, KIND_REQUEST, MAX_SIZE, Probe, Reflector, decode, encode
+from .mtu import MtuSearch
 from .stats import Metrics, PathStats
 
 __all__ = ["Monitor", "Responder", "DEFAULT_PORT"]
@@ -473,9 +474,11 @@ class Monitor:
     async def probe_mtu(self, path: Any, lo: int = 576, hi: int = 9000, timeout_ms: float = 300,
                         tries: int = 2) -> int:
         """Largest IP packet that crosses the path and back with DF set,
-        found by binary search between ``lo`` and ``hi`` with probes on a
-        socket of their own (IP_PMTUDISC_PROBE: DF set, the kernel's cached
-        path MTU ignored). Stored as the path's ``mtu`` metric."""
+        found by binary search between ``lo`` and ``hi`` (``MtuSearch``) with
+        probes on a socket of their own (IP_PMTUDISC_PROBE: DF set, the
+        kernel's cached path MTU ignored), each size tried ``tries`` times.
+        Stored as the path's ``mtu`` metric; ProbeUnavailable when not even
+        ``lo`` comes back."""
         e = self._paths[_path_id(path)]
         if e.method != "udp":
             raise ConfigError("probe_mtu", e.id, "needs a UDP-probed path")
@@ -491,47 +494,37 @@ class Monitor:
             sock.bind((e.local[0], 0))
             sock.setblocking(False)
             loop = asyncio.get_running_loop()
+            search = MtuSearch(lo, hi, tries=tries, probe_range=(HEADER + overhead, MAX_SIZE + overhead))
             seq = 0
-
-            async def fits(ip_size: int) -> bool:
-                nonlocal seq
-                size = ip_size - overhead
-                if size < HEADER or size > MAX_SIZE:
-                    return False
-                for _ in range(tries):
-                    seq += 1
-                    data = encode(Probe(KIND_REQUEST, e.session, 0x80000000 | seq, _now(), size=size,
-                                        flags=FLAG_TRAIN))
-                    try:
-                        sock.sendto(data, e.remote)
-                    except OSError as err:
-                        if err.errno == errno.EMSGSIZE:
-                            return False  # larger than the local interface's MTU
+            while (ip_size := search.next_size()) is not None:
+                seq += 1
+                want = 0x80000000 | seq
+                data = encode(Probe(KIND_REQUEST, e.session, want, _now(), size=ip_size - overhead,
+                                    flags=FLAG_TRAIN))
+                try:
+                    sock.sendto(data, e.remote)
+                except OSError as err:
+                    if err.errno != errno.EMSGSIZE:
                         raise
-                    try:
-                        while True:
-                            got = await asyncio.wait_for(loop.sock_recv(sock, 65535), timeout_ms / 1000)
-                            try:
-                                p = decode(got)
-                            except MalformedProbe:
-                                continue
-                            if p.session == e.session and p.seq == 0x80000000 | seq:
-                                return True
-                    except asyncio.TimeoutError:
-                        continue
-                return False
-
-            if not await fits(lo):
+                    search.on_too_big()  # larger than the local interface's MTU
+                    continue
+                try:
+                    while True:
+                        got = await asyncio.wait_for(loop.sock_recv(sock, 65535), timeout_ms / 1000)
+                        try:
+                            p = decode(got)
+                        except MalformedProbe:
+                            continue
+                        if p.session == e.session and p.seq == want:
+                            search.on_reply()
+                            break
+                except asyncio.TimeoutError:
+                    search.on_timeout()
+            if search.result is None:
                 raise ProbeUnavailable(f"no {lo}-byte probe came back on {e.id}",
                                        "check that a Responder runs at the remote end")
-            while lo < hi:
-                mid = (lo + hi + 1) // 2
-                if await fits(mid):
-                    lo = mid
-                else:
-                    hi = mid - 1
-            e.stats.mtu = lo
-            return lo
+            e.stats.mtu = search.result
+            return search.result
         finally:
             sock.close()
 

@@ -392,6 +392,18 @@ class SqliteRegistry:
                         raise AnnouncementRejected("unauthorized", f"{ann.site!r} announces {n}, which overlaps "
                                                                    f"{t} of site {site!r}")
 
+    def is_enrolled(self, site: str, public_key: bytes) -> bool:
+        """Whether ``public_key`` is enrolled as the announcement key of ``site``."""
+        return self._db.execute("SELECT 1 FROM site_keys WHERE public_key = ? AND site = ?",
+                                (public_key, site)).fetchone() is not None
+
+    def mesh_sites(self) -> list[str] | None:
+        """The site names of the mesh saved in the same state file, in order;
+        None when no mesh is saved there (then any site may enroll)."""
+        if self._db.execute("SELECT 1 FROM mesh").fetchone() is None:
+            return None
+        return [r[0] for r in self._db.execute("SELECT name FROM sites ORDER BY position")]
+
     def mark_degraded(self, site: str, degraded: bool = True) -> None:
         (self._degraded.add if degraded else self._degraded.discard)(site)
 

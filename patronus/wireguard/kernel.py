@@ -77,8 +77,32 @@ class Kernel:
             raise UapiError(f"the kernel has no WireGuard support ({e}): modprobe wireguard, or use wireguard-go "
                             "and the UAPI backend") from None
 
+    _available: bool | None = None
+
+    @classmethod
+    def available(cls) -> bool:
+        """Whether this kernel serves WireGuard interfaces (pyroute2 and the
+        module are there); asked once per process."""
+        if cls._available is None:
+            try:
+                cls("").close()
+                cls._available = True
+            except UapiError:
+                cls._available = False
+        return cls._available
+
+    def close(self) -> None:
+        """Close the netlink socket."""
+        self._wg.close()
+
     def get(self) -> DeviceState:
-        (msg,) = self._wg.info(self.ifname)
+        """The interface's configuration and peers; UapiError when it is not a WireGuard interface."""
+        try:
+            (msg,) = self._wg.info(self.ifname)
+        except UapiError:
+            raise
+        except Exception as e:  # pyroute2's NetlinkError: no such interface, or not WireGuard
+            raise UapiError(f"{self.ifname}: {e}") from None
         dev = DeviceState()
         pk = msg.get_attr("WGDEVICE_A_PRIVATE_KEY")
         dev.private_key_hex = base64.b64decode(pk).hex() if pk else None
@@ -99,6 +123,7 @@ class Kernel:
         return dev
 
     def apply(self, cfg: InterfaceConfig) -> list[str]:
+        """Reconcile the interface with ``cfg`` (only what differs); returns the UAPI lines it amounted to."""
         lines = diff(self.get(), cfg)
         dev, peers = to_netlink(lines)
         if dev:
@@ -117,3 +142,23 @@ class Backend:
         if os.path.exists(os.path.join(SOCKET_DIR, f"{ifname}.sock")):
             return Uapi(ifname)
         return Kernel(ifname)
+
+    @staticmethod
+    def exists(ifname: str, *, kernel: bool = True) -> bool:
+        """Whether a working WireGuard interface ``ifname`` is there: wireguard-go
+        answering on its socket, or (with ``kernel``, where the kernel has
+        WireGuard) a kernel interface."""
+        if not os.path.exists(os.path.join(SOCKET_DIR, f"{ifname}.sock")) and not (kernel and Kernel.available()):
+            return False
+        try:
+            backend = Backend.for_interface(ifname)
+        except UapiError:
+            return False
+        try:
+            backend.get()
+            return True
+        except UapiError:
+            return False
+        finally:
+            if isinstance(backend, Kernel):
+                backend.close()

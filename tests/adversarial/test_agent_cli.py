@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from patronus import Mesh, Site, Uplink, agent as agent_mod
+from patronus import Mesh, Site, Uplink, agent as agent_mod, save_mesh
 from patronus.cli import main
 from patronus.wireguard.discovery import SigningKey, SqliteRegistry
 
@@ -21,7 +21,7 @@ def state(tmp_path):
     mesh = Mesh("m")
     mesh.add_site(Site("s0", subnets=["10.1.0.0/24"], uplinks=[Uplink("isp", "172.16.0.2")]))
     mesh.add_site(Site("s1", subnets=["10.2.0.0/24"], uplinks=[Uplink("isp", "172.16.1.2")]))
-    mesh.save(path)
+    save_mesh(mesh, path)
     return path
 
 
@@ -49,7 +49,7 @@ def test_agent_missing_state_creates_nothing(tmp_path, capsys, no_run):
     assert main(["agent", "--state", str(missing), "--site", "s0"]) == 2
     out = capsys.readouterr()
     msg = out.out + out.err
-    assert "no state file" in msg and "Mesh" in msg and "save" in msg
+    assert "no state file" in msg and "save_mesh" in msg
     assert files(tmp_path) == [] and "token" not in no_run
 
 
@@ -80,7 +80,7 @@ def test_agent_with_a_wrong_token_writes_no_key_files(state, capsys, no_run):
 def test_agent_state_without_a_mesh(tmp_path, capsys, no_run):
     SqliteRegistry(tmp_path / "empty.db").close()
     assert main(["agent", "--state", str(tmp_path / "empty.db"), "--site", "s0"]) == 2
-    assert "Mesh" in "".join(capsys.readouterr())
+    assert "save_mesh" in "".join(capsys.readouterr())
 
 
 # -- defect 6: token from a file or the environment ------------------------------------------------

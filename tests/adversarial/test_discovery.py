@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from patronus import Mesh, Site, Uplink
+from patronus import Mesh, Site, Uplink, save_mesh
 from patronus.errors import ConfigError, PatronusError
 from patronus.wireguard import discovery
 from patronus.wireguard.discovery import (REJECT_REASONS, Announcement, AnnouncementRejected,
@@ -90,7 +90,7 @@ def test_with_a_mesh_a_site_announces_only_its_configured_subnets(tmp_path):
     mesh = Mesh("m")
     mesh.add_site(Site("br", subnets=["10.9.0.0/24"], uplinks=[Uplink("isp", "203.0.113.9")]))
     mesh.add_site(Site("hq", subnets=["10.1.0.0/16"], uplinks=[Uplink("isp", "203.0.113.1")]))
-    mesh.save(path)
+    save_mesh(mesh, path)
     reg = SqliteRegistry(path)
     try:
         key = enrolled(reg, "br")

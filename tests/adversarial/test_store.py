@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from patronus import ConfigError, Match, Mesh, Policy, Site, StateError, Uplink
 from patronus.abi import FLOW_DTYPE
-from patronus.store import MAX_ROWS, RETENTION_S, Store
+from patronus.store import MAX_ROWS, RETENTION_S, Store, load_mesh, save_mesh
 
 
 def big_mesh() -> Mesh:
@@ -31,7 +31,7 @@ def big_mesh() -> Mesh:
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     f = tmp_path_factory.mktemp("st") / "state.db"
-    big_mesh().save(f)
+    save_mesh(big_mesh(), f)
     with Store(f) as st_:
         st_.add_event("initial", policy="p1", to_path="s0.a~s1.a", ts=1.0)
         st_.add_path_metrics(1.0, [("s0.a~s1.a", 1.0, 2.0, 0.0, 4.4, 1420, 100.0)])
@@ -60,7 +60,7 @@ def read_everything(f):
 
 def only_state_error(f):
     try:
-        Mesh.load(f)
+        load_mesh(f)
     except StateError as e:
         assert str(f) in str(e)
     try:
@@ -236,7 +236,7 @@ def filled(tmp_path, now):
     s = Store(tmp_path / "r.db")
     big = Mesh("m")
     big.add_site(Site("hq", subnets=["10.1.0.0/24"], uplinks=[Uplink("a", "192.0.2.1")]))
-    big.save(tmp_path / "r.db")
+    save_mesh(big, tmp_path / "r.db")
     for age in (40, 20, 8, 6, 1, 0):
         ts = now - age * DAY
         s.add_event("bfd_down", ts=ts, detail=f"{age}")
