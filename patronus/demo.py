@@ -16,7 +16,7 @@ import tempfile
 import time
 from typing import TextIO
 
-from . import packets
+from . import abi, packets
 from .mesh import Mesh
 from .model import Failover, Match, Policy, QoS, Site, Uplink
 from .store import load_mesh, save_mesh
@@ -100,7 +100,7 @@ def run(out: TextIO, state: str | None = None) -> int:
     for r in sorted(dp.flows(), key=lambda r: -int(r["packets"])):
         pol = table.name_of(int(r["policy"])) or "(default)"
         to = table.site_name(int(r["site"])) or "-"
-        path = "-" if r["path"] == 0xFFFFFFFF else f"#{int(r['path'])}"
+        path = "-" if r["path"] == abi.NO_PATH else f"#{int(r['path'])}"
         say(f"   {_flow_text(r):<44} {pol:<9} to {to:<4} path {path:<3} {int(r['packets'])} pkts "
             f"{int(r['bytes'])} B")
     c = dp.counters()

@@ -23,7 +23,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import NamedTuple
 
-from .abi import MALFORMED_REASONS
+from .abi import MALFORMED_REASONS, NO_PATH
 from .model import Policy
 
 __all__ = ["Parsed", "Malformed", "parse", "matches", "classify", "site_of", "FlowAccounting"]
@@ -268,7 +268,7 @@ class FlowAccounting:
         rec["last_ns"] = ts
         rec["tcp_flags"] |= pkt.tcp_flags
         rec["dscp"] = pkt.dscp
-        rec["path"] = self.routes.get((rec["policy"], rec["site"]), self.path_of.get(rec["policy"], 0xFFFFFFFF))
+        rec["path"] = self.routes.get((rec["policy"], rec["site"]), self.path_of.get(rec["policy"], NO_PATH))
         self.policy_packets[rec["policy"] + 1] += 1
         self.policy_bytes[rec["policy"] + 1] += pkt.l3_len
         return rec["policy"]
