@@ -300,8 +300,7 @@ def test_impairment_relay_under_a_tunnel(lab):
 
 def test_a_taken_listen_port_is_named_in_the_error(tmp_path):
     """Two WireGuard devices of one namespace on one port: the UAPI's errno
-    is named, with the port (what `patronus agent` next to a lab that has
-    tunnels of its own used to say as "set refused (errno=-98)")."""
+    is named, with the port, not a bare "set refused (errno=-98)"."""
     from patronus.errors import ConfigError
     from patronus.wireguard.uapi import UapiError
 

@@ -59,7 +59,7 @@ def _family(addr: str) -> int:
 
 def _bind_error(local: str, port: int | None, e: OSError) -> ConfigError:
     """The named error for a failed bind: an address the host lacks says so
-    and how to fix it (it used to surface as "no free source port")."""
+    and how to fix it, rather than passing for "no free source port"."""
     if e.errno == errno.EADDRNOTAVAIL:
         return ConfigError("BfdSession local", local, "is not an address of this host (fix: assign it to an "
                            f"interface, e.g. 'ip addr add {local} dev lo', or run in the network namespace "
