@@ -61,6 +61,15 @@ def main(argv: list[str] | None = None) -> int:
     tk_revoke.add_argument("--site", required=True)
     tk_list = tk_sub.add_parser("list", help="every token: site, expiry, when used (never the token)")
     tk_list.add_argument("--state", required=True, help="the SQLite state file (must exist)")
+    ct = sub.add_parser("controller", help="the controller: REST API, users, RBAC, over HTTPS")
+    ct_sub = ct.add_subparsers(dest="controller_cmd", required=True)
+    ct_init = ct_sub.add_parser("init", help="create a state directory: store, signing key, TLS certificate, "
+                                             "first admin (its password printed once)")
+    ct_init.add_argument("--state", required=True, help="the state directory to create (must not exist, or be empty)")
+    ct_run = ct_sub.add_parser("run", help="serve the REST API over HTTPS until SIGTERM")
+    ct_run.add_argument("--state", required=True, help="a state directory made by `patronus controller init`")
+    ct_run.add_argument("--listen", default="127.0.0.1:8443", help="host:port (default 127.0.0.1:8443; port 0: any)")
+    ct_run.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     args = parser.parse_args(argv)
     if args.cmd == "token":
         return _token(args)
@@ -76,7 +85,37 @@ def main(argv: list[str] | None = None) -> int:
         return demo.run(sys.stdout, args.state)
     if args.cmd == "bfd":
         return _bfd(args)
+    if args.cmd == "controller":
+        return _controller(args)
     return 2
+
+
+def _controller(args: argparse.Namespace) -> int:
+    from .errors import PatronusError
+
+    try:
+        from .controller import server
+    except ImportError as e:
+        print(f"patronus controller: {e} (install patronus[controller])", file=sys.stderr)
+        return 2
+    try:
+        if args.controller_cmd == "init":
+            out = server.init(args.state)
+            print(f"controller state created in {out['state_dir']}")
+            print(f"admin user:      {out['admin_user']}")
+            print(f"admin password:  {out['admin_password']}   (shown once: store it now)")
+            print(f"TLS certificate: {out['cert']}")
+            print(f"cert SHA-256:    {out['cert_sha256']}")
+            return 0
+
+        def ready(host: str, port: int) -> None:
+            shown = f"[{host}]" if ":" in host else host
+            print(f"patronus controller listening on https://{shown}:{port}", flush=True)
+
+        return server.run(args.state, args.listen, log_level=args.log_level, on_ready=ready)
+    except PatronusError as e:
+        print(f"patronus controller: {e}", file=sys.stderr)
+        return 2
 
 
 def _token(args: argparse.Namespace) -> int:
