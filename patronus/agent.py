@@ -18,10 +18,12 @@ import asyncio
 import base64
 import binascii
 import concurrent.futures
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -43,7 +45,8 @@ from .wireguard.discovery import SigningKey, SqliteRegistry
 from .wireguard.keys import PrivateKey, read_secret_file, write_secret_file
 from .wireguard.plan import Tunnel
 
-__all__ = ["SiteAgent", "StateSource", "DesiredState", "LocalStateFile"]
+__all__ = ["SiteAgent", "StateSource", "DesiredState", "LocalStateFile", "ControllerSource", "CertificatePinError",
+           "parse_token", "diff", "apply", "digest", "to_mesh", "TOKEN_PREFIX"]
 
 log = logging.getLogger("patronus.agent")
 
@@ -91,6 +94,293 @@ class LocalStateFile:
 
     def version(self) -> str:
         return self.load().version
+
+
+# -- the controller's wire format (the controller computes it, the agent applies it) -----------
+
+TOKEN_PREFIX = "pnt1"
+_TOKEN_SITE_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")
+_TOKEN_SECRET_RE = re.compile(r"[A-Za-z0-9_-]{43}")
+_HEX64_RE = re.compile(r"[0-9a-f]{64}")
+
+
+def canonical(data: Any) -> bytes:
+    """The one JSON encoding digests and versions are computed over (sorted keys, no spaces)."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def digest(state: dict[str, Any]) -> str:
+    """SHA-256 (hex) of a desired state's canonical JSON."""
+    return hashlib.sha256(canonical(state)).hexdigest()
+
+
+def to_mesh(state: dict[str, Any]) -> Mesh:
+    """The Mesh a desired state describes (the agent runs on a Mesh); its
+    paths have the same ids and indexes as the controller's."""
+    return Mesh.from_dict({
+        "name": state["mesh"], "failover": state["failover"],
+        "profiles": list(state.get("profiles", {}).values()),
+        "sites": [state["sites"][n] for n in state["order"]],
+        "policies": sorted(state["policies"].values(), key=lambda p: p["priority"]),
+    })
+
+
+_MAPS = ("sites", "paths", "policies", "profiles")
+
+
+def diff(old: dict[str, Any], new: dict[str, Any]) -> list[dict[str, Any]]:
+    """The changes from ``old`` to ``new``: a list of operations,
+    ``{"op": "set", "key": k, "value": v}`` for a whole key, and for the
+    per-item maps (sites, paths, policies, profiles)
+    ``{"op": "set", "key": k, "item": name, "value": v}`` or
+    ``{"op": "del", "key": k, "item": name}``. ``apply(old, diff(old, new)) == new``.
+
+    >>> diff({"a": 1, "sites": {"x": 1, "y": 2}}, {"a": 2, "sites": {"x": 1, "z": 3}})
+    [{'op': 'set', 'key': 'a', 'value': 2}, {'op': 'del', 'key': 'sites', 'item': 'y'}, {'op': 'set', 'key': 'sites', 'item': 'z', 'value': 3}]
+    """
+    ops: list[dict[str, Any]] = []
+    for key in sorted(set(old) | set(new)):
+        if key not in new:
+            ops.append({"op": "del", "key": key})
+            continue
+        a, b = old.get(key), new[key]
+        if key in _MAPS and isinstance(a, dict) and isinstance(b, dict):
+            if a == b:
+                continue
+            for item in a:
+                if item not in b:
+                    ops.append({"op": "del", "key": key, "item": item})
+            for item, val in b.items():
+                if item not in a or a[item] != val:
+                    ops.append({"op": "set", "key": key, "item": item, "value": val})
+        elif a != b or key not in old:
+            ops.append({"op": "set", "key": key, "value": b})
+    return ops
+
+
+def apply(state: dict[str, Any], ops: list[dict[str, Any]]) -> dict[str, Any]:
+    """``state`` with the operations of :func:`diff` applied (a new dict; ``state`` is not changed)."""
+    out = dict(state)
+    copied: set[str] = set()
+    for op in ops:
+        key = op["key"]
+        if "item" in op:
+            if key not in copied:
+                out[key] = dict(out.get(key) or {})
+                copied.add(key)
+            if op["op"] == "del":
+                out[key].pop(op["item"], None)
+            else:
+                out[key][op["item"]] = op["value"]
+        elif op["op"] == "del":
+            out.pop(key, None)
+        else:
+            out[key] = op["value"]
+            copied.discard(key)
+    return out
+
+
+def parse_token(token: str) -> tuple[str, str, str]:
+    """``pnt1.<site>.<secret>.<cert_sha256>`` -> (site, secret, cert_sha256);
+    ConfigError naming what is wrong.
+
+    >>> parse_token("pnt1.br1." + "a" * 43 + "." + "0" * 64)[0]
+    'br1'
+    """
+    parts = token.strip().split(".") if isinstance(token, str) else []
+    if len(parts) != 4 or parts[0] != TOKEN_PREFIX:
+        raise ConfigError("token", "<redacted>", f"is not an enrolment token ({TOKEN_PREFIX}.<site>.<secret>.<sha256>)")
+    _, site, secret, pin = parts
+    if not _TOKEN_SITE_RE.fullmatch(site):
+        raise ConfigError("token", "<redacted>", "names no valid site")
+    if not _TOKEN_SECRET_RE.fullmatch(secret):
+        raise ConfigError("token", "<redacted>", "has a malformed secret")
+    if not _HEX64_RE.fullmatch(pin):
+        raise ConfigError("token", "<redacted>", "has a malformed certificate SHA-256 (64 lower-case hex digits)")
+    return site, secret, pin
+
+
+class CertificatePinError(PatronusError):
+    """The controller presented a certificate whose SHA-256 is not the one
+    the enrolment token pins: nothing was sent to it."""
+
+
+class ControllerSource:
+    """The desired state from a controller (``patronus controller run``).
+
+    The first run enrols with ``token`` (``pnt1.<site>.<secret>.<cert sha256>``,
+    from ``POST /api/v1/tokens``): the controller's certificate is fetched
+    and its SHA-256 compared with the token's pin (:class:`CertificatePinError`
+    when it differs, before anything is sent), then used as the only trusted
+    CA (the hostname is not checked: the pin is the identity). The agent
+    credential the controller returns, the pinned certificate and the last
+    desired state are kept in ``cache`` (one JSON file, mode 0600). Later
+    runs need no token. ``load()`` asks for the state since the version
+    held (a delta is applied and checked against the digest, else a full
+    copy), and returns the cached state when the controller is unreachable.
+    """
+
+    def __init__(self, url: str, cache: str | os.PathLike[str], *, token: str | None = None,
+                 site: str | None = None, interval_s: float = 10.0, timeout: float = 10.0) -> None:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url)
+        if parts.scheme != "https" or not parts.hostname:
+            raise ConfigError("--controller", url, "is not an https://host:port URL")
+        self.url = url.rstrip("/")
+        self.host, self.port = parts.hostname, parts.port or 443
+        self.cache = Path(cache)
+        self.token, self.site, self.interval_s, self.timeout = token, site, interval_s, timeout
+        self.offline = False   # the last load() came from the cache
+        self._data: dict[str, Any] = self._read_cache()
+        if self._data:
+            if site is not None and self._data.get("site") != site:
+                raise ConfigError("agent --site", site, f"differs from the site {self._data.get('site')!r} "
+                                                        f"enrolled in {str(self.cache)!r}")
+            self.site = self._data["site"]
+        elif token is not None:
+            tsite = parse_token(token)[0]
+            if site is not None and site != tsite:
+                raise ConfigError("agent --site", site, f"differs from the site of the enrolment token ({tsite!r})")
+            self.site = tsite
+
+    # -- the cache file ---------------------------------------------------------------
+
+    def _read_cache(self) -> dict[str, Any]:
+        if not os.path.lexists(self.cache):
+            return {}
+        try:
+            data = json.loads(read_secret_file(self.cache, "controller cache"))
+        except ValueError as e:
+            raise StateError(f"{str(self.cache)!r} is not a controller cache: {e}") from None
+        if not isinstance(data, dict) or not isinstance(data.get("credential"), str):
+            raise StateError(f"{str(self.cache)!r} is not a controller cache (no credential)")
+        return data
+
+    def _write_cache(self) -> None:
+        tmp = self.cache.with_name(f"{self.cache.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(self._data, f, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.cache)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    # -- talking to the controller --------------------------------------------------------
+
+    def _ssl(self) -> Any:
+        import ssl
+
+        ctx = ssl.create_default_context(cadata=self._data["cert_pem"])
+        ctx.check_hostname = False   # the pinned certificate is the identity, whatever name it carries
+        return ctx
+
+    def _client(self) -> Any:
+        import httpx
+
+        return httpx.Client(base_url=self.url, verify=self._ssl(), timeout=self.timeout,
+                            headers={"Authorization": f"Bearer {self._data['credential']}"})
+
+    def enrol(self) -> None:
+        """Pin the controller's certificate and trade the token for a credential (once)."""
+        import socket
+        import ssl
+
+        import httpx
+
+        if self._data:
+            return
+        if not self.token:
+            raise PatronusError(f"no controller credential in {str(self.cache)!r} and no enrolment token: give one "
+                                "with --token-file PATH (make it with POST /api/v1/tokens)")
+        site, _, pin = parse_token(self.token)
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE   # read the certificate, trust nothing yet
+        with socket.create_connection((self.host, self.port), timeout=self.timeout) as raw, \
+                ctx.wrap_socket(raw, server_hostname=self.host) as tls:
+            der = tls.getpeercert(binary_form=True)
+        got = hashlib.sha256(der or b"").hexdigest()
+        if got != pin:
+            raise CertificatePinError(f"the controller at {self.url} presents a certificate with SHA-256 {got}, "
+                                      f"the enrolment token pins {pin}: refusing to enrol")
+        self._data = {"url": self.url, "site": site, "cert_pem": ssl.DER_cert_to_PEM_cert(der),
+                      "cert_sha256": pin, "credential": ""}
+        body = {"interval_s": self.interval_s, "hostname": os.uname().nodename[:253]}
+        with httpx.Client(base_url=self.url, verify=self._ssl(), timeout=self.timeout) as c:
+            r = c.post("/api/v1/agent/enrol", json=body, headers={"Authorization": f"Bearer {self.token}"})
+        if r.status_code != 201:
+            self._data = {}
+            raise PatronusError(f"the controller refused the enrolment: {r.status_code} {_detail(r)}")
+        self._data["credential"] = r.json()["credential"]
+        self.site = site
+        self._write_cache()
+
+    def fetch(self) -> DesiredState:
+        """The desired state from the controller (httpx.TransportError when it is unreachable)."""
+        self.enrol()
+        since = self._data.get("version")
+        with self._client() as c:
+            r = c.get("/api/v1/agent/state", params={} if since is None else {"since": since})
+            if r.status_code != 200:
+                raise PatronusError(f"the controller refused the desired state: {r.status_code} {_detail(r)}")
+            msg = r.json()
+            state = None
+            if "delta" in msg and "state" in self._data:
+                state = apply(self._data["state"], msg["delta"])
+                if digest(state) != msg["digest"]:   # not what the controller has: ask for all of it
+                    state = None
+            elif msg.get("unchanged") and "state" in self._data:
+                state = self._data["state"]
+            elif "full" in msg:
+                state = msg["full"]
+            if state is None:
+                msg = c.get("/api/v1/agent/state").raise_for_status().json()
+                state = msg["full"]
+        if self._data.get("version") != msg["version"] or "state" not in self._data:
+            self._data.update(version=msg["version"], digest=msg["digest"], state=state)
+            self._write_cache()
+        self.offline = False
+        return DesiredState(to_mesh(state), str(msg["version"]))
+
+    def load(self) -> DesiredState:
+        """The controller's desired state, or the cached one when the controller is unreachable."""
+        import httpx
+
+        try:
+            return self.fetch()
+        except (httpx.TransportError, OSError) as e:
+            if "state" not in self._data:
+                raise StateError(f"the controller at {self.url} is unreachable ({e}) and there is no cached "
+                                 f"desired state in {str(self.cache)!r}") from None
+            if not self.offline:
+                log.warning("controller %s unreachable (%s): using the cached desired state, version %s",
+                            self.url, e, self._data["version"])
+            self.offline = True
+            return DesiredState(to_mesh(self._data["state"]), str(self._data["version"]))
+
+    def version(self) -> str:
+        return self.load().version
+
+    def post_telemetry(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Send one telemetry batch (``{"metrics": [...], "bfd": [...], "events": [...], "flows": [...]}``)."""
+        self.enrol()
+        with self._client() as c:
+            r = c.post("/api/v1/agent/telemetry", json={"site": self.site, **batch})
+        if r.status_code != 200:
+            raise PatronusError(f"the controller refused the telemetry: {r.status_code} {_detail(r)}")
+        return dict(r.json())
+
+
+def _detail(r: Any) -> str:
+    try:
+        return str(r.json().get("detail"))
+    except ValueError:
+        return r.text[:200]
 
 
 def _no_state_file(path: Path) -> StateError:
@@ -460,8 +750,16 @@ def main(args: Any) -> int:
                             datefmt="%H:%M:%S")
     try:
         token = _token(args)
+        source: StateSource | None = None
+        controller = getattr(args, "controller", None)
+        if controller:
+            # the token is the controller's enrolment token; the credential and the
+            # last desired state are kept next to --state
+            source = ControllerSource(controller, f"{args.state}.{args.site}.controller.json", token=token,
+                                      site=args.site)
+            token = None
         agent = SiteAgent(args.state, args.site, lan_if=args.lan_if, token=token, backend=args.backend,
-                          prefix=args.prefix, wireguard=getattr(args, "wireguard", "userspace"))
+                          prefix=args.prefix, wireguard=getattr(args, "wireguard", "userspace"), source=source)
         agent.preflight()  # refuse a bad start before anything is created
     except PatronusError as e:
         print(f"patronus agent: {e}", flush=True)

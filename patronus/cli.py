@@ -35,7 +35,12 @@ def main(argv: list[str] | None = None) -> int:
                      help="seconds to wait for the agents to be ready (with --agents)")
     lab.add_argument("--json", action="store_true", help="status: print JSON instead of tables")
     ag = sub.add_parser("agent", help="run a site: tunnels, data plane, BFD, failover, state")
-    ag.add_argument("--state", required=True, help="the SQLite state file (mesh and discovery registry)")
+    ag.add_argument("--state", required=True, help="the SQLite state file (mesh and discovery registry); with "
+                                                   "--controller, the controller credential and the cached "
+                                                   "desired state are kept next to it (STATE.SITE.controller.json)")
+    ag.add_argument("--controller", metavar="URL",
+                    help="take the desired state from this controller (https://host:port); the first run enrols "
+                         "with the token of --token-file (it pins the controller's certificate)")
     ag.add_argument("--site", required=True, help="which site of the mesh this is")
     ag.add_argument("--lan-if", help="LAN interface to attach the data plane and steering to")
     tok = ag.add_mutually_exclusive_group()

@@ -413,8 +413,13 @@ class Store:
         except (ValueError, RecursionError) as e:
             raise StateError(f"{self.path!r} is damaged ({where}): invalid JSON: {e}") from e
 
-    def _records(self, table: str, query: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
-        """Rows of a record table as dicts, every column of the type it is written with."""
+    def records(self, table: str, query: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        """Rows of a record table (path_metrics, failover_events,
+        flow_snapshots) read by a SELECT ``query`` with ``params``, as dicts,
+        every column checked to be of the type it is written with (a damaged
+        file is a StateError, never a wrong value)."""
+        if not query.lstrip().upper().startswith("SELECT"):
+            raise ConfigError("Store.records", query[:40], "is not a SELECT: records are read-only here")
         types = _RECORD_TYPES[table]
         try:
             cur = self._db.execute(query, params)
@@ -454,7 +459,7 @@ class Store:
     def path_metrics(self, path: str | None = None) -> list[dict[str, Any]]:
         """The stored measurements (of one path), oldest first."""
         q = "SELECT ts, path, rtt_ms, jitter_ms, loss_pct, mos, mtu, bandwidth_mbps FROM path_metrics"
-        return self._records("path_metrics", q + (" WHERE path = ? ORDER BY ts" if path else " ORDER BY ts"),
+        return self.records("path_metrics", q + (" WHERE path = ? ORDER BY ts" if path else " ORDER BY ts"),
                              (path,) if path else ())
 
     def add_flow_snapshot(self, ts: float, site: str, flows: Any, policy_names: list[str]) -> int:
@@ -478,11 +483,11 @@ class Store:
 
     def flow_snapshots(self) -> list[dict[str, Any]]:
         """The stored flow records, oldest first."""
-        return self._records("flow_snapshots", "SELECT * FROM flow_snapshots ORDER BY ts")
+        return self.records("flow_snapshots", "SELECT * FROM flow_snapshots ORDER BY ts")
 
     def events(self) -> list[dict[str, Any]]:
         """All failover events, oldest first; ``ts`` is wall-clock time."""
-        return self._records(
+        return self.records(
             "failover_events",
             "SELECT id, ts, policy, site, from_path, to_path, reason, detail FROM failover_events ORDER BY id")
 

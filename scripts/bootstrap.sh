@@ -24,6 +24,7 @@ APT_PACKAGES=(
     iproute2 nftables
     frr                    # bfdd: the BFD peer for interop tests
     tcpdump
+    prometheus             # promtool: checks the /metrics exposition format
 )
 
 install_apt() {

@@ -144,6 +144,14 @@ class Matrix:
                 a.post(f"{PREFIX}/policies", json=body).raise_for_status()
                 return path.replace("{name}", body["name"]), body
             return path, body
+        if path.startswith(f"{PREFIX}/tokens"):
+            site = site_body()
+            a.post(f"{PREFIX}/sites", json=site).raise_for_status()
+            body = {"site": site["name"]}
+            if "{token_id}" in path:
+                r = a.post(f"{PREFIX}/tokens", json=body).raise_for_status().json()
+                return path.replace("{token_id}", r["id"]), None
+            return path, body
         if path.startswith(f"{PREFIX}/users"):
             n = next(_n)
             body = {"name": f"mu{n}", "password": PASSWORD, "role": "viewer"}

@@ -11,6 +11,9 @@ two that take credentials in their body (login, refresh) are marked
 ``(method, path)`` to its action (or :data:`PUBLIC` / :data:`CREDENTIALS`);
 ``create_app`` refuses to build an app with a route that has none.
 
+``GET /metrics`` is the Prometheus exposition (:mod:`patronus.controller.metrics`;
+action ``topology.read``, so any role's token or API key scrapes it).
+
 Errors are RFC 9457 problem details (``application/problem+json``); a
 model error names its ``field``; 429 carries ``Retry-After``. Request
 bodies over :data:`MAX_BODY` bytes are refused with 413.
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from http import HTTPStatus
 from typing import Any, Literal
 
@@ -28,12 +31,14 @@ from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ConfigError, StateError
+from . import agents as _agents
+from .rbac import CREDENTIALS, PUBLIC, _remote, _role, credentials, public, require
 from . import auth as _auth
+from . import metrics as _metrics
 from .problems import PROBLEM_JSON, ServiceError, problem
 from .service import Resource, Service
 
@@ -41,56 +46,12 @@ __all__ = ["create_app", "require", "ROUTE_ACTIONS", "PUBLIC", "CREDENTIALS", "M
 
 PREFIX = "/api/v1"
 MAX_BODY = 1 << 20
-PUBLIC = "public"            # no authentication at all (health)
-CREDENTIALS = "credentials"  # authenticated by the credentials in the body (login, refresh)
+
+_TIME = "seconds since the epoch, or RFC 3339 (2024-05-01T12:00:00Z); start inclusive, end exclusive"
 
 #: (method, path) -> the RBAC action of the route, or PUBLIC / CREDENTIALS;
 #: filled by create_app from each route's ``require`` / ``public`` / ``credentials`` dependency.
 ROUTE_ACTIONS: dict[tuple[str, str], str] = {}
-
-_bearer = HTTPBearer(auto_error=False, description="a JWT access token or an API key (pnk_...)")
-
-
-def _remote(request: Request) -> str | None:
-    return request.client.host if request.client else None
-
-
-def require(action: str) -> Callable[..., Any]:
-    """A dependency that authenticates the bearer and checks ``action`` for its role;
-    returns the :class:`~patronus.controller.auth.Principal`."""
-    if action not in _auth.PERMISSIONS:
-        raise KeyError(f"unknown action {action!r}")
-
-    def dependency(request: Request,
-                   creds: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> Any:
-        if creds is None or creds.scheme.lower() != "bearer" or not creds.credentials:
-            raise _auth.AuthError("missing bearer token (Authorization: Bearer ...)")
-        principal = request.app.state.auth.authenticate(creds.credentials, remote=_remote(request))
-        if not _auth.allowed(principal.role, action):
-            raise _auth.Forbidden(f"role {_role(principal.role)!r} may not {action}")
-        request.state.bearer = creds.credentials
-        request.state.principal = principal
-        return principal
-
-    dependency._patronus_action = action  # type: ignore[attr-defined]
-    return dependency
-
-
-def _marker(kind: str) -> Callable[[], None]:
-    def dependency() -> None:
-        return None
-
-    dependency._patronus_action = kind  # type: ignore[attr-defined]
-    return dependency
-
-
-public = _marker(PUBLIC)
-credentials = _marker(CREDENTIALS)
-
-
-def _role(role: Any) -> str:
-    return getattr(role, "value", role)
-
 
 # -- request bodies (the library model validates the content) -------------------------
 
@@ -270,6 +231,16 @@ class _BodyLimit:
 # -- the app -----------------------------------------------------------------------------
 
 
+def _api_routes(routes: Any) -> Any:
+    """Every APIRoute, also those of included routers (FastAPI keeps an
+    included router as one entry whose routes carry their full paths)."""
+    for route in routes:
+        if isinstance(route, APIRoute):
+            yield route
+        elif hasattr(route, "original_router"):
+            yield from _api_routes(route.original_router.routes)
+
+
 def create_app(service: Service, auth: Any, *, docs: bool = False) -> FastAPI:
     """The REST application over ``service`` and ``auth``.
 
@@ -290,6 +261,7 @@ def create_app(service: Service, auth: Any, *, docs: bool = False) -> FastAPI:
     # -- errors --------------------------------------------------------------------
 
     def auth_error(request: Request, exc: Exception) -> JSONResponse:
+        request.app.state.metrics.auth_failure(exc)
         headers = {}
         status = int(getattr(exc, "status", 401))
         retry = getattr(exc, "retry_after", None)
@@ -450,13 +422,27 @@ def create_app(service: Service, auth: Any, *, docs: bool = False) -> FastAPI:
     def paths() -> Any:
         return {"items": service.paths()}
 
+    @app.get(f"{PREFIX}/paths/{{path_id}}/metrics", dependencies=[Depends(require("paths.read"))], tags=["paths"])
+    def path_metrics(path_id: str, start: str | None = Query(None, description=_TIME),
+                     end: str | None = Query(None, description=_TIME), limit: int = Query(1000, ge=1, le=10_000),
+                     cursor: str | None = Query(None, max_length=512)) -> Any:
+        return service.path_metrics(path_id, start=start, end=end, limit=limit, cursor=cursor)
+
+    @app.get(f"{PREFIX}/flows", dependencies=[Depends(require("flows.read"))], tags=["flows"])
+    def flows(site: str | None = None, policy: str | None = None,
+              start: str | None = Query(None, description=_TIME), end: str | None = Query(None, description=_TIME),
+              limit: int = Query(100, ge=1, le=1000),
+              cursor: str | None = Query(None, max_length=512, description="next_cursor of the previous page")) -> Any:
+        return service.flows(site=site, policy=policy, start=start, end=end, limit=limit, cursor=cursor).to_dict()
+
     @app.get(f"{PREFIX}/topology", dependencies=[Depends(require("topology.read"))], tags=["topology"])
     def topology() -> Any:
         return service.topology()
 
     @app.get(f"{PREFIX}/events", dependencies=[Depends(require("events.read"))], tags=["events"])
-    def events(limit: int = Query(100, ge=1, le=10_000)) -> Any:
-        return {"items": service.events(limit)}
+    def events(limit: int = Query(100, ge=1, le=10_000), start: str | None = Query(None, description=_TIME),
+               end: str | None = Query(None, description=_TIME)) -> Any:
+        return {"items": service.events(limit, start=start, end=end)}
 
     # -- users and API keys ---------------------------------------------------------------------
 
@@ -503,11 +489,17 @@ def create_app(service: Service, auth: Any, *, docs: bool = False) -> FastAPI:
     def audit(limit: int = Query(100, ge=1, le=1000), before_id: int | None = Query(None)) -> Any:
         return {"items": db.audit_log(limit=limit, before_id=before_id)}
 
+    # -- Prometheus metrics: GET /metrics, and the request middleware (outermost: a 413 counts too) -----
+
+    app.add_middleware(_BodyLimit, limit=MAX_BODY)
+    _metrics.install(app, service, dependencies=[Depends(require(_metrics.ACTION))])
+
+    app.state.agents = _agents.build_router(service, auth)
+    app.include_router(app.state.agents)
+
     # -- every route declares who may call it --------------------------------------------------------
 
-    for route in app.routes:
-        if not isinstance(route, APIRoute):
-            continue
+    for route in _api_routes(app.routes):
         actions = {getattr(d.call, "_patronus_action", None) for d in route.dependant.dependencies} - {None}
         if len(actions) != 1:
             raise RuntimeError(f"route {sorted(route.methods)} {route.path} declares {len(actions)} actions "
@@ -516,5 +508,4 @@ def create_app(service: Service, auth: Any, *, docs: bool = False) -> FastAPI:
         for method in route.methods:
             ROUTE_ACTIONS[(method, route.path)] = action
 
-    app.add_middleware(_BodyLimit, limit=MAX_BODY)
     return app

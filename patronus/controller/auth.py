@@ -130,6 +130,10 @@ PERMISSIONS: dict[str, frozenset[Role]] = {
     "apikeys.write": _ADMIN,
     "audit.read": _ADMIN,
     "self": _ALL,      # any authenticated principal: own profile, own TOTP, logout
+    # the agent channel (controller/agents.py): an agent's own credential, or
+    # an enrolment token as the bearer; no role has them, so users and API keys get 403
+    "agent": frozenset(),
+    "agent.enrol": frozenset(),
 }
 ACTIONS: tuple[str, ...] = tuple(PERMISSIONS)
 
@@ -575,7 +579,7 @@ class Auth:
         revoked or expired one is AuthError naming which."""
         if (not isinstance(refresh_token, str) or not refresh_token.isascii()
                 or not _SECRET_RE.fullmatch(refresh_token)):
-            self._reject("malformed refresh token", "-", remote, "auth.refresh")
+            self.reject("malformed refresh token", "-", remote, "auth.refresh")
         token_hash = _sha256(refresh_token)
         now = self._clock()
         error: str | None = None
@@ -605,7 +609,7 @@ class Auth:
                     self.db.audit(user["name"], "auth.refresh", user["name"], after={"family": row["family"]},
                                   remote=remote)
         if error is not None or pair is None:
-            self._reject(error or "refresh failed", row["user"] if row is not None else "-", remote,
+            self.reject(error or "refresh failed", row["user"] if row is not None else "-", remote,
                          "auth.refresh", audited=error == "refresh token reuse: family revoked")
         assert pair is not None
         wait = self._credential.take(("user", row["user"]))
@@ -741,13 +745,13 @@ class Auth:
             if isinstance(bearer, str) and bearer.startswith(API_KEY_PREFIX):
                 kid = bearer.split("_", 2)[1] if bearer.count("_") >= 2 else ""
                 target = f"apikey:{kid}" if _KEY_ID_RE.fullmatch(kid) else "-"
-            self._reject(str(e), target, remote, "auth.reject")
+            self.reject(str(e), target, remote, "auth.reject")
         wait = self._credential.take((principal.kind, principal.key_id or principal.name))
         if wait > 0:
             raise RateLimited(wait)
         return principal
 
-    def _reject(self, reason: str, target: str, remote: str | None, action: str, *,
+    def reject(self, reason: str, target: str, remote: str | None, action: str, *,
                 audited: bool = False) -> NoReturn:
         """Raise AuthError(reason), or RateLimited once one remote has sent
         too many rejected credentials; audited unless rate limited (a flood

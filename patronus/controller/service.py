@@ -27,9 +27,13 @@ and a duplicate name are :class:`Conflict` (409).
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import copy
+import datetime
 import hashlib
 import json
+import math
 import os
 import sqlite3
 import threading
@@ -44,11 +48,114 @@ from ..errors import ConfigError, StateError
 from ..mesh import Mesh
 from ..model import Policy, Site
 from ..store import Store
-from .problems import Conflict, NotFound, PreconditionFailed, Unavailable
+from .problems import Conflict, NotFound, PreconditionFailed, ServiceError, Unavailable
 
-__all__ = ["Service", "Resource", "etag_of"]
+__all__ = ["Service", "Resource", "etag_of", "BadCursor", "parse_time", "Page", "SITE_STATUSES"]
 
 DEFAULT_MESH = "default"
+#: a site's status as its agent's channel reports it; "pending" until the agent has connected
+SITE_STATUSES = ("pending", "active", "degraded", "inactive")
+_METRIC_COLS = ("ts", "rtt_ms", "jitter_ms", "loss_pct", "mos", "mtu", "bandwidth_mbps")
+# failover events that say what became of a path itself (the engine records policy=None for them)
+_PATH_STATE = {"bfd_up": "up", "reuse": "up", "damped": "damped", "bfd_down": "down"}
+
+
+class BadCursor(ServiceError):
+    """A pagination cursor this API did not hand out, or one of another query (422, field ``cursor``)."""
+
+    status = 422
+    title = "Bad Cursor"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, field="cursor")
+
+
+def parse_time(field: str, value: Any) -> float | None:
+    """A query's time bound: None, seconds since the epoch (``1700000000.5``)
+    or an RFC 3339 / ISO 8601 date-time (``2024-05-01T12:00:00Z``; without an
+    offset, UTC). ConfigError naming ``field`` for anything else.
+
+    >>> parse_time("start", "1700000000.5"), parse_time("end", "2023-11-14T22:13:20Z"), parse_time("x", None)
+    (1700000000.5, 1700000000.0, None)
+    >>> parse_time("start", "yesterday")
+    Traceback (most recent call last):
+    ...
+    patronus.errors.ConfigError: start: 'yesterday' is not a time (epoch seconds, or RFC 3339: 2024-05-01T12:00:00Z)
+    """
+    if value is None or value == "":
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        t = float(value)
+    else:
+        text = str(value).strip()
+        try:
+            t = float(text)
+        except ValueError:
+            try:
+                dt = datetime.datetime.fromisoformat(text.replace("z", "Z"))
+            except ValueError:
+                raise ConfigError(field, value, "is not a time (epoch seconds, or RFC 3339: "
+                                  "2024-05-01T12:00:00Z)") from None
+            if dt.tzinfo is None:
+                dt = dt.replace(tzinfo=datetime.timezone.utc)
+            t = dt.timestamp()
+    if not math.isfinite(t):
+        raise ConfigError(field, value, "is not a finite time")
+    return t
+
+
+def _range(start: Any, end: Any) -> tuple[float, float]:
+    """[start, end) as floats (unbounded ends as -inf/inf); ConfigError when end precedes start."""
+    lo, hi = parse_time("start", start), parse_time("end", end)
+    lo = -math.inf if lo is None else lo
+    hi = math.inf if hi is None else hi
+    if hi < lo:
+        raise ConfigError("end", end, f"is before start ({start})")
+    return lo, hi
+
+
+@attrs.frozen
+class Page:
+    """One page of a query: the rows, and the cursor of the next page (None on the last)."""
+
+    items: list[dict[str, Any]]
+    next_cursor: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"items": self.items, "next_cursor": self.next_cursor}
+
+
+def _query_key(kind: str, filters: tuple[Any, ...]) -> str:
+    text = json.dumps([kind, *filters], separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _encode_cursor(kind: str, filters: tuple[Any, ...], position: list[Any]) -> str:
+    body = json.dumps({"v": 1, "q": _query_key(kind, filters), "p": position}, separators=(",", ":"))
+    return base64.urlsafe_b64encode(body.encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str | None, kind: str, filters: tuple[Any, ...],
+                   shape: tuple[Any, ...]) -> list[Any] | None:
+    """The position in a cursor made by :func:`_encode_cursor` for the same query; BadCursor otherwise."""
+    if cursor is None or cursor == "":
+        return None
+    if not isinstance(cursor, str) or len(cursor) > 512:
+        raise BadCursor("the cursor is not one this API handed out (too long)")
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        body = json.loads(raw)
+    except (ValueError, binascii.Error, UnicodeDecodeError, RecursionError):
+        raise BadCursor("the cursor is not one this API handed out (not decodable)") from None
+    if not isinstance(body, dict) or body.get("v") != 1 or not isinstance(body.get("p"), list):
+        raise BadCursor("the cursor is not one this API handed out (unknown format)")
+    pos = body["p"]
+    if len(pos) != len(shape) or any(isinstance(x, bool) or not isinstance(x, t) for x, t in zip(pos, shape)):
+        raise BadCursor("the cursor is not one this API handed out (bad position)")
+    if body.get("q") != _query_key(kind, filters):
+        raise BadCursor("the cursor belongs to another query: pass the same filters as the request that "
+                        "returned it, or no cursor to start again")
+    return pos
 
 
 def etag_of(data: Any) -> str:
@@ -102,6 +209,7 @@ class Service:
         self._seq = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
+        self._site_status: dict[str, str] = {}   # set by the agent channel; missing: "pending"
         with self._store() as st:
             try:
                 st.load_mesh()
@@ -319,9 +427,127 @@ class Service:
     # -- read-only views -----------------------------------------------------------
 
     def paths(self) -> list[dict[str, Any]]:
-        """Every path of the full mesh: id, index, the two sites and their uplinks."""
+        """Every path of the full mesh: id, index, the two sites and their
+        uplinks, with ``metrics`` (the latest measurement an agent stored:
+        ``ts``, ``rtt_ms``, ``jitter_ms``, ``loss_pct``, ``mos``, ``mtu``,
+        ``bandwidth_mbps``) and ``state`` (from the latest failover event about
+        the path itself: ``status`` up, down or damped, ``reason``, ``since``);
+        each None while the store has nothing for the path."""
+        mesh = self.mesh()
+        ids = [p.id for p in mesh.paths()]
+        with self._store() as st:
+            latest = self._latest_metrics(st, ids)
+            states = self._path_states(st, set(ids))
         return [{"id": p.id, "index": p.index, "sites": [p.local_site, p.remote_site],
-                 "uplinks": [p.local_uplink, p.remote_uplink]} for p in self.mesh().paths()]
+                 "uplinks": [p.local_uplink, p.remote_uplink], "metrics": latest.get(p.id),
+                 "state": states.get(p.id)} for p in mesh.paths()]
+
+    @staticmethod
+    def _latest_metrics(st: Store, ids: list[str]) -> dict[str, dict[str, Any]]:
+        out = {}
+        q = (f"SELECT {', '.join(_METRIC_COLS)}, path FROM path_metrics WHERE path = ? "
+             "ORDER BY ts DESC, rowid DESC LIMIT 1")
+        for pid in ids:   # one index lookup per path (path_metrics_path_ts)
+            rows = st.records("path_metrics", q, (pid,))
+            if rows:
+                out[pid] = {k: rows[0][k] for k in _METRIC_COLS}
+        return out
+
+    @staticmethod
+    def _path_states(st: Store, ids: set[str]) -> dict[str, dict[str, Any]]:
+        """The newest path-level failover event of each path, newest first until every path has one."""
+        out: dict[str, dict[str, Any]] = {}
+        marks = ", ".join("?" * len(_PATH_STATE))
+        rows = st.records("failover_events", "SELECT id, ts, reason, from_path, to_path, detail FROM "
+                           f"failover_events WHERE reason IN ({marks}) ORDER BY id DESC", tuple(_PATH_STATE))
+        for r in rows:
+            if len(out) == len(ids):
+                break
+            # bfd_down and damped name the path left (from_path); bfd_up and reuse the path back (to_path)
+            pid = r["from_path"] if _PATH_STATE[r["reason"]] in ("down", "damped") else r["to_path"]
+            if pid in ids and pid not in out:
+                out[pid] = {"status": _PATH_STATE[r["reason"]], "reason": r["reason"], "since": r["ts"],
+                            "detail": r["detail"]}
+        return out
+
+    def path_metrics(self, path_id: str, *, start: Any = None, end: Any = None, limit: int = 1000,
+                     cursor: str | None = None) -> dict[str, Any]:
+        """One path's measurements with ``start <= ts < end`` as a time series,
+        oldest first, ``limit`` points a page (``next_cursor`` for the next).
+        A path the mesh no longer has keeps its history (``in_mesh`` False);
+        an id nothing was measured for is an empty series."""
+        lo, hi = _range(start, end)
+        limit = self._limit(limit, 10_000)
+        filters = (path_id, lo, hi)
+        pos = _decode_cursor(cursor, "path_metrics", filters, ((int, float), int))
+        q = (f"SELECT rowid AS rid, {', '.join(_METRIC_COLS)} FROM path_metrics "
+             "WHERE path = ? AND ts >= ? AND ts < ?")
+        params: tuple[Any, ...] = (path_id, lo, hi)
+        if pos is not None:
+            q += " AND (ts > ? OR (ts = ? AND rowid > ?))"
+            params += (pos[0], pos[0], pos[1])
+        q += " ORDER BY ts, rowid LIMIT ?"
+        with self._store() as st:
+            rows = st.records("path_metrics", q, (*params, limit + 1))
+        more = len(rows) > limit
+        rows = rows[:limit]
+        nxt = _encode_cursor("path_metrics", filters, [rows[-1]["ts"], rows[-1]["rid"]]) if more else None
+        in_mesh = any(p.id == path_id for p in self.mesh().paths())
+        return {"path": path_id, "in_mesh": in_mesh, "columns": list(_METRIC_COLS),
+                "items": [{k: r[k] for k in _METRIC_COLS} for r in rows], "next_cursor": nxt}
+
+    def flows(self, *, site: str | None = None, policy: str | None = None, start: Any = None, end: Any = None,
+              limit: int = 100, cursor: str | None = None) -> Page:
+        """Flow records the agents stored (one per flow and snapshot), of
+        ``site`` and ``policy`` when given, with ``start <= ts < end``, in the
+        order they were stored, ``limit`` a page. Following ``next_cursor``
+        from the first page visits every matching row exactly once, also
+        while agents keep writing (new rows come on later pages)."""
+        lo, hi = _range(start, end)
+        limit = self._limit(limit, 1000)
+        filters = (site, policy, lo, hi)
+        pos = _decode_cursor(cursor, "flows", filters, (int,))
+        q = "SELECT rowid AS rid, * FROM flow_snapshots WHERE ts >= ? AND ts < ?"
+        params: tuple[Any, ...] = (lo, hi)
+        if site is not None:
+            q += " AND site = ?"
+            params += (site,)
+        if policy is not None:
+            q += " AND policy = ?"
+            params += (policy,)
+        if pos is not None:
+            q += " AND rowid > ?"
+            params += (pos[0],)
+        q += " ORDER BY rowid LIMIT ?"
+        with self._store() as st:
+            rows = st.records("flow_snapshots", q, (*params, limit + 1))
+        more = len(rows) > limit
+        rows = rows[:limit]
+        nxt = _encode_cursor("flows", filters, [rows[-1]["rid"]]) if more else None
+        for r in rows:
+            del r["rid"]
+        return Page(rows, nxt)
+
+    @staticmethod
+    def _limit(limit: Any, most: int) -> int:
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= most:
+            raise ConfigError("limit", limit, f"is not an integer from 1 to {most}")
+        return limit
+
+    # -- site status (the agent channel reports it) ---------------------------------
+
+    def set_site_status(self, site: str, status: str) -> None:
+        """Record a site's status (one of :data:`SITE_STATUSES`), as its agent channel sees it."""
+        if status not in SITE_STATUSES:
+            raise ConfigError("status", status, f"is not one of {', '.join(SITE_STATUSES)}")
+        self._site_status[site] = status
+
+    def site_status_counts(self) -> dict[str, int]:
+        """The sites of the mesh by status (every status, 0 when none)."""
+        counts = dict.fromkeys(SITE_STATUSES, 0)
+        for s in self.mesh().sites:
+            counts[self._site_status.get(s.name, "pending")] += 1
+        return counts
 
     def topology(self) -> dict[str, Any]:
         """Sites as nodes, paths as edges."""
@@ -334,8 +560,14 @@ class Service:
                        "source_uplink": p.local_uplink, "target_uplink": p.remote_uplink} for p in mesh.paths()],
         }
 
-    def events(self, limit: int = 100) -> list[dict[str, Any]]:
-        """The latest failover events of the state file, oldest first."""
+    def events(self, limit: int = 100, *, start: Any = None, end: Any = None) -> list[dict[str, Any]]:
+        """The latest ``limit`` failover events with ``start <= ts < end``, oldest first."""
+        lo, hi = _range(start, end)
+        limit = self._limit(limit, 10_000)
         with self._store() as st:
-            rows = st.events()
-        return rows[-limit:] if limit else []
+            rows = st.records(
+                "failover_events",
+                "SELECT id, ts, policy, site, from_path, to_path, reason, detail FROM failover_events "
+                "WHERE ts >= ? AND ts < ? ORDER BY id DESC LIMIT ?", (lo, hi, limit))
+        rows.reverse()
+        return rows

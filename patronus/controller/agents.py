@@ -1,0 +1,711 @@
+"""The agent channel of the controller: enrolment tokens, agent credentials,
+desired state per site (versioned, with deltas), pushes over a WebSocket,
+telemetry batches and agent status.
+
+- An **enrolment token** is one string, ``pnt1.<site>.<secret>.<cert_sha256>``:
+  a one-time secret bound to a site (stored as its SHA-256, with an expiry)
+  and the SHA-256 of the controller's TLS certificate (DER), so the agent's
+  first contact is already pinned (the ``kubeadm join`` pattern).
+- ``POST /api/v1/agent/enrol`` takes the token as its bearer (a second use
+  is refused by name) and returns the agent's own credential,
+  ``pna_<id>_<secret>`` (stored as SHA-256), bound to the site: it can read
+  that site's desired state and post that site's telemetry, nothing else.
+- **Desired state** of a site (:func:`desired_state`) is derived from the
+  mesh: every site in mesh order (so path indexes are the same on both
+  ends), the paths of the site with their indexes, the policies, profiles
+  and failover settings. Each site has a version, a number in the
+  controller database bumped when the site's desired state changes
+  (:class:`AgentStore.current`); an agent holding the previous version gets
+  a delta (:func:`diff`, applied with :func:`apply`), any other a full copy.
+- ``GET /api/v1/agent/state?since=V`` and ``WS /api/v1/agent/ws`` (pushes a
+  new version on every change the service publishes).
+- ``POST /api/v1/agent/telemetry``: path metrics, BFD states, failover
+  events, flow summaries; bounded (413), validated (422 naming the field),
+  stored in one transaction or not at all.
+- ``GET /api/v1/agents``: each agent's last contact and status, computed on
+  read: Active, Degraded (no contact for 3 x its interval), Inactive (10 x).
+
+Routes carry the same markers as :mod:`patronus.controller.app`
+(``require(action)``), so ``create_app`` registers them in ROUTE_ACTIONS.
+Agent routes use the actions ``agent`` and ``agent.enrol``, which no role
+has: a user or API key gets 403 there, an agent credential passes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import math
+import re
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import APIRouter, Depends, Query, Request, WebSocket, WebSocketDisconnect
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..agent import TOKEN_PREFIX, canonical, apply, diff, digest, parse_token, to_mesh
+from ..errors import ConfigError
+from ..mesh import Mesh
+from . import auth as _auth
+from .problems import NotFound, Unavailable
+from .rbac import require
+
+__all__ = [
+    "build_router", "desired_state", "desired_states", "AgentStore", "Hub", "diff", "apply", "digest",
+    "to_mesh", "parse_token", "TOKEN_PREFIX", "CREDENTIAL_PREFIX", "AGENT", "AGENT_ENROL", "MAX_TELEMETRY_BYTES",
+    "MAX_TELEMETRY_ITEMS", "status_of",
+]
+
+PREFIX = "/api/v1"
+CREDENTIAL_PREFIX = "pna_"
+AGENT = "agent"              # an agent credential, for its own site
+AGENT_ENROL = "agent.enrol"  # an enrolment token as the bearer
+MAX_TELEMETRY_BYTES = 256 * 1024
+MAX_TELEMETRY_ITEMS = 2000   # per list of a batch
+DEFAULT_INTERVAL_S = 10.0
+DEGRADED_AFTER = 3           # x the agent's interval without contact
+INACTIVE_AFTER = 10
+
+# The agent actions belong to no role (auth.PERMISSIONS): users and API
+# keys are refused with 403.
+assert AGENT in _auth.PERMISSIONS and AGENT_ENROL in _auth.PERMISSIONS
+
+_SECRET_RE = re.compile(r"[A-Za-z0-9_-]{43}")
+_ID_RE = re.compile(r"[0-9a-f]{16}")
+
+_bearer = HTTPBearer(auto_error=False, description="an agent credential (pna_...) or an enrolment token (pnt1...)")
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def _remote(request: Request | WebSocket) -> str | None:
+    return request.client.host if request.client else None
+
+
+# -- desired state (pure) -------------------------------------------------------------------
+
+
+class _Shared:
+    """What every site's desired state has in common, computed once per mesh."""
+
+    def __init__(self, mesh: Mesh) -> None:
+        sites = mesh.sites
+        self.mesh = mesh.name
+        self.order = [s.name for s in sites]
+        self.pos = {n: i for i, n in enumerate(self.order)}
+        self.sites = {s.name: s.to_dict() for s in sites}
+        self.uplinks = [[u.name for u in s.uplinks] for s in sites]
+        self.policies = {p.name: p.to_dict() for p in mesh.policies}
+        self.failover = mesh.failover.to_dict()
+        self.profiles = {p["name"]: p for p in mesh.to_dict()["profiles"]}
+        # path indexes run pair by pair (Mesh.paths): block j holds the pairs
+        # (i < j, j); P[k] = uplinks of the sites before k; B[j] = start of block j
+        n = len(sites)
+        u = [len(x) for x in self.uplinks]
+        self.u = u
+        self.p = [0] * (n + 1)
+        for k in range(n):
+            self.p[k + 1] = self.p[k] + u[k]
+        self.b = [0] * (n + 1)
+        for j in range(n):
+            self.b[j + 1] = self.b[j] + u[j] * self.p[j]
+
+    def paths(self, site: str) -> dict[str, int]:
+        """Path id -> index, for every path of ``site``, in Mesh.paths(site) order."""
+        k = self.pos[site]
+        mine = self.uplinks[k]
+        uk = self.u[k]
+        out: dict[str, int] = {}
+        for m, other in enumerate(self.order):
+            if m == k:
+                continue
+            theirs = self.uplinks[m]
+            um = self.u[m]
+            rows = []
+            if m < k:   # (other, site): other's uplink a, ours b
+                base = self.b[k] + self.p[m] * uk
+                for a, ua in enumerate(theirs):
+                    for b, ub in enumerate(mine):
+                        rows.append((base + a * uk + b, f"{other}.{ua}", f"{site}.{ub}"))
+            else:       # (site, other): ours a, other's b
+                base = self.b[m] + self.p[k] * um
+                for a, ua in enumerate(mine):
+                    for b, ub in enumerate(theirs):
+                        rows.append((base + a * um + b, f"{site}.{ua}", f"{other}.{ub}"))
+            for idx, x, y in rows:
+                out[f"{x}~{y}" if x < y else f"{y}~{x}"] = idx
+        return out
+
+    def state(self, site: str) -> dict[str, Any]:
+        if site not in self.pos:
+            raise NotFound(f"no site {site!r} in the mesh")
+        return {"mesh": self.mesh, "site": site, "order": list(self.order), "sites": dict(self.sites),
+                "paths": self.paths(site), "policies": dict(self.policies), "failover": self.failover,
+                "profiles": dict(self.profiles)}
+
+
+def desired_state(mesh: Mesh, site: str) -> dict[str, Any]:
+    """The desired state of ``site``: a JSON-able dict of ``mesh`` (name),
+    ``site``, ``order`` (every site name, in mesh order), ``sites`` (name ->
+    Site.to_dict, the site itself and its peers), ``paths`` (path id ->
+    index, the site's paths), ``policies`` (name -> Policy.to_dict),
+    ``failover`` and ``profiles``. NotFound for a site the mesh lacks.
+
+    >>> from patronus import Mesh, Site, Uplink
+    >>> m = Mesh("acme")
+    >>> m.add_site(Site("hq", subnets=["10.1.0.0/24"], uplinks=[Uplink("isp1", "192.0.2.1")]))
+    >>> m.add_site(Site("br1", subnets=["10.2.0.0/24"], uplinks=[Uplink("isp1", "203.0.113.9")]))
+    >>> desired_state(m, "br1")["paths"]
+    {'br1.isp1~hq.isp1': 0}
+    """
+    return _Shared(mesh).state(site)
+
+
+def desired_states(mesh: Mesh, sites: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    """:func:`desired_state` of several sites (default: all), sharing the work."""
+    shared = _Shared(mesh)
+    return {s: shared.state(s) for s in (shared.order if sites is None else sites)}
+
+
+# -- tokens ------------------------------------------------------------------------------
+
+
+def cert_sha256(cert_path: str | Path) -> str:
+    """SHA-256 (lower-case hex, no colons) of a PEM certificate's DER form."""
+    import ssl
+
+    der = ssl.PEM_cert_to_DER_cert(Path(cert_path).read_text())
+    return hashlib.sha256(der).hexdigest()
+
+
+def status_of(last_seen: float | None, interval_s: float, now: float) -> str:
+    """Active, Degraded (no contact for 3 x interval) or Inactive (10 x, or never).
+
+    >>> [status_of(100.0, 1.0, t) for t in (101.0, 103.5, 111.0)], status_of(None, 1.0, 0.0)
+    (['Active', 'Degraded', 'Inactive'], 'Inactive')
+    """
+    if last_seen is None:
+        return "Inactive"
+    quiet = now - last_seen
+    if quiet >= INACTIVE_AFTER * interval_s:
+        return "Inactive"
+    if quiet >= DEGRADED_AFTER * interval_s:
+        return "Degraded"
+    return "Active"
+
+
+# -- store -----------------------------------------------------------------------------------
+
+_SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS agent_tokens (
+        id TEXT PRIMARY KEY, site TEXT NOT NULL, hash TEXT NOT NULL UNIQUE, created_by TEXT NOT NULL,
+        created REAL NOT NULL, expires REAL NOT NULL, used REAL, used_by TEXT, revoked INTEGER NOT NULL DEFAULT 0)""",
+    """CREATE TABLE IF NOT EXISTS agent_credentials (
+        id TEXT PRIMARY KEY, site TEXT NOT NULL, hash TEXT NOT NULL, token_id TEXT, public_key TEXT,
+        hostname TEXT, interval_s REAL NOT NULL, created REAL NOT NULL, last_seen REAL, last_remote TEXT,
+        revoked INTEGER NOT NULL DEFAULT 0)""",
+    "CREATE INDEX IF NOT EXISTS agent_credentials_site ON agent_credentials(site)",
+    """CREATE TABLE IF NOT EXISTS agent_state (
+        site TEXT PRIMARY KEY, version INTEGER NOT NULL, digest TEXT NOT NULL, state TEXT NOT NULL,
+        prev TEXT, updated REAL NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS agent_telemetry (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, site TEXT NOT NULL, received REAL NOT NULL, kind TEXT NOT NULL,
+        ts REAL NOT NULL, path TEXT, data TEXT NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS agent_telemetry_site ON agent_telemetry(site, kind, ts)",
+]
+
+
+class AgentStore:
+    """Tokens, credentials, versions and telemetry in the controller database
+    (tables of their own, created if missing)."""
+
+    def __init__(self, service: Any, auth: Any, *, pin: str | None, clock: Callable[[], float] = time.time) -> None:
+        self.service = service
+        self.db = service.db
+        self.auth = auth
+        self.pin = pin
+        self.clock = clock
+        self._state_lock = threading.Lock()
+        with self.db.transaction() as c:
+            for stmt in _SCHEMA:
+                c.execute(stmt)
+
+    # -- enrolment tokens --------------------------------------------------------------
+
+    def create_token(self, site: str, ttl_s: float, *, actor: str, remote: str | None = None) -> dict[str, Any]:
+        if self.pin is None:
+            raise Unavailable("the controller has no TLS certificate (tls.crt) for an enrolment token to pin")
+        if not any(s.name == site for s in self.service.mesh().sites):
+            raise ConfigError("site", site, "is not a site of the mesh (create the site first)")
+        if isinstance(ttl_s, bool) or not isinstance(ttl_s, (int, float)) or not math.isfinite(ttl_s) \
+                or not 0 < ttl_s <= 30 * 86400:
+            raise ConfigError("ttl_s", ttl_s, "is not a number of seconds in (0, 2592000]")
+        tid, secret, now = secrets.token_hex(8), secrets.token_urlsafe(32), self.clock()
+        meta = {"id": tid, "site": site, "created_by": actor, "created": now, "expires": now + ttl_s,
+                "used": None, "used_by": None, "revoked": False}
+        with self.db.transaction() as c:
+            c.execute("INSERT INTO agent_tokens (id, site, hash, created_by, created, expires) VALUES (?,?,?,?,?,?)",
+                      (tid, site, _sha256(secret), actor, now, now + ttl_s))
+            self.db.audit(actor, "token.create", f"token/{tid}", after=meta, remote=remote)
+        return {**meta, "token": f"{TOKEN_PREFIX}.{site}.{secret}.{self.pin}"}
+
+    @staticmethod
+    def _token_meta(r: Any) -> dict[str, Any]:
+        return {"id": r["id"], "site": r["site"], "created_by": r["created_by"], "created": r["created"],
+                "expires": r["expires"], "used": r["used"], "used_by": r["used_by"], "revoked": bool(r["revoked"])}
+
+    def list_tokens(self) -> list[dict[str, Any]]:
+        return [self._token_meta(r) for r in self.db.query("SELECT * FROM agent_tokens ORDER BY created DESC, id")]
+
+    def revoke_token(self, tid: str, *, actor: str, remote: str | None = None) -> None:
+        with self.db.transaction() as c:
+            r = c.execute("SELECT * FROM agent_tokens WHERE id = ?", (tid,)).fetchone()
+            if r is None:
+                raise NotFound(f"no enrolment token {tid!r}")
+            c.execute("UPDATE agent_tokens SET revoked = 1 WHERE id = ?", (tid,))
+            self.db.audit(actor, "token.revoke", f"token/{tid}", before=self._token_meta(r),
+                          after={**self._token_meta(r), "revoked": True}, remote=remote)
+
+    def enrol(self, token: str, *, public_key: str | None, hostname: str | None, interval_s: float,
+              remote: str | None) -> dict[str, Any]:
+        """Consume an enrolment token; the new agent credential. AuthError naming the fault."""
+        try:
+            site, secret, pin = parse_token(token)
+        except ConfigError as e:
+            self.auth.reject(f"malformed enrolment token: it {e.reason}", "-", remote, "agent.enrol")
+        if self.pin is None or not hmac.compare_digest(pin, self.pin):
+            self.auth.reject("the token pins another controller certificate", f"site/{site}", remote,
+                              "agent.enrol")
+        now = self.clock()
+        cid, csecret = secrets.token_hex(8), secrets.token_urlsafe(32)
+        reason = None
+        with self.db.transaction() as c:
+            r = c.execute("SELECT * FROM agent_tokens WHERE hash = ?", (_sha256(secret),)).fetchone()
+            if r is None or r["site"] != site:
+                reason = "unknown enrolment token"
+            elif r["revoked"]:
+                reason = "enrolment token revoked"
+            elif r["used"] is not None:
+                reason = "enrolment token already used"
+            elif now >= r["expires"]:
+                reason = "enrolment token expired"
+            elif not any(s.name == site for s in self.service.mesh().sites):
+                reason = f"site {site!r} is no longer in the mesh"
+            else:
+                c.execute("UPDATE agent_tokens SET used = ?, used_by = ? WHERE id = ?", (now, cid, r["id"]))
+                c.execute("INSERT INTO agent_credentials (id, site, hash, token_id, public_key, hostname, interval_s,"
+                          " created, last_seen, last_remote) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                          (cid, site, _sha256(csecret), r["id"], public_key, hostname, interval_s, now, now, remote))
+                self.db.audit(f"agent:{site}:{cid}", "agent.enrol", f"site/{site}",
+                              after={"credential": cid, "token_id": r["id"], "public_key": public_key,
+                                     "hostname": hostname, "interval_s": interval_s}, remote=remote)
+        if reason is not None:
+            self.auth.reject(reason, f"site/{site}", remote, "agent.enrol")
+        return {"credential": f"{CREDENTIAL_PREFIX}{cid}_{csecret}", "id": cid, "site": site,
+                "interval_s": interval_s, "cert_sha256": self.pin}
+
+    # -- credentials ----------------------------------------------------------------------
+
+    def agent(self, bearer: str, remote: str | None) -> dict[str, Any]:
+        """The agent of a credential (and its contact noted); AuthError otherwise."""
+        parts = bearer.split("_", 2)
+        if len(parts) != 3 or not _ID_RE.fullmatch(parts[1]) or not _SECRET_RE.fullmatch(parts[2]):
+            self.auth.reject("malformed agent credential", "-", remote, "auth.reject")
+        rows = self.db.query("SELECT * FROM agent_credentials WHERE id = ?", (parts[1],))
+        stored = rows[0]["hash"] if rows else "0" * 64
+        if not hmac.compare_digest(_sha256(parts[2]), stored) or not rows:
+            self.auth.reject("bad agent credential", f"agent/{parts[1]}", remote, "auth.reject")
+        row = rows[0]
+        if row["revoked"]:
+            self.auth.reject("agent credential revoked", f"agent/{parts[1]}", remote, "auth.reject")
+        self.seen(row["id"], remote)
+        return {"id": row["id"], "site": row["site"], "interval_s": row["interval_s"]}
+
+    def seen(self, cid: str, remote: str | None) -> None:
+        self.db.execute("UPDATE agent_credentials SET last_seen = ?, last_remote = ? WHERE id = ?",
+                        (self.clock(), remote, cid))
+
+    def agents(self) -> list[dict[str, Any]]:
+        now = self.clock()
+        out = []
+        for r in self.db.query("SELECT * FROM agent_credentials ORDER BY site, created"):
+            out.append({"id": r["id"], "site": r["site"], "hostname": r["hostname"], "public_key": r["public_key"],
+                        "enrolled": r["created"], "last_seen": r["last_seen"], "remote": r["last_remote"],
+                        "interval_s": r["interval_s"], "revoked": bool(r["revoked"]),
+                        "status": "Revoked" if r["revoked"] else status_of(r["last_seen"], r["interval_s"], now)})
+        return out
+
+    # -- versions --------------------------------------------------------------------------
+
+    def current(self, site: str, state: dict[str, Any] | None = None) -> tuple[int, str, dict[str, Any], Any]:
+        """(version, digest, state, previous state or None) of ``site`` now:
+        the version is bumped (and the previous state kept) when the desired
+        state differs from the one stored."""
+        if state is None:
+            state = desired_state(self.service.mesh(), site)
+        dg = digest(state)
+        with self._state_lock, self.db.transaction() as c:
+            r = c.execute("SELECT * FROM agent_state WHERE site = ?", (site,)).fetchone()
+            if r is not None and r["digest"] == dg:
+                prev = None if r["prev"] is None else json.loads(r["prev"])
+                return r["version"], dg, state, prev
+            version = 1 if r is None else r["version"] + 1
+            prev_text = None if r is None else r["state"]
+            c.execute("INSERT OR REPLACE INTO agent_state (site, version, digest, state, prev, updated) "
+                      "VALUES (?,?,?,?,?,?)", (site, version, dg, canonical(state).decode(), prev_text, self.clock()))
+        return version, dg, state, None if prev_text is None else json.loads(prev_text)
+
+    def payload(self, site: str, since: int | None, state: dict[str, Any] | None = None) -> dict[str, Any]:
+        """What an agent holding ``since`` gets: unchanged, a delta, or the full state."""
+        version, dg, st, prev = self.current(site, state)
+        if since == version:
+            return {"version": version, "digest": dg, "unchanged": True}
+        if since is not None and since == version - 1 and prev is not None:
+            return {"version": version, "digest": dg, "since": since, "delta": diff(prev, st)}
+        return {"version": version, "digest": dg, "full": st}
+
+    # -- telemetry -------------------------------------------------------------------------
+
+    def store_telemetry(self, site: str, batch: TelemetryIn, remote: str | None) -> int:
+        now = self.clock()
+        rows: list[tuple[Any, ...]] = []
+        for kind, items in (("metric", batch.metrics), ("bfd", batch.bfd), ("event", batch.events),
+                            ("flow", batch.flows)):
+            for it in items:
+                d = it.model_dump(exclude_none=True)
+                rows.append((site, now, kind, d.pop("ts"), d.get("path"), json.dumps(d, sort_keys=True)))
+        with self.db.transaction() as c:
+            c.executemany("INSERT INTO agent_telemetry (site, received, kind, ts, path, data) VALUES (?,?,?,?,?,?)",
+                          rows)
+        return len(rows)
+
+    def telemetry(self, site: str | None = None, kind: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+        sql, params = "SELECT * FROM agent_telemetry WHERE 1=1", []
+        if site is not None:
+            sql += " AND site = ?"
+            params.append(site)
+        if kind is not None:
+            sql += " AND kind = ?"
+            params.append(kind)
+        rows = self.db.query(sql + " ORDER BY id DESC LIMIT ?", (*params, limit))
+        return [{"site": r["site"], "kind": r["kind"], "ts": r["ts"], "received": r["received"],
+                 **json.loads(r["data"])} for r in rows]
+
+
+# -- request bodies ------------------------------------------------------------------------------
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class TokenIn(_Body):
+    site: str = Field(max_length=32)
+    ttl_s: float = Field(3600.0, gt=0, le=30 * 86400)
+
+
+class EnrolIn(_Body):
+    public_key: str | None = Field(None, max_length=64, description="the site's WireGuard public key (base64)")
+    hostname: str | None = Field(None, max_length=253)
+    interval_s: float = Field(DEFAULT_INTERVAL_S, ge=0.05, le=3600, description="how often the agent reports")
+
+
+_PathId = Field(max_length=140, pattern=r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+~[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$")
+_Ts = Field(ge=0, le=1e11)
+
+
+class MetricIn(_Body):
+    ts: float = _Ts
+    path: str = _PathId
+    rtt_ms: float | None = Field(None, ge=0)
+    jitter_ms: float | None = Field(None, ge=0)
+    loss_pct: float | None = Field(None, ge=0, le=100)
+    mos: float | None = Field(None, ge=0, le=5)
+    mtu: int | None = Field(None, ge=0, le=65535)
+    bandwidth_mbps: float | None = Field(None, ge=0)
+
+
+class BfdIn(_Body):
+    ts: float = _Ts
+    path: str = _PathId
+    state: Literal["admindown", "down", "init", "up"]
+    diag: str | None = Field(None, max_length=64)
+
+
+class EventIn(_Body):
+    ts: float = _Ts
+    reason: str = Field(max_length=64)
+    policy: str | None = Field(None, max_length=64)
+    site: str | None = Field(None, max_length=32)
+    from_path: str | None = Field(None, max_length=140)
+    to_path: str | None = Field(None, max_length=140)
+    detail: str | None = Field(None, max_length=256)
+
+
+class FlowIn(_Body):
+    ts: float = _Ts
+    policy: str | None = Field(None, max_length=64)
+    site: str | None = Field(None, max_length=32)
+    path: str | None = Field(None, max_length=140)
+    flows: int = Field(0, ge=0)
+    packets: int = Field(0, ge=0)
+    bytes: int = Field(0, ge=0)
+
+
+class TelemetryIn(_Body):
+    site: str = Field(max_length=32)
+    metrics: list[MetricIn] = []
+    bfd: list[BfdIn] = []
+    events: list[EventIn] = []
+    flows: list[FlowIn] = []
+
+
+def _problem(status: int, title: str, detail: str, **extra: Any) -> JSONResponse:
+    from .problems import PROBLEM_JSON, problem
+
+    return JSONResponse(problem(status, title, detail, **extra), status_code=status, media_type=PROBLEM_JSON)
+
+
+def _field(loc: Any) -> str:
+    out = ""
+    for p in loc:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
+
+
+# -- the hub: pushes to connected agents --------------------------------------------------------
+
+
+class Hub:
+    """Connected agents by site; on every change the service publishes,
+    each connected site's state is recomputed once (off the event loop) and
+    the new version handed to its connections."""
+
+    def __init__(self, store: AgentStore) -> None:
+        self.store = store
+        self.conns: dict[str, set[asyncio.Queue[int]]] = {}
+        self._dirty = False
+        self._task: asyncio.Task[None] | None = None
+        store.service.changes.subscribe(self._changed)
+
+    @property
+    def connected(self) -> int:
+        return sum(len(v) for v in self.conns.values())
+
+    def _changed(self, event: Any) -> None:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return   # published off the loop (no server running): nobody is connected here
+        self._dirty = True
+        if self._task is None or self._task.done():
+            self._task = asyncio.ensure_future(self._refresh())
+
+    async def _refresh(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._dirty:
+            self._dirty = False
+            sites = [s for s, qs in self.conns.items() if qs]
+            if not sites:
+                continue
+            versions = await loop.run_in_executor(None, self._versions, sites)
+            for site, version in versions.items():
+                for q in list(self.conns.get(site, ())):
+                    q.put_nowait(version)
+
+    def _versions(self, sites: list[str]) -> dict[str, int]:
+        mesh = self.store.service.mesh()
+        shared = _Shared(mesh)
+        out = {}
+        for s in sites:
+            if s in shared.pos:
+                out[s] = self.store.current(s, shared.state(s))[0]
+        return out
+
+    @contextlib.contextmanager
+    def connect(self, site: str) -> Any:
+        q: asyncio.Queue[int] = asyncio.Queue()
+        self.conns.setdefault(site, set()).add(q)
+        try:
+            yield q
+        finally:
+            self.conns.get(site, set()).discard(q)
+
+
+# -- the router ------------------------------------------------------------------------------------
+
+
+def build_router(service: Any, auth: Any, *, pin: str | None = None,
+                 clock: Callable[[], float] = time.time) -> APIRouter:
+    """The agent channel's routes over ``service`` and ``auth``. ``pin`` is the
+    SHA-256 (hex) of the controller's certificate (default: ``tls.crt`` next
+    to the service's state file, as ``patronus controller init`` lays it out)."""
+
+    if pin is None:
+        cert = Path(service.state).parent / "tls.crt"
+        pin = cert_sha256(cert) if cert.exists() else None   # no certificate: no tokens (503), the rest works
+    store = AgentStore(service, auth, pin=pin, clock=clock)
+    hub = Hub(store)
+    router = APIRouter()
+    router.agent_store = store  # type: ignore[attr-defined]
+    router.agent_hub = hub      # type: ignore[attr-defined]
+
+    def agent_dep(request: Request, creds: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> dict[str, Any]:
+        if creds is None or creds.scheme.lower() != "bearer" or not creds.credentials:
+            raise _auth.AuthError("missing bearer token (Authorization: Bearer pna_...)")
+        bearer = creds.credentials
+        if not bearer.startswith(CREDENTIAL_PREFIX):
+            auth.authenticate(bearer, remote=_remote(request))   # 401 for a bad one
+            raise _auth.Forbidden("this route is for site agents: it needs an agent credential (pna_...)")
+        return store.agent(bearer, _remote(request))
+
+    agent_dep._patronus_action = AGENT  # type: ignore[attr-defined]
+
+    def enrol_dep(request: Request, creds: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> str:
+        if creds is None or creds.scheme.lower() != "bearer" or not creds.credentials:
+            raise _auth.AuthError("missing bearer token (Authorization: Bearer pnt1....)")
+        bearer = creds.credentials
+        if not bearer.startswith(TOKEN_PREFIX + "."):
+            if not bearer.startswith(CREDENTIAL_PREFIX):
+                auth.authenticate(bearer, remote=_remote(request))
+            raise _auth.Forbidden("enrolment takes an enrolment token (pnt1....) as the bearer")
+        return bearer
+
+    enrol_dep._patronus_action = AGENT_ENROL  # type: ignore[attr-defined]
+
+    def who(request: Request) -> dict[str, Any]:
+        return {"actor": request.state.principal.actor, "remote": _remote(request)}
+
+    # -- tokens (staff) ---------------------------------------------------------------
+
+    @router.get(f"{PREFIX}/tokens", dependencies=[Depends(require("tokens.read"))], tags=["tokens"])
+    def list_tokens() -> Any:
+        return {"items": store.list_tokens()}
+
+    @router.post(f"{PREFIX}/tokens", status_code=201, dependencies=[Depends(require("tokens.write"))],
+                 tags=["tokens"])
+    def create_token(body: TokenIn, request: Request) -> Any:
+        return store.create_token(body.site, body.ttl_s, **who(request))
+
+    @router.delete(f"{PREFIX}/tokens/{{token_id}}", status_code=204, dependencies=[Depends(require("tokens.write"))],
+                   tags=["tokens"])
+    def revoke_token(token_id: str, request: Request) -> Response:
+        store.revoke_token(token_id, **who(request))
+        return Response(status_code=204)
+
+    @router.get(f"{PREFIX}/agents", dependencies=[Depends(require("sites.read"))], tags=["agents"])
+    def list_agents() -> Any:
+        return {"items": store.agents(), "connected": hub.connected}
+
+    # -- the agents' own routes ------------------------------------------------------------
+
+    @router.post(f"{PREFIX}/agent/enrol", status_code=201, tags=["agent"])
+    def enrol(request: Request, body: EnrolIn | None = None, token: str = Depends(enrol_dep)) -> Any:
+        body = body or EnrolIn()
+        return store.enrol(token, public_key=body.public_key, hostname=body.hostname, interval_s=body.interval_s,
+                           remote=_remote(request))
+
+    @router.get(f"{PREFIX}/agent/state", tags=["agent"])
+    def agent_state(since: int | None = Query(None, ge=0), agent: dict[str, Any] = Depends(agent_dep)) -> Any:
+        return store.payload(agent["site"], since)
+
+    @router.post(f"{PREFIX}/agent/telemetry", tags=["agent"],
+                 openapi_extra={"requestBody": {"content": {"application/json": {
+                     "schema": TelemetryIn.model_json_schema(ref_template="#/components/schemas/{model}")}}}})
+    async def telemetry(request: Request, agent: dict[str, Any] = Depends(agent_dep)) -> Any:
+        remote = _remote(request)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_TELEMETRY_BYTES:
+                return _problem(413, "content too large",
+                                f"a telemetry batch is at most {MAX_TELEMETRY_BYTES} bytes", field="body")
+            chunks.append(chunk)
+        try:
+            raw = json.loads(b"".join(chunks))
+        except (ValueError, RecursionError) as e:
+            return _problem(422, "unprocessable content", f"the batch is not JSON: {e}", field="body")
+        if isinstance(raw, dict):
+            for k in ("metrics", "bfd", "events", "flows"):
+                if isinstance(raw.get(k), list) and len(raw[k]) > MAX_TELEMETRY_ITEMS:
+                    return _problem(413, "content too large",
+                                    f"{k}: {len(raw[k])} items, a batch holds at most {MAX_TELEMETRY_ITEMS}", field=k)
+        try:
+            batch = TelemetryIn.model_validate(raw)
+        except ValidationError as e:
+            first = e.errors()[0]
+            f = _field(first.get("loc", ()))
+            return _problem(422, "unprocessable content", f"{f}: {first.get('msg')}", field=f)
+        site = agent["site"]
+        if batch.site != site:
+            await run_in_threadpool(service.db.audit, f"agent:{site}:{agent['id']}", "agent.telemetry",
+                                    f"site/{batch.site}", None, {"reason": "another site's telemetry"}, remote, False)
+            raise _auth.Forbidden(f"this credential is site {site!r}'s: it may not post telemetry for {batch.site!r}")
+        for k in ("metrics", "bfd"):
+            for i, it in enumerate(getattr(batch, k)):
+                ends = {e.split(".", 1)[0] for e in it.path.split("~")}
+                if site not in ends:
+                    return _problem(422, "unprocessable content", f"path {it.path!r} is not a path of site {site!r}",
+                                    field=f"{k}[{i}].path")
+        n = await run_in_threadpool(store.store_telemetry, site, batch, remote)
+        return {"stored": n}
+
+    @router.websocket(f"{PREFIX}/agent/ws")
+    async def agent_ws(ws: WebSocket) -> None:
+        """Agent credential in the Authorization header or in the first message
+        ``{"credential": "pna_...", "since": V}``; then a message with the state
+        (full, delta or unchanged) now and at every new version."""
+        await ws.accept()
+        remote = _remote(ws)
+        try:
+            hello = await asyncio.wait_for(ws.receive_json(), 10.0)
+        except (asyncio.TimeoutError, ValueError, WebSocketDisconnect):
+            await ws.close(code=1008)
+            return
+        header = ws.headers.get("authorization", "")
+        bearer = header[7:] if header[:7].lower() == "bearer " else (hello.get("credential") if isinstance(hello, dict) else None)
+        if not isinstance(bearer, str) or not bearer.startswith(CREDENTIAL_PREFIX):
+            await ws.send_json({"error": "unauthorized", "detail": "an agent credential (pna_...) is required"})
+            await ws.close(code=1008)
+            return
+        try:
+            agent = await run_in_threadpool(store.agent, bearer, remote)
+        except _auth.ControllerError as e:
+            await ws.send_json({"error": getattr(e, "title", "unauthorized"), "detail": str(e)})
+            await ws.close(code=1008)
+            return
+        since = hello.get("since") if isinstance(hello, dict) else None
+        since = since if isinstance(since, int) and not isinstance(since, bool) else None
+        site = agent["site"]
+        with hub.connect(site) as q:
+            try:
+                while True:
+                    msg = await run_in_threadpool(store.payload, site, since)
+                    if not msg.get("unchanged") or since is None:
+                        await ws.send_json(msg)
+                    since = msg["version"]
+                    await run_in_threadpool(store.seen, agent["id"], remote)
+                    recv = asyncio.ensure_future(ws.receive_text())
+                    pushed = asyncio.ensure_future(q.get())
+                    done, pending = await asyncio.wait({recv, pushed}, timeout=agent["interval_s"],
+                                                       return_when=asyncio.FIRST_COMPLETED)
+                    for t in pending:
+                        t.cancel()
+                    if recv in done:
+                        recv.result()   # raises WebSocketDisconnect when the agent went away
+            except (WebSocketDisconnect, RuntimeError):
+                return
+
+    return router

@@ -1,0 +1,355 @@
+"""The agent channel against the real server (uvicorn over TLS in a
+subprocess): enrolment tokens, agent credentials and their scope, desired
+state versions with deltas, WebSocket pushes, telemetry bounds, agent
+status, and the agent's ControllerSource (pinning, cache, offline).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import sqlite3
+import ssl
+import stat
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+websockets = pytest.importorskip("websockets")
+
+from patronus.agent import CertificatePinError, ControllerSource, apply, digest, parse_token  # noqa: E402
+from patronus.controller import agents  # noqa: E402
+from patronus.controller.app import PREFIX  # noqa: E402
+
+from . import controller_server as cs  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+_n = itertools.count(1)
+
+
+class AgentController(cs.Controller):
+    def start(self, timeout: float = 30.0) -> AgentController:
+        super().start(timeout)
+        self.token = self.login("admin", self.admin_password)["access_token"]
+        return self
+
+    def admin(self) -> httpx.Client:
+        return self.client(self.token)
+
+    def rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        con = sqlite3.connect(f"file:{self.state_dir / 'controller.db'}?mode=ro", uri=True)
+        try:
+            return con.execute(sql, params).fetchall()
+        finally:
+            con.close()
+
+
+def site_body(name: str) -> dict[str, Any]:
+    n = next(_n)
+    return {"name": name, "subnets": [f"10.{n}.0.0/24"],
+            "uplinks": [{"name": "isp1", "address": f"198.18.{n}.1"}, {"name": "lte", "address": f"198.19.{n}.1"}]}
+
+
+@pytest.fixture(scope="module")
+def ctl(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    c = AgentController(tmp_path_factory.mktemp("actl") / "state")
+    c.start()
+    try:
+        with c.admin() as a:
+            for s in ("hq", "br1", "br2"):
+                a.post(f"{PREFIX}/sites", json=site_body(s)).raise_for_status()
+        yield c
+    finally:
+        c.stop()
+
+
+def make_token(ctl: AgentController, site: str, **kw: Any) -> dict[str, Any]:
+    with ctl.admin() as a:
+        r = a.post(f"{PREFIX}/tokens", json={"site": site, **kw})
+        assert r.status_code == 201, r.text
+        return r.json()
+
+
+def enrol(ctl: AgentController, token: str, **body: Any) -> httpx.Response:
+    with ctl.client(token) as c:
+        return c.post(f"{PREFIX}/agent/enrol", json=body)
+
+
+def credential(ctl: AgentController, site: str, **body: Any) -> str:
+    r = enrol(ctl, make_token(ctl, site)["token"], **body)
+    assert r.status_code == 201, r.text
+    return str(r.json()["credential"])
+
+
+def problem(r: httpx.Response, status: int) -> dict[str, Any]:
+    assert r.status_code == status, (r.status_code, r.text)
+    assert r.headers["content-type"].startswith("application/problem+json")
+    return dict(r.json())
+
+
+# -- tokens and enrolment ----------------------------------------------------------------
+
+
+def test_token_pins_the_certificate_and_enrols_once(ctl: AgentController) -> None:
+    t = make_token(ctl, "br1", ttl_s=600)
+    site, _, pin = parse_token(t["token"])
+    assert site == "br1" and pin == agents.cert_sha256(ctl.cert)
+    assert pin == ctl.info["cert_sha256"].replace(":", "").lower()
+    with ctl.admin() as a:
+        listed = {x["id"]: x for x in a.get(f"{PREFIX}/tokens").raise_for_status().json()["items"]}
+    assert t["id"] in listed and "token" not in listed[t["id"]] and listed[t["id"]]["used"] is None
+    assert not ctl.rows("SELECT 1 FROM agent_tokens WHERE hash LIKE ?", (f"%{t['token'].split('.')[2]}%",))
+
+    r = enrol(ctl, t["token"], interval_s=5, public_key="x" * 44)
+    assert r.status_code == 201, r.text
+    cred = r.json()["credential"]
+    assert cred.startswith("pna_") and r.json()["site"] == "br1"
+    with ctl.client(cred) as c:
+        assert c.get(f"{PREFIX}/agent/state").json()["full"]["site"] == "br1"
+
+    again = problem(enrol(ctl, t["token"]), 401)
+    assert "already used" in again["detail"]
+    audit = ctl.rows("SELECT action, target, ok, after FROM audit WHERE action = 'agent.enrol' ORDER BY id")
+    assert (1, "site/br1") in {(ok, target) for _, target, ok, _ in audit}
+    assert any(ok == 0 and "already used" in after for _, _, ok, after in audit)
+    assert not any(t["token"].split(".")[2] in (after or "") for *_, after in audit)   # no secret in the log
+
+
+def test_revoked_expired_foreign_and_malformed_tokens_are_refused(ctl: AgentController) -> None:
+    t = make_token(ctl, "br2")
+    with ctl.admin() as a:
+        assert a.delete(f"{PREFIX}/tokens/{t['id']}").status_code == 204
+        problem(a.delete(f"{PREFIX}/tokens/nosuch"), 404)
+        assert problem(a.post(f"{PREFIX}/tokens", json={"site": "nosuch"}), 422)["field"] == "site"
+    assert "revoked" in problem(enrol(ctl, t["token"]), 401)["detail"]
+    short = make_token(ctl, "br2", ttl_s=0.001)
+    time.sleep(0.01)
+    assert "expired" in problem(enrol(ctl, short["token"]), 401)["detail"]
+    good = make_token(ctl, "br2")["token"]
+    other_pin = good[:-64] + "0" * 64
+    assert "another controller certificate" in problem(enrol(ctl, other_pin), 401)["detail"]
+    assert "malformed" in problem(enrol(ctl, "pnt1.br2.nope.abc"), 401)["detail"]
+    assert "unknown" in problem(enrol(ctl, good.replace("pnt1.br2.", "pnt1.hq.")), 401)["detail"]
+    assert enrol(ctl, good).status_code == 201   # none of the refusals used it up
+    # a user's token on the enrolment route: authenticated, but not an enrolment token
+    problem(enrol(ctl, ctl.token), 403)
+
+
+# -- scope of an agent credential ---------------------------------------------------------------
+
+
+def test_agent_credential_is_bound_to_its_site(ctl: AgentController) -> None:
+    cred = credential(ctl, "br1")
+    with ctl.client(cred) as c:
+        problem(c.get(f"{PREFIX}/sites"), 401)           # not a user or API key
+        problem(c.post(f"{PREFIX}/tokens", json={"site": "br1"}), 401)
+        before = ctl.rows("SELECT count(*) FROM agent_telemetry")[0][0]
+        body = {"site": "hq", "metrics": [{"ts": 1.0, "path": "br1.isp1~hq.isp1", "rtt_ms": 5}]}
+        problem(c.post(f"{PREFIX}/agent/telemetry", json=body), 403)
+        assert ctl.rows("SELECT count(*) FROM agent_telemetry")[0][0] == before
+    audit = ctl.rows("SELECT actor, target, ok FROM audit WHERE action = 'agent.telemetry' ORDER BY id DESC LIMIT 1")
+    assert audit and audit[0][1] == "site/hq" and audit[0][2] == 0 and audit[0][0].startswith("agent:br1:")
+    with ctl.admin() as a:   # staff on an agent route: authenticated, not an agent
+        problem(a.get(f"{PREFIX}/agent/state"), 403)
+    with ctl.client() as c:
+        problem(c.get(f"{PREFIX}/agent/state"), 401)
+        problem(c.get(f"{PREFIX}/agent/state", headers={"Authorization": "Bearer pna_0123456789abcdef_" + "x" * 43}),
+                401)
+
+
+# -- desired state: versions, deltas, full copies ----------------------------------------------
+
+
+def test_state_versions_delta_and_full(ctl: AgentController) -> None:
+    cred = credential(ctl, "hq")
+    with ctl.client(cred) as c:
+        first = c.get(f"{PREFIX}/agent/state").raise_for_status().json()
+        v1, s1 = first["version"], first["full"]
+        assert s1["site"] == "hq" and set(s1["sites"]) >= {"hq", "br1", "br2"}
+        assert all("hq." in pid for pid in s1["paths"])
+        assert digest(s1) == first["digest"]
+        assert c.get(f"{PREFIX}/agent/state", params={"since": v1}).json() == \
+            {"version": v1, "digest": first["digest"], "unchanged": True}
+        with ctl.admin() as a:
+            a.post(f"{PREFIX}/policies", json={"name": "voice", "match": {"proto": "udp", "dst_ports": "5060"},
+                                               "priority": 10, "prefer": ["lte"]}).raise_for_status()
+        d = c.get(f"{PREFIX}/agent/state", params={"since": v1}).json()
+        assert d["version"] == v1 + 1 and "delta" in d
+        assert [op["item"] for op in d["delta"]] == ["voice"]
+        s2 = apply(s1, d["delta"])
+        assert digest(s2) == d["digest"]
+        full = c.get(f"{PREFIX}/agent/state", params={"since": v1 - 1 if v1 > 1 else 999}).json()
+        assert full["version"] == v1 + 1 and full["full"] == s2
+        assert c.get(f"{PREFIX}/agent/state").json()["full"] == s2
+        problem(c.get(f"{PREFIX}/agent/state", params={"since": "x"}), 422)
+
+
+def test_websocket_pushes_new_versions(ctl: AgentController) -> None:
+    from websockets.sync.client import connect
+
+    cred = credential(ctl, "br2")
+    ctx = ssl.create_default_context(cafile=ctl.cert)
+    url = ctl.url.replace("https://", "wss://") + f"{PREFIX}/agent/ws"
+    with connect(url, ssl=ctx, additional_headers={"Authorization": f"Bearer {cred}"}, open_timeout=10) as ws:
+        ws.send(json.dumps({"since": None}))
+        first = json.loads(ws.recv(timeout=10))
+        assert first["full"]["site"] == "br2"
+        with ctl.admin() as a:
+            a.post(f"{PREFIX}/policies", json={"name": f"p{next(_n)}", "match": {"proto": "tcp"},
+                                               "priority": 100 + next(_n)}).raise_for_status()
+        pushed = json.loads(ws.recv(timeout=10))
+        assert pushed["version"] == first["version"] + 1 and len(pushed["delta"]) == 1
+        assert digest(apply(first["full"], pushed["delta"])) == pushed["digest"]
+    with connect(url, ssl=ctx, open_timeout=10) as ws:   # the credential in the first message
+        ws.send(json.dumps({"credential": cred, "since": pushed["version"]}))
+        ws.send("ping")
+        with ctl.admin() as a:
+            a.post(f"{PREFIX}/policies", json={"name": f"p{next(_n)}", "match": {"proto": "tcp"},
+                                               "priority": 100 + next(_n)}).raise_for_status()
+        assert json.loads(ws.recv(timeout=10))["version"] == pushed["version"] + 1
+    with connect(url, ssl=ctx, open_timeout=10) as ws:   # a user's token is not an agent credential
+        ws.send(json.dumps({"credential": ctl.token}))
+        assert json.loads(ws.recv(timeout=10))["error"] == "unauthorized"
+        with pytest.raises(websockets.ConnectionClosed):
+            ws.recv(timeout=10)
+
+
+# -- telemetry ------------------------------------------------------------------------------------
+
+
+def test_telemetry_is_bounded_validated_and_stored(ctl: AgentController) -> None:
+    cred = credential(ctl, "br1")
+    count = "SELECT count(*) FROM agent_telemetry WHERE site = 'br1'"
+    m = {"ts": 1.5, "path": "br1.isp1~hq.isp1", "rtt_ms": 12.5, "jitter_ms": 1.0, "loss_pct": 0.0}
+    with ctl.client(cred) as c:
+        before = ctl.rows(count)[0][0]
+        r = c.post(f"{PREFIX}/agent/telemetry", json={
+            "site": "br1", "metrics": [m], "bfd": [{"ts": 1.5, "path": "br1.lte~hq.isp1", "state": "up"}],
+            "events": [{"ts": 1.6, "reason": "bfd_down", "policy": "voice", "from_path": "br1.lte~hq.isp1",
+                        "to_path": "br1.isp1~hq.isp1"}],
+            "flows": [{"ts": 1.7, "policy": "voice", "site": "hq", "flows": 2, "packets": 10, "bytes": 1200}]})
+        assert r.status_code == 200, r.text
+        assert r.json() == {"stored": 4}
+        assert ctl.rows(count)[0][0] == before + 4
+        refused = [
+            (c.post(f"{PREFIX}/agent/telemetry", json={"site": "br1", "metrics": [m] * 3000}), 413, "metrics"),
+            (c.post(f"{PREFIX}/agent/telemetry", content=b'{"site": "br1", "x": "' + b"a" * 300_000 + b'"}',
+                    headers={"content-type": "application/json"}), 413, "body"),
+            (c.post(f"{PREFIX}/agent/telemetry", content=b"{not json"), 422, "body"),
+            (c.post(f"{PREFIX}/agent/telemetry", json={"site": "br1", "metrics": [m, {**m, "loss_pct": 200}]}),
+             422, "metrics[1].loss_pct"),
+            (c.post(f"{PREFIX}/agent/telemetry", json={"site": "br1", "metrics": [{**m, "rtt_ms": "NaN"}]}),
+             422, "metrics[0].rtt_ms"),
+            (c.post(f"{PREFIX}/agent/telemetry", json={"site": "br1", "bfd": [{"ts": 1, "path": m["path"],
+                                                                               "state": "sideways"}]}),
+             422, "bfd[0].state"),
+            (c.post(f"{PREFIX}/agent/telemetry", json={"site": "br1", "metrics": [m, {**m, "path": "br2.isp1~hq.isp1"}]}),
+             422, "metrics[1].path"),
+            (c.post(f"{PREFIX}/agent/telemetry", json={"site": "br1", "colour": "red"}), 422, "colour"),
+            (c.post(f"{PREFIX}/agent/telemetry", json=[m]), 422, ""),
+        ]
+        for r, status, field in refused:
+            p = problem(r, status)
+            assert p.get("field", "") == field or field == "", (field, p)
+        assert ctl.rows(count)[0][0] == before + 4   # nothing from a refused batch
+
+
+# -- agent status ------------------------------------------------------------------------------------
+
+
+def test_agent_status_goes_degraded_then_inactive(ctl: AgentController) -> None:
+    r = enrol(ctl, make_token(ctl, "br2")["token"], interval_s=0.1)
+    cid, cred = r.json()["id"], r.json()["credential"]
+
+    def status() -> str:
+        with ctl.admin() as a:
+            items = a.get(f"{PREFIX}/agents").raise_for_status().json()["items"]
+        return next(x["status"] for x in items if x["id"] == cid)
+
+    def wait_for(want: str, timeout: float = 20.0) -> None:
+        end = time.monotonic() + timeout
+        while (got := status()) != want:
+            assert time.monotonic() < end, f"status {got}, waited for {want}"
+            time.sleep(0.05)
+
+    with ctl.client(cred) as c:
+        c.get(f"{PREFIX}/agent/state").raise_for_status()
+    assert status() in ("Active", "Degraded")    # Active unless this machine stalled 0.3 s
+    wait_for("Degraded")
+    wait_for("Inactive")
+    with ctl.client(cred) as c:
+        c.get(f"{PREFIX}/agent/state").raise_for_status()
+    # a contact makes it Active again (unless 0.3 s pass before the read)
+    assert status() in ("Active", "Degraded")
+    with ctl.client(ctl.login("admin", ctl.admin_password)["access_token"]) as a:
+        assert a.get(f"{PREFIX}/agents").json()["connected"] == 0
+
+
+# -- the agent side: ControllerSource -------------------------------------------------------------------
+
+
+def test_controller_source_enrols_caches_and_survives_the_controller(tmp_path: Path) -> None:
+    c = AgentController(tmp_path / "ctl").start()
+    try:
+        with c.admin() as a:
+            for s in ("hq", "br1"):
+                a.post(f"{PREFIX}/sites", json=site_body(s)).raise_for_status()
+        token = make_token(c, "br1")["token"]
+        cache = tmp_path / "agent.db.br1.controller.json"
+
+        bad = ControllerSource(c.url, cache, token=token[:-64] + "f" * 64)
+        with pytest.raises(CertificatePinError, match="pins"):
+            bad.load()
+        assert not cache.exists()
+
+        with pytest.raises(Exception, match="differs from the site"):
+            ControllerSource(c.url, cache, token=token, site="hq")
+        src = ControllerSource(c.url, cache, token=token, site="br1", interval_s=1.0)
+        d1 = src.load()
+        assert [s.name for s in d1.mesh.sites] == ["hq", "br1"] and not src.offline
+        assert [p.id for p in d1.mesh.paths("br1")] == [p.id for p in d1.mesh.paths("br1")]
+        assert stat.S_IMODE(os.stat(cache).st_mode) == 0o600
+        assert "pna_" in cache.read_text()
+        # the token is used up: a second source runs on the stored credential alone
+        src2 = ControllerSource(c.url, cache)
+        assert src2.load().version == d1.version and src2.site == "br1"
+
+        with c.admin() as a:
+            a.post(f"{PREFIX}/policies", json={"name": "voice", "match": {"proto": "udp"}, "priority": 7,
+                                               "prefer": ["lte"]}).raise_for_status()
+        d2 = src2.load()   # by a delta
+        assert int(d2.version) == int(d1.version) + 1 and [p.name for p in d2.mesh.policies] == ["voice"]
+        assert src.version() == d2.version   # src held v1: a delta too
+    finally:
+        c.stop()
+    offline = ControllerSource(c.url, cache, timeout=2.0)
+    d3 = offline.load()
+    assert offline.offline and d3.version == d2.version and d3.mesh == d2.mesh
+    with pytest.raises(Exception, match="unreachable"):
+        ControllerSource(c.url, tmp_path / "none.json", token=token, timeout=2.0).load()
+
+
+def test_agent_cli_takes_controller_flags() -> None:
+    import argparse
+    from unittest import mock
+
+    from patronus import cli
+
+    seen: dict[str, Any] = {}
+
+    def fake_main(args: argparse.Namespace) -> int:
+        seen.update(vars(args))
+        return 0
+
+    with mock.patch("patronus.agent.main", fake_main):
+        assert cli.main(["agent", "--state", "s.db", "--site", "br1", "--controller", "https://127.0.0.1:8443",
+                         "--token-file", "t"]) == 0
+    assert seen["controller"] == "https://127.0.0.1:8443" and seen["token_file"] == "t"
