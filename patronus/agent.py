@@ -438,6 +438,7 @@ class SiteAgent:
         self.dp: Any = None
         self.engine: Any = None
         self.bfd_changes = 0  # BFD sessions that came Up or went Down, all paths
+        self.path_downs: dict[str, int] = {}  # path id -> times its BFD session left Up
         # telemetry (flow table scans, SQLite writes, the status file) runs on
         # this thread, with its own store connection, off the event loop
         self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="agent-io")
@@ -677,6 +678,7 @@ class SiteAgent:
             sampled = m is not None and m.samples
             paths[t.path.id] = {"bfd": s.state.name.lower() if s is not None else None, "ifname": t.ifname,
                                 "remote_site": t.path.remote_site, "local_uplink": t.path.local_uplink,
+                                "downs": self.path_downs.get(t.path.id, 0),
                                 "rtt_ms": num(m.rtt_ms) if sampled else None,
                                 "loss_pct": num(m.loss_pct) if sampled else None}
         task = getattr(self, "_engine_task", None)
@@ -710,6 +712,8 @@ class SiteAgent:
 
         if tr.new == State.UP or tr.old == State.UP:
             self.bfd_changes += 1
+            if tr.old == State.UP:
+                self.path_downs[path_id] = self.path_downs.get(path_id, 0) + 1
             log.info("bfd %s %s (%s -> %s%s)", path_id, "up" if tr.new == State.UP else "down", tr.old.name.lower(),
                      tr.new.name.lower(), "" if tr.diag == Diag.NONE else f", {tr.diag.name.lower()}")
 

@@ -531,6 +531,7 @@ def test_cutting_one_pairs_voip_path_moves_voip_of_that_pair_only(m3: Mesh3) -> 
     lab = m3.lab
     m3.settled()
     before = {s: m3.routes(s) for s in range(SITES)}
+    downs = {s: {p: v["downs"] for p, v in m3.status(s)["paths"].items()} for s in range(SITES)}
     victim = before[0][("voip", "s1")]
     ifname = m3.status(0)["paths"][victim]["ifname"]
     def on_other_u1() -> bool:
@@ -544,9 +545,14 @@ def test_cutting_one_pairs_voip_path_moves_voip_of_that_pair_only(m3: Mesh3) -> 
                 lambda: not any(m3.status(s)["paths"][victim]["bfd"] == "up" for s in (0, 1))
                 and victim not in m3.routes(0).values() and on_other_u1())
         after = {s: m3.routes(s) for s in range(SITES)}
-        # every route that was not on the cut path stays: s0's to s2, all of s2's
+        # every route that was not on the cut path stays: s0's to s2, all of s2's;
+        # except one whose own path's BFD went Down meanwhile (on a loaded 2-core
+        # VM a 50 ms x 3 session can flap: the engine is right to move that pair)
+        flapped = {s: {p for p, v in m3.status(s)["paths"].items() if v["downs"] > downs[s].get(p, 0)}
+                   for s in range(SITES)}
         changed = [f"s{s} {key}: {path} -> {after[s].get(key)}" for s in range(SITES)
-                   for key, path in before[s].items() if path != victim and after[s].get(key) != path]
+                   for key, path in before[s].items()
+                   if path != victim and path not in flapped[s] and after[s].get(key) != path]
         assert not changed, "\n".join(changed) + "\n" + m3.context()
         # and VoIP to s1 flows, on the path the agent says
         n = 300

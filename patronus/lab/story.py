@@ -201,7 +201,14 @@ def failover_story(workdir: Path | str, *, tag: str = "demo", sites: int = 3, ho
             time.sleep(max(0.0, start + sent * 0.02 - time.monotonic()))
         if t_heal is None:
             raise LabError(f"voice never settled on {voice_first} for the cut in 20 s: {list(events)[-10:]}")
-        time.sleep(hold_s + 1.5)
+        # the failback: voice back on its first path after the hold (waited
+        # for as the event it is; a loaded machine may take longer than the hold)
+        deadline = time.monotonic() + hold_s + 30.0
+        while time.monotonic() < deadline and not any(
+                e["policy"] == "voip" and e["reason"] == "failback" and e["mono"] >= t_heal
+                and e["to_path"] == voice_first for e in list(events)):
+            time.sleep(0.05)
+        time.sleep(0.5)  # the last packets of the transfer and the voice stream arrive
         stop.set()
         for th in threads:
             th.join(30)
