@@ -187,6 +187,24 @@ MAX_ROWS: dict[str, int] = {
 _DAMAGE = (sqlite3.Error, ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError,
            OverflowError)
 
+
+def connect(path: str, what: str, **kw: Any) -> sqlite3.Connection:
+    """A SQLite connection the way every patronus store uses one: autocommit
+    (transactions are explicit BEGIN ... COMMIT), foreign keys, WAL; a file
+    that is not SQLite is a StateError naming ``what``."""
+    try:
+        db = sqlite3.connect(path, isolation_level=None, timeout=10.0, **kw)
+    except sqlite3.Error as e:
+        raise StateError(f"{path!r} is not a usable {what}: {e}") from e
+    try:
+        db.execute("PRAGMA foreign_keys = ON")
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("PRAGMA synchronous = NORMAL")
+    except _DAMAGE as e:  # a damaged file fails here in many ways
+        db.close()
+        raise StateError(f"{path!r} is not a usable {what}: {e}") from e
+    return db
+
 _NUM = (int, float)
 _INT = (int,)
 _TEXT = (str,)
@@ -215,14 +233,8 @@ class Store:
         self.path = os.fspath(path)
         if not create and not os.path.exists(self.path):
             raise StateError(f"no state file at {self.path!r}")
+        self._db = connect(self.path, "patronus state file")
         try:
-            self._db = sqlite3.connect(self.path, isolation_level=None, timeout=10.0)
-        except sqlite3.Error as e:
-            raise StateError(f"{self.path!r} is not a usable patronus state file: {e}") from e
-        try:
-            self._db.execute("PRAGMA foreign_keys = ON")
-            self._db.execute("PRAGMA journal_mode = WAL")
-            self._db.execute("PRAGMA synchronous = NORMAL")
             self._migrate()
         except StateError:
             self._db.close()

@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from ..errors import ConfigError, SchemaVersionError, StateError, quote
+from ..store import connect
 
 __all__ = ["ControllerDB", "SCHEMA_VERSION", "MIGRATIONS", "REDACTED", "redact"]
 
@@ -163,15 +164,9 @@ class ControllerDB:
         _open_0600(self.path)
         self._lock = threading.RLock()
         self._depth = 0   # nesting of transaction(): only the outermost begins and commits
-        try:
-            self._db = sqlite3.connect(self.path, isolation_level=None, timeout=10.0, check_same_thread=False)
-        except sqlite3.Error as e:
-            raise StateError(f"{self.path!r} is not a usable controller store: {e}") from e
+        self._db = connect(self.path, "controller store", check_same_thread=False)
         self._db.row_factory = sqlite3.Row
         try:
-            self._db.execute("PRAGMA foreign_keys = ON")
-            self._db.execute("PRAGMA journal_mode = WAL")
-            self._db.execute("PRAGMA synchronous = NORMAL")
             self._migrate()
         except StateError:
             self._db.close()
