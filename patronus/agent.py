@@ -125,7 +125,7 @@ def to_mesh(state: dict[str, Any]) -> Mesh:
     })
 
 
-_MAPS = ("sites", "paths", "policies", "profiles")
+_MAPS = ("sites", "paths", "policies", "profiles", "peers")
 
 
 def diff(old: dict[str, Any], new: dict[str, Any]) -> list[dict[str, Any]]:

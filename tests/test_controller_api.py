@@ -152,6 +152,13 @@ class Matrix:
                 r = a.post(f"{PREFIX}/tokens", json=body).raise_for_status().json()
                 return path.replace("{token_id}", r["id"]), None
             return path, body
+        if "{agent_id}" in path:   # a real agent: a token, enrolled
+            site = site_body()
+            a.post(f"{PREFIX}/sites", json=site).raise_for_status()
+            tok = a.post(f"{PREFIX}/tokens", json={"site": site["name"]}).raise_for_status().json()["token"]
+            with self.ctl.client(tok) as c:
+                cred = c.post(f"{PREFIX}/agent/enrol", json={}).raise_for_status().json()
+            return path.replace("{agent_id}", cred["id"]), None
         if path.startswith(f"{PREFIX}/users"):
             n = next(_n)
             body = {"name": f"mu{n}", "password": PASSWORD, "role": "viewer"}

@@ -34,6 +34,8 @@ has: a user or API key gets 403 there, an agent credential passes.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import hashlib
 import hmac
@@ -41,6 +43,7 @@ import json
 import math
 import re
 import secrets
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -72,6 +75,7 @@ AGENT = "agent"              # an agent credential, for its own site
 AGENT_ENROL = "agent.enrol"  # an enrolment token as the bearer
 MAX_TELEMETRY_BYTES = 256 * 1024
 MAX_TELEMETRY_ITEMS = 2000   # per list of a batch
+MAX_ANNOUNCEMENT = 64 * 1024  # bytes of an announcement body (discovery.MAX_BODY)
 DEFAULT_INTERVAL_S = 10.0
 DEGRADED_AFTER = 3           # x the agent's interval without contact
 INACTIVE_AFTER = 10
@@ -100,8 +104,9 @@ def _remote(request: Request | WebSocket) -> str | None:
 class _Shared:
     """What every site's desired state has in common, computed once per mesh."""
 
-    def __init__(self, mesh: Mesh) -> None:
+    def __init__(self, mesh: Mesh, peers: dict[str, dict[str, Any]] | None = None) -> None:
         sites = mesh.sites
+        self.peers = {k: v for k, v in (peers or {}).items()}
         self.mesh = mesh.name
         self.order = [s.name for s in sites]
         self.pos = {n: i for i, n in enumerate(self.order)}
@@ -153,15 +158,18 @@ class _Shared:
             raise NotFound(f"no site {site!r} in the mesh")
         return {"mesh": self.mesh, "site": site, "order": list(self.order), "sites": dict(self.sites),
                 "paths": self.paths(site), "policies": dict(self.policies), "failover": self.failover,
-                "profiles": dict(self.profiles)}
+                "profiles": dict(self.profiles),
+                "peers": {k: v for k, v in self.peers.items() if k != site and k in self.pos}}
 
 
-def desired_state(mesh: Mesh, site: str) -> dict[str, Any]:
+def desired_state(mesh: Mesh, site: str, peers: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """The desired state of ``site``: a JSON-able dict of ``mesh`` (name),
     ``site``, ``order`` (every site name, in mesh order), ``sites`` (name ->
     Site.to_dict, the site itself and its peers), ``paths`` (path id ->
     index, the site's paths), ``policies`` (name -> Policy.to_dict),
-    ``failover`` and ``profiles``. NotFound for a site the mesh lacks.
+    ``failover``, ``profiles`` and ``peers`` (site -> ``{"wg_public_key"}``
+    of every other site whose agent announced itself, ``peers`` given as
+    :meth:`AgentStore.peers` returns it). NotFound for a site the mesh lacks.
 
     >>> from patronus import Mesh, Site, Uplink
     >>> m = Mesh("acme")
@@ -170,12 +178,13 @@ def desired_state(mesh: Mesh, site: str) -> dict[str, Any]:
     >>> desired_state(m, "br1")["paths"]
     {'br1.isp1~hq.isp1': 0}
     """
-    return _Shared(mesh).state(site)
+    return _Shared(mesh, peers).state(site)
 
 
-def desired_states(mesh: Mesh, sites: list[str] | None = None) -> dict[str, dict[str, Any]]:
+def desired_states(mesh: Mesh, sites: list[str] | None = None,
+                   peers: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
     """:func:`desired_state` of several sites (default: all), sharing the work."""
-    shared = _Shared(mesh)
+    shared = _Shared(mesh, peers)
     return {s: shared.state(s) for s in (shared.order if sites is None else sites)}
 
 
@@ -214,7 +223,7 @@ _SCHEMA = [
         created REAL NOT NULL, expires REAL NOT NULL, used REAL, used_by TEXT, revoked INTEGER NOT NULL DEFAULT 0)""",
     """CREATE TABLE IF NOT EXISTS agent_credentials (
         id TEXT PRIMARY KEY, site TEXT NOT NULL, hash TEXT NOT NULL, token_id TEXT, public_key TEXT,
-        hostname TEXT, interval_s REAL NOT NULL, created REAL NOT NULL, last_seen REAL, last_remote TEXT,
+        signing_key TEXT, hostname TEXT, interval_s REAL NOT NULL, created REAL NOT NULL, last_seen REAL, last_remote TEXT,
         revoked INTEGER NOT NULL DEFAULT 0)""",
     "CREATE INDEX IF NOT EXISTS agent_credentials_site ON agent_credentials(site)",
     """CREATE TABLE IF NOT EXISTS agent_state (
@@ -224,6 +233,10 @@ _SCHEMA = [
         id INTEGER PRIMARY KEY AUTOINCREMENT, site TEXT NOT NULL, received REAL NOT NULL, kind TEXT NOT NULL,
         ts REAL NOT NULL, path TEXT, data TEXT NOT NULL)""",
     "CREATE INDEX IF NOT EXISTS agent_telemetry_site ON agent_telemetry(site, kind, ts)",
+    """CREATE TABLE IF NOT EXISTS agent_announcements (
+        site TEXT PRIMARY KEY, body TEXT NOT NULL, wg_public_key TEXT NOT NULL, ts REAL NOT NULL,
+        received REAL NOT NULL, credential TEXT NOT NULL)""",
+    "CREATE TABLE IF NOT EXISTS agent_nonces (nonce TEXT PRIMARY KEY, ts REAL NOT NULL)",
 ]
 
 
@@ -279,7 +292,7 @@ class AgentStore:
                           after={**self._token_meta(r), "revoked": True}, remote=remote)
 
     def enrol(self, token: str, *, public_key: str | None, hostname: str | None, interval_s: float,
-              remote: str | None) -> dict[str, Any]:
+              remote: str | None, signing_key: str | None = None) -> dict[str, Any]:
         """Consume an enrolment token; the new agent credential. AuthError naming the fault."""
         try:
             site, secret, pin = parse_token(token)
@@ -305,12 +318,14 @@ class AgentStore:
                 reason = f"site {site!r} is no longer in the mesh"
             else:
                 c.execute("UPDATE agent_tokens SET used = ?, used_by = ? WHERE id = ?", (now, cid, r["id"]))
-                c.execute("INSERT INTO agent_credentials (id, site, hash, token_id, public_key, hostname, interval_s,"
-                          " created, last_seen, last_remote) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                          (cid, site, _sha256(csecret), r["id"], public_key, hostname, interval_s, now, now, remote))
+                c.execute("INSERT INTO agent_credentials (id, site, hash, token_id, public_key, signing_key, hostname,"
+                          " interval_s, created, last_seen, last_remote) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                          (cid, site, _sha256(csecret), r["id"], public_key, signing_key, hostname, interval_s, now,
+                           now, remote))
                 self.db.audit(f"agent:{site}:{cid}", "agent.enrol", f"site/{site}",
                               after={"credential": cid, "token_id": r["id"], "public_key": public_key,
-                                     "hostname": hostname, "interval_s": interval_s}, remote=remote)
+                                     "signing_key": signing_key, "hostname": hostname, "interval_s": interval_s},
+                              remote=remote)
         if reason is not None:
             self.auth.reject(reason, f"site/{site}", remote, "agent.enrol")
         return {"credential": f"{CREDENTIAL_PREFIX}{cid}_{csecret}", "id": cid, "site": site,
@@ -331,7 +346,82 @@ class AgentStore:
         if row["revoked"]:
             self.auth.reject("agent credential revoked", f"agent/{parts[1]}", remote, "auth.reject")
         self.seen(row["id"], remote)
-        return {"id": row["id"], "site": row["site"], "interval_s": row["interval_s"]}
+        return {"id": row["id"], "site": row["site"], "interval_s": row["interval_s"], "signing_key": row["signing_key"]}
+
+    def valid(self, cid: str) -> bool:
+        """Whether credential ``cid`` exists and is not revoked (an open channel re-checks)."""
+        rows = self.db.query("SELECT revoked FROM agent_credentials WHERE id = ?", (cid,))
+        return bool(rows) and not rows[0]["revoked"]
+
+    def revoke_agent(self, cid: str, *, actor: str, remote: str | None = None) -> None:
+        """Revoke an agent credential: its next request, and its open channel, are refused."""
+        with self.db.transaction() as c:
+            r = c.execute("SELECT * FROM agent_credentials WHERE id = ?", (cid,)).fetchone()
+            if r is None:
+                raise NotFound(f"no agent credential {cid!r}")
+            c.execute("UPDATE agent_credentials SET revoked = 1 WHERE id = ?", (cid,))
+            self.db.audit(actor, "agent.revoke", f"agent/{cid}", before={"site": r["site"], "revoked": bool(r["revoked"])},
+                          after={"site": r["site"], "revoked": True}, remote=remote)
+        self.service.notify("agent.revoke", f"agent/{cid}")
+
+    # -- announcements (discovery through the controller) -----------------------------
+
+    def peers(self) -> dict[str, dict[str, Any]]:
+        """Site -> ``{"wg_public_key"}`` of every site whose agent announced itself."""
+        return {r["site"]: {"wg_public_key": r["wg_public_key"]}
+                for r in self.db.query("SELECT site, wg_public_key FROM agent_announcements ORDER BY site")}
+
+    def announce(self, agent: dict[str, Any], body: bytes, signature: bytes, key: bytes,
+                 remote: str | None) -> dict[str, Any]:
+        """Verify and keep an agent's signed announcement, with the checks of
+        the discovery registry (:func:`patronus.wireguard.discovery.verify`
+        and ``authorize``: the key enrolled by this credential, the signature,
+        the body, the site, the time, the prefixes inside the site's subnets
+        in the mesh and overlapping no other site's, the nonce not seen).
+        AnnouncementRejected naming the reason; nothing is stored then."""
+        from ..wireguard.discovery import SignedAnnouncement, authorize, body_text, verify
+
+        site = agent["site"]
+        enrolled = agent.get("signing_key")
+
+        def site_of(k: bytes) -> str | None:
+            if enrolled and hmac.compare_digest(base64.b64encode(k).decode(), enrolled):
+                return site
+            return None
+
+        now = self.clock()
+        ann = verify(SignedAnnouncement(body, signature, key), site_of, now)
+        mesh = self.service.mesh()
+        mine = next((s for s in mesh.sites if s.name == site), None)
+        if mine is None:
+            from ..wireguard.discovery import AnnouncementRejected
+
+            raise AnnouncementRejected("unauthorized", f"{site!r} is not a site of the mesh")
+        others = [(s.name, list(s.subnets)) for s in mesh.sites if s.name != site]
+        authorize(ann, list(mine.subnets), others)
+        changed = False
+        with self.db.transaction() as c:
+            try:
+                c.execute("INSERT INTO agent_nonces (nonce, ts) VALUES (?, ?)", (ann.nonce, ann.ts))
+            except sqlite3.IntegrityError:
+                from ..wireguard.discovery import AnnouncementRejected
+
+                raise AnnouncementRejected("replayed", f"nonce {ann.nonce[:8]}... seen before") from None
+            c.execute("DELETE FROM agent_nonces WHERE ts < ?", (now - 120.0,))
+            old = c.execute("SELECT wg_public_key, ts FROM agent_announcements WHERE site = ?", (site,)).fetchone()
+            if old is None or ann.ts >= old["ts"]:
+                c.execute("INSERT OR REPLACE INTO agent_announcements (site, body, wg_public_key, ts, received, "
+                          "credential) VALUES (?,?,?,?,?,?)",
+                          (site, body_text(ann), ann.wg_public_key, ann.ts, now, agent["id"]))
+                changed = old is None or old["wg_public_key"] != ann.wg_public_key
+                if changed:
+                    self.db.audit(f"agent:{site}:{agent['id']}", "agent.announce", f"site/{site}",
+                                  before=None if old is None else {"wg_public_key": old["wg_public_key"]},
+                                  after={"wg_public_key": ann.wg_public_key, "subnets": list(ann.subnets)},
+                                  remote=remote)
+        if changed:
+            self.service.notify("agent.announce", f"site/{site}", {"wg_public_key": ann.wg_public_key})
+        return {"site": site, "ts": ann.ts, "changed": changed}
 
     def seen(self, cid: str, remote: str | None) -> None:
         self.db.execute("UPDATE agent_credentials SET last_seen = ?, last_remote = ? WHERE id = ?",
@@ -354,7 +444,7 @@ class AgentStore:
         the version is bumped (and the previous state kept) when the desired
         state differs from the one stored."""
         if state is None:
-            state = desired_state(self.service.mesh(), site)
+            state = desired_state(self.service.mesh(), site, self.peers())
         dg = digest(state)
         with self._state_lock, self.db.transaction() as c:
             r = c.execute("SELECT * FROM agent_state WHERE site = ?", (site,)).fetchone()
@@ -418,6 +508,8 @@ class TokenIn(_Body):
 
 class EnrolIn(_Body):
     public_key: str | None = Field(None, max_length=64, description="the site's WireGuard public key (base64)")
+    signing_key: str | None = Field(None, pattern=r"^[A-Za-z0-9+/]{43}=$",
+                                    description="the agent's Ed25519 announcement key (base64 of 32 bytes)")
     hostname: str | None = Field(None, max_length=253)
     interval_s: float = Field(DEFAULT_INTERVAL_S, ge=0.05, le=3600, description="how often the agent reports")
 
@@ -462,6 +554,12 @@ class FlowIn(_Body):
     flows: int = Field(0, ge=0)
     packets: int = Field(0, ge=0)
     bytes: int = Field(0, ge=0)
+
+
+class AnnounceIn(_Body):
+    body: str = Field(max_length=4 * MAX_ANNOUNCEMENT // 3 + 4, description="base64 of the canonical announcement")
+    signature: str = Field(max_length=128, description="base64 Ed25519 signature of the body")
+    key: str = Field(max_length=64, description="base64 Ed25519 public key that signed it")
 
 
 class TelemetryIn(_Body):
@@ -509,6 +607,11 @@ class Hub:
             asyncio.get_running_loop()
         except RuntimeError:
             return   # published off the loop (no server running): nobody is connected here
+        if event.get("type") == "agent.revoke":   # open channels re-check their credential now
+            for qs in self.conns.values():
+                for q in qs:
+                    q.put_nowait(-1)
+            return
         self._dirty = True
         if self._task is None or self._task.done():
             self._task = asyncio.ensure_future(self._refresh())
@@ -527,7 +630,7 @@ class Hub:
 
     def _versions(self, sites: list[str]) -> dict[str, int]:
         mesh = self.store.service.mesh()
-        shared = _Shared(mesh)
+        shared = _Shared(mesh, self.store.peers())
         out = {}
         for s in sites:
             if s in shared.pos:
@@ -609,13 +712,40 @@ def build_router(service: Any, auth: Any, *, pin: str | None = None,
     def list_agents() -> Any:
         return {"items": store.agents(), "connected": hub.connected}
 
+    @router.delete(f"{PREFIX}/agents/{{agent_id}}", status_code=204, dependencies=[Depends(require("tokens.write"))],
+                   tags=["agents"])
+    def revoke_agent(agent_id: str, request: Request) -> Response:
+        """Revoke an agent's credential (a stolen machine): refused from its next request on."""
+        store.revoke_agent(agent_id, **who(request))
+        return Response(status_code=204)
+
     # -- the agents' own routes ------------------------------------------------------------
 
     @router.post(f"{PREFIX}/agent/enrol", status_code=201, tags=["agent"])
     def enrol(request: Request, body: EnrolIn | None = None, token: str = Depends(enrol_dep)) -> Any:
         body = body or EnrolIn()
         return store.enrol(token, public_key=body.public_key, hostname=body.hostname, interval_s=body.interval_s,
-                           remote=_remote(request))
+                           remote=_remote(request), signing_key=body.signing_key)
+
+    @router.post(f"{PREFIX}/agent/announce", tags=["agent"])
+    def announce(body: AnnounceIn, request: Request, agent: dict[str, Any] = Depends(agent_dep)) -> Any:
+        """The agent's signed announcement (its WireGuard key, subnets, uplinks):
+        peers learn its key from their desired state."""
+        from ..wireguard.discovery import AnnouncementRejected
+
+        remote = _remote(request)
+        try:
+            raw = [base64.b64decode(x, validate=True) for x in (body.body, body.signature, body.key)]
+        except (ValueError, binascii.Error):
+            return _problem(422, "unprocessable content", "body, signature and key must be base64", field="body")
+        try:
+            return store.announce(agent, raw[0], raw[1], raw[2], remote)
+        except AnnouncementRejected as e:
+            service.db.audit(f"agent:{agent['site']}:{agent['id']}", "agent.announce", f"site/{agent['site']}",
+                             None, {"rejected": e.reason, "detail": e.detail}, remote, False)
+            return _problem(403 if e.reason in ("unknown_key", "bad_signature", "unauthorized") else 422,
+                            "announcement rejected", f"{e.reason}: {e.detail}" if e.detail else e.reason,
+                            field="body", reason=e.reason)
 
     @router.get(f"{PREFIX}/agent/state", tags=["agent"])
     def agent_state(since: int | None = Query(None, ge=0), agent: dict[str, Any] = Depends(agent_dep)) -> Any:
@@ -692,6 +822,10 @@ def build_router(service: Any, auth: Any, *, pin: str | None = None,
         with hub.connect(site) as q:
             try:
                 while True:
+                    if not await run_in_threadpool(store.valid, agent["id"]):
+                        await ws.send_json({"error": "unauthorized", "detail": "agent credential revoked"})
+                        await ws.close(code=1008)
+                        return
                     msg = await run_in_threadpool(store.payload, site, since)
                     if not msg.get("unchanged") or since is None:
                         await ws.send_json(msg)

@@ -279,6 +279,15 @@ class Service:
                        "before": before, "after": after,
                        "etag": None if after is None else etag_of(after)})
 
+    def notify(self, type_: str, target: str, after: Any = None) -> None:
+        """Publish a change made outside the mesh (an agent's announcement,
+        say) on the same stream as the service's own, with the next ``seq``."""
+        with self._lock:
+            self._seq += 1
+            seq = self._seq
+        self._publish({"seq": seq, "ts": time.time(), "type": type_, "target": target, "before": None,
+                       "after": after, "etag": None})
+
     # -- sites -----------------------------------------------------------------
 
     def list_sites(self) -> list[Resource]:

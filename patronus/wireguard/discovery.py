@@ -54,6 +54,7 @@ import secrets
 import sqlite3
 import time
 from dataclasses import dataclass
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from cryptography.exceptions import InvalidSignature
@@ -66,7 +67,7 @@ from ..store import Store
 from .keys import PublicKey
 
 __all__ = ["SigningKey", "Announcement", "SignedAnnouncement", "Registry", "SqliteRegistry", "AnnouncementRejected",
-           "REJECT_REASONS", "SiteStatus", "MAX_BODY", "MAX_TOKEN_TTL_S"]
+           "REJECT_REASONS", "SiteStatus", "MAX_BODY", "MAX_TOKEN_TTL_S", "verify", "authorize", "body_text"]
 
 log = logging.getLogger("patronus.discovery")
 
@@ -230,6 +231,75 @@ class Registry(Protocol):
     def sites(self, now: float | None = None) -> list[SiteStatus]: ...
 
 
+def body_text(ann: Announcement) -> str:
+    """The announcement's canonical body as text (what registries store)."""
+    return ann.to_bytes().decode("ascii")
+
+
+def verify(signed: SignedAnnouncement, site_of: Callable[[bytes], str | None], now: float,
+           max_skew_s: float = MAX_SKEW_S) -> Announcement:
+    """The checks every registry makes before it looks at its own state, in
+    order: signed at all, sizes and types, the signer's key enrolled
+    (``site_of(key)``: the site it is enrolled for, or None), the signature,
+    the body (``Announcement.from_bytes``), the key speaking for its own
+    site, the timestamp within ``max_skew_s`` of ``now``. Raises
+    AnnouncementRejected naming the reason; returns the parsed announcement."""
+    body, sig, key = signed.body, signed.signature, signed.key
+    if not sig or not key:
+        raise AnnouncementRejected("unsigned")
+    if not isinstance(body, bytes) or not isinstance(sig, bytes) or not isinstance(key, bytes):
+        raise AnnouncementRejected("malformed", "body, signature and key must be bytes")
+    if len(body) > MAX_BODY:
+        raise AnnouncementRejected("malformed", f"body of {len(body)} bytes, at most {MAX_BODY}")
+    site = site_of(key)
+    if site is None:
+        raise AnnouncementRejected("unknown_key", "the signing key is not enrolled")
+    try:
+        Ed25519PublicKey.from_public_bytes(key).verify(sig, body)
+    except (InvalidSignature, ValueError):
+        raise AnnouncementRejected("bad_signature", f"for a key of site {site!r}") from None
+    ann = Announcement.from_bytes(body)
+    if site != ann.site:
+        raise AnnouncementRejected("unknown_key", f"a key of site {site!r} cannot speak for {ann.site!r}")
+    if not abs(now - ann.ts) <= max_skew_s:
+        raise AnnouncementRejected("stale", f"timestamp {now - ann.ts:+.0f} s from now")
+    return ann
+
+
+def authorize(ann: Announcement, allowed: Iterable[str] | None, others: Iterable[tuple[str, Iterable[str]]]) -> None:
+    """What a site may announce: never a default route; when ``allowed`` is
+    given (the site's subnets in the mesh), only prefixes inside them; never a
+    prefix overlapping one of ``others`` ((site, prefixes) another site
+    announces now). AnnouncementRejected("unauthorized") naming the prefix.
+
+    >>> a = Announcement.make("br1", wg_public_key="x" * 43 + "=", subnets=["10.1.0.0/25"], uplinks=[])
+    >>> authorize(a, ["10.1.0.0/24"], [("hq", ["10.0.0.0/24"])])
+    >>> try: authorize(a, ["10.1.0.0/24"], [("hq", ["10.1.0.0/16"])])
+    ... except AnnouncementRejected as e: print(e.reason)
+    unauthorized
+    """
+    nets = [ipaddress.ip_network(n) for n in ann.subnets]
+    for n in nets:
+        if n.prefixlen == 0:
+            raise AnnouncementRejected("unauthorized", f"{ann.site!r} announces the default route {n}")
+    if allowed is not None:
+        mine = [ipaddress.ip_network(c) for c in allowed]
+        for n in nets:
+            if not any(n.version == m.version and n.subnet_of(m) for m in mine):  # type: ignore[arg-type]
+                raise AnnouncementRejected("unauthorized", f"{ann.site!r} announces {n}, which is not inside "
+                                                           f"its subnets in the mesh {[str(m) for m in mine]}")
+    for site, prefixes in others:
+        try:
+            theirs = [ipaddress.ip_network(c) for c in prefixes]
+        except (ValueError, TypeError):
+            continue
+        for n in nets:
+            for t in theirs:
+                if n.overlaps(t):
+                    raise AnnouncementRejected("unauthorized", f"{ann.site!r} announces {n}, which overlaps "
+                                                               f"{t} of site {site!r}")
+
+
 class SqliteRegistry:
     """The registry in the SQLite state file (the same file as the mesh).
 
@@ -319,31 +389,18 @@ class SqliteRegistry:
 
     def publish(self, signed: SignedAnnouncement, now: float | None = None) -> Announcement:
         """Verify and store an announcement; raises AnnouncementRejected (and
-        nothing else). In order: size and types, the signer's key enrolled,
-        the signature, then the body parsed and validated, the key's site,
-        the timestamp, what the site may announce (module docstring), the
-        nonce. An announcement older than the one stored for its site is
+        nothing else): ``verify`` (size, types, the signer's key enrolled,
+        the signature, the body, the key's site, the timestamp), then
+        ``authorize`` (what the site may announce, module docstring), then
+        the nonce. An announcement older than the one stored for its site is
         verified (and its nonce spent) but does not replace it."""
         now = time.time() if now is None else now
-        body, sig, key = signed.body, signed.signature, signed.key
-        if not sig or not key:
-            raise AnnouncementRejected("unsigned")
-        if not isinstance(body, bytes) or not isinstance(sig, bytes) or not isinstance(key, bytes):
-            raise AnnouncementRejected("malformed", "body, signature and key must be bytes")
-        if len(body) > MAX_BODY:
-            raise AnnouncementRejected("malformed", f"body of {len(body)} bytes, at most {MAX_BODY}")
-        row = self._db.execute("SELECT site FROM site_keys WHERE public_key = ?", (key,)).fetchone()
-        if row is None:
-            raise AnnouncementRejected("unknown_key", "the signing key is not enrolled")
-        try:
-            Ed25519PublicKey.from_public_bytes(key).verify(sig, body)
-        except (InvalidSignature, ValueError):
-            raise AnnouncementRejected("bad_signature", f"for a key of site {row[0]!r}") from None
-        ann = Announcement.from_bytes(body)
-        if row[0] != ann.site:
-            raise AnnouncementRejected("unknown_key", f"a key of site {row[0]!r} cannot speak for {ann.site!r}")
-        if not abs(now - ann.ts) <= self.max_skew_s:
-            raise AnnouncementRejected("stale", f"timestamp {now - ann.ts:+.0f} s from now")
+
+        def site_of(key: bytes) -> str | None:
+            row = self._db.execute("SELECT site FROM site_keys WHERE public_key = ?", (key,)).fetchone()
+            return None if row is None else str(row[0])
+
+        ann = verify(signed, site_of, now, self.max_skew_s)
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -356,7 +413,7 @@ class SqliteRegistry:
             db.execute("INSERT INTO announcements VALUES (?, ?, ?, ?) ON CONFLICT(site) DO UPDATE SET "
                        "body = excluded.body, ts = excluded.ts, received = excluded.received "
                        "WHERE excluded.ts >= announcements.ts",
-                       (ann.site, body.decode("ascii"), ann.ts, now))
+                       (ann.site, body_text(ann), ann.ts, now))
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -365,32 +422,21 @@ class SqliteRegistry:
 
     def _authorize(self, ann: Announcement, now: float) -> None:
         """What a site may announce (see the module docstring)."""
-        nets = [ipaddress.ip_network(n) for n in ann.subnets]
-        for n in nets:
-            if n.prefixlen == 0:
-                raise AnnouncementRejected("unauthorized", f"{ann.site!r} announces the default route {n}")
         db = self._db
+        mine = None
         if db.execute("SELECT 1 FROM mesh").fetchone() is not None:
             if db.execute("SELECT 1 FROM sites WHERE name = ?", (ann.site,)).fetchone() is None:
                 raise AnnouncementRejected("unauthorized", f"{ann.site!r} is not a site of the saved mesh")
-            mine = [ipaddress.ip_network(c) for (c,) in
-                    db.execute("SELECT cidr FROM site_subnets WHERE site = ?", (ann.site,))]
-            for n in nets:
-                if not any(n.version == m.version and n.subnet_of(m) for m in mine):  # type: ignore[arg-type]
-                    raise AnnouncementRejected("unauthorized", f"{ann.site!r} announces {n}, which is not inside "
-                                                               f"its subnets in the mesh {[str(m) for m in mine]}")
+            mine = [c for (c,) in db.execute("SELECT cidr FROM site_subnets WHERE site = ?", (ann.site,))]
         cutoff = now - self.inactive_after_s - self.grace_s
+        others = []
         for site, other in db.execute("SELECT site, body FROM announcements WHERE site != ? AND received >= ?",
                                       (ann.site, cutoff)).fetchall():
             try:
-                theirs = [ipaddress.ip_network(c) for c in json.loads(other)["subnets"]]
+                others.append((site, list(json.loads(other)["subnets"])))
             except (ValueError, KeyError, TypeError):
                 continue
-            for n in nets:
-                for t in theirs:
-                    if n.overlaps(t):
-                        raise AnnouncementRejected("unauthorized", f"{ann.site!r} announces {n}, which overlaps "
-                                                                   f"{t} of site {site!r}")
+        authorize(ann, mine, others)
 
     def is_enrolled(self, site: str, public_key: bytes) -> bool:
         """Whether ``public_key`` is enrolled as the announcement key of ``site``."""
