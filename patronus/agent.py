@@ -46,7 +46,7 @@ from .wireguard.keys import PrivateKey, read_secret_file, write_secret_file
 from .wireguard.plan import Tunnel
 
 __all__ = ["SiteAgent", "StateSource", "DesiredState", "LocalStateFile", "ControllerSource", "CertificatePinError",
-           "parse_token", "diff", "apply", "digest", "to_mesh", "TOKEN_PREFIX"]
+           "parse_token", "diff", "apply", "digest", "digest_of", "manifest", "part_digest", "to_mesh", "TOKEN_PREFIX"]
 
 log = logging.getLogger("patronus.agent")
 
@@ -109,9 +109,32 @@ def canonical(data: Any) -> bytes:
     return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
+def part_digest(value: Any) -> str:
+    """SHA-256 (hex) of one value's canonical JSON: the digest of one key of a state."""
+    return hashlib.sha256(canonical(value)).hexdigest()
+
+
+def manifest(state: dict[str, Any]) -> dict[str, str]:
+    """Key -> :func:`part_digest` of its value, for every top-level key of ``state``."""
+    return {k: part_digest(v) for k, v in state.items()}
+
+
+def digest_of(parts: dict[str, str]) -> str:
+    """The state digest of a :func:`manifest`: SHA-256 (hex) of the canonical
+    JSON of its ``[key, part digest]`` pairs in key order."""
+    return hashlib.sha256(canonical(sorted(parts.items()))).hexdigest()
+
+
 def digest(state: dict[str, Any]) -> str:
-    """SHA-256 (hex) of a desired state's canonical JSON."""
-    return hashlib.sha256(canonical(state)).hexdigest()
+    """The digest of a desired state: SHA-256 over its keys and the SHA-256
+    of each key's canonical JSON (``digest_of(manifest(state))``), so the
+    controller computes each part's digest once for the sites that share it.
+    Equal states (as JSON), equal digests.
+
+    >>> digest({"a": 1, "b": [2]}) == digest({"b": [2], "a": 1}) != digest({"a": 1, "b": [3]})
+    True
+    """
+    return digest_of(manifest(state))
 
 
 def to_mesh(state: dict[str, Any]) -> Mesh:
@@ -232,6 +255,9 @@ class ControllerSource:
         self.cache = Path(cache)
         self.token, self.site, self.interval_s, self.timeout = token, site, interval_s, timeout
         self.offline = False   # the last load() came from the cache
+        # sent at enrolment: the agent's announcement key and WireGuard key (base64)
+        self.signing_key: str | None = None
+        self.wg_public_key: str | None = None
         self._data: dict[str, Any] = self._read_cache()
         if self._data:
             if site is not None and self._data.get("site") != site:
@@ -310,7 +336,11 @@ class ControllerSource:
                                       f"the enrolment token pins {pin}: refusing to enrol")
         self._data = {"url": self.url, "site": site, "cert_pem": ssl.DER_cert_to_PEM_cert(der),
                       "cert_sha256": pin, "credential": ""}
-        body = {"interval_s": self.interval_s, "hostname": os.uname().nodename[:253]}
+        body: dict[str, Any] = {"interval_s": self.interval_s, "hostname": os.uname().nodename[:253]}
+        if self.signing_key:
+            body["signing_key"] = self.signing_key
+        if self.wg_public_key:
+            body["public_key"] = self.wg_public_key
         with httpx.Client(base_url=self.url, verify=self._ssl(), timeout=self.timeout) as c:
             r = c.post("/api/v1/agent/enrol", json=body, headers={"Authorization": f"Bearer {self.token}"})
         if r.status_code != 201:
@@ -320,32 +350,108 @@ class ControllerSource:
         self.site = site
         self._write_cache()
 
+    def check(self) -> None:
+        """What ``load`` would refuse at once, without a request: no credential and no usable token."""
+        if self._data:
+            return
+        if not self.token:
+            raise PatronusError(f"no controller credential in {str(self.cache)!r} and no enrolment token: give one "
+                                "with --token-file PATH (make it with POST /api/v1/tokens)")
+        parse_token(self.token)
+
+    @property
+    def enrolled(self) -> bool:
+        return bool(self._data.get("credential"))
+
+    @property
+    def held_version(self) -> int | None:
+        """The version of the desired state held (cached), or None."""
+        v = self._data.get("version")
+        return v if isinstance(v, int) else None
+
+    def ws_url(self) -> str:
+        """The agent channel's WebSocket URL."""
+        return "wss://" + self.url.split("://", 1)[1] + "/api/v1/agent/ws"
+
+    def ssl_context(self) -> Any:
+        """TLS trusting exactly the pinned controller certificate."""
+        return self._ssl()
+
+    def credential(self) -> str:
+        return str(self._data["credential"])
+
+    def accept(self, msg: dict[str, Any]) -> DesiredState | None:
+        """Take one message of the agent channel (``full``, ``delta`` or
+        ``unchanged``, as GET /api/v1/agent/state and the WebSocket send it):
+        the new desired state (cached), or None when nothing changed. A delta
+        that does not give the controller's digest, or one for a version not
+        held, is answered by fetching the full state."""
+        if not isinstance(msg, dict) or not isinstance(msg.get("version"), int):
+            raise PatronusError(f"the controller sent a message that is not a desired state: {str(msg)[:200]}")
+        state = None
+        if msg.get("unchanged") and "state" in self._data and self._data.get("version") == msg["version"]:
+            return None
+        if "delta" in msg and "state" in self._data and msg.get("since") == self._data.get("version"):
+            state = apply(self._data["state"], msg["delta"])
+            if digest(state) != msg.get("digest"):   # not what the controller has: ask for all of it
+                state = None
+        elif "full" in msg and isinstance(msg["full"], dict):
+            state = msg["full"]
+            if digest(state) != msg.get("digest"):
+                raise PatronusError(f"the controller's desired state version {msg['version']} does not match "
+                                    "its digest")
+        if state is None:
+            with self._client() as c:
+                r = c.get("/api/v1/agent/state")
+            if r.status_code != 200:
+                raise PatronusError(f"the controller refused the desired state: {r.status_code} {_detail(r)}")
+            msg = r.json()
+            state = msg["full"]
+        changed = self._data.get("version") != msg["version"] or "state" not in self._data
+        if changed:
+            self._data.update(version=msg["version"], digest=msg["digest"], state=state)
+            self._write_cache()
+        self.offline = False
+        return DesiredState(to_mesh(state), str(msg["version"])) if changed else None
+
     def fetch(self) -> DesiredState:
         """The desired state from the controller (httpx.TransportError when it is unreachable)."""
         self.enrol()
         since = self._data.get("version")
         with self._client() as c:
             r = c.get("/api/v1/agent/state", params={} if since is None else {"since": since})
-            if r.status_code != 200:
-                raise PatronusError(f"the controller refused the desired state: {r.status_code} {_detail(r)}")
-            msg = r.json()
-            state = None
-            if "delta" in msg and "state" in self._data:
-                state = apply(self._data["state"], msg["delta"])
-                if digest(state) != msg["digest"]:   # not what the controller has: ask for all of it
-                    state = None
-            elif msg.get("unchanged") and "state" in self._data:
-                state = self._data["state"]
-            elif "full" in msg:
-                state = msg["full"]
-            if state is None:
-                msg = c.get("/api/v1/agent/state").raise_for_status().json()
-                state = msg["full"]
-        if self._data.get("version") != msg["version"] or "state" not in self._data:
-            self._data.update(version=msg["version"], digest=msg["digest"], state=state)
-            self._write_cache()
+        if r.status_code != 200:
+            raise PatronusError(f"the controller refused the desired state: {r.status_code} {_detail(r)}")
+        self.accept(r.json())
         self.offline = False
-        return DesiredState(to_mesh(state), str(msg["version"]))
+        return DesiredState(to_mesh(self._data["state"]), str(self._data["version"]))
+
+    def peers(self) -> dict[str, str]:
+        """Site -> WireGuard public key (base64) of every peer that announced
+        itself, from the desired state held."""
+        peers = (self._data.get("state") or {}).get("peers") or {}
+        return {s: str(p["wg_public_key"]) for s, p in peers.items()
+                if s != self.site and isinstance(p, dict) and isinstance(p.get("wg_public_key"), str)}
+
+    def publish(self, signed: Any) -> Any:
+        """Send the site's signed announcement (``SigningKey.sign``) to the
+        controller; AnnouncementRejected with the controller's reason."""
+        from .wireguard.discovery import Announcement, AnnouncementRejected
+
+        self.enrol()
+        body = {"body": base64.b64encode(signed.body).decode(), "signature": base64.b64encode(signed.signature).decode(),
+                "key": base64.b64encode(signed.key).decode()}
+        with self._client() as c:
+            r = c.post("/api/v1/agent/announce", json=body)
+        if r.status_code != 200:
+            try:
+                reason = str(r.json().get("reason") or "malformed")
+            except ValueError:
+                reason = "malformed"
+            raise AnnouncementRejected(reason if reason in ("unsigned", "unknown_key", "bad_signature", "replayed",
+                                                            "stale", "malformed", "unauthorized") else "malformed",
+                                       f"by the controller: {r.status_code} {_detail(r)}")
+        return Announcement.from_bytes(signed.body)
 
     def load(self) -> DesiredState:
         """The controller's desired state, or the cached one when the controller is unreachable."""
@@ -419,15 +525,34 @@ class SiteAgent:
     def __init__(self, state: str | os.PathLike[str], site: str, *, lan_if: str | None = None,
                  token: str | None = None, prefix: str | None = None, backend: str = "auto",
                  interval_s: float = 1.0, bfd_ms: int = 50, source: StateSource | None = None,
-                 wireguard: str = "userspace") -> None:
+                 wireguard: str = "userspace", report_s: float = 2.0, metrics_listen: str | None = None,
+                 metrics_token: str | None = None) -> None:
         """``state``: the SQLite state file (discovery registry, events,
         metrics; keys and the status file next to it). ``source``: where
-        the desired mesh comes from (default: the mesh in ``state``).
-        ``backend``: the data plane ("auto", "xdp", "userspace");
-        ``wireguard``: the tunnels ("userspace" wireguard-go, "kernel", "auto")."""
+        the desired mesh comes from (default: the mesh in ``state``); with a
+        :class:`ControllerSource` the controller is also the discovery
+        registry (nothing is shared through ``state``, which stays local),
+        pushes every new desired state over its WebSocket (reconnecting with
+        backoff, running on the last state meanwhile) and gets telemetry
+        every ``report_s``. ``backend``: the data plane ("auto", "xdp",
+        "userspace"); ``wireguard``: the tunnels ("userspace" wireguard-go,
+        "kernel", "auto"). A new desired state (a pushed one, or a changed
+        mesh in the state file) is applied while running (``apply_desired``).
+        ``metrics_listen``: serve Prometheus metrics there
+        (:mod:`patronus.agent_metrics`; off loopback, ``metrics_token`` is required)."""
         self.state = Path(state)
         self.site = site
         self.source: StateSource = source if source is not None else LocalStateFile(self.state)
+        self.controller: ControllerSource | None = source if isinstance(source, ControllerSource) else None
+        self.report_s = report_s
+        self.metrics_listen, self.metrics_token = metrics_listen, metrics_token
+        self.metrics_server: Any = None
+        self.applied_at: float | None = None   # wall time the desired state in use was applied
+        self.connected = False                 # the controller's channel is open
+        self._announced: tuple[Any, ...] | None = None
+        self._outbox: dict[str, list[dict[str, Any]]] = {"bfd": [], "events": []}
+        self.telemetry_dropped = 0             # items the outbox had no room for while the controller was away
+        self._next_report = 0.0
         self.lan_if, self.token, self.backend, self.wireguard = lan_if, token, backend, wireguard
         self.prefix = prefix or f"{site[:6]}w"
         self.interval_s, self.bfd_ms = interval_s, bfd_ms
@@ -485,7 +610,21 @@ class SiteAgent:
     def preflight(self) -> None:
         """Every check ``run`` would fail on at start, without creating or
         writing anything: the desired state loads, the site is one of its
-        mesh, and it is enrolled or has a valid token."""
+        mesh, and it is enrolled or has a valid token (with a controller:
+        enrolled, or a well-formed token; the controller is asked by ``run``),
+        and the metrics address is usable."""
+        if self.metrics_listen is not None:
+            import ipaddress
+
+            from .agent_metrics import parse_listen
+
+            host, _ = parse_listen(self.metrics_listen)
+            if not ipaddress.ip_address(host).is_loopback and not self.metrics_token:
+                raise ConfigError("--metrics-listen", self.metrics_listen, "is not a loopback address: give "
+                                  "--metrics-token-file too, so that scrapes are authenticated")
+        if self.controller is not None:
+            self.controller.check()
+            return
         if not self.state.exists():  # the registry lives there, whatever the source of the mesh
             raise _no_state_file(self.state)
         mesh = self.source.load().mesh
@@ -496,7 +635,7 @@ class SiteAgent:
             registry.close()
 
     def _keys(self) -> None:
-        enroll = self._check_enrolment(self.mesh, self.registry)  # refuses before writing key files
+        enroll = self.controller is None and self._check_enrolment(self.mesh, self.registry)  # refuses first
         base = self._key_base()
         self.key = PrivateKey(_secret_file(Path(f"{base}.wg.key"), lambda: PrivateKey.generate()._raw))
         raw = _secret_file(Path(f"{base}.sign.key"), lambda: os.urandom(32))
@@ -509,45 +648,62 @@ class SiteAgent:
         """Publish the site's signed announcement (key, subnets, uplinks)."""
         assert self.net is not None
         self.net.announce(self.mesh, self.registry, self.signer)
+        site = self.mesh.site(self.site)
+        self._announced = (tuple(site.subnets), tuple((u.name, u.address, u.port) for u in site.uplinks))
+
+    def _peer_keys(self) -> dict[str, Any]:
+        """The WireGuard key of every other site: from the controller's desired
+        state, or the discovery registry in the state file."""
+        from .wireguard.keys import PublicKey
+
+        if self.controller is not None:
+            return {s: PublicKey.from_text(k) for s, k in self.controller.peers().items()}
+        return SiteRealiser.peers(self.registry, exclude=self.site)
 
     # -- tunnels ------------------------------------------------------------------
 
     def _sync_tunnels(self) -> None:
         """Tunnels to every announced site; reconfigured when a peer's key or endpoint changed."""
         assert self.net is not None
-        net, peers = self.net, SiteRealiser.peers(self.registry, exclude=self.site)
+        net, peers = self.net, self._peer_keys()
         net.sync(self.mesh, lambda t: net.config(self.mesh, t, peers[t.path.remote_site])
                  if t.path.remote_site in peers else None)
 
     # -- run ------------------------------------------------------------------------
 
     async def run(self) -> None:
-        from . import dataplane
         from .failover import BfdSession, Engine
 
-        desired = self.source.load()
-        self.mesh, self.version = desired.mesh, desired.version
+        loop = asyncio.get_running_loop()
         self.store = Store(self.state)
-        self.registry = SqliteRegistry(self.state)
         try:
-            self._keys()
+            if self.controller is not None:
+                # keys first: the enrolment sends their public halves; the
+                # controller is the registry, the state file stays local
+                self._keys()
+                self.controller.signing_key = base64.b64encode(self.signer.public_bytes).decode()
+                self.controller.wg_public_key = self.key.public_key().base64
+                desired = await loop.run_in_executor(self._io, self.source.load)
+                self.registry = self.controller
+            else:
+                desired = self.source.load()
+            self.mesh, self.version = desired.mesh, desired.version
+            if self.site not in [x.name for x in self.mesh.sites]:
+                raise ConfigError("agent --site", self.site, "is not a site of the desired mesh")
+            if self.controller is None:
+                self.registry = SqliteRegistry(self.state)
+                self._keys()
             self.net = SiteRealiser(self.site, self.key, prefix=self.prefix, wireguard=self.wireguard,
                                     route_paths=True)
-            self.announce()
+            await self._announce()
             self._sync_tunnels()
-            table = self.mesh.policy_table()
-            self.dp = dataplane.open(table, backend=self.backend, flow_capacity=1 << 18)
-            if self.lan_if:  # XDP + tc, or nftables marks: what the backend offers
-                self.dp.steer(self.lan_if, mark_base=PATH_MARK)
-            limited = [p.name for p in self.mesh.policies if p.qos.rate_kbps]
-            if limited and dataplane.QOS_RATE not in self.dp.capabilities:
-                log.warning("the %s data plane does not enforce QoS.rate_kbps (policies %s); "
-                            "run with --backend userspace for rate limits", type(self.dp).__name__,
-                            ", ".join(limited))
+            self.dp = self._open_dataplane(self.mesh)
             self.engine = Engine(self.mesh, self.dp, local_site=self.site, store=self.store, tick_s=0.02)
             self.engine.on_event(self._log_event)
-            log.info("site %s started: backend %s, LAN interface %s, %d tunnels, %d policies", self.site,
-                     self.backend_name(), self.lan_if or "(none)", len(self.tunnels), len(self.mesh.policies))
+            self.applied_at = time.time()
+            log.info("site %s started: backend %s, LAN interface %s, %d tunnels, %d policies, desired state %s",
+                     self.site, self.backend_name(), self.lan_if or "(none)", len(self.tunnels),
+                     len(self.mesh.policies), self.version)
             from .paths import Monitor, Responder
 
             self.responder = await Responder(("0.0.0.0", DEFAULT_PORT)).start()
@@ -557,30 +713,241 @@ class SiteAgent:
             engine_task = asyncio.create_task(self.engine.run())
             engine_task.add_done_callback(self._engine_done)
             self._engine_task = engine_task
-            names = [p.name for p in self.mesh.policies]
+            if self.metrics_listen is not None:
+                from .agent_metrics import serve
+
+                self.metrics_server = serve(self, self.metrics_listen, self.metrics_token)
+                log.info("metrics on http://%s:%d/metrics", *self.metrics_server.address)
+            follow = asyncio.create_task(self._follow()) if self.controller is not None else None
             next_announce, last_snap = 0.0, 0.0
-            loop = asyncio.get_running_loop()
             while not self._stop.is_set():
                 now = time.time()
-                if now >= next_announce:
-                    self.announce()
-                    next_announce = now + 5
+                if self.controller is None:
+                    if now >= next_announce:   # the registry's liveness: announce every 5 s
+                        self.announce()
+                        next_announce = now + 5
+                    await self._poll_local()
+                elif self._announced is None or now >= next_announce:   # once, and again after a failure
+                    await self._announce()
+                    next_announce = now + 300
                 self._sync_tunnels()  # sites that joined since: new tunnels, BFD on them
                 await self._watch_new_tunnels(BfdSession)
                 # flows, metrics and status off the event loop: a scan of the
                 # flow table and SQLite writes must not hold up BFD (at 50 ms
                 # x 3, a 150 ms stall is a false Down at every peer)
                 ms = self.monitor.all_metrics()
+                names = [p.name for p in self.mesh.policies]
                 await loop.run_in_executor(self._io, self._telemetry, now, last_snap, names, ms, self.status())
                 last_snap = now
                 try:
                     await asyncio.wait_for(self._stop.wait(), self.interval_s)
                 except asyncio.TimeoutError:
                     pass
+            if follow is not None:
+                follow.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await follow
             self.engine.stop()
             await engine_task
         finally:
             await self._teardown()
+
+    def _open_dataplane(self, mesh: Mesh) -> Any:
+        from . import dataplane
+
+        dp = dataplane.open(mesh.policy_table(), backend=self.backend, flow_capacity=1 << 18)
+        if self.lan_if:  # XDP + tc, or nftables marks: what the backend offers
+            dp.steer(self.lan_if, mark_base=PATH_MARK)
+        limited = [p.name for p in mesh.policies if p.qos.rate_kbps]
+        if limited and dataplane.QOS_RATE not in dp.capabilities:
+            log.warning("the %s data plane does not enforce QoS.rate_kbps (policies %s); "
+                        "run with --backend userspace for rate limits", type(dp).__name__, ", ".join(limited))
+        return dp
+
+    async def _announce(self) -> None:
+        """Announce (to the controller off the event loop: it is a request); a
+        failure is logged and retried by the loop."""
+        if self.controller is None:
+            self.announce()
+            return
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._io, self.announce)
+        except Exception as e:  # the controller away or refusing: forwarding goes on, the loop retries
+            self._announced = None
+            log.warning("announcement to the controller failed: %s", e)
+
+    async def _poll_local(self) -> None:
+        """The state file's mesh changed: apply it."""
+        try:
+            desired = self.source.load()
+        except PatronusError as e:
+            log.warning("desired state unreadable, keeping version %s: %s", self.version, e)
+            return
+        if desired.version != self.version:
+            await self.apply_desired(desired)
+
+    async def apply_desired(self, desired: DesiredState) -> None:
+        """Run on a new desired state: tunnels to new peers (and new
+        configuration of the others), the new policy table in the data plane
+        (swapped in place; re-opened when the number of policies changed, the
+        flows drained to the store first), the failover engine reconfigured
+        (path health kept, every pair on its best path under the new
+        policies). A state without this site is refused and the old one kept."""
+        from .failover import BfdSession
+
+        mesh = desired.mesh
+        if self.site not in [x.name for x in mesh.sites]:
+            log.error("desired state %s has no site %r: keeping version %s", desired.version, self.site, self.version)
+            return
+        old = self.mesh
+        self.mesh = mesh
+        try:
+            assert self.net is not None
+            plan = {t.path.index: t.path.id for t in self.net.plan(mesh)}
+            stale = [i for i, t in self.tunnels.items() if plan.get(i) != t.path.id]
+            stale_ids = {self.tunnels[i].path.id for i in stale}
+            if stale:   # a site left (or the paths were re-indexed): those tunnels go
+                self.net.remove(stale)
+            self._sync_tunnels()
+            table = mesh.policy_table()
+            if len(mesh.policies) == len(old.policies):
+                self.engine.reconfigure(mesh, table)
+            else:
+                names = [p.name for p in old.policies]
+                with contextlib.suppress(Exception):
+                    self.store.add_flow_snapshot(time.time(), self.site, self.dp.flows(), names)
+                self.dp.close()
+                self.dp = self._open_dataplane(mesh)
+                self.engine.reconfigure(mesh, dataplane=self.dp)
+        except Exception:
+            self.mesh = old
+            raise
+        gone = [pid for pid in self.sessions if pid not in self.engine.paths or pid in stale_ids]
+        for pid in gone:   # paths the new mesh has not: their BFD and probes stop
+            await self.sessions.pop(pid).stop()
+            with contextlib.suppress(Exception):
+                self.monitor.remove(pid)
+        if getattr(self, "monitor", None) is not None:
+            await self._watch_new_tunnels(BfdSession)
+        self.version, self.applied_at = desired.version, time.time()
+        site = mesh.site(self.site)
+        if self._announced != (tuple(site.subnets), tuple((u.name, u.address, u.port) for u in site.uplinks)):
+            await self._announce()
+        log.info("desired state %s applied: %d policies, %d tunnels", self.version, len(mesh.policies),
+                 len(self.tunnels))
+
+    # -- the controller's channel --------------------------------------------------------
+
+    async def _follow(self) -> None:
+        """Hold the controller's WebSocket: every state it pushes is applied;
+        when it drops, reconnect with exponential backoff (0.5 s doubling to
+        30 s, with jitter), running on the last state meanwhile. Telemetry
+        goes out every ``report_s`` from here too."""
+        import random
+
+        import websockets
+
+        ctl = self.controller
+        assert ctl is not None
+        loop = asyncio.get_running_loop()
+        backoff = 0.5
+        reporter = asyncio.create_task(self._reporter())
+        try:
+            while not self._stop.is_set():
+                try:
+                    async with websockets.connect(ctl.ws_url(), ssl=ctl.ssl_context(), open_timeout=10,
+                                                  additional_headers={"Authorization": f"Bearer {ctl.credential()}"},
+                                                  max_size=64 << 20) as ws:
+                        await ws.send(json.dumps({"since": ctl.held_version}))
+                        log.info("controller %s: channel open, holding desired state %s", ctl.url, self.version)
+                        self.connected, backoff = True, 0.5
+                        async for raw in ws:
+                            msg = json.loads(raw)
+                            if isinstance(msg, dict) and "error" in msg:
+                                raise PatronusError(f"the controller closed the channel: {msg.get('detail')}")
+                            desired = await loop.run_in_executor(self._io, ctl.accept, msg)
+                            if desired is not None and desired.version != self.version:
+                                await self.apply_desired(desired)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:  # unreachable, closed, refused: keep forwarding, try again
+                    if self.connected or backoff == 0.5:
+                        log.warning("controller %s: channel lost (%s: %s); running on desired state %s, "
+                                    "reconnecting", ctl.url, type(e).__name__, e, self.version)
+                self.connected = False
+                delay = backoff * (0.5 + random.random())
+                backoff = min(backoff * 2, 30.0)
+                try:
+                    await asyncio.wait_for(self._stop.wait(), delay)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            self.connected = False
+            reporter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reporter
+
+    async def _reporter(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._stop.is_set():
+            try:
+                await asyncio.wait_for(self._stop.wait(), self.report_s)
+            except asyncio.TimeoutError:
+                pass
+            if self.dp is None or self.engine is None:
+                continue
+            batch = self._batch()
+            try:
+                await loop.run_in_executor(self._io, self._post, batch)
+            except Exception as e:
+                self._requeue(batch)
+                log.debug("telemetry not sent: %s", e)
+
+    def _queue(self, kind: str, item: dict[str, Any]) -> None:
+        box = self._outbox[kind]
+        box.append(item)
+        if len(box) > 2000:   # the controller away for long: the oldest go, counted
+            del box[0]
+            self.telemetry_dropped += 1
+
+    def _requeue(self, batch: dict[str, Any]) -> None:
+        for kind in ("bfd", "events"):
+            for it in reversed(batch.get(kind, [])):
+                self._outbox[kind].insert(0, it)
+            while len(self._outbox[kind]) > 2000:
+                self._outbox[kind].pop(0)
+                self.telemetry_dropped += 1
+
+    def _batch(self) -> dict[str, Any]:
+        """One telemetry batch: every path's latest metrics, the BFD changes and
+        failover events since the last batch, per-policy flow totals."""
+        now = time.time()
+
+        def num(x: Any) -> float | None:
+            return None if x is None or not np.isfinite(x) else float(x)
+
+        metrics = []
+        for pid, m in self.monitor.all_metrics().items():
+            if m.samples:
+                metrics.append({"ts": now, "path": pid, "rtt_ms": num(m.rtt_ms), "jitter_ms": num(m.jitter_ms),
+                                "loss_pct": num(m.loss_pct), "mos": num(m.mos)})
+        flows = []
+        fl = self.dp.flows()
+        names = [p.name for p in self.mesh.policies]
+        if len(fl):
+            pol = fl["policy"].astype(np.int64)
+            for i in np.unique(pol):
+                sel = fl[pol == i]
+                flows.append({"ts": now, "policy": names[i] if 0 <= i < len(names) else None, "flows": int(len(sel)),
+                              "packets": int(sel["packets"].sum()), "bytes": int(sel["bytes"].sum())})
+        batch = {"metrics": metrics[:2000], "bfd": self._outbox["bfd"][:2000], "events": self._outbox["events"][:2000],
+                 "flows": flows[:2000]}
+        self._outbox = {"bfd": self._outbox["bfd"][2000:], "events": self._outbox["events"][2000:]}
+        return batch
+
+    def _post(self, batch: dict[str, Any]) -> None:
+        assert self.controller is not None
+        self.controller.post_telemetry(batch)
 
     def _telemetry(self, now: float, last_snap: float, names: list[str], ms: dict[str, Any],
                    status: dict[str, Any]) -> None:
@@ -616,6 +983,9 @@ class SiteAgent:
             self._io_store = None
 
     async def _teardown(self) -> None:
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+            self.metrics_server = None
         await asyncio.get_running_loop().run_in_executor(self._io, self._io_close)
         self._io.shutdown(wait=True)
         for s in self.sessions.values():
@@ -634,7 +1004,8 @@ class SiteAgent:
         last = self.status(stopped=True)  # with the tunnels it had
         if self.net is not None:
             self.net.close()
-        self.registry.close()
+        if isinstance(getattr(self, "registry", None), SqliteRegistry):
+            self.registry.close()
         self.store.close()
         try:
             self.write_status(status=last)
@@ -689,7 +1060,10 @@ class SiteAgent:
                 "lan_if": self.lan_if, "ready": ready, "stopped": stopped,
                 "engine_error": None if failed is None else f"{type(failed).__name__}: {failed}",
                 "moves": self.engine.set_path_calls if self.engine is not None else 0,
-                "bfd_changes": self.bfd_changes,
+                "bfd_changes": self.bfd_changes, "version": self.version, "applied_at": self.applied_at,
+                "controller": None if self.controller is None else {
+                    "url": self.controller.url, "connected": self.connected,
+                    "telemetry_dropped": self.telemetry_dropped},
                 "paths": paths, "routes": self.routes()}
 
     def write_status(self, stopped: bool = False, status: dict[str, Any] | None = None) -> None:
@@ -710,6 +1084,9 @@ class SiteAgent:
     def _log_bfd(self, path_id: str, tr: Any) -> None:
         from .failover.bfd import Diag, State
 
+        if self.controller is not None:
+            self._queue("bfd", {"ts": time.time(), "path": path_id, "state": tr.new.name.lower().replace("_", ""),
+                                "diag": None if tr.diag == Diag.NONE else tr.diag.name.lower()})
         if tr.new == State.UP or tr.old == State.UP:
             self.bfd_changes += 1
             if tr.old == State.UP:
@@ -719,6 +1096,10 @@ class SiteAgent:
 
     def _log_event(self, ev: Any) -> None:
         site = getattr(ev, "site", None)
+        if self.controller is not None and self.engine is not None:
+            self._queue("events", {"ts": self.engine.wall_time(ev.ts), "reason": ev.reason[:64], "policy": ev.policy,
+                                   "site": site, "from_path": ev.from_path, "to_path": ev.to_path,
+                                   "detail": None if ev.detail is None else str(ev.detail)[:256]})
         detail = f" ({ev.detail})" if ev.detail else ""
         if ev.policy is None and site is None:   # about a path, not a move
             if ev.reason != "bfd_up":            # (the bfd line said that)
@@ -752,6 +1133,7 @@ def main(args: Any) -> int:
         logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                             format="%(asctime)s.%(msecs)03d %(levelname).1s %(name)s: %(message)s",
                             datefmt="%H:%M:%S")
+        logging.getLogger("httpx").setLevel(logging.WARNING)   # not a line per request
     try:
         token = _token(args)
         source: StateSource | None = None
@@ -760,10 +1142,14 @@ def main(args: Any) -> int:
             # the token is the controller's enrolment token; the credential and the
             # last desired state are kept next to --state
             source = ControllerSource(controller, f"{args.state}.{args.site}.controller.json", token=token,
-                                      site=args.site)
+                                      site=args.site, interval_s=2.0)
             token = None
+        metrics_token = None
+        if getattr(args, "metrics_token_file", None):
+            metrics_token = read_secret_file(args.metrics_token_file, "metrics token file").decode().strip() or None
         agent = SiteAgent(args.state, args.site, lan_if=args.lan_if, token=token, backend=args.backend,
-                          prefix=args.prefix, wireguard=getattr(args, "wireguard", "userspace"), source=source)
+                          prefix=args.prefix, wireguard=getattr(args, "wireguard", "userspace"), source=source,
+                          metrics_listen=getattr(args, "metrics_listen", None), metrics_token=metrics_token)
         agent.preflight()  # refuse a bad start before anything is created
     except PatronusError as e:
         print(f"patronus agent: {e}", flush=True)

@@ -53,6 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     ag.add_argument("--wireguard", default="userspace", choices=["userspace", "kernel", "auto"],
                     help="the tunnels: wireguard-go (userspace, the default), the kernel's WireGuard, or the "
                          "kernel's where it has WireGuard (auto)")
+    ag.add_argument("--metrics-listen", metavar="ADDRESS:PORT",
+                    help="serve Prometheus metrics (data plane, paths, BFD, failover) at http://ADDRESS:PORT/metrics; "
+                         "off loopback --metrics-token-file is required")
+    ag.add_argument("--metrics-token-file", metavar="PATH",
+                    help="a 0600 file with the bearer token scrapes must present")
     ag.epilog = ("Without --token or --token-file the token is read from $PATRONUS_TOKEN; "
                  "a site enrolled already needs none.")
     tk = sub.add_parser("token", help="create, list and revoke enrollment tokens")

@@ -52,7 +52,7 @@ import httpx
 
 from .errors import ConfigError, PatronusError
 from .mesh import Mesh
-from .model import Policy, Site
+from .model import Failover, Policy, Site
 
 __all__ = [
     "Controller", "ControllerError", "InvalidInput", "Unauthorized", "TotpRequired", "Forbidden", "NotFound",
@@ -381,6 +381,21 @@ class Controller:
         self._request("POST", "/users", json={"name": name, "password": password,
                                               "role": getattr(role, "value", role)})
 
+    def update_user(self, name: str, *, role: str | None = None, disabled: bool | None = None,
+                    password: str | None = None) -> dict[str, Any]:
+        """Change a user (admin only): a new ``role`` (applies to the user's
+        next request), ``disabled`` True or False (disabling ends every
+        session at once), a new ``password`` (every session ends). Returns
+        the user's record; :class:`Conflict` for the last enabled admin."""
+        body: dict[str, Any] = {}
+        if role is not None:
+            body["role"] = getattr(role, "value", role)
+        if disabled is not None:
+            body["disabled"] = disabled
+        if password is not None:
+            body["password"] = password
+        return dict(self._request("PATCH", f"/users/{_segment(name)}", json=body).json())
+
     def remove_user(self, name: str) -> None:
         self._request("DELETE", f"/users/{_segment(name)}")
 
@@ -449,6 +464,23 @@ class Controller:
         self._request("DELETE", f"/policies/{_segment(name)}", headers=self._if_match("policy", name, if_match))
         self._etags.pop(("policy", name), None)
 
+    def failover(self) -> Failover:
+        """The mesh's failover settings."""
+        r = self._request("GET", "/failover")
+        self._remember("failover", "", r)
+        return Failover.from_dict(r.json())
+
+    def set_failover(self, failover: Failover | Mapping[str, Any], *, if_match: str | None = None) -> Failover:
+        """Replace the failover settings (guarded by the ETag of the last read,
+        or ``if_match``); every agent gets them with its next desired state.
+
+        >>> ctl.set_failover(Failover(failback_hold_s=5))  # doctest: +SKIP
+        """
+        body = failover.to_dict() if isinstance(failover, Failover) else dict(failover)
+        r = self._request("PUT", "/failover", json=body, headers=self._if_match("failover", "", if_match))
+        self._remember("failover", "", r)
+        return Failover.from_dict(r.json())
+
     # -- views ----------------------------------------------------------------------------------
 
     def paths(self) -> list[dict[str, Any]]:
@@ -466,12 +498,13 @@ class Controller:
     def mesh(self) -> Mesh:
         """A :class:`~patronus.Mesh` of the controller's sites and policies,
         validated by the library as it is built (three reads, not one
-        snapshot: a change between them may show). Failover settings and
-        custom profiles are not served yet, so they are the defaults."""
+        snapshot: a change between them may show). Custom application
+        profiles are not served yet, so they are the built-in ones."""
         name = self.topology()["mesh"]
         sites, policies = self.sites(), self.policies()
         return Mesh.from_dict({"name": name, "sites": [s.to_dict() for s in sites],
-                               "policies": [p.to_dict() for p in policies]})
+                               "policies": [p.to_dict() for p in policies],
+                               "failover": self.failover().to_dict()})
 
 
 def _detail(r: httpx.Response) -> str | None:

@@ -33,11 +33,16 @@ _RUN = "import sys; from patronus.cli import main; sys.exit(main(sys.argv[1:]))"
 class Controller:
     """A controller subprocess over a fresh state directory (``init`` first)."""
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, *, netns: str | None = None, listen: str = "127.0.0.1:0",
+                 url: str | None = None) -> None:
+        """``netns``: run inside that network namespace, listening on
+        ``listen``; ``url``: how this process reaches it (default: the
+        address it prints). A state directory made already is reused."""
         self.state_dir = Path(state_dir)
-        self.info = server.init(self.state_dir)
-        self.admin_password: str = self.info["admin_password"]
-        self.cert: str = self.info["cert"]
+        self.netns, self.listen, self.fixed_url = netns, listen, url
+        self.info = server.init(self.state_dir) if not (self.state_dir / "controller.db").exists() else {}
+        self.admin_password: str = self.info.get("admin_password", "")
+        self.cert: str = self.info.get("cert", str(self.state_dir / "tls.crt"))
         self.url = ""
         self.proc: subprocess.Popen[str] | None = None
         self.returncode: int | None = None
@@ -46,9 +51,10 @@ class Controller:
     def start(self, timeout: float = 30.0) -> Controller:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self._log = open(self.log, "w")  # noqa: SIM115 - closed in stop()
+        wrap = ["ip", "netns", "exec", self.netns] if self.netns else []
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", _RUN, "controller", "run", "--state", str(self.state_dir),
-             "--listen", "127.0.0.1:0", "--log-level", "warning"],
+            [*wrap, sys.executable, "-c", _RUN, "controller", "run", "--state", str(self.state_dir),
+             "--listen", self.listen, "--log-level", "warning"],
             stdout=subprocess.PIPE, stderr=self._log, text=True, env=env)
         lines: queue.Queue[str | None] = queue.Queue()
 
@@ -66,7 +72,7 @@ class Controller:
                     raise RuntimeError(f"the controller exited before listening: {self.log.read_text()[-2000:]}")
                 m = _LISTENING.search(line)
                 if m:
-                    self.url = m.group(1)
+                    self.url = self.fixed_url or m.group(1)
                     return self
         except BaseException:
             self.stop()
@@ -93,7 +99,10 @@ class Controller:
 
     def client(self, token: str | None = None, **kw: Any) -> httpx.Client:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        return httpx.Client(base_url=self.url, verify=ssl.create_default_context(cafile=self.cert), headers=headers, timeout=20.0, **kw)
+        ctx = ssl.create_default_context(cafile=self.cert)
+        if self.fixed_url:   # an address the certificate does not name: the certificate itself is the trust
+            ctx.check_hostname = False
+        return httpx.Client(base_url=self.url, verify=ctx, headers=headers, timeout=20.0, **kw)
 
     def login(self, name: str, password: str, **extra: Any) -> dict[str, Any]:
         with self.client() as c:

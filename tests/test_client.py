@@ -27,7 +27,8 @@ jwt = pytest.importorskip("jwt")
 
 import patronus  # noqa: E402
 from patronus import client as pc  # noqa: E402
-from patronus import Match, Mesh, Policy, QoS, Site, Uplink  # noqa: E402
+from patronus import Failover, Match, Mesh, Policy, QoS, Site, Uplink  # noqa: E402
+from patronus.errors import ConfigError  # noqa: E402
 
 from .controller_server import Controller as Server  # noqa: E402
 from .controller_server import running_controller  # noqa: E402
@@ -192,6 +193,24 @@ def test_policy_lost_update_is_refused(srv: Server, keys: dict[str, str], admin:
     assert admin.policy(pol.name).app == "video"
 
 
+def test_failover_settings_round_trip_and_lost_update(srv: Server, keys: dict[str, str],
+                                                       admin: pc.Controller) -> None:
+    base = admin.failover()
+    with as_key(srv, keys["operator"]) as other, as_key(srv, keys["viewer"]) as viewer:
+        other.failover()                                   # both have read this version
+        mine = attrs.evolve(base, failback_hold_s=base.failback_hold_s + 1)
+        assert admin.set_failover(mine) == mine
+        with pytest.raises(pc.PreconditionFailed):
+            other.set_failover(attrs.evolve(base, cooldown_s=2.0))
+        assert viewer.failover() == mine
+        with pytest.raises(pc.Forbidden):
+            viewer.set_failover(mine, if_match="*")
+        with pytest.raises(ConfigError) as e:              # the library's own rule, named
+            admin.set_failover({**mine.to_dict(), "detect_ms": 1})
+        assert "detect_ms" in str(e.value)
+    assert admin.failover() == mine
+
+
 # -- auth ----------------------------------------------------------------------------------------
 
 
@@ -247,6 +266,26 @@ def test_token_auth_login_logout(srv: Server, admin: pc.Controller) -> None:
     with pc.Controller(srv.url, token=token, verify=srv.cert) as c:
         with pytest.raises(pc.Unauthorized, match="revoked"):
             c.me()
+
+
+def test_user_administration(srv: Server, admin: pc.Controller) -> None:
+    admin.add_user("cli-u", PASSWORD, "operator")
+    with pc.Controller(srv.url, username="cli-u", password=PASSWORD, verify=srv.cert) as c:
+        assert admin.update_user("cli-u", role="viewer")["role"] == "viewer"
+        assert c.me()["role"] == "viewer"                  # the next request
+        with pytest.raises(pc.Forbidden):
+            c.add_site(a_site())
+        assert admin.update_user("cli-u", disabled=True)["disabled"] is True
+        with pytest.raises(pc.Unauthorized):
+            c.me()
+    admin.update_user("cli-u", disabled=False, password=PASSWORD + "-new", role="operator")
+    with pc.Controller(srv.url, username="cli-u", password=PASSWORD + "-new", verify=srv.cert) as c:
+        assert c.me()["role"] == "operator"
+    with pytest.raises(pc.Conflict, match="last enabled admin"):
+        admin.update_user("admin", role="operator")
+    with pytest.raises(pc.ConfigError):
+        admin.update_user("cli-u")                          # nothing to change
+    admin.remove_user("cli-u")
 
 
 def _expired_copy(srv: Server, access_token: str) -> str:
@@ -339,6 +378,9 @@ def test_mesh_equals_the_local_mesh(tmp_path: Path) -> None:
             for p in policies:
                 c.add_policy(p)
                 local.add_policy(p)
+            fo = Failover(failback_hold_s=5, cooldown_s=0.5)
+            assert c.set_failover(fo) == fo
+            local.failover = fo
             remote = c.mesh()
     assert remote == local
     assert [str(p) for p in remote.paths()] == [str(p) for p in local.paths()]

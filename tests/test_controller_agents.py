@@ -353,3 +353,122 @@ def test_agent_cli_takes_controller_flags() -> None:
         assert cli.main(["agent", "--state", "s.db", "--site", "br1", "--controller", "https://127.0.0.1:8443",
                          "--token-file", "t"]) == 0
     assert seen["controller"] == "https://127.0.0.1:8443" and seen["token_file"] == "t"
+
+
+# -- the wire format: digests, deltas, versions kept in parts ---------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+# no booleans next to integers: diff compares with ==, and False == 0 while their JSON differs (the
+# digest then disagrees and the agent asks for a full copy; states never mix them in one field)
+_leaf = st.one_of(st.none(), st.integers(-5, 5), st.text(max_size=3))
+_value = st.recursive(_leaf, lambda v: st.one_of(st.lists(v, max_size=3),
+                                                  st.dictionaries(st.text(max_size=3), v, max_size=3)), max_leaves=8)
+_state = st.dictionaries(st.sampled_from(["mesh", "site", "order", "sites", "paths", "policies", "failover",
+                                          "profiles", "peers", "extra"]),
+                         st.one_of(_value, st.dictionaries(st.text(max_size=3), _value, max_size=4)), max_size=10)
+
+
+@given(_state, _state)
+@settings(max_examples=300, deadline=None)
+def test_apply_of_diff_rebuilds_the_new_state_and_its_digest(old: dict[str, Any], new: dict[str, Any]) -> None:
+    from patronus.agent import diff, manifest
+
+    ops = diff(old, new)
+    got = apply(old, ops)
+    assert got == new and digest(got) == digest(new)
+    assert json.loads(json.dumps(got)) == json.loads(json.dumps(new))
+    # the controller's delta over the keys whose part digests differ is the same change
+    old_parts = {k: v for k, v in old.items() if k not in new or manifest(old)[k] != manifest(new)[k]}
+    assert apply(old, agents.state_delta(manifest(old), old_parts, manifest(new), new)) == new
+    assert (digest(old) == digest(new)) == (json.dumps(old, sort_keys=True) == json.dumps(new, sort_keys=True))
+
+
+def _mesh_of(n: int, uplinks: int = 2) -> Any:
+    from patronus import Mesh, Site, Uplink
+
+    m = Mesh("m")
+    for i in range(n):
+        m.add_site(Site(f"s{i}", subnets=[f"10.{i}.0.0/24"],
+                        uplinks=[Uplink(f"u{j}", f"192.0.{i}.{j + 1}") for j in range(1 + (i + uplinks) % uplinks)]))
+    return m
+
+
+def test_controller_parts_digest_like_the_agent() -> None:
+    from patronus.agent import canonical, manifest
+
+    m = _mesh_of(9, 3)
+    peers = {"s1": {"wg_public_key": "a="}, "s4": {"wg_public_key": "b="}, "gone": {"wg_public_key": "c="}}
+    shared = agents._Shared(m, peers)
+    for s in shared.order:
+        state = shared.state(s)
+        assert shared.manifest(s) == manifest(state)
+        assert all(shared.body(s, k) == canonical(v) for k, v in state.items())
+        assert shared.paths(s) == {p.id: p.index for p in m.paths(s)}
+        assert "gone" not in state["peers"] and s not in state["peers"]
+    assert agents.desired_state(m, "s3", peers) == shared.state("s3")
+
+
+def test_versions_and_deltas_survive_a_restart(tmp_path: Path) -> None:
+    from patronus.controller.db import ControllerDB
+    from patronus.controller.service import Service
+
+    def store() -> tuple[Any, Any]:
+        db = ControllerDB(tmp_path / "c.db")
+        svc = Service(tmp_path / "s.db", db)
+        return db, agents.AgentStore(svc, None, pin=None)
+
+    db, st1 = store()
+    for i in range(3):
+        st1.service.create_site({"name": f"s{i}", "subnets": [f"10.{i}.0.0/24"],
+                                 "uplinks": [{"name": "isp", "address": f"192.0.2.{i + 1}"}]}, actor="t")
+    first = st1.payload("s1", None)
+    assert first["version"] == 1 and digest(first["full"]) == first["digest"]
+    st1.service.create_policy({"name": "voice", "match": {"proto": "udp"}, "priority": 5}, actor="t")
+    d = st1.payload("s1", 1)
+    assert d["version"] == 2 and [op["item"] for op in d["delta"]] == ["voice"]
+    s2 = apply(first["full"], d["delta"])
+    assert digest(s2) == d["digest"]
+    # one part per distinct value: the policies part once for all sites, the paths part per site
+    n_parts = len(st1._known)
+    assert st1.payload("s0", None)["version"] == 1 and len(st1._known) == n_parts + 2
+    db.close()
+
+    db, st2 = store()   # a restart: versions, manifests and parts come from the database
+    assert st2.payload("s1", 2) == {"version": 2, "digest": d["digest"], "unchanged": True}
+    st2.service.create_site({"name": "s3", "subnets": ["10.3.0.0/24"],
+                             "uplinks": [{"name": "isp", "address": "192.0.2.4"}]}, actor="t")
+    d3 = st2.payload("s1", 2)
+    assert d3["version"] == 3 and {op["key"] for op in d3["delta"]} == {"order", "sites", "paths"}
+    s3 = apply(s2, d3["delta"])
+    assert digest(s3) == d3["digest"] and s3 == st2.payload("s1", None)["full"]
+    # the parts of states nobody holds any more are gone; a state whose parts are gone gets a full copy
+    rows = {r["digest"] for r in db.query("SELECT digest FROM agent_parts")}
+    assert rows == st2._known
+    db.execute("DELETE FROM agent_parts")
+    db.close()
+    db, st3 = store()
+    st3.service.delete_policy("voice", actor="t")
+    assert "full" in st3.payload("s1", 3)
+    db.close()
+
+
+def test_full_states_of_the_older_table_are_imported(tmp_path: Path) -> None:
+    from patronus.agent import canonical
+    from patronus.controller.db import ControllerDB
+    from patronus.controller.service import Service
+
+    db = ControllerDB(tmp_path / "c.db")
+    svc = Service(tmp_path / "s.db", db)
+    svc.create_site({"name": "hq", "subnets": ["10.0.0.0/24"], "uplinks": [{"name": "isp", "address": "192.0.2.1"}]},
+                    actor="t")
+    state = agents.desired_state(svc.mesh(), "hq")
+    with db.transaction() as c:
+        c.execute("CREATE TABLE agent_state (site TEXT PRIMARY KEY, version INTEGER NOT NULL, digest TEXT NOT NULL, "
+                  "state TEXT NOT NULL, prev TEXT, updated REAL NOT NULL)")
+        c.execute("INSERT INTO agent_state VALUES ('hq', 7, 'x', ?, NULL, 1.0)", (canonical(state).decode(),))
+    store = agents.AgentStore(svc, None, pin=None)
+    assert store.payload("hq", 7) == {"version": 7, "digest": digest(state), "unchanged": True}
+    assert not db.query("SELECT 1 FROM sqlite_master WHERE name = 'agent_state'")
+    db.close()

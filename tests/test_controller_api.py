@@ -152,6 +152,8 @@ class Matrix:
                 r = a.post(f"{PREFIX}/tokens", json=body).raise_for_status().json()
                 return path.replace("{token_id}", r["id"]), None
             return path, body
+        if path == f"{PREFIX}/failover":
+            return path, {"failback_hold_s": 30.0 + next(_n)}
         if "{agent_id}" in path:   # a real agent: a token, enrolled
             site = site_body()
             a.post(f"{PREFIX}/sites", json=site).raise_for_status()
@@ -164,7 +166,7 @@ class Matrix:
             body = {"name": f"mu{n}", "password": PASSWORD, "role": "viewer"}
             if "{name}" in path:
                 a.post(f"{PREFIX}/users", json=body).raise_for_status()
-                return path.replace("{name}", body["name"]), None
+                return path.replace("{name}", body["name"]), {"role": "operator"} if method == "PATCH" else None
             return path, body
         if path.startswith(f"{PREFIX}/api-keys"):
             body = {"name": f"k{next(_n)}", "role": "viewer"}

@@ -282,6 +282,66 @@ def test_password_change_disable_and_delete_end_every_session(auth: Auth) -> Non
         auth.refresh(d.refresh)
 
 
+def test_update_user_role_disable_password_in_one_audited_step(auth: Auth, db: ControllerDB) -> None:
+    a = auth.login("alice", PW)
+    out = auth.update_user("alice", role="viewer", actor="root", remote="192.0.2.5")
+    assert out["role"] == "viewer" and auth.authenticate(a.access).role is Role.VIEWER   # next request
+    auth.update_user("alice", disabled=True, actor="root")
+    for fault in (lambda: auth.authenticate(a.access), lambda: auth.refresh(a.refresh),
+                  lambda: auth.login("alice", PW)):
+        with pytest.raises(AuthError):
+            fault()
+    auth.update_user("alice", disabled=False, actor="root")
+    with pytest.raises(AuthError, match="token revoked"):     # enabling again brings no old token back
+        auth.authenticate(a.access)
+    b = auth.login("alice", PW)
+    with pytest.raises(ConfigError, match="password"):
+        auth.update_user("alice", password="short", actor="root")
+    auth.update_user("alice", password=PW + "-reset", role="operator", actor="root")
+    with pytest.raises(AuthError, match="token revoked"):
+        auth.authenticate(b.access)
+    with pytest.raises(AuthError, match="refresh token revoked"):
+        auth.refresh(b.refresh)
+    assert auth.authenticate(auth.login("alice", PW + "-reset").access).role is Role.OPERATOR
+    with pytest.raises(ConfigError, match="nothing to change"):
+        auth.update_user("alice", actor="root")
+    with pytest.raises(ConfigError, match="disabled"):
+        auth.update_user("alice", disabled="yes", actor="root")   # type: ignore[arg-type]
+    with pytest.raises(NotFound):
+        auth.update_user("nobody", role="viewer", actor="root")
+    rows = [r for r in reversed(db.audit_log(limit=1000)) if r["action"] == "user.update"]
+    assert [(r["target"], r["ok"]) for r in rows] == [("alice", True)] * 4 + [("nobody", False)]
+    assert rows[0]["remote"] == "192.0.2.5" and rows[0]["actor"] == "root"
+    assert (rows[0]["before"]["role"], rows[0]["after"]["role"]) == ("operator", "viewer")
+    assert (rows[1]["before"]["disabled"], rows[1]["after"]["disabled"]) == (False, True)
+    assert rows[1]["after"]["sessions_ended"] >= 1
+    assert rows[3]["after"]["password_changed"] is True and rows[3]["after"]["role"] == "operator"
+    assert "password_changed" not in rows[0]["after"]
+    on_disk = file_bytes(db)
+    assert (PW + "-reset").encode() not in on_disk
+
+
+def test_update_user_keeps_an_enabled_admin(auth: Auth, db: ControllerDB) -> None:
+    for change in ({"role": "operator"}, {"disabled": True}, {"role": "viewer", "disabled": True}):
+        with pytest.raises(Conflict, match="last enabled admin"):
+            auth.update_user("root", actor="root", **change)
+    root = auth.get_user("root")
+    assert (root["role"], root["disabled"]) == ("admin", False)
+    refused = [r for r in db.audit_log(limit=1000) if r["action"] == "user.update"]
+    assert len(refused) == 3 and not any(r["ok"] for r in refused)
+    assert "last enabled admin" in refused[0]["after"]["error"]
+    # a disabled admin does not count
+    auth.create_user("root2", PW, Role.ADMIN)
+    auth.update_user("root2", disabled=True, actor="root")
+    with pytest.raises(Conflict, match="last enabled admin"):
+        auth.update_user("root", role="operator", actor="root")
+    auth.update_user("root2", disabled=False, actor="root")
+    auth.update_user("root", role="operator", actor="root")     # root2 is an enabled admin now
+    with pytest.raises(Conflict, match="last enabled admin"):
+        auth.update_user("root2", disabled=True, actor="root2")
+    auth.update_user("root", role="admin", actor="root2")
+
+
 # -- access tokens --------------------------------------------------------------------------
 
 

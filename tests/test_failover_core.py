@@ -142,6 +142,32 @@ class CoreMachine(RuleBasedStateMachine):
         self.apply(self.core.tick(now=self.t))
         self.on_usable()
 
+    @precondition(lambda self: self.core is not None)
+    @rule(which=st.integers(0, 7), drop=st.booleans(), dt=st.floats(0, 10))
+    def reconfigure(self, which, drop, dt):
+        """A new configuration: a policy's preference reversed, or a policy
+        dropped. Health carries over; every pair ends on its best usable path."""
+        self.advance(dt)
+        d = self.mesh.to_dict()
+        pols = d["policies"]
+        i = which % len(pols)
+        if drop and len(pols) > 1:
+            del pols[i]
+        else:
+            uplinks = [u["name"] for s in d["sites"] if s["name"] == self.core.local_site for u in s["uplinks"]]
+            pols[i]["prefer"] = list(reversed(pols[i].get("prefer") or uplinks))
+        health = {pid: (h.bfd_up, h.suppressed) for pid, h in self.core.paths.items()}
+        self.mesh = type(self.mesh).from_dict(d)
+        keep = set(FailoverCore(self.mesh, local_site=self.core.local_site).pairs)
+        self.table = {k: v for k, v in self.table.items() if k in keep}
+        self.apply(self.core.reconfigure(self.mesh, self.t))
+        assert {pid: (h.bfd_up, h.suppressed) for pid, h in self.core.paths.items()} == health
+        assert set(self.core.pairs) == keep
+        for st_ in self.core.pairs.values():
+            best = self.core._best(st_, self.t)
+            if best is not None:
+                assert st_.current == best, (st_.name, st_.site, st_.current, best)
+
     @invariant()
     def pairs_on_their_own_site(self):
         if self.core is None:

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from patronus import Failover, Match, Mesh, Policy, Site, Uplink, packets
 from patronus.dataplane import Userspace
 from patronus.failover import DEFAULT_CLASS, BfdSession, Engine, State
+from patronus.errors import ConfigError
 from patronus.store import Store
 
 MPLS, LTE = "br.inet~hq.mpls", "br.inet~hq.lte"
@@ -407,3 +408,53 @@ def test_the_engine_judges_sla_windows_from_metrics():
                                                                     ("video", "sla_violation", LTE, 3.0)]
     assert evs[0].detail == "loss 1.5 % > 1 % for voip"
     assert engine.where()[(DEFAULT_CLASS, "br")] == MPLS
+
+
+def test_reconfigure_moves_what_the_new_policies_say_and_keeps_what_was_seen(setup):
+    """Preferences changed while running: the pairs they concern move (reason
+    ``config``) and the data plane holds every pair's path afterwards
+    (through the new table); a path seen Down stays Down across the change."""
+    mesh, dp, engine, _ = setup
+
+    def prefer(m, **by_policy):
+        d = m.to_dict()
+        for p in d["policies"]:
+            if p["name"] in by_policy:
+                p["prefer"] = by_policy[p["name"]]
+        return Mesh.from_dict(d)
+
+    def in_dataplane(m):
+        for (cls, site), pid in engine.where().items():
+            assert dp.path_of(None if cls == DEFAULT_CLASS else cls, site) == m.path(pid).index, (cls, site, pid)
+
+    new = prefer(mesh, voip=["lte"])
+    events = engine.reconfigure(new, new.policy_table(), now=1.0)
+    assert [(e.reason, e.policy, e.from_path, e.to_path) for e in events] == \
+        [("config", "voip", "br.inet~hq.mpls", "br.inet~hq.lte")]
+    in_dataplane(new)
+    engine.bfd("br.inet~hq.mpls", False, now=2.0)        # video leaves mpls
+    newer = prefer(new, bulk=["mpls"])                    # wants the path that is down: stays
+    assert engine.reconfigure(newer, newer.policy_table(), now=3.0) == []
+    assert engine.paths["br.inet~hq.mpls"].bfd_up is False
+    in_dataplane(newer)
+    engine.bfd("br.inet~hq.mpls", True, now=4.0)
+    engine.tick(now=40.0)                                 # after the hold: home under the new preferences
+    assert engine.where()[("voip", "br")] == "br.inet~hq.lte"
+    assert engine.where()[("bulk", "br")] == "br.inet~hq.mpls"
+    assert engine.where()[("video", "br")] == "br.inet~hq.mpls"
+    in_dataplane(newer)
+
+
+def test_reconfigure_with_a_new_policy_count_takes_a_new_data_plane(setup):
+    mesh, dp, engine, _ = setup
+    d = mesh.to_dict()
+    d["policies"] = [p for p in d["policies"] if p["name"] != "video"]
+    new = Mesh.from_dict(d)
+    with pytest.raises(ConfigError):   # the old plane counts three policies
+        engine.reconfigure(new, new.policy_table(), now=1.0)
+    fresh = RecordingPlane(new.policy_table(), flow_capacity=1024)
+    engine.reconfigure(new, dataplane=fresh, now=1.0)
+    assert engine.dataplane is fresh
+    assert {k[0] for k in engine.where()} == {"voip", "bulk", DEFAULT_CLASS}
+    for (cls, site), pid in engine.where().items():
+        assert fresh.path_of(None if cls == DEFAULT_CLASS else cls, site) == new.path(pid).index

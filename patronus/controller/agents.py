@@ -56,7 +56,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..agent import TOKEN_PREFIX, canonical, apply, diff, digest, parse_token, to_mesh
+from ..agent import TOKEN_PREFIX, apply, canonical, diff, digest, digest_of, manifest, parse_token, to_mesh
 from ..errors import ConfigError
 from ..mesh import Mesh
 from . import auth as _auth
@@ -101,65 +101,193 @@ def _remote(request: Request | WebSocket) -> str | None:
 # -- desired state (pure) -------------------------------------------------------------------
 
 
-class _Shared:
-    """What every site's desired state has in common, computed once per mesh."""
+_SAFE_END = re.compile(r"[A-Za-z0-9_.-]+")   # site and uplink names: path ids need no JSON escaping
+_KEYS = ("mesh", "site", "order", "sites", "paths", "policies", "failover", "profiles", "peers")
 
-    def __init__(self, mesh: Mesh, peers: dict[str, dict[str, Any]] | None = None) -> None:
+
+class _Topology:
+    """The path ids of a mesh and each site's ``paths`` (path id -> index)
+    with its part digest, for one site order and uplink names: kept across
+    recomputes while those are the same (a policy change rebuilds nothing here).
+
+    Path indexes run pair by pair (Mesh.paths): block j holds the pairs
+    (i < j, j), P[k] = uplinks of the sites before k, B[j] = start of block j;
+    site k's paths are all of block k, then in each later block m the pairs
+    (k, m)."""
+
+    def __init__(self, order: tuple[str, ...], uplinks: tuple[tuple[str, ...], ...]) -> None:
+        import numpy as np
+
+        n = len(order)
+        u = [len(x) for x in uplinks]
+        p, b = [0] * (n + 1), [0] * (n + 1)
+        for k in range(n):
+            p[k + 1] = p[k] + u[k]
+        for j in range(n):
+            b[j + 1] = b[j] + u[j] * p[j]
+        self.order, self.u, self.p, self.b = order, u, p, b
+        self.pos = {s: i for i, s in enumerate(order)}
+        self._u, self._b = np.array(u, dtype=np.int64), np.array(b[:n], dtype=np.int64)
+        ends = [f"{s}.{x}" for s, ups in zip(order, uplinks, strict=True) for x in ups]
+        self.safe = all(_SAFE_END.fullmatch(e) for e in ends)
+        ids: list[str] = []
+        for j in range(n):
+            mine = ends[p[j]:p[j + 1]]
+            ids.extend([f"{x}~{y}" if x < y else f"{y}~{x}" for x in ends[:p[j]] for y in mine])
+        self.ids = ids
+        self._paths: dict[str, dict[str, int]] = {}
+        self._digests: dict[str, str] = {}
+
+    def indexes(self, k: int) -> list[int]:
+        """Indexes of site k's paths, in Mesh.paths(site) order."""
+        import numpy as np
+
+        b, uk = self.b, self.u[k]
+        out = list(range(b[k], b[k + 1]))
+        lens = uk * self._u[k + 1:]
+        total = int(lens.sum())
+        if total:
+            starts = self._b[k + 1:] + self.p[k] * self._u[k + 1:]
+            if total == len(lens):   # one path per pair
+                out.extend(starts.tolist())
+            else:
+                offs = np.cumsum(lens) - lens
+                out.extend((np.repeat(starts - offs, lens) + np.arange(total)).tolist())
+        return out
+
+    def paths(self, site: str) -> dict[str, int]:
+        got = self._paths.get(site)
+        if got is None:
+            idx = self.indexes(self.pos[site])
+            got = self._paths[site] = dict(zip(map(self.ids.__getitem__, idx), idx, strict=True))
+        return got
+
+    def body(self, site: str) -> bytes:
+        """canonical(paths(site)), without the general encoder when the ids need no escaping."""
+        p = self.paths(site)
+        if not self.safe:
+            return canonical(p)
+        return ("{" + ",".join([f'"{k}":{p[k]}' for k in sorted(p)]) + "}").encode()
+
+    def digest(self, site: str) -> str:
+        got = self._digests.get(site)
+        if got is None:
+            got = self._digests[site] = hashlib.sha256(self.body(site)).hexdigest()
+        return got
+
+
+_TOPOLOGIES: dict[tuple[Any, ...], _Topology] = {}
+_TOPOLOGY_LOCK = threading.Lock()
+
+
+def _topology(order: list[str], uplinks: list[list[str]]) -> _Topology:
+    """The cached :class:`_Topology` of this order and uplinks (the last two kept)."""
+    key = (tuple(order), tuple(map(tuple, uplinks)))
+    with _TOPOLOGY_LOCK:
+        topo = _TOPOLOGIES.pop(key, None)
+        if topo is None:
+            topo = _Topology(*key)
+        _TOPOLOGIES[key] = topo   # most recent last
+        while len(_TOPOLOGIES) > 2:
+            del _TOPOLOGIES[next(iter(_TOPOLOGIES))]
+        return topo
+
+
+class _Shared:
+    """What every site's desired state has in common, computed once per mesh,
+    with the digest of each part (:func:`patronus.agent.part_digest`) computed
+    once for every site that shares it. ``prev`` (the previous snapshot) lends
+    the parts that did not change, and their digests."""
+
+    def __init__(self, mesh: Mesh, peers: dict[str, dict[str, Any]] | None = None,
+                 prev: _Shared | None = None) -> None:
         sites = mesh.sites
-        self.peers = {k: v for k, v in (peers or {}).items()}
         self.mesh = mesh.name
         self.order = [s.name for s in sites]
-        self.pos = {n: i for i, n in enumerate(self.order)}
-        self.sites = {s.name: s.to_dict() for s in sites}
-        self.uplinks = [[u.name for u in s.uplinks] for s in sites]
-        self.policies = {p.name: p.to_dict() for p in mesh.policies}
-        self.failover = mesh.failover.to_dict()
-        self.profiles = {p["name"]: p for p in mesh.to_dict()["profiles"]}
-        # path indexes run pair by pair (Mesh.paths): block j holds the pairs
-        # (i < j, j); P[k] = uplinks of the sites before k; B[j] = start of block j
-        n = len(sites)
-        u = [len(x) for x in self.uplinks]
-        self.u = u
-        self.p = [0] * (n + 1)
-        for k in range(n):
-            self.p[k + 1] = self.p[k] + u[k]
-        self.b = [0] * (n + 1)
-        for j in range(n):
-            self.b[j + 1] = self.b[j] + u[j] * self.p[j]
+        self.topology = _topology(self.order, [[u.name for u in s.uplinks] for s in sites])
+        self.pos = self.topology.pos
+        common = {"mesh": self.mesh, "order": self.order, "sites": {s.name: s.to_dict() for s in sites},
+                  "policies": {p.name: p.to_dict() for p in mesh.policies}, "failover": mesh.failover.to_dict(),
+                  "profiles": {p["name"]: p for p in mesh.to_dict()["profiles"]}}
+        self._digests: dict[str, str] = {}
+        if prev is not None:
+            for k, v in common.items():
+                if k in prev._common and prev._common[k] == v:
+                    common[k] = prev._common[k]
+                    if k in prev._digests:
+                        self._digests[k] = prev._digests[k]
+        self._common = common
+        self.sites, self.policies = common["sites"], common["policies"]
+        self.failover, self.profiles = common["failover"], common["profiles"]
+        self.peers = {k: v for k, v in (peers or {}).items() if k in self.pos}
+        if prev is not None and prev.peers == self.peers:
+            self._peers, self._peer_digests, self._peer_enc = prev._peers, prev._peer_digests, prev._peer_enc
+        else:
+            self._peers: dict[str, dict[str, Any]] = {}
+            self._peer_digests: dict[str, str] = {}
+            self._peer_enc: list[tuple[str, bytes]] | None = None
 
     def paths(self, site: str) -> dict[str, int]:
         """Path id -> index, for every path of ``site``, in Mesh.paths(site) order."""
-        k = self.pos[site]
-        mine = self.uplinks[k]
-        uk = self.u[k]
-        out: dict[str, int] = {}
-        for m, other in enumerate(self.order):
-            if m == k:
-                continue
-            theirs = self.uplinks[m]
-            um = self.u[m]
-            rows = []
-            if m < k:   # (other, site): other's uplink a, ours b
-                base = self.b[k] + self.p[m] * uk
-                for a, ua in enumerate(theirs):
-                    for b, ub in enumerate(mine):
-                        rows.append((base + a * uk + b, f"{other}.{ua}", f"{site}.{ub}"))
-            else:       # (site, other): ours a, other's b
-                base = self.b[m] + self.p[k] * um
-                for a, ua in enumerate(mine):
-                    for b, ub in enumerate(theirs):
-                        rows.append((base + a * um + b, f"{site}.{ua}", f"{other}.{ub}"))
-            for idx, x, y in rows:
-                out[f"{x}~{y}" if x < y else f"{y}~{x}"] = idx
-        return out
+        return self.topology.paths(site)
 
-    def state(self, site: str) -> dict[str, Any]:
+    def _peers_of(self, site: str) -> dict[str, Any]:
+        got = self._peers.get(site)
+        if got is None:
+            got = self._peers[site] = {k: v for k, v in self.peers.items() if k != site}
+        return got
+
+    def _check(self, site: str) -> None:
         if site not in self.pos:
             raise NotFound(f"no site {site!r} in the mesh")
-        return {"mesh": self.mesh, "site": site, "order": list(self.order), "sites": dict(self.sites),
-                "paths": self.paths(site), "policies": dict(self.policies), "failover": self.failover,
-                "profiles": dict(self.profiles),
-                "peers": {k: v for k, v in self.peers.items() if k != site and k in self.pos}}
+
+    def value(self, site: str, key: str) -> Any:
+        """The value of ``key`` in ``site``'s state (shared objects: read-only)."""
+        if key in self._common:
+            return self._common[key]
+        if key == "site":
+            return site
+        if key == "paths":
+            return self.topology.paths(site)
+        return self._peers_of(site)
+
+    def body(self, site: str, key: str) -> bytes:
+        """canonical(value(site, key))."""
+        if key == "paths":
+            return self.topology.body(site)
+        if key == "peers" and self.peers:
+            if self._peer_enc is None:
+                self._peer_enc = [(k, canonical(k) + b":" + canonical(self.peers[k])) for k in sorted(self.peers)]
+            return b"{" + b",".join([e for k, e in self._peer_enc if k != site]) + b"}"
+        return canonical(self.value(site, key))
+
+    def manifest(self, site: str) -> dict[str, str]:
+        """Key -> part digest of ``site``'s state (``patronus.agent.manifest(self.state(site))``)."""
+        self._check(site)
+        dg = self._digests
+        for k in self._common:
+            if k not in dg:
+                dg[k] = hashlib.sha256(canonical(self._common[k])).hexdigest()
+        peers = self._peer_digests.get(site)
+        if peers is None:
+            peers = self._peer_digests[site] = hashlib.sha256(self.body(site, "peers")).hexdigest()
+        return {"mesh": dg["mesh"], "site": hashlib.sha256(canonical(site)).hexdigest(), "order": dg["order"],
+                "sites": dg["sites"], "paths": self.topology.digest(site), "policies": dg["policies"],
+                "failover": dg["failover"], "profiles": dg["profiles"], "peers": peers}
+
+    def state(self, site: str) -> dict[str, Any]:
+        """``site``'s desired state; its values are shared with other sites and later snapshots (read-only)."""
+        self._check(site)
+        return {k: self.value(site, k) for k in _KEYS}
+
+    def copy(self, site: str) -> dict[str, Any]:
+        """``site``'s desired state with containers of its own (what callers outside may change)."""
+        st = self.state(site)
+        for k in ("order",):
+            st[k] = list(st[k])
+        for k in ("sites", "paths", "policies", "profiles", "peers"):
+            st[k] = dict(st[k])
+        return st
 
 
 def desired_state(mesh: Mesh, site: str, peers: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -178,14 +306,52 @@ def desired_state(mesh: Mesh, site: str, peers: dict[str, dict[str, Any]] | None
     >>> desired_state(m, "br1")["paths"]
     {'br1.isp1~hq.isp1': 0}
     """
-    return _Shared(mesh, peers).state(site)
+    return _Shared(mesh, peers).copy(site)
 
 
 def desired_states(mesh: Mesh, sites: list[str] | None = None,
                    peers: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
-    """:func:`desired_state` of several sites (default: all), sharing the work."""
+    """:func:`desired_state` of several sites (default: all), sharing the work
+    (and, while the site order and uplinks stay the same, the paths of earlier calls)."""
     shared = _Shared(mesh, peers)
-    return {s: shared.state(s) for s in (shared.order if sites is None else sites)}
+    return {s: shared.copy(s) for s in (shared.order if sites is None else sites)}
+
+
+def state_delta(prev: dict[str, str], old: dict[str, Any], now: dict[str, str],
+                new: dict[str, Any]) -> list[dict[str, Any]]:
+    """:func:`diff` of two states over only the keys whose part digests
+    (manifests ``prev`` and ``now``) differ: ``old`` needs those keys only.
+
+    >>> from patronus.agent import manifest
+    >>> a, b = {"x": 1, "m": {"k": 1}}, {"x": 1, "m": {"k": 2}}
+    >>> state_delta(manifest(a), {"m": a["m"]}, manifest(b), b) == diff(a, b)
+    True
+    """
+    keys = sorted(k for k in prev.keys() | now.keys() if prev.get(k) != now.get(k))
+    return diff({k: old[k] for k in keys if k in prev}, {k: new[k] for k in keys if k in now})
+
+
+class _Stale(Exception):
+    """A snapshot older than one already applied (AgentStore.refresh)."""
+
+
+class _Given:
+    """One site's given state, with the interface of :class:`_Shared` (AgentStore.payload(state=...))."""
+
+    def __init__(self, site: str, state: dict[str, Any]) -> None:
+        self.site, self._state, self._manifest = site, state, manifest(state)
+
+    def manifest(self, site: str) -> dict[str, str]:
+        return self._manifest
+
+    def value(self, site: str, key: str) -> Any:
+        return self._state[key]
+
+    def body(self, site: str, key: str) -> bytes:
+        return canonical(self._state[key])
+
+    def state(self, site: str) -> dict[str, Any]:
+        return self._state
 
 
 # -- tokens ------------------------------------------------------------------------------
@@ -226,9 +392,12 @@ _SCHEMA = [
         signing_key TEXT, hostname TEXT, interval_s REAL NOT NULL, created REAL NOT NULL, last_seen REAL, last_remote TEXT,
         revoked INTEGER NOT NULL DEFAULT 0)""",
     "CREATE INDEX IF NOT EXISTS agent_credentials_site ON agent_credentials(site)",
-    """CREATE TABLE IF NOT EXISTS agent_state (
-        site TEXT PRIMARY KEY, version INTEGER NOT NULL, digest TEXT NOT NULL, state TEXT NOT NULL,
+    # per site: its version, the state's digest and manifest (key -> part digest), the previous manifest;
+    # the parts themselves once each, by digest (a policy change writes one part and a row per site)
+    """CREATE TABLE IF NOT EXISTS agent_versions (
+        site TEXT PRIMARY KEY, version INTEGER NOT NULL, digest TEXT NOT NULL, parts TEXT NOT NULL,
         prev TEXT, updated REAL NOT NULL)""",
+    "CREATE TABLE IF NOT EXISTS agent_parts (digest TEXT PRIMARY KEY, body TEXT NOT NULL)",
     """CREATE TABLE IF NOT EXISTS agent_telemetry (
         id INTEGER PRIMARY KEY AUTOINCREMENT, site TEXT NOT NULL, received REAL NOT NULL, kind TEXT NOT NULL,
         ts REAL NOT NULL, path TEXT, data TEXT NOT NULL)""",
@@ -251,9 +420,40 @@ class AgentStore:
         self.pin = pin
         self.clock = clock
         self._state_lock = threading.Lock()
+        self._snap_lock = threading.Lock()
+        self._snap: tuple[Any, _Shared] | None = None
+        self._gen = self._applied = 0   # snapshots made, and the newest one refresh() applied
         with self.db.transaction() as c:
             for stmt in _SCHEMA:
                 c.execute(stmt)
+            self._import_full_states(c)
+        # site -> (version, digest, manifest, previous manifest or None): this process is the only writer
+        self._rows: dict[str, tuple[int, str, dict[str, str], dict[str, str] | None]] = {
+            r["site"]: (r["version"], r["digest"], json.loads(r["parts"]),
+                        None if r["prev"] is None else json.loads(r["prev"]))
+            for r in self.db.query("SELECT site, version, digest, parts, prev FROM agent_versions")}
+        self._known = {r["digest"] for r in self.db.query("SELECT digest FROM agent_parts")}
+        self._values: dict[str, Any] = {}   # part digest -> value, for the parts of the rows above
+
+    @staticmethod
+    def _import_full_states(c: sqlite3.Connection) -> None:
+        """Rows of the older table (agent_state: full states) moved to manifests and parts, versions kept."""
+        if c.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'agent_state'").fetchone() is None:
+            return
+        for r in c.execute("SELECT site, version, state, prev, updated FROM agent_state").fetchall():
+            mans = []
+            for text in (r["state"], r["prev"]):
+                if text is None:
+                    mans.append(None)
+                    continue
+                st = json.loads(text)
+                c.executemany("INSERT OR IGNORE INTO agent_parts (digest, body) VALUES (?, ?)",
+                              [(d, canonical(st[k]).decode()) for k, d in manifest(st).items()])
+                mans.append(manifest(st))
+            c.execute("INSERT OR REPLACE INTO agent_versions (site, version, digest, parts, prev, updated) "
+                      "VALUES (?,?,?,?,?,?)", (r["site"], r["version"], digest_of(mans[0]), json.dumps(mans[0]),
+                                               None if mans[1] is None else json.dumps(mans[1]), r["updated"]))
+        c.execute("DROP TABLE agent_state")
 
     # -- enrolment tokens --------------------------------------------------------------
 
@@ -439,32 +639,142 @@ class AgentStore:
 
     # -- versions --------------------------------------------------------------------------
 
+    def _mesh_key(self) -> Any:
+        """What tells the mesh and the peers changed, cheaply: the service's change
+        counter (every change and announcement bumps it) and the state file's
+        ``saved_at`` (a save by another process); None when unknown (no caching)."""
+        try:
+            con = sqlite3.connect(f"file:{self.service.state}?mode=ro", uri=True)
+            try:
+                saved = con.execute("SELECT saved_at FROM mesh").fetchone()
+            finally:
+                con.close()
+        except (sqlite3.Error, AttributeError, TypeError):
+            return None
+        seq = getattr(self.service, "_seq", None)
+        return None if seq is None or saved is None else (seq, saved[0])
+
+    def snapshot(self) -> _Shared:
+        """Every site's desired state now (:class:`_Shared`), rebuilt only when
+        the mesh or the peers changed (the key is read before the mesh is)."""
+        with self._snap_lock:
+            key = self._mesh_key()
+            snap = self._snap
+            if key is not None and snap is not None and snap[0] == key:
+                return snap[1]
+            shared = _Shared(self.service.mesh(), self.peers(), None if snap is None else snap[1])
+            self._gen += 1
+            shared.gen = self._gen  # type: ignore[attr-defined]
+            self._snap = (key, shared)
+            return shared
+
+    def _refreshed(self, sites: list[str], state: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+        """(source, :meth:`refresh` of ``sites``) from the latest snapshot (or the given state)."""
+        while True:
+            source = self.snapshot() if state is None else _Given(sites[0], state)
+            try:
+                return source, self.refresh(source, sites)
+            except _Stale:   # a newer snapshot was applied meanwhile: never go back to an older one
+                continue
+
+    def refresh(self, source: Any, sites: list[str]) -> dict[str, tuple[int, str, dict[str, str], Any]]:
+        """Site -> (version, digest, manifest, previous manifest or None) of
+        ``sites`` as ``source`` (a :class:`_Shared`) has them: a site whose
+        digest changed gets the next version, in one transaction for all,
+        with the parts not stored yet."""
+        out: dict[str, tuple[int, str, dict[str, str], Any]] = {}
+        with self._state_lock:
+            gen = getattr(source, "gen", None)
+            if gen is not None:
+                if gen < self._applied:
+                    raise _Stale
+                self._applied = gen
+            writes, bodies = [], {}
+            for s in sites:
+                m = source.manifest(s)
+                dg = digest_of(m)
+                r = self._rows.get(s)
+                if r is not None and r[1] == dg:
+                    out[s] = r
+                else:
+                    for k, d in m.items():
+                        if d not in self._known and d not in bodies:
+                            bodies[d] = source.body(s, k).decode()
+                    out[s] = (1 if r is None else r[0] + 1, dg, m, None if r is None else r[2])
+                    writes.append(s)
+                for k, d in out[s][2].items():
+                    if d not in self._values:
+                        self._values[d] = source.value(s, k)
+            if writes:
+                now = self.clock()
+                with self.db.transaction() as c:
+                    c.executemany("INSERT OR IGNORE INTO agent_parts (digest, body) VALUES (?, ?)", bodies.items())
+                    c.executemany("INSERT OR REPLACE INTO agent_versions (site, version, digest, parts, prev, updated) "
+                                  "VALUES (?,?,?,?,?,?)",
+                                  [(s, out[s][0], out[s][1], json.dumps(out[s][2]),
+                                    None if out[s][3] is None else json.dumps(out[s][3]), now) for s in writes])
+                    self._rows.update((s, out[s]) for s in writes)
+                    self._known.update(bodies)
+                    self._collect(c)
+        return out
+
+    def _collect(self, c: sqlite3.Connection) -> None:
+        """Drop the parts no site's state or previous state refers to any more."""
+        used = set()
+        for _, _, m, p in self._rows.values():
+            used.update(m.values())
+            if p is not None:
+                used.update(p.values())
+        stale = self._known - used
+        if stale:
+            c.executemany("DELETE FROM agent_parts WHERE digest = ?", [(d,) for d in stale])
+            self._known -= stale
+        for d in [d for d in self._values if d not in used]:
+            self._values.pop(d, None)
+
+    def _part(self, d: str) -> Any:
+        """The value of part ``d`` (memory, else the database); KeyError when it is gone."""
+        try:
+            return self._values[d]
+        except KeyError:
+            pass
+        rows = self.db.query("SELECT body FROM agent_parts WHERE digest = ?", (d,))
+        if not rows:
+            raise KeyError(d)
+        v = self._values[d] = json.loads(rows[0]["body"])
+        return v
+
     def current(self, site: str, state: dict[str, Any] | None = None) -> tuple[int, str, dict[str, Any], Any]:
         """(version, digest, state, previous state or None) of ``site`` now:
         the version is bumped (and the previous state kept) when the desired
-        state differs from the one stored."""
-        if state is None:
-            state = desired_state(self.service.mesh(), site, self.peers())
-        dg = digest(state)
-        with self._state_lock, self.db.transaction() as c:
-            r = c.execute("SELECT * FROM agent_state WHERE site = ?", (site,)).fetchone()
-            if r is not None and r["digest"] == dg:
-                prev = None if r["prev"] is None else json.loads(r["prev"])
-                return r["version"], dg, state, prev
-            version = 1 if r is None else r["version"] + 1
-            prev_text = None if r is None else r["state"]
-            c.execute("INSERT OR REPLACE INTO agent_state (site, version, digest, state, prev, updated) "
-                      "VALUES (?,?,?,?,?,?)", (site, version, dg, canonical(state).decode(), prev_text, self.clock()))
-        return version, dg, state, None if prev_text is None else json.loads(prev_text)
+        state differs from the one stored. ``state`` given: that state, not the mesh's."""
+        source, rows = self._refreshed([site], state)
+        version, dg, _, prev = rows[site]
+        try:
+            old = None if prev is None else {k: self._part(d) for k, d in prev.items()}
+        except KeyError:
+            old = None
+        return version, dg, source.state(site), old
 
     def payload(self, site: str, since: int | None, state: dict[str, Any] | None = None) -> dict[str, Any]:
-        """What an agent holding ``since`` gets: unchanged, a delta, or the full state."""
-        version, dg, st, prev = self.current(site, state)
+        """What an agent holding ``since`` gets: unchanged, a delta (over the
+        keys whose part digests differ, when the previous state's parts are
+        at hand), or the full state."""
+        source, rows = self._refreshed([site], state)
+        version, dg, now, prev = rows[site]
         if since == version:
             return {"version": version, "digest": dg, "unchanged": True}
         if since is not None and since == version - 1 and prev is not None:
-            return {"version": version, "digest": dg, "since": since, "delta": diff(prev, st)}
-        return {"version": version, "digest": dg, "full": st}
+            keys = [k for k in prev if prev[k] != now.get(k)]
+            try:
+                old = {k: self._part(prev[k]) for k in keys}
+            except KeyError:
+                old = None
+            if old is not None:
+                new = {k: source.value(site, k) for k in now if prev.get(k) != now[k]}
+                return {"version": version, "digest": dg, "since": since,
+                        "delta": state_delta(prev, old, now, new)}
+        return {"version": version, "digest": dg, "full": source.state(site)}
 
     # -- telemetry -------------------------------------------------------------------------
 
@@ -479,7 +789,31 @@ class AgentStore:
         with self.db.transaction() as c:
             c.executemany("INSERT INTO agent_telemetry (site, received, kind, ts, path, data) VALUES (?,?,?,?,?,?)",
                           rows)
+        self._to_state(site, batch)
         return len(rows)
+
+    def _to_state(self, site: str, batch: TelemetryIn) -> None:
+        """Path metrics and failover events also go where the service reads
+        paths, metric series and events from (the state file), in one
+        transaction; a path is measured from both ends, each end's rows kept."""
+        if not batch.metrics and not batch.events:
+            return
+        from ..store import Store
+
+        with Store(self.service.state) as st:
+            db = st._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for m in batch.metrics:
+                    st.add_path_metrics(m.ts, [(m.path, m.rtt_ms, m.jitter_ms, m.loss_pct, m.mos, m.mtu,
+                                                m.bandwidth_mbps)])
+                for e in batch.events:
+                    st.add_event(e.reason, policy=e.policy, from_path=e.from_path, to_path=e.to_path,
+                                 detail=e.detail, ts=e.ts, site=e.site)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
 
     def telemetry(self, site: str | None = None, kind: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
         sql, params = "SELECT * FROM agent_telemetry WHERE 1=1", []
@@ -629,13 +963,13 @@ class Hub:
                     q.put_nowait(version)
 
     def _versions(self, sites: list[str]) -> dict[str, int]:
-        mesh = self.store.service.mesh()
-        shared = _Shared(mesh, self.store.peers())
-        out = {}
-        for s in sites:
-            if s in shared.pos:
-                out[s] = self.store.current(s, shared.state(s))[0]
-        return out
+        while True:
+            shared = self.store.snapshot()
+            try:
+                rows = self.store.refresh(shared, [s for s in sites if s in shared.pos])
+            except _Stale:
+                continue
+            return {s: r[0] for s, r in rows.items()}
 
     @contextlib.contextmanager
     def connect(self, site: str) -> Any:
@@ -735,17 +1069,21 @@ def build_router(service: Any, auth: Any, *, pin: str | None = None,
 
         remote = _remote(request)
         try:
-            raw = [base64.b64decode(x, validate=True) for x in (body.body, body.signature, body.key)]
+            raw: list[bytes] | None = [base64.b64decode(x, validate=True)
+                                       for x in (body.body, body.signature, body.key)]
         except (ValueError, binascii.Error):
-            return _problem(422, "unprocessable content", "body, signature and key must be base64", field="body")
+            raw = None
         try:
+            if raw is None:
+                raise AnnouncementRejected("malformed", "body, signature and key must be base64")
             return store.announce(agent, raw[0], raw[1], raw[2], remote)
         except AnnouncementRejected as e:
+            text = str(e)   # "reason: detail" or "reason" (the exception keeps no detail attribute)
+            detail = text[len(e.reason) + 2:] if text.startswith(f"{e.reason}: ") else ""
             service.db.audit(f"agent:{agent['site']}:{agent['id']}", "agent.announce", f"site/{agent['site']}",
-                             None, {"rejected": e.reason, "detail": e.detail}, remote, False)
+                             None, {"rejected": e.reason, "detail": detail}, remote, False)
             return _problem(403 if e.reason in ("unknown_key", "bad_signature", "unauthorized") else 422,
-                            "announcement rejected", f"{e.reason}: {e.detail}" if e.detail else e.reason,
-                            field="body", reason=e.reason)
+                            "announcement rejected", text, field="body", reason=e.reason)
 
     @router.get(f"{PREFIX}/agent/state", tags=["agent"])
     def agent_state(since: int | None = Query(None, ge=0), agent: dict[str, Any] = Depends(agent_dep)) -> Any:
@@ -773,7 +1111,7 @@ def build_router(service: Any, auth: Any, *, pin: str | None = None,
                     return _problem(413, "content too large",
                                     f"{k}: {len(raw[k])} items, a batch holds at most {MAX_TELEMETRY_ITEMS}", field=k)
         try:
-            batch = TelemetryIn.model_validate(raw)
+            batch = TelemetryIn.model_validate(raw, strict=True)   # no true for 1.0, no "1.5" for 1.5
         except ValidationError as e:
             first = e.errors()[0]
             f = _field(first.get("loc", ()))
@@ -783,12 +1121,14 @@ def build_router(service: Any, auth: Any, *, pin: str | None = None,
             await run_in_threadpool(service.db.audit, f"agent:{site}:{agent['id']}", "agent.telemetry",
                                     f"site/{batch.site}", None, {"reason": "another site's telemetry"}, remote, False)
             raise _auth.Forbidden(f"this credential is site {site!r}'s: it may not post telemetry for {batch.site!r}")
-        for k in ("metrics", "bfd"):
+        for k, attrs in (("metrics", ("path",)), ("bfd", ("path",)), ("events", ("from_path", "to_path")),
+                         ("flows", ("path",))):
             for i, it in enumerate(getattr(batch, k)):
-                ends = {e.split(".", 1)[0] for e in it.path.split("~")}
-                if site not in ends:
-                    return _problem(422, "unprocessable content", f"path {it.path!r} is not a path of site {site!r}",
-                                    field=f"{k}[{i}].path")
+                for a in attrs:
+                    pid = getattr(it, a)
+                    if pid is not None and site not in {e.split(".", 1)[0] for e in pid.split("~")}:
+                        return _problem(422, "unprocessable content", f"path {pid!r} is not a path of site {site!r}",
+                                        field=f"{k}[{i}].{a}")
         n = await run_in_threadpool(store.store_telemetry, site, batch, remote)
         return {"stored": n}
 

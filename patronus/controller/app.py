@@ -31,7 +31,7 @@ from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ConfigError, StateError
@@ -103,6 +103,18 @@ class PolicyIn(_Body):
     action: str = "forward"
 
 
+class FailoverIn(_Body):
+    detect_ms: int = Field(150, description="BFD detection time; the BFD interval is detect_ms // multiplier")
+    multiplier: int = 3
+    failback_hold_s: float = Field(30.0, description="how long a path must be healthy before traffic returns")
+    sla_windows: int = 3
+    cooldown_s: float = 1.0
+    damp_penalty: float = 1000.0
+    damp_half_life_s: float = 15.0
+    damp_reuse: float = 750.0
+    damp_suppress: float = 2000.0
+
+
 class LoginIn(_Body):
     name: str = Field(max_length=256)
     password: str = Field(max_length=1024)
@@ -125,6 +137,12 @@ class UserIn(_Body):
     name: str = Field(max_length=256)
     password: str = Field(max_length=1024)
     role: Literal["admin", "operator", "viewer"]
+
+
+class UserPatchIn(_Body):
+    role: Literal["admin", "operator", "viewer"] | None = None
+    disabled: StrictBool | None = Field(None, description="true: the user cannot log in and every session ends")
+    password: str | None = Field(None, max_length=1024, description="a new password: every session ends")
 
 
 class ApiKeyIn(_Body):
@@ -416,6 +434,17 @@ def create_app(service: Service, auth: Any, *, docs: bool = False) -> FastAPI:
         service.delete_policy(name, if_match=if_match, **_who(request))
         return Response(status_code=204)
 
+    # -- failover settings -----------------------------------------------------------------
+
+    @app.get(f"{PREFIX}/failover", dependencies=[Depends(require("policies.read"))], tags=["failover"])
+    def get_failover() -> Any:
+        return _resource(service.get_failover())
+
+    @app.put(f"{PREFIX}/failover", dependencies=[Depends(require("policies.write"))], tags=["failover"])
+    def replace_failover(body: FailoverIn, request: Request,
+                         if_match: str | None = Header(None, alias="If-Match")) -> Any:
+        return _resource(service.replace_failover(body.model_dump(), if_match=if_match, **_who(request)))
+
     # -- read-only views ---------------------------------------------------------------------
 
     @app.get(f"{PREFIX}/paths", dependencies=[Depends(require("paths.read"))], tags=["paths"])
@@ -456,6 +485,12 @@ def create_app(service: Service, auth: Any, *, docs: bool = False) -> FastAPI:
         out = auth.create_user(body.name, body.password, _auth.Role(body.role), actor=who["actor"],
                                remote=who["remote"])
         return out if isinstance(out, dict) else {"name": body.name, "role": body.role}
+
+    @app.patch(f"{PREFIX}/users/{{name}}", dependencies=[Depends(require("users.write"))], tags=["users"])
+    def update_user(name: str, body: UserPatchIn, request: Request) -> Any:
+        who = _who(request)
+        return auth.update_user(name, role=body.role, disabled=body.disabled, password=body.password,
+                                actor=who["actor"], remote=who["remote"])
 
     @app.delete(f"{PREFIX}/users/{{name}}", status_code=204, dependencies=[Depends(require("users.write"))],
                 tags=["users"])

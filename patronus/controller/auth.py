@@ -492,6 +492,58 @@ class Auth:
                           before={"disabled": bool(row["disabled"])}, after={"disabled": bool(disabled)},
                           remote=remote)
 
+    def update_user(self, name: str, *, role: Role | str | None = None, disabled: bool | None = None,
+                    password: str | None = None, actor: str = "system",
+                    remote: str | None = None) -> dict[str, Any]:
+        """Change a user's role, disable or enable the user, reset the
+        password (validated as on create): what is given, in one transaction
+        and one audit row (``user.update``, before/after the public record;
+        never the password). A new role applies to the user's next request;
+        disabling and a new password end every session at once (access
+        tokens by the generation, refresh tokens revoked). Conflict when it
+        would leave no enabled admin; ConfigError when nothing is given.
+        Returns the public record after the change."""
+        name = _user_name(name)
+        new_role = None if role is None else _role(role)
+        if disabled is not None and not isinstance(disabled, bool):
+            raise ConfigError("disabled", disabled, "is not true or false")
+        if new_role is None and disabled is None and password is None:
+            raise ConfigError("user", None, "has nothing to change: give role, disabled or password")
+        pw_hash = None if password is None else self._hasher.hash(_check_password(password))  # slow: outside
+        try:
+            return self._update_user(name, new_role, disabled, pw_hash, actor, remote)
+        except (Conflict, NotFound) as e:   # refused: on record too
+            self.db.audit(actor, "user.update", name, after={"error": str(e)}, remote=remote, ok=False)
+            raise
+
+    def _update_user(self, name: str, new_role: Role | None, disabled: bool | None, pw_hash: str | None,
+                     actor: str, remote: str | None) -> dict[str, Any]:
+        with self.db.transaction() as c:
+            row = self._user(c, name)
+            before = self._public(row)
+            role_after = row["role"] if new_role is None else new_role.value
+            disabled_after = bool(row["disabled"]) if disabled is None else disabled
+            if (row["role"] == "admin" and not row["disabled"] and (role_after != "admin" or disabled_after)
+                    and not self._other_admins(c, name)):
+                what = "demoted" if role_after != "admin" else "disabled"
+                raise Conflict(f"{name!r} is the last enabled admin and cannot be {what}: make another user "
+                               "admin (or enable one) first")
+            c.execute("UPDATE users SET role = ?, disabled = ? WHERE name = ?",
+                      (role_after, int(disabled_after), name))
+            if pw_hash is not None:
+                c.execute("UPDATE users SET pw_hash = ? WHERE name = ?", (pw_hash, name))
+            ended = None
+            if pw_hash is not None or (disabled_after and not row["disabled"]):
+                ended = self._end_sessions(c, name)
+            after = self._public(self._user(c, name))
+            noted: dict[str, Any] = dict(after)
+            if pw_hash is not None:
+                noted["password_changed"] = True
+            if ended is not None:
+                noted["sessions_ended"] = ended
+            self.db.audit(actor, "user.update", name, before=before, after=noted, remote=remote)
+        return after
+
     def delete_user(self, name: str, *, actor: str = "system", remote: str | None = None) -> None:
         """Delete a user and their refresh tokens (their access tokens die
         with them); Conflict for the last admin. API keys they created stay."""

@@ -98,6 +98,22 @@ MIGRATIONS: list[str] = [
     CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
         BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END
     """,
+    # 2: a mesh change between its two commits (ControllerDB.prepare_change): the
+    # audit row it will append, and the versions of the mesh before and after it
+    """
+    CREATE TABLE pending_change (
+        id INTEGER PRIMARY KEY CHECK (id = 1),   -- changes are serialised: at most one
+        ts REAL NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        target TEXT NOT NULL,
+        before TEXT,
+        after TEXT,
+        remote TEXT,
+        mesh_before TEXT NOT NULL,
+        mesh_after TEXT NOT NULL
+    )
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -271,20 +287,59 @@ class ControllerDB:
 
     # -- audit ------------------------------------------------------------------
 
+    def _row(self, actor: str, action: str, target: str, before: Any, after: Any, remote: str | None,
+             ok: bool) -> tuple[Any, ...]:
+        for field, v in (("actor", actor), ("action", action), ("target", target)):
+            if not isinstance(v, str):
+                raise ConfigError(f"audit.{field}", v, "is not a string")
+        return (self.clock(), actor[:200], action[:100], target[:200], _json(before), _json(after),
+                None if remote is None else str(remote)[:200], int(bool(ok)))
+
     def audit(self, actor: str, action: str, target: str, before: Any = None, after: Any = None,
               remote: str | None = None, ok: bool = True) -> None:
         """Append one audit row. ``before``/``after`` are stored as JSON with
         every secret-named key redacted (:func:`redact`); values JSON cannot
         hold are stored as their ``str``. Inside a transaction the row is
         part of it (a rolled-back change leaves no row)."""
-        for field, v in (("actor", actor), ("action", action), ("target", target)):
-            if not isinstance(v, str):
-                raise ConfigError(f"audit.{field}", v, "is not a string")
-        row = (self.clock(), actor[:200], action[:100], target[:200], _json(before), _json(after),
-               None if remote is None else str(remote)[:200], int(bool(ok)))
+        row = self._row(actor, action, target, before, after, remote, ok)
         with self.transaction() as db:
             db.execute("INSERT INTO audit (ts, actor, action, target, before, after, remote, ok) "
                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row)
+
+    # -- a change of the state file, committed in two files -------------------------
+
+    def prepare_change(self, actor: str, action: str, target: str, before: Any, after: Any,
+                       remote: str | None, mesh_before: str, mesh_after: str) -> None:
+        """Record (committed) a mesh change about to be saved to the state
+        file: the audit row it will become and the mesh's versions before and
+        after it. :meth:`finish_change` then appends the row (or a refusal);
+        after a crash the state file says which (``Service`` settles it when
+        it starts). StateError while another change is pending."""
+        row = self._row(actor, action, target, before, after, remote, True)
+        with self.transaction() as db:
+            if db.execute("SELECT 1 FROM pending_change").fetchone():
+                raise StateError(f"{self.path!r}: another change is pending")
+            db.execute("INSERT INTO pending_change (id, ts, actor, action, target, before, after, remote, "
+                       "mesh_before, mesh_after) VALUES (1, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       (*row[:7], mesh_before, mesh_after))
+
+    def pending_change(self) -> dict[str, Any] | None:
+        """The change :meth:`prepare_change` recorded and nothing finished yet, or None."""
+        rows = self.query("SELECT * FROM pending_change")
+        return dict(rows[0]) if rows else None
+
+    def finish_change(self, applied: bool, error: str | None = None) -> None:
+        """End the pending change, in one transaction: append its audit row
+        when ``applied``, else the row of a refusal (ok false, ``error``)."""
+        with self.transaction() as db:
+            if applied:
+                db.execute("INSERT INTO audit (ts, actor, action, target, before, after, remote, ok) "
+                           "SELECT ts, actor, action, target, before, after, remote, 1 FROM pending_change")
+            else:
+                db.execute("INSERT INTO audit (ts, actor, action, target, before, after, remote, ok) "
+                           "SELECT ts, actor, action, target, NULL, ?, remote, 0 FROM pending_change",
+                           (_json({"error": error or "not applied"}),))
+            db.execute("DELETE FROM pending_change")
 
     def audit_log(self, limit: int = 100, before_id: int | None = None) -> list[dict[str, Any]]:
         """Audit rows, newest first: at most ``limit`` (1..1000) of them, with

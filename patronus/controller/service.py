@@ -7,6 +7,16 @@ transaction of the patronus state file, written to the audit log with its
 before and after, and published as an event to every listener of
 ``Service.changes``.
 
+The state file and the audit log are two SQLite files, so a change commits
+in three steps: its audit row is recorded as pending in the controller
+database (with the versions of the mesh before and after it), the state
+file saves the mesh, the pending row becomes an audit row. A process killed
+in between leaves the pending row, which the next ``Service`` settles by
+the state file: the audit row is appended when the state file has the new
+mesh, a refusal (ok false, "not applied") when it has the old one. So the
+audit log has one ok row for every change the state file holds, however
+the process ends (tests/test_controller_crash.py).
+
 Every site and policy has a version, its ``etag`` (a quoted SHA-256 of the
 canonical JSON of its ``to_dict``). A change that names the version it read
 (``if_match``, HTTP ``If-Match``) and finds another is refused with
@@ -29,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import copy
 import datetime
 import hashlib
@@ -46,7 +57,7 @@ import attrs
 from .._fanout import Fanout
 from ..errors import ConfigError, StateError
 from ..mesh import Mesh
-from ..model import Policy, Site
+from ..model import Failover, Policy, Site
 from ..store import Store
 from .problems import Conflict, NotFound, PreconditionFailed, ServiceError, Unavailable
 
@@ -168,6 +179,11 @@ def etag_of(data: Any) -> str:
     return '"' + hashlib.sha256(text.encode()).hexdigest()[:40] + '"'
 
 
+def _mesh_tag(mesh: Mesh) -> str:
+    """The version of a whole mesh (what a pending change is settled by)."""
+    return etag_of(mesh.to_dict())
+
+
 def _matches(if_match: str | None, etag: str) -> bool:
     """Does an ``If-Match`` header value accept ``etag``? None (no header) accepts everything."""
     if if_match is None:
@@ -187,7 +203,7 @@ class Resource:
     etag: str
 
     @classmethod
-    def of(cls, obj: Site | Policy) -> Resource:
+    def of(cls, obj: Site | Policy | Failover) -> Resource:
         d = obj.to_dict()
         return cls(d, etag_of(d))
 
@@ -217,6 +233,7 @@ class Service:
                 if self._has_mesh():
                     raise
                 st.save_mesh(Mesh(DEFAULT_MESH))
+        self._settle()
 
     # -- plumbing --------------------------------------------------------------
 
@@ -263,13 +280,23 @@ class Service:
         """Load, apply ``edit`` (mesh -> (new mesh, before, after)), save and audit
         in one step, publish. A refused change is audited with ok=False."""
         with self._lock:
+            self._settle()   # a change a failed save or audit left pending
             try:
                 with self._store() as st:
                     mesh = st.load_mesh()
                     new, before, after = edit(mesh)
-                    with self.db.transaction():
-                        self.db.audit(actor, action, target, before=before, after=after, remote=remote)
+                    # two files, so two steps: the change and its audit row are recorded
+                    # as pending (committed) before the state file saves it, and the row
+                    # is appended after; a crash in between is settled at the next start
+                    self.db.prepare_change(actor, action, target, before, after, remote,
+                                           _mesh_tag(mesh), _mesh_tag(new))
+                    try:
                         st.save_mesh(new)
+                    except BaseException:
+                        with contextlib.suppress(Exception):
+                            self._settle(st)
+                        raise
+                    self.db.finish_change(True)
             except (ConfigError, Conflict, NotFound, PreconditionFailed) as e:
                 self.db.audit(actor, action, target, after={"error": str(e)}, remote=remote, ok=False)
                 raise
@@ -278,6 +305,27 @@ class Service:
         self._publish({"seq": seq, "ts": time.time(), "type": action, "target": target,
                        "before": before, "after": after,
                        "etag": None if after is None else etag_of(after)})
+
+    def _settle(self, st: Store | None = None) -> None:
+        """End the change a crash (or a failed save) left pending: its audit
+        row is appended when the state file has the mesh it made, a refusal
+        (ok false) when the state file has the mesh from before it."""
+        pending = self.db.pending_change()
+        if pending is None:
+            return
+        if st is None:
+            with self._store() as store:
+                tag = _mesh_tag(store.load_mesh())
+        else:
+            tag = _mesh_tag(st.load_mesh())
+        if tag == pending["mesh_after"]:
+            self.db.finish_change(True)
+        elif tag == pending["mesh_before"]:
+            self.db.finish_change(False, "not applied: the controller stopped or failed before the state file "
+                                         "saved the change")
+        else:
+            self.db.finish_change(False, "outcome unknown: the state file has changed since, outside this "
+                                         "controller")
 
     def notify(self, type_: str, target: str, after: Any = None) -> None:
         """Publish a change made outside the mesh (an agent's announcement,
@@ -427,8 +475,30 @@ class Service:
 
         self._change(actor=actor, remote=remote, action="policy.delete", target=f"policy/{name}", edit=edit)
 
+    # -- failover settings ---------------------------------------------------------
+
+    def get_failover(self) -> Resource:
+        """The mesh's failover settings (``Failover``), with their ETag."""
+        return Resource.of(self.mesh().failover)
+
+    def replace_failover(self, body: dict[str, Any], *, if_match: str | None = None, actor: str,
+                         remote: str | None = None) -> Resource:
+        """Replace the failover settings (validated by ``Failover.from_dict``;
+        omitted fields take their defaults); every agent gets them with its
+        next desired state."""
+        failover = Failover.from_dict(body)
+
+        def edit(mesh: Mesh) -> tuple[Mesh, Any, Any]:
+            self._check(if_match, mesh.failover, "the failover settings")
+            d = mesh.to_dict()
+            d["failover"] = failover.to_dict()
+            return Mesh.from_dict(d), mesh.failover.to_dict(), failover.to_dict()
+
+        self._change(actor=actor, remote=remote, action="failover.replace", target="failover", edit=edit)
+        return Resource.of(failover)
+
     @staticmethod
-    def _check(if_match: str | None, obj: Site | Policy, what: str) -> None:
+    def _check(if_match: str | None, obj: Site | Policy | Failover, what: str) -> None:
         tag = Resource.of(obj).etag
         if not _matches(if_match, tag):
             raise PreconditionFailed(f"{what} has changed: its version is {tag}, If-Match names {if_match}")

@@ -106,7 +106,7 @@ class Event:
     """One thing the engine did or noticed."""
 
     ts: float              # the engine's clock (time.monotonic); the store keeps wall time
-    reason: str            # bfd_down, bfd_up, sla_violation, failback, reroute, damped, reuse, initial
+    reason: str            # bfd_down, bfd_up, sla_violation, failback, reroute, damped, reuse, initial, config
     policy: str | None = None   # a move's class: a policy name or DEFAULT_CLASS
     from_path: str | None = None
     to_path: str | None = None
@@ -210,7 +210,8 @@ class FailoverCore:
         self.mesh, self.selector = mesh, selector
         self.local_site: str = local_site
         self.cfg: Failover = mesh.failover
-        self.profiles = {**BUILTIN_PROFILES, **dict(getattr(mesh, "profiles", None) or {}), **(profiles or {})}
+        self._given_profiles = dict(profiles or {})
+        self.profiles = {**BUILTIN_PROFILES, **dict(getattr(mesh, "profiles", None) or {}), **self._given_profiles}
         self.paths: dict[str, _PathHealth] = {}
         for remote in names:
             if remote != local_site:
@@ -407,6 +408,34 @@ class FailoverCore:
                 self._move(out, st, best, "failback", f"{best} healthy for {self.cfg.failback_hold_s:g} s", now)
         return out.outcome()
 
+    def reconfigure(self, mesh: Mesh, now: float) -> Outcome:
+        """Take a new configuration (policies, preferences, sites, failover
+        settings) without forgetting what was observed: the health of every
+        path kept (same id) carries over, a pair kept stays on its path, and
+        then every pair is put on its best usable path under the new
+        configuration; a pair whose path changes (or a new pair) moves with
+        reason ``config``. Raises ConfigError (nothing changed) when the local
+        site is not in ``mesh``."""
+        new = FailoverCore(mesh, local_site=self.local_site, selector=self.selector,
+                           profiles=self._given_profiles)
+        for pid, h in new.paths.items():
+            old = self.paths.get(pid)
+            if old is not None:
+                old.path = h.path          # its index may have moved
+                new.paths[pid] = old
+        for key, st in new.pairs.items():
+            old_st = self.pairs.get(key)
+            if old_st is not None and old_st.current in st.candidates:
+                st.current, st.moved_at = old_st.current, old_st.moved_at
+        new._suspect = {u: t for u, t in self._suspect.items()}
+        self.__dict__.update(new.__dict__)
+        out = _Collect()
+        for st in self.pairs.values():
+            best = self._best(st, now)
+            if best is not None and best != st.current:
+                self._move(out, st, best, "config", "configuration changed", now)
+        return out.outcome()
+
     def revert(self, outcome: Outcome) -> None:
         """Put the pairs an outcome moved back where they were (the data
         plane refused its moves); the next ``tick`` decides them again.
@@ -526,6 +555,27 @@ class Engine:
     def tick(self, now: float | None = None) -> list[Event]:
         """Damping decay and failback (``FailoverCore.tick``)."""
         return self._apply(self.core.tick(self._now(now)))
+
+    def reconfigure(self, mesh: Mesh, table: Any = None, *, dataplane: DataPlane | None = None,
+                    now: float | None = None) -> list[Event]:
+        """A new configuration (``FailoverCore.reconfigure``), applied: the
+        data plane gets ``table`` first (``set_table``) when given, or is
+        replaced by ``dataplane`` (a new one, for a new policy count); then
+        every pair's path is written again (the table may have re-indexed
+        them) and the ``config`` moves' events go out."""
+        outcome = self.core.reconfigure(mesh, self._now(now))
+        if dataplane is not None:
+            self.dataplane = dataplane
+        elif table is not None:
+            self.dataplane.set_table(table)
+        moves = [(None if cls == DEFAULT_CLASS else cls, site, self.core.paths[pid].path.index)
+                 for (cls, site), pid in self.core.where().items() if pid is not None]
+        if moves:
+            self.dataplane.set_paths(moves)
+            self.set_path_calls += len(outcome.moves)
+        for ev in outcome.events:
+            self._emit(ev)
+        return list(outcome.events)
 
     # -- asyncio ------------------------------------------------------------------
 

@@ -43,7 +43,7 @@ from ..store import save_mesh
 from ..model import Site, Uplink
 from ..site import SiteRealiser, ip_runner, path_table, uplink_route
 from ..wireguard.config import InterfaceConfig
-from ..wireguard.keys import PrivateKey, PublicKey
+from ..wireguard.keys import PrivateKey, PublicKey, write_secret_file
 from ..wireguard.plan import Topology, Tunnel, tunnels
 from ..wireguard.uapi import Uapi, WireguardGo
 
@@ -414,6 +414,38 @@ class Lab:
 
     # -- site agents ----------------------------------------------------------------
 
+    # -- a controller on the lab's WAN ------------------------------------------------
+
+    CONTROLLER_WAN = "172.31.0.2"    # where the sites reach a controller (``controller_ns``)
+    CONTROLLER_HOST = "172.31.1.2"   # where this process (the root namespace) reaches it
+
+    @property
+    def controller_ns(self) -> str:
+        return f"{self.tag}-ctl"
+
+    def add_controller_net(self) -> str:
+        """A namespace for a controller: on the lab's WAN at ``CONTROLLER_WAN``
+        (each site routes to it by its first uplink) and, for the test that
+        drives it, reachable from the root namespace at ``CONTROLLER_HOST``.
+        Returns its name; ``down()`` removes it with the rest."""
+        ns, t = self.controller_ns, self.tag
+        self._netns(ns)
+        _run("ip", "link", "add", f"{t}k0", "netns", ns, "type", "veth", "peer", "name", f"{t}k1", "netns", self.wan_ns)
+        _run("ip", "addr", "add", f"{self.CONTROLLER_WAN}/24", "dev", f"{t}k0", ns=ns)
+        _run("ip", "addr", "add", "172.31.0.1/24", "dev", f"{t}k1", ns=self.wan_ns)
+        _run("ip", "link", "set", f"{t}k0", "up", ns=ns)
+        _run("ip", "link", "set", f"{t}k1", "up", ns=self.wan_ns)
+        _run("ip", "route", "add", "default", "via", "172.31.0.1", ns=ns)
+        # the root namespace's leg (it goes with the namespace)
+        _run("ip", "link", "add", f"{t}k2", "type", "veth", "peer", "name", f"{t}k3", "netns", ns)
+        _run("ip", "addr", "add", "172.31.1.1/30", "dev", f"{t}k2")
+        _run("ip", "addr", "add", f"{self.CONTROLLER_HOST}/30", "dev", f"{t}k3", ns=ns)
+        _run("ip", "link", "set", f"{t}k2", "up")
+        _run("ip", "link", "set", f"{t}k3", "up", ns=ns)
+        for s in range(self.nsites):
+            _run("ip", "route", "add", "172.31.0.0/24", "via", f"172.16.{s}.1", ns=self.site_ns(s))
+        return ns
+
     def agent_prefix(self, s: int) -> str:
         """Tunnel name prefix of site s's agent (+ path index). The lab's own
         tunnels end in ``w`` + digits, these in ``t`` + digits, so the two
@@ -425,6 +457,10 @@ class Lab:
     def agent_state_path(self) -> Path:
         """The agents' SQLite state (mesh + discovery registry), next to the lab's state file."""
         return self.state_path.with_name(f"{self.tag}.agents.db")
+
+    def agent_state_path_of(self, s: int) -> Path:
+        """Site s's own state file, when its agent runs from a controller."""
+        return self.state_path.with_name(f"{self.tag}.agent.s{s}.db").resolve()
 
     @staticmethod
     def agent_status_path(state_path: Path, s: int) -> Path:
@@ -450,7 +486,9 @@ class Lab:
         save_mesh(mesh or self.mesh, path)
         return path
 
-    def start_agents(self, state_path: Path | None = None, backend: str = "auto") -> dict[int, subprocess.Popen[bytes]]:
+    def start_agents(self, state_path: Path | None = None, backend: str = "auto", *,
+                     controller: str | None = None, tokens: dict[str, str] | None = None,
+                     extra: list[str] | None = None) -> dict[int, subprocess.Popen[bytes]]:
         """Start one ``patronus agent`` per site inside its site namespace:
         LAN interface ``{tag}l{s}``, tunnel prefix ``agent_prefix(s)``, the
         state at ``state_path`` (written from the lab's mesh if missing) and
@@ -459,7 +497,15 @@ class Lab:
         ``down()`` and ``patronus lab down`` stop it (SIGTERM: it detaches
         what it attached) even after this process died. Build the lab with
         ``up(tunnels=False)``: the agents bring their own tunnels, and the
-        lab's would hold their listen ports. ``wait_agents()`` waits for them."""
+        lab's would hold their listen ports. ``wait_agents()`` waits for them.
+
+        With ``controller`` (its URL as the sites see it) and ``tokens`` (its
+        enrolment token per site name), nothing is shared: each agent has a
+        state file of its own (``agent_state_path_of(s)``), gets its desired
+        state and its peers from the controller, and enrols with its token
+        (written to a 0600 file). The lab's mesh names the sites. ``extra``:
+        more arguments for every agent (``--metrics-listen 127.0.0.1:9464``:
+        each site namespace has its own loopback)."""
         if backend not in ("auto", "xdp", "userspace"):
             raise ConfigError("backend", backend, "is not one of auto, xdp, userspace")
         if self.agents:
@@ -471,12 +517,17 @@ class Lab:
         from ..wireguard.uapi import SOCKET_DIR
 
         path = Path(state_path or self.agent_state_path).resolve()
-        if not path.exists():
+        if controller is not None:
+            mesh = self.mesh
+            if tokens is None or set(tokens) != {x.name for x in mesh.sites}:
+                raise ConfigError("Lab.start_agents tokens", sorted(tokens or {}), "must hold a token per site")
+        elif not path.exists():
             self.write_agent_state(path=path)
-        with Store(path) as st:
-            mesh = st.load_mesh()
+        if controller is None:
+            with Store(path) as st:
+                mesh = st.load_mesh()
         names = [x.name for x in mesh.sites]
-        missing = [n for n in names if (str(path), n) not in self._tokens]
+        missing = [n for n in names if (str(path), n) not in self._tokens] if controller is None else []
         if missing:
             reg = SqliteRegistry(path)
             try:
@@ -485,11 +536,18 @@ class Lab:
             finally:
                 reg.close()
         self._agent_state, self._agent_mesh = path, mesh
+        self._agent_paths = {int(n[1:]): (self.agent_state_path_of(int(n[1:])) if controller else path) for n in names}
         for n in names:  # what the agents will make, recorded before they make it
             s = int(n[1:])
-            base = f"{path}.{n}"
-            self._own_files(self.agent_log_path(path, s), self.agent_status_path(path, s),
+            spath = self._agent_paths[s]
+            base = f"{spath}.{n}"
+            self._own_files(self.agent_log_path(spath, s), self.agent_status_path(spath, s),
                             Path(f"{base}.status.json.tmp"), Path(f"{base}.wg.key"), Path(f"{base}.sign.key"))
+            if controller is not None:
+                self._own_files(spath, *(Path(f"{spath}{x}") for x in ("-wal", "-shm", "-journal")),
+                                Path(f"{spath}.token"), Path(f"{base}.controller.json"))
+                assert tokens is not None
+                write_secret_file(Path(f"{spath}.token"), tokens[n].encode(), replace=True)
             for t in tunnels(mesh, n, prefix=self.agent_prefix(s)):
                 sock = os.path.join(SOCKET_DIR, f"{t.ifname}.sock")
                 if sock not in self._state.sockets:
@@ -500,10 +558,16 @@ class Lab:
         try:
             for n in names:
                 s = int(n[1:])
+                spath = self._agent_paths[s]
                 cmd = ["ip", "netns", "exec", self.site_ns(s), sys.executable, "-m", "patronus.cli", "agent",
-                       "--state", str(path), "--site", n, "--lan-if", f"{self.tag}l{s}",
-                       "--prefix", self.agent_prefix(s), "--backend", backend, "--token", self._tokens[(str(path), n)]]
-                with open(self.agent_log_path(path, s), "ab") as logf:
+                       "--state", str(spath), "--site", n, "--lan-if", f"{self.tag}l{s}",
+                       "--prefix", self.agent_prefix(s), "--backend", backend]
+                if controller is not None:
+                    cmd += ["--controller", controller, "--token-file", f"{spath}.token"]
+                else:
+                    cmd += ["--token", self._tokens[(str(path), n)]]
+                cmd += list(extra or [])
+                with open(self.agent_log_path(spath, s), "ab") as logf:
                     logf.write(f"--- {time.strftime('%H:%M:%S')} lab {self.tag}: agent {n}, backend {backend}\n"
                                .encode())
                     logf.flush()
@@ -513,8 +577,8 @@ class Lab:
                 self.agents[s] = p
                 self._state.pids.append(p.pid)   # `ip netns exec` execs: this is the agent's pid
                 self._state.agents[n] = {"pid": p.pid, "start": _start_time(p.pid), "backend": backend,
-                                         "state": str(path), "log": str(self.agent_log_path(path, s)),
-                                         "status": str(self.agent_status_path(path, s))}
+                                         "state": str(spath), "log": str(self.agent_log_path(spath, s)),
+                                         "status": str(self.agent_status_path(spath, s))}
                 self._state.save(self.state_path)
         except BaseException:
             self.stop_agents()
@@ -523,7 +587,7 @@ class Lab:
 
     def agent_status(self, s: int, state_path: Path | None = None) -> dict[str, Any] | None:
         """Site s's agent status file (``SiteAgent.write_status``), or None."""
-        path = state_path or self._agent_state or self.agent_state_path
+        path = state_path or getattr(self, "_agent_paths", {}).get(s) or self._agent_state or self.agent_state_path
         return _read_json(self.agent_status_path(Path(path), s))
 
     def agent_logs(self, lines: int = 20) -> str:
@@ -533,7 +597,8 @@ class Lab:
             p = self.agents[s]
             rc = p.poll()
             out.append(f"--- agent s{s} (pid {p.pid}, {'running' if rc is None else f'exited rc={rc}'}), last lines:")
-            out.append(_tail(self.agent_log_path(self._agent_state or self.agent_state_path, s), lines))
+            spath = getattr(self, "_agent_paths", {}).get(s) or self._agent_state or self.agent_state_path
+            out.append(_tail(self.agent_log_path(spath, s), lines))
         return "\n".join(out)
 
     def wait_agents(self, timeout: float = 120.0, *, bfd_up: bool = True,
