@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import os
+import signal
+import ssl
 import stat
 from pathlib import Path
 from typing import Any
@@ -505,3 +508,36 @@ def test_service_publishes_every_change(tmp_path: Path) -> None:
     got = asyncio.run(main())
     assert [e["type"] for e in got] == ["site.create", "site.replace", "policy.create", "site.delete"]
     assert [e["seq"] for e in got] == [1, 2, 3, 4]
+
+
+def test_sigterm_closes_agent_channels_cleanly_and_exits_0(tmp_path: Path) -> None:
+    """SIGTERM with an agent's WebSocket open: the agent gets a close frame
+    (going away / service restart, not a dropped connection) and the
+    controller exits 0 (uvicorn's graceful shutdown is bounded by GRACEFUL_S)."""
+    websockets = pytest.importorskip("websockets")
+    from websockets.sync.client import connect
+
+    ctl = Controller(tmp_path / "term")
+    ctl.start()
+    try:
+        tok = ctl.login("admin", ctl.admin_password)["access_token"]
+        with ctl.client(tok) as a:
+            a.post(f"{PREFIX}/sites", json=site_body()).raise_for_status()
+            site = a.get(f"{PREFIX}/sites").json()["items"][0]["name"]
+            token = a.post(f"{PREFIX}/tokens", json={"site": site}).raise_for_status().json()["token"]
+        with ctl.client(token) as c:
+            cred = c.post(f"{PREFIX}/agent/enrol", json={"interval_s": 3600}).raise_for_status().json()["credential"]
+        url = ctl.url.replace("https://", "wss://") + f"{PREFIX}/agent/ws"
+        ctx = ssl.create_default_context(cafile=ctl.cert)
+        with connect(url, ssl=ctx, additional_headers={"Authorization": f"Bearer {cred}"}, open_timeout=10) as ws:
+            ws.send(json.dumps({"since": None}))
+            assert json.loads(ws.recv(timeout=10))["full"]["site"] == site
+            assert ctl.proc is not None
+            ctl.proc.send_signal(signal.SIGTERM)
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                ws.recv(timeout=30)
+            assert closed.value.rcvd is not None, "the connection dropped without a close frame"
+            assert closed.value.rcvd.code in (1000, 1001, 1012), closed.value.rcvd
+    finally:
+        rc = ctl.stop(timeout=30)
+    assert rc == 0, ctl.log.read_text()[-2000:]

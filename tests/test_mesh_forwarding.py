@@ -35,6 +35,7 @@ from typing import Any
 import pytest
 
 from patronus import Failover, Match, Policy, QoS
+from patronus.agent import LocalStateFile
 from patronus.lab.net import Lab, LabError
 from patronus.netns import socket_in
 
@@ -296,8 +297,18 @@ class Mesh3:
         self.mesh = mesh(False)
 
     def use(self, policies: bool) -> None:
-        """Agents running the mesh with or without policies (restarted when
-        it changes: agents read the mesh at start), every path's BFD up."""
+        """Agents running the mesh with or without policies, every path's BFD
+        up. Running agents are not restarted: they apply the changed state
+        file themselves (the policy count changes, so each re-opens its data
+        plane), and the wait is for every agent to report the new version."""
+        if self.policies != policies and self.lab.agents and self.policies is not None:
+            self.mesh = mesh(policies)
+            self.lab.write_agent_state(self.mesh)
+            want = LocalStateFile(self.lab.agent_state_path).version()
+            self.policies = None
+            self.wait("every agent applied the changed state file",
+                      lambda: all(self.status(s).get("version") == want for s in range(SITES)), timeout=READY_S)
+            self.policies = policies
         if self.policies != policies:
             if self.lab.agents:
                 self.lab.stop_agents()  # (how cleanly they stop: test_lab_down_stops_the_agents)
