@@ -15,6 +15,7 @@ a state file (``save_mesh(mesh, path)``, ``load_mesh(path)``).
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 from typing import TYPE_CHECKING, Any
 
@@ -62,6 +63,11 @@ class Mesh:
     _sites: dict[str, Site] = attrs.field(factory=dict, init=False, repr=False)
     _policies: list[Policy] = attrs.field(factory=list, init=False, repr=False)
     _profiles: dict[str, AppProfile] = attrs.field(factory=dict, init=False, repr=False)
+    # indexes for add_site's checks (O(log n) per site, not O(n)): uplink
+    # address -> (site, uplink); per IP version, the sites' subnets as sorted,
+    # disjoint (first, last, prefix, site) intervals
+    _addrs: dict[str, tuple[str, str]] = attrs.field(factory=dict, init=False, repr=False, eq=False)
+    _nets: dict[int, list[tuple[int, int, str, str]]] = attrs.field(factory=dict, init=False, repr=False, eq=False)
 
     def __repr__(self) -> str:
         return (
@@ -90,23 +96,34 @@ class Mesh:
             raise ConfigError("Mesh.add_site", site, "is not a Site")
         if site.name in self._sites:
             raise ConfigError("Site.name", site.name, "is a duplicate site name")
-        taken = {u.address: (other.name, u.name) for other in self._sites.values() for u in other.uplinks}
         for u in site.uplinks:
-            if u.address in taken:
-                other_site, other_uplink = taken[u.address]
+            if u.address in self._addrs:
+                other_site, other_uplink = self._addrs[u.address]
                 raise ConfigError("Uplink.address", u.address,
                                   f"of uplink {u.name!r} at site {site.name!r} is already the address of uplink "
                                   f"{other_uplink!r} at site {other_site!r}")
         mine = [ipaddress.ip_network(s) for s in site.subnets]
-        for other in self._sites.values():
-            for s in other.subnets:
-                theirs = ipaddress.ip_network(s)
-                for m in mine:
-                    if m.version == theirs.version and m.overlaps(theirs):
-                        raise ConfigError(
-                            "Site.subnets", str(m), f"overlaps {theirs} of site {other.name!r}"
-                        )
+        for m in mine:
+            hit = self._overlap(m)
+            if hit is not None:
+                raise ConfigError("Site.subnets", str(m), f"overlaps {hit[0]} of site {hit[1]!r}")
         self._sites[site.name] = site
+        for u in site.uplinks:
+            self._addrs[u.address] = (site.name, u.name)
+        for m in mine:
+            bisect.insort(self._nets.setdefault(m.version, []),
+                          (int(m.network_address), int(m.broadcast_address), str(m), site.name))
+
+    def _overlap(self, net: Any) -> tuple[str, str] | None:
+        """(prefix, site) of a stored subnet overlapping ``net``, or None. The
+        stored ones are disjoint prefixes, so only the last one starting at or
+        before ``net``'s end can reach into it."""
+        spans = self._nets.get(net.version, [])
+        first, last = int(net.network_address), int(net.broadcast_address)
+        i = bisect.bisect_right(spans, (last, 1 << 129)) - 1
+        if i >= 0 and spans[i][1] >= first:
+            return spans[i][2], spans[i][3]
+        return None
 
     def remove_site(self, name: str) -> Site:
         """Remove and return a site. Path indexes of later sites shift.
@@ -132,6 +149,10 @@ class Mesh:
                                       f"cannot be removed: policy {p.name!r} prefers uplink {n!r}, which no other "
                                       "site has; remove or change the policy first")
         del self._sites[name]
+        for u in site.uplinks:
+            self._addrs.pop(u.address, None)
+        for version, spans in self._nets.items():
+            self._nets[version] = [x for x in spans if x[3] != name]
         return site
 
     # -- paths ---------------------------------------------------------------
@@ -163,7 +184,8 @@ class Mesh:
                         elif a == sj.name and b in (None, si.name):
                             out.append(p.reverse())
         if a is not None:
-            out.sort(key=lambda p: (list(self._sites).index(p.remote_site), p.index))
+            pos = {n: i for i, n in enumerate(self._sites)}
+            out.sort(key=lambda p: (pos[p.remote_site], p.index))
         return out
 
     def path(self, path_id: str) -> Path:

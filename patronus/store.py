@@ -36,11 +36,13 @@ import math
 import os
 import sqlite3
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from . import _validate as v
 from .errors import ConfigError, SchemaVersionError, StateError, quote
 from .mesh import Mesh
+from .model import Path as MeshPath
 
 __all__ = ["Store", "save_mesh", "load_mesh", "SCHEMA_VERSION", "RETENTION_S", "MAX_ROWS"]
 
@@ -308,13 +310,29 @@ class Store:
 
     # -- mesh ----------------------------------------------------------------
 
+    def _topology(self) -> list[tuple[str, tuple[str, ...]]]:
+        """The stored sites in order, each with its uplink names in order."""
+        ups: dict[str, list[str]] = {}
+        for site, name in self._db.execute("SELECT site, name FROM uplinks ORDER BY site, position"):
+            ups.setdefault(site, []).append(name)
+        return [(n, tuple(ups.get(n, ()))) for (n,) in self._db.execute("SELECT name FROM sites ORDER BY position")]
+
     def save_mesh(self, mesh: Mesh) -> None:
-        """Replace the stored mesh with ``mesh`` in one transaction."""
+        """Replace the stored mesh with ``mesh`` in one transaction. The path
+        rows are rewritten only when the topology (sites in order, their
+        uplink names) changed: a policy change on a 1,000-site mesh does not
+        rewrite its 499,500 paths."""
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
+            old = self._topology() if db.execute("SELECT 1 FROM mesh").fetchone() is not None else []
+            new = [(x.name, tuple(u.name for u in x.uplinks)) for x in mesh.sites]
+            same = bool(old) and old == new
+            # sites appended (the others as they were): their paths are appended too
+            grown = bool(old) and len(new) > len(old) and new[:len(old)] == old
             for t in _CONFIG_TABLES:
-                db.execute(f"DELETE FROM {t}")
+                if not ((same or grown) and t in ("paths", "uplinks", "sites")):   # the paths hang on the uplinks
+                    db.execute(f"DELETE FROM {t}")
             db.execute(
                 "INSERT INTO mesh VALUES (1, ?, ?, ?)",
                 (mesh.name, json.dumps(mesh.failover.to_dict()), time.time()),
@@ -322,11 +340,21 @@ class Store:
             for i, prof in enumerate(mesh.to_dict()["profiles"]):
                 db.execute("INSERT INTO profiles VALUES (?, ?, ?)", (prof["name"], i, json.dumps(prof)))
             for i, s in enumerate(mesh.sites):
-                db.execute("INSERT INTO sites VALUES (?, ?)", (s.name, i))
+                kept = same or (grown and i < len(old))
+                if not kept:
+                    db.execute("INSERT INTO sites VALUES (?, ?)", (s.name, i))
                 db.executemany(
                     "INSERT INTO site_subnets VALUES (?, ?, ?)",
                     [(s.name, j, c) for j, c in enumerate(s.subnets)],
                 )
+                if kept:   # the same rows: their values may have changed
+                    db.executemany(
+                        "UPDATE uplinks SET address = ?, mtu = ?, port = ?, nat = ?, bandwidth_mbps = ?, cost = ? "
+                        "WHERE site = ? AND name = ?",
+                        [(u.address, u.mtu, u.port, int(u.nat), u.bandwidth_mbps, u.cost, s.name, u.name)
+                         for u in s.uplinks],
+                    )
+                    continue
                 db.executemany(
                     "INSERT INTO uplinks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [
@@ -334,10 +362,12 @@ class Store:
                         for j, u in enumerate(s.uplinks)
                     ],
                 )
-            db.executemany(
-                "INSERT INTO paths VALUES (?, ?, ?, ?, ?, ?)",
-                [(p.id, p.index, p.local_site, p.local_uplink, p.remote_site, p.remote_uplink) for p in mesh.paths()],
-            )
+            if not same:
+                db.executemany(
+                    "INSERT INTO paths VALUES (?, ?, ?, ?, ?, ?)",
+                    [(p.id, p.index, p.local_site, p.local_uplink, p.remote_site, p.remote_uplink)
+                     for p in (_appended_paths(mesh, len(old)) if grown else mesh.paths())],
+                )
             for i, p in enumerate(mesh.policies):
                 m = p.match
                 # one range or one protocol: also in the simple columns, for SQL users
@@ -544,6 +574,20 @@ class Store:
             self._rollback()
             raise
         return out
+
+
+def _appended_paths(mesh: Mesh, kept: int) -> Iterator[Any]:
+    """The paths of the sites after the first ``kept`` (Mesh.paths order:
+    block j holds the pairs (i < j, j), so they follow the kept ones)."""
+    sites = mesh.sites
+    idx = sum(len(sites[j].uplinks) * sum(len(x.uplinks) for x in sites[:j]) for j in range(kept))
+    for j in range(kept, len(sites)):
+        sj = sites[j]
+        for si in sites[:j]:
+            for ui in si.uplinks:
+                for uj in sj.uplinks:
+                    yield MeshPath(idx, si.name, ui.name, sj.name, uj.name)
+                    idx += 1
 
 
 def save_mesh(mesh: Mesh, path: str | os.PathLike[str]) -> None:

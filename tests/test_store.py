@@ -202,3 +202,53 @@ def test_a_file_of_the_previous_schema_loads(tmp_path):
     want.add_policy(Policy("sip", Match(proto="tcp/udp", dst_ports=[5060, (10000, 20000)]), priority=50))
     save_mesh(want, f)  # the migrated file takes the new columns
     assert load_mesh(f) == want
+
+
+def test_path_rows_follow_the_topology_and_only_it(tmp_path):
+    """save_mesh keeps the path rows when only policies or failover changed,
+    and rewrites them when sites or uplinks did (order included)."""
+    from patronus import Failover, Match, Mesh, Policy, Site, Uplink
+    from patronus.store import Store
+
+    def rows(st):
+        return sorted(st._db.execute("SELECT id, idx, local_site, local_uplink, remote_site, remote_uplink "
+                                     "FROM paths").fetchall())
+
+    def want(m):
+        return sorted((p.id, p.index, p.local_site, p.local_uplink, p.remote_site, p.remote_uplink)
+                      for p in m.paths())
+
+    m = Mesh("t")
+    for i in range(3):
+        m.add_site(Site(f"s{i}", subnets=[f"10.{i}.0.0/24"], uplinks=[Uplink("a", f"192.0.2.{i + 1}")]))
+    with Store(tmp_path / "s.db") as st:
+        st.save_mesh(m)
+        assert rows(st) == want(m)
+        m.add_policy(Policy("v", Match(proto="udp"), priority=1))
+        m.failover = Failover(failback_hold_s=3)
+        st.save_mesh(m)
+        assert rows(st) == want(m) and st.load_mesh() == m
+        d = m.to_dict()
+        d["sites"][0]["uplinks"][0]["mtu"] = 1380                     # an uplink's value, same topology
+        d["sites"][0]["subnets"] = ["10.0.0.0/25"]
+        st.save_mesh(Mesh.from_dict(d))
+        assert rows(st) == want(m) and st.load_mesh() == Mesh.from_dict(d)
+        d["sites"][1]["uplinks"].append({"name": "b", "address": "198.51.100.1"})
+        m2 = Mesh.from_dict(d)
+        st.save_mesh(m2)
+        assert rows(st) == want(m2) != want(m)
+        for i in (3, 4):                                              # sites appended: paths appended
+            d["sites"].append({"name": f"s{i}", "subnets": [f"10.{i}.0.0/24"],
+                               "uplinks": [{"name": "a", "address": f"192.0.2.{i + 1}"},
+                                           {"name": "c", "address": f"198.51.100.{i + 1}"}]})
+            grown = Mesh.from_dict(d)
+            st.save_mesh(grown)
+            assert rows(st) == want(grown) and st.load_mesh() == grown
+        d["sites"] = d["sites"][:3]
+        st.save_mesh(Mesh.from_dict(d))                              # and removed again
+        assert rows(st) == want(Mesh.from_dict(d)) == want(m2)
+        d["sites"] = [d["sites"][2], d["sites"][0], d["sites"][1]]   # the same sites, another order
+        m3 = Mesh.from_dict(d)
+        st.save_mesh(m3)
+        assert rows(st) == want(m3) != want(m2)
+        assert st.load_mesh() == m3

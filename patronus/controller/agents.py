@@ -1159,10 +1159,13 @@ def build_router(service: Any, auth: Any, *, pin: str | None = None,
         since = hello.get("since") if isinstance(hello, dict) else None
         since = since if isinstance(since, int) and not isinstance(since, bool) else None
         site = agent["site"]
-        with hub.connect(site) as q:
+        loop = asyncio.get_running_loop()
+        check = True        # the credential is re-read on a revocation and at every quiet interval,
+        last_seen = loop.time()   # and the contact written at most every half interval (not per push:
+        with hub.connect(site) as q:   # a change fans out to every agent at once)
             try:
                 while True:
-                    if not await run_in_threadpool(store.valid, agent["id"]):
+                    if check and not await run_in_threadpool(store.valid, agent["id"]):
                         await ws.send_json({"error": "unauthorized", "detail": "agent credential revoked"})
                         await ws.close(code=1008)
                         return
@@ -1170,13 +1173,16 @@ def build_router(service: Any, auth: Any, *, pin: str | None = None,
                     if not msg.get("unchanged") or since is None:
                         await ws.send_json(msg)
                     since = msg["version"]
-                    await run_in_threadpool(store.seen, agent["id"], remote)
+                    if check or loop.time() - last_seen >= agent["interval_s"] / 2:
+                        await run_in_threadpool(store.seen, agent["id"], remote)
+                        last_seen = loop.time()
                     recv = asyncio.ensure_future(ws.receive_text())
                     pushed = asyncio.ensure_future(q.get())
                     done, pending = await asyncio.wait({recv, pushed}, timeout=agent["interval_s"],
                                                        return_when=asyncio.FIRST_COMPLETED)
                     for t in pending:
                         t.cancel()
+                    check = pushed not in done or pushed.result() < 0
                     if recv in done:
                         recv.result()   # raises WebSocketDisconnect when the agent went away
             except (WebSocketDisconnect, RuntimeError):

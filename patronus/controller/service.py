@@ -49,7 +49,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import attrs
@@ -226,6 +226,8 @@ class Service:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
         self._site_status: dict[str, str] = {}   # set by the agent channel; missing: "pending"
+        self._local = threading.local()
+        self._mesh_cache: tuple[Any, Mesh] | None = None
         with self._store() as st:
             try:
                 st.load_mesh()
@@ -237,8 +239,21 @@ class Service:
 
     # -- plumbing --------------------------------------------------------------
 
-    def _store(self) -> Store:
-        return Store(self.state)
+    @contextlib.contextmanager
+    def _store(self) -> Iterator[Store]:
+        """This thread's connection to the state file (opened once per
+        thread: an open costs about a millisecond, a request should not pay
+        it). A connection left inside a transaction by an error is closed."""
+        st = getattr(self._local, "store", None)
+        if st is None:
+            st = self._local.store = Store(self.state)
+        try:
+            yield st
+        except BaseException:
+            if st._db.in_transaction:
+                st.close()
+                self._local.store = None
+            raise
 
     def _has_mesh(self) -> bool:
         con = sqlite3.connect(f"file:{self.state}?mode=ro", uri=True)
@@ -262,9 +277,19 @@ class Service:
         self.changes.publish(event)
 
     def mesh(self) -> Mesh:
-        """The current mesh, as stored."""
+        """The current mesh, as stored: one shared copy until the next save
+        (checked against the stored mesh's save time on every call, so a
+        change by another process is seen too). Do not change it: edits go
+        through the service."""
         with self._store() as st:
-            return st.load_mesh()
+            row = st._db.execute("SELECT saved_at FROM mesh").fetchone()
+            stamp = None if row is None else row[0]
+            cached = self._mesh_cache
+            if cached is not None and stamp is not None and cached[0] == stamp:
+                return cached[1]
+            mesh = st.load_mesh()
+        self._mesh_cache = (stamp, mesh)
+        return mesh
 
     def ready(self) -> None:
         """Raise :class:`Unavailable` unless the state file and the controller database answer."""
@@ -283,7 +308,7 @@ class Service:
             self._settle()   # a change a failed save or audit left pending
             try:
                 with self._store() as st:
-                    mesh = st.load_mesh()
+                    mesh = self.mesh()   # the cached copy when it is current (edits build a new mesh)
                     new, before, after = edit(mesh)
                     # two files, so two steps: the change and its audit row are recorded
                     # as pending (committed) before the state file saves it, and the row
@@ -297,6 +322,8 @@ class Service:
                             self._settle(st)
                         raise
                     self.db.finish_change(True)
+                    row = st._db.execute("SELECT saved_at FROM mesh").fetchone()
+                    self._mesh_cache = (row[0], new)   # what was saved is what the next read gets
             except (ConfigError, Conflict, NotFound, PreconditionFailed) as e:
                 self.db.audit(actor, action, target, after={"error": str(e)}, remote=remote, ok=False)
                 raise
