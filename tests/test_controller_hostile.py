@@ -323,6 +323,10 @@ def test_a_revoked_credential_is_refused_and_its_channel_closed(ctl: AgentContro
     from websockets.sync.client import connect
 
     agent = new_agent(ctl, "br1", interval_s=3600)   # the channel re-checks only on a push, not on a timer
+    signed = _signed(agent)
+    assert post_announce(ctl, agent, payload(signed)).status_code == 200
+    key = json.loads(signed.body)["wg_public_key"]
+    assert peers(ctl, br2)["br1"] == {"wg_public_key": key}
     url = ctl.url.replace("https://", "wss://") + f"{PREFIX}/agent/ws"
     ctx = ssl.create_default_context(cafile=ctl.cert)
     with connect(url, ssl=ctx, additional_headers={"Authorization": f"Bearer {agent.credential}"},
@@ -335,6 +339,7 @@ def test_a_revoked_credential_is_refused_and_its_channel_closed(ctl: AgentContro
         with pytest.raises(websockets.ConnectionClosed) as closed:
             ws.recv(timeout=10)
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+    assert "br1" not in peers(ctl, br2)   # the stolen machine's WireGuard key is no peer's any more
     before = stored(ctl)
     with ctl.client(agent.credential) as c:
         assert "revoked" in problem(c.get(f"{PREFIX}/agent/state"), 401)["detail"]

@@ -560,8 +560,11 @@ class AgentStore:
             if r is None:
                 raise NotFound(f"no agent credential {cid!r}")
             c.execute("UPDATE agent_credentials SET revoked = 1 WHERE id = ?", (cid,))
+            # what it announced goes too: the peers stop trusting that machine's WireGuard key
+            gone = c.execute("DELETE FROM agent_announcements WHERE credential = ?", (cid,)).rowcount
             self.db.audit(actor, "agent.revoke", f"agent/{cid}", before={"site": r["site"], "revoked": bool(r["revoked"])},
-                          after={"site": r["site"], "revoked": True}, remote=remote)
+                          after={"site": r["site"], "revoked": True, "announcement_removed": bool(gone)},
+                          remote=remote)
         self.service.notify("agent.revoke", f"agent/{cid}")
 
     # -- announcements (discovery through the controller) -----------------------------
@@ -945,7 +948,7 @@ class Hub:
             for qs in self.conns.values():
                 for q in qs:
                     q.put_nowait(-1)
-            return
+            # and the peers may have lost that agent's key: new versions below
         self._dirty = True
         if self._task is None or self._task.done():
             self._task = asyncio.ensure_future(self._refresh())
