@@ -155,6 +155,8 @@ class Matrix:
                 r = a.post(f"{PREFIX}/tokens", json=body).raise_for_status().json()
                 return path.replace("{token_id}", r["id"]), None
             return path, body
+        if path == "/api/graphql":
+            return path, {"query": "{ me { name role } }"}
         if path == f"{PREFIX}/failover":
             return path, {"failback_hold_s": 30.0 + next(_n)}
         if "{agent_id}" in path:   # a real agent: a token, enrolled

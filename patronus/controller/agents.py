@@ -793,6 +793,17 @@ class AgentStore:
             c.executemany("INSERT INTO agent_telemetry (site, received, kind, ts, path, data) VALUES (?,?,?,?,?,?)",
                           rows)
         self._to_state(site, batch)
+        live: list[dict[str, Any]] = []
+        for m in batch.metrics:
+            live.append({"kind": "metric", "site": site, "received": now, **m.model_dump()})
+        for b in batch.bfd:
+            live.append({"kind": "bfd", "site": site, "received": now, **b.model_dump()})
+        for e in batch.events:
+            d = e.model_dump()
+            d["to_site"] = d.pop("site")
+            live.append({"kind": "event", "site": site, "received": now, **d})
+        if live:
+            self.service.publish_telemetry(live)
         return len(rows)
 
     def _to_state(self, site: str, batch: TelemetryIn) -> None:

@@ -781,6 +781,14 @@ class Auth:
             self.db.execute("UPDATE api_keys SET last_used = ? WHERE id = ?", (now, key_id))
         return Principal(row["name"], Role(row["role"]), "apikey", None, key_id)
 
+    def recheck(self, bearer: str) -> Principal:
+        """The principal of a credential accepted before, checked again for a
+        long-lived channel (a GraphQL subscription): expired, revoked, a
+        disabled user, a deleted key are AuthError. Not rate limited and not
+        audited (the first ``authenticate`` was)."""
+        token = bearer[7:] if bearer[:7].lower() == "bearer " else bearer
+        return self._api_key(token) if token.startswith(API_KEY_PREFIX) else self.verify(token)
+
     def authenticate(self, bearer: str, *, remote: str | None = None) -> Principal:
         """The principal of a bearer credential: an access JWT or an API key
         (``pnk_<id>_<secret>``), with or without a leading ``Bearer ``.

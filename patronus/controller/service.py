@@ -221,6 +221,8 @@ class Service:
         self.state = os.fspath(state)
         self.db = db
         self.changes: Fanout[dict[str, Any]] = Fanout()
+        # agents' telemetry as it is stored (GraphQL subscriptions); not a change of the mesh
+        self.telemetry: Fanout[dict[str, Any]] = Fanout()
         self._lock = threading.Lock()
         self._seq = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -268,13 +270,19 @@ class Service:
         self._loop = loop or asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
 
-    def _publish(self, event: dict[str, Any]) -> None:
+    def _publish(self, event: dict[str, Any], fanout: Fanout[dict[str, Any]] | None = None) -> None:
+        out = self.changes if fanout is None else fanout
         loop = self._loop
         if loop is not None and threading.get_ident() != self._loop_thread:
             if not loop.is_closed():
-                loop.call_soon_threadsafe(self.changes.publish, event)
+                loop.call_soon_threadsafe(out.publish, event)
             return
-        self.changes.publish(event)
+        out.publish(event)
+
+    def publish_telemetry(self, items: list[dict[str, Any]]) -> None:
+        """Hand stored telemetry items to ``telemetry`` listeners (on the event loop)."""
+        for item in items:
+            self._publish(item, self.telemetry)
 
     def mesh(self) -> Mesh:
         """The current mesh, as stored: one shared copy until the next save

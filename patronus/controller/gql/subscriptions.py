@@ -1,0 +1,261 @@
+"""Live events for GraphQL subscriptions, from the controller's own event
+streams (never by polling the store):
+
+- the service's change stream (``Service.changes``: sites, policies,
+  failover settings, agents' announcements and revocations);
+- the agents' telemetry as it is stored (``Service.telemetry``: path
+  metrics, BFD states, failover moves, published by the agent store);
+- site status (Active, Degraded, Inactive) as it changes: status is a
+  function of time since an agent's last contact, so the bus evaluates it
+  when contact is made and on a 1 s clock, and publishes only changes.
+
+Each subscriber has a bounded queue (``QUEUE``). A subscriber that falls
+that far behind is dropped: its socket is closed with ``CLOSE_SLOW`` and
+the reason, instead of memory growing without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncGenerator
+from typing import Any
+
+import strawberry
+from strawberry.scalars import JSON
+from strawberry.types import Info
+
+from .context import Context, require
+
+__all__ = ["Bus", "Subscription", "QUEUE", "CLOSE_SLOW"]
+
+QUEUE = 1000         # events a subscriber may have waiting
+CLOSE_SLOW = 4413    # the socket of a subscriber that fell QUEUE events behind
+
+
+class SlowSubscriber(Exception):
+    pass
+
+
+class _Sub:
+    def __init__(self, kinds: set[str]) -> None:
+        self.kinds = kinds
+        self.q: asyncio.Queue[dict[str, Any]] = asyncio.Queue(QUEUE)
+        self.dropped = False
+
+
+class Bus:
+    """Fans the controller's events out to subscribers (on the event loop)."""
+
+    def __init__(self, service: Any, agents: Any) -> None:
+        self.service, self.agents = service, agents
+        self.subs: set[_Sub] = set()
+        self._tasks: set[asyncio.Future[Any]] = set()
+        self._status: dict[str, str] | None = None
+        self._clock: asyncio.Task[None] | None = None
+        self.published = 0
+        self.slow_dropped = 0
+        service.changes.subscribe(self._from_service)
+        telemetry = getattr(service, "telemetry", None)
+        if telemetry is not None:
+            telemetry.subscribe(self._from_telemetry)
+
+    def keep(self, task: asyncio.Future[Any]) -> None:
+        """Hold a reference to a background task until it ends."""
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- sources --------------------------------------------------------------------------
+
+    def _from_service(self, ev: dict[str, Any]) -> None:
+        kind = str(ev.get("type", ""))
+        self.publish({"kind": "change", **ev})
+        if kind.startswith("policy."):
+            self.publish({"kind": "policy", **ev})
+
+    def _from_telemetry(self, ev: dict[str, Any]) -> None:
+        self.publish(ev)
+        if ev.get("kind") in ("metric", "bfd", "event"):
+            self._site_status_now()
+
+    def publish(self, ev: dict[str, Any]) -> None:
+        self.published += 1
+        for sub in list(self.subs):
+            if ev["kind"] not in sub.kinds or sub.dropped:
+                continue
+            try:
+                sub.q.put_nowait(ev)
+            except asyncio.QueueFull:
+                sub.dropped = True
+                self.slow_dropped += 1
+                with contextlib.suppress(asyncio.QueueFull):   # wake it to see that it is dropped
+                    sub.q.get_nowait()
+                    sub.q.put_nowait({"kind": "_dropped"})
+
+    # -- site status ------------------------------------------------------------------------
+
+    def _site_status_now(self) -> None:
+        try:
+            rows = self.agents.agents()
+        except Exception:   # the store away: the next tick tries again
+            return
+        now: dict[str, str] = {}
+        order = {"Active": 0, "Degraded": 1, "Inactive": 2, "Revoked": 3}
+        for r in rows:   # a site's best agent decides
+            cur = now.get(r["site"])
+            if cur is None or order.get(r["status"], 9) < order.get(cur, 9):
+                now[r["site"]] = r["status"]
+        if self._status is not None:
+            for site, st in sorted(now.items()):
+                if self._status.get(site) != st:
+                    self.publish({"kind": "site", "site": site, "status": st, "previous": self._status.get(site),
+                                  "ts": time.time()})
+        self._status = now
+
+    async def _tick(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(1.0)
+            if any("site" in s.kinds for s in self.subs):
+                rows = await loop.run_in_executor(None, self.agents.agents)
+                self._apply_rows(rows)
+
+    def _apply_rows(self, rows: list[dict[str, Any]]) -> None:
+        agents = self.agents
+        self.agents = _Rows(rows)
+        try:
+            self._site_status_now()
+        finally:
+            self.agents = agents
+
+    # -- subscribing ------------------------------------------------------------------------
+
+    async def stream(self, info: Info[Context, None], kinds: set[str]) -> AsyncGenerator[dict[str, Any], None]:
+        if "site" in kinds and (self._clock is None or self._clock.done()):
+            self._clock = asyncio.ensure_future(self._tick())
+            if self._status is None:
+                loop = asyncio.get_running_loop()
+                self._apply_rows(await loop.run_in_executor(None, self.agents.agents))
+        sub = _Sub(kinds)
+        self.subs.add(sub)
+        try:
+            while True:
+                ev = await sub.q.get()
+                if sub.dropped:
+                    ws = info.context.request
+                    with contextlib.suppress(Exception):
+                        await ws.close(code=CLOSE_SLOW, reason=f"slow subscriber: more than {QUEUE} events waiting")
+                    raise SlowSubscriber(f"dropped: more than {QUEUE} events waiting")
+                yield ev
+        finally:
+            self.subs.discard(sub)
+
+
+class _Rows:
+    def __init__(self, rows: list[dict[str, Any]]) -> None:
+        self.rows = rows
+
+    def agents(self) -> list[dict[str, Any]]:
+        return self.rows
+
+
+# -- the GraphQL types ------------------------------------------------------------------------------
+
+
+@strawberry.type
+class PathMetric:
+    ts: float
+    site: str
+    path: str
+    rtt_ms: float | None
+    jitter_ms: float | None
+    loss_pct: float | None
+    mos: float | None
+
+
+@strawberry.type
+class PathState:
+    ts: float
+    site: str = strawberry.field(description="the site whose agent reported it")
+    path: str
+    state: str
+    diag: str | None
+
+
+@strawberry.type
+class FailoverMove:
+    ts: float
+    site: str = strawberry.field(description="the site whose agent moved the traffic")
+    reason: str
+    policy: str | None
+    to_site: str | None
+    from_path: str | None
+    to_path: str | None
+    detail: str | None
+    received: float = strawberry.field(description="when the controller stored it (Unix time)")
+
+
+@strawberry.type
+class SiteStatusChange:
+    ts: float
+    site: str
+    status: str
+    previous: str | None
+
+
+@strawberry.type
+class Change:
+    seq: int
+    ts: float
+    type: str
+    target: str
+    etag: str | None
+    after: JSON | None
+
+
+def _f(x: Any) -> float | None:
+    return None if x is None else float(x)
+
+
+@strawberry.type
+class Subscription:
+    @strawberry.subscription(description="path metrics as agents report them (optionally of one path)")
+    async def path_metrics(self, info: Info[Context, None], path: str | None = None) -> AsyncGenerator[PathMetric, None]:
+        require(info.context, "paths.read")
+        async for ev in info.context.bus.stream(info, {"metric"}):
+            if path is None or ev["path"] == path:
+                yield PathMetric(ts=ev["ts"], site=ev["site"], path=ev["path"], rtt_ms=_f(ev.get("rtt_ms")),
+                                 jitter_ms=_f(ev.get("jitter_ms")), loss_pct=_f(ev.get("loss_pct")),
+                                 mos=_f(ev.get("mos")))
+
+    @strawberry.subscription(description="BFD state changes of paths as agents report them")
+    async def path_state(self, info: Info[Context, None], path: str | None = None) -> AsyncGenerator[PathState, None]:
+        require(info.context, "paths.read")
+        async for ev in info.context.bus.stream(info, {"bfd"}):
+            if path is None or ev["path"] == path:
+                yield PathState(ts=ev["ts"], site=ev["site"], path=ev["path"], state=ev["state"],
+                                diag=ev.get("diag"))
+
+    @strawberry.subscription(description="failover moves (and path events) as agents report them")
+    async def failover_moves(self, info: Info[Context, None], site: str | None = None,
+                             policy: str | None = None) -> AsyncGenerator[FailoverMove, None]:
+        require(info.context, "events.read")
+        async for ev in info.context.bus.stream(info, {"event"}):
+            if (site is None or ev["site"] == site) and (policy is None or ev.get("policy") == policy):
+                yield FailoverMove(ts=ev["ts"], site=ev["site"], reason=ev["reason"], policy=ev.get("policy"),
+                                   to_site=ev.get("to_site"), from_path=ev.get("from_path"),
+                                   to_path=ev.get("to_path"), detail=ev.get("detail"), received=ev["received"])
+
+    @strawberry.subscription(description="site status changes (Active, Degraded, Inactive, Revoked)")
+    async def site_status(self, info: Info[Context, None]) -> AsyncGenerator[SiteStatusChange, None]:
+        require(info.context, "sites.read")
+        async for ev in info.context.bus.stream(info, {"site"}):
+            yield SiteStatusChange(ts=ev["ts"], site=ev["site"], status=ev["status"], previous=ev.get("previous"))
+
+    @strawberry.subscription(description="policy changes (created, replaced, deleted)")
+    async def policy_changes(self, info: Info[Context, None]) -> AsyncGenerator[Change, None]:
+        require(info.context, "policies.read")
+        async for ev in info.context.bus.stream(info, {"policy"}):
+            yield Change(seq=ev["seq"], ts=ev["ts"], type=ev["type"], target=ev["target"], etag=ev.get("etag"),
+                         after=ev.get("after"))
