@@ -888,12 +888,19 @@ class SiteAgent:
                 await reporter
 
     async def _reporter(self) -> None:
+        """A batch every ``report_s``, and at once (50 ms after, to take what
+        came with it) when a failover event is queued: a move is news."""
         loop = asyncio.get_running_loop()
+        self._urgent = asyncio.Event()
         while not self._stop.is_set():
-            try:
-                await asyncio.wait_for(self._stop.wait(), self.report_s)
-            except asyncio.TimeoutError:
-                pass
+            stop, urgent = asyncio.ensure_future(self._stop.wait()), asyncio.ensure_future(self._urgent.wait())
+            done, pending = await asyncio.wait({stop, urgent}, timeout=self.report_s,
+                                               return_when=asyncio.FIRST_COMPLETED)
+            for t in pending:
+                t.cancel()
+            if urgent in done:
+                await asyncio.sleep(0.05)
+                self._urgent.clear()
             if self.dp is None or self.engine is None:
                 continue
             batch = self._batch()
@@ -1100,6 +1107,9 @@ class SiteAgent:
             self._queue("events", {"ts": self.engine.wall_time(ev.ts), "reason": ev.reason[:64], "policy": ev.policy,
                                    "site": site, "from_path": ev.from_path, "to_path": ev.to_path,
                                    "detail": None if ev.detail is None else str(ev.detail)[:256]})
+            urgent = getattr(self, "_urgent", None)
+            if urgent is not None:
+                urgent.set()
         detail = f" ({ev.detail})" if ev.detail else ""
         if ev.policy is None and site is None:   # about a path, not a move
             if ev.reason != "bfd_up":            # (the bfd line said that)

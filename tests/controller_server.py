@@ -99,10 +99,15 @@ class Controller:
 
     def client(self, token: str | None = None, **kw: Any) -> httpx.Client:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.Client(base_url=self.url, verify=self.ssl_context(), headers=headers, timeout=20.0, **kw)
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """TLS trusting the controller's certificate (its name checked unless
+        it is reached at an address the certificate does not name)."""
         ctx = ssl.create_default_context(cafile=self.cert)
-        if self.fixed_url:   # an address the certificate does not name: the certificate itself is the trust
+        if self.fixed_url:   # the certificate itself is the trust
             ctx.check_hostname = False
-        return httpx.Client(base_url=self.url, verify=ctx, headers=headers, timeout=20.0, **kw)
+        return ctx
 
     def login(self, name: str, password: str, **extra: Any) -> dict[str, Any]:
         with self.client() as c:

@@ -40,6 +40,7 @@ from patronus.netns import socket_in  # noqa: E402
 from patronus.store import Store  # noqa: E402
 
 from .controller_server import Controller  # noqa: E402
+from .test_graphql_subscriptions import Gql  # noqa: E402
 from .netns import unique  # noqa: E402
 from .test_mesh_forwarding import cut, icmp  # noqa: E402
 
@@ -262,6 +263,35 @@ def test_controller_drives_three_sites_and_survives_its_own_death(world: World,
     set_prefer(w, uplink)
     w.wait(f"after the restart: voip on {uplink} everywhere", lambda: all(
         w.status(s)["version"] != before[s] and w.voip_uplinks(s) == {uplink} for s in range(SITES)))
+    # a GraphQL subscription sees failover moves as the agents make them: cut a path 4 times, time each
+    # move from the agent's clock (same machine) to its arrival here
+    lags: list[float] = []
+    for _ in range(4):
+        g = Gql(w.ctl, w.token)
+        try:
+            g.subscribe("f", "subscription { failoverMoves { site reason fromPath toPath ts } }")
+            cut_path = w.routes(0)[("voip", "s1")]
+            assert cut_path is not None
+            with cut(lab, 0, w.status(0)["paths"][cut_path]["ifname"]):
+                # every move off the cut path, by either end, until a second passes without one
+                end, mine = time.monotonic() + EVENT_S, 0
+                while time.monotonic() < end:
+                    try:
+                        mv = g.next("f", timeout=1.0 if mine else max(0.1, end - time.monotonic()))["failoverMoves"]
+                    except TimeoutError:
+                        break
+                    if mv["fromPath"] == cut_path and mv["reason"] in ("bfd_down", "reroute", "sla_violation"):
+                        lags.append(time.time() - mv["ts"])
+                        mine += 1
+                assert mine, f"no move off {cut_path} reached the subscription\n{w.context()}"
+        finally:
+            g.close()
+        w.wait(f"{cut_path} back up at s0", lambda p=cut_path: w.status(0)["paths"][p]["bfd"] == "up")
+    assert lags, "no failover move reached the subscription"
+    record_property("graphql_move_lag_median_s", round(statistics.median(lags), 3))
+    record_property("graphql_move_lag_max_s", round(max(lags), 3))
+    print(f"failover move to a GraphQL subscriber: median {statistics.median(lags) * 1000:.0f} ms, "
+          f"max {max(lags) * 1000:.0f} ms ({len(lags)} moves)")
     # telemetry reached the controller: path metrics measured by the agents, the failover moves
     with w.admin() as a:
         w.wait("path metrics from the agents", lambda: sum(
