@@ -203,3 +203,29 @@ def test_a_subscriber_that_stops_reading_is_dropped(ctl: AgentController) -> Non
         assert a.get(f"{PREFIX}/sites").status_code == 200
     frame = g.closed(timeout=60)
     assert frame is not None and frame.code == 4413 and "slow subscriber" in frame.reason, frame
+
+
+def test_site_status_changes_arrive_as_an_agent_goes_quiet(ctl: AgentController) -> None:
+    """An agent reporting every 0.2 s and then silent: its site goes Active,
+    Degraded (3 intervals without contact), Inactive (10), each once, in order."""
+    with ctl.admin() as a:
+        a.post(f"{PREFIX}/sites", json=site_body("br9")).raise_for_status()
+    g = Gql(ctl, ctl.token)
+    try:
+        g.subscribe("s", "subscription { siteStatus { site status previous } }")
+        # the subscription registers as the server reads it: enrol only once it sees the others
+        seen: list[tuple[str, str | None]] = []
+        cred = None
+        end = time.monotonic() + 60
+        while ("Inactive", "Degraded") not in seen and time.monotonic() < end:
+            if cred is None:
+                cred = credential(ctl, "br9", interval_s=0.2)
+            try:
+                ev = g.next("s", timeout=max(0.1, end - time.monotonic()))["siteStatus"]
+            except TimeoutError:
+                break
+            if ev["site"] == "br9":
+                seen.append((ev["status"], ev["previous"]))
+        assert seen == [("Active", None), ("Degraded", "Active"), ("Inactive", "Degraded")], seen
+    finally:
+        g.close()

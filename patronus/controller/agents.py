@@ -528,6 +528,7 @@ class AgentStore:
                               remote=remote)
         if reason is not None:
             self.auth.reject(reason, f"site/{site}", remote, "agent.enrol")
+        self.service.publish_telemetry([{"kind": "contact", "id": cid, "ts": now}])
         return {"credential": f"{CREDENTIAL_PREFIX}{cid}_{csecret}", "id": cid, "site": site,
                 "interval_s": interval_s, "cert_sha256": self.pin}
 
@@ -627,8 +628,11 @@ class AgentStore:
         return {"site": site, "ts": ann.ts, "changed": changed}
 
     def seen(self, cid: str, remote: str | None) -> None:
+        now = self.clock()
         self.db.execute("UPDATE agent_credentials SET last_seen = ?, last_remote = ? WHERE id = ?",
-                        (self.clock(), remote, cid))
+                        (now, remote, cid))
+        # site status is a function of contact and time: listeners (GraphQL) follow contacts
+        self.service.publish_telemetry([{"kind": "contact", "id": cid, "ts": now}])
 
     def agents(self) -> list[dict[str, Any]]:
         now = self.clock()

@@ -5,9 +5,10 @@ streams (never by polling the store):
   failover settings, agents' announcements and revocations);
 - the agents' telemetry as it is stored (``Service.telemetry``: path
   metrics, BFD states, failover moves, published by the agent store);
-- site status (Active, Degraded, Inactive) as it changes: status is a
-  function of time since an agent's last contact, so the bus evaluates it
-  when contact is made and on a 1 s clock, and publishes only changes.
+- site status (Active, Degraded, Inactive, Revoked) as it changes: status
+  is a function of time since an agent's last contact, so the bus follows
+  contacts (events from the agent store) and wakes exactly when a status
+  would change by itself (a heap of those moments), publishing only changes.
 
 Each subscriber has a bounded queue (``QUEUE``). A subscriber that falls
 that far behind is dropped: its socket is closed with ``CLOSE_SLOW`` and
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import time
 from collections.abc import AsyncGenerator
 from typing import Any
@@ -53,7 +55,9 @@ class Bus:
         self.subs: set[_Sub] = set()
         self._tasks: set[asyncio.Future[Any]] = set()
         self._status: dict[str, str] | None = None
-        self._clock: asyncio.Task[None] | None = None
+        self._agents: dict[str, dict[str, Any]] | None = None
+        self._due: list[tuple[float, str, float]] = []
+        self._timer: asyncio.TimerHandle | None = None
         self.published = 0
         self.slow_dropped = 0
         service.changes.subscribe(self._from_service)
@@ -73,11 +77,15 @@ class Bus:
         self.publish({"kind": "change", **ev})
         if kind.startswith("policy."):
             self.publish({"kind": "policy", **ev})
+        if kind == "agent.revoke" and self._agents is not None:   # re-read who is revoked
+            self._agents = None
+            self._track_again()
 
     def _from_telemetry(self, ev: dict[str, Any]) -> None:
+        if ev.get("kind") == "contact":
+            self._contact(ev)
+            return
         self.publish(ev)
-        if ev.get("kind") in ("metric", "bfd", "event"):
-            self._site_status_now()
 
     def publish(self, ev: dict[str, Any]) -> None:
         self.published += 1
@@ -94,49 +102,105 @@ class Bus:
                     sub.q.put_nowait({"kind": "_dropped"})
 
     # -- site status ------------------------------------------------------------------------
+    #
+    # A site's status is its best agent's (Active, Degraded after 3 intervals
+    # without contact, Inactive after 10; Revoked). Contacts arrive as events
+    # (AgentStore.seen); the moments a status changes by itself are known in
+    # advance, so one timer waits for the earliest (a heap), not a clock tick.
 
-    def _site_status_now(self) -> None:
-        try:
-            rows = self.agents.agents()
-        except Exception:   # the store away: the next tick tries again
+    def _track(self) -> None:
+        """Start following site status (the first siteStatus subscriber)."""
+        if self._agents is not None:
             return
-        now: dict[str, str] = {}
+        self._agents = {r["id"]: {"site": r["site"], "last": r["last_seen"], "interval": r["interval_s"],
+                                  "revoked": r["revoked"]} for r in self.agents.agents()}
+        self._status = self._statuses(time.time())
+        for cid in self._agents:
+            self._push(cid)
+        self._arm()
+
+    def _statuses(self, now: float) -> dict[str, str]:
+        from ..agents import status_of
+
         order = {"Active": 0, "Degraded": 1, "Inactive": 2, "Revoked": 3}
-        for r in rows:   # a site's best agent decides
-            cur = now.get(r["site"])
-            if cur is None or order.get(r["status"], 9) < order.get(cur, 9):
-                now[r["site"]] = r["status"]
-        if self._status is not None:
-            for site, st in sorted(now.items()):
-                if self._status.get(site) != st:
-                    self.publish({"kind": "site", "site": site, "status": st, "previous": self._status.get(site),
-                                  "ts": time.time()})
-        self._status = now
+        out: dict[str, str] = {}
+        for a in (self._agents or {}).values():
+            st = "Revoked" if a["revoked"] else status_of(a["last"], a["interval"], now)
+            cur = out.get(a["site"])
+            if cur is None or order[st] < order[cur]:
+                out[a["site"]] = st
+        return out
 
-    async def _tick(self) -> None:
+    def _site_status_now(self, sites: set[str] | None = None) -> None:
+        if self._agents is None:
+            return
+        now = time.time()
+        fresh = self._statuses(now)
+        old = self._status or {}
+        for site in sorted(sites if sites is not None else set(fresh) | set(old)):
+            if site in fresh and old.get(site) != fresh[site]:
+                self.publish({"kind": "site", "site": site, "status": fresh[site], "previous": old.get(site),
+                              "ts": now})
+        self._status = fresh
+
+    def _push(self, cid: str) -> None:
+        a = (self._agents or {}).get(cid)
+        if a is None or a["last"] is None or a["revoked"]:
+            return
+        from ..agents import DEGRADED_AFTER, INACTIVE_AFTER
+
+        for k in (DEGRADED_AFTER, INACTIVE_AFTER):
+            heapq.heappush(self._due, (a["last"] + k * a["interval"], cid, a["last"]))
+
+    def _arm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._due:
+            return
         loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(1.0)
-            if any("site" in s.kinds for s in self.subs):
-                rows = await loop.run_in_executor(None, self.agents.agents)
-                self._apply_rows(rows)
+        delay = max(0.0, self._due[0][0] - time.time()) + 0.001
+        self._timer = loop.call_later(delay, self._fire)
 
-    def _apply_rows(self, rows: list[dict[str, Any]]) -> None:
-        agents = self.agents
-        self.agents = _Rows(rows)
-        try:
-            self._site_status_now()
-        finally:
-            self.agents = agents
+    def _fire(self) -> None:
+        self._timer = None
+        now = time.time()
+        sites: set[str] = set()
+        while self._due and self._due[0][0] <= now:
+            _, cid, last = heapq.heappop(self._due)
+            a = (self._agents or {}).get(cid)
+            if a is not None and a["last"] == last:   # not superseded by a later contact
+                sites.add(a["site"])
+        if sites:
+            self._site_status_now(sites)
+        self._arm()
+
+    def _contact(self, ev: dict[str, Any]) -> None:
+        if self._agents is None:
+            return
+        a = self._agents.get(ev["id"])
+        if a is None:   # enrolled since: read it (a rare event)
+            self._agents = None
+            self._track_again()
+            return
+        a["last"] = ev["ts"]
+        self._push(ev["id"])
+        self._site_status_now({a["site"]})
+        self._arm()
+
+    def _track_again(self) -> None:
+        old = self._status
+        self._track()
+        if old is not None:
+            fresh, self._status = self._status, old
+            self._status = old
+            self._site_status_now(set(fresh or {}) | set(old))
 
     # -- subscribing ------------------------------------------------------------------------
 
     async def stream(self, info: Info[Context, None], kinds: set[str]) -> AsyncGenerator[dict[str, Any], None]:
-        if "site" in kinds and (self._clock is None or self._clock.done()):
-            self._clock = asyncio.ensure_future(self._tick())
-            if self._status is None:
-                loop = asyncio.get_running_loop()
-                self._apply_rows(await loop.run_in_executor(None, self.agents.agents))
+        if "site" in kinds:
+            self._track()
         sub = _Sub(kinds)
         self.subs.add(sub)
         try:
@@ -150,14 +214,6 @@ class Bus:
                 yield ev
         finally:
             self.subs.discard(sub)
-
-
-class _Rows:
-    def __init__(self, rows: list[dict[str, Any]]) -> None:
-        self.rows = rows
-
-    def agents(self) -> list[dict[str, Any]]:
-        return self.rows
 
 
 # -- the GraphQL types ------------------------------------------------------------------------------
