@@ -107,6 +107,35 @@ class _Sites(Collector):
         yield g
 
 
+class _GraphQLCache(Collector):
+    """``patronus_controller_graphql_cache_{hits,misses,evictions,invalidations}_total{cache}``: the
+    GraphQL cache's counters (``app.state.graphql.cache``), read on each scrape; nothing without GraphQL."""
+
+    _HELP = {"hits": "reads the cache answered", "misses": "reads the cache could not answer",
+             "evictions": "entries dropped as expired or to make room",
+             "invalidations": "entries dropped by a change or telemetry event"}
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily
+
+        cache = getattr(getattr(self.app.state, "graphql", None), "cache", None)
+        if cache is None:
+            return
+        stats = cache.stats()
+        for kind, text in self._HELP.items():
+            c = CounterMetricFamily(f"patronus_controller_graphql_cache_{kind}", f"GraphQL cache: {text}",
+                                    labels=["cache"])
+            for area, s in sorted(stats.items()):
+                c.add_metric([area], float(s[kind]))
+            yield c
+
+
 class ControllerMetrics:
     """The controller's metrics in a registry of their own (``registry``)."""
 
@@ -218,6 +247,7 @@ def install(app: Any, service: Any, *, dependencies: list[Any] | None = None) ->
     the metrics object is ``app.state.metrics``. ``dependencies`` guard the
     route (``create_app`` passes ``[Depends(require(ACTION))]``)."""
     m = ControllerMetrics(service)
+    m.registry.register(_GraphQLCache(app))
     app.state.metrics = m
 
     @app.get(METRICS_PATH, dependencies=dependencies or [], tags=["metrics"],
