@@ -23,6 +23,7 @@ pytest.importorskip("strawberry")
 websockets = pytest.importorskip("websockets")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 SOCKETS, PER_SOCKET = 10, 100
 
@@ -101,5 +102,48 @@ def test_fanout_to_1000_subscriptions(benchmark, benchmark_only, tmp_path):
                 "max_ms": _pct(out["thousand"], 1.0)}
         benchmark.extra_info.update(info)
         print("\ngraphql fan-out:", info)
+    finally:
+        ctl.stop()
+
+
+def test_topology_query_1000_sites(benchmark, benchmark_only, tmp_path):
+    """The map's query on a 1,000-site full mesh (499,500 paths): sites as
+    nodes with their uplinks, the edge count and the first 1,000 edges;
+    100 requests in a row over one connection, p50/p99 (the first, cold,
+    separately). Baselines in the same run: REST GET /api/v1/sites (the same
+    nodes) at the same count, and REST /api/v1/topology once (every edge)."""
+    import httpx
+
+    from test_bench_controller import _controller, big_mesh
+
+    ctl, _ = _controller(tmp_path, big_mesh(1000), False)
+    try:
+        token = ctl.login("admin", ctl.admin_password)["access_token"]
+        query = """{ topology { mesh nodes { id subnets uplinks } edgeCount
+                     edges(first: 1000) { items { id source target sourceUplink targetUplink } nextCursor } } }"""
+        with httpx.Client(base_url=ctl.url, verify=ctl.ssl_context(), timeout=600,
+                          headers={"Authorization": f"Bearer {token}"}) as c:
+            def timed(fn):
+                t = time.perf_counter()
+                r = fn()
+                r.raise_for_status()
+                return time.perf_counter() - t, r
+
+            cold, r = timed(lambda: c.post("/api/graphql", json={"query": query}))
+            body = r.json()
+            assert not body.get("errors") and body["data"]["topology"]["edgeCount"] == 499_500
+
+            def runs():
+                g = [timed(lambda: c.post("/api/graphql", json={"query": query}))[0] for _ in range(100)]
+                s = [timed(lambda: c.get("/api/v1/sites"))[0] for _ in range(100)]
+                return g, s
+
+            g, s = benchmark.pedantic(runs, rounds=1, iterations=1)
+            full, r = timed(lambda: c.get("/api/v1/topology"))
+        info = {"graphql_cold_ms": round(cold * 1000, 1), "graphql_p50_ms": _pct(g, 0.5), "graphql_p99_ms": _pct(g, 0.99),
+                "rest_sites_p50_ms": _pct(s, 0.5), "rest_sites_p99_ms": _pct(s, 0.99),
+                "rest_full_topology_ms": round(full * 1000, 1), "rest_full_topology_mb": round(len(r.content) / 1e6, 1)}
+        benchmark.extra_info.update(info)
+        print("\ngraphql topology, 1,000 sites:", info)
     finally:
         ctl.stop()

@@ -23,6 +23,8 @@ lists of sites, paths and their metrics through the request's loaders
 
 from __future__ import annotations
 
+import base64
+
 import enum
 import logging
 from collections.abc import Callable
@@ -350,14 +352,57 @@ class TopologyEdge:
 
 
 @strawberry.type
+class TopologyEdgePage:
+    items: list[TopologyEdge]
+    next_cursor: str | None = strawberry.field(description="pass as `after` for the next page; null on the last")
+
+
+def _edge_cursor(offset: int) -> str:
+    return base64.urlsafe_b64encode(f"edges:{offset}".encode()).decode()
+
+
+def _edge_offset(after: str | None, total: int) -> int:
+    if after is None:
+        return 0
+    try:
+        kind, _, n = base64.urlsafe_b64decode(after.encode()).decode().partition(":")
+        offset = int(n)
+    except (ValueError, UnicodeDecodeError):
+        offset = -1
+        kind = ""
+    if kind != "edges" or not 0 <= offset <= total:
+        raise GraphQLError("after: not a cursor of these edges (take next_cursor of the previous page)",
+                           extensions={"code": "BAD_USER_INPUT", "field": "after"})
+    return offset
+
+
+@strawberry.type
 class Topology:
+    """Sites as nodes; paths as edges, a page at a time (a 1,000-site full
+    mesh has 499,500 of them: the nodes, the count and a first page make a
+    map, the rest on demand)."""
+
     mesh: str
     nodes: list[TopologyNode]
-    edges: list[TopologyEdge]
+    edge_count: int
+    _paths: strawberry.Private[Any]
+
+    @strawberry.field(description="the paths, in index order, `first` at a time")
+    def edges(self, first: int = 1000, after: str | None = None) -> TopologyEdgePage:
+        check_page(first)
+        paths = self._paths()
+        start = _edge_offset(after, len(paths))
+        chunk = paths[start:start + first]
+        end = start + len(chunk)
+        return TopologyEdgePage(items=[TopologyEdge(id=p.id, index=p.index, source=p.local_site, target=p.remote_site,
+                                                    source_uplink=p.local_uplink, target_uplink=p.remote_uplink)
+                                       for p in chunk],
+                                next_cursor=_edge_cursor(end) if end < len(paths) else None)
 
 
 def _topology(ctx: Context) -> Topology:
-    """The topology, from the cache while the mesh is the one it was made of."""
+    """The topology, from the cache while the mesh is the one it was made of;
+    the path list is enumerated once per mesh, when a page of edges is asked for."""
     svc, cache = ctx.service, ctx.cache
     ctx.store_queries += 1
     mesh = svc.mesh()
@@ -367,9 +412,22 @@ def _topology(ctx: Context) -> Topology:
         if hit and value[0] is mesh:
             return value[1]
         gen = cache.generation("topology", id(mesh))
-    t = svc.topology()
-    topo = Topology(mesh=t["mesh"], nodes=[TopologyNode(**n) for n in t["nodes"]],
-                    edges=[TopologyEdge(**e) for e in t["edges"]])
+    held: list[Any] = []
+
+    def paths() -> list[Any]:
+        if not held:
+            held.append(mesh.paths())
+        return held[0]
+
+    sites = mesh.sites
+    ups = [len(x.uplinks) for x in sites]
+    count, before = 0, 0
+    for k in ups:   # Mesh.paths: each site's uplinks with every earlier site's
+        count += k * before
+        before += k
+    topo = Topology(mesh=mesh.name, nodes=[TopologyNode(id=x.name, subnets=list(x.subnets),
+                                                        uplinks=[u.name for u in x.uplinks]) for x in sites],
+                    edge_count=count, _paths=paths)
     if cache is not None:
         cache.put("topology", id(mesh), (mesh, topo), gen)
     return topo
