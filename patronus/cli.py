@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     ct_run.add_argument("--state", required=True, help="a state directory made by `patronus controller init`")
     ct_run.add_argument("--listen", default="127.0.0.1:8443", help="host:port (default 127.0.0.1:8443; port 0: any)")
     ct_run.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    ct_run.add_argument("--no-graphql-introspection", action="store_true",
+                        help="refuse GraphQL introspection queries (on by default, for authenticated users only)")
     args = parser.parse_args(argv)
     if args.cmd == "token":
         return _token(args)
@@ -122,7 +124,8 @@ def _controller(args: argparse.Namespace) -> int:
             shown = f"[{host}]" if ":" in host else host
             print(f"patronus controller listening on https://{shown}:{port}", flush=True)
 
-        return server.run(args.state, args.listen, log_level=args.log_level, on_ready=ready)
+        return server.run(args.state, args.listen, log_level=args.log_level, on_ready=ready,
+                          introspection=not args.no_graphql_introspection)
     except PatronusError as e:
         print(f"patronus controller: {e}", file=sys.stderr)
         return 2

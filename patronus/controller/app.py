@@ -259,7 +259,8 @@ def _api_routes(routes: Any) -> Any:
             yield from _api_routes(route.original_router.routes)
 
 
-def create_app(service: Service, auth: Any, *, docs: bool = False, graphql: bool = True) -> FastAPI:
+def create_app(service: Service, auth: Any, *, docs: bool = False, graphql: bool = True,
+               graphql_introspection: bool = True) -> FastAPI:
     """The REST application over ``service`` and ``auth``.
 
     ``docs=True`` serves the Swagger UI at /api/v1/docs (it loads its
@@ -534,7 +535,8 @@ def create_app(service: Service, auth: Any, *, docs: bool = False, graphql: bool
     if graphql:
         from .gql import build_router as _graphql_router
 
-        app.state.graphql = _graphql_router(service, auth, app.state.agents.agent_store)
+        app.state.graphql = _graphql_router(service, auth, app.state.agents.agent_store,
+                                            introspection=graphql_introspection)
         app.include_router(app.state.graphql)
 
     # -- every route declares who may call it --------------------------------------------------------

@@ -147,8 +147,9 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def build_app(state_dir: str | os.PathLike[str]) -> Any:
-    """The REST app over a state directory made by :func:`init`."""
+def build_app(state_dir: str | os.PathLike[str], *, introspection: bool = True) -> Any:
+    """The REST (and GraphQL) app over a state directory made by :func:`init`;
+    ``introspection=False`` turns GraphQL introspection off."""
     from .app import create_app
     from .auth import Auth, load_signing_key
     from .db import ControllerDB
@@ -160,11 +161,12 @@ def build_app(state_dir: str | os.PathLike[str]) -> Any:
             raise StateError(f"{str(f[k])!r} is missing: is {str(state_dir)!r} a controller state directory "
                              "(patronus controller init --state DIR)?")
     db = ControllerDB(f["db"], create=False)
-    return create_app(Service(f["state"], db), Auth(db, load_signing_key(f["signing_key"])))
+    return create_app(Service(f["state"], db), Auth(db, load_signing_key(f["signing_key"])),
+                      graphql_introspection=introspection)
 
 
 def _server(state_dir: str | os.PathLike[str], listen: str, *, log_level: str = "info",
-            on_ready: Callable[[str, int], None] | None = None) -> Any:
+            on_ready: Callable[[str, int], None] | None = None, introspection: bool = True) -> Any:
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -190,7 +192,7 @@ def _server(state_dir: str | os.PathLike[str], listen: str, *, log_level: str = 
 
     host, port = parse_listen(listen)
     f = files(state_dir)
-    config = uvicorn.Config(build_app(state_dir), host=host, port=port, ssl_certfile=str(f["cert"]),
+    config = uvicorn.Config(build_app(state_dir, introspection=introspection), host=host, port=port, ssl_certfile=str(f["cert"]),
                             ssl_keyfile=str(f["key"]), loop="uvloop", http="h11", lifespan="on",
                             timeout_graceful_shutdown=GRACEFUL_S, log_level=log_level, server_header=False,
                             proxy_headers=False, access_log=log_level == "debug")
@@ -198,10 +200,10 @@ def _server(state_dir: str | os.PathLike[str], listen: str, *, log_level: str = 
 
 
 def run(state_dir: str | os.PathLike[str], listen: str = "127.0.0.1:8443", *, log_level: str = "info",
-        on_ready: Callable[[str, int], None] | None = None) -> int:
+        on_ready: Callable[[str, int], None] | None = None, introspection: bool = True) -> int:
     """Serve until SIGTERM/SIGINT; 0 after a clean stop. ``on_ready(host, port)``
     is called once the socket listens (port 0 picks a free port)."""
-    server = _server(state_dir, listen, log_level=log_level, on_ready=on_ready)
+    server = _server(state_dir, listen, log_level=log_level, on_ready=on_ready, introspection=introspection)
     server.run()
     return 0 if server.started else 1
 
