@@ -347,3 +347,21 @@ def Xdp():
         return Xdp
     except DataplaneUnavailable as e:
         pytest.skip(str(e))
+
+
+# -- the controller's benchmarks (a real server under load) ---------------------------------------
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def benchmark_only(request):
+    """Skip unless run with --benchmark-only: these start a real controller."""
+    if not request.config.getoption("benchmark_only", False):
+        pytest.skip("a real controller under load: run with --benchmark-only")
+
+
+def pct_ms(xs: list[float], q: float) -> float:
+    """The ``q`` quantile of seconds ``xs``, in milliseconds (0.1 ms)."""
+    xs = sorted(xs)
+    return round(xs[min(len(xs) - 1, int(q * len(xs)))] * 1000, 1)

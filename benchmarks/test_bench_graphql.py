@@ -28,15 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 SOCKETS, PER_SOCKET = 10, 100
 
 
-@pytest.fixture
-def benchmark_only(request):
-    if not request.config.getoption("benchmark_only", False):
-        pytest.skip("a real controller under load: run with --benchmark-only")
-
-
-def _pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return round(xs[min(len(xs) - 1, int(q * len(xs)))] * 1000, 1)
+from conftest import pct_ms as _pct  # noqa: E402  (benchmark_only is a conftest fixture)
 
 
 async def _subscribers(ctl, token: str, sockets: int, per_socket: int):

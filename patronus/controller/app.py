@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ConfigError, StateError
+from ..model import Failover
 from . import agents as _agents
 from .rbac import CREDENTIALS, PUBLIC, _remote, _role, credentials, public, require
 from . import auth as _auth
@@ -103,16 +104,20 @@ class PolicyIn(_Body):
     action: str = "forward"
 
 
+_FO = Failover()   # the model's defaults, once
+
+
 class FailoverIn(_Body):
-    detect_ms: int = Field(150, description="BFD detection time; the BFD interval is detect_ms // multiplier")
-    multiplier: int = 3
-    failback_hold_s: float = Field(30.0, description="how long a path must be healthy before traffic returns")
-    sla_windows: int = 3
-    cooldown_s: float = 1.0
-    damp_penalty: float = 1000.0
-    damp_half_life_s: float = 15.0
-    damp_reuse: float = 750.0
-    damp_suppress: float = 2000.0
+    detect_ms: int = Field(_FO.detect_ms, description="BFD detection time; the BFD interval is detect_ms // multiplier")
+    multiplier: int = _FO.multiplier
+    failback_hold_s: float = Field(_FO.failback_hold_s,
+                                   description="how long a path must be healthy before traffic returns")
+    sla_windows: int = _FO.sla_windows
+    cooldown_s: float = _FO.cooldown_s
+    damp_penalty: float = _FO.damp_penalty
+    damp_half_life_s: float = _FO.damp_half_life_s
+    damp_reuse: float = _FO.damp_reuse
+    damp_suppress: float = _FO.damp_suppress
 
 
 class LoginIn(_Body):
@@ -550,4 +555,7 @@ def create_app(service: Service, auth: Any, *, docs: bool = False, graphql: bool
         for method in route.methods:
             ROUTE_ACTIONS[(method, route.path)] = action
 
+    from . import webui as _webui   # the dashboard: GET / and /ui/* (static, public, no data)
+
+    _webui.install(app)
     return app

@@ -39,6 +39,7 @@ from strawberry.scalars import JSON
 from strawberry.types import Info
 
 from ...errors import ConfigError, StateError
+from ...model import Failover as FailoverModel
 from .. import auth as _auth
 from ..problems import ServiceError
 from ..service import Resource
@@ -682,17 +683,20 @@ class PolicyInput:
     action: str | None = strawberry.UNSET
 
 
+_FO = FailoverModel()   # the model's defaults, once
+
+
 @strawberry.input(description="omitted fields take their defaults (as REST's PUT /failover)")
 class FailoverInput:
-    detect_ms: int = 150
-    multiplier: int = 3
-    failback_hold_s: float = 30.0
-    sla_windows: int = 3
-    cooldown_s: float = 1.0
-    damp_penalty: float = 1000.0
-    damp_half_life_s: float = 15.0
-    damp_reuse: float = 750.0
-    damp_suppress: float = 2000.0
+    detect_ms: int = _FO.detect_ms
+    multiplier: int = _FO.multiplier
+    failback_hold_s: float = _FO.failback_hold_s
+    sla_windows: int = _FO.sla_windows
+    cooldown_s: float = _FO.cooldown_s
+    damp_penalty: float = _FO.damp_penalty
+    damp_half_life_s: float = _FO.damp_half_life_s
+    damp_reuse: float = _FO.damp_reuse
+    damp_suppress: float = _FO.damp_suppress
 
 
 def _body(obj: Any) -> dict[str, Any]:
