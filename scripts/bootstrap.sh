@@ -25,6 +25,7 @@ APT_PACKAGES=(
     frr                    # bfdd: the BFD peer for interop tests
     tcpdump
     prometheus             # promtool: checks the /metrics exposition format
+    chromium chromium-driver  # tests/test_dashboard.py: the dashboard in a real headless browser
 )
 
 install_apt() {
