@@ -40,6 +40,7 @@ from patronus.netns import socket_in  # noqa: E402
 from patronus.store import Store  # noqa: E402
 
 from .controller_server import Controller  # noqa: E402
+from . import test_dashboard as dashboard  # noqa: E402
 from .test_graphql_subscriptions import Gql  # noqa: E402
 from .netns import unique  # noqa: E402
 from .test_mesh_forwarding import cut, icmp  # noqa: E402
@@ -263,6 +264,46 @@ def test_controller_drives_three_sites_and_survives_its_own_death(world: World,
     set_prefer(w, uplink)
     w.wait(f"after the restart: voip on {uplink} everywhere", lambda: all(
         w.status(s)["version"] != before[s] and w.voip_uplinks(s) == {uplink} for s in range(SITES)))
+    # the dashboard, live: cutting the voice path's uplink turns its edge red and puts the move on the
+    # timeline, in a real browser, without a reload
+    why = dashboard._missing()
+    if why and os.environ.get("CI"):
+        pytest.fail(why)
+    if not why:
+        d = dashboard._driver()
+        try:
+            dashboard.login(d, w.ctl, "admin", w.password)
+            voice = w.routes(0)[("voip", "s1")]
+            assert voice is not None
+            d.execute_script("""
+                const path = arguments[0];
+                window.__seen = {};
+                new MutationObserver((records) => {
+                  const e = document.querySelector(`#map path.edge[data-path="${path}"]`);
+                  if (e && e.dataset.state === 'down' && !window.__seen.red) window.__seen.red = Date.now();
+                  for (const r of records) for (const n of r.addedNodes) {   // a new entry, not an old one
+                    if (n.matches && n.matches(`#timeline-mini li[data-from="${path}"]`) && !window.__seen.event)
+                      window.__seen.event = Date.now();
+                  }
+                }).observe(document.getElementById('main'), {subtree: true, childList: true, attributes: true});
+            """, voice)
+            t_cut = time.time()
+            with cut(lab, 0, w.status(0)["paths"][voice]["ifname"]):
+                seen: dict[str, Any] = {}
+                end = time.monotonic() + EVENT_S
+                while not (seen.get("red") and seen.get("event")) and time.monotonic() < end:
+                    time.sleep(0.05)
+                    seen = d.execute_script("return window.__seen") or {}
+                assert seen.get("red") and seen.get("event"), f"the dashboard never showed the cut: {seen}"
+                d.save_screenshot(str(dashboard.SHOTS / "dashboard-lab-cut-1280.png"))
+            red_ms, event_ms = seen["red"] - t_cut * 1000, seen["event"] - t_cut * 1000
+            record_property("dashboard_cut_red_ms", round(red_ms))
+            record_property("dashboard_cut_event_ms", round(event_ms))
+            print(f"dashboard: cut voice path red after {red_ms:.0f} ms, on the timeline after {event_ms:.0f} ms")
+            assert dashboard.console_errors(d) == []
+        finally:
+            d.quit()
+        w.wait(f"{voice} back up at s0", lambda: w.status(0)["paths"][voice]["bfd"] == "up")
     # a GraphQL subscription sees failover moves as the agents make them: cut a path 4 times, time each
     # move from the agent's clock (same machine) to its arrival here
     lags: list[float] = []

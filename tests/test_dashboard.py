@@ -384,6 +384,221 @@ def test_screenshots_of_the_map_and_the_policies(ctl: AgentController, browser: 
     goto(d, "map")
 
 
+def click(d: Any, sel: str) -> None:
+    """Activate a map element (an SVG edge or node) with the keyboard: focus it, press Enter
+    (a mouse click at the centre of a curve's box can miss the stroke)."""
+    from selenium.webdriver.common.keys import Keys
+
+    css(d, sel).send_keys(Keys.ENTER)
+
+
+def post_metrics(ctl: AgentController, cred: str, site: str, path: str, points: list[dict[str, Any]]) -> None:
+    with ctl.client(cred) as c:
+        r = c.post(f"{PREFIX}/agent/telemetry", json={"site": site, "metrics": [{"path": path, **p} for p in points]})
+        assert r.status_code == 200, r.text
+
+
+def write_flows(ctl: AgentController, site: str, ts: float) -> None:
+    """Flow records in the controller's state store, as a co-located agent writes them
+    (policies by index: 0 voip, 1 dns); two snapshots, so each flow must count once."""
+    import numpy as np
+
+    from patronus.abi import FLOW_DTYPE, NO_PATH
+    from patronus.store import Store
+
+    a = np.zeros(6, dtype=FLOW_DTYPE)
+    for i in range(6):
+        a["src"][i, :4] = [10, 62, 0, 10 + i]
+        a["dst"][i, :4] = [10, 61, 0, 5]
+        a["sport"][i] = 40_000 + i
+        a["dport"][i] = 5060 if i < 4 else 53
+        a["proto"][i] = 17
+        a["packets"][i] = 10 * (i + 1)
+        a["bytes"][i] = 1000 * (i + 1)
+        a["first_ns"][i] = i + 1
+        a["policy"][i] = 0 if i < 4 else 1
+        a["path"][i] = NO_PATH
+    a["family"] = 4
+    with Store(ctl.info["state"]) as st:
+        st.add_flow_snapshot(ts - 20, site, a, ["voip", "dns"])
+        a["bytes"] *= 2      # the later snapshot: the counters grew
+        a["packets"] *= 2
+        st.add_flow_snapshot(ts - 10, site, a, ["voip", "dns"])
+
+
+def test_path_panel_charts_the_metrics_live_with_bfd_state(ctl: AgentController, browser: Any) -> None:
+    d = browser
+    d.set_window_size(*WIDE)
+    goto(d, "map")
+    ids = attrs(d, "#map path.edge", "data-path")
+    path = next(i for i in ids if "br1.lte" in i and "hq.isp1" in i)
+    cred = credential(ctl, "br1")
+    now = time.time()
+    post_metrics(ctl, cred, "br1", path, [
+        {"ts": now - 300 + 30 * k, "rtt_ms": 20.0 + 3 * k + (8 if k == 6 else 0), "jitter_ms": 1.0 + (k % 3),
+         "loss_pct": 0.0 if k < 7 else 1.5 * (k - 6), "mos": 4.35 - (0.25 * (k - 6) if k > 6 else 0)}
+        for k in range(10)])
+    # the score hint on the edge: from the latest measurement (live, pathMetrics), in its tooltip
+    wait(d, lambda d: "loss 4.5 %" in (text(d, f'#map path.edge[data-path="{path}"] title') or ""))
+    assert attrs(d, f'#map path.edge[data-path="{path}"]', "data-quality") == ["fair"]
+    click(d, f'#map path.edge[data-path="{path}"]')
+    wait(d, visible("#path-chart"))
+    assert path in css(d, "#detail-title").text
+    wait(d, lambda d: attrs(d, "#path-chart", "data-points") == ["10"])
+    for key in ("rttMs", "jitterMs", "lossPct", "mos"):
+        assert len(all_css(d, f'#path-chart g[data-series="{key}"] circle.point')) == 10, key
+        assert attrs(d, f'#path-chart g[data-series="{key}"] path.line', "d")[0].count("L") == 9
+    assert "MOS" in text(d, "#path-chart") and "Latency" in text(d, "#path-chart")
+    # the BFD state: the subscription's, then a change arrives live
+    assert css(d, "#path-bfd").get_attribute("data-state") == "unknown"
+    with ctl.client(cred) as c:
+        r = c.post(f"{PREFIX}/agent/telemetry", json={"site": "br1", "bfd": [
+            {"ts": time.time(), "path": path, "state": "up"}]})
+        assert r.status_code == 200, r.text
+    wait(d, lambda d: attrs(d, "#path-bfd", "data-state") == ["up"])
+    # live: a new measurement is appended without a reload
+    post_metrics(ctl, cred, "br1", path, [{"ts": time.time(), "rtt_ms": 31.0, "jitter_ms": 2.0, "loss_pct": 0.0,
+                                           "mos": 4.3}])
+    wait(d, lambda d: attrs(d, "#path-chart", "data-points") == ["11"])
+    assert "rtt 31.0 ms" in css(d, "#path-latest").text
+    assert attrs(d, f'#map path.edge[data-path="{path}"]', "data-quality") == ["good"]
+    for size in (WIDE, NARROW):
+        d.set_window_size(*size)
+        time.sleep(0.2)
+        d.execute_script("document.getElementById('toast').hidden = true; "
+                         "if (arguments[0]) document.getElementById('detail').scrollIntoView({block: 'start'}); "
+                         "else window.scrollTo(0, 0)", size == NARROW)
+        path_png = SHOTS / f"dashboard-path-{size[0]}.png"
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        d.save_screenshot(str(path_png))
+        assert path_png.stat().st_size > 5000
+        width = d.execute_script("return document.documentElement.scrollWidth")
+        assert width <= d.execute_script("return window.innerWidth") + 1, (size, width)
+    d.set_window_size(*WIDE)
+    css(d, "#detail-close").click()
+    assert not css(d, "#detail").is_displayed()
+    assert d.switch_to.active_element.get_attribute("data-path") == path   # focus back on the edge
+    assert console_errors(d) == []
+
+
+def test_policies_show_the_path_they_use_now(ctl: AgentController, browser: Any) -> None:
+    d = browser
+    goto(d, "policies")
+    # the live test's move: voip at hq went to the br1.lte path
+    cell = wait(d, lambda d: text(d, '#policies-table tr[data-policy="voip"] td.path-now'))
+    moved = attrs(d, '#policies-table tr[data-policy="voip"] .path-ref', "data-path")
+    assert len(moved) == 1 and "br1.lte" in moved[0] and moved[0] in cell
+    assert "not known" in text(d, '#policies-table tr[data-policy="dns"] td.path-now')
+    goto(d, "map")
+    assert console_errors(d) == []
+
+
+def test_site_panel_shows_agent_status_uplinks_and_top_flows(ctl: AgentController, browser: Any) -> None:
+    d = browser
+    write_flows(ctl, "br1", time.time())
+    goto(d, "map")
+    click(d, '#map g.node[data-site="br1"]')
+    wait(d, visible("#site-detail"))
+    assert css(d, "#detail-title").text == "Site br1"
+    # the agent enrolled and reporting: Active
+    wait(d, lambda d: "Active" in (attrs(d, "#site-agents li[data-status]", "data-status") or []))
+    assert attrs(d, "#site-uplinks-list li", "data-uplink") == ["isp1", "lte"]
+    assert "198.18.62.1" in text(d, "#site-uplinks-list")
+    rows = wait(d, lambda d: d.execute_script(
+        "return [...document.querySelectorAll('#site-flows tbody tr')].map(r => r.textContent)") if
+        not (text(d, "#site-flows tbody") or "").startswith("loading") else None)
+    assert len(rows) == 6, rows   # each flow once, though two snapshots hold it
+    assert "10.62.0.15:40005" in rows[0] and "dns" in rows[0] and "12.0 kB" in rows[0]   # largest first
+    # hq: no agent
+    click(d, '#map g.node[data-site="hq"]')
+    wait(d, lambda d: "No agent" in (text(d, "#site-agents") or ""))
+    css(d, "#detail-close").click()
+    assert console_errors(d) == []
+
+
+def test_flows_view_top_flows_and_totals_filtered(ctl: AgentController, browser: Any) -> None:
+    d = browser
+    goto(d, "flows")
+    wait(d, lambda d: len(attrs(d, "#flows-top tbody tr[data-site]", "data-site")) == 6)
+    assert attrs(d, "#flows-totals tbody tr", "data-policy") == ["dns", "voip"]   # by bytes: 22 kB, 20 kB
+    voip = text(d, '#flows-totals tr[data-policy="voip"]')
+    assert "4" in voip and "20.0 kB" in voip   # 2+4+6+8 kB at the latest snapshot
+    from selenium.webdriver.support.ui import Select
+
+    Select(css(d, "#flows-policy")).select_by_value("dns")
+    css(d, "#flows-filter button[type=submit]").click()
+    wait(d, lambda d: attrs(d, "#flows-totals tbody tr", "data-policy") == ["dns"])
+    assert len(all_css(d, "#flows-top tbody tr[data-site]")) == 2
+    assert "of policy dns" in css(d, "#flows-summary").text
+    Select(css(d, "#flows-site")).select_by_value("hq")
+    Select(css(d, "#flows-policy")).select_by_value("")
+    css(d, "#flows-filter button[type=submit]").click()
+    wait(d, lambda d: "No flows" in (text(d, "#flows-top tbody") or ""))
+    Select(css(d, "#flows-site")).select_by_value("")
+    assert console_errors(d) == []
+
+
+def test_enrolment_token_shown_once_then_metadata_and_revoked(ctl: AgentController, browser: Any) -> None:
+    from selenium.webdriver.support.ui import Select
+
+    from .test_controller_agents import enrol
+
+    d = browser
+    goto(d, "tokens")
+    wait(d, lambda d: attrs(d, "#tokens-table tbody tr[data-token]", "data-token"))
+    before = set(attrs(d, "#tokens-table tbody tr[data-token]", "data-token"))
+    Select(css(d, "#token-site")).select_by_value("hq")
+    fill(d, "#token-ttl", "15")
+    css(d, "#token-form button[type=submit]").click()
+    wait(d, visible("#token-new"))
+    token = css(d, "#token-value").get_attribute("value")
+    assert token.startswith("pnt1.hq."), token
+    assert "only once" in css(d, "#token-new").text
+    css(d, "#token-copy").click()   # the copy button answers (clipboard or the selection fallback)
+    wait(d, lambda d: "cop" in (text(d, "#toast") or ""))
+    new = wait(d, lambda d: set(attrs(d, "#tokens-table tbody tr[data-token]", "data-token")) - before)
+    (tid,) = new
+    row = text(d, f'#tokens-table tr[data-token="{tid}"]')
+    assert "hq" in row and "unused" in row and token.split(".")[2] not in row
+    # done: the secret is gone from the page; listed again, only its metadata
+    css(d, "#token-done").click()
+    assert not css(d, "#token-new").is_displayed()
+    secret = token.split(".")[2]
+    assert secret not in d.page_source and css(d, "#token-value").get_attribute("value") == ""
+    goto(d, "map")
+    goto(d, "tokens")
+    wait(d, lambda d: attrs(d, f'#tokens-table tr[data-token="{tid}"]', "data-state") == ["unused"])
+    assert secret not in d.page_source
+    # a bad validity is refused next to its field, nothing sent
+    fill(d, "#token-ttl", "0")
+    css(d, "#token-form button[type=submit]").click()
+    assert "whole number" in wait(d, visible('#token-form .field-error[data-for="ttl"]')).text
+    fill(d, "#token-ttl", "60")
+    # revoke
+    css(d, f'#tokens-table tr[data-token="{tid}"] button.delete').click()
+    wait(d, lambda d: d.switch_to.alert).accept()
+    wait(d, lambda d: attrs(d, f'#tokens-table tr[data-token="{tid}"]', "data-state") == ["revoked"])
+    assert all_css(d, f'#tokens-table tr[data-token="{tid}"] button.delete') == []
+    with ctl.admin() as a:
+        listed = {t["id"]: t for t in a.get(f"{PREFIX}/tokens").json()["items"]}
+    assert listed[tid]["revoked"] is True
+    r = enrol(ctl, token)
+    assert r.status_code in (401, 403), r.text
+    assert console_errors(d) == []
+
+
+def test_audit_log_for_admins(ctl: AgentController, browser: Any) -> None:
+    d = browser
+    goto(d, "audit")
+    wait(d, lambda d: len(attrs(d, "#audit-table tbody tr", "data-id")) > 5)
+    actions = d.execute_script("return [...document.querySelectorAll('#audit-table tbody th')].map(e => e.textContent)")
+    assert any(a.startswith("token") for a in actions), actions
+    ids = [int(i) for i in attrs(d, "#audit-table tbody tr", "data-id")]
+    assert ids == sorted(ids, reverse=True)   # newest first
+    goto(d, "map")
+    assert console_errors(d) == []
+
+
 def test_viewer_sees_no_edit_controls_and_a_forged_edit_is_refused(ctl: AgentController, browser: Any) -> None:
     d = browser
     css(d, "#logout").click()
@@ -419,4 +634,25 @@ def test_viewer_sees_no_edit_controls_and_a_forged_edit_is_refused(ctl: AgentCon
     with ctl.admin() as a:
         assert a.get(f"{PREFIX}/sites/hq").status_code == 200
     errors = [e for e in console_errors(d) if "status of 403" not in e["message"]]   # the forged one
+    assert errors == []
+
+
+def test_viewer_has_no_audit_or_token_views(ctl: AgentController, browser: Any) -> None:
+    """Runs after the viewer logged in (the test above)."""
+    d = browser
+    assert css(d, "#who-role").text == "viewer"
+    assert not css(d, '#nav a[data-view="audit"]').is_displayed()
+    assert not css(d, '#nav a[data-view="tokens"]').is_displayed()
+    assert css(d, '#nav a[data-view="flows"]').is_displayed()
+    for view in ("audit", "tokens"):   # typed into the address bar: the map instead, nothing loaded
+        d.execute_script("location.hash = arguments[0]", f"#/{view}")
+        wait(d, visible("#view-map"))
+        assert not css(d, f"#view-{view}").is_displayed()
+    assert attrs(d, "#audit-table tbody tr", "data-id") == []   # the admin's rows went with the logout
+    assert attrs(d, "#tokens-table tbody tr", "data-token") == []
+    # the server refuses anyway
+    token = ctl.login("watcher", PASSWORD_VIEWER)["access_token"]
+    with ctl.client(token) as c:
+        assert c.get(f"{PREFIX}/audit").status_code == 403
+    errors = [e for e in console_errors(d) if "status of 403" not in e["message"]]
     assert errors == []

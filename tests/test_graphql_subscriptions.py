@@ -54,7 +54,7 @@ class Gql:
         from websockets.sync.client import connect
 
         url = ctl.url.replace("https://", "wss://") + GQL
-        self._cm = connect(url, ssl=ctl.ssl_context(), open_timeout=10,
+        self._cm = connect(url, ssl=ctl.ssl_context(), open_timeout=30,
                            subprotocols=["graphql-transport-ws"])
         self.ws = self._cm.__enter__()
         if init:

@@ -5,15 +5,19 @@
 // server refuses its writes anyway).
 
 import { ApiError, Live, Session } from "./api.js";
-import { TopologyMap } from "./map.js";
+import { TopologyMap, quality, scoreText, stateClass } from "./map.js";
+import { MetricChart } from "./chart.js";
 
 const $ = (sel, root = document) => root.querySelector(sel);
 const $$ = (sel, root = document) => [...root.querySelectorAll(sel)];
 
 const session = new Session();
 const live = new Live(session);
-const state = { me: null, sites: [], policies: [], events: [], pathStates: new Map(), edges: [], nodes: [] };
-const map = new TopologyMap($("#map"), { onselect: (id) => toast(`path ${id}: ${state.pathStates.get(id) || "unknown"}`) });
+const state = { me: null, sites: [], policies: [], events: [], pathStates: new Map(), edges: [], nodes: [],
+                agents: [], selected: null };   // selected: {kind: "path" | "site", id}
+const map = new TopologyMap($("#map"), { onselect: (id) => openPath(id), onsite: (id) => openSite(id) });
+const chart = new MetricChart($("#path-chart"));
+const HOUR = 3600;
 const TIMELINE_MAX = 200;
 
 const OVERVIEW = `query Overview {
@@ -23,7 +27,8 @@ const OVERVIEW = `query Overview {
              match { src dst srcPorts dstPorts proto dscp } }
   topology { nodes { id uplinks } edgeCount
              edges(first: 1000) { items { id source target sourceUplink targetUplink } nextCursor } }
-  paths { id state { status reason since } }
+  paths { id state { status reason since } latest { ts rttMs jitterMs lossPct mos } }
+  agents { id site hostname status lastSeen revoked }
   events(first: 100) { id ts site policy fromPath toPath reason detail }
 }`;
 
@@ -105,6 +110,10 @@ function showLogin(message = "") {
   $("#nav").hidden = true;
   $("#who").hidden = true;
   for (const v of $$(".view")) v.hidden = true;
+  for (const tb of $$("#audit-table tbody, #tokens-table tbody, #flows-top tbody, #flows-totals tbody")) tb.textContent = "";
+  $("#token-new").hidden = true;
+  $("#token-value").value = "";
+  closeDetail();
   $("#login-error").textContent = message;
   $("#login-name").focus();
 }
@@ -116,6 +125,7 @@ async function start() {
   document.body.classList.add("logged-in");
   document.body.classList.toggle("can-write", canWrite());
   for (const e of $$(".write")) e.hidden = !canWrite() || e.tagName === "FORM";   // forms open on demand
+  for (const a of $$("#nav a[data-roles]")) a.hidden = !a.dataset.roles.split(" ").includes(state.me.role);
   $("#who-name").textContent = state.me.name;
   $("#who-role").textContent = state.me.role;
   $("#login-view").hidden = true;
@@ -135,7 +145,9 @@ function takeOverview(d) {
   state.edges = topo.edges.items;
   const status = new Map(state.sites.map((s) => [s.name, s.status]));
   state.nodes = topo.nodes.map((n) => ({ id: n.id, uplinks: n.uplinks, status: status.get(n.id) }));
+  state.agents = d.agents || [];
   for (const p of d.paths || []) {
+    if (p.latest) map.scores.set(p.id, p.latest);
     if (p.state && !state.pathStates.has(p.id)) state.pathStates.set(p.id, p.state.status);
     else if (!state.pathStates.has(p.id)) state.pathStates.set(p.id, "unknown");
   }
@@ -144,6 +156,7 @@ function takeOverview(d) {
   renderSites();
   renderPolicies();
   renderTimeline();
+  if (state.selected) map.select(state.selected.kind, state.selected.id);
 }
 
 async function reload() {
@@ -199,6 +212,7 @@ function startLive() {
     const s = d.pathState;
     state.pathStates.set(s.path, s.state);
     map.setState(s.path, s.state);
+    if (state.selected && state.selected.kind === "path" && state.selected.id === s.path) showBfd(s.state, s.ts, s.diag);
     const down = state.edges.filter((e) => map.states.get(e.id) === "down" || map.states.get(e.id) === "admin_down").length;
     $("#map-summary").textContent = $("#map-summary").textContent.replace(/\d+ down$/, `${down} down`);
   });
@@ -207,7 +221,16 @@ function startLive() {
       const m = d.failoverMoves;
       prependEvent({ ts: m.ts, site: m.site, policy: m.policy, fromPath: m.fromPath, toPath: m.toPath,
                      reason: m.reason, detail: m.detail });
+      if (m.policy) renderPolicies();
     });
+  live.subscribe("subscription { pathMetrics { ts site path rttMs jitterMs lossPct mos } }", {}, (d) => {
+    const m = d.pathMetrics;
+    map.setScore(m.path, m);
+    if (state.selected && state.selected.kind === "path" && state.selected.id === m.path) {
+      chart.add(m);
+      $("#path-latest").textContent = scoreText(m);
+    }
+  });
   live.subscribe("subscription { siteStatus { site status previous } }", {}, (d) => {
     const s = d.siteStatus;
     const site = state.sites.find((x) => x.name === s.site);
@@ -216,6 +239,7 @@ function startLive() {
     if (node) node.status = s.status;
     map.setSiteStatus(s.site, s.status);
     renderSites();
+    if (state.selected && state.selected.kind === "site" && state.selected.id === s.site) loadAgents().catch(() => {});
   });
   let pending = null;
   live.subscribe("subscription { policyChanges { type target } }", {}, () => {
@@ -325,7 +349,7 @@ function renderPolicies() {
   const tb = $("#policies-table tbody");
   tb.textContent = "";
   const list = ordered(state.policies);
-  if (!list.length) tb.appendChild(h("tr", {}, h("td", { colspan: 7, class: "muted" }, "No policies yet.")));
+  if (!list.length) tb.appendChild(h("tr", {}, h("td", { colspan: 8, class: "muted" }, "No policies yet.")));
   list.forEach((p, i) => {
     tb.appendChild(h("tr", { "data-policy": p.name },
       h("td", { "data-label": "#" }, i + 1),
@@ -334,11 +358,33 @@ function renderPolicies() {
       h("td", { "data-label": "Match" }, matchText(p.match)),
       h("td", { "data-label": "App" }, p.app),
       h("td", { "data-label": "Action" }, p.action === "drop" ? "drop" : (p.prefer.length ? `prefer ${p.prefer.join(", ")}` : "forward")),
+      pathNowCell(p),
       canWrite() ? h("td", { class: "actions" },
         h("button", { type: "button", class: "edit", "aria-label": `Edit policy ${p.name}`, onclick: () => editPolicy(p) }, "Edit"),
         h("button", { type: "button", class: "delete", "aria-label": `Delete policy ${p.name}`, onclick: () => deletePolicy(p) }, "Delete"))
         : null));
   });
+}
+
+// the path a policy uses now, where known: the latest failover move of that policy, per site
+function pathNow(name) {
+  const bySite = new Map();
+  for (const ev of state.events) {   // latest first
+    if (ev.policy !== name || !ev.toPath) continue;
+    const key = ev.site || "";
+    if (!bySite.has(key)) bySite.set(key, ev);
+  }
+  return [...bySite.values()];
+}
+
+function pathNowCell(p) {
+  const now = pathNow(p.name);
+  if (!now.length) return h("td", { "data-label": "Path now", class: "path-now muted" }, "not known yet");
+  return h("td", { "data-label": "Path now", class: "path-now" }, now.map((ev) => {
+    const st = stateClass(state.pathStates.get(ev.toPath));
+    return h("span", { class: `path-ref ${st}`, "data-path": ev.toPath, title: `since ${fmtTime(ev.ts)} (${ev.reason})` },
+      ev.site ? `${ev.site}: ` : "", ev.toPath);
+  }));
 }
 
 const policyForm = $("#policy-form");
@@ -451,11 +497,324 @@ function showError(form, e, toName) {
 function route() {
   if (!state.me) return;
   const name = (location.hash.match(/^#\/(\w+)/) || [])[1] || "map";
-  const view = $$(".view").find((v) => v.dataset.view === name) ? name : "map";
+  const link = $(`#nav a[data-view="${CSS.escape(name)}"]`);
+  const view = link && !link.hidden && $$(".view").find((v) => v.dataset.view === name) ? name : "map";
   for (const v of $$(".view")) v.hidden = v.dataset.view !== view;
   for (const a of $$("#nav a")) {
     if (a.dataset.view === view) a.setAttribute("aria-current", "page");
     else a.removeAttribute("aria-current");
+  }
+  const load = { flows: loadFlows, tokens: loadTokens, audit: loadAudit }[view];
+  if (load) load().catch((e) => toast(e.message || String(e)));
+}
+
+// -- GraphQL with errors as exceptions -----------------------------------------------------------
+
+async function gql(query, variables = {}) {
+  const out = await session.graphql(query, variables);
+  if (out.errors && out.errors.length) {
+    const e = out.errors[0];
+    const x = e.extensions || {};
+    throw new ApiError(x.status || (x.code === "FORBIDDEN" ? 403 : 400), { detail: e.message, field: x.field || null });
+  }
+  return out.data;
+}
+
+const num = (v) => Number(v || 0);
+
+function fmtBytes(n) {
+  n = num(n);
+  const u = ["B", "kB", "MB", "GB", "TB"];
+  let i = 0;
+  while (n >= 1000 && i < u.length - 1) { n /= 1000; i++; }
+  return `${i ? n.toFixed(1) : n} ${u[i]}`;
+}
+
+const PROTO = { 1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6" };
+const flowText = (f) => `${PROTO[f.proto] || f.proto} ${f.src}:${f.sport} → ${f.dst}:${f.dport}`;
+
+// -- details: a path or a site, next to the map ---------------------------------------------------
+
+const PATH_Q = `query PathDetail($id: String!, $start: Time) {
+  path(id: $id) { id sites uplinks state { status reason since detail } latest { ts rttMs jitterMs lossPct mos }
+                  history(start: $start, first: 1000) { items { ts rttMs jitterMs lossPct mos } nextCursor } }
+}`;
+
+function openDetail(kind, id, title) {
+  state.selected = { kind, id };
+  map.select(kind, id);
+  $("#detail").hidden = false;
+  $("#detail").dataset.kind = kind;
+  $("#detail").dataset.id = id;
+  $("#detail-title").textContent = title;
+  $("#path-detail").hidden = kind !== "path";
+  $("#site-detail").hidden = kind !== "site";
+  $("#detail").focus();
+}
+
+function closeDetail() {
+  const was = state.selected;
+  state.selected = null;
+  map.select(null, null);
+  $("#detail").hidden = true;
+  return was;
+}
+
+$("#detail-close").addEventListener("click", () => {
+  const was = closeDetail();
+  const back = was && (was.kind === "path" ? $(`#map path.edge[data-path="${CSS.escape(was.id)}"]`)
+                                          : $(`#map g.node[data-site="${CSS.escape(was.id)}"]`));
+  if (back) back.focus();
+});
+
+function showBfd(status, since, detail) {
+  const cls = stateClass(status);
+  const b = $("#path-bfd");
+  b.textContent = status || "unknown";
+  b.className = `status bfd ${cls}`;
+  b.dataset.state = cls;
+  $("#path-bfd-since").textContent = since ? `since ${fmtTime(since)}${detail ? ` (${detail})` : ""}` : "";
+}
+
+async function openPath(id) {
+  openDetail("path", id, `Path ${id}`);
+  showBfd(state.pathStates.get(id), null, null);
+  $("#path-latest").textContent = scoreText(map.scores.get(id));
+  chart.set([]);
+  const d = await gql(PATH_Q, { id, start: Date.now() / 1000 - HOUR }).catch((e) => { toast(e.message); return null; });
+  if (!d || !state.selected || state.selected.id !== id) return;
+  const p = d.path;
+  if (!p) { $("#path-latest").textContent = "this path is not in the mesh"; return; }
+  if (p.state) showBfd(state.pathStates.get(id) || p.state.status, p.state.since, p.state.detail || p.state.reason);
+  const known = chart.points;   // live points that arrived while the history loaded
+  const hist = p.history.items;
+  const last = hist.length ? hist[hist.length - 1].ts : 0;
+  chart.set([...hist, ...known.filter((x) => x.ts > last)]);
+  if (p.latest) $("#path-latest").textContent = scoreText(p.latest);
+}
+
+async function loadAgents() {
+  const d = await gql("query { agents { id site hostname status lastSeen revoked } }");
+  state.agents = d.agents || [];
+  if (state.selected && state.selected.kind === "site") renderSiteAgents(state.selected.id);
+}
+
+function renderSiteAgents(name) {
+  const ul = $("#site-agents");
+  ul.textContent = "";
+  const mine = state.agents.filter((a) => a.site === name);
+  if (!mine.length) ul.appendChild(h("li", { class: "muted" }, "No agent enrolled (Pending)."));
+  for (const a of mine) {
+    ul.appendChild(h("li", { "data-agent": a.id, "data-status": a.status },
+      h("span", { class: `status ${a.status.toLowerCase()}` }, a.status), " ",
+      a.hostname || a.id, " ",
+      h("span", { class: "muted small" }, a.lastSeen ? `last contact ${fmtTime(a.lastSeen)}` : "never reported")));
+  }
+}
+
+async function openSite(name) {
+  const site = state.sites.find((s) => s.name === name);
+  openDetail("site", name, `Site ${name}`);
+  renderSiteAgents(name);
+  const ul = $("#site-uplinks-list");
+  ul.textContent = "";
+  for (const u of site ? site.uplinks : []) {
+    const paths = state.edges.filter((e) => (e.source === name && e.sourceUplink === u.name)
+                                            || (e.target === name && e.targetUplink === u.name));
+    const up = paths.filter((e) => stateClass(state.pathStates.get(e.id)) === "up").length;
+    const down = paths.filter((e) => stateClass(state.pathStates.get(e.id)) === "down").length;
+    ul.appendChild(h("li", { "data-uplink": u.name }, h("strong", {}, u.name), ` ${u.address} · `,
+      `${paths.length} paths: ${up} up, ${down} down`));
+  }
+  const tb = $("#site-flows tbody");
+  tb.textContent = "";
+  tb.appendChild(h("tr", {}, h("td", { colspan: 3, class: "muted" }, "loading…")));
+  await loadAgents().catch(() => {});
+  const flows = await fetchFlows(name, null).catch(() => null);
+  if (!state.selected || state.selected.id !== name) return;
+  tb.textContent = "";
+  const top = flows ? topFlows(flows).slice(0, 10) : [];
+  if (!top.length) tb.appendChild(h("tr", {}, h("td", { colspan: 3, class: "muted" }, flows ? "No flows in the last hour." : "Flows unavailable.")));
+  for (const f of top) {
+    tb.appendChild(h("tr", {}, h("td", { "data-label": "Flow" }, flowText(f)),
+      h("td", { "data-label": "Policy" }, f.policy || "–"), h("td", { "data-label": "Bytes" }, fmtBytes(f.bytes))));
+  }
+}
+
+// -- flows -----------------------------------------------------------------------------------------
+
+const FLOWS_Q = `query Flows($site: String, $policy: String, $start: Time, $after: String) {
+  flows(site: $site, policy: $policy, start: $start, first: 1000, after: $after) {
+    items { ts site src dst sport dport proto packets bytes firstNs policy path } nextCursor }
+}`;
+
+async function fetchFlows(site, policy, pages = 5) {
+  const out = [];
+  let after = null;
+  for (let i = 0; i < pages; i++) {
+    const d = await gql(FLOWS_Q, { site: site || null, policy: policy || null, start: Date.now() / 1000 - HOUR, after });
+    out.push(...d.flows.items);
+    after = d.flows.nextCursor;
+    if (!after) break;
+  }
+  return out;
+}
+
+// each flow once (its latest snapshot: the counters grow), largest first
+function topFlows(rows) {
+  const by = new Map();
+  for (const r of rows) {
+    const k = [r.site, r.proto, r.src, r.sport, r.dst, r.dport, r.firstNs].join("|");
+    const old = by.get(k);
+    if (!old || r.ts >= old.ts) by.set(k, r);
+  }
+  return [...by.values()].sort((a, b) => num(b.bytes) - num(a.bytes));
+}
+
+function fillSelect(sel, values, all) {
+  const keep = sel.value;
+  sel.textContent = "";
+  if (all !== null) sel.appendChild(h("option", { value: "" }, all));
+  for (const v of values) sel.appendChild(h("option", { value: v }, v));
+  if (values.includes(keep) || (all !== null && keep === "")) sel.value = keep;
+}
+
+async function loadFlows() {
+  const f = $("#flows-filter");
+  fillSelect(f.site, state.sites.map((s) => s.name), "all sites");
+  fillSelect(f.policy, ordered(state.policies).map((p) => p.name), "all policies");
+  const rows = await fetchFlows(f.site.value, f.policy.value);
+  const flows = topFlows(rows);
+  const totals = new Map();
+  for (const x of flows) {
+    const k = x.policy || "(no policy)";
+    const t = totals.get(k) || { flows: 0, packets: 0, bytes: 0 };
+    t.flows += 1; t.packets += num(x.packets); t.bytes += num(x.bytes);
+    totals.set(k, t);
+  }
+  $("#flows-summary").textContent = `${flows.length} flows${f.site.value ? ` at ${f.site.value}` : ""}`
+    + `${f.policy.value ? ` of policy ${f.policy.value}` : ""} in the last hour`;
+  const tt = $("#flows-totals tbody");
+  tt.textContent = "";
+  if (!totals.size) tt.appendChild(h("tr", {}, h("td", { colspan: 4, class: "muted" }, "No flows.")));
+  for (const [k, t] of [...totals].sort((a, b) => b[1].bytes - a[1].bytes)) {
+    tt.appendChild(h("tr", { "data-policy": k }, h("th", { scope: "row", "data-label": "Policy" }, k),
+      h("td", { "data-label": "Flows" }, t.flows), h("td", { "data-label": "Packets" }, t.packets),
+      h("td", { "data-label": "Bytes" }, fmtBytes(t.bytes))));
+  }
+  const tb = $("#flows-top tbody");
+  tb.textContent = "";
+  if (!flows.length) tb.appendChild(h("tr", {}, h("td", { colspan: 6, class: "muted" }, "No flows.")));
+  for (const x of flows.slice(0, 50)) {
+    tb.appendChild(h("tr", { "data-site": x.site || "" }, h("td", { "data-label": "Site" }, x.site || "–"),
+      h("td", { "data-label": "Flow" }, flowText(x)), h("td", { "data-label": "Policy" }, x.policy || "–"),
+      h("td", { "data-label": "Packets" }, num(x.packets)), h("td", { "data-label": "Bytes" }, fmtBytes(x.bytes)),
+      h("td", { "data-label": "Seen" }, fmtTime(x.ts))));
+  }
+}
+
+$("#flows-filter").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  loadFlows().catch((e) => toast(e.message || String(e)));
+});
+
+// -- enrolment tokens ------------------------------------------------------------------------------
+
+const TOKENS_Q = "query { tokens { id site createdBy created expires used usedBy revoked } }";
+
+async function loadTokens() {
+  const f = $("#token-form");
+  fillSelect(f.site, state.sites.map((s) => s.name), null);
+  const d = await gql(TOKENS_Q);
+  const tb = $("#tokens-table tbody");
+  tb.textContent = "";
+  const list = (d.tokens || []).slice().sort((a, b) => b.created - a.created);
+  if (!list.length) tb.appendChild(h("tr", {}, h("td", { colspan: 6, class: "muted" }, "No tokens.")));
+  const now = Date.now() / 1000;
+  for (const t of list) {
+    const st = t.revoked ? "revoked" : t.used ? `used${t.usedBy ? ` by ${t.usedBy}` : ""}` : t.expires < now ? "expired" : "unused";
+    tb.appendChild(h("tr", { "data-token": t.id, "data-state": st.split(" ")[0] },
+      h("th", { scope: "row", "data-label": "Id" }, h("code", {}, t.id)),
+      h("td", { "data-label": "Site" }, t.site),
+      h("td", { "data-label": "Created" }, `${fmtTime(t.created)} by ${t.createdBy}`),
+      h("td", { "data-label": "Expires" }, fmtTime(t.expires)),
+      h("td", { "data-label": "State" }, st),
+      h("td", { class: "actions" }, st === "unused"
+        ? h("button", { type: "button", class: "delete", "aria-label": `Revoke token ${t.id}`, onclick: () => revokeToken(t) }, "Revoke")
+        : null)));
+  }
+}
+
+async function revokeToken(t) {
+  if (!window.confirm(`Revoke the token ${t.id} of site ${t.site}?`)) return;
+  try {
+    await gql("mutation ($id: String!) { revokeToken(id: $id) }", { id: t.id });
+    toast(`token ${t.id} revoked`);
+  } catch (e) {
+    toast(e.message);
+  }
+  await loadTokens().catch(() => {});
+}
+
+$("#token-form").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  const f = ev.target;
+  clearErrors(f);
+  const ttl = f.ttl.value.trim();
+  if (!/^\d+$/.test(ttl) || Number(ttl) < 1) {
+    const slot = $('.field-error[data-for="ttl"]', f);
+    slot.textContent = "minutes: a whole number, at least 1";
+    f.ttl.setAttribute("aria-invalid", "true");
+    f.ttl.focus();
+    return;
+  }
+  try {
+    const d = await gql(`mutation ($site: String!, $ttl: Float!) {
+      createToken(site: $site, ttlS: $ttl) { token meta { id site expires } } }`, { site: f.site.value, ttl: Number(ttl) * 60 });
+    $("#token-value").value = d.createToken.token;
+    $("#token-new-site").textContent = d.createToken.meta.site;
+    $("#token-new").hidden = false;
+    $("#token-value").focus();
+    $("#token-value").select();
+    await loadTokens();
+  } catch (e) {
+    showError(f, e, (x) => (/site/i.test(String(x)) ? "site" : /ttl/i.test(String(x)) ? "ttl" : lastPart(x)));
+  }
+});
+
+$("#token-copy").addEventListener("click", async () => {
+  const v = $("#token-value");
+  let ok = false;
+  try {
+    if (navigator.clipboard && window.isSecureContext) { await navigator.clipboard.writeText(v.value); ok = true; }
+  } catch (e) { ok = false; }
+  if (!ok) {
+    v.select();
+    try { ok = document.execCommand("copy"); } catch (e) { ok = false; }
+  }
+  toast(ok ? "token copied" : "select the token and copy it (Ctrl+C)");
+});
+
+function forgetToken() {   // shown once: gone from the page when done, or when the view is left
+  $("#token-value").value = "";
+  $("#token-new").hidden = true;
+}
+
+$("#token-done").addEventListener("click", () => { forgetToken(); $("#token-site").focus(); });
+window.addEventListener("hashchange", () => { if (!location.hash.startsWith("#/tokens")) forgetToken(); });
+
+// -- audit -----------------------------------------------------------------------------------------
+
+async function loadAudit() {
+  const d = await gql("query { auditLog(first: 200) { id ts actor action target remote ok } }");
+  const tb = $("#audit-table tbody");
+  tb.textContent = "";
+  for (const a of d.auditLog || []) {
+    tb.appendChild(h("tr", { "data-id": a.id, class: a.ok ? "" : "failed" },
+      h("td", { "data-label": "Time" }, fmtTime(a.ts)), h("td", { "data-label": "Who" }, a.actor),
+      h("th", { scope: "row", "data-label": "Action" }, a.action), h("td", { "data-label": "Target" }, a.target),
+      h("td", { "data-label": "From" }, a.remote || "–"),
+      h("td", { "data-label": "Result" }, h("span", { class: `status ${a.ok ? "active" : "inactive"}` }, a.ok ? "ok" : "refused"))));
   }
 }
 
