@@ -51,6 +51,7 @@ __all__ = ["SiteAgent", "StateSource", "DesiredState", "LocalStateFile", "Contro
 log = logging.getLogger("patronus.agent")
 
 PRUNE_EVERY_S = 60.0  # how often the agent applies the state's retention policy
+OUTBOX = 2000         # telemetry items of a kind held for the controller (its MAX_TELEMETRY_ITEMS per batch)
 
 
 @dataclass(frozen=True)
@@ -436,7 +437,7 @@ class ControllerSource:
     def publish(self, signed: Any) -> Any:
         """Send the site's signed announcement (``SigningKey.sign``) to the
         controller; AnnouncementRejected with the controller's reason."""
-        from .wireguard.discovery import Announcement, AnnouncementRejected
+        from .wireguard.discovery import REJECT_REASONS, Announcement, AnnouncementRejected
 
         self.enrol()
         body = {"body": base64.b64encode(signed.body).decode(), "signature": base64.b64encode(signed.signature).decode(),
@@ -448,8 +449,7 @@ class ControllerSource:
                 reason = str(r.json().get("reason") or "malformed")
             except ValueError:
                 reason = "malformed"
-            raise AnnouncementRejected(reason if reason in ("unsigned", "unknown_key", "bad_signature", "replayed",
-                                                            "stale", "malformed", "unauthorized") else "malformed",
+            raise AnnouncementRejected(reason if reason in REJECT_REASONS else "malformed",
                                        f"by the controller: {r.status_code} {_detail(r)}")
         return Announcement.from_bytes(signed.body)
 
@@ -614,14 +614,9 @@ class SiteAgent:
         enrolled, or a well-formed token; the controller is asked by ``run``),
         and the metrics address is usable."""
         if self.metrics_listen is not None:
-            import ipaddress
+            from .agent_metrics import check_listen
 
-            from .agent_metrics import parse_listen
-
-            host, _ = parse_listen(self.metrics_listen)
-            if not ipaddress.ip_address(host).is_loopback and not self.metrics_token:
-                raise ConfigError("--metrics-listen", self.metrics_listen, "is not a loopback address: give "
-                                  "--metrics-token-file too, so that scrapes are authenticated")
+            check_listen(self.metrics_listen, self.metrics_token)
         if self.controller is not None:
             self.controller.check()
             return
@@ -911,19 +906,20 @@ class SiteAgent:
                 log.debug("telemetry not sent: %s", e)
 
     def _queue(self, kind: str, item: dict[str, Any]) -> None:
+        self._outbox[kind].append(item)
+        self._trim(kind)
+
+    def _trim(self, kind: str) -> None:
+        """The controller away for long: the oldest items go, counted."""
         box = self._outbox[kind]
-        box.append(item)
-        if len(box) > 2000:   # the controller away for long: the oldest go, counted
-            del box[0]
-            self.telemetry_dropped += 1
+        if len(box) > OUTBOX:
+            self.telemetry_dropped += len(box) - OUTBOX
+            del box[:len(box) - OUTBOX]
 
     def _requeue(self, batch: dict[str, Any]) -> None:
         for kind in ("bfd", "events"):
-            for it in reversed(batch.get(kind, [])):
-                self._outbox[kind].insert(0, it)
-            while len(self._outbox[kind]) > 2000:
-                self._outbox[kind].pop(0)
-                self.telemetry_dropped += 1
+            self._outbox[kind][:0] = batch.get(kind, [])
+            self._trim(kind)
 
     def _batch(self) -> dict[str, Any]:
         """One telemetry batch: every path's latest metrics, the BFD changes and
@@ -947,9 +943,9 @@ class SiteAgent:
                 sel = fl[pol == i]
                 flows.append({"ts": now, "policy": names[i] if 0 <= i < len(names) else None, "flows": int(len(sel)),
                               "packets": int(sel["packets"].sum()), "bytes": int(sel["bytes"].sum())})
-        batch = {"metrics": metrics[:2000], "bfd": self._outbox["bfd"][:2000], "events": self._outbox["events"][:2000],
-                 "flows": flows[:2000]}
-        self._outbox = {"bfd": self._outbox["bfd"][2000:], "events": self._outbox["events"][2000:]}
+        batch = {"metrics": metrics[:OUTBOX], "bfd": self._outbox["bfd"][:OUTBOX],
+                 "events": self._outbox["events"][:OUTBOX], "flows": flows[:OUTBOX]}
+        self._outbox = {"bfd": self._outbox["bfd"][OUTBOX:], "events": self._outbox["events"][OUTBOX:]}
         return batch
 
     def _post(self, batch: dict[str, Any]) -> None:

@@ -35,7 +35,7 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["AgentCollector", "MetricsServer", "parse_listen", "serve"]
+__all__ = ["AgentCollector", "MetricsServer", "parse_listen", "check_listen", "serve"]
 
 _BFD_STATES = ("admindown", "down", "init", "up")
 _DP_COUNTERS = {"evicted": "flows evicted from a full table", "expired_idle": "flows expired idle",
@@ -54,6 +54,16 @@ def parse_listen(text: str) -> tuple[str, int]:
     if not sep or not 0 <= p <= 65535:
         raise ConfigError("--metrics-listen", text, "is not ADDRESS:PORT (an IP address and a port)")
     return host, p
+
+
+def check_listen(listen: str, token: str | None) -> tuple[str, int]:
+    """(host, port) of a usable metrics address: ConfigError unless it parses,
+    and unless it is loopback or a token authenticates the scrapes."""
+    host, port = parse_listen(listen)
+    if not ipaddress.ip_address(host).is_loopback and not token:
+        raise ConfigError("--metrics-listen", listen, "is not a loopback address: give --metrics-token-file "
+                                                     "too, so that scrapes are authenticated")
+    return host, port
 
 
 class AgentCollector:
@@ -140,10 +150,7 @@ class MetricsServer:
         from prometheus_client import CollectorRegistry, generate_latest
         from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-        host, port = parse_listen(listen)
-        if not ipaddress.ip_address(host).is_loopback and not token:
-            raise ConfigError("--metrics-listen", listen, "is not a loopback address: give --metrics-token-file "
-                                                         "too, so that scrapes are authenticated")
+        host, port = check_listen(listen, token)
         registry = CollectorRegistry(auto_describe=False)
         registry.register(AgentCollector(agent))   # type: ignore[arg-type]
         want = None if not token else f"Bearer {token}".encode()

@@ -270,30 +270,27 @@ class Service:
         self._loop = loop or asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
 
-    def _publish(self, event: dict[str, Any]) -> None:
+    def _on_loop(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the bound event loop (now, when called from it)."""
         loop = self._loop
         if loop is not None and threading.get_ident() != self._loop_thread:
             if not loop.is_closed():
-                loop.call_soon_threadsafe(self.changes.publish, event)
+                loop.call_soon_threadsafe(fn)
             return
-        self.changes.publish(event)
+        fn()
+
+    def _publish(self, event: dict[str, Any]) -> None:
+        self._on_loop(lambda: self.changes.publish(event))
 
     def publish_telemetry(self, items: list[dict[str, Any]]) -> None:
         """Hand stored telemetry items to ``telemetry`` listeners, a batch at
         once (on the event loop: one callback, so a listener sees the whole
         batch before any consumer runs)."""
-        fan = self.telemetry
-
         def all_of_them() -> None:
             for item in items:
-                fan.publish(item)
+                self.telemetry.publish(item)
 
-        loop = self._loop
-        if loop is not None and threading.get_ident() != self._loop_thread:
-            if not loop.is_closed():
-                loop.call_soon_threadsafe(all_of_them)
-            return
-        all_of_them()
+        self._on_loop(all_of_them)
 
     def mesh(self) -> Mesh:
         """The current mesh, as stored: one shared copy until the next save

@@ -78,7 +78,6 @@ class Bus:
         if kind.startswith("policy."):
             self.publish({"kind": "policy", **ev})
         if kind == "agent.revoke" and self._agents is not None:   # re-read who is revoked
-            self._agents = None
             self._track_again()
 
     def _from_telemetry(self, ev: dict[str, Any]) -> None:
@@ -180,7 +179,6 @@ class Bus:
             return
         a = self._agents.get(ev["id"])
         if a is None:   # enrolled since: read it (a rare event)
-            self._agents = None
             self._track_again()
             return
         a["last"] = ev["ts"]
@@ -189,11 +187,12 @@ class Bus:
         self._arm()
 
     def _track_again(self) -> None:
+        """Re-read the agents (one enrolled or revoked) and publish what changed."""
         old = self._status
+        self._agents = None
         self._track()
         if old is not None:
             fresh, self._status = self._status, old
-            self._status = old
             self._site_status_now(set(fresh or {}) | set(old))
 
     # -- subscribing ------------------------------------------------------------------------
