@@ -18,6 +18,7 @@ import ssl
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,25 @@ class Controller:
             p.stdout.close()
         self._log.close()
         return self.returncode
+
+    def stacks(self, timeout: float = 5.0) -> str:
+        """Every thread's stack in the running controller (SIGUSR1 makes it
+        write them to its log): what a test that timed out on it shows."""
+        p = self.proc
+        if p is None or p.poll() is not None:
+            return "(the controller is not running)"
+        start = self.log.stat().st_size
+        p.send_signal(signal.SIGUSR1)
+        end = time.monotonic() + timeout
+        text = ""
+        while time.monotonic() < end:
+            with open(self.log, errors="replace") as f:
+                f.seek(start)
+                text = f.read()
+            if "most recent call first" in text and text.endswith("\n\n"):
+                break
+            time.sleep(0.1)
+        return text[-20000:]
 
     def client(self, token: str | None = None, **kw: Any) -> httpx.Client:
         headers = {"Authorization": f"Bearer {token}"} if token else {}

@@ -56,7 +56,10 @@ class Gql:
         url = ctl.url.replace("https://", "wss://") + GQL
         self._cm = connect(url, ssl=ctl.ssl_context(), open_timeout=30,
                            subprotocols=["graphql-transport-ws"])
-        self.ws = self._cm.__enter__()
+        try:
+            self.ws = self._cm.__enter__()
+        except TimeoutError as e:   # the controller did not answer: what was it doing?
+            raise TimeoutError(f"{e}; the controller's threads:\n{ctl.stacks()}") from e
         if init:
             self.send({"type": "connection_init", "payload": {} if token is None else
                        {"authorization": f"Bearer {token}"}})

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import faulthandler
 import hashlib
 import ipaddress
 import os
@@ -204,6 +205,8 @@ def run(state_dir: str | os.PathLike[str], listen: str = "127.0.0.1:8443", *, lo
     """Serve until SIGTERM/SIGINT; 0 after a clean stop. ``on_ready(host, port)``
     is called once the socket listens (port 0 picks a free port)."""
     server = _server(state_dir, listen, log_level=log_level, on_ready=on_ready, introspection=introspection)
+    if hasattr(signal, "SIGUSR1"):   # kill -USR1: every thread's stack to stderr (a stuck controller, diagnosed live)
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     server.run()
     return 0 if server.started else 1
 
