@@ -40,7 +40,7 @@ from .failover.engine import DEFAULT_CLASS
 from .mesh import Mesh
 from .paths.monitor import DEFAULT_PORT
 from .site import SiteRealiser
-from .store import Store
+from .store import Store, flow_records
 from .wireguard.discovery import SigningKey, SqliteRegistry
 from .wireguard.keys import PrivateKey, read_secret_file, write_secret_file
 from .wireguard.plan import Tunnel
@@ -52,6 +52,7 @@ log = logging.getLogger("patronus.agent")
 
 PRUNE_EVERY_S = 60.0  # how often the agent applies the state's retention policy
 OUTBOX = 2000         # telemetry items of a kind held for the controller (its MAX_TELEMETRY_ITEMS per batch)
+FLOW_RECORDS = 200    # flow records a telemetry batch carries: the largest of those active since the last one
 
 
 @dataclass(frozen=True)
@@ -553,6 +554,7 @@ class SiteAgent:
         self._outbox: dict[str, list[dict[str, Any]]] = {"bfd": [], "events": []}
         self.telemetry_dropped = 0             # items the outbox had no room for while the controller was away
         self._next_report = 0.0
+        self._last_batch = 0.0                 # wall time of the last telemetry batch (its flows are newer)
         self.lan_if, self.token, self.backend, self.wireguard = lan_if, token, backend, wireguard
         self.prefix = prefix or f"{site[:6]}w"
         self.interval_s, self.bfd_ms = interval_s, bfd_ms
@@ -943,8 +945,19 @@ class SiteAgent:
                 sel = fl[pol == i]
                 flows.append({"ts": now, "policy": names[i] if 0 <= i < len(names) else None, "flows": int(len(sel)),
                               "packets": int(sel["packets"].sum()), "bytes": int(sel["bytes"].sum())})
+        # the flows that saw packets since the last batch (10 ms of slack for the kernel's coarse clock),
+        # the largest first, their paths by id (the controller checks they are this site's)
+        active = fl[fl["last_ns"] >= np.uint64(max(0, int(self._last_batch * 1e9) - 10_000_000))] if len(fl) else fl
+        self._last_batch = now
+        top = active[np.argsort(active["bytes"], kind="stable")[::-1][:FLOW_RECORDS]] if len(active) else active
+        path_ids = {i: t.path.id for i, t in self.tunnels.items()}
+        records = []
+        for r in flow_records(top, names):
+            r["path"] = path_ids.get(r["path"]) if r["path"] is not None else None
+            records.append({"ts": now, **r})
         batch = {"metrics": metrics[:OUTBOX], "bfd": self._outbox["bfd"][:OUTBOX],
-                 "events": self._outbox["events"][:OUTBOX], "flows": flows[:OUTBOX]}
+                 "events": self._outbox["events"][:OUTBOX], "flows": flows[:OUTBOX], "records": records,
+                 "records_omitted": len(active) - len(records)}
         self._outbox = {"bfd": self._outbox["bfd"][OUTBOX:], "events": self._outbox["events"][OUTBOX:]}
         return batch
 

@@ -44,7 +44,7 @@ from .errors import ConfigError, SchemaVersionError, StateError, quote
 from .mesh import Mesh
 from .model import Path as MeshPath
 
-__all__ = ["Store", "save_mesh", "load_mesh", "SCHEMA_VERSION", "RETENTION_S", "MAX_ROWS"]
+__all__ = ["Store", "save_mesh", "load_mesh", "SCHEMA_VERSION", "RETENTION_S", "MAX_ROWS", "flow_records"]
 
 # Each entry migrates from version i to i + 1. Append only; never edit a
 # shipped migration. Statements are split on ';', so none may appear in a comment.
@@ -223,6 +223,30 @@ _RECORD_TYPES: dict[str, dict[str, tuple[type, ...]]] = {
                        "proto": _INT, "packets": _INT, "bytes": _INT, "first_ns": _INT, "last_ns": _INT,
                        "policy": _OPT_TEXT, "path": _OPT_INT, "tcp_flags": _INT},
 }
+
+
+def flow_records(flows: Any, policy_names: list[str]) -> list[dict[str, Any]]:
+    """``abi.FLOW_DTYPE`` rows as plain records: addresses as text, the policy
+    by name (None when out of range), the path index (None for no path).
+
+    >>> flow_records([], [])
+    []
+    """
+    import ipaddress
+
+    from .abi import NO_PATH  # here, not at the top: abi loads numpy, the rest of the store does not need it
+
+    out = []
+    for r in flows:
+        conv = (lambda b: str(ipaddress.IPv4Address(bytes(b)[:4]))) if int(r["family"]) == 4 else \
+            (lambda b: str(ipaddress.IPv6Address(bytes(b))))
+        pol, path = int(r["policy"]), int(r["path"])
+        out.append({"src": conv(r["src"]), "dst": conv(r["dst"]), "sport": int(r["sport"]), "dport": int(r["dport"]),
+                    "proto": int(r["proto"]), "packets": int(r["packets"]), "bytes": int(r["bytes"]),
+                    "first_ns": int(r["first_ns"]), "last_ns": int(r["last_ns"]),
+                    "policy": policy_names[pol] if 0 <= pol < len(policy_names) else None,
+                    "path": None if path == NO_PATH else path, "tcp_flags": int(r["tcp_flags"])})
+    return out
 
 
 class Store:
@@ -506,22 +530,16 @@ class Store:
 
     def add_flow_snapshot(self, ts: float, site: str, flows: Any, policy_names: list[str]) -> int:
         """Append the flow records of one snapshot (``abi.FLOW_DTYPE`` rows)."""
-        import ipaddress
+        return self.add_flow_records(ts, site, flow_records(flows, policy_names))
 
-        from .abi import NO_PATH  # here, not at the top: abi loads numpy, the rest of the store does not need it
-
-        rows = []
-        for r in flows:
-            fam = int(r["family"])
-            conv = (lambda b: str(ipaddress.IPv4Address(bytes(b)[:4]))) if fam == 4 else \
-                (lambda b: str(ipaddress.IPv6Address(bytes(b))))
-            pol = int(r["policy"])
-            rows.append((ts, site, conv(r["src"]), conv(r["dst"]), int(r["sport"]), int(r["dport"]), int(r["proto"]),
-                         int(r["packets"]), int(r["bytes"]), int(r["first_ns"]), int(r["last_ns"]),
-                         policy_names[pol] if 0 <= pol < len(policy_names) else None,
-                         None if int(r["path"]) == NO_PATH else int(r["path"]), int(r["tcp_flags"])))
-        self._db.executemany("INSERT INTO flow_snapshots VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
-        return len(rows)
+    def add_flow_records(self, ts: float, site: str, records: list[dict[str, Any]]) -> int:
+        """Append flow records as :func:`flow_records` makes them (``path``
+        an index into ``Mesh.paths()`` or None)."""
+        self._db.executemany(
+            "INSERT INTO flow_snapshots VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [(ts, site, r["src"], r["dst"], r["sport"], r["dport"], r["proto"], r["packets"], r["bytes"],
+              r["first_ns"], r["last_ns"], r["policy"], r["path"], r["tcp_flags"]) for r in records])
+        return len(records)
 
     def flow_snapshots(self) -> list[dict[str, Any]]:
         """The stored flow records, oldest first."""

@@ -115,6 +115,7 @@ class Controller:
             if "most recent call first" in text and text.endswith("\n\n"):
                 break
             time.sleep(0.1)
+        (self.log.parent / f"{self.log.stem}.stacks.txt").write_text(text)   # kept with the test's files
         return text[-20000:]
 
     def client(self, token: str | None = None, **kw: Any) -> httpx.Client:

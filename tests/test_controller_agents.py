@@ -472,3 +472,45 @@ def test_full_states_of_the_older_table_are_imported(tmp_path: Path) -> None:
     assert store.payload("hq", 7) == {"version": 7, "digest": digest(state), "unchanged": True}
     assert not db.query("SELECT 1 FROM sqlite_master WHERE name = 'agent_state'")
     db.close()
+
+
+def test_retention_deletes_what_is_old_and_keeps_the_rest(tmp_path: Path) -> None:
+    """One housekeeping round (the controller runs one a minute): telemetry
+    received over a day ago, state metrics and flow records over a week old
+    go; recent rows of every kind stay."""
+    from types import SimpleNamespace
+
+    from patronus.controller.app import housekeeping
+    from patronus.controller.auth import Auth, load_signing_key
+    from patronus.controller.db import ControllerDB
+    from patronus.controller.server import files, init
+    from patronus.controller.service import Service
+    from patronus.store import Store
+
+    init(tmp_path / "c")
+    f = files(tmp_path / "c")
+    db = ControllerDB(f["db"], create=False)
+    svc = Service(f["state"], db)
+    store = agents.AgentStore(svc, None, pin=None)
+    app = SimpleNamespace(state=SimpleNamespace(service=svc, auth=Auth(db, load_signing_key(f["signing_key"])),
+                                                agents=SimpleNamespace(agent_store=store)))
+    now = time.time()
+    with db.transaction() as c:
+        c.executemany("INSERT INTO agent_telemetry (site, received, kind, ts, path, data) VALUES (?,?,?,?,?,?)",
+                      [("s0", now - 2 * 86400, "metric", now - 2 * 86400, None, "{}"),
+                       ("s0", now - 60, "metric", now - 60, None, "{}")])
+    rec = {"src": "10.0.0.1", "dst": "10.1.0.1", "sport": 1, "dport": 2, "proto": 17, "packets": 1, "bytes": 100,
+           "first_ns": 0, "last_ns": 0, "policy": None, "path": None, "tcp_flags": 0}
+    with Store(f["state"]) as st:
+        st.add_flow_records(now - 8 * 86400, "s0", [rec])
+        st.add_flow_records(now - 3600, "s0", [{**rec, "sport": 9}])
+        st.add_path_metrics(now - 8 * 86400, [("a.u~b.u", 1.0, 0.0, 0.0, 4.4, None, None)])
+        st.add_path_metrics(now - 3600, [("a.u~b.u", 2.0, 0.0, 0.0, 4.4, None, None)])
+    done = housekeeping(app)
+    assert done["agent_telemetry"] == 1 and done["state.flow_snapshots"] == 1 and done["state.path_metrics"] == 1, done
+    assert [r["received"] for r in db.query("SELECT received FROM agent_telemetry")] == [now - 60]
+    with Store(f["state"]) as st:
+        assert [r["sport"] for r in st.flow_snapshots()] == [9]
+        assert [r["rtt_ms"] for r in st.path_metrics("a.u~b.u")] == [2.0]
+    assert housekeeping(app)["agent_telemetry"] == 0   # nothing left to delete
+    db.close()

@@ -122,7 +122,8 @@ def stored(ctl: AgentController) -> dict[str, list[tuple[Any, ...]]]:
                                 "ORDER BY id"),
         "tokens": ctl.rows("SELECT id, used, used_by, revoked FROM agent_tokens ORDER BY id"),
         # where the service reads path metrics and failover events from (the state file)
-        **{t: state_rows(ctl, f"SELECT * FROM {t} ORDER BY rowid") for t in ("path_metrics", "failover_events")},
+        **{t: state_rows(ctl, f"SELECT * FROM {t} ORDER BY rowid")
+           for t in ("path_metrics", "failover_events", "flow_snapshots")},
     }
 
 
@@ -413,7 +414,12 @@ def test_another_sites_credential_cannot_post_this_sites_telemetry(ctl: AgentCon
 
 # -- telemetry -------------------------------------------------------------------------------------------
 
-M = {"ts": 1.5, "path": PATH, "rtt_ms": 12.5, "loss_pct": 0.0}
+NOW = time.time()   # accepted rows are recent: the controller's retention deletes what is a week old
+M = {"ts": NOW, "path": PATH, "rtt_ms": 12.5, "loss_pct": 0.0}
+# a flow record as the agent sends it (counts since the flow began)
+R = {"ts": NOW, "src": "10.1.0.5", "dst": "10.0.0.7", "sport": 40000, "dport": 5060, "proto": 17, "packets": 10,
+     "bytes": 2000, "first_ns": 1_000_000_000, "last_ns": 1_400_000_000, "policy": "voice", "path": PATH,
+     "tcp_flags": 0}
 
 
 def _batch(**lists: Any) -> dict[str, Any]:
@@ -472,6 +478,17 @@ TELEMETRY_CASES: list[tuple[str, Any, int, str, str]] = [
      422, "events[0].to_path", "not a path of site 'br1'"),
     ("flows on another site's path", _batch(flows=[{"ts": 1, "path": NOT_MINE, "flows": 1}]),
      422, "flows[0].path", "not a path of site 'br1'"),
+    ("a flow from no address", _batch(records=[{**R, "src": "10.1.0.999"}]), 422, "records[0].src",
+     "not an IPv4 or IPv6 address"),
+    ("a flow from v4 to v6", _batch(records=[R, {**R, "dst": "fd00::7"}]), 422, "records[1]", "address families"),
+    ("a flow that ended before it began", _batch(records=[{**R, "last_ns": 5}]), 422, "records[0]",
+     "last_ns is before first_ns"),
+    ("a port past 65535", _batch(records=[{**R, "dport": 70000}]), 422, "records[0].dport", ""),
+    ("a protocol past 255", _batch(records=[{**R, "proto": 256}]), 422, "records[0].proto", ""),
+    ("a byte count past 2^63", _batch(records=[{**R, "bytes": 2**63}]), 422, "records[0].bytes", ""),
+    ("a flow on another site's path", _batch(records=[R, {**R, "path": NOT_MINE}]), 422, "records[1].path",
+     "not a path of site 'br1'"),
+    ("a negative count of flows left out", _batch(records_omitted=-1), 422, "records_omitted", ""),
     ("an extra field", _batch(colour="red"), 422, "colour", ""),
     ("an extra field in an item", _batch(metrics=[M, {**M, "evil": 1}]), 422, "metrics[1].evil", ""),
 ]
@@ -502,12 +519,20 @@ def test_a_good_batch_beside_the_refused_ones_is_stored(ctl: AgentController, br
     with ctl.client(br1.credential) as c:
         r = c.post(f"{PREFIX}/agent/telemetry", json=_batch(
             metrics=[{**M, "mtu": 1420}] * MAX_TELEMETRY_ITEMS,
-            events=[{"ts": 1, "reason": "reroute", "from_path": "br1.lte~hq.isp1", "to_path": PATH}],
-            flows=[{"ts": 1, "path": PATH, "site": "hq", "flows": 2, "packets": 3, "bytes": 4}]))
+            events=[{"ts": NOW, "reason": "reroute", "from_path": "br1.lte~hq.isp1", "to_path": PATH}],
+            flows=[{"ts": NOW, "path": PATH, "site": "hq", "flows": 2, "packets": 3, "bytes": 4}],
+            records=[R, {**R, "src": "fd01::5", "dst": "FD00:0::7", "path": None, "policy": None}], records_omitted=7))
     assert r.status_code == 200, r.text
-    assert r.json() == {"stored": MAX_TELEMETRY_ITEMS + 2}
+    assert r.json() == {"stored": MAX_TELEMETRY_ITEMS + 2 + 2}
     assert len(stored(ctl)["telemetry"]) == before + MAX_TELEMETRY_ITEMS + 2
     assert stored(ctl)["path_metrics"], "the snapshot sees what a batch writes to the state file"
+    # the records are the site's flows (the site from the credential, the path by its index, addresses canonical)
+    with ctl.admin() as a:
+        items = a.get(f"{PREFIX}/flows", params={"site": "br1", "limit": 1000}).raise_for_status().json()["items"]
+        path_index = {p["id"]: p["index"] for p in a.get(f"{PREFIX}/topology").json()["edges"]}
+    mine = [(f["src"], f["dst"], f["dport"], f["proto"], f["bytes"], f["policy"], f["path"]) for f in items[-2:]]
+    assert mine == [("10.1.0.5", "10.0.0.7", 5060, 17, 2000, "voice", path_index[PATH]),
+                    ("fd01::5", "fd00::7", 5060, 17, 2000, None, None)], items[-2:]
 
 
 @FEW

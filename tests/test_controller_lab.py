@@ -22,6 +22,7 @@ Every wait is for an event (status files the agents write), bounded.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shutil
 import socket
@@ -340,3 +341,21 @@ def test_controller_drives_three_sites_and_survives_its_own_death(world: World,
         w.wait("the cut's move among the events", lambda: any(
             e["reason"] == "bfd_down" and e["from_path"] == held
             for e in a.get(f"{PREFIX}/events", params={"limit": 1000}).json()["items"]))
+        # flow records from the agents' data planes: each site's pings to the others, on one of its paths
+        edges = {e["index"]: e for e in a.get(f"{PREFIX}/topology").json()["edges"]}
+
+        def pinged(s: int) -> set[str]:
+            got = set()
+            for f in a.get(f"{PREFIX}/flows", params={"site": f"s{s}", "limit": 1000}).json()["items"]:
+                e = edges.get(f["path"])
+                if f["proto"] == 1 and e is not None and f"s{s}" in (e["source"], e["target"]):
+                    got |= {f"s{d}" for d in range(SITES) if ipaddress.ip_address(f["dst"]) in
+                            ipaddress.ip_network(lab.mesh.site(f"s{d}").subnets[0])}
+            return got
+
+        for s in range(SITES):
+            for d in range(SITES):
+                if s != d:
+                    assert icmp(lab, s, d) is None, f"s{s} -> s{d}\n{w.context()}"
+        w.wait("each site's pings among its flow records", lambda: all(
+            pinged(s) == {f"s{d}" for d in range(SITES) if d != s} for s in range(SITES)))

@@ -18,6 +18,7 @@ import itertools
 import os
 import shutil
 import subprocess
+import time
 from typing import Any
 
 import pytest
@@ -39,7 +40,8 @@ pytestmark = pytest.mark.slow
 
 PASSWORD = "correct horse battery staple"
 _n = itertools.count(1)
-T0 = 1_700_000_000.0   # telemetry timestamps: far from now, so other tests' rows never fall in a window
+T0 = float(int(time.time()) - 3 * 86400)   # telemetry timestamps: days from now (other tests' rows never fall
+# in a window) and within the retention the controller applies every minute (a week)
 
 
 @pytest.fixture(scope="module")

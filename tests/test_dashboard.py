@@ -276,6 +276,16 @@ def test_admin_logs_in_with_totp_and_creates_sites_and_a_policy(ctl: AgentContro
     assert len(states) == 4   # 2 x 2 uplinks
     assert set(states) == {"unknown"}
     assert "2 sites, 4 paths" in text(d, "#map-summary")
+    # a site made and removed elsewhere (the API, another tab, the operator) comes and goes on the map live
+    d.execute_script("window.__same_page = true")
+    with ctl.admin() as a:
+        assert a.post(f"{PREFIX}/sites", json=site_body("br9")).status_code == 201
+    wait(d, lambda d: set(attrs(d, "#map g.node", "data-site")) == {"hq", "br1", "br9"})
+    assert "3 sites, 12 paths" in text(d, "#map-summary")
+    with ctl.admin() as a:
+        assert a.delete(f"{PREFIX}/sites/br9").status_code == 204
+    wait(d, lambda d: set(attrs(d, "#map g.node", "data-site")) == {"hq", "br1"})
+    assert d.execute_script("return window.__same_page") is True   # no reload
     assert console_errors(d) == []
 
 
@@ -399,31 +409,20 @@ def post_metrics(ctl: AgentController, cred: str, site: str, path: str, points: 
 
 
 def write_flows(ctl: AgentController, site: str, ts: float) -> None:
-    """Flow records in the controller's state store, as a co-located agent writes them
-    (policies by index: 0 voip, 1 dns); two snapshots, so each flow must count once."""
-    import numpy as np
+    """Flow records as the site's agent posts them (the largest active flows of
+    each telemetry batch); two batches, so each flow must count once."""
+    cred = credential(ctl, site)
 
-    from patronus.abi import FLOW_DTYPE, NO_PATH
-    from patronus.store import Store
+    def rec(i: int, k: int) -> dict[str, Any]:
+        return {"ts": ts - 20 + 10 * k, "src": f"10.62.0.{10 + i}", "dst": "10.61.0.5", "sport": 40_000 + i,
+                "dport": 5060 if i < 4 else 53, "proto": 17, "packets": 10 * (i + 1) * (k + 1),
+                "bytes": 1000 * (i + 1) * (k + 1), "first_ns": i + 1, "last_ns": i + 1 + k,
+                "policy": "voip" if i < 4 else "dns", "path": None, "tcp_flags": 0}
 
-    a = np.zeros(6, dtype=FLOW_DTYPE)
-    for i in range(6):
-        a["src"][i, :4] = [10, 62, 0, 10 + i]
-        a["dst"][i, :4] = [10, 61, 0, 5]
-        a["sport"][i] = 40_000 + i
-        a["dport"][i] = 5060 if i < 4 else 53
-        a["proto"][i] = 17
-        a["packets"][i] = 10 * (i + 1)
-        a["bytes"][i] = 1000 * (i + 1)
-        a["first_ns"][i] = i + 1
-        a["policy"][i] = 0 if i < 4 else 1
-        a["path"][i] = NO_PATH
-    a["family"] = 4
-    with Store(ctl.info["state"]) as st:
-        st.add_flow_snapshot(ts - 20, site, a, ["voip", "dns"])
-        a["bytes"] *= 2      # the later snapshot: the counters grew
-        a["packets"] *= 2
-        st.add_flow_snapshot(ts - 10, site, a, ["voip", "dns"])
+    with ctl.client(cred) as c:
+        for k in range(2):   # the later batch: the counters grew
+            r = c.post(f"{PREFIX}/agent/telemetry", json={"site": site, "records": [rec(i, k) for i in range(6)]})
+            assert r.status_code == 200 and r.json() == {"stored": 6}, r.text
 
 
 def test_path_panel_charts_the_metrics_live_with_bfd_state(ctl: AgentController, browser: Any) -> None:
@@ -584,6 +583,52 @@ def test_enrolment_token_shown_once_then_metadata_and_revoked(ctl: AgentControll
     assert listed[tid]["revoked"] is True
     r = enrol(ctl, token)
     assert r.status_code in (401, 403), r.text
+    assert console_errors(d) == []
+
+
+UNLABELLED_JS = """
+// every control the user can see, without a name a screen reader would read
+const named = (e) => (e.labels && e.labels.length) || e.getAttribute('aria-label') || e.getAttribute('aria-labelledby')
+  || ((e.tagName === 'BUTTON' || e.tagName === 'A') && e.textContent.trim());
+return [...document.querySelectorAll('input, select, textarea, button, a[href], [tabindex]:not([tabindex="-1"])')]
+  .filter((e) => e.offsetParent !== null || e instanceof SVGElement)
+  .filter((e) => !named(e)).map((e) => e.outerHTML.slice(0, 120));
+"""
+
+
+def test_every_control_is_labelled_and_the_map_works_from_the_keyboard(ctl: AgentController, browser: Any) -> None:
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.keys import Keys
+
+    d = browser
+    for view in ("map", "sites", "policies", "events", "flows", "tokens", "audit"):
+        goto(d, view)
+        for opener in ("#site-new", "#policy-new"):   # the forms too, once open
+            if view in opener and css(d, opener).is_displayed():
+                css(d, opener).click()
+        assert d.execute_script(UNLABELLED_JS) == [], view
+        for cancel in all_css(d, f"#view-{view} form .cancel"):
+            if cancel.is_displayed():
+                cancel.click()
+    # from the first section's link (where the user just was), Tab alone reaches every section and then
+    # the map's sites and paths
+    goto(d, "map")
+    css(d, '#nav a[data-view="map"]').send_keys("")   # focus it
+    reached: list[str] = [d.execute_script("return 'nav:' + document.activeElement.dataset.view")]
+    for _ in range(80):
+        ActionChains(d).send_keys(Keys.TAB).perform()
+        reached.append(d.execute_script(
+            "const e = document.activeElement; return e.dataset.view ? 'nav:' + e.dataset.view :"
+            " e.dataset.site ? 'site:' + e.dataset.site : e.dataset.path ? 'path' : e.id || e.tagName"))
+        if "path" in reached and any(r.startswith("site:") for r in reached):
+            break
+    assert {"nav:map", "nav:sites", "nav:policies", "nav:flows", "nav:audit"} <= set(reached), reached
+    assert "site:hq" in reached and "path" in reached, " ".join(reached)
+    # Enter on a focused path opens its panel; the close button is reachable and works with Enter
+    css(d, "#map path.edge").send_keys(Keys.ENTER)
+    wait(d, visible("#path-detail"))
+    css(d, "#detail-close").send_keys(Keys.ENTER)
+    wait(d, lambda d: not css(d, "#path-detail").is_displayed())
     assert console_errors(d) == []
 
 

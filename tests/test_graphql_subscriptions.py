@@ -16,6 +16,8 @@ Waits are for messages and close frames, bounded.
 from __future__ import annotations
 
 import json
+import sys
+import threading
 import time
 from typing import Any
 
@@ -54,12 +56,26 @@ class Gql:
         from websockets.sync.client import connect
 
         url = ctl.url.replace("https://", "wss://") + GQL
-        self._cm = connect(url, ssl=ctl.ssl_context(), open_timeout=30,
-                           subprotocols=["graphql-transport-ws"])
+        # the controller not answering the handshake: what was it doing? (websockets' own timeout can
+        # hang joining its reader thread, so a timer takes the stacks while it waits)
+        stacks: list[str] = []
+
+        def take() -> None:
+            stacks.append(ctl.stacks())
+            print(f"the controller took over 20 s to answer a GraphQL handshake; its threads:\n{stacks[0]}",
+                  file=sys.__stderr__, flush=True)
+
+        timer = threading.Timer(20.0, take)
+        timer.daemon = True
+        timer.start()
         try:
+            self._cm = connect(url, ssl=ctl.ssl_context(), open_timeout=30, subprotocols=["graphql-transport-ws"])
             self.ws = self._cm.__enter__()
-        except TimeoutError as e:   # the controller did not answer: what was it doing?
-            raise TimeoutError(f"{e}; the controller's threads:\n{ctl.stacks()}") from e
+        except TimeoutError as e:
+            timer.join()
+            raise TimeoutError(f"{e}; the controller's threads:\n{''.join(stacks)}") from e
+        finally:
+            timer.cancel()
         if init:
             self.send({"type": "connection_init", "payload": {} if token is None else
                        {"authorization": f"Bearer {token}"}})

@@ -39,6 +39,7 @@ import binascii
 import contextlib
 import hashlib
 import hmac
+import ipaddress
 import json
 import math
 import re
@@ -54,7 +55,7 @@ from fastapi import APIRouter, Depends, Query, Request, WebSocket, WebSocketDisc
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..agent import TOKEN_PREFIX, apply, canonical, diff, digest, digest_of, manifest, parse_token, to_mesh
 from ..errors import ConfigError
@@ -75,6 +76,8 @@ AGENT = "agent"              # an agent credential, for its own site
 AGENT_ENROL = "agent.enrol"  # an enrolment token as the bearer
 MAX_TELEMETRY_BYTES = 256 * 1024
 MAX_TELEMETRY_ITEMS = 2000   # per list of a batch
+TELEMETRY_RETENTION_S = 86400.0   # raw telemetry kept a day (metrics, events and flows also go to the state file,
+TELEMETRY_MAX_ROWS = 1_000_000    # which keeps them by its own retention), at most this many rows
 MAX_ANNOUNCEMENT = 64 * 1024  # bytes of an announcement body (discovery.MAX_BODY)
 DEFAULT_INTERVAL_S = 10.0
 DEGRADED_AFTER = 3           # x the agent's interval without contact
@@ -796,7 +799,7 @@ class AgentStore:
         with self.db.transaction() as c:
             c.executemany("INSERT INTO agent_telemetry (site, received, kind, ts, path, data) VALUES (?,?,?,?,?,?)",
                           rows)
-        self._to_state(site, batch)
+        stored = len(rows) + self._to_state(site, batch)
         live: list[dict[str, Any]] = []
         for m in batch.metrics:
             live.append({"kind": "metric", "site": site, "received": now, **m.model_dump()})
@@ -808,15 +811,21 @@ class AgentStore:
             live.append({"kind": "event", "site": site, "received": now, **d})
         if live:
             self.service.publish_telemetry(live)
-        return len(rows)
+        return stored
 
-    def _to_state(self, site: str, batch: TelemetryIn) -> None:
-        """Path metrics and failover events also go where the service reads
-        paths, metric series and events from (the state file), in one
-        transaction; a path is measured from both ends, each end's rows kept."""
-        if not batch.metrics and not batch.events:
-            return
+    def _to_state(self, site: str, batch: TelemetryIn) -> int:
+        """Path metrics, failover events and flow records also go where the
+        service reads paths, metric series, events and flows from (the state
+        file), in one transaction; a path is measured from both ends, each
+        end's rows kept. The flow records written."""
+        if not batch.metrics and not batch.events and not batch.records:
+            return 0
         from ..store import Store
+
+        index: dict[str, int] = {}
+        if batch.records:
+            with contextlib.suppress(Exception):   # a mesh that cannot load: the records keep no path
+                index = {p.id: p.index for p in self.service.mesh().paths(site)}
 
         with Store(self.service.state) as st:
             db = st._db
@@ -828,10 +837,25 @@ class AgentStore:
                 for e in batch.events:
                     st.add_event(e.reason, policy=e.policy, from_path=e.from_path, to_path=e.to_path,
                                  detail=e.detail, ts=e.ts, site=e.site)
+                for r in batch.records:
+                    d = r.model_dump()
+                    d["path"] = index.get(r.path) if r.path is not None else None
+                    st.add_flow_records(d.pop("ts"), site, [d])
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
+        return len(batch.records)
+
+    def prune(self, older_than_s: float = TELEMETRY_RETENTION_S, max_rows: int = TELEMETRY_MAX_ROWS) -> int:
+        """Delete telemetry received more than ``older_than_s`` ago, then the
+        oldest beyond ``max_rows``; the number of rows deleted."""
+        cut = self.clock() - older_than_s
+        with self.db.transaction() as c:
+            n = c.execute("DELETE FROM agent_telemetry WHERE received < ?", (cut,)).rowcount
+            n += c.execute("DELETE FROM agent_telemetry WHERE id <= (SELECT max(id) FROM agent_telemetry) - ?",
+                           (max_rows,)).rowcount
+        return int(n)
 
     def telemetry(self, site: str | None = None, kind: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
         sql, params = "SELECT * FROM agent_telemetry WHERE 1=1", []
@@ -908,6 +932,40 @@ class FlowIn(_Body):
     bytes: int = Field(0, ge=0)
 
 
+class FlowRecordIn(_Body):
+    """One flow as the agent's data plane counts it (cumulative since the flow began)."""
+
+    ts: float = _Ts
+    src: str = Field(max_length=45)
+    dst: str = Field(max_length=45)
+    sport: int = Field(ge=0, le=65535)
+    dport: int = Field(ge=0, le=65535)
+    proto: int = Field(ge=0, le=255)
+    packets: int = Field(ge=0, le=2**63 - 1)
+    bytes: int = Field(ge=0, le=2**63 - 1)
+    first_ns: int = Field(ge=0, le=2**63 - 1)
+    last_ns: int = Field(ge=0, le=2**63 - 1)
+    policy: str | None = Field(None, max_length=64)
+    path: str | None = _PathId
+    tcp_flags: int = Field(0, ge=0, le=255)
+
+    @field_validator("src", "dst")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        try:
+            return str(ipaddress.ip_address(v))
+        except ValueError:
+            raise ValueError("is not an IPv4 or IPv6 address") from None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FlowRecordIn:
+        if ipaddress.ip_address(self.src).version != ipaddress.ip_address(self.dst).version:
+            raise ValueError("src and dst are of different address families")
+        if self.last_ns < self.first_ns:
+            raise ValueError("last_ns is before first_ns")
+        return self
+
+
 class AnnounceIn(_Body):
     body: str = Field(max_length=4 * MAX_ANNOUNCEMENT // 3 + 4, description="base64 of the canonical announcement")
     signature: str = Field(max_length=128, description="base64 Ed25519 signature of the body")
@@ -920,6 +978,8 @@ class TelemetryIn(_Body):
     bfd: list[BfdIn] = []
     events: list[EventIn] = []
     flows: list[FlowIn] = []
+    records: list[FlowRecordIn] = Field([], description="flow records, the largest active since the last batch")
+    records_omitted: int = Field(0, ge=0, description="active flows the batch had no room for")
 
 
 def _problem(status: int, title: str, detail: str, **extra: Any) -> JSONResponse:
@@ -1124,7 +1184,7 @@ def build_router(service: Any, auth: Any, *, pin: str | None = None,
         except (ValueError, RecursionError) as e:
             return _problem(422, "unprocessable content", f"the batch is not JSON: {e}", field="body")
         if isinstance(raw, dict):
-            for k in ("metrics", "bfd", "events", "flows"):
+            for k in ("metrics", "bfd", "events", "flows", "records"):
                 if isinstance(raw.get(k), list) and len(raw[k]) > MAX_TELEMETRY_ITEMS:
                     return _problem(413, "content too large",
                                     f"{k}: {len(raw[k])} items, a batch holds at most {MAX_TELEMETRY_ITEMS}", field=k)
@@ -1140,7 +1200,7 @@ def build_router(service: Any, auth: Any, *, pin: str | None = None,
                                     f"site/{batch.site}", None, {"reason": "another site's telemetry"}, remote, False)
             raise _auth.Forbidden(f"this credential is site {site!r}'s: it may not post telemetry for {batch.site!r}")
         for k, attrs in (("metrics", ("path",)), ("bfd", ("path",)), ("events", ("from_path", "to_path")),
-                         ("flows", ("path",))):
+                         ("flows", ("path",)), ("records", ("path",))):
             for i, it in enumerate(getattr(batch, k)):
                 for a in attrs:
                     pid = getattr(it, a)

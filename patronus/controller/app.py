@@ -21,7 +21,9 @@ bodies over :data:`MAX_BODY` bytes are refused with 413.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import math
 from collections.abc import AsyncIterator
 from http import HTTPStatus
@@ -42,6 +44,8 @@ from . import auth as _auth
 from . import metrics as _metrics
 from .problems import PROBLEM_JSON, ServiceError, problem
 from .service import Resource, Service
+
+log = logging.getLogger("patronus.controller")
 
 __all__ = ["create_app", "require", "ROUTE_ACTIONS", "PUBLIC", "CREDENTIALS", "MAX_BODY", "PREFIX"]
 
@@ -264,6 +268,31 @@ def _api_routes(routes: Any) -> Any:
             yield from _api_routes(route.original_router.routes)
 
 
+HOUSEKEEPING_S = 60.0   # retention of telemetry, metrics, flows and expired credentials, this often
+
+
+def housekeeping(app: Any) -> dict[str, int]:
+    """One round of retention: the state file's (``Service.prune``), raw
+    agent telemetry's (``AgentStore.prune``) and expired refresh tokens and
+    revocations (``Auth.prune``); rows deleted by what."""
+    out = {f"state.{k}": v for k, v in app.state.service.prune().items()}
+    out["agent_telemetry"] = app.state.agents.agent_store.prune()
+    out["credentials"] = app.state.auth.prune()
+    return out
+
+
+async def _housekeeping(app: Any) -> None:
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(HOUSEKEEPING_S)
+        try:
+            done = await loop.run_in_executor(None, housekeeping, app)
+            if any(done.values()):
+                log.info("retention: deleted %s", ", ".join(f"{v} {k}" for k, v in done.items() if v))
+        except Exception:   # a busy store: next round
+            log.exception("retention round failed")
+
+
 def create_app(service: Service, auth: Any, *, docs: bool = False, graphql: bool = True,
                graphql_introspection: bool = True) -> FastAPI:
     """The REST application over ``service`` and ``auth``.
@@ -274,7 +303,13 @@ def create_app(service: Service, auth: Any, *, docs: bool = False, graphql: bool
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         service.bind_loop()
-        yield
+        keeper = asyncio.ensure_future(_housekeeping(app))
+        try:
+            yield
+        finally:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
 
     app = FastAPI(title="patronus controller", version="1", openapi_url=None, docs_url=None, redoc_url=None,
                   lifespan=lifespan)

@@ -292,6 +292,13 @@ class Service:
 
         self._on_loop(all_of_them)
 
+    def prune(self) -> dict[str, int]:
+        """Apply the state file's retention (``Store.prune``: metrics and
+        flow records a week, events a month, each table at most
+        ``MAX_ROWS``); rows deleted per table."""
+        with self._store() as st:
+            return st.prune()
+
     def mesh(self) -> Mesh:
         """The current mesh, as stored: one shared copy until the next save
         (checked against the stored mesh's save time on every call, so a

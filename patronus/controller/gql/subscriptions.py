@@ -77,6 +77,8 @@ class Bus:
         self.publish({"kind": "change", **ev})
         if kind.startswith("policy."):
             self.publish({"kind": "policy", **ev})
+        elif kind.startswith("site."):
+            self.publish({"kind": "site_change", **ev})
         if kind == "agent.revoke" and self._agents is not None:   # re-read who is revoked
             self._track_again()
 
@@ -307,6 +309,13 @@ class Subscription:
         require(info.context, "sites.read")
         async for ev in info.context.bus.stream(info, {"site"}):
             yield SiteStatusChange(ts=ev["ts"], site=ev["site"], status=ev["status"], previous=ev.get("previous"))
+
+    @strawberry.subscription(description="site changes (created, replaced, deleted), whoever made them")
+    async def site_changes(self, info: Info[Context, None]) -> AsyncGenerator[Change, None]:
+        require(info.context, "sites.read")
+        async for ev in info.context.bus.stream(info, {"site_change"}):
+            yield Change(seq=ev["seq"], ts=ev["ts"], type=ev["type"], target=ev["target"], etag=ev.get("etag"),
+                         after=ev.get("after"))
 
     @strawberry.subscription(description="policy changes (created, replaced, deleted)")
     async def policy_changes(self, info: Info[Context, None]) -> AsyncGenerator[Change, None]:

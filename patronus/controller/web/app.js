@@ -241,11 +241,14 @@ function startLive() {
     renderSites();
     if (state.selected && state.selected.kind === "site" && state.selected.id === s.site) loadAgents().catch(() => {});
   });
+  // a site or policy changed, here or elsewhere (another tab, the API, the operator): one reload for a burst
   let pending = null;
-  live.subscribe("subscription { policyChanges { type target } }", {}, () => {
+  const changed = () => {
     clearTimeout(pending);
     pending = setTimeout(() => reload().catch(() => {}), 150);
-  });
+  };
+  live.subscribe("subscription { policyChanges { type target } }", {}, changed);
+  live.subscribe("subscription { siteChanges { type target } }", {}, changed);
   live.start();
 }
 
