@@ -105,16 +105,24 @@ class Controller:
         if p is None or p.poll() is not None:
             return "(the controller is not running)"
         start = self.log.stat().st_size
-        p.send_signal(signal.SIGUSR1)
+        p.send_signal(signal.SIGUSR1)   # threads
+        p.send_signal(signal.SIGUSR2)   # asyncio tasks and worker-thread tokens
         end = time.monotonic() + timeout
         text = ""
         while time.monotonic() < end:
             with open(self.log, errors="replace") as f:
                 f.seek(start)
                 text = f.read()
-            if "most recent call first" in text and text.endswith("\n\n"):
+            if "most recent call first" in text and "-- end of tasks" in text:
                 break
             time.sleep(0.1)
+        # and its sockets: what it has not read, what it has not sent, how many descriptors it holds
+        fds = len(os.listdir(f"/proc/{p.pid}/fd"))
+        wrap = ["ip", "netns", "exec", self.netns] if self.netns else []
+        ss = subprocess.run([*wrap, "ss", "-tnpie"], capture_output=True, text=True, timeout=10).stdout
+        port = f":{self.url.rsplit(':', 1)[-1].strip('/')}" if self.url else "-"
+        mine = "\n".join(line for line in ss.splitlines() if f"pid={p.pid}," in line or port in line)
+        text += f"\n{fds} open descriptors; TCP sockets of it and to it:\n{mine}\n"
         (self.log.parent / f"{self.log.stem}.stacks.txt").write_text(text)   # kept with the test's files
         return text[-20000:]
 

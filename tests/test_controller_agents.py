@@ -193,7 +193,7 @@ def test_state_versions_delta_and_full(ctl: AgentController) -> None:
 
 
 def test_websocket_pushes_new_versions(ctl: AgentController) -> None:
-    from websockets.sync.client import connect
+    from .wsclient import connect
 
     cred = credential(ctl, "br2")
     ctx = ssl.create_default_context(cafile=ctl.cert)

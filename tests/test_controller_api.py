@@ -517,7 +517,7 @@ def test_sigterm_closes_agent_channels_cleanly_and_exits_0(tmp_path: Path) -> No
     (going away / service restart, not a dropped connection) and the
     controller exits 0 (uvicorn's graceful shutdown is bounded by GRACEFUL_S)."""
     websockets = pytest.importorskip("websockets")
-    from websockets.sync.client import connect
+    from .wsclient import connect
 
     ctl = Controller(tmp_path / "term")
     ctl.start()

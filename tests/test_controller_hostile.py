@@ -321,7 +321,7 @@ def test_any_byte_flip_of_a_signed_announcement_is_refused(ctl: AgentController,
 
 
 def test_a_revoked_credential_is_refused_and_its_channel_closed(ctl: AgentController, br2: Agent) -> None:
-    from websockets.sync.client import connect
+    from .wsclient import connect
 
     agent = new_agent(ctl, "br1", interval_s=3600)   # the channel re-checks only on a push, not on a timer
     signed = _signed(agent)

@@ -16,8 +16,6 @@ Waits are for messages and close frames, bounded.
 from __future__ import annotations
 
 import json
-import sys
-import threading
 import time
 from typing import Any
 
@@ -29,6 +27,7 @@ pytest.importorskip("strawberry")
 from patronus.controller.app import PREFIX  # noqa: E402
 
 from .test_controller_agents import AgentController, credential, site_body  # noqa: E402
+from .wsclient import connect  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -53,29 +52,8 @@ class Gql:
     """One graphql-transport-ws connection."""
 
     def __init__(self, ctl: Any, token: str | None, *, init: bool = True) -> None:
-        from websockets.sync.client import connect
-
         url = ctl.url.replace("https://", "wss://") + GQL
-        # the controller not answering the handshake: what was it doing? (websockets' own timeout can
-        # hang joining its reader thread, so a timer takes the stacks while it waits)
-        stacks: list[str] = []
-
-        def take() -> None:
-            stacks.append(ctl.stacks())
-            print(f"the controller took over 20 s to answer a GraphQL handshake; its threads:\n{stacks[0]}",
-                  file=sys.__stderr__, flush=True)
-
-        timer = threading.Timer(20.0, take)
-        timer.daemon = True
-        timer.start()
-        try:
-            self._cm = connect(url, ssl=ctl.ssl_context(), open_timeout=30, subprotocols=["graphql-transport-ws"])
-            self.ws = self._cm.__enter__()
-        except TimeoutError as e:
-            timer.join()
-            raise TimeoutError(f"{e}; the controller's threads:\n{''.join(stacks)}") from e
-        finally:
-            timer.cancel()
+        self.ws = connect(url, ssl=ctl.ssl_context(), open_timeout=30, subprotocols=["graphql-transport-ws"])
         if init:
             self.send({"type": "connection_init", "payload": {} if token is None else
                        {"authorization": f"Bearer {token}"}})
@@ -111,7 +89,7 @@ class Gql:
         return e.value.rcvd
 
     def close(self) -> None:
-        self._cm.__exit__(None, None, None)
+        self.ws.close()
 
 
 def post_telemetry(ctl: AgentController, cred: str, **batch: Any) -> None:
@@ -152,6 +130,34 @@ def test_a_policy_change_arrives_with_its_etag(ctl: AgentController) -> None:
         assert got is not None
         assert got["type"] == "policy.create" and got["etag"] == etags[got["target"]]
         assert got["after"]["name"] == got["target"].split("/", 1)[1]
+    finally:
+        g.close()
+
+
+def test_site_changes_arrive_with_only_sites_not_policies(ctl: AgentController) -> None:
+    g = Gql(ctl, ctl.token)
+    try:
+        g.subscribe("s", "subscription { siteChanges { type target etag after } }")
+        got = None
+        with ctl.admin() as a:
+            for i in range(20):   # no acknowledgement of a subscription: change until one is seen
+                a.post(f"{PREFIX}/policies", json={"name": f"noise{i}", "priority": 500 + i,
+                                                    "match": {"proto": "udp"}}).raise_for_status()
+                r = a.post(f"{PREFIX}/sites", json={"name": f"live{i}", "subnets": [f"10.{200 + i}.0.0/24"],
+                                                     "uplinks": [{"name": "isp", "address": f"198.51.100.{i + 1}"}]})
+                r.raise_for_status()
+                try:
+                    got = g.next("s", timeout=1)["siteChanges"]
+                    break
+                except TimeoutError:
+                    continue
+            assert got is not None and got["type"] == "site.create", got
+            name = got["target"].split("/", 1)[1]
+            assert got["after"]["name"] == name
+            assert a.delete(f"{PREFIX}/sites/{name}").status_code == 204
+        while (got := g.next("s", timeout=20)["siteChanges"])["target"] != f"site/{name}":
+            pass   # creations of the loop above that were in flight
+        assert got["type"] == "site.delete", got
     finally:
         g.close()
 

@@ -15,6 +15,7 @@ flight finish (at most 5 s) and returns 0.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime
 import faulthandler
@@ -23,6 +24,7 @@ import ipaddress
 import os
 import secrets
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -166,6 +168,21 @@ def build_app(state_dir: str | os.PathLike[str], *, introspection: bool = True) 
                       graphql_introspection=introspection)
 
 
+def _dump_tasks() -> None:
+    """kill -USR2: every asyncio task's stack and the worker-thread tokens in
+    use, to stderr (what a request that waits forever is waiting for)."""
+    import anyio.to_thread
+
+    out = sys.stderr
+    limiter = anyio.to_thread.current_default_thread_limiter()
+    print(f"worker threads: {limiter.borrowed_tokens} of {limiter.total_tokens} tokens borrowed, "
+          f"{limiter.statistics().tasks_waiting} tasks waiting", file=out)
+    for task in asyncio.all_tasks():
+        print(f"-- {task!r}", file=out)
+        task.print_stack(limit=12, file=out)
+    print("-- end of tasks", file=out, flush=True)
+
+
 def _server(state_dir: str | os.PathLike[str], listen: str, *, log_level: str = "info",
             on_ready: Callable[[str, int], None] | None = None, introspection: bool = True) -> Any:
     import uvicorn
@@ -187,6 +204,8 @@ def _server(state_dir: str | os.PathLike[str], listen: str, *, log_level: str = 
 
         async def startup(self, sockets: Any = None) -> None:
             await super().startup(sockets=sockets)
+            if hasattr(signal, "SIGUSR2") and threading.current_thread() is threading.main_thread():
+                asyncio.get_running_loop().add_signal_handler(signal.SIGUSR2, _dump_tasks)
             if self.started and on_ready is not None:
                 host, port = self.servers[0].sockets[0].getsockname()[:2]
                 on_ready(host, port)

@@ -275,6 +275,14 @@ def _f(x: Any) -> float | None:
     return None if x is None else float(x)
 
 
+async def _changes(info: Info[Context, None], action: str, kind: str) -> AsyncGenerator[Change, None]:
+    """The service's changes of one kind, for a subscriber allowed ``action``."""
+    require(info.context, action)
+    async for ev in info.context.bus.stream(info, {kind}):
+        yield Change(seq=ev["seq"], ts=ev["ts"], type=ev["type"], target=ev["target"], etag=ev.get("etag"),
+                     after=ev.get("after"))
+
+
 @strawberry.type
 class Subscription:
     @strawberry.subscription(description="path metrics as agents report them (optionally of one path)")
@@ -312,14 +320,10 @@ class Subscription:
 
     @strawberry.subscription(description="site changes (created, replaced, deleted), whoever made them")
     async def site_changes(self, info: Info[Context, None]) -> AsyncGenerator[Change, None]:
-        require(info.context, "sites.read")
-        async for ev in info.context.bus.stream(info, {"site_change"}):
-            yield Change(seq=ev["seq"], ts=ev["ts"], type=ev["type"], target=ev["target"], etag=ev.get("etag"),
-                         after=ev.get("after"))
+        async for c in _changes(info, "sites.read", "site_change"):
+            yield c
 
     @strawberry.subscription(description="policy changes (created, replaced, deleted)")
     async def policy_changes(self, info: Info[Context, None]) -> AsyncGenerator[Change, None]:
-        require(info.context, "policies.read")
-        async for ev in info.context.bus.stream(info, {"policy"}):
-            yield Change(seq=ev["seq"], ts=ev["ts"], type=ev["type"], target=ev["target"], etag=ev.get("etag"),
-                         after=ev.get("after"))
+        async for c in _changes(info, "policies.read", "policy"):
+            yield c
