@@ -128,7 +128,8 @@ class Controller:
 
     def client(self, token: str | None = None, **kw: Any) -> httpx.Client:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        return httpx.Client(base_url=self.url, verify=self.ssl_context(), headers=headers, timeout=20.0, **kw)
+        kw.setdefault("timeout", 20.0)
+        return httpx.Client(base_url=self.url, verify=self.ssl_context(), headers=headers, **kw)
 
     def ssl_context(self) -> ssl.SSLContext:
         """TLS trusting the controller's certificate (its name checked unless

@@ -72,7 +72,8 @@ class Ctl:
 
     def post(self, query: str, variables: dict[str, Any] | None = None, *, role: str = "admin",
              token: str | None = None) -> httpx.Response:
-        with self.c.client(token or self.tokens[role]) as cl:
+        # a deadline, not a speed bar (benchmarks/ measures speed): 9,900 paths on a busy 2-core VM take seconds
+        with self.c.client(token or self.tokens[role], timeout=120.0) as cl:
             return cl.post(GQL, json={"query": query, "variables": variables or {}})
 
     def q(self, query: str, variables: dict[str, Any] | None = None, **kw: Any) -> dict[str, Any]:
@@ -494,9 +495,9 @@ def test_100_sites_with_paths_and_metrics_cost_a_constant_number_of_store_querie
     s0 = next(s for s in sites if s["name"] == "s0")
     assert {p["id"]: p["latest"] for p in s0["paths"]}["s0.isp~s9.isp"]["rttMs"] == 20.0
     assert {p["id"]: p["state"] for p in s0["paths"]}["s0.isp~s1.isp"] == {"status": "down"}
-    # one site costs the same as a hundred
+    # one site costs the same bound as a hundred (not always the same count: a cache entry may expire between)
     one = ctl.q('{ site(name: "s0") { paths { id latest { rttMs } state { status } } } }', role="viewer")
-    assert one["extensions"]["patronus"]["storeQueries"] <= n
+    assert one["extensions"]["patronus"]["storeQueries"] <= 5
 
 
 # -- cache ---------------------------------------------------------------------------------------------------

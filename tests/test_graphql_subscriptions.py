@@ -53,7 +53,10 @@ class Gql:
 
     def __init__(self, ctl: Any, token: str | None, *, init: bool = True) -> None:
         url = ctl.url.replace("https://", "wss://") + GQL
-        self.ws = connect(url, ssl=ctl.ssl_context(), open_timeout=30, subprotocols=["graphql-transport-ws"])
+        try:
+            self.ws = connect(url, ssl=ctl.ssl_context(), open_timeout=30, subprotocols=["graphql-transport-ws"])
+        except TimeoutError as e:   # the controller did not answer: what was it doing?
+            raise TimeoutError(f"{e}; the controller then:\n{ctl.stacks()}") from e
         if init:
             self.send({"type": "connection_init", "payload": {} if token is None else
                        {"authorization": f"Bearer {token}"}})
