@@ -184,3 +184,27 @@ def test_hit_flat_across_rule_counts(benchmark, Xdp):
           ", ".join(f"{n}: min {mins[n]:.0f} median {meds[n]:.0f}" for n in COUNTS) +
           f" | floor min {min(floors):.0f} | spread of minimums {100 * spread_min:.0f} %, "
           f"of medians {100 * spread_med:.0f} %")
+
+
+def test_policer_cost_per_packet(benchmark, Xdp):
+    """What a rate-limited policy adds to a hit: the same frame, the same
+    table, once with its policy unlimited and once with a rate it never
+    reaches (100 Gbit/s: every run goes through the policer's compare-and-
+    swap and passes), beside the floor, interleaved for 21 rounds."""
+    from patronus import Match, Policy, PolicyTable, QoS, packets
+
+    frame = packets.udp("10.0.0.1", "10.0.0.2", 4000, 9, b"x" * 172)
+    plain = PolicyTable([Policy("p", Match(proto="udp"), priority=1)])
+    capped = PolicyTable([Policy("p", Match(proto="udp"), priority=1, qos=QoS(rate_kbps=100_000_000))])
+    with Xdp(plain, flow_capacity=1 << 10) as a, Xdp(capped, flow_capacity=1 << 10) as b:
+        for x in (a, b):
+            x.test_run([frame])
+            x.steering = False
+        rounds = [(a.bench(frame, 20_000, floor=True), a.bench(frame, 20_000), b.bench(frame, 20_000))
+                  for _ in range(21)]
+        assert b.qos_drops()["p"]["packets"] == 0   # the rate was never reached: the cost is the check alone
+    floor, hit, policed = (min(r[i] for r in rounds) for i in range(3))
+    benchmark.extra_info.update(floor_ns=floor, hit_ns=hit, hit_policed_ns=policed)
+    benchmark.pedantic(x_dummy, rounds=1, iterations=1)
+    print(f"\npolicer: floor {floor:.1f} ns, hit {hit:.1f} ns, hit through the policer {policed:.1f} ns "
+          f"(+{policed - hit:.1f} ns)")

@@ -83,6 +83,40 @@ static __always_inline void pn_pcount_add(__s32 policy, __u64 packets, __u64 byt
         pc->bytes += bytes;
     }
 }
+/* key: policy + 1 -> its policer (struct pn_rate; ps_per_byte 0: none) */
+BPF_ARRAY(pn_rate_map, struct pn_rate, PN_NPOL);
+/* key: policy + 1 -> packets and bytes its policer dropped, per CPU */
+BPF_PERCPU_ARRAY(pn_qdrop_map, struct pn_policy_counter, PN_NPOL);
+
+/* 1: the policy's rate is spent, drop the packet (counted); 0: it passes.
+ * GCRA (struct pn_rate): one compare-and-swap on `tat` per passing packet;
+ * a CPU that loses the race retries with the new value, and after four
+ * losses the packet passes (the race is the rate being met by other CPUs
+ * in the same instant, not an excess). */
+static __always_inline int pn_police(__s32 policy, __u32 len, __u64 now)
+{
+    __u32 k = (__u32)(policy + 1);
+    struct pn_rate *b = pn_rate_map.lookup(&k);
+    if (!b || !b->ps_per_byte)
+        return 0;
+    __u64 cost = ((__u64)len * b->ps_per_byte) / 1000;
+    for (int i = 0; i < 4; i++) {
+        __u64 tat = b->tat;
+        __u64 ntat = (tat > now ? tat : now) + cost;
+        if (ntat - now > b->burst_ns) {
+            struct pn_policy_counter *d = pn_qdrop_map.lookup(&k);
+            if (d) {
+                d->packets += 1;
+                d->bytes += len;
+            }
+            return 1;
+        }
+        if (__sync_val_compare_and_swap(&b->tat, tat, ntat) == tat)
+            return 0;
+    }
+    return 0;
+}
+
 /* key: enum pn_reason -> malformed frames, per CPU */
 BPF_PERCPU_ARRAY(pn_malformed_map, __u64, PN_NREASONS);
 /* key: enum pn_stat (patronus_abi.h), per CPU */
@@ -457,7 +491,7 @@ static __always_inline void pn_count(struct pn_scratch *sc, struct pn_xslot *x, 
  * policy, its destination site) (one map value), the metadata, the verdict;
  * the policy's counter when the packet has no flow record `r` to count it. */
 static __always_inline int pn_out(struct xdp_md *ctx, struct pn_cfg *cfg, struct pn_scratch *sc, __u32 set,
-                                  __s32 policy, __u32 site, struct pn_flow_rec *r)
+                                  __s32 policy, __u32 site, struct pn_flow_rec *r, __u64 now)
 {
     __u32 key = (set * PN_NPOL + (__u32)(policy + 1)) * PN_SCOLS + site;
     __u32 path = PN_NO_PATH, action = XDP_PASS;
@@ -472,7 +506,7 @@ static __always_inline int pn_out(struct xdp_md *ctx, struct pn_cfg *cfg, struct
         pn_pcount_add(policy, 1, sc->p.l3_len);
     if (cfg->flags & PN_CFG_META)
         pn_set_meta(ctx, path, policy, site);
-    if (action == XDP_DROP)
+    if (action == XDP_DROP || pn_police(policy, sc->p.l3_len, now))
         return XDP_DROP;
     if (path != PN_NO_PATH && path < PN_TX_SLOTS)
         return pn_tx_map.redirect_map(path, XDP_PASS);
@@ -564,7 +598,7 @@ static __always_inline int pn_finish_miss(struct xdp_md *ctx, struct pn_scratch 
     __u64 *st = pn_stats_map.lookup(&sk);
     if (st)
         *st += 1;
-    return pn_out(ctx, cfg, sc, sc->set & 1, policy, site, r);
+    return pn_out(ctx, cfg, sc, sc->set & 1, policy, site, r, now);
 }
 
 /* key: PN_PROG_CLS -> pn_cls, PN_PROG_FIN -> pn_fin. A miss leaves pn_xdp
@@ -704,7 +738,7 @@ int pn_xdp(struct xdp_md *ctx)
     struct pn_xslot *x = pn_ft_find(sc->kw, h);
     if (x && x->f.rec.generation == gen) {  /* the hit path */
         pn_count(sc, x, now);
-        return pn_out(ctx, cfg, sc, set, x->f.rec.policy, x->f.rec.site, &x->f.rec);
+        return pn_out(ctx, cfg, sc, set, x->f.rec.policy, x->f.rec.site, &x->f.rec, now);
     }
     sc->reclass = x != 0;
     sc->h = h;

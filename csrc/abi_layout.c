@@ -33,6 +33,8 @@ const struct pn_layout_entry pn_abi_layout[] = {
     FIELD(pn_site_prefix, site),
     SIZE(pn_route),
     FIELD(pn_route, path), FIELD(pn_route, action),
+    SIZE(pn_rate),
+    FIELD(pn_rate, tat), FIELD(pn_rate, ps_per_byte), FIELD(pn_rate, burst_ns),
     SIZE(pn_meta),
     FIELD(pn_meta, path), FIELD(pn_meta, policy), FIELD(pn_meta, site),
     SIZE(pn_cfg),

@@ -154,6 +154,19 @@ struct pn_route {
     __u32 action;
 };
 
+/* One policy's policer in the XDP program (key policy + 1): GCRA, the
+ * virtual-scheduling form of a token bucket. A packet of L bytes costs
+ * L * ps_per_byte / 1000 ns of the policy's rate; it passes when the
+ * theoretical arrival time `tat`, moved by its cost, stays within
+ * `burst_ns` of now (then `tat` moves, by compare-and-swap: one word, no
+ * lock), else it is dropped and counted. ps_per_byte 0: no limit. */
+struct pn_rate {
+    __u64 tat;
+    __u64 ps_per_byte;
+    __u64 burst_ns;
+    __u64 _pad;
+};
+
 /* What the XDP program leaves in front of a frame (XDP metadata): the tc
  * program copies `path` into skb->mark; test runs read all three back. */
 struct pn_meta {

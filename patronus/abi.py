@@ -16,7 +16,7 @@ import numpy as np
 from . import _fast
 
 __all__ = ["FLOW_DTYPE", "XSLOT_DTYPE", "BUCKET_DTYPE", "RULE_DTYPE", "POLICY_COUNTER_DTYPE", "SITE_PREFIX_DTYPE",
-           "ROUTE_DTYPE", "META_DTYPE", "DETAIL_DTYPE", "CFG_DTYPE", "LUT_DTYPE", "LPM6_DTYPE", "V4CHUNK_DTYPE",
+           "ROUTE_DTYPE", "RATE_DTYPE", "META_DTYPE", "DETAIL_DTYPE", "CFG_DTYPE", "LUT_DTYPE", "LPM6_DTYPE", "V4CHUNK_DTYPE",
            "CHUNK_DTYPE", "row_dtype", "MALFORMED_REASONS", "STATS", "CONSTANTS", "NO_PATH", "SITE_NONE"]
 
 # every integer constant of the header, without the PN_ prefix
@@ -64,6 +64,9 @@ SITE_PREFIX_DTYPE = np.dtype([("addr", "u1", (16,)), ("plen", "u1"), ("family", 
                               ("site", "<u4")], align=True)
 # struct pn_route: what one (class, site) pair does
 ROUTE_DTYPE = np.dtype([("path", "<u4"), ("action", "<u4")])
+
+# struct pn_rate: one policy's policer (GCRA)
+RATE_DTYPE = np.dtype([("tat", "<u8"), ("ps_per_byte", "<u8"), ("burst_ns", "<u8"), ("_pad", "<u8")])
 # struct pn_meta: what the XDP program leaves in front of a frame
 META_DTYPE = np.dtype([("path", "<u4"), ("policy", "<i4"), ("site", "<u4")])
 # what process(detail=True) and test_run(detail=True) return per frame

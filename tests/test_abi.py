@@ -18,6 +18,7 @@ HEADER = Path(__file__).parent.parent / "csrc" / "patronus_abi.h"
                                                ("pn_bucket", abi.BUCKET_DTYPE),
                                                ("pn_site_prefix", abi.SITE_PREFIX_DTYPE),
                                                ("pn_route", abi.ROUTE_DTYPE),
+                                               ("pn_rate", abi.RATE_DTYPE),
                                                ("pn_meta", abi.META_DTYPE),
                                                ("pn_cfg", abi.CFG_DTYPE),
                                                ("pn_lut", abi.LUT_DTYPE),
@@ -57,7 +58,7 @@ def test_reason_names_follow_the_enum():
 def test_every_struct_of_the_header_is_checked():
     """A struct added to patronus_abi.h without a dtype here fails."""
     declared = set(re.findall(r"^struct (pn_\w+) \{", HEADER.read_text(), re.M))
-    checked = {"pn_rule", "pn_policy_counter", "pn_xslot", "pn_bucket", "pn_site_prefix", "pn_route", "pn_meta",
+    checked = {"pn_rule", "pn_policy_counter", "pn_xslot", "pn_bucket", "pn_site_prefix", "pn_route", "pn_rate", "pn_meta",
                "pn_cfg", "pn_lut", "pn_lpm6", "pn_v4chunk", "pn_chunk", "pn_row", "pn_flow", "pn_flow_key",
                "pn_flow_rec", "pn_rpol"}
     # pn_parsed is the parser's output inside C and Cython; Python never reads it

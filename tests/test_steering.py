@@ -104,7 +104,44 @@ def test_voice_and_bulk_take_their_policies_paths_and_set_path_moves_voice(tmp_p
         agent.stdin.flush()
         c = json.loads(agent.stdout.readline())
         assert c["policies"]["voip"]["packets"] >= 200 and c["policies"]["bulk"]["packets"] > 500
-        for s_ in (tcp_srv, udp_rx, voice):
+        # a UDP flood at the 1 Mbit/s policy for 5 s: the far end gets the rate (plus one 50 ms burst)
+        # within 10 %, and every packet the XDP policer dropped is counted
+        agent.stdin.write("path capped %d\n" % bulk_path.index)
+        agent.stdin.flush()
+        assert agent.stdout.readline().strip() == "ok"
+        sink = socket_in(lab.lan_ns(1), socket.AF_INET, socket.SOCK_DGRAM)
+        sink.bind(("0.0.0.0", 6000))
+        sink.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        received = 0
+
+        def drain_sink():
+            nonlocal received
+            sink.settimeout(1.0)
+            try:
+                while True:
+                    received += len(sink.recv(4096)) > 0
+            except (socket.timeout, TimeoutError):
+                pass
+
+        th = threading.Thread(target=drain_sink)
+        th.start()
+        flood = socket_in(lab.lan_ns(0), socket.AF_INET, socket.SOCK_DGRAM)
+        sent, t0 = 0, time.monotonic()
+        while time.monotonic() - t0 < 5.0:
+            for _ in range(20):
+                flood.sendto(bytes(972), (lab.lan_addr(1), 6000))   # 1,000 bytes of IP each
+            sent += 20
+            time.sleep(0.001)
+        elapsed = time.monotonic() - t0
+        th.join(30)
+        want = 1_000_000 / 8 * (elapsed + 0.05) / 1000   # packets of 1,000 bytes at the rate, plus the burst
+        assert abs(received - want) <= 0.1 * want, (received, want, sent)
+        agent.stdin.write("dump\n")
+        agent.stdin.flush()
+        c = json.loads(agent.stdout.readline())
+        assert c["qos_dropped"]["capped"] == {"packets": sent - received, "bytes": (sent - received) * 1000}
+        assert c["policies"]["capped"]["packets"] == sent
+        for s_ in (tcp_srv, udp_rx, voice, sink, flood):
             s_.close()
     finally:
         if agent is not None:
@@ -176,6 +213,8 @@ def test_the_userspace_backend_steers_with_nftables_marks_and_applies_qos(tmp_pa
         except (socket.timeout, TimeoutError):
             pass
         assert 0 < got < 100_000, got  # the burst allowance plus about a second of 8 kB/s
+        # every packet the policer dropped is counted, by policy (1,028 bytes of IP each)
+        assert nft.qos_drops() == {"capped": {"packets": 1000 - got // 1000, "bytes": (1000 - got // 1000) * 1028}}
         nft.set_path("voip", b.index)  # one rule replaced
         for i in range(50):
             out.sendto(bytes(200), (lab.lan_addr(1), 5060))

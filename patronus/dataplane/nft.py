@@ -37,7 +37,9 @@ from .. import abi
 from .base import PATH_MARK
 from ._routes import resolve_moves
 
-__all__ = ["NftSteering", "rule_text"]
+__all__ = ["NftSteering", "rule_text", "QOS_COMMENT"]
+
+QOS_COMMENT = "patronus qos drop "   # + the policy's name: the comment of its rate limit's drop rule
 
 NO_PATH = abi.NO_PATH
 
@@ -81,7 +83,9 @@ def rule_text(p: Policy, ifname: str, mark: int | None, verdict: str = "accept")
     if p.action == "drop":
         return " ".join(parts + ["drop"])
     if p.qos.rate_kbps:
-        parts.append(f"limit rate over {max(1, p.qos.rate_kbps // 8)} kbytes/second drop")
+        # counted, and named by a comment so qos_drops() finds each policy's count
+        parts.append(f"limit rate over {max(1, p.qos.rate_kbps // 8)} kbytes/second counter drop "
+                     f"comment \"{QOS_COMMENT}{p.name}\"")
         # the rule above drops the excess; the rule below marks what is within the rate
         return " ".join(parts)
     if p.qos.dscp is not None:
@@ -140,8 +144,8 @@ class NftSteering:
         v = 4 if fam == "4" else 6
         return [n for s in sites for n in self.table.site_subnets[s] if ipaddress.ip_network(n).version == v]
 
-    def _nft(self, script: str, echo: bool = False) -> str:
-        cmd = (["ip", "netns", "exec", self.netns] if self.netns else []) + ["nft"]
+    def _nft(self, script: str, echo: bool = False, json_out: bool = False) -> str:
+        cmd = (["ip", "netns", "exec", self.netns] if self.netns else []) + ["nft"] + (["-j"] if json_out else [])
         if echo:
             cmd += ["--echo", "--handle"]
         r = subprocess.run(cmd + [script], capture_output=True, text=True)
@@ -158,6 +162,22 @@ class NftSteering:
                                     qos=p.qos.__class__(dscp=p.qos.dscp), prefer=p.prefer)
             return [rule_text(p, self.ifname, None), rule_text(unlimited, self.ifname, None, goto)]
         return [rule_text(p, self.ifname, None, goto)]
+
+    def qos_drops(self) -> dict[str, dict[str, int]]:
+        """Packets and bytes each rate-limited policy's rule dropped (its nft counter)."""
+        import json
+
+        out: dict[str, dict[str, int]] = {}
+        doc = json.loads(self._nft(f"list chain inet {self.nft_table} steer", json_out=True))
+        for item in doc.get("nftables", []):
+            rule = item.get("rule")
+            if not rule or not str(rule.get("comment", "")).startswith(QOS_COMMENT):
+                continue
+            for e in rule.get("expr", []):
+                if "counter" in e:
+                    out[rule["comment"][len(QOS_COMMENT):]] = {"packets": int(e["counter"]["packets"]),
+                                                                "bytes": int(e["counter"]["bytes"])}
+        return out
 
     def set_path(self, policy: str | int | None, path_id: int | None, site: str | int | None = None) -> None:
         """Point (class, destination site) at a path slot (see ``Userspace.set_path``)."""

@@ -248,6 +248,14 @@ class Userspace:
         raw["default"] = {"packets": pol[0][0], "bytes": pol[0][1]}
         raw["policies"] = {p.name: {"packets": pk, "bytes": by} for p, (pk, by) in zip(self.table.policies, pol[1:])}
         raw["malformed"] = dict(zip(abi.MALFORMED_REASONS, raw["malformed"]))
+        # what the rate limits dropped: enforced by nftables while steering, so counted there
+        drops: dict[str, dict[str, int]] = {p.name: {"packets": 0, "bytes": 0}
+                                            for p in self.table.policies if p.qos.rate_kbps}
+        for nft in self._steering.values():
+            for name, d in nft.qos_drops().items():
+                if name in drops:
+                    drops[name] = {k: drops[name][k] + d[k] for k in d}
+        raw["qos_dropped"] = drops
         return raw
 
     def __repr__(self) -> str:

@@ -37,7 +37,7 @@ from ._layout import (EVICT_PAGES, FIELDS, V4_DIRS, V4_L1, Capacity, lpm6_key, l
                       site_entries, table_layout)
 from ._routes import check_routes, remap_routes, resolve_moves
 from ._tc import TcSteering
-from .base import QOS_DSCP, REDIRECT, STEER
+from .base import QOS_DSCP, QOS_RATE, REDIRECT, STEER
 from .base import PATH_MARK
 
 __all__ = ["Xdp"]
@@ -49,6 +49,8 @@ TX_SLOTS = abi.CONSTANTS["TX_SLOTS"]
 PORTS = abi.CONSTANTS["PORTS"]
 TAKE_COPY, TAKE_ALL, TAKE_IDLE = (abi.CONSTANTS[k] for k in ("TAKE_COPY", "TAKE_ALL", "TAKE_IDLE"))
 OUT_BYTES = 65536 + 256  # test-run output: the largest frame and room for metadata in front
+RATE_BURST_S = 0.05      # a policer's burst: 50 ms of its rate (at least RATE_BURST_MIN bytes)
+RATE_BURST_MIN = 3028    # two full Ethernet frames: a rate far below the MTU still passes whole packets
 
 
 class Xdp:
@@ -69,7 +71,7 @@ class Xdp:
     close and at interpreter exit.
     """
 
-    capabilities = frozenset({STEER, QOS_DSCP, REDIRECT})
+    capabilities = frozenset({STEER, QOS_DSCP, QOS_RATE, REDIRECT})
 
     def __init__(self, table: PolicyTable, flow_capacity: int = 1 << 20, *, max_policies: int | None = None,
                  max_sites: int | None = None, max_site_prefixes: int | None = None,
@@ -122,7 +124,7 @@ class Xdp:
         self._maps = {name: self._bpf[name.encode()] for name in (
             "pn_cfg_map", "pn_v4l1_map", "pn_v4chunk_map", "pn_lpm6_map", "pn_lut_map", "pn_port_map", "pn_rpol_map", "pn_rows_map", "pn_chunks_map",
             "pn_route_map", "pn_pcount_map", "pn_malformed_map", "pn_stats_map", "pn_ftab_map",
-            "pn_tx_map")}
+            "pn_tx_map", "pn_rate_map", "pn_qdrop_map")}
         # the flow table, mapped: flows() and drain() scan it in place
         size = self._slots // abi.BUCKET_DTYPE["s"].shape[0] * abi.BUCKET_DTYPE.itemsize
         self._mm = mmap.mmap(self._fd("pn_ftab_map"), (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE,
@@ -139,12 +141,14 @@ class Xdp:
         # table; with pn_pcount_map and the live flows, the policy counters
         self._gone = np.zeros((self._npol, 2), dtype=np.uint64)
         self._replayed = False  # flows stamped by test_run's ts_ns, not the kernel clock
+        self.last_verdicts = np.zeros(0, dtype=np.int32)  # of the last test_run, one per frame
         self._meta = False  # write pn_meta (path, policy) before each frame: steering and test runs
         self._lpm_keys: list[list[bytes]] = [[], []]
         self._site_keys: list[list[bytes]] = [[], []]
         self._load_table(table, 0, layout)
         self._write_cfg()
         self._init_paths(table)
+        self._write_rates()
         self._mono_to_real = time.time_ns() - time.monotonic_ns()
         _live.add(self)
 
@@ -227,6 +231,28 @@ class Xdp:
                 vals[i + 1] = p.qos.dscp + 1
         for tc in self._steering.values():
             tc.write_dscp(vals)
+
+    def _write_rates(self) -> None:
+        """Each policy's QoS rate into its policer (bpf/patronus_xdp.c,
+        ``pn_police``): ps_per_byte 0 for no limit. Rewriting restarts every
+        bucket full."""
+        vals = np.zeros(self._npol, dtype=abi.RATE_DTYPE)
+        for i, p in enumerate(self.table.policies):
+            if p.qos.rate_kbps:
+                ps_per_byte = 8_000_000_000 // p.qos.rate_kbps      # 8 bits a byte at rate_kbps * 1000 bit/s
+                vals[i + 1]["ps_per_byte"] = ps_per_byte
+                vals[i + 1]["burst_ns"] = max(int(RATE_BURST_S * 1e9), RATE_BURST_MIN * ps_per_byte // 1000)
+        self._update_batch("pn_rate_map", np.arange(self._npol, dtype=np.uint32), vals)
+
+    def qos_drops(self) -> dict[str, dict[str, int]]:
+        """Packets and bytes each rate-limited policy's policer dropped.
+
+        >>> x.qos_drops()["bulk"]  # doctest: +SKIP
+        {'packets': 812, 'bytes': 1218000}
+        """
+        d = self._percpu_sum("pn_qdrop_map", self._npol, 2)
+        return {p.name: {"packets": int(d[i + 1, 0]), "bytes": int(d[i + 1, 1])}
+                for i, p in enumerate(self.table.policies) if p.qos.rate_kbps}
 
     def _disable_steering(self, ifname: str) -> None:
         self._steering.pop(ifname).close()
@@ -376,6 +402,7 @@ class Xdp:
         self._write_cfg()
         self.table = table
         self._write_dscp()
+        self._write_rates()
 
     @property
     def steering(self) -> bool:
@@ -444,7 +471,9 @@ class Xdp:
         needed); returns each frame's policy index, like Userspace.process
         (``detail=True``: ``abi.DETAIL_DTYPE`` rows, policy, destination site
         and path, read back from the metadata the program wrote).
-        ``ts_ns`` (one per frame) replaces the kernel clock for these frames."""
+        ``ts_ns`` (one per frame) replaces the kernel clock for these frames.
+        Each frame's XDP verdict (``XDP_PASS`` 2, ``XDP_DROP`` 1, ``XDP_REDIRECT``
+        4) is left in ``last_verdicts``."""
         if is_buffer(frames):
             buf, offsets = frames
             frames = [bytes(buf[offsets[i] : offsets[i + 1]]) for i in range(len(offsets) - 1)]
@@ -466,12 +495,14 @@ class Xdp:
         obuf = ctypes.create_string_buffer(OUT_BYTES)
         if not self._meta:  # the policy comes back in the metadata
             self.steering = True
+        self.last_verdicts = np.zeros(len(frames), dtype=np.int32)
         for i, f in enumerate(frames):
             if ts is not None:
                 self._clock = int(ts[i])
                 self._replayed = True
                 self._write_cfg()
             retval, data_out = self._lib.test_run(self._fn.fd, f, 1, obuf)[:2]
+            self.last_verdicts[i] = retval
             if len(data_out) == len(f) + meta:
                 m = np.frombuffer(data_out[:meta], dtype=abi.META_DTYPE)[0]
                 out[i] = (m["policy"], m["site"], m["path"])
@@ -555,7 +586,7 @@ class Xdp:
             "reclassified": st["reclassified"],
             "insert_failed": st["insert_failed"], "evicted": st["evicted"], "export_lost": st["export_lost"],
             "unaccounted": st["unaccounted"], "class_cache_hits": st["class_cache_hits"],
-            "generation": self._generation,
+            "generation": self._generation, "qos_dropped": self.qos_drops(),
         }
 
     def _policy_counts(self) -> tuple[np.ndarray, int]:

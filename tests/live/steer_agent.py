@@ -12,7 +12,8 @@ from patronus.dataplane.xdp import Xdp
 
 ifname, paths = sys.argv[1], json.loads(sys.argv[2])
 table = PolicyTable([Policy("voip", Match(proto="udp", dst_ports=5060), priority=1, app="voip", qos=QoS(dscp=46)),
-                     Policy("bulk", Match(proto="tcp"), priority=2, app="bulk")])
+                     Policy("bulk", Match(proto="tcp"), priority=2, app="bulk"),
+                     Policy("capped", Match(proto="udp", dst_ports=6000), priority=3, qos=QoS(rate_kbps=1000))])
 x = Xdp(table, flow_capacity=4096)
 x.attach(ifname, mode="native")
 x.enable_steering(ifname, mark_base=0x7000)
