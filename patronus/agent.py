@@ -555,6 +555,8 @@ class SiteAgent:
         self.telemetry_dropped = 0             # items the outbox had no room for while the controller was away
         self._next_report = 0.0
         self._last_batch = 0.0                 # wall time of the last telemetry batch (its flows are newer)
+        self.dedup: Any = None                 # the far end of duplication, on this site's tunnels
+        self._dup_warned: set[str] = set()
         self.lan_if, self.token, self.backend, self.wireguard = lan_if, token, backend, wireguard
         self.prefix = prefix or f"{site[:6]}w"
         self.interval_s, self.bfd_ms = interval_s, bfd_ms
@@ -665,6 +667,47 @@ class SiteAgent:
         net, peers = self.net, self._peer_keys()
         net.sync(self.mesh, lambda t: net.config(self.mesh, t, peers[t.path.remote_site])
                  if t.path.remote_site in peers else None)
+        if self.dp is not None:   # after start: the de-duplication follows the tunnels and the policies
+            self._sync_dedup()
+
+    def _tunnel_of(self, path_id: str) -> str | None:
+        """The tunnel interface of one of this site's paths (None: no tunnel yet)."""
+        for t in self.tunnels.values():
+            if t.path.id == path_id:
+                return t.ifname
+        return None
+
+    def _sync_dedup(self) -> None:
+        """Duplication in the mesh: the far-end half runs on every tunnel of
+        this site (bpf/patronus_dedup.c), whatever this site itself sends.
+        A data plane that cannot copy packets is said so, once per policy."""
+        from .dataplane import DUPLICATE
+
+        dup = [p.name for p in self.mesh.policies if p.qos.duplicate]
+        if not dup:
+            if self.dedup is not None:
+                self.dedup.close()
+                self.dedup = None
+            return
+        if DUPLICATE not in getattr(self.dp, "capabilities", ()):
+            for name in dup:
+                if name not in self._dup_warned:
+                    self._dup_warned.add(name)
+                    log.warning("policy %s asks for duplication (QoS.duplicate), which needs the XDP data plane "
+                                "(--backend xdp): on %s its packets take one path", name, self.backend_name())
+            return
+        ifnames = {t.ifname for t in self.tunnels.values()}
+        try:
+            if self.dedup is None:
+                from .dataplane.dedup import Dedup
+
+                self.dedup = Dedup()
+            for ifname in sorted(ifnames - set(self.dedup.ifnames)):
+                self.dedup.add(ifname)
+            for ifname in set(self.dedup.ifnames) - ifnames:
+                self.dedup.remove(ifname)
+        except PatronusError as e:   # an interface not there yet: the next sync adds it
+            log.warning("de-duplication on the tunnels: %s", e)
 
     # -- run ------------------------------------------------------------------------
 
@@ -697,6 +740,8 @@ class SiteAgent:
             self.dp = self._open_dataplane(self.mesh)
             self.engine = Engine(self.mesh, self.dp, local_site=self.site, store=self.store, tick_s=0.02)
             self.engine.on_event(self._log_event)
+            self.engine.duplicate_via = self._tunnel_of
+            self._sync_dedup()
             self.applied_at = time.time()
             log.info("site %s started: backend %s, LAN interface %s, %d tunnels, %d policies, desired state %s",
                      self.site, self.backend_name(), self.lan_if or "(none)", len(self.tunnels),
@@ -1018,6 +1063,9 @@ class SiteAgent:
                 pass
             self.dp.close()
         last = self.status(stopped=True)  # with the tunnels it had
+        if self.dedup is not None:
+            self.dedup.close()
+            self.dedup = None
         if self.net is not None:
             self.net.close()
         if isinstance(getattr(self, "registry", None), SqliteRegistry):
@@ -1080,7 +1128,22 @@ class SiteAgent:
                 "controller": None if self.controller is None else {
                     "url": self.controller.url, "connected": self.connected,
                     "telemetry_dropped": self.telemetry_dropped},
-                "paths": paths, "routes": self.routes()}
+                "paths": paths, "routes": self.routes(), "duplication": self._duplication()}
+
+    def _duplication(self) -> dict[str, Any]:
+        """Copies sent by policy, where each duplicating pair's copies go, and
+        what the far-end half dropped (empty without duplicating policies)."""
+        out: dict[str, Any] = {}
+        if self.engine is not None and self.engine.duplicating:
+            out["copies_to"] = {f"{cls}->{site}": ifname for (cls, site), ifname in self.engine.duplicating.items()}
+        if self.dp is not None and hasattr(self.dp, "duplicates"):
+            with contextlib.suppress(Exception):
+                if (sent := self.dp.duplicates()):
+                    out["sent"] = sent
+        if self.dedup is not None:
+            with contextlib.suppress(Exception):
+                out["dedup"] = self.dedup.stats()
+        return out
 
     def write_status(self, stopped: bool = False, status: dict[str, Any] | None = None) -> None:
         """Write ``{state}.{site}.status.json`` atomically (a reader never

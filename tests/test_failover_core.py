@@ -176,6 +176,25 @@ class CoreMachine(RuleBasedStateMachine):
             assert st_.current in st_.candidates
             assert self.mesh.path(st_.current).remote_site in (site, self.core.local_site)
 
+    @invariant()
+    def copies_go_to_another_usable_path_over_another_uplink_when_there_is_one(self):
+        """Duplication's second path (FailoverCore.second): never the path in
+        use, always usable, over another local uplink whenever a usable path
+        over one exists; None only when no other path is usable."""
+        if self.core is None:
+            return
+        core = self.core
+        for st_ in core.pairs.values():
+            second = core.second(st_, self.t)
+            others = [p for p in st_.candidates if p != st_.current and core.usable(p, st_.app)]
+            if second is None:
+                assert not others
+                continue
+            assert second != st_.current and core.usable(second, st_.app)
+            here = core.local_uplink(st_.current)
+            if any(core.local_uplink(p) != here for p in others):
+                assert core.local_uplink(second) != here
+
 
 TestCoreMachine = CoreMachine.TestCase
 TestCoreMachine.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)

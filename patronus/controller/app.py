@@ -96,6 +96,7 @@ class MatchIn(_Body):
 class QoSIn(_Body):
     dscp: int | None = None
     rate_kbps: int | None = None
+    duplicate: bool = False
 
 
 class PolicyIn(_Body):

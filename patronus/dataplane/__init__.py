@@ -21,13 +21,14 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, DataplaneUnavailable
-from .base import PATH_MARK, PATH_RULE_PRIORITY, PATH_TABLE, QOS_DSCP, QOS_RATE, REDIRECT, STEER, DataPlane
+from .base import DUPLICATE, PATH_MARK, PATH_RULE_PRIORITY, PATH_TABLE, QOS_DSCP, QOS_RATE, REDIRECT, STEER, DataPlane
 from .userspace import Userspace
 
 if TYPE_CHECKING:
     from ..policy import PolicyTable
 
-__all__ = ["DataPlane", "Userspace", "Xdp", "open", "preflight", "STEER", "QOS_DSCP", "QOS_RATE", "REDIRECT",
+__all__ = ["DataPlane", "Userspace", "Xdp", "Dedup", "open", "preflight", "STEER", "QOS_DSCP", "QOS_RATE",
+           "DUPLICATE", "REDIRECT",
            "PATH_MARK", "PATH_TABLE", "PATH_RULE_PRIORITY"]
 
 log = logging.getLogger("patronus.dataplane")
@@ -39,6 +40,10 @@ def __getattr__(name: str) -> Any:
         from .xdp import Xdp
 
         return Xdp
+    if name == "Dedup":  # the same
+        from .dedup import Dedup
+
+        return Dedup
     raise AttributeError(f"module 'patronus.dataplane' has no attribute {name!r}")
 
 

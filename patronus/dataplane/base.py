@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
     from ..policy import PolicyTable
 
-__all__ = ["DataPlane", "Move", "STEER", "QOS_DSCP", "QOS_RATE", "REDIRECT", "PATH_MARK", "PATH_TABLE",
+__all__ = ["DataPlane", "Move", "STEER", "QOS_DSCP", "QOS_RATE", "DUPLICATE", "REDIRECT", "PATH_MARK", "PATH_TABLE",
            "PATH_RULE_PRIORITY"]
 
 # Steering convention shared by the XDP/tc pair, the nftables rules, the site
@@ -34,6 +34,7 @@ PATH_MARK, PATH_TABLE, PATH_RULE_PRIORITY = 0x7000, 200, 500
 STEER = "steer"        # steer(ifname): LAN traffic of an interface marked into its class's path
 QOS_DSCP = "qos.dscp"  # a policy's QoS.dscp is written into its packets while steering
 QOS_RATE = "qos.rate"  # a policy's QoS.rate_kbps is enforced while steering
+DUPLICATE = "duplicate"  # a policy's packets can be copied onto a second path (QoS.duplicate)
 REDIRECT = "redirect"  # set_redirect(path, ifname): a path slot sent out of an interface directly
 
 # one move: (class: policy name or index, None/-1 the default class;

@@ -37,7 +37,7 @@ from ._layout import (EVICT_PAGES, FIELDS, V4_DIRS, V4_L1, Capacity, lpm6_key, l
                       site_entries, table_layout)
 from ._routes import check_routes, remap_routes, resolve_moves
 from ._tc import TcSteering
-from .base import QOS_DSCP, QOS_RATE, REDIRECT, STEER
+from .base import DUPLICATE, QOS_DSCP, QOS_RATE, REDIRECT, STEER
 from .base import PATH_MARK
 
 __all__ = ["Xdp"]
@@ -71,7 +71,7 @@ class Xdp:
     close and at interpreter exit.
     """
 
-    capabilities = frozenset({STEER, QOS_DSCP, QOS_RATE, REDIRECT})
+    capabilities = frozenset({STEER, QOS_DSCP, QOS_RATE, REDIRECT, DUPLICATE})
 
     def __init__(self, table: PolicyTable, flow_capacity: int = 1 << 20, *, max_policies: int | None = None,
                  max_sites: int | None = None, max_site_prefixes: int | None = None,
@@ -142,6 +142,7 @@ class Xdp:
         self._gone = np.zeros((self._npol, 2), dtype=np.uint64)
         self._replayed = False  # flows stamped by test_run's ts_ns, not the kernel clock
         self.last_verdicts = np.zeros(0, dtype=np.int32)  # of the last test_run, one per frame
+        self._dups: dict[tuple[int, int], int] = {}   # (class + 1, site column) -> ifindex of the copy's tunnel
         self._meta = False  # write pn_meta (path, policy) before each frame: steering and test runs
         self._lpm_keys: list[list[bytes]] = [[], []]
         self._site_keys: list[list[bytes]] = [[], []]
@@ -220,6 +221,7 @@ class Xdp:
             raise ConfigError("mark_base", mark_base, "leaves no room for path slots in a 32-bit mark")
         self._steering[ifname] = TcSteering(self._lib, ifname, mark_base, self._npol)
         self._write_dscp()
+        self._steering[ifname].write_dups(self._dups)
         if not self._meta:
             self.steering = True
 
@@ -400,9 +402,21 @@ class Xdp:
         self._set = idle
         self._generation += 1
         self._write_cfg()
-        self.table = table
+        old, self.table = self.table, table
         self._write_dscp()
         self._write_rates()
+        if self._dups:   # copies follow policy and site names; those of a policy or site gone stop
+            named = [(None if k == 0 else old.policies[k - 1].name, c and old.site_name(c), ifi)
+                     for (k, c), ifi in self._dups.items()]
+            self._dups = {}
+            for pname, sname, ifi in named:
+                names = [p.name for p in table.policies]
+                k = 0 if pname is None else (names.index(pname) + 1 if pname in names else None)
+                c = 0 if not sname else (table.sites.index(sname) + 1 if sname in table.sites else None)
+                if k is not None and c is not None:
+                    self._dups[(k, c)] = ifi
+            for tc in self._steering.values():
+                tc.write_dups(self._dups)
 
     @property
     def steering(self) -> bool:
@@ -440,6 +454,45 @@ class Xdp:
             self._update_batch("pn_route_map", base + k, self._routes.ravel()[k])
         if not self._meta:
             self.steering = True
+
+    def set_duplicate(self, policy: str | int | None, ifname: str | None, site: str | int | None = None) -> None:
+        """Send a copy of each packet of a class (a policy by name or id) to
+        one destination site (every site when ``site`` is None) out of
+        tunnel ``ifname`` too, besides its path; None stops the copies. One
+        map write; the far end drops the second copy (``Dedup``). Needs
+        steering (the tc program clones the packet).
+
+        >>> x.set_duplicate("voip", "s0w1", site="s1")  # doctest: +SKIP
+        """
+        if ifname is None:
+            ifindex = 0
+        else:
+            try:
+                ifindex = socket.if_nametoindex(ifname)
+            except OSError:
+                raise ConfigError("ifname", ifname, "is no interface here") from None
+        for cls, cols, _ in resolve_moves(self.table, [(policy, site, None)]):
+            for c in cols:
+                if ifindex:
+                    self._dups[(cls + 1, c)] = ifindex
+                else:
+                    self._dups.pop((cls + 1, c), None)
+        for tc in self._steering.values():
+            tc.write_dups(self._dups)
+
+    def duplicates(self) -> dict[str, dict[str, int]]:
+        """Copies each policy sent over a second path, and copies the kernel
+        refused to send (the second tunnel gone or down), over every steered
+        interface."""
+        out: dict[str, dict[str, int]] = {}
+        for tc in self._steering.values():
+            for i, (sent, refused) in enumerate(tc.dup_counts()):
+                if (sent or refused) and i > 0:
+                    name = self.table.policies[i - 1].name
+                    d = out.setdefault(name, {"sent": 0, "refused": 0})
+                    d["sent"] += sent
+                    d["refused"] += refused
+        return out
 
     def path_of(self, policy: str | int | None, site: str | int = 0) -> int | None:
         """The path slot of (class, destination site), read from the map; None: no path."""

@@ -278,6 +278,24 @@ class FailoverCore:
                 return clear[0]
         return usable[0] if usable else None
 
+    def second(self, st: _PolicyState, now: float | None = None) -> str | None:
+        """Where a duplicating pair's copies go: the best usable path besides
+        the one in use, over another local uplink when there is one (a cut
+        uplink takes every path over it); None without one."""
+        if st.current is None:
+            return None
+        order = self._ranked(st) if self.selector is not None else st.candidates
+        usable = [pid for pid in order if pid != st.current and self.usable(pid, st.app)]
+        if not usable:
+            return None
+        here = self.local_uplink(st.current)
+
+        def suspect(pid: str) -> bool:
+            return now is not None and self._suspect.get(self.local_uplink(pid), -math.inf) > now
+
+        # another uplink first (what cuts the path in use cannot cut the copy), then not suspect, then rank
+        return min(usable, key=lambda pid: (self.local_uplink(pid) == here, suspect(pid)))
+
     def _ranked(self, st: _PolicyState) -> list[str]:
         try:
             scores = self.selector.scores_
@@ -476,6 +494,10 @@ class Engine:
         self._clock: Callable[[], float] = time.monotonic
         self._monitor: Any = None
         self._stop: asyncio.Event | None = None
+        # duplication: path id -> the tunnel interface its copies leave by (set by the agent); the
+        # (class, site) pairs of duplicating policies -> the interface their copies go to now
+        self.duplicate_via: Callable[[str], str | None] | None = None
+        self.duplicating: dict[tuple[str, str], str | None] = {}
 
     @property
     def mesh(self) -> Mesh:
@@ -515,6 +537,9 @@ class Engine:
         path events still go out, and the error propagates."""
         if outcome.moves:
             try:
+                # copies first, to where they go after the moves: the path a pair moves onto never
+                # carries both the packet and its copy (the far end passes repeats on one tunnel)
+                self.sync_duplicates()
                 self.dataplane.set_paths([m.dataplane() for m in outcome.moves])
             except BaseException:
                 self.core.revert(outcome)
@@ -523,9 +548,36 @@ class Engine:
                         self._emit(ev)
                 raise
             self.set_path_calls += len(outcome.moves)
+        else:
+            self.sync_duplicates()   # a path came back or went: the copies may have a better place
         for ev in outcome.events:
             self._emit(ev)
         return list(outcome.events)
+
+    def sync_duplicates(self) -> None:
+        """Point each duplicating pair's copies at its second path
+        (``FailoverCore.second``), writing only what changed. Nothing
+        without ``duplicate_via`` or a data plane that can duplicate."""
+        if self.duplicate_via is None:
+            return
+        from ..dataplane.base import DUPLICATE
+
+        if DUPLICATE not in getattr(self.dataplane, "capabilities", ()):
+            return
+        dup = {p.name for p in self.core.mesh.policies if p.qos.duplicate and p.action != "drop"}
+        if not dup and not self.duplicating:
+            return
+        want: dict[tuple[str, str], str | None] = {}
+        for key, st in self.core.pairs.items():
+            if st.name in dup:
+                second = self.core.second(st, self._clock())
+                want[key] = self.duplicate_via(second) if second is not None else None
+        for key in set(self.duplicating) - set(want):
+            want[key] = None   # a policy that stopped duplicating
+        for (name, site), ifname in want.items():
+            if self.duplicating.get((name, site)) != ifname:
+                self.dataplane.set_duplicate(name, ifname, site=site)
+        self.duplicating = {k: v for k, v in want.items() if v is not None}
 
     def _emit(self, ev: Event) -> None:
         if self.store is not None:
@@ -570,6 +622,8 @@ class Engine:
             self.dataplane.set_table(table)
         moves = [(None if cls == DEFAULT_CLASS else cls, site, self.core.paths[pid].path.index)
                  for (cls, site), pid in self.core.where().items() if pid is not None]
+        self.duplicating = {}   # a new table or data plane holds no copies: write them all again
+        self.sync_duplicates()
         if moves:
             self.dataplane.set_paths(moves)
             self.set_path_calls += len(outcome.moves)

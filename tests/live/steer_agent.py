@@ -1,6 +1,8 @@
 """Runs inside a lab site namespace: XDP + tc steering on the LAN-facing
 interface. argv: ifname, JSON {policy: path slot}. stdin: "path NAME SLOT",
-"dump", "close". Prints "ready" once attached."""
+"dup NAME IFNAME|-" (copies of a policy's packets to a second tunnel, or
+none), "dump" (counters, with the copies sent as "duplicates"), "close".
+Prints "ready" once attached."""
 
 from __future__ import annotations
 
@@ -25,8 +27,11 @@ for line in sys.stdin:
     if cmd[0] == "path":
         x.set_path(cmd[1], int(cmd[2]))
         print("ok", flush=True)
+    elif cmd[0] == "dup":
+        x.set_duplicate(cmd[1], None if cmd[2] == "-" else cmd[2])
+        print("ok", flush=True)
     elif cmd[0] == "dump":
-        print(json.dumps(x.counters()), flush=True)
+        print(json.dumps({**x.counters(), "duplicates": x.duplicates()}), flush=True)
     elif cmd[0] == "close":
         x.close()
         print("closed", flush=True)

@@ -251,6 +251,7 @@ class Match:
 class QoS:
     dscp: int | None
     rate_kbps: int | None
+    duplicate: bool
 
 
 @strawberry.type
@@ -271,7 +272,8 @@ class Policy:
                    action=d["action"], etag=r.etag,
                    match=Match(src=m["src"], dst=m["dst"], src_ports=m["src_ports"], dst_ports=m["dst_ports"],
                                proto=m["proto"], dscp=m["dscp"]),
-                   qos=None if q is None else QoS(dscp=q["dscp"], rate_kbps=q["rate_kbps"]))
+                   qos=None if q is None else QoS(dscp=q["dscp"], rate_kbps=q["rate_kbps"],
+                                                  duplicate=bool(q.get("duplicate", False))))
 
 
 _FAILOVER = ("detect_ms", "multiplier", "failback_hold_s", "sla_windows", "cooldown_s", "damp_penalty",
@@ -670,6 +672,7 @@ class MatchInput:
 class QoSInput:
     dscp: int | None = strawberry.UNSET
     rate_kbps: int | None = strawberry.UNSET
+    duplicate: bool | None = strawberry.UNSET
 
 
 @strawberry.input
