@@ -176,8 +176,11 @@ def _network_story(say) -> int:  # type: ignore[no-untyped-def]
                 f"{e['to_path'] or '-':<12} {e['detail'] or ''}")
     wan_ok = all(" UDP" in line for line in r["wan"])
     say(f"   {len(r['wan'])} packets left s0 on its WAN uplinks, all WireGuard: {'yes' if wan_ok else 'NO'}")
+    d = r["duplicated"]
+    say(f"   duplicated voice: {d['sent']} sent, {d['received']} received, {d['lost']} lost, "
+        f"{d['duplicates']} duplicates delivered")
     say("   lab torn down.")
-    return 0 if (r["tcp_ok"] and down is not None) else 1
+    return 0 if (r["tcp_ok"] and down is not None and d["lost"] == 0 and d["duplicates"] == 0) else 1
 
 
 def _simulated_story(say) -> int:  # type: ignore[no-untyped-def]

@@ -168,6 +168,10 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE failover_events ADD COLUMN site TEXT
     """,
+    # 5: a policy's packets copied onto a second path (QoS.duplicate), 0 or 1
+    """
+    ALTER TABLE policies ADD COLUMN qos_duplicate INTEGER NOT NULL DEFAULT 0
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -400,11 +404,11 @@ class Store:
                 db.execute(
                     "INSERT INTO policies (name, position, priority, app, src, dst, sport_lo, sport_hi, "
                     "dport_lo, dport_hi, proto, dscp, qos_dscp, qos_rate_kbps, prefer, action, sports, dports, "
-                    "protos) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "protos, qos_duplicate) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (p.name, i, p.priority, p.app, m.src, m.dst, sp[0], sp[1], dp[0], dp[1],
                      m.proto if isinstance(m.proto, int) else None, m.dscp,
                      p.qos.dscp, p.qos.rate_kbps, json.dumps(list(p.prefer)), p.action,
-                     m.src_ports_text, m.dst_ports_text, ",".join(map(str, m.protos)) or None),
+                     m.src_ports_text, m.dst_ports_text, ",".join(map(str, m.protos)) or None, int(p.qos.duplicate)),
                 )
             db.execute("COMMIT")
         except BaseException:
@@ -444,7 +448,8 @@ class Store:
                 where = "policies"
                 for r in db.execute(
                     "SELECT name, priority, app, src, dst, sport_lo, sport_hi, dport_lo, dport_hi, proto, dscp, "
-                    "qos_dscp, qos_rate_kbps, prefer, action, sports, dports, protos FROM policies ORDER BY position"
+                    "qos_dscp, qos_rate_kbps, prefer, action, sports, dports, protos, qos_duplicate FROM policies "
+                    "ORDER BY position"
                 ):
                     # the text columns (schema 3) when set, else the columns of rows written before them
                     d["policies"].append({
@@ -453,7 +458,8 @@ class Store:
                                   "src_ports": r[15] if r[15] is not None else None if r[5] is None else (r[5], r[6]),
                                   "dst_ports": r[16] if r[16] is not None else None if r[7] is None else (r[7], r[8]),
                                   "proto": r[17] if r[17] is not None else r[9], "dscp": r[10]},
-                        "qos": {"dscp": r[11], "rate_kbps": r[12]},
+                        # 0/1 as stored; anything else reaches the model as is and is refused by name
+                        "qos": {"dscp": r[11], "rate_kbps": r[12], "duplicate": {0: False, 1: True}.get(r[18], r[18])},
                         "prefer": self._json(r[13], "policies.prefer"), "action": r[14],
                     })
                 db.execute("COMMIT")

@@ -58,4 +58,8 @@ def test_voice_fails_over_on_bfd_detection_and_fails_back_after_the_hold(tmp_pat
     assert [line for line in r["wan"] if not wg.match(line)] == []
     back = [m for m in r["moves"] if m["reason"] == "failback" and m["mono"] >= r["t_heal"]]
     assert back and back[0]["to_path"] == r["voice_first"]
+    # then duplication on for voice (the agents take it from the desired state, live), the same cut:
+    # nothing lost, nothing delivered twice
+    d = r["duplicated"]
+    assert d["sent"] > 250 and d["lost"] == 0 and d["duplicates"] == 0, d
     assert back[0]["mono"] - r["t_heal"] >= HOLD_S  # not before the hold

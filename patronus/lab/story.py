@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..model import Failover, Match, Policy
+from ..model import Failover, Match, Policy, QoS
 from ..netns import socket_in
 from ..store import Store
 from .net import Lab, LabError
@@ -27,12 +27,13 @@ __all__ = ["failover_story", "HOLD_S"]
 HOLD_S = 2.0
 
 
-def story_mesh(sites: int, hold_s: float = HOLD_S) -> Any:
+def story_mesh(sites: int, hold_s: float = HOLD_S, *, duplicate_voice: bool = False) -> Any:
     """The lab's mesh with the story's policies: voice (SIP port 5060, UDP)
-    from s0 to s1 prefers uplink u0, bulk (TCP) u1; failback after ``hold_s``."""
+    from s0 to s1 prefers uplink u0 (``duplicate_voice``: and is sent over a
+    second path too), bulk (TCP) u1; failback after ``hold_s``."""
     mesh = Lab.plan_mesh(sites, 2)
     mesh.add_policy(Policy("voip", Match(dst="10.2.0.0/24", proto="udp", dst_ports=5060), priority=1,
-                           app="voip", prefer=["u0"]))
+                           app="voip", prefer=["u0"], qos=QoS(duplicate=duplicate_voice)))
     mesh.add_policy(Policy("bulk", Match(dst="10.2.0.0/24", proto="tcp"), priority=2, app="bulk", prefer=["u1"]))
     mesh.failover = Failover(failback_hold_s=hold_s, cooldown_s=0.5)
     return mesh
@@ -88,6 +89,61 @@ def _flow_stats(state: Path) -> dict[str, Any]:
         d["packets"] += int(r["packets"])
         d["bytes"] += int(r["bytes"])
     return {"flows": per}
+
+
+def duplication_phase(lab: Lab, state: Path, hold_s: float, say: Callable[[str], None]) -> dict[str, Any]:
+    """The same cut with duplication on for voice: the desired state gets
+    ``QoS(duplicate=True)`` on voip (the agents apply it live), then a voice
+    stream with sequence numbers while s0's uplink u0 is cut for 2 s and
+    restored. Returns sent, received, lost and duplicates delivered."""
+    lab.write_agent_state(story_mesh(len(lab.mesh.sites), hold_s, duplicate_voice=True), state)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:   # s0 copies voice to s1 and s1 de-duplicates on its tunnels
+        s0, s1 = lab.agent_status(0, state) or {}, lab.agent_status(1, state) or {}
+        if "voip->s1" in s0.get("duplication", {}).get("copies_to", {}) and "dedup" in s1.get("duplication", {}):
+            break
+        time.sleep(0.1)
+    else:
+        raise LabError(f"duplication never came on:\n{lab.agent_logs()}")
+    say(f"duplication on for voip: copies to s1 over {s0['duplication']['copies_to']['voip->s1']}, "
+        "the far end keeps the first copy")
+    rx = socket_in(lab.lan_ns(1), socket.AF_INET, socket.SOCK_DGRAM)
+    rx.bind(("0.0.0.0", 5060))
+    rx.settimeout(1.0)
+    got: list[int] = []
+    stop = threading.Event()
+
+    def receive() -> None:
+        while True:
+            try:
+                got.append(int.from_bytes(rx.recv(2048)[:4], "big"))
+            except (socket.timeout, TimeoutError):
+                if stop.is_set():
+                    return
+
+    th = threading.Thread(target=receive)
+    th.start()
+    tx = socket_in(lab.lan_ns(0), socket.AF_INET, socket.SOCK_DGRAM)
+    sent, start, cut = 0, time.monotonic(), None
+    while time.monotonic() - start < 6.0:
+        tx.sendto(sent.to_bytes(4, "big") + bytes(160), (lab.lan_addr(1), 5060))
+        sent += 1
+        el = time.monotonic() - start
+        if cut is None and el >= 1.5:
+            cut = time.monotonic()
+            lab.set_loss(0, 0, 100)
+            say("cut: s0 uplink u0 drops every packet again")
+        if cut is not None and cut > 0 and time.monotonic() - cut >= 2.0:
+            lab.set_loss(0, 0, 0)
+            cut = -1.0
+            say("restored s0 uplink u0")
+        time.sleep(max(0.0, start + sent * 0.02 - time.monotonic()))
+    stop.set()
+    th.join(30)
+    rx.close()
+    tx.close()
+    received = len(set(got))
+    return {"sent": sent, "received": received, "lost": sent - received, "duplicates": len(got) - received}
 
 
 def failover_story(workdir: Path | str, *, tag: str = "demo", sites: int = 3, hold_s: float = HOLD_S,
@@ -223,6 +279,8 @@ def failover_story(workdir: Path | str, *, tag: str = "demo", sites: int = 3, ho
         gaps = [b - a for a, b in zip(times, times[1:])]
         reader.stop()
         moves = [e for e in events if e["policy"] == "voip" and e["reason"] in ("bfd_down", "failback", "reroute")]
+        rx.close()
+        duplicated = duplication_phase(lab, state, hold_s, say)
         lab.stop_agents()  # each agent writes its last flow snapshot as it stops
         stats = _flow_stats(state)
         # the voice gap the cut made: the gap spanning it, or starting between
@@ -234,7 +292,7 @@ def failover_story(workdir: Path | str, *, tag: str = "demo", sites: int = 3, ho
                 "cut_gap_ms": max(cut_gaps, default=0.0) * 1e3,
                 "tcp_ok": bytes(got) == payload, "moves": moves, "t_cut": t_cut, "t_heal": t_heal,
                 "voice_first": voice_first, "bulk_first": bulk_first, "events": list(events), "wan": wan,
-                "stats": stats}
+                "stats": stats, "duplicated": duplicated}
     finally:
         if reader is not None:
             reader.stop()
