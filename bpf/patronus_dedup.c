@@ -1,6 +1,7 @@
 /* patronus de-duplication, the far end of hitless voice: attached at clsact
  * ingress of every tunnel interface of a site (TUN devices: the packet starts
- * at its IP header), it drops the second copy of a packet that a duplicating
+ * at its IP header; offsets are taken from the network header, so an
+ * Ethernet device works too), it drops the second copy of a packet that a duplicating
  * policy sent over two paths, before it reaches the LAN.
  *
  * A packet's digest covers what the copies share and nothing the paths
@@ -54,7 +55,7 @@ int pn_dedup(struct __sk_buff *skb)
     __u64 h = 0x2545F4914F6CDD1DULL;
     __u32 l4;
     if (skb->protocol == bpf_htons(ETH_P_IP)) {
-        if (bpf_skb_load_bytes(skb, 0, b, 20) < 0) {
+        if (bpf_skb_load_bytes_relative(skb, 0, b, 20, BPF_HDR_START_NET) < 0) {
             pn_dd_count(4);
             return TC_ACT_OK;
         }
@@ -64,7 +65,7 @@ int pn_dedup(struct __sk_buff *skb)
         h = pn_mix(h, *(__u32 *)(b + 16));
         h = pn_mix(h, ((__u64)b[9] << 48) | ((__u64)*(__u16 *)(b + 4) << 16) | *(__u16 *)(b + 2));
     } else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
-        if (bpf_skb_load_bytes(skb, 0, b, 40) < 0) {
+        if (bpf_skb_load_bytes_relative(skb, 0, b, 40, BPF_HDR_START_NET) < 0) {
             pn_dd_count(4);
             return TC_ACT_OK;
         }
@@ -77,7 +78,7 @@ int pn_dedup(struct __sk_buff *skb)
         pn_dd_count(4);
         return TC_ACT_OK;
     }
-    if (l4 < 20 || l4 > 60 || bpf_skb_load_bytes(skb, l4, b, 16) < 0) {
+    if (l4 < 20 || l4 > 60 || bpf_skb_load_bytes_relative(skb, l4, b, 16, BPF_HDR_START_NET) < 0) {
         pn_dd_count(4);
         return TC_ACT_OK;
     }

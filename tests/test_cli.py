@@ -53,6 +53,9 @@ def test_demo_live_failover_story(demo):
     assert 0 < detect < 400 and gap < detect + 150
     assert re.search(r"bfd_down\s+voip\s+s0\.u0~s1\.u0\s+-> s0\.u1", out)
     assert re.search(r"failback\s+voip\s+s0\.u1~s1\.u\d\s+-> s0\.u0~s1\.u0", out)
+    # the same cut with duplication on for voice: nothing lost, nothing twice
+    dup = re.search(r"duplicated voice: (\d+) sent, (\d+) received, (\d+) lost, (\d+) duplicates delivered", out)
+    assert dup and int(dup.group(1)) == int(dup.group(2)) > 250 and dup.group(3) == dup.group(4) == "0", out[-2000:]
     assert "lab torn down" in out
 
 

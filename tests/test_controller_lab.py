@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import shutil
 import socket
 import statistics
@@ -135,6 +136,14 @@ def world(tmp_path: Any) -> Iterator[World]:
                 w.ctl.stop()
             lab.down()
     assert not lab.state_path.exists()
+
+
+def subscriptions(w: World) -> int:
+    """GraphQL subscriptions the controller has open (its /metrics)."""
+    with w.admin() as a:
+        text = a.get("/metrics").text
+    m = re.search(r"^patronus_controller_graphql_subscriptions (\S+)$", text, re.M)
+    return int(float(m.group(1))) if m else 0
 
 
 def scrape(ns: str) -> str:
@@ -311,7 +320,11 @@ def test_controller_drives_three_sites_and_survives_its_own_death(world: World,
     for _ in range(4):
         g = Gql(w.ctl, w.token)
         try:
+            # the subscription is registered asynchronously (the protocol has no acknowledgement):
+            # cut only once the controller counts it, or a fast move could pass before it
+            others = subscriptions(w)
             g.subscribe("f", "subscription { failoverMoves { site reason fromPath toPath ts } }")
+            w.wait("the subscription registered", lambda: subscriptions(w) > others)
             cut_path = w.routes(0)[("voip", "s1")]
             assert cut_path is not None
             with cut(lab, 0, w.status(0)["paths"][cut_path]["ifname"]):

@@ -109,7 +109,8 @@ class _Sites(Collector):
 
 class _GraphQLCache(Collector):
     """``patronus_controller_graphql_cache_{hits,misses,evictions,invalidations}_total{cache}``: the
-    GraphQL cache's counters (``app.state.graphql.cache``), read on each scrape; nothing without GraphQL."""
+    GraphQL cache's counters (``app.state.graphql.cache``), and the subscriptions open now and those
+    dropped for falling behind, read on each scrape; nothing without GraphQL."""
 
     _HELP = {"hits": "reads the cache answered", "misses": "reads the cache could not answer",
              "evictions": "entries dropped as expired or to make room",
@@ -134,6 +135,16 @@ class _GraphQLCache(Collector):
             for area, s in sorted(stats.items()):
                 c.add_metric([area], float(s[kind]))
             yield c
+        bus = getattr(self.app.state.graphql, "bus", None)
+        if bus is not None:
+            from prometheus_client.core import GaugeMetricFamily
+
+            yield GaugeMetricFamily("patronus_controller_graphql_subscriptions",
+                                    "GraphQL subscriptions open now (each receiving the controller's events)",
+                                    value=float(len(bus.subs)))
+            yield CounterMetricFamily("patronus_controller_graphql_subscribers_dropped",
+                                      "GraphQL subscribers closed for falling behind (4413)",
+                                      value=float(bus.slow_dropped))
 
 
 class ControllerMetrics:
