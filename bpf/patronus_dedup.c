@@ -90,9 +90,22 @@ int pn_dedup(struct __sk_buff *skb)
     __u64 window = win ? *win : 0;
     __u64 now = bpf_ktime_get_ns();
     struct pn_dd_val *v = pn_dd_map.lookup(&h);
+    if (!v) {
+        /* the first copy, unless the other one is being recorded on another
+         * CPU at this instant: insert only where nothing is (BPF_NOEXIST),
+         * and when that loses, judge against what the winner wrote */
+        struct pn_dd_val nv = {now, skb->ifindex, 0};
+        if (pn_dd_map.insert(&h, &nv) == 0) {
+            pn_dd_count(0);
+            return TC_ACT_OK;
+        }
+        v = pn_dd_map.lookup(&h);
+    }
     if (v) {
         if (v->ifindex != skb->ifindex) {
-            if (now - v->ts <= window) {
+            /* signed: the other copy may have been stamped on another CPU a
+             * moment after this one read the clock */
+            if ((__s64)(now - v->ts) <= (__s64)window) {
                 pn_dd_map.delete(&h);   /* a third copy is not expected: free the room */
                 pn_dd_count(1);
                 return TC_ACT_SHOT;
@@ -101,10 +114,11 @@ int pn_dedup(struct __sk_buff *skb)
         } else {
             pn_dd_count(3);
         }
-    } else {
-        pn_dd_count(0);
+        /* in place: an update would take a new LRU node for every packet */
+        v->ts = now;
+        v->ifindex = skb->ifindex;
+        return TC_ACT_OK;
     }
-    struct pn_dd_val nv = {now, skb->ifindex, 0};
-    pn_dd_map.update(&h, &nv);
+    pn_dd_count(0);   /* recorded and gone again at once (evicted): pass */
     return TC_ACT_OK;
 }

@@ -29,8 +29,10 @@ from ._tc import attach_ingress, detach_ingress, load_sched_cls
 
 __all__ = ["Dedup", "DEDUP_STATS", "WINDOW_MS", "ENTRIES"]
 
-WINDOW_MS = 250      # the second copy of a packet comes within this of the first (path delay difference)
-ENTRIES = 65536      # digests kept: at 50 packets/s per call, room for 1,000 calls x 1.3 s
+# the second copy of a packet comes within this of the first: the paths' delay difference (tens of
+# ms between continents), with room for a tunnel that holds packets while WireGuard completes a handshake
+WINDOW_MS = 1000
+ENTRIES = 131072     # digests kept (about 8 MiB): at 50 packets/s per call, 2,600 calls over the window
 # the program's counters (bpf/patronus_dedup.c, pn_dd_stats), in order
 DEDUP_STATS = ("first_copies", "duplicates_dropped", "late_copies", "repeats_same_tunnel", "not_digested")
 
