@@ -59,6 +59,8 @@ extensions = [
                       *(HERE / "patronus").glob("*.pxi")]),
         extra_compile_args=["-O3", "-std=gnu11", "-Wall", "-Wno-unused-function"],
     ),
+    # BFD sessions, compiled (patronus.failover.bfd is the specification)
+    Extension("patronus._bfd", sources=["patronus/_bfd.pyx"], extra_compile_args=["-O3", "-Wno-unused-function"]),
 ]
 
 setup(
