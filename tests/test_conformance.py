@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from patronus import ConfigError, DataplaneUnavailable, Match, Policy, PolicyTable, abi, packets
-from patronus.dataplane import QOS_DSCP, QOS_RATE, REDIRECT, STEER, DataPlane, Userspace
+from patronus.dataplane import DUPLICATE, QOS_DSCP, QOS_RATE, REDIRECT, STEER, DataPlane, Userspace
 
 BACKENDS = ["userspace", "xdp"]
-KNOWN_CAPABILITIES = {STEER, QOS_DSCP, QOS_RATE, REDIRECT}
+KNOWN_CAPABILITIES = {STEER, QOS_DSCP, QOS_RATE, REDIRECT, DUPLICATE}
 
 SITES = {"hq": ["10.1.0.0/16"], "br1": ["10.2.0.0/16", "fd00:2::/32"], "br2": ["10.3.0.0/16"]}
 
@@ -177,5 +177,5 @@ def test_open_gives_a_dataplane_with_the_same_options():
 
 def test_userspace_needs_no_root_for_anything_but_steering():
     dp = Userspace(voice_table(), 64)
-    assert {STEER, QOS_DSCP, QOS_RATE} <= dp.capabilities and REDIRECT not in dp.capabilities
+    assert {STEER, QOS_DSCP, QOS_RATE} <= dp.capabilities and not {REDIRECT, DUPLICATE} & dp.capabilities
     np.testing.assert_array_equal(dp.routes(), np.full((4, 4), abi.NO_PATH, dtype=np.uint32))

@@ -168,7 +168,7 @@ def test_introspection_for_authenticated_users_and_configurable(ctl: Ctl) -> Non
 def test_sites_policies_failover_topology_match_rest(ctl: Ctl) -> None:
     d = ctl.data("""{ sites { name subnets etag uplinks { name address mtu port nat bandwidthMbps cost } }
                       policies { name priority app prefer action etag
-                                 match { src dst srcPorts dstPorts proto dscp } qos { dscp rateKbps } }
+                                 match { src dst srcPorts dstPorts proto dscp } qos { dscp rateKbps duplicate } }
                       failover { detectMs multiplier failbackHoldS slaWindows cooldownS dampPenalty
                                  dampHalfLifeS dampReuse dampSuppress etag }
                       topology { mesh nodes { id subnets uplinks } edgeCount
