@@ -478,9 +478,16 @@ class ControllerSource:
         self.enrol()
         with self._client() as c:
             r = c.post("/api/v1/agent/telemetry", json={"site": self.site, **batch})
+        if r.status_code in (413, 422):
+            raise TelemetryRefused(f"the controller refused the telemetry: {r.status_code} {_detail(r)}")
         if r.status_code != 200:
             raise PatronusError(f"the controller refused the telemetry: {r.status_code} {_detail(r)}")
         return dict(r.json())
+
+
+class TelemetryRefused(PatronusError):
+    """The controller named a fault in a telemetry batch (413, 422): sending
+    it again would be refused again."""
 
 
 def _detail(r: Any) -> str:
@@ -894,6 +901,8 @@ class SiteAgent:
         loop = asyncio.get_running_loop()
         backoff = 0.5
         reporter = asyncio.create_task(self._reporter())
+        reporter.add_done_callback(lambda t: None if t.cancelled() or t.exception() is None else
+                                   log.error("telemetry stopped: %r", t.exception()))
         try:
             while not self._stop.is_set():
                 try:
@@ -945,9 +954,22 @@ class SiteAgent:
                 self._urgent.clear()
             if self.dp is None or self.engine is None:
                 continue
-            batch = self._batch()
+            try:
+                batch = self._batch()
+            except Exception:   # never the end of telemetry: the next round tries again
+                log.exception("telemetry batch not built")
+                continue
             try:
                 await loop.run_in_executor(self._io, self._post, batch)
+            except TelemetryRefused as e:
+                # one bad item must not hold back the failover events: they go again alone
+                log.warning("%s; sending its BFD changes and failover events alone", e)
+                slim = {"bfd": batch["bfd"], "events": batch["events"]}
+                try:
+                    await loop.run_in_executor(self._io, self._post, slim)
+                except Exception as e2:
+                    self._requeue(slim)
+                    log.warning("telemetry not sent: %s", e2)
             except Exception as e:
                 self._requeue(batch)
                 log.debug("telemetry not sent: %s", e)

@@ -91,6 +91,14 @@ class World:
             st = self.lab.agent_status(s) or {}
             out.append(f"s{s} version {st.get('version')} controller {st.get('controller')} routes: " + ", ".join(
                 f"{r['class']}->{r['site']}: {r['path']}" for r in st.get("routes", [])))
+        try:   # what the controller made of the agents' telemetry (a refused batch stores nothing)
+            with self.admin() as a:
+                text = a.get("/metrics").text
+            out += [line for line in text.splitlines() if "agent/telemetry" in line and "requests_total" in line]
+        except Exception as e:
+            out.append(f"(controller metrics unavailable: {e})")
+        if self.ctl is not None and self.ctl.log.exists():
+            out.append("--- controller log, last lines:\n" + self.ctl.log.read_text(errors="replace")[-3000:])
         return "\n".join(out) + "\n" + self.lab.agent_logs(15)
 
     def wait(self, what: str, cond: Callable[[], bool], timeout: float = EVENT_S) -> None:

@@ -41,6 +41,7 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import logging
 import math
 import re
 import secrets
@@ -74,6 +75,7 @@ PREFIX = "/api/v1"
 CREDENTIAL_PREFIX = "pna_"
 AGENT = "agent"              # an agent credential, for its own site
 AGENT_ENROL = "agent.enrol"  # an enrolment token as the bearer
+log = logging.getLogger("patronus.controller.agents")
 MAX_TELEMETRY_BYTES = 256 * 1024
 MAX_TELEMETRY_ITEMS = 2000   # per list of a batch
 TELEMETRY_RETENTION_S = 86400.0   # raw telemetry kept a day (metrics, events and flows also go to the state file,
@@ -799,7 +801,6 @@ class AgentStore:
         with self.db.transaction() as c:
             c.executemany("INSERT INTO agent_telemetry (site, received, kind, ts, path, data) VALUES (?,?,?,?,?,?)",
                           rows)
-        stored = len(rows) + self._to_state(site, batch)
         live: list[dict[str, Any]] = []
         for m in batch.metrics:
             live.append({"kind": "metric", "site": site, "received": now, **m.model_dump()})
@@ -809,9 +810,13 @@ class AgentStore:
             d = e.model_dump()
             d["to_site"] = d.pop("site")
             live.append({"kind": "event", "site": site, "received": now, **d})
-        if live:
+        if live:   # the live views first: a state file that cannot take the copy must not hold them back
             self.service.publish_telemetry(live)
-        return stored
+        try:
+            return len(rows) + self._to_state(site, batch)
+        except Exception:   # the raw telemetry is stored; the copy into the state file is what failed
+            log.exception("telemetry of site %s: the copy into the state file failed", site)
+            return len(rows)
 
     def _to_state(self, site: str, batch: TelemetryIn) -> int:
         """Path metrics, failover events and flow records also go where the
