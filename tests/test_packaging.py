@@ -153,7 +153,7 @@ def _copy_checkout(dst: Path) -> None:
             files = [f for f in r.stdout.decode().split("\0") if f]
     if files is None:  # no git: everything but what a build or a run leaves behind
         ignore = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", "*.so",
-                                        "_fast.c", ".pytest_cache", ".hypothesis", ".benchmarks")
+                                        "_fast.c", "_bfd.c", ".pytest_cache", ".hypothesis", ".benchmarks")
         shutil.copytree(ROOT, dst, ignore=ignore, symlinks=True)
         return
     for f in files:
