@@ -20,14 +20,9 @@ from patronus.failover.bfd import Session, decode
 PAIRS, SECONDS, STEP = 1_000, 10.0, 0.01
 
 
-def _python_pairs():
-    return [(Session(2 * i + 1, 50_000, 50_000, 3, rng=random.Random(i)),
-             Session(2 * i + 2, 50_000, 50_000, 3, rng=random.Random(-i))) for i in range(PAIRS)]
-
-
-def _fast_pairs():
-    return [(FastSession(2 * i + 1, 50_000, 50_000, 3, rng=random.Random(i)),
-             FastSession(2 * i + 2, 50_000, 50_000, 3, rng=random.Random(-i))) for i in range(PAIRS)]
+def _pairs(cls):
+    return [(cls(2 * i + 1, 50_000, 50_000, 3, rng=random.Random(i)),
+             cls(2 * i + 2, 50_000, 50_000, 3, rng=random.Random(-i))) for i in range(PAIRS)]
 
 
 def _run_python(pairs) -> int:
@@ -58,8 +53,8 @@ def _run_fast(pairs) -> int:
 
 def test_bfd_state_machine_python_vs_compiled(benchmark):
     out = {}
-    for name, make, run in (("python", _python_pairs, _run_python), ("compiled", _fast_pairs, _run_fast)):
-        pairs = make()
+    for name, cls, run in (("python", Session, _run_python), ("compiled", FastSession, _run_fast)):
+        pairs = _pairs(cls)
         t0 = time.process_time()
         packets = run(pairs)
         cpu = time.process_time() - t0

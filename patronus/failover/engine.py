@@ -178,6 +178,11 @@ class _PathHealth:
         return self.penalty * math.pow(0.5, max(0.0, now - self.penalty_at) / half_life)
 
 
+def _duplicating(mesh: Mesh) -> frozenset[str]:
+    """The policies whose packets are copied onto a second path."""
+    return frozenset(p.name for p in mesh.policies if p.qos.duplicate and p.action != "drop")
+
+
 @dataclass
 class _PolicyState:
     """One (class, remote site) pair: where its traffic goes now."""
@@ -498,6 +503,7 @@ class Engine:
         # (class, site) pairs of duplicating policies -> the interface their copies go to now
         self.duplicate_via: Callable[[str], str | None] | None = None
         self.duplicating: dict[tuple[str, str], str | None] = {}
+        self._duplicating_policies = _duplicating(mesh)
 
     @property
     def mesh(self) -> Mesh:
@@ -558,14 +564,12 @@ class Engine:
         """Point each duplicating pair's copies at its second path
         (``FailoverCore.second``), writing only what changed. Nothing
         without ``duplicate_via`` or a data plane that can duplicate."""
-        if self.duplicate_via is None:
-            return
+        dup = self._duplicating_policies
+        if self.duplicate_via is None or (not dup and not self.duplicating):
+            return   # every tick passes here: nothing more unless something duplicates
         from ..dataplane.base import DUPLICATE
 
         if DUPLICATE not in getattr(self.dataplane, "capabilities", ()):
-            return
-        dup = {p.name for p in self.core.mesh.policies if p.qos.duplicate and p.action != "drop"}
-        if not dup and not self.duplicating:
             return
         want: dict[tuple[str, str], str | None] = {}
         for key, st in self.core.pairs.items():
@@ -616,6 +620,7 @@ class Engine:
         every pair's path is written again (the table may have re-indexed
         them) and the ``config`` moves' events go out."""
         outcome = self.core.reconfigure(mesh, self._now(now))
+        self._duplicating_policies = _duplicating(mesh)
         if dataplane is not None:
             self.dataplane = dataplane
         elif table is not None:
