@@ -48,6 +48,8 @@ from .wireguard.plan import Tunnel
 __all__ = ["SiteAgent", "StateSource", "DesiredState", "LocalStateFile", "ControllerSource", "CertificatePinError",
            "parse_token", "diff", "apply", "digest", "digest_of", "manifest", "part_digest", "to_mesh", "TOKEN_PREFIX"]
 
+AGENT_NICE = -10   # the agent's scheduling priority by default (SiteAgent nice=)
+STALL_S = 0.1   # an event-loop wake-up this late is logged as a stall (two thirds of 50 ms x 3)
 log = logging.getLogger("patronus.agent")
 
 PRUNE_EVERY_S = 60.0  # how often the agent applies the state's retention policy
@@ -534,7 +536,7 @@ class SiteAgent:
                  token: str | None = None, prefix: str | None = None, backend: str = "auto",
                  interval_s: float = 1.0, bfd_ms: int = 50, source: StateSource | None = None,
                  wireguard: str = "userspace", report_s: float = 2.0, metrics_listen: str | None = None,
-                 metrics_token: str | None = None) -> None:
+                 metrics_token: str | None = None, nice: int = AGENT_NICE) -> None:
         """``state``: the SQLite state file (discovery registry, events,
         metrics; keys and the status file next to it). ``source``: where
         the desired mesh comes from (default: the mesh in ``state``); with a
@@ -547,7 +549,15 @@ class SiteAgent:
         "kernel", "auto"). A new desired state (a pushed one, or a changed
         mesh in the state file) is applied while running (``apply_desired``).
         ``metrics_listen``: serve Prometheus metrics there
-        (:mod:`patronus.agent_metrics`; off loopback, ``metrics_token`` is required)."""
+        (:mod:`patronus.agent_metrics`; off loopback, ``metrics_token`` is required).
+        ``nice``: the scheduling priority the agent (and the wireguard-go it
+        starts) runs at, -20..19 (default -10): BFD at 50 ms x 3 declares a
+        path Down after 150 ms without packets, so the process that sends
+        them must not wait behind bulk work on a busy machine. Without the
+        privilege to raise it, the agent says so and runs at its own."""
+        if isinstance(nice, bool) or not isinstance(nice, int) or not -20 <= nice <= 19:
+            raise ConfigError("agent nice", nice, "is not an integer from -20 to 19")
+        self.nice = nice
         self.state = Path(state)
         self.site = site
         self.source: StateSource = source if source is not None else LocalStateFile(self.state)
@@ -562,7 +572,10 @@ class SiteAgent:
         self.telemetry_dropped = 0             # items the outbox had no room for while the controller was away
         self._next_report = 0.0
         self._last_batch = 0.0                 # wall time of the last telemetry batch (its flows are newer)
+        self.loop_stalls = 0                   # times the event loop woke >= STALL_S late (false Downs follow)
+        self.loop_lag_max = 0.0                # the latest wake-up seen, seconds
         self.dedup: Any = None                 # the far end of duplication, on this site's tunnels
+        self._dedup_building: asyncio.Future[Any] | None = None   # its program compiling off the loop
         self._dup_warned: set[str] = set()
         self.lan_if, self.token, self.backend, self.wireguard = lan_if, token, backend, wireguard
         self.prefix = prefix or f"{site[:6]}w"
@@ -703,12 +716,11 @@ class SiteAgent:
                     log.warning("policy %s asks for duplication (QoS.duplicate), which needs the XDP data plane "
                                 "(--backend xdp): on %s its packets take one path", name, self.backend_name())
             return
+        if self.dedup is None:
+            self._build_dedup()
+            return
         ifnames = {t.ifname for t in self.tunnels.values()}
         try:
-            if self.dedup is None:
-                from .dataplane.dedup import Dedup
-
-                self.dedup = Dedup()
             for ifname in sorted(ifnames - set(self.dedup.ifnames)):
                 self.dedup.add(ifname)
             for ifname in set(self.dedup.ifnames) - ifnames:
@@ -716,12 +728,81 @@ class SiteAgent:
         except PatronusError as e:   # an interface not there yet: the next sync adds it
             log.warning("de-duplication on the tunnels: %s", e)
 
+    def _set_priority(self) -> None:
+        """Run at ``self.nice`` (before any thread or child starts: they inherit it)."""
+        try:   # Linux keeps a priority per thread: every thread of the process, then what they start
+            for tid in os.listdir("/proc/self/task"):
+                with contextlib.suppress(ProcessLookupError):
+                    os.setpriority(os.PRIO_PROCESS, int(tid), self.nice)
+        except OSError as e:
+            log.warning("cannot run at nice %d (%s): BFD may be starved on a busy machine (fix: run as root or "
+                        "with CAP_SYS_NICE, or --nice 0 to keep the default)", self.nice, e.strerror)
+
+    async def _watch_loop(self) -> None:
+        """Time how late the event loop wakes a 20 ms sleep. A loop held for
+        the detection time of a BFD session (150 ms at 50 ms x 3) stops its
+        packets and every peer declares it Down: each stall of ``STALL_S`` or
+        more is counted and logged (at most once a second), so a false Down
+        is explained by the agent's own log."""
+        loop = asyncio.get_running_loop()
+        logged = 0.0
+        while True:
+            t = loop.time()
+            await asyncio.sleep(0.02)
+            late = loop.time() - t - 0.02
+            self.loop_lag_max = max(self.loop_lag_max, late)
+            if late >= STALL_S:
+                self.loop_stalls += 1
+                if loop.time() - logged >= 1.0:
+                    logged = loop.time()
+                    log.warning("event loop stalled %.0f ms (%d stalls so far): BFD sessions may have been "
+                                "declared Down by their peers", late * 1e3, self.loop_stalls)
+
+    def _build_dedup(self) -> None:
+        """Compile the de-duplication program in a worker thread (BCC takes
+        about a second of CPU; the loop keeps BFD going meanwhile), then
+        attach it and sync again. This site sends no copies until it is
+        attached (``_copies_via``): every site takes a duplicating policy at
+        the same time, so its own far-end half being ready is the sign."""
+        if self._dedup_building is not None:
+            return
+        from .dataplane.dedup import Dedup
+
+        fut = asyncio.get_running_loop().run_in_executor(None, Dedup)
+        self._dedup_building = fut
+
+        def built(f: asyncio.Future[Any]) -> None:
+            self._dedup_building = None
+            if f.cancelled():
+                return
+            if (e := f.exception()) is not None:
+                log.warning("de-duplication program: %s; this site sends no copies", e)
+                return
+            self.dedup = f.result()
+            if self._stop.is_set() or self.dp is None:
+                self.dedup.close()
+                self.dedup = None
+                return
+            log.info("de-duplication program ready (%s ms window, %d entries)", f"{self.dedup.window_ms:g}",
+                     self.dedup.entries)
+            self._sync_dedup()
+
+        fut.add_done_callback(built)
+
+    def _copies_via(self, path_id: str) -> str | None:
+        """Where the engine sends a duplicating pair's copies: the tunnel of
+        ``path_id``, once this site's own de-duplication is attached."""
+        if self.dedup is None:
+            return None
+        return self._tunnel_of(path_id)
+
     # -- run ------------------------------------------------------------------------
 
     async def run(self) -> None:
         from .failover import BfdSession, Engine
 
         loop = asyncio.get_running_loop()
+        self._set_priority()
         self.store = Store(self.state)
         try:
             if self.controller is not None:
@@ -747,7 +828,7 @@ class SiteAgent:
             self.dp = self._open_dataplane(self.mesh)
             self.engine = Engine(self.mesh, self.dp, local_site=self.site, store=self.store, tick_s=0.02)
             self.engine.on_event(self._log_event)
-            self.engine.duplicate_via = self._tunnel_of
+            self.engine.duplicate_via = self._copies_via
             self._sync_dedup()
             self.applied_at = time.time()
             log.info("site %s started: backend %s, LAN interface %s, %d tunnels, %d policies, desired state %s",
@@ -768,6 +849,7 @@ class SiteAgent:
                 self.metrics_server = serve(self, self.metrics_listen, self.metrics_token)
                 log.info("metrics on http://%s:%d/metrics", *self.metrics_server.address)
             follow = asyncio.create_task(self._follow()) if self.controller is not None else None
+            watchdog = asyncio.create_task(self._watch_loop())
             next_announce, last_snap = 0.0, 0.0
             while not self._stop.is_set():
                 now = time.time()
@@ -792,10 +874,11 @@ class SiteAgent:
                     await asyncio.wait_for(self._stop.wait(), self.interval_s)
                 except asyncio.TimeoutError:
                     pass
-            if follow is not None:
-                follow.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await follow
+            for task in (follow, watchdog):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
             self.engine.stop()
             await engine_task
         finally:
@@ -1071,6 +1154,9 @@ class SiteAgent:
             self.metrics_server = None
         await asyncio.get_running_loop().run_in_executor(self._io, self._io_close)
         self._io.shutdown(wait=True)
+        if self._dedup_building is not None:   # its callback attaches or closes it; the close below detaches
+            with contextlib.suppress(Exception):
+                await self._dedup_building
         for s in self.sessions.values():
             await s.stop()
         if getattr(self, "monitor", None) is not None:
@@ -1150,7 +1236,8 @@ class SiteAgent:
                 "controller": None if self.controller is None else {
                     "url": self.controller.url, "connected": self.connected,
                     "telemetry_dropped": self.telemetry_dropped},
-                "paths": paths, "routes": self.routes(), "duplication": self._duplication()}
+                "paths": paths, "routes": self.routes(), "duplication": self._duplication(),
+                "loop": {"stalls": self.loop_stalls, "lag_max_ms": round(self.loop_lag_max * 1e3, 1)}}
 
     def _duplication(self) -> dict[str, Any]:
         """Copies sent by policy, where each duplicating pair's copies go, and
@@ -1253,7 +1340,8 @@ def main(args: Any) -> int:
             metrics_token = read_secret_file(args.metrics_token_file, "metrics token file").decode().strip() or None
         agent = SiteAgent(args.state, args.site, lan_if=args.lan_if, token=token, backend=args.backend,
                           prefix=args.prefix, wireguard=getattr(args, "wireguard", "userspace"), source=source,
-                          metrics_listen=getattr(args, "metrics_listen", None), metrics_token=metrics_token)
+                          metrics_listen=getattr(args, "metrics_listen", None), metrics_token=metrics_token,
+                          nice=getattr(args, "nice", AGENT_NICE))
         agent.preflight()  # refuse a bad start before anything is created
     except PatronusError as e:
         print(f"patronus agent: {e}", flush=True)

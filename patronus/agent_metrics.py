@@ -91,6 +91,8 @@ class AgentCollector:
                                     value=1 if a.connected else 0)
             yield CounterMetricFamily("patronus_agent_telemetry_dropped", "telemetry items dropped while the "
                                       "controller was away and the outbox full", value=a.telemetry_dropped)
+        yield CounterMetricFamily("patronus_agent_loop_stalls", "times the agent's event loop woke 100 ms or more "
+                                  "late (BFD peers may have declared sessions Down)", value=a.loop_stalls)
         dp = a.dp
         if dp is not None:
             c = dp.counters()

@@ -69,6 +69,12 @@ def voice_through(lab, n=20, gap_s=0.0):
     return got
 
 
+def thread_nice(pid, tid):
+    """A thread's nice value (field 19 of /proc/PID/task/TID/stat)."""
+    with open(f"/proc/{pid}/task/{tid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[16])
+
+
 def wait_for(cond, timeout, step=0.1):
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -108,6 +114,9 @@ def test_agents_run_sites_survive_kill_9_and_stop_cleanly(tmp_path):
 
         assert wait_for(lambda: bfd_ups(state) >= 8, 30), report(agents.values())  # 4 paths x 2 sites
         assert len(wg_pids(f"{lab.tag}0a")) == 4 and len(wg_pids(f"{lab.tag}1a")) == 4
+        # BFD's senders run ahead of bulk work: the agent (every thread) and its wireguard-go at nice -10
+        for pid in [agents[0].pid, *wg_pids(f"{lab.tag}0a")]:
+            assert {thread_nice(pid, t) for t in os.listdir(f"/proc/{pid}/task")} == {-10}, pid
         assert voice_through(lab, 20, gap_s=0.01) == 20
         time.sleep(1.5)  # a flow snapshot has been written
 

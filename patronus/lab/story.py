@@ -281,6 +281,7 @@ def failover_story(workdir: Path | str, *, tag: str = "demo", sites: int = 3, ho
         moves = [e for e in events if e["policy"] == "voip" and e["reason"] in ("bfd_down", "failback", "reroute")]
         rx.close()
         duplicated = duplication_phase(lab, state, hold_s, say)
+        logs = lab.agent_logs(40)   # what the agents said (a test that fails shows it)
         lab.stop_agents()  # each agent writes its last flow snapshot as it stops
         stats = _flow_stats(state)
         # the voice gap the cut made: the gap spanning it, or starting between
@@ -292,7 +293,7 @@ def failover_story(workdir: Path | str, *, tag: str = "demo", sites: int = 3, ho
                 "cut_gap_ms": max(cut_gaps, default=0.0) * 1e3,
                 "tcp_ok": bytes(got) == payload, "moves": moves, "t_cut": t_cut, "t_heal": t_heal,
                 "voice_first": voice_first, "bulk_first": bulk_first, "events": list(events), "wan": wan,
-                "stats": stats, "duplicated": duplicated}
+                "stats": stats, "duplicated": duplicated, "logs": logs}
     finally:
         if reader is not None:
             reader.stop()
