@@ -18,6 +18,7 @@ class FastSession:
     remote_desired_min_tx_us: int
     remote_demand: bool
     passive: bool
+    _poll: bool
     transitions: deque[tuple[int, int, int, float]]
     transition_count: int
     received: int

@@ -58,7 +58,8 @@ cdef class FastSession:
     cdef public long long config_tx_us, desired_min_tx_us, required_min_rx_us
     cdef public long long remote_min_rx_us, remote_desired_min_tx_us
     cdef public bint remote_demand, passive
-    cdef bint _poll, _has_pending, _has_old_rx, _has_next_tx, _has_last_rx
+    cdef readonly bint _poll     # a Poll Sequence is waiting for the peer's Final
+    cdef bint _has_pending, _has_old_rx, _has_next_tx, _has_last_rx
     cdef long long _pend_tx, _pend_rx, _old_rx_us, _tx_interval_us
     cdef double _next_tx, _last_rx
     cdef public object transitions

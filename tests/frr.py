@@ -60,6 +60,13 @@ class Bfdd:
             time.sleep(0.05)
         return False
 
+    def cpu_seconds(self) -> float:
+        """bfdd's CPU time so far (user + system), from /proc."""
+        pid = int((self.dir / "bfdd.pid").read_text().strip())
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def configure(self, *lines: str) -> None:
         self.vtysh("configure terminal", *lines)
 

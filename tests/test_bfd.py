@@ -356,3 +356,75 @@ def test_packets_below_ttl_255_are_dropped_on_single_hop():
 
     discards, state = asyncio.run(main())
     assert discards.get("bad_ttl") == 3 and state == D
+
+
+@pytest.mark.parametrize("cores", [(True, False), (False, True), (True, True)])
+def test_the_compiled_and_python_cores_come_up_with_each_other_over_udp(cores):
+    """Each side of a real UDP pair on its own core: they come Up, and a
+    silent peer is a Down with the enum-typed transition either way."""
+    import asyncio
+
+    from patronus.failover import BfdSession
+
+    async def main():
+        a = BfdSession("127.0.0.1", "127.0.0.5", 20, 20, 3, port=16041, peer_port=16042, compiled=cores[0])
+        b = BfdSession("127.0.0.5", "127.0.0.1", 20, 20, 3, port=16042, peer_port=16041, compiled=cores[1])
+        await a.start()
+        await b.start()
+        try:
+            await asyncio.wait_for(a.wait_for(State.UP), 5)
+            await asyncio.wait_for(b.wait_for(State.UP), 5)
+            await asyncio.sleep(0.2)   # at the fast rate for a while
+            up = (a.state, b.state)
+            b.kill()
+            t = await asyncio.wait_for(a.wait_for(State.DOWN), 2)
+            return up, t, a.snapshot()
+        finally:
+            await a.stop()
+            await b.stop()
+
+    up, t, snap = asyncio.run(main())
+    assert up == (U, U) and isinstance(up[0], State)
+    assert (t.old, t.new, t.diag) == (U, D, Diag.DETECT_EXPIRED) and isinstance(t.diag, Diag)
+    assert snap["state"] == "DOWN" and snap["diag"] == "DETECT_EXPIRED" and snap["received"] > 5
+
+
+def test_malformed_datagrams_for_a_compiled_session_are_counted_by_name():
+    import asyncio
+    import socket
+
+    from patronus.failover import BfdSession
+
+    async def main():
+        a = BfdSession("127.0.0.1", "127.0.0.6", 20, 20, 3, port=16051, peer_port=16052, compiled=True)
+        await a.start()
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, 255)
+        s.bind(("127.0.0.6", 0))
+        good = bytearray(encode(ControlPacket(D, 77, a.core.local_discr)))
+        bad_version = bytes([good[0] ^ 0x40]) + bytes(good[1:])
+        zero_mult = bytes(good[:2]) + b"\0" + bytes(good[3:])
+        for d in (b"\x20" * 10, bad_version, zero_mult):
+            s.sendto(d, ("127.0.0.1", 16051))
+        s.sendto(bytes(good), ("127.0.0.1", 16051))   # then a good one: the session goes on
+        await asyncio.wait_for(a.wait_for(State.INIT), 2)
+        s.close()
+        out = dict(a._ep.discards), dict(a.core.discards), a.state
+        await a.stop()
+        return out
+
+    endpoint, session, state = asyncio.run(main())
+    assert endpoint == {"short": 1}
+    assert session == {"bad_version": 1, "zero_multiplier": 1}
+    assert state == I
+
+
+def test_authentication_needs_the_python_core():
+    from patronus.errors import ConfigError
+    from patronus.failover import BfdSession
+    from patronus.failover.bfd import Auth
+
+    auth = Auth({1: b"secret"}, 1)
+    with pytest.raises(ConfigError, match="compiled=False"):
+        BfdSession("127.0.0.1", "127.0.0.7", auth=auth, compiled=True)
+    assert not BfdSession("127.0.0.1", "127.0.0.7", auth=auth)._fast   # the default follows the auth

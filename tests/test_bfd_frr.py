@@ -89,10 +89,10 @@ def test_timer_change_by_poll_final_is_accepted_by_frr(lab):
             await asyncio.sleep(0.3)
             n = len(flaps)
             s.set_timers(tx_ms=200, rx_ms=300)
-            assert s.core._poll
+            assert s.poll_pending
             await asyncio.sleep(1.0)
             peer = await asyncio.to_thread(d.peer, A)
-            return s.core._poll, peer, flaps[n:], s.core.tx_interval(), s.core.detection_time()
+            return s.poll_pending, peer, flaps[n:], s.core.tx_interval(), s.core.detection_time()
         finally:
             await s.stop()
 

@@ -24,7 +24,7 @@ import pytest
 from patronus.lab.net import Lab
 from patronus.netns import socket_in
 
-from .netns import require_xdp, unique
+from .netns import Capture, require_xdp, unique
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("wireguard-go"),
@@ -100,6 +100,7 @@ def test_duplicated_voice_loses_nothing_through_five_cuts_and_delivers_nothing_t
     require_xdp()
     lab = Lab(unique("D")[:6], sites=2, uplinks=2, state_dir=tmp_path)
     steer = dedup = None
+    caps: list[Capture] = []
     try:
         lab.up()
         paths = lab.mesh.paths("s0", "s1")
@@ -129,6 +130,11 @@ def test_duplicated_voice_loses_nothing_through_five_cuts_and_delivers_nothing_t
         # -- duplication on --------------------------------------------------------------------
         assert steer.ask(f"dup voip {second_if}") == "ok"
         before = {p.index: tx(p) for p in (primary, second)}
+        # what enters each of s0's two tunnels (the inner traffic), voice and bulk
+        caps += [Capture(lab.site_ns(0), lab.tunnels[("s0", p.index)].ifname, tmp_path / f"s0-{p.index}.pcap",
+                        "udp dst port 5060 or tcp dst port 8000") for p in (primary, second)]
+        for c in caps:
+            c.__enter__()
         sent, got = stream(lab, seconds, cuts)
         after = {p.index: tx(p) for p in (primary, second)}
         lost = sent - len(set(got))
@@ -162,6 +168,14 @@ def test_duplicated_voice_loses_nothing_through_five_cuts_and_delivers_nothing_t
         assert data == payload
         assert tx(second) - bulk_before < len(payload) // 10, "bulk traffic was copied to the second path"
         assert "bulk" not in json.loads(steer.ask("dump"))["duplicates"]
+        # the captures: every voice packet went out on both uplinks' tunnels, bulk only on the primary
+        on_primary, on_second = caps[0].wait_for(sent + 1), caps[1].wait_for(sent)
+        for c in caps:
+            c.__exit__()
+        assert sum(".5060: UDP" in x or ".5060: SIP" in x for x in on_primary) == sent, on_primary[:3]
+        assert sum(".5060: UDP" in x or ".5060: SIP" in x for x in on_second) == sent, on_second[:3]
+        assert any(".8000: Flags" in x for x in on_primary)
+        assert not any(".8000: Flags" in x for x in on_second), [x for x in on_second if ".8000" in x][:3]
 
         # -- duplication off: the same cuts lose packets ----------------------------------------
         assert steer.ask("dup voip -") == "ok"
@@ -170,6 +184,8 @@ def test_duplicated_voice_loses_nothing_through_five_cuts_and_delivers_nothing_t
         print(f"without duplication: {sent_off} sent, {len(set(got_off))} received, {lost_off} lost")
         assert lost_off > 0
     finally:
+        for c in caps:
+            c.__exit__()
         for h in (steer, dedup):
             if h is not None:
                 h.close()

@@ -20,7 +20,7 @@ import pytest
 from patronus.lab.net import Lab
 from patronus.netns import socket_in
 
-from .netns import require_xdp, unique
+from .netns import Capture, require_xdp, unique
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("wireguard-go"),
@@ -75,17 +75,23 @@ def test_voice_and_bulk_take_their_policies_paths_and_set_path_moves_voice(tmp_p
         cli.close()
         th.join(20)
         voice = socket_in(lab.lan_ns(0), socket.AF_INET, socket.SOCK_DGRAM)
-        for i in range(100):
-            voice.sendto(i.to_bytes(4, "big") + bytes(160), (lab.lan_addr(1), 5060))
-        n, tos = 0, set()
-        try:
-            while n < 100:
-                _, anc, _, _ = udp_rx.recvmsg(2048, 64)
-                tos |= {c[2][0] for c in anc if c[0] == socket.IPPROTO_IP and c[1] == 1}  # IP_TOS
-                n += 1
-        except socket.timeout:
-            pass
+        # the tunnel's inner traffic, captured where it leaves the tunnel at the far end (XDP redirects
+        # into the near end's tun device past the stack, where tcpdump would not see it)
+        with Capture(lab.site_ns(1), lab.tunnels[("s1", voice_path.index)].ifname, tmp_path / "voice.pcap",
+                     "udp dst port 5060") as capture:
+            for i in range(100):
+                voice.sendto(i.to_bytes(4, "big") + bytes(160), (lab.lan_addr(1), 5060))
+            n, tos = 0, set()
+            try:
+                while n < 100:
+                    _, anc, _, _ = udp_rx.recvmsg(2048, 64)
+                    tos |= {c[2][0] for c in anc if c[0] == socket.IPPROTO_IP and c[1] == 1}  # IP_TOS
+                    n += 1
+            except socket.timeout:
+                pass
+            inner = capture.wait_for(100)
         assert tos == {46 << 2}  # the voice policy's QoS DSCP (EF), written by the tc program
+        assert len(inner) == 100 and all("tos 0xb8" in line for line in inner), inner[:3]
         mid = {p.index: tx(p) for p in paths}
         assert got["tcp"] == payload and n >= 98
         assert mid[bulk_path.index] - before[bulk_path.index] > len(payload)       # the bulk transfer
@@ -189,19 +195,22 @@ def test_the_userspace_backend_steers_with_nftables_marks_and_applies_qos(tmp_pa
         cap.settimeout(0.5)
         out = socket_in(lab.lan_ns(0), socket.AF_INET, socket.SOCK_DGRAM)
         before = {p.index: tx(p) for p in (a, b)}
-        for i in range(50):
-            out.sendto(bytes(200), (lab.lan_addr(1), 5060))
-        tos = set()
-        n = 0
-        try:
-            while n < 50:
-                _, anc, _, _ = rx.recvmsg(2048, 64)
-                tos |= {c[2][0] for c in anc if c[0] == socket.IPPROTO_IP and c[1] == 1}
-                n += 1
-        except (socket.timeout, TimeoutError):
-            pass
+        with Capture(ns0, lab.tunnels[("s0", a.index)].ifname, tmp_path / "voice.pcap", "udp dst port 5060") as capture:
+            for i in range(50):
+                out.sendto(bytes(200), (lab.lan_addr(1), 5060))
+            tos = set()
+            n = 0
+            try:
+                while n < 50:
+                    _, anc, _, _ = rx.recvmsg(2048, 64)
+                    tos |= {c[2][0] for c in anc if c[0] == socket.IPPROTO_IP and c[1] == 1}
+                    n += 1
+            except (socket.timeout, TimeoutError):
+                pass
+            inner = capture.wait_for(50)   # the tunnel's inner traffic: rewritten before it entered the tunnel
         mid = {p.index: tx(p) for p in (a, b)}
         assert n == 50 and tos == {46 << 2}
+        assert len(inner) == 50 and all("tos 0xb8" in line for line in inner), inner[:3]
         assert mid[a.index] - before[a.index] > 50 * 200 and mid[b.index] - before[b.index] < 50 * 200 // 4
         # 1 MB in a burst at a 64 kbit/s (8 kB/s) policer: the excess is dropped
         for _ in range(1000):

@@ -225,7 +225,7 @@ def failover_story(workdir: Path | str, *, tag: str = "demo", sites: int = 3, ho
         for k in range(2):
             f = workdir / f"uplink{k}.pcap"
             caps.append((f, subprocess.Popen(["ip", "netns", "exec", ns0, "tcpdump", "-i", f"{lab.tag}u0x{k}", "-n",
-                                              "-U", "--immediate-mode", "-w", str(f), "ip"],
+                                              "-U", "--immediate-mode", "-s", "128", "-B", "8192", "-w", str(f), "ip"],
                                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
         time.sleep(0.5)
         threads = [threading.Thread(target=f) for f in (receive, tcp_sink, tcp_source)]
