@@ -555,6 +555,8 @@ class SiteAgent:
         path Down after 150 ms without packets, so the process that sends
         them must not wait behind bulk work on a busy machine. Without the
         privilege to raise it, the agent says so and runs at its own."""
+        if isinstance(bfd_ms, bool) or not isinstance(bfd_ms, int) or not 10 <= bfd_ms <= 10_000:
+            raise ConfigError("agent bfd_ms", bfd_ms, "is not an integer from 10 to 10,000 ms")
         if isinstance(nice, bool) or not isinstance(nice, int) or not -20 <= nice <= 19:
             raise ConfigError("agent nice", nice, "is not an integer from -20 to 19")
         self.nice = nice
@@ -1341,7 +1343,7 @@ def main(args: Any) -> int:
         agent = SiteAgent(args.state, args.site, lan_if=args.lan_if, token=token, backend=args.backend,
                           prefix=args.prefix, wireguard=getattr(args, "wireguard", "userspace"), source=source,
                           metrics_listen=getattr(args, "metrics_listen", None), metrics_token=metrics_token,
-                          nice=getattr(args, "nice", AGENT_NICE))
+                          nice=getattr(args, "nice", AGENT_NICE), bfd_ms=getattr(args, "bfd_ms", 50))
         agent.preflight()  # refuse a bad start before anything is created
     except PatronusError as e:
         print(f"patronus agent: {e}", flush=True)

@@ -58,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
                          "off loopback --metrics-token-file is required")
     ag.add_argument("--metrics-token-file", metavar="PATH",
                     help="a 0600 file with the bearer token scrapes must present")
+    ag.add_argument("--bfd-ms", type=int, default=50, metavar="MS",
+                    help="BFD transmit and receive interval on every path, 10..10000 ms (x 3 is the detection "
+                         "time; default 50)")
     ag.add_argument("--nice", type=int, default=-10, metavar="N",
                     help="scheduling priority of the agent and its tunnels, -20..19 (default -10: BFD at 50 ms x 3 "
                          "must not wait behind bulk work; 0 keeps the default)")
@@ -85,7 +88,22 @@ def main(argv: list[str] | None = None) -> int:
     ct_run.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     ct_run.add_argument("--no-graphql-introspection", action="store_true",
                         help="refuse GraphQL introspection queries (on by default, for authenticated users only)")
+    fl = sub.add_parser("flows", help="account a capture's flows by policy and export every record (IPFIX, "
+                                      "Parquet)")
+    fl.add_argument("--pcap", required=True, metavar="FILE", help="a pcap or pcapng capture")
+    fl.add_argument("--state", metavar="DB", help="classify by the policies of this state file's mesh (default: "
+                                                   "none, every flow in the default class)")
+    fl.add_argument("--ipfix", metavar="HOST:PORT", help="send the records to this IPFIX collector (UDP)")
+    fl.add_argument("--parquet", metavar="DIR", help="write the records to a Parquet archive, one directory an hour")
+    fl.add_argument("--idle-timeout", type=float, default=15.0, metavar="S",
+                    help="a flow idle this long ends (capture time; default 15 s)")
+    fl.add_argument("--active-timeout", type=float, default=60.0, metavar="S",
+                    help="a flow longer than this is exported in several records (default 60 s)")
+    fl.add_argument("--capacity", type=int, default=1 << 20, metavar="N",
+                    help="flow table size; a full table exports its least recently used flow (default 1,048,576)")
     args = parser.parse_args(argv)
+    if args.cmd == "flows":
+        return _flows(args)
     if args.cmd == "token":
         return _token(args)
     if args.cmd == "agent":
@@ -103,6 +121,31 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "controller":
         return _controller(args)
     return 2
+
+
+def _flows(args: argparse.Namespace) -> int:
+    from .errors import PatronusError
+    from .export import export_capture
+
+    try:
+        r = export_capture(args.pcap, state=args.state, ipfix=args.ipfix, parquet=args.parquet,
+                           idle_timeout_s=args.idle_timeout, active_timeout_s=args.active_timeout,
+                           capacity=args.capacity)
+    except (PatronusError, OSError) as e:
+        print(f"patronus flows: {e}", file=sys.stderr)
+        return 2
+    cap = r["capture"]
+    print(f"{cap.get('packets', 0):,} packets ({r['malformed']:,} malformed): {r['records']:,} flow records, "
+          f"{r['packets']:,} packets, {r['bytes']:,} bytes; {r['evicted']:,} flows evicted from a full table "
+          "(exported, not lost)")
+    if r["ipfix"] is not None:
+        i = r["ipfix"]
+        print(f"IPFIX to {args.ipfix}: {i['records']:,} records in {i['messages']:,} messages, "
+              f"templates sent {i['templates_sent']} times, {i['send_errors']} send errors")
+    if r["parquet"] is not None:
+        q = r["parquet"]
+        print(f"Parquet in {args.parquet}: {q['records']:,} records in {q['files']} files")
+    return 0 if not (r["ipfix"] or {}).get("send_errors") else 1
 
 
 def _controller(args: argparse.Namespace) -> int:

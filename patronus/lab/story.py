@@ -147,10 +147,12 @@ def duplication_phase(lab: Lab, state: Path, hold_s: float, say: Callable[[str],
 
 
 def failover_story(workdir: Path | str, *, tag: str = "demo", sites: int = 3, hold_s: float = HOLD_S,
-                   say: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+                   say: Callable[[str], None] = lambda s: None, bfd_ms: int = 50,
+                   duplication: bool = True) -> dict[str, Any]:
     """Build the lab with a site agent per site, steer voice and bulk from
-    s0 to s1 by policy, cut the voice path's uplink, restore it, tear down.
-    Returns what was measured."""
+    s0 to s1 by policy, cut the voice path's uplink, restore it, then (with
+    ``duplication``) the same cut with voice duplicated; tear down. BFD runs
+    at ``bfd_ms`` x 3. Returns what was measured."""
     workdir = Path(workdir)
     lab = Lab(tag, sites=sites, uplinks=2, state_dir=workdir)
     reader: _Events | None = None
@@ -158,7 +160,7 @@ def failover_story(workdir: Path | str, *, tag: str = "demo", sites: int = 3, ho
         t_up = time.monotonic()
         lab.up(tunnels=False)
         state = lab.write_agent_state(story_mesh(sites, hold_s))
-        lab.start_agents(state, backend="xdp")
+        lab.start_agents(state, backend="xdp", extra=["--bfd-ms", str(bfd_ms)])
         statuses = lab.wait_agents()
         paths = lab.mesh.paths("s0", "s1")
         ns0 = lab.site_ns(0)
@@ -180,7 +182,7 @@ def failover_story(workdir: Path | str, *, tag: str = "demo", sites: int = 3, ho
         time.sleep(0.5)  # a move the last BFD Up caused, read
         placed = {e["policy"]: e["to_path"] for e in list(events)}
         voice_first, bulk_first = placed["voip"], placed["bulk"]
-        say(f"BFD (50 ms x 3) Up on all {len(paths)} paths between s0 and s1; policies put voip on {voice_first} "
+        say(f"BFD ({bfd_ms} ms x 3) Up on all {len(paths)} paths between s0 and s1; policies put voip on {voice_first} "
             f"and bulk on {bulk_first}")
         assert "s0.u0" in voice_first
 
@@ -280,7 +282,7 @@ def failover_story(workdir: Path | str, *, tag: str = "demo", sites: int = 3, ho
         reader.stop()
         moves = [e for e in events if e["policy"] == "voip" and e["reason"] in ("bfd_down", "failback", "reroute")]
         rx.close()
-        duplicated = duplication_phase(lab, state, hold_s, say)
+        duplicated = duplication_phase(lab, state, hold_s, say) if duplication else None
         logs = lab.agent_logs(40)   # what the agents said (a test that fails shows it)
         lab.stop_agents()  # each agent writes its last flow snapshot as it stops
         stats = _flow_stats(state)
