@@ -25,6 +25,7 @@ APT_PACKAGES=(
     frr                    # bfdd: the BFD peer for interop tests
     tcpdump
     prometheus             # promtool: checks the /metrics exposition format
+    nfdump                 # nfcapd + nfdump: the IPFIX collector of tests/test_ipfix.py
     chromium chromium-driver  # tests/test_dashboard.py: the dashboard in a real headless browser
 )
 
@@ -53,6 +54,7 @@ install_apt() {
     fi
     # FRR's daemons are started by the tests inside namespaces, never as a service.
     if systemctl is-active --quiet frr 2>/dev/null; then systemctl stop frr || true; fi
+    if systemctl is-active --quiet nfdump 2>/dev/null; then systemctl stop nfdump || true; fi
     link_kernel_headers
 }
 

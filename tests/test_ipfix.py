@@ -260,8 +260,9 @@ def drained(pcap: Path, capacity: int, idle: float, active: float) -> list[tuple
     return out
 
 
-@pytest.mark.skipif(not shutil.which("nfcapd"), reason="nfcapd not installed (apt-get install nfdump)")
 def test_nfcapd_receives_every_record_of_a_capture_exactly(tmp_path):
+    if not shutil.which("nfcapd"):
+        (pytest.fail if os.environ.get("CI") else pytest.skip)("nfcapd not installed (apt-get install nfdump)")
     t0 = float(int(time.time()) - 3600)
     pcap = tmp_path / "flows.pcap"
     write_capture(pcap, t0)
