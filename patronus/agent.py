@@ -26,6 +26,7 @@ import os
 import re
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -536,7 +537,8 @@ class SiteAgent:
                  token: str | None = None, prefix: str | None = None, backend: str = "auto",
                  interval_s: float = 1.0, bfd_ms: int = 50, source: StateSource | None = None,
                  wireguard: str = "userspace", report_s: float = 2.0, metrics_listen: str | None = None,
-                 metrics_token: str | None = None, nice: int = AGENT_NICE) -> None:
+                 metrics_token: str | None = None, nice: int = AGENT_NICE, ipfix: str | None = None,
+                 flow_idle_s: float = 15.0, flow_active_s: float = 60.0) -> None:
         """``state``: the SQLite state file (discovery registry, events,
         metrics; keys and the status file next to it). ``source``: where
         the desired mesh comes from (default: the mesh in ``state``); with a
@@ -554,12 +556,24 @@ class SiteAgent:
         starts) runs at, -20..19 (default -10): BFD at 50 ms x 3 declares a
         path Down after 150 ms without packets, so the process that sends
         them must not wait behind bulk work on a busy machine. Without the
-        privilege to raise it, the agent says so and runs at its own."""
+        privilege to raise it, the agent says so and runs at its own.
+        ``ipfix``: export every flow the data plane counts to this IPFIX
+        collector (HOST:PORT, :mod:`patronus.ipfix`): idle for
+        ``flow_idle_s``, or every ``flow_active_s`` while it lives on
+        (:class:`patronus.export.FlowMeter`)."""
         if isinstance(bfd_ms, bool) or not isinstance(bfd_ms, int) or not 10 <= bfd_ms <= 10_000:
             raise ConfigError("agent bfd_ms", bfd_ms, "is not an integer from 10 to 10,000 ms")
         if isinstance(nice, bool) or not isinstance(nice, int) or not -20 <= nice <= 19:
             raise ConfigError("agent nice", nice, "is not an integer from -20 to 19")
         self.nice = nice
+        if ipfix is not None:
+            from .ipfix import parse_collector
+
+            parse_collector(ipfix)   # refused before anything starts
+        self.ipfix, self.flow_idle_s, self.flow_active_s = ipfix, flow_idle_s, flow_active_s
+        self._ipfix: Any = None                # the exporter (one socket for the agent's life)
+        self.meter: Any = None                 # the FlowMeter of the data plane in use
+        self._meter_lock = threading.Lock()    # polled on the I/O thread, replaced on the loop
         self.state = Path(state)
         self.site = site
         self.source: StateSource = source if source is not None else LocalStateFile(self.state)
@@ -828,6 +842,7 @@ class SiteAgent:
             await self._announce()
             self._sync_tunnels()
             self.dp = self._open_dataplane(self.mesh)
+            self._start_meter()
             self.engine = Engine(self.mesh, self.dp, local_site=self.site, store=self.store, tick_s=0.02)
             self.engine.on_event(self._log_event)
             self.engine.duplicate_via = self._copies_via
@@ -885,6 +900,32 @@ class SiteAgent:
             await engine_task
         finally:
             await self._teardown()
+
+    def _start_meter(self) -> None:
+        """Flow export for the data plane in use (with ``ipfix``)."""
+        if self.ipfix is None or self.dp is None:
+            return
+        from .export import FlowMeter
+        from .ipfix import IpfixExporter
+
+        wall = type(self.dp).__name__ == "Userspace"   # its flows are timed by the wall clock, XDP's by CLOCK_MONOTONIC
+        if self._ipfix is None:
+            self._ipfix = IpfixExporter(self.ipfix)
+        self._ipfix.offset_ns = 0 if wall else time.time_ns() - time.monotonic_ns()
+        with self._meter_lock:
+            self.meter = FlowMeter(self.dp, [self._ipfix.export], idle_timeout_s=self.flow_idle_s,
+                                   active_timeout_s=self.flow_active_s, clock="wall" if wall else "monotonic")
+        log.info("flows exported by IPFIX to %s (idle %g s, active %g s)", self.ipfix, self.flow_idle_s,
+                 self.flow_active_s)
+
+    def _stop_meter(self) -> None:
+        with self._meter_lock:
+            if self.meter is not None:
+                try:
+                    self.meter.close()
+                except Exception as e:   # the data plane half closed: say so, do not stop the shutdown
+                    log.warning("flow export at close: %s", e)
+                self.meter = None
 
     def _open_dataplane(self, mesh: Mesh) -> Any:
         from . import dataplane
@@ -950,8 +991,10 @@ class SiteAgent:
                 names = [p.name for p in old.policies]
                 with contextlib.suppress(Exception):
                     self.store.add_flow_snapshot(time.time(), self.site, self.dp.flows(), names)
+                self._stop_meter()   # the old table's flows go out before it does
                 self.dp.close()
                 self.dp = self._open_dataplane(mesh)
+                self._start_meter()
                 self.engine.reconfigure(mesh, dataplane=self.dp)
         except Exception:
             self.mesh = old
@@ -1123,6 +1166,12 @@ class SiteAgent:
         I/O thread with a store connection of its own."""
         if self._io_store is None:
             self._io_store = Store(self.state)
+        with self._meter_lock:
+            if self.meter is not None:
+                try:
+                    self.meter.poll()
+                except Exception as e:   # one bad poll must not end the telemetry
+                    log.warning("flow export: %s", e)
         flows = self.dp.flows()
         # only flows that saw packets since the last snapshot (10 ms of slack
         # for the kernel's coarse clock): the state grows with traffic, not time
@@ -1171,7 +1220,10 @@ class SiteAgent:
                                              [p.name for p in self.mesh.policies])
             except Exception:
                 pass
+            self._stop_meter()
             self.dp.close()
+        if self._ipfix is not None:
+            self._ipfix.close()
         last = self.status(stopped=True)  # with the tunnels it had
         if self.dedup is not None:
             self.dedup.close()
@@ -1239,7 +1291,8 @@ class SiteAgent:
                     "url": self.controller.url, "connected": self.connected,
                     "telemetry_dropped": self.telemetry_dropped},
                 "paths": paths, "routes": self.routes(), "duplication": self._duplication(),
-                "loop": {"stalls": self.loop_stalls, "lag_max_ms": round(self.loop_lag_max * 1e3, 1)}}
+                "loop": {"stalls": self.loop_stalls, "lag_max_ms": round(self.loop_lag_max * 1e3, 1)},
+                "ipfix": None if self._ipfix is None else {"collector": self.ipfix, **self._ipfix.stats()}}
 
     def _duplication(self) -> dict[str, Any]:
         """Copies sent by policy, where each duplicating pair's copies go, and
@@ -1343,7 +1396,9 @@ def main(args: Any) -> int:
         agent = SiteAgent(args.state, args.site, lan_if=args.lan_if, token=token, backend=args.backend,
                           prefix=args.prefix, wireguard=getattr(args, "wireguard", "userspace"), source=source,
                           metrics_listen=getattr(args, "metrics_listen", None), metrics_token=metrics_token,
-                          nice=getattr(args, "nice", AGENT_NICE), bfd_ms=getattr(args, "bfd_ms", 50))
+                          nice=getattr(args, "nice", AGENT_NICE), bfd_ms=getattr(args, "bfd_ms", 50),
+                          ipfix=getattr(args, "ipfix", None), flow_idle_s=getattr(args, "flow_idle_timeout", 15.0),
+                          flow_active_s=getattr(args, "flow_active_timeout", 60.0))
         agent.preflight()  # refuse a bad start before anything is created
     except PatronusError as e:
         print(f"patronus agent: {e}", flush=True)

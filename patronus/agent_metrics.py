@@ -13,7 +13,9 @@ Read at each scrape from the agent itself (nothing is sampled in between):
 - per path: ``patronus_path_rtt_seconds``, ``..._jitter_seconds``,
   ``..._loss_ratio``, ``..._mos`` (from the probes), ``patronus_path_bfd_up``,
   ``patronus_path_bfd_state{state}`` and ``patronus_path_bfd_downs_total``;
-- ``patronus_failover_moves_total`` and ``patronus_bfd_transitions_total``.
+  ``patronus_path_sla_met{path,app}`` for every application a policy names;
+- ``patronus_failover_moves_total`` and ``patronus_bfd_transitions_total``;
+- ``patronus_agent_loop_stalls_total``: the event loop woke 100 ms or more late.
 
 The endpoint serves ``GET /metrics`` only. On a loopback address it is
 open (as node_exporter is); on any other address it needs a bearer token
@@ -124,6 +126,19 @@ class AgentCollector:
                 if val is not None and math.isfinite(val):
                     fams[key].add_metric([pid], val)
         yield from fams.values()
+        # each path against the SLA of every application a policy names (the profile's thresholds)
+        sla = GaugeMetricFamily("patronus_path_sla_met", "1 while the path's probes meet the SLA of the "
+                                "application profile, 0 while they violate it", labels=["path", "app"])
+        mesh = getattr(a, "mesh", None)
+        if mesh is not None:
+            profiles = mesh.profiles()
+            apps = sorted({p.app for p in mesh.policies if p.app and p.app in profiles})
+            for pid, m in sorted(metrics.items()):
+                if m.samples:
+                    for app in apps:
+                        met = profiles[app].violation(m.rtt_ms, m.jitter_ms, m.loss_pct) is None
+                        sla.add_metric([pid, app], 1 if met else 0)
+        yield sla
         up = GaugeMetricFamily("patronus_path_bfd_up", "1 while the path's BFD session is Up", labels=["path"])
         state = GaugeMetricFamily("patronus_path_bfd_state", "the path's BFD state (1 for the current one)",
                                   labels=["path", "state"])

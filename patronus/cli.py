@@ -61,6 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     ag.add_argument("--bfd-ms", type=int, default=50, metavar="MS",
                     help="BFD transmit and receive interval on every path, 10..10000 ms (x 3 is the detection "
                          "time; default 50)")
+    ag.add_argument("--ipfix", metavar="HOST:PORT", help="export every flow to this IPFIX collector (UDP)")
+    ag.add_argument("--flow-idle-timeout", type=float, default=15.0, metavar="S",
+                    help="a flow idle this long is exported and forgotten (default 15 s)")
+    ag.add_argument("--flow-active-timeout", type=float, default=60.0, metavar="S",
+                    help="a flow that lives on is exported this often (default 60 s)")
     ag.add_argument("--nice", type=int, default=-10, metavar="N",
                     help="scheduling priority of the agent and its tunnels, -20..19 (default -10: BFD at 50 ms x 3 "
                          "must not wait behind bulk work; 0 keeps the default)")
