@@ -908,13 +908,11 @@ class SiteAgent:
         from .export import FlowMeter
         from .ipfix import IpfixExporter
 
-        wall = type(self.dp).__name__ == "Userspace"   # its flows are timed by the wall clock, XDP's by CLOCK_MONOTONIC
-        if self._ipfix is None:
-            self._ipfix = IpfixExporter(self.ipfix)
-        self._ipfix.offset_ns = 0 if wall else time.time_ns() - time.monotonic_ns()
+        if self._ipfix is None:   # both backends give flow times as Unix time
+            self._ipfix = IpfixExporter(self.ipfix, clock_offset_ns=0)
         with self._meter_lock:
             self.meter = FlowMeter(self.dp, [self._ipfix.export], idle_timeout_s=self.flow_idle_s,
-                                   active_timeout_s=self.flow_active_s, clock="wall" if wall else "monotonic")
+                                   active_timeout_s=self.flow_active_s)
         log.info("flows exported by IPFIX to %s (idle %g s, active %g s)", self.ipfix, self.flow_idle_s,
                  self.flow_active_s)
 

@@ -113,27 +113,27 @@ class FlowMeter:
     * ``close()`` exports every live flow (``forced``).
 
     Records carry deltas: ``packets``/``bytes`` since the flow's previous
-    record, starting where that one ended. ``clock``: the time base of the
-    data plane's flow times, ``"monotonic"`` (XDP) or ``"wall"`` (userspace).
+    record, starting where that one ended. Both backends give flow times
+    as Unix time (XDP converts its kernel clock), and so does ``poll``'s
+    ``now_ns``; given, it is also the data plane's "now" for the idle test
+    (a data plane replaying a capture); by default each backend uses its own
+    clock for that.
 
     >>> from patronus import PolicyTable
     >>> from patronus.dataplane import Userspace
     >>> got = []
     >>> dp = Userspace(PolicyTable([]), 16)
-    >>> m = FlowMeter(dp, [lambda f, r: got.append(len(f))], clock="wall")
+    >>> m = FlowMeter(dp, [lambda f, r: got.append(len(f))])
     >>> m.poll(), m.close(), got
     (0, 0, [])
     """
 
-    def __init__(self, dp: Any, sinks: list[Any], *, idle_timeout_s: float = 15.0, active_timeout_s: float = 60.0,
-                 clock: str = "monotonic") -> None:
+    def __init__(self, dp: Any, sinks: list[Any], *, idle_timeout_s: float = 15.0,
+                 active_timeout_s: float = 60.0) -> None:
         if not 0 < idle_timeout_s <= 86_400 or not 0 < active_timeout_s <= 86_400:
             raise ConfigError("FlowMeter timeouts", (idle_timeout_s, active_timeout_s), "are not 0 to 86,400 s")
-        if clock not in ("monotonic", "wall"):
-            raise ConfigError("FlowMeter clock", clock, "is not monotonic or wall")
         self.dp, self.sinks = dp, list(sinks)
         self.idle_ns, self.active_ns = int(idle_timeout_s * 1e9), int(active_timeout_s * 1e9)
-        self._now = time.monotonic_ns if clock == "monotonic" else time.time_ns
         # per live flow already exported in part: its key -> (packets, bytes, last_ns) of the records so far
         self._sent: dict[bytes, tuple[int, int, int]] = {}
         self.records = 0
@@ -168,9 +168,9 @@ class FlowMeter:
 
     def poll(self, now_ns: int | None = None) -> int:
         """Drain what ended, export what has been active too long; returns the records sent."""
-        now = self._now() if now_ns is None else now_ns
+        now = time.time_ns() if now_ns is None else now_ns
         sent = 0
-        gone = self.dp.drain(idle_timeout_s=self.idle_ns / 1e9, now_ns=now)
+        gone = self.dp.drain(idle_timeout_s=self.idle_ns / 1e9, now_ns=now_ns)
         if len(gone):
             recs = self._deltas(gone, forget=True)
             busy = gone["last_ns"].astype(np.int64) > now - self.idle_ns   # evicted, not idle

@@ -109,9 +109,9 @@ class IpfixExporter:
 
     ``collector``: (host, port) or ``"HOST:PORT"``. ``clock_offset_ns``:
     added to the flows' ``first_ns``/``last_ns`` to make them Unix time
-    (a live data plane's are CLOCK_MONOTONIC: the default is the current
-    difference of the two clocks; 0 for flows timed by capture timestamps,
-    which are Unix time already). ``netns``: send from that namespace.
+    (default 0: both data planes and captures give Unix time; flows timed
+    by CLOCK_MONOTONIC need ``time.time_ns() - time.monotonic_ns()``).
+    ``netns``: send from that namespace.
     """
 
     def __init__(self, collector: tuple[str, int] | str, *, observation_domain: int = 1,
@@ -138,7 +138,7 @@ class IpfixExporter:
         self.collector = (host, port)
         self.sock = socket_in(netns, family, socket.SOCK_DGRAM)
         self.domain, self.refresh_s, self.mtu, self.pen = observation_domain, template_refresh_s, mtu, pen
-        self.offset_ns = time.time_ns() - time.monotonic_ns() if clock_offset_ns is None else clock_offset_ns
+        self.offset_ns = 0 if clock_offset_ns is None else clock_offset_ns
         self.sequence = 0               # data records sent so far (the next message's sequence number)
         self._templates = _template_set(pen)
         self._next_templates = 0.0      # monotonic time the templates are due again

@@ -46,7 +46,7 @@ def test_every_packet_is_in_exactly_one_record(evs, capacity, idle_s, active_s):
             assert f["packets"] > 0 and f["bytes"] > 0 and f["last_ns"] >= f["first_ns"]
             records.append((int(f["sport"]) - 10000, int(f["packets"]), int(c)))
 
-    meter = FlowMeter(dp, [sink], idle_timeout_s=idle_s, active_timeout_s=active_s, clock="wall")
+    meter = FlowMeter(dp, [sink], idle_timeout_s=idle_s, active_timeout_s=active_s)
     now, sent = 10 * S, Counter()
     for kind, flow, delay in evs:
         now += delay
@@ -68,7 +68,7 @@ def test_a_long_flow_is_exported_every_active_timeout_and_adds_up():
     out: list[tuple[int, int, int, int]] = []
     meter = FlowMeter(dp, [lambda f, c: out.extend((int(x["packets"]), int(x["first_ns"]), int(x["last_ns"]), int(r))
                                                    for x, r in zip(f, c))],
-                      idle_timeout_s=15, active_timeout_s=60, clock="wall")
+                      idle_timeout_s=15, active_timeout_s=60)
     t = 100 * S
     for k in range(181):                 # a packet a second for three minutes, polled every 5 s
         dp.process([frame(1)], np.array([t + k * S], np.uint64))

@@ -278,8 +278,9 @@ def test_nfcapd_receives_every_record_of_a_capture_exactly(tmp_path):
     port = probe.getsockname()[1]
     probe.close()
     log = open(tmp_path / "nfcapd.log", "w+")
-    nf = subprocess.Popen(["nfcapd", "-w", str(store), "-b", "127.0.0.1", "-p", str(port), "-t", "3600"],
-                          stdout=log, stderr=subprocess.STDOUT)
+    # a receive buffer for the burst (-B): the capture's records arrive in well under a second
+    nf = subprocess.Popen(["nfcapd", "-w", str(store), "-b", "127.0.0.1", "-p", str(port), "-t", "3600",
+                           "-B", "16777216"], stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 20   # listening once it has bound the port
         while f":{port:04X}" not in Path("/proc/net/udp").read_text() and time.monotonic() < deadline:
@@ -334,7 +335,7 @@ class Nfcapd:
         self.store, self.port, self.ns = store, port, ns
         store.mkdir(parents=True, exist_ok=True)
         self.log = open(store / "nfcapd.log", "w+")
-        cmd = ["nfcapd", "-w", str(store), "-b", "127.0.0.1", "-p", str(port), "-t", "3600"]
+        cmd = ["nfcapd", "-w", str(store), "-b", "127.0.0.1", "-p", str(port), "-t", "3600", "-B", "16777216"]
         self.proc = subprocess.Popen((["ip", "netns", "exec", ns] if ns else []) + cmd, stdout=self.log,
                                      stderr=subprocess.STDOUT)
         udp = Path(f"/proc/{self.proc.pid}/net/udp")   # the namespace's table, seen through the process
