@@ -148,9 +148,14 @@ class IpfixExporter:
 
     def _records(self, flows: np.ndarray, family: int, reason: Any) -> np.ndarray:
         rec = np.zeros(len(flows), _RECORD[family])
+        self._fill(rec, flows, family, reason)
+        return rec
+
+    def _fill(self, rec: np.ndarray, flows: np.ndarray, family: int, reason: Any) -> None:
+        """Write the records of ``flows`` into ``rec`` (same shape; a view into a message array will do)."""
         width = 4 if family == 4 else 16
-        rec["src"] = flows["src"][:, :width]
-        rec["dst"] = flows["dst"][:, :width]
+        rec["src"] = flows["src"][..., :width]
+        rec["dst"] = flows["dst"][..., :width]
         for dst, src in (("sport", "sport"), ("dport", "dport"), ("proto", "proto"), ("octets", "bytes"),
                          ("packets", "packets"), ("flags", "tcp_flags")):
             rec[dst] = flows[src]
@@ -163,12 +168,11 @@ class IpfixExporter:
         rec["policy"] = np.where(pol < 0, _NONE32, pol)
         rec["path"] = flows["path"]
         rec["site"] = flows["site"]
-        return rec
 
     def _message(self, sets: bytes, now: float) -> bytes:
         return struct.pack("!HHIII", VERSION, 16 + len(sets), int(now), self.sequence & _NONE32, self.domain) + sets
 
-    def _send(self, msg: bytes, records: int) -> bool:
+    def _send(self, msg: bytes | memoryview, records: int) -> bool:
         try:
             self.sock.sendto(msg, self.collector)
         except OSError:   # counted; the sequence still advances, so the collector sees the gap too
@@ -201,30 +205,64 @@ class IpfixExporter:
         sent = 0
         for family in (4, 6):
             mask = flows["family"] == family
-            part = flows[mask]
+            whole = bool(mask.all())
+            part = flows if whole else flows[mask]
             if not len(part):
                 continue
-            rec = self._records(part, family, codes if np.isscalar(codes) else codes[mask])
-            raw = rec.tobytes()
-            size = rec.dtype.itemsize
+            why = codes if np.isscalar(codes) else (codes if whole else codes[mask])
+            size = _RECORD[family].itemsize
             i = 0
-            while i < len(rec):
+            if pending:                     # the first message: the templates, then what fits
                 room = (self.mtu - 16 - len(pending) - 4) // size
-                if room <= 0:               # the templates alone fill this message
+                if room <= 0:               # the templates alone fill a message
                     self._send(self._message(pending, now), 0)
-                    pending = b""
-                    continue
-                n = min(room, len(rec) - i)
-                body = raw[i * size:(i + n) * size]
-                data_set = struct.pack("!HH", _TEMPLATE_ID[family], 4 + len(body)) + body
-                if self._send(self._message(pending + data_set, now), n):
-                    self.records += n
-                    sent += n
+                else:
+                    n = min(room, len(part))
+                    body = self._records(part[:n], family, why if np.isscalar(why) else why[:n]).tobytes()
+                    data_set = struct.pack("!HH", _TEMPLATE_ID[family], 4 + len(body)) + body
+                    sent += self._send_counted(self._message(pending + data_set, now), n)
+                    i = n
                 pending = b""
-                self.sequence = (self.sequence + n) & _NONE32
-                i += n
+            sent += self._send_records(part[i:], family, why if np.isscalar(why) else why[i:], now)
         if pending:                         # templates due, no records: send them alone
             self._send(self._message(pending, now), 0)
+        return sent
+
+    def _send_counted(self, msg: bytes, n: int) -> int:
+        """Send a message of ``n`` records; the sequence moves on either way."""
+        ok = self._send(msg, n)
+        self.sequence = (self.sequence + n) & _NONE32
+        if ok:
+            self.records += n
+        return n if ok else 0
+
+    def _send_records(self, flows: np.ndarray, family: int, why: Any, now: float) -> int:
+        """Data-only messages for ``flows``, built in one array (header, set
+        header and as many records as the MTU allows each, the records
+        written in place), then sent one datagram at a time."""
+        if not len(flows):
+            return 0
+        rdt, template = _RECORD[family], _TEMPLATE_ID[family]
+        size = rdt.itemsize
+        per = max(1, (self.mtu - 20) // size)
+        full, tail = divmod(len(flows), per)
+        sent = 0
+        if full:
+            msg = np.dtype([("version", ">u2"), ("length", ">u2"), ("time", ">u4"), ("seq", ">u4"),
+                            ("domain", ">u4"), ("set_id", ">u2"), ("set_len", ">u2"), ("rec", rdt, (per,))])
+            out = np.zeros(full, msg)
+            out["version"], out["length"], out["time"], out["domain"] = VERSION, msg.itemsize, int(now), self.domain
+            out["set_id"], out["set_len"] = template, 4 + per * size
+            out["seq"] = (self.sequence + np.arange(full, dtype=np.uint64) * per) & _NONE32
+            self._fill(out["rec"], flows[:full * per].reshape(full, per), family,
+                       why if np.isscalar(why) else why[:full * per].reshape(full, per))
+            view = memoryview(out).cast("B")
+            step = msg.itemsize
+            for k in range(full):
+                sent += self._send_counted(view[k * step:(k + 1) * step], per)
+        if tail:
+            body = self._records(flows[full * per:], family, why if np.isscalar(why) else why[full * per:]).tobytes()
+            sent += self._send_counted(self._message(struct.pack("!HH", template, 4 + len(body)) + body, now), tail)
         return sent
 
     def stats(self) -> dict[str, int]:
