@@ -1333,7 +1333,8 @@ class SiteAgent:
             if tr.old == State.UP:
                 self.path_downs[path_id] = self.path_downs.get(path_id, 0) + 1
             log.info("bfd %s %s (%s -> %s%s)", path_id, "up" if tr.new == State.UP else "down", tr.old.name.lower(),
-                     tr.new.name.lower(), "" if tr.diag == Diag.NONE else f", {tr.diag.name.lower()}")
+                     tr.new.name.lower(), "" if tr.diag == Diag.NONE else f", {tr.diag.name.lower()}",
+                     extra={"path": path_id, "reason": "bfd_up" if tr.new == State.UP else "bfd_down"})
 
     def _log_event(self, ev: Any) -> None:
         site = getattr(ev, "site", None)
@@ -1347,10 +1348,13 @@ class SiteAgent:
         detail = f" ({ev.detail})" if ev.detail else ""
         if ev.policy is None and site is None:   # about a path, not a move
             if ev.reason != "bfd_up":            # (the bfd line said that)
-                log.info("path %s: %s%s", ev.to_path or ev.from_path, ev.reason, detail)
+                log.info("path %s: %s%s", ev.to_path or ev.from_path, ev.reason, detail,
+                         extra={"path": ev.to_path or ev.from_path, "reason": ev.reason})
             return
         log.info("move %s%s: %s -> %s, %s%s", ev.policy or "(default)", f" to {site}" if site else "",
-                 ev.from_path or "(none)", ev.to_path or "(none)", ev.reason, detail)
+                 ev.from_path or "(none)", ev.to_path or "(none)", ev.reason, detail,
+                 extra={"policy": ev.policy or "(default)", "remote_site": site, "path": ev.to_path,
+                        "reason": ev.reason})
 
 
 def _token(args: Any) -> str | None:
@@ -1374,9 +1378,9 @@ def _token(args: Any) -> str | None:
 
 def main(args: Any) -> int:
     if not logging.getLogger().handlers:  # an embedding program's logging stays as it is
-        logging.basicConfig(stream=sys.stderr, level=logging.INFO,
-                            format="%(asctime)s.%(msecs)03d %(levelname).1s %(name)s: %(message)s",
-                            datefmt="%H:%M:%S")
+        from .logfmt import configure
+
+        configure(getattr(args, "log_format", "text"), site=getattr(args, "site", None))
         logging.getLogger("httpx").setLevel(logging.WARNING)   # not a line per request
     try:
         token = _token(args)

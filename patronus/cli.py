@@ -66,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="a flow idle this long is exported and forgotten (default 15 s)")
     ag.add_argument("--flow-active-timeout", type=float, default=60.0, metavar="S",
                     help="a flow that lives on is exported this often (default 60 s)")
+    ag.add_argument("--log-format", default="text", choices=["text", "json"],
+                    help="log lines for people (text) or one JSON object a line with site, path, policy, "
+                         "remote_site and reason fields (json)")
     ag.add_argument("--nice", type=int, default=-10, metavar="N",
                     help="scheduling priority of the agent and its tunnels, -20..19 (default -10: BFD at 50 ms x 3 "
                          "must not wait behind bulk work; 0 keeps the default)")
@@ -90,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     ct_run = ct_sub.add_parser("run", help="serve the REST API over HTTPS until SIGTERM")
     ct_run.add_argument("--state", required=True, help="a state directory made by `patronus controller init`")
     ct_run.add_argument("--listen", default="127.0.0.1:8443", help="host:port (default 127.0.0.1:8443; port 0: any)")
+    ct_run.add_argument("--log-format", default="text", choices=["text", "json"],
+                        help="log lines for people (text) or one JSON object a line (json)")
     ct_run.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     ct_run.add_argument("--no-graphql-introspection", action="store_true",
                         help="refuse GraphQL introspection queries (on by default, for authenticated users only)")
@@ -175,8 +180,8 @@ def _controller(args: argparse.Namespace) -> int:
             shown = f"[{host}]" if ":" in host else host
             print(f"patronus controller listening on https://{shown}:{port}", flush=True)
 
-        return server.run(args.state, args.listen, log_level=args.log_level, on_ready=ready,
-                          introspection=not args.no_graphql_introspection)
+        return server.run(args.state, args.listen, log_level=args.log_level, log_format=args.log_format,
+                          on_ready=ready, introspection=not args.no_graphql_introspection)
     except PatronusError as e:
         print(f"patronus controller: {e}", file=sys.stderr)
         return 2

@@ -35,12 +35,13 @@ class Controller:
     """A controller subprocess over a fresh state directory (``init`` first)."""
 
     def __init__(self, state_dir: Path, *, netns: str | None = None, listen: str = "127.0.0.1:0",
-                 url: str | None = None) -> None:
+                 url: str | None = None, args: list[str] | None = None) -> None:
         """``netns``: run inside that network namespace, listening on
         ``listen``; ``url``: how this process reaches it (default: the
         address it prints). A state directory made already is reused."""
         self.state_dir = Path(state_dir)
         self.netns, self.listen, self.fixed_url = netns, listen, url
+        self.args = list(args or ["--log-level", "warning"])   # more options of `controller run`
         self.info = server.init(self.state_dir) if not (self.state_dir / "controller.db").exists() else {}
         self.admin_password: str = self.info.get("admin_password", "")
         self.cert: str = self.info.get("cert", str(self.state_dir / "tls.crt"))
@@ -55,7 +56,7 @@ class Controller:
         wrap = ["ip", "netns", "exec", self.netns] if self.netns else []
         self.proc = subprocess.Popen(
             [*wrap, sys.executable, "-c", _RUN, "controller", "run", "--state", str(self.state_dir),
-             "--listen", self.listen, "--log-level", "warning"],
+             "--listen", self.listen, *self.args],
             stdout=subprocess.PIPE, stderr=self._log, text=True, env=env)
         lines: queue.Queue[str | None] = queue.Queue()
 

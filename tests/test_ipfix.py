@@ -380,8 +380,12 @@ def test_agents_export_every_flow_of_a_lab_run_to_nfcapd(tmp_path):
         state = lab.write_agent_state()
         collectors = [Nfcapd(tmp_path / f"nf{s}", 29995, lab.site_ns(s)) for s in range(2)]
         lab.start_agents(state, backend="xdp", extra=["--ipfix", "127.0.0.1:29995", "--flow-idle-timeout", "1",
-                                                      "--flow-active-timeout", "2"])
+                                                      "--flow-active-timeout", "2", "--log-format", "json"])
         lab.wait_agents()
+        # the agents' logs as JSON lines (--log-format json): each names its site; BFD lines their path
+        lines = [json.loads(x) for x in lab.agent_logs(200).splitlines() if x.startswith("{")]
+        assert lines and {x["site"] for x in lines} == {"s0", "s1"}
+        assert any(x.get("reason") == "bfd_up" and x.get("path") in {p.id for p in lab.mesh.paths()} for x in lines)
         tx = socket_in(lab.lan_ns(0), socket.AF_INET, socket.SOCK_DGRAM)
         rx = socket_in(lab.lan_ns(1), socket.AF_INET, socket.SOCK_DGRAM)
         rx.bind(("0.0.0.0", 6100))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import datetime
 import faulthandler
 import hashlib
@@ -184,7 +185,8 @@ def _dump_tasks() -> None:
 
 
 def _server(state_dir: str | os.PathLike[str], listen: str, *, log_level: str = "info",
-            on_ready: Callable[[str, int], None] | None = None, introspection: bool = True) -> Any:
+            on_ready: Callable[[str, int], None] | None = None, introspection: bool = True,
+            log_format: str = "text") -> Any:
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -215,15 +217,23 @@ def _server(state_dir: str | os.PathLike[str], listen: str, *, log_level: str = 
     config = uvicorn.Config(build_app(state_dir, introspection=introspection), host=host, port=port, ssl_certfile=str(f["cert"]),
                             ssl_keyfile=str(f["key"]), loop="uvloop", http="h11", lifespan="on",
                             timeout_graceful_shutdown=GRACEFUL_S, log_level=log_level, server_header=False,
-                            proxy_headers=False, access_log=log_level == "debug")
+                            proxy_headers=False, access_log=log_level == "debug",
+                            **({"log_config": None} if log_format == "json" else {}))
+    if log_format == "json":   # uvicorn's loggers propagate to the root's JSON handler
+        from ..logfmt import configure
+
+        configure("json", level=getattr(logging, log_level.upper(), logging.INFO))
     return Server(config)
 
 
 def run(state_dir: str | os.PathLike[str], listen: str = "127.0.0.1:8443", *, log_level: str = "info",
-        on_ready: Callable[[str, int], None] | None = None, introspection: bool = True) -> int:
+        on_ready: Callable[[str, int], None] | None = None, introspection: bool = True,
+        log_format: str = "text") -> int:
     """Serve until SIGTERM/SIGINT; 0 after a clean stop. ``on_ready(host, port)``
-    is called once the socket listens (port 0 picks a free port)."""
-    server = _server(state_dir, listen, log_level=log_level, on_ready=on_ready, introspection=introspection)
+    is called once the socket listens (port 0 picks a free port). ``log_format``:
+    ``text`` or ``json`` (:mod:`patronus.logfmt`)."""
+    server = _server(state_dir, listen, log_level=log_level, on_ready=on_ready, introspection=introspection,
+                     log_format=log_format)
     if hasattr(signal, "SIGUSR1"):   # kill -USR1: every thread's stack to stderr (a stuck controller, diagnosed live)
         faulthandler.register(signal.SIGUSR1, all_threads=True)
     server.run()
