@@ -131,7 +131,7 @@ class AgentCollector:
                                 "application profile, 0 while they violate it", labels=["path", "app"])
         mesh = getattr(a, "mesh", None)
         if mesh is not None:
-            profiles = mesh.profiles()
+            profiles = mesh.profiles
             apps = sorted({p.app for p in mesh.policies if p.app and p.app in profiles})
             for pid, m in sorted(metrics.items()):
                 if m.samples:
