@@ -966,6 +966,12 @@ class SiteAgent:
         flows drained to the store first), the failover engine reconfigured
         (path health kept, every pair on its best path under the new
         policies). A state without this site is refused and the old one kept."""
+        from .tracing import span
+
+        with span("agent.apply", site=self.site, version=desired.version, previous=self.version):
+            await self._apply_desired(desired)
+
+    async def _apply_desired(self, desired: DesiredState) -> None:
         from .failover import BfdSession
 
         mesh = desired.mesh
@@ -1382,6 +1388,16 @@ def main(args: Any) -> int:
 
         configure(getattr(args, "log_format", "text"), site=getattr(args, "site", None))
         logging.getLogger("httpx").setLevel(logging.WARNING)   # not a line per request
+    from .tracing import setup, shutdown
+
+    setup("patronus-agent")   # OTEL_TRACES_EXPORTER=otlp|console turns it on
+    try:
+        return _main(args)
+    finally:
+        shutdown()
+
+
+def _main(args: Any) -> int:
     try:
         token = _token(args)
         source: StateSource | None = None

@@ -48,6 +48,7 @@ from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, Count
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from ..tracing import span
 from . import auth as _auth
 
 __all__ = ["ControllerMetrics", "install", "metrics_of", "auth_reason", "SITE_STATUSES", "MAX_REASONS",
@@ -239,13 +240,19 @@ class _Middleware:
                 status = int(message["status"])
             await send(message)
 
+        method = scope.get("method", "GET")
         self.metrics.in_flight.inc()
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            self.metrics.in_flight.dec()
-            self.metrics.observe(self._template(scope), scope.get("method", "GET"), status,
-                                 time.perf_counter() - start)
+        with span(f"HTTP {method}", **{"http.request.method": method}) as sp:
+            try:
+                await self.app(scope, receive, send_status)
+            finally:
+                self.metrics.in_flight.dec()
+                route = self._template(scope)
+                self.metrics.observe(route, method, status, time.perf_counter() - start)
+                if sp is not None:   # tracing on (patronus.tracing)
+                    sp.update_name(f"HTTP {method} {route}")
+                    sp.set_attribute("http.route", route)
+                    sp.set_attribute("http.response.status_code", status)
 
 
 def metrics_of(app: Any) -> ControllerMetrics:

@@ -236,7 +236,13 @@ def run(state_dir: str | os.PathLike[str], listen: str = "127.0.0.1:8443", *, lo
                      log_format=log_format)
     if hasattr(signal, "SIGUSR1"):   # kill -USR1: every thread's stack to stderr (a stuck controller, diagnosed live)
         faulthandler.register(signal.SIGUSR1, all_threads=True)
-    server.run()
+    from ..tracing import setup, shutdown
+
+    setup("patronus-controller")   # OTEL_TRACES_EXPORTER=otlp|console turns it on
+    try:
+        server.run()
+    finally:
+        shutdown()
     return 0 if server.started else 1
 
 

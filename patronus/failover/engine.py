@@ -86,6 +86,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from .._fanout import Fanout
 from ..apps import BUILTIN_PROFILES, AppProfile
 from ..errors import ConfigError
+from ..tracing import enabled as _tracing_on, span as _span
 from ..model import Failover, Path
 
 if TYPE_CHECKING:
@@ -584,6 +585,11 @@ class Engine:
         self.duplicating = {k: v for k, v in want.items() if v is not None}
 
     def _emit(self, ev: Event) -> None:
+        if _tracing_on() and (ev.policy is not None or ev.site is not None):   # a decision: a span of it
+            with _span(f"failover.{ev.reason}", reason=ev.reason, policy=ev.policy, remote_site=ev.site,
+                              from_path=ev.from_path, to_path=ev.to_path,
+                              detail=None if ev.detail is None else str(ev.detail)):
+                pass
         if self.store is not None:
             self.store.add_event(ev.reason, policy=ev.policy, from_path=ev.from_path, to_path=ev.to_path,
                                  detail=ev.detail, ts=self.wall_time(ev.ts), site=ev.site)
