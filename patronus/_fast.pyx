@@ -9,7 +9,7 @@ The C declarations are in patronus/includes/: one .pxd per header of csrc/
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_GET_SIZE
-from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcpy, memset
 
@@ -30,6 +30,7 @@ from patronus.includes.flowtable cimport (
     pn_cache, pn_cache_free, pn_cache_init, pn_cache_run, pn_dp, pn_dp_run, pn_ft_expire_idle, pn_ft_flush, pn_ft_free, pn_ft_init,
     pn_ft_snapshot,
 )
+from patronus.includes.ipfix cimport PN_IPFIX_HEAD, PN_IPFIX_REC_V4, PN_IPFIX_REC_V6, pn_ipfix_encode, pn_ipfix_send
 from patronus.includes.parse cimport pn_parse
 from patronus.includes.score cimport pn_score_select, pn_select_changes
 from patronus.includes.sites cimport pn_site_of, pn_sites, pn_sites_build, pn_sites_free
@@ -127,6 +128,53 @@ cdef int list_frames(list frames, Py_ssize_t start, Py_ssize_t m, const uint8_t 
         frame_ptr(frames[start + j], &ptrs[j], &ln)
         lens[j] = ln
     return 0
+
+
+IPFIX_RECORD_SIZES = (PN_IPFIX_REC_V4, PN_IPFIX_REC_V6)   # bytes of a data record: templates 256 and 257
+
+
+def ipfix_export(int fd, const uint8_t[::1] flows not None, int family, reasons, int reason, int64_t offset_ns,
+                 int template_id, uint32_t export_time, uint32_t seq0, uint32_t domain, Py_ssize_t per):
+    """Encode the ``family`` rows of ``flows`` (``abi.FLOW_DTYPE`` bytes) as
+    IPFIX data messages of at most ``per`` records (csrc/ipfix.c) and send
+    them on the connected socket ``fd`` (sendmmsg). ``reasons``: a uint8
+    array, one code per row, or None for ``reason``. Returns (records,
+    messages, messages sent, errors, last errno)."""
+    cdef size_t n = flows.shape[0] // sizeof(pn_flow)
+    if n * sizeof(pn_flow) != <size_t>flows.shape[0]:
+        raise ValueError("flows is not a whole number of flow records")
+    if per < 1:
+        raise ValueError("per must be at least 1")
+    cdef const uint8_t[::1] why
+    cdef const uint8_t *why_p = NULL
+    if reasons is not None:
+        why = reasons
+        if <size_t>why.shape[0] != n:
+            raise ValueError("reasons is not one code per flow")
+        if n:
+            why_p = &why[0]
+    cdef size_t rsize = PN_IPFIX_REC_V4 if family == 4 else PN_IPFIX_REC_V6
+    cdef size_t cap_msgs = (n + <size_t>per - 1) // <size_t>per
+    if n == 0:
+        return 0, 0, 0, 0, 0
+    cdef uint8_t *out = <uint8_t *>malloc(cap_msgs * (PN_IPFIX_HEAD + <size_t>per * rsize))
+    cdef uint32_t *lens = <uint32_t *>malloc(cap_msgs * sizeof(uint32_t))
+    cdef size_t records = 0, msgs = 0, sent = 0, errors = 0
+    cdef int last_errno = 0
+    if out == NULL or lens == NULL:
+        free(out)
+        free(lens)
+        raise MemoryError()
+    try:
+        with nogil:
+            msgs = pn_ipfix_encode(out, lens, <const pn_flow *>&flows[0], n, family, why_p, <uint8_t>reason,
+                                   offset_ns, <uint16_t>template_id, export_time, seq0, domain, <size_t>per,
+                                   &records)
+            sent = pn_ipfix_send(fd, out, lens, msgs, &errors, &last_errno)
+    finally:
+        free(out)
+        free(lens)
+    return records, msgs, sent, errors, last_errno
 
 
 def xdp_take(uint8_t[::1] table not None, uint8_t[::1] out not None, int mode, uint64_t now_ns=0,
