@@ -590,6 +590,7 @@ class SiteAgent:
         self._last_batch = 0.0                 # wall time of the last telemetry batch (its flows are newer)
         self.loop_stalls = 0                   # times the event loop woke >= STALL_S late (false Downs follow)
         self.loop_lag_max = 0.0                # the latest wake-up seen, seconds
+        self._beat = time.monotonic()          # when the event loop last woke (the stall catcher reads it)
         self.dedup: Any = None                 # the far end of duplication, on this site's tunnels
         self._dedup_building: asyncio.Future[Any] | None = None   # its program compiling off the loop
         self._dup_warned: set[str] = set()
@@ -762,9 +763,14 @@ class SiteAgent:
         is explained by the agent's own log."""
         loop = asyncio.get_running_loop()
         logged = 0.0
+        self._beat = time.monotonic()
+        catcher = threading.Thread(target=self._catch_stalls, args=(threading.get_ident(),), daemon=True,
+                                   name="stall-catcher")
+        catcher.start()
         while True:
             t = loop.time()
             await asyncio.sleep(0.02)
+            self._beat = time.monotonic()
             late = loop.time() - t - 0.02
             self.loop_lag_max = max(self.loop_lag_max, late)
             if late >= STALL_S:
@@ -773,6 +779,34 @@ class SiteAgent:
                     logged = loop.time()
                     log.warning("event loop stalled %.0f ms (%d stalls so far): BFD sessions may have been "
                                 "declared Down by their peers", late * 1e3, self.loop_stalls)
+
+    def _catch_stalls(self, loop_thread: int) -> None:
+        """A thread that looks where the event loop is while it is held: when
+        the loop has not woken for ``STALL_S``, the stacks of the loop's thread
+        and of every other busy thread go to the log (once a stall, at most
+        every 5 s), so a stall names its cause."""
+        import traceback
+
+        reported, last = False, 0.0
+        while not self._stop.is_set():
+            time.sleep(0.025)
+            held = time.monotonic() - self._beat
+            if held < STALL_S:
+                reported = False
+                continue
+            if reported or time.monotonic() - last < 5.0:
+                continue
+            reported, last = True, time.monotonic()
+            frames = sys._current_frames()
+            names = {t.ident: t.name for t in threading.enumerate()}
+            parts = []
+            for ident, frame in frames.items():
+                if ident == threading.get_ident():
+                    continue
+                stack = "".join(traceback.format_stack(frame, limit=4 if ident != loop_thread else 8))
+                parts.append(f"-- {'event loop' if ident == loop_thread else names.get(ident, ident)}:\n{stack}")
+            log.warning("event loop held for %.0f ms so far; where the threads are:\n%s", held * 1e3,
+                        "".join(parts).rstrip())
 
     def _build_dedup(self) -> None:
         """Compile the de-duplication program in a worker thread (BCC takes
@@ -1086,11 +1120,13 @@ class SiteAgent:
                 self._urgent.clear()
             if self.dp is None or self.engine is None:
                 continue
+            # the outbox and the metrics on the loop (they change there); the flow table's scan (tens of
+            # ms at a quarter of a million slots, more on a loaded machine) on the I/O thread
+            batch = self._batch_head()
             try:
-                batch = self._batch()
-            except Exception:   # never the end of telemetry: the next round tries again
-                log.exception("telemetry batch not built")
-                continue
+                batch.update(await loop.run_in_executor(self._io, self._batch_flows))
+            except Exception:   # the BFD changes and failover events go anyway
+                log.exception("telemetry: flows not read")
             try:
                 await loop.run_in_executor(self._io, self._post, batch)
             except TelemetryRefused as e:
@@ -1124,7 +1160,14 @@ class SiteAgent:
 
     def _batch(self) -> dict[str, Any]:
         """One telemetry batch: every path's latest metrics, the BFD changes and
-        failover events since the last batch, per-policy flow totals."""
+        failover events since the last batch, per-policy flow totals and the
+        busiest flows (``_batch_head`` + ``_batch_flows``, which the reporter
+        runs on two threads)."""
+        return {**self._batch_head(), **self._batch_flows()}
+
+    def _batch_head(self) -> dict[str, Any]:
+        """What changes on the event loop: the paths' latest metrics and the
+        outbox (BFD changes and failover events), taken out of it."""
         now = time.time()
 
         def num(x: Any) -> float | None:
@@ -1135,6 +1178,15 @@ class SiteAgent:
             if m.samples:
                 metrics.append({"ts": now, "path": pid, "rtt_ms": num(m.rtt_ms), "jitter_ms": num(m.jitter_ms),
                                 "loss_pct": num(m.loss_pct), "mos": num(m.mos)})
+        head = {"metrics": metrics[:OUTBOX], "bfd": self._outbox["bfd"][:OUTBOX],
+                "events": self._outbox["events"][:OUTBOX], "flows": [], "records": [], "records_omitted": 0}
+        self._outbox = {"bfd": self._outbox["bfd"][OUTBOX:], "events": self._outbox["events"][OUTBOX:]}
+        return head
+
+    def _batch_flows(self) -> dict[str, Any]:
+        """Per-policy flow totals and the busiest flows since the last batch,
+        from one scan of the flow table (run off the loop)."""
+        now = time.time()
         flows = []
         fl = self.dp.flows()
         names = [p.name for p in self.mesh.policies]
@@ -1149,16 +1201,12 @@ class SiteAgent:
         active = fl[fl["last_ns"] >= np.uint64(max(0, int(self._last_batch * 1e9) - 10_000_000))] if len(fl) else fl
         self._last_batch = now
         top = active[np.argsort(active["bytes"], kind="stable")[::-1][:FLOW_RECORDS]] if len(active) else active
-        path_ids = {i: t.path.id for i, t in self.tunnels.items()}
+        path_ids = {i: t.path.id for i, t in list(self.tunnels.items())}   # (the loop may change the dict)
         records = []
         for r in flow_records(top, names):
             r["path"] = path_ids.get(r["path"]) if r["path"] is not None else None
             records.append({"ts": now, **r})
-        batch = {"metrics": metrics[:OUTBOX], "bfd": self._outbox["bfd"][:OUTBOX],
-                 "events": self._outbox["events"][:OUTBOX], "flows": flows[:OUTBOX], "records": records,
-                 "records_omitted": len(active) - len(records)}
-        self._outbox = {"bfd": self._outbox["bfd"][OUTBOX:], "events": self._outbox["events"][OUTBOX:]}
-        return batch
+        return {"flows": flows[:OUTBOX], "records": records, "records_omitted": len(active) - len(records)}
 
     def _post(self, batch: dict[str, Any]) -> None:
         assert self.controller is not None

@@ -21,7 +21,8 @@ def demo(tmp_path_factory):
     state = tmp_path_factory.mktemp("demo") / "demo.db"
     out = subprocess.run([sys.executable, "-m", "patronus.cli", "demo", "--state", str(state)],
                          capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    # the story's own error ends stderr (after the agents' logs): keep enough of both to read it
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-8000:]
     return out.stdout, state
 
 

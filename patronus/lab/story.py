@@ -104,7 +104,8 @@ def duplication_phase(lab: Lab, state: Path, hold_s: float, say: Callable[[str],
             break
         time.sleep(0.1)
     else:
-        raise LabError(f"duplication never came on:\n{lab.agent_logs()}")
+        raise LabError(f"{lab.agent_logs(40)}\nduplication never came on in 30 s: s0 says "
+                       f"{s0.get('duplication')}, s1 says {s1.get('duplication')}")
     say(f"duplication on for voip: copies to s1 over {s0['duplication']['copies_to']['voip->s1']}, "
         "the far end keeps the first copy")
     rx = socket_in(lab.lan_ns(1), socket.AF_INET, socket.SOCK_DGRAM)
