@@ -572,8 +572,10 @@ class SiteAgent:
             parse_collector(ipfix)   # refused before anything starts
         self.ipfix, self.flow_idle_s, self.flow_active_s = ipfix, flow_idle_s, flow_active_s
         self._ipfix: Any = None                # the exporter (one socket for the agent's life)
+        self._ipfix_retry_at = 0.0             # when to try an unreachable collector again
         self.meter: Any = None                 # the FlowMeter of the data plane in use
         self._meter_lock = threading.Lock()    # polled on the I/O thread, replaced on the loop
+        self._dp_lock = threading.Lock()       # the I/O thread's scans against the loop replacing the data plane
         self.state = Path(state)
         self.site = site
         self.source: StateSource = source if source is not None else LocalStateFile(self.state)
@@ -591,6 +593,7 @@ class SiteAgent:
         self.loop_stalls = 0                   # times the event loop woke >= STALL_S late (false Downs follow)
         self.loop_lag_max = 0.0                # the latest wake-up seen, seconds
         self._beat = time.monotonic()          # when the event loop last woke (the stall catcher reads it)
+        self._catcher_stop = threading.Event()  # set when run() ends, however it ends
         self.dedup: Any = None                 # the far end of duplication, on this site's tunnels
         self._dedup_building: asyncio.Future[Any] | None = None   # its program compiling off the loop
         self._dup_warned: set[str] = set()
@@ -788,7 +791,7 @@ class SiteAgent:
         import traceback
 
         reported, last = False, 0.0
-        while not self._stop.is_set():
+        while not self._stop.is_set() and not self._catcher_stop.is_set():
             time.sleep(0.025)
             held = time.monotonic() - self._beat
             if held < STALL_S:
@@ -933,6 +936,7 @@ class SiteAgent:
             self.engine.stop()
             await engine_task
         finally:
+            self._catcher_stop.set()
             await self._teardown()
 
     def _start_meter(self) -> None:
@@ -943,7 +947,12 @@ class SiteAgent:
         from .ipfix import IpfixExporter
 
         if self._ipfix is None:   # both backends give flow times as Unix time
-            self._ipfix = IpfixExporter(self.ipfix, clock_offset_ns=0)
+            try:
+                self._ipfix = IpfixExporter(self.ipfix, clock_offset_ns=0)
+            except OSError as e:   # no route or name yet: forwarding goes on, telemetry tries again
+                log.warning("IPFIX collector %s: %s; flows are kept in the data plane until it can be reached",
+                            self.ipfix, e)
+                return
         with self._meter_lock:
             self.meter = FlowMeter(self.dp, [self._ipfix.export], idle_timeout_s=self.flow_idle_s,
                                    active_timeout_s=self.flow_active_s)
@@ -1027,11 +1036,13 @@ class SiteAgent:
                 self.engine.reconfigure(mesh, table)
             else:
                 names = [p.name for p in old.policies]
-                with contextlib.suppress(Exception):
-                    self.store.add_flow_snapshot(time.time(), self.site, self.dp.flows(), names)
-                self._stop_meter()   # the old table's flows go out before it does
-                self.dp.close()
-                self.dp = self._open_dataplane(mesh)
+                # the old table's flows go out before it does, on the I/O thread (after what is queued there)
+                await asyncio.get_running_loop().run_in_executor(self._io, self._stop_meter)
+                with self._dp_lock:   # no scan of the I/O thread runs on a data plane being closed
+                    with contextlib.suppress(Exception):
+                        self.store.add_flow_snapshot(time.time(), self.site, self.dp.flows(), names)
+                    self.dp.close()
+                    self.dp = self._open_dataplane(mesh)
                 self._start_meter()
                 self.engine.reconfigure(mesh, dataplane=self.dp)
         except Exception:
@@ -1188,7 +1199,8 @@ class SiteAgent:
         from one scan of the flow table (run off the loop)."""
         now = time.time()
         flows = []
-        fl = self.dp.flows()
+        with self._dp_lock:   # the loop may be replacing the data plane
+            fl = self.dp.flows()
         names = [p.name for p in self.mesh.policies]
         if len(fl):
             pol = fl["policy"].astype(np.int64)
@@ -1218,13 +1230,17 @@ class SiteAgent:
         I/O thread with a store connection of its own."""
         if self._io_store is None:
             self._io_store = Store(self.state)
+        if self.ipfix is not None and self._ipfix is None and now >= self._ipfix_retry_at:
+            self._ipfix_retry_at = now + 30   # the collector was unreachable: try again, every 30 s
+            self._start_meter()
         with self._meter_lock:
             if self.meter is not None:
                 try:
                     self.meter.poll()
                 except Exception as e:   # one bad poll must not end the telemetry
                     log.warning("flow export: %s", e)
-        flows = self.dp.flows()
+        with self._dp_lock:
+            flows = self.dp.flows()
         # only flows that saw packets since the last snapshot (10 ms of slack
         # for the kernel's coarse clock): the state grows with traffic, not time
         active = flows[flows["last_ns"] >= np.uint64(max(0, int(last_snap * 1e9) - 10_000_000))]

@@ -40,12 +40,16 @@ __all__ = ["FlowArchive"]
 
 def _addresses(raw: np.ndarray, family: np.ndarray) -> list[str]:
     """Text of 16-byte address rows (IPv4 in the first 4), each distinct one formatted once."""
-    keyed = np.ascontiguousarray(raw).view(np.dtype((np.void, 16))).ravel()
+    # keyed by family and bytes: IPv4 0.0.0.0 and IPv6 :: have the same 16 bytes
+    both = np.empty((len(raw), 17), np.uint8)
+    both[:, 0] = family
+    both[:, 1:] = raw
+    keyed = both.view(np.dtype((np.void, 17))).ravel()
     uniq, inverse = np.unique(keyed, return_inverse=True)
-    fam_of = np.zeros(len(uniq), np.uint8)
-    fam_of[inverse] = family
-    text = [socket.inet_ntop(socket.AF_INET, u.tobytes()[:4]) if f == 4 else socket.inet_ntop(socket.AF_INET6, u.tobytes())
-            for u, f in zip(uniq, fam_of)]
+    text = []
+    for u in uniq:
+        b = u.tobytes()
+        text.append(socket.inet_ntop(socket.AF_INET, b[1:5]) if b[0] == 4 else socket.inet_ntop(socket.AF_INET6, b[1:]))
     return [text[i] for i in inverse.ravel()]
 
 

@@ -137,6 +137,7 @@ class FlowMeter:
         # per live flow already exported in part: its key -> (packets, bytes, last_ns) of the records so far
         self._sent: dict[bytes, tuple[int, int, int]] = {}
         self.records = 0
+        self.inconsistent = 0    # records whose counts went backwards (exported as nothing)
 
     @staticmethod
     def _keys(flows: np.ndarray) -> list[bytes]:
@@ -156,13 +157,20 @@ class FlowMeter:
 
     def _deltas(self, flows: np.ndarray, *, forget: bool) -> np.ndarray:
         """The records of ``flows``: less what earlier records of each flow
-        held (``forget``: the flow is gone, drop what is remembered)."""
+        held (``forget``: the flow is gone, drop what is remembered). A
+        count below what was already exported (two live records of one key:
+        two CPUs creating one flow in the same clock tick) exports nothing
+        for that record rather than a wrapped count; it is counted in
+        ``inconsistent``."""
         out = flows.copy()
         for i, key in enumerate(self._keys(flows)):
             prev = self._sent.pop(key, None) if forget else self._sent.get(key)
             if prev is not None:
-                out["packets"][i] -= prev[0]
-                out["bytes"][i] -= prev[1]
+                packets, octets = int(flows["packets"][i]) - prev[0], int(flows["bytes"][i]) - prev[1]
+                if packets < 0 or octets < 0:
+                    self.inconsistent += 1
+                    packets = octets = 0
+                out["packets"][i], out["bytes"][i] = packets, octets
                 out["first_ns"][i] = prev[2]
         return out
 
@@ -190,9 +198,10 @@ class FlowMeter:
             if due:
                 flows = old[due]
                 recs = self._deltas(flows, forget=False)
-                for key, f in zip(self._keys(flows), flows):
+                keep = recs["packets"] > 0
+                sent += self._emit(recs[keep], np.full(int(keep.sum()), END_REASONS["active"], np.uint8))
+                for key, f in zip(self._keys(flows), flows):   # once sent: a sink that raised loses nothing
                     self._sent[key] = (int(f["packets"]), int(f["bytes"]), int(f["last_ns"]))
-                sent += self._emit(recs, np.full(len(recs), END_REASONS["active"], np.uint8))
         return sent
 
     def close(self) -> int:

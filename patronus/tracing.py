@@ -84,13 +84,21 @@ def setup(service_name: str, *, exporter: Any = None) -> bool:
 
 
 @contextlib.contextmanager
-def span(name: str, **attributes: Any) -> Iterator[Any]:
-    """A span around the block (None attributes are left out); nothing while off."""
+def span(name: str, *, root: bool = False, **attributes: Any) -> Iterator[Any]:
+    """A span around the block (None attributes are left out); nothing while
+    off. ``root``: a trace of its own, whatever span the caller's context
+    holds (a failover decision set off by a datagram is no child of the
+    reconciliation whose span was current when its socket was set up)."""
     if _tracer is None:
         yield None
         return
     attrs = {f"patronus.{k}" if "." not in k else k: v for k, v in attributes.items() if v is not None}
-    with _tracer.start_as_current_span(name, attributes=attrs) as s:
+    context = None
+    if root:
+        from opentelemetry.context import Context
+
+        context = Context()
+    with _tracer.start_as_current_span(name, context=context, attributes=attrs) as s:
         yield s
 
 

@@ -127,3 +127,12 @@ def test_the_command_needs_a_destination_and_a_readable_capture(tmp_path):
                         "--parquet", str(tmp_path / "a")], capture_output=True, text=True, timeout=60,
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 2 and "not a readable capture" in r.stderr, r.stderr
+
+
+def test_the_ipv4_and_ipv6_zero_addresses_stay_apart(tmp_path):
+    f = np.zeros(2, abi.FLOW_DTYPE)       # 0.0.0.0 (a DHCP discover) and :: (duplicate address detection)
+    f["family"] = [4, 6]
+    f["packets"] = 1
+    FlowArchive(tmp_path / "a").write(f, [])
+    df = pd.read_parquet(tmp_path / "a").sort_values("family")
+    assert df["src"].tolist() == ["0.0.0.0", "::"] and df["dst"].tolist() == ["0.0.0.0", "::"]

@@ -422,6 +422,33 @@ def test_agents_export_every_flow_of_a_lab_run_to_nfcapd(tmp_path):
             except (socket.timeout, TimeoutError):
                 pass
         assert got == sum(sent.values())
+        # a policy more in the desired state: each agent replaces its data plane (another rule table size),
+        # exporting the old one's flows first; then more traffic, counted in the new one
+        from patronus import Match, Policy
+
+        before = {s: (lab.agent_status(s, state) or {}).get("version") for s in range(2)}
+        mesh = lab.mesh
+        mesh.add_policy(Policy("bulk", Match(proto="tcp", dst_ports=443), priority=5))
+        lab.write_agent_state(mesh, state)
+        wait_until = time.monotonic() + 60
+        while any((lab.agent_status(s, state) or {}).get("version") == before[s] for s in range(2)):
+            assert time.monotonic() < wait_until, lab.agent_logs(20)
+            time.sleep(0.1)
+        s = socket_in(lab.lan_ns(0), socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind(("0.0.0.0", 43000))
+        for _ in range(7):
+            s.sendto(bytes(200), (lab.lan_addr(1), 6100))
+        s.close()
+        sent[43000], sizes[43000] = 7, 20 + 8 + 200
+        deadline = time.monotonic() + 30
+        got = 0
+        while got < 7 and time.monotonic() < deadline:
+            try:
+                rx.recv(2048)
+                got += 1
+            except (socket.timeout, TimeoutError):
+                pass
+        assert got == 7
         lab.stop_agents()   # each exports what is still live as it stops
         said, flows = collectors[0].stop()
     finally:

@@ -51,13 +51,15 @@ def test_a_failover_decision_is_a_span_with_its_reason():
         mesh = make_mesh(failback_hold_s=0, cooldown_s=0)
         engine = Engine(mesh, RecordingPlane(mesh.policy_table(), flow_capacity=64), local_site="hq")
         engine.start(0.0)
-        engine.bfd(MPLS, up=False, now=1.0)
+        with tracing.span("agent.apply"):   # a decision is a trace of its own, not a child of what is current
+            engine.bfd(MPLS, up=False, now=1.0)
     finally:
         tracing.shutdown()
     spans = memory.get_finished_spans()
     down = [s for s in spans if s.name == "failover.bfd_down"]
     assert down and all(s.attributes["patronus.from_path"] == MPLS for s in down)
     assert {s.attributes["patronus.reason"] for s in down} == {"bfd_down"}
+    assert all(s.parent is None for s in down)
     assert any(s.name == "failover.initial" for s in spans)
     assert not tracing.enabled()
 

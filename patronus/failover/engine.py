@@ -586,7 +586,7 @@ class Engine:
 
     def _emit(self, ev: Event) -> None:
         if _tracing_on() and (ev.policy is not None or ev.site is not None):   # a decision: a span of it
-            with _span(f"failover.{ev.reason}", reason=ev.reason, policy=ev.policy, remote_site=ev.site,
+            with _span(f"failover.{ev.reason}", root=True, reason=ev.reason, policy=ev.policy, remote_site=ev.site,
                               from_path=ev.from_path, to_path=ev.to_path,
                               detail=None if ev.detail is None else str(ev.detail)):
                 pass
