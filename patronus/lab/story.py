@@ -91,7 +91,19 @@ def _flow_stats(state: Path) -> dict[str, Any]:
     return {"flows": per}
 
 
-def duplication_phase(lab: Lab, state: Path, hold_s: float, say: Callable[[str], None]) -> dict[str, Any]:
+def _settled(st: dict[str, Any], voice_path: str) -> bool:
+    """Site s0 as the duplicated run needs it: every path to s1 Up, voice home
+    on ``voice_path`` and its copies on a tunnel of the other uplink."""
+    paths = {pid: p for pid, p in st.get("paths", {}).items() if p.get("remote_site") == "s1"}
+    routes = {(r["class"], r["site"]): r["path"] for r in st.get("routes", [])}
+    copies = st.get("duplication", {}).get("copies_to", {}).get("voip->s1")
+    other = {p["ifname"] for p in paths.values() if p.get("local_uplink") != "u0"}
+    return (bool(paths) and all(p.get("bfd") == "up" for p in paths.values())
+            and routes.get(("voip", "s1")) == voice_path and copies in other)
+
+
+def duplication_phase(lab: Lab, state: Path, hold_s: float, say: Callable[[str], None],
+                      voice_path: str | None = None) -> dict[str, Any]:
     """The same cut with duplication on for voice: the desired state gets
     ``QoS(duplicate=True)`` on voip (the agents apply it live), then a voice
     stream with sequence numbers while s0's uplink u0 is cut for 2 s and
@@ -106,6 +118,14 @@ def duplication_phase(lab: Lab, state: Path, hold_s: float, say: Callable[[str],
     else:
         raise LabError(f"{lab.agent_logs(40)}\nduplication never came on in 30 s: s0 says "
                        f"{s0.get('duplication')}, s1 says {s1.get('duplication')}")
+    if voice_path is not None:   # the first cut's failback, damping and the bulk transfer's aftermath settled
+        deadline = time.monotonic() + 30
+        while not _settled(lab.agent_status(0, state) or {}, voice_path):
+            if time.monotonic() > deadline:
+                raise LabError(f"{lab.agent_logs(40)}\ns0 never settled for the duplicated run (every path to s1 "
+                               f"Up, voice on {voice_path}, copies on u1): {lab.agent_status(0, state)}")
+            time.sleep(0.1)
+        s0 = lab.agent_status(0, state) or {}
     say(f"duplication on for voip: copies to s1 over {s0['duplication']['copies_to']['voip->s1']}, "
         "the far end keeps the first copy")
     rx = socket_in(lab.lan_ns(1), socket.AF_INET, socket.SOCK_DGRAM)
@@ -283,7 +303,7 @@ def failover_story(workdir: Path | str, *, tag: str = "demo", sites: int = 3, ho
         reader.stop()
         moves = [e for e in events if e["policy"] == "voip" and e["reason"] in ("bfd_down", "failback", "reroute")]
         rx.close()
-        duplicated = duplication_phase(lab, state, hold_s, say) if duplication else None
+        duplicated = duplication_phase(lab, state, hold_s, say, voice_first) if duplication else None
         logs = lab.agent_logs(40)   # what the agents said (a test that fails shows it)
         lab.stop_agents()  # each agent writes its last flow snapshot as it stops
         stats = _flow_stats(state)
