@@ -11,6 +11,8 @@ and the events printed (``patronus.lab.story``).
 
 from __future__ import annotations
 
+import sys
+
 import os
 import tempfile
 import time
@@ -179,6 +181,8 @@ def _network_story(say) -> int:  # type: ignore[no-untyped-def]
     d = r["duplicated"]
     say(f"   duplicated voice: {d['sent']} sent, {d['received']} received, {d['lost']} lost, "
         f"{d['duplicates']} duplicates delivered")
+    if d.get("why"):   # not what it should be: what each end said, on stderr
+        print(d["why"], file=sys.stderr)
     say("   lab torn down.")
     return 0 if (r["tcp_ok"] and down is not None and d["lost"] == 0 and d["duplicates"] == 0) else 1
 

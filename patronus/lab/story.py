@@ -92,14 +92,17 @@ def _flow_stats(state: Path) -> dict[str, Any]:
 
 
 def _settled(st: dict[str, Any], voice_path: str) -> bool:
-    """Site s0 as the duplicated run needs it: every path to s1 Up, voice home
-    on ``voice_path`` and its copies on a tunnel of the other uplink."""
+    """Site s0 as the duplicated run needs it: every path to s1 Up, voice on
+    a path of ``voice_path``'s uplink (the one the run cuts; either of its
+    paths is home for the policy) and its copies on a tunnel of another."""
     paths = {pid: p for pid, p in st.get("paths", {}).items() if p.get("remote_site") == "s1"}
     routes = {(r["class"], r["site"]): r["path"] for r in st.get("routes", [])}
     copies = st.get("duplication", {}).get("copies_to", {}).get("voip->s1")
-    other = {p["ifname"] for p in paths.values() if p.get("local_uplink") != "u0"}
+    home = paths.get(voice_path, {}).get("local_uplink")
+    voice = paths.get(routes.get(("voip", "s1")) or "", {})
+    other = {p["ifname"] for p in paths.values() if p.get("local_uplink") != home}
     return (bool(paths) and all(p.get("bfd") == "up" for p in paths.values())
-            and routes.get(("voip", "s1")) == voice_path and copies in other)
+            and voice.get("local_uplink") == home and copies in other)
 
 
 def duplication_phase(lab: Lab, state: Path, hold_s: float, say: Callable[[str], None],
@@ -123,7 +126,8 @@ def duplication_phase(lab: Lab, state: Path, hold_s: float, say: Callable[[str],
         while not _settled(lab.agent_status(0, state) or {}, voice_path):
             if time.monotonic() > deadline:
                 raise LabError(f"{lab.agent_logs(40)}\ns0 never settled for the duplicated run (every path to s1 "
-                               f"Up, voice on {voice_path}, copies on u1): {lab.agent_status(0, state)}")
+                               f"Up, voice on the uplink of {voice_path}, copies on another): "
+                               f"{lab.agent_status(0, state)}")
             time.sleep(0.1)
         s0 = lab.agent_status(0, state) or {}
     say(f"duplication on for voip: copies to s1 over {s0['duplication']['copies_to']['voip->s1']}, "
@@ -164,7 +168,14 @@ def duplication_phase(lab: Lab, state: Path, hold_s: float, say: Callable[[str],
     rx.close()
     tx.close()
     received = len(set(got))
-    return {"sent": sent, "received": received, "lost": sent - received, "duplicates": len(got) - received}
+    out = {"sent": sent, "received": received, "lost": sent - received, "duplicates": len(got) - received}
+    if out["lost"] or out["duplicates"]:   # what each end did, for whoever reads the failure
+        s0, s1 = lab.agent_status(0, state) or {}, lab.agent_status(1, state) or {}
+        lost = sorted(set(range(sent)) - set(got))
+        out["why"] = (f"lost sequence numbers {lost[:5]}..{lost[-5:]} (voice at 50/s; cut at 1.5 s for 2 s); "
+                      f"s0 duplication {s0.get('duplication')}, routes {s0.get('routes')}; "
+                      f"s1 duplication {s1.get('duplication')}\n{lab.agent_logs(30)}")
+    return out
 
 
 def failover_story(workdir: Path | str, *, tag: str = "demo", sites: int = 3, hold_s: float = HOLD_S,
