@@ -388,30 +388,6 @@ def status_of(last_seen: float | None, interval_s: float, now: float) -> str:
 
 # -- store -----------------------------------------------------------------------------------
 
-_SCHEMA = [
-    """CREATE TABLE IF NOT EXISTS agent_tokens (
-        id TEXT PRIMARY KEY, site TEXT NOT NULL, hash TEXT NOT NULL UNIQUE, created_by TEXT NOT NULL,
-        created REAL NOT NULL, expires REAL NOT NULL, used REAL, used_by TEXT, revoked INTEGER NOT NULL DEFAULT 0)""",
-    """CREATE TABLE IF NOT EXISTS agent_credentials (
-        id TEXT PRIMARY KEY, site TEXT NOT NULL, hash TEXT NOT NULL, token_id TEXT, public_key TEXT,
-        signing_key TEXT, hostname TEXT, interval_s REAL NOT NULL, created REAL NOT NULL, last_seen REAL, last_remote TEXT,
-        revoked INTEGER NOT NULL DEFAULT 0)""",
-    "CREATE INDEX IF NOT EXISTS agent_credentials_site ON agent_credentials(site)",
-    # per site: its version, the state's digest and manifest (key -> part digest), the previous manifest;
-    # the parts themselves once each, by digest (a policy change writes one part and a row per site)
-    """CREATE TABLE IF NOT EXISTS agent_versions (
-        site TEXT PRIMARY KEY, version INTEGER NOT NULL, digest TEXT NOT NULL, parts TEXT NOT NULL,
-        prev TEXT, updated REAL NOT NULL)""",
-    "CREATE TABLE IF NOT EXISTS agent_parts (digest TEXT PRIMARY KEY, body TEXT NOT NULL)",
-    """CREATE TABLE IF NOT EXISTS agent_telemetry (
-        id INTEGER PRIMARY KEY AUTOINCREMENT, site TEXT NOT NULL, received REAL NOT NULL, kind TEXT NOT NULL,
-        ts REAL NOT NULL, path TEXT, data TEXT NOT NULL)""",
-    "CREATE INDEX IF NOT EXISTS agent_telemetry_site ON agent_telemetry(site, kind, ts)",
-    """CREATE TABLE IF NOT EXISTS agent_announcements (
-        site TEXT PRIMARY KEY, body TEXT NOT NULL, wg_public_key TEXT NOT NULL, ts REAL NOT NULL,
-        received REAL NOT NULL, credential TEXT NOT NULL)""",
-    "CREATE TABLE IF NOT EXISTS agent_nonces (nonce TEXT PRIMARY KEY, ts REAL NOT NULL)",
-]
 
 
 class AgentStore:
@@ -428,9 +404,7 @@ class AgentStore:
         self._snap_lock = threading.Lock()
         self._snap: tuple[Any, _Shared] | None = None
         self._gen = self._applied = 0   # snapshots made, and the newest one refresh() applied
-        with self.db.transaction() as c:
-            for stmt in _SCHEMA:
-                c.execute(stmt)
+        with self.db.transaction() as c:   # the tables are the controller database's (db.MIGRATIONS)
             self._import_full_states(c)
         # site -> (version, digest, manifest, previous manifest or None): this process is the only writer
         self._rows: dict[str, tuple[int, str, dict[str, str], dict[str, str] | None]] = {

@@ -35,8 +35,9 @@ from typing import Any
 
 from ..errors import ConfigError, SchemaVersionError, StateError, quote
 from ..store import connect
+from .tables import Exists, StoreUnavailable, table
 
-__all__ = ["ControllerDB", "SCHEMA_VERSION", "MIGRATIONS", "REDACTED", "redact"]
+__all__ = ["ControllerDB", "SqliteTx", "SCHEMA_VERSION", "MIGRATIONS", "REDACTED", "redact"]
 
 # Each entry migrates from version i to i + 1. Append only; never edit a
 # shipped migration. Statements are split on ';', so none may appear in a comment.
@@ -114,6 +115,30 @@ MIGRATIONS: list[str] = [
         mesh_after TEXT NOT NULL
     )
     """,
+    # 3: the agent channel's tables (created by the agent store itself before: IF NOT EXISTS);
+    # agent_telemetry is raw telemetry, a replica's own (never in a shared store)
+    """
+    CREATE TABLE IF NOT EXISTS agent_tokens (
+        id TEXT PRIMARY KEY, site TEXT NOT NULL, hash TEXT NOT NULL UNIQUE, created_by TEXT NOT NULL,
+        created REAL NOT NULL, expires REAL NOT NULL, used REAL, used_by TEXT, revoked INTEGER NOT NULL DEFAULT 0);
+    CREATE TABLE IF NOT EXISTS agent_credentials (
+        id TEXT PRIMARY KEY, site TEXT NOT NULL, hash TEXT NOT NULL, token_id TEXT, public_key TEXT,
+        signing_key TEXT, hostname TEXT, interval_s REAL NOT NULL, created REAL NOT NULL, last_seen REAL,
+        last_remote TEXT, revoked INTEGER NOT NULL DEFAULT 0);
+    CREATE INDEX IF NOT EXISTS agent_credentials_site ON agent_credentials(site);
+    CREATE TABLE IF NOT EXISTS agent_versions (
+        site TEXT PRIMARY KEY, version INTEGER NOT NULL, digest TEXT NOT NULL, parts TEXT NOT NULL,
+        prev TEXT, updated REAL NOT NULL);
+    CREATE TABLE IF NOT EXISTS agent_parts (digest TEXT PRIMARY KEY, body TEXT NOT NULL);
+    CREATE TABLE IF NOT EXISTS agent_telemetry (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, site TEXT NOT NULL, received REAL NOT NULL, kind TEXT NOT NULL,
+        ts REAL NOT NULL, path TEXT, data TEXT NOT NULL);
+    CREATE INDEX IF NOT EXISTS agent_telemetry_site ON agent_telemetry(site, kind, ts);
+    CREATE TABLE IF NOT EXISTS agent_announcements (
+        site TEXT PRIMARY KEY, body TEXT NOT NULL, wg_public_key TEXT NOT NULL, ts REAL NOT NULL,
+        received REAL NOT NULL, credential TEXT NOT NULL);
+    CREATE TABLE IF NOT EXISTS agent_nonces (nonce TEXT PRIMARY KEY, ts REAL NOT NULL)
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -162,6 +187,68 @@ def _open_0600(path: str) -> None:
         raise StateError(f"{path!r} is a symlink; the controller store must be a regular file")
     if st.st_mode & 0o077:
         os.chmod(path, 0o600)
+
+
+class SqliteTx:
+    """A :class:`patronus.controller.tables.Tx` on the controller database's
+    connection, inside ``BEGIN IMMEDIATE`` (so serialisable by the write
+    lock). ``execute`` and ``executemany`` reach the connection itself: SQL
+    for what is SQLite's alone (migrations, raw telemetry)."""
+
+    def __init__(self, con: sqlite3.Connection) -> None:
+        self._con = con
+
+    def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> sqlite3.Cursor:
+        return self._con.execute(sql, params)
+
+    def executemany(self, sql: str, rows: Any) -> sqlite3.Cursor:
+        return self._con.executemany(sql, rows)
+
+    def get(self, name: str, key: str) -> dict[str, Any] | None:
+        t = table(name)
+        row = self._con.execute(f"SELECT * FROM {t.name} WHERE {t.key} = ?", (key,)).fetchone()
+        return None if row is None else dict(row)
+
+    def rows(self, name: str, **equal: Any) -> list[dict[str, Any]]:
+        t = table(name)
+        for c in equal:
+            if c not in t.columns:
+                raise KeyError(f"{t.name} has no column {c!r}")
+        where = " AND ".join(f"{c} IS ?" for c in equal)
+        sql = f"SELECT * FROM {t.name}" + (f" WHERE {where}" if where else "") + f" ORDER BY {t.key}"
+        return [dict(r) for r in self._con.execute(sql, tuple(equal.values()))]
+
+    def insert(self, name: str, row: Any) -> None:
+        t = table(name)
+        full = t.row(row)
+        try:
+            self._con.execute(f"INSERT INTO {t.name} ({', '.join(full)}) VALUES ({', '.join('?' * len(full))})",
+                              tuple(full.values()))
+        except sqlite3.IntegrityError as e:
+            if self.get(name, full[t.key]) is not None:
+                raise Exists(f"{t.name} {full[t.key]!r} exists") from None
+            raise ConfigError(f"{t.name}", full[t.key], f"breaks a constraint: {e}") from e
+
+    def put(self, name: str, row: Any) -> None:
+        t = table(name)
+        full = t.row(row)
+        self._con.execute(f"INSERT OR REPLACE INTO {t.name} ({', '.join(full)}) "
+                          f"VALUES ({', '.join('?' * len(full))})", tuple(full.values()))
+
+    def update(self, name: str, key: str, **values: Any) -> bool:
+        t = table(name)
+        for c in values:
+            if c not in t.columns or c == t.key:
+                raise KeyError(f"{t.name} has no column {c!r} to update")
+        if not values:
+            return self.get(name, key) is not None
+        sets = ", ".join(f"{c} = ?" for c in values)
+        return self._con.execute(f"UPDATE {t.name} SET {sets} WHERE {t.key} = ?",
+                                 (*values.values(), key)).rowcount > 0
+
+    def delete(self, name: str, key: str) -> bool:
+        t = table(name)
+        return self._con.execute(f"DELETE FROM {t.name} WHERE {t.key} = ?", (key,)).rowcount > 0
 
 
 class ControllerDB:
@@ -234,10 +321,17 @@ class ControllerDB:
 
     # -- access -----------------------------------------------------------------
 
+    kind = "sqlite"
+
+    @property
+    def local(self) -> ControllerDB:
+        """Where this replica keeps what is its own (raw agent telemetry): this database itself."""
+        return self
+
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self) -> Iterator[SqliteTx]:
         """``BEGIN IMMEDIATE`` ... ``COMMIT`` (``ROLLBACK`` on any exception),
-        holding this object's lock throughout; yields the connection. A
+        holding this object's lock throughout; yields a :class:`SqliteTx`. A
         nested call joins the outer transaction (the outermost commits).
 
         >>> import tempfile, os
@@ -251,17 +345,19 @@ class ControllerDB:
             if self._depth:
                 self._depth += 1
                 try:
-                    yield self._db
+                    yield SqliteTx(self._db)
                 finally:
                     self._depth -= 1
                 return
             try:
                 self._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as e:
+                raise StoreUnavailable(f"{self.path!r}: cannot begin a transaction: {e}") from e
             except sqlite3.Error as e:
                 raise StateError(f"{self.path!r}: cannot begin a transaction: {e}") from e
             self._depth = 1
             try:
-                yield self._db
+                yield SqliteTx(self._db)
                 self._db.execute("COMMIT")
             except BaseException:
                 if self._db.in_transaction:
@@ -272,6 +368,13 @@ class ControllerDB:
                 raise
             finally:
                 self._depth = 0
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[SqliteTx]:
+        """A transaction that only reads (on etcd it may answer from one member,
+        marked stale, when the cluster has no quorum); here, :meth:`transaction`."""
+        with self.transaction() as t:
+            yield t
 
     def query(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[sqlite3.Row]:
         """Every row of one read statement (under the lock; inside the
