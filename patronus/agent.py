@@ -252,11 +252,19 @@ class ControllerSource:
                  site: str | None = None, interval_s: float = 10.0, timeout: float = 10.0) -> None:
         from urllib.parse import urlsplit
 
-        parts = urlsplit(url)
-        if parts.scheme != "https" or not parts.hostname:
-            raise ConfigError("--controller", url, "is not an https://host:port URL")
-        self.url = url.rstrip("/")
-        self.host, self.port = parts.hostname, parts.port or 443
+        self.urls: list[str] = []
+        for u in str(url).split(","):
+            parts = urlsplit(u.strip())
+            try:
+                parts.port  # noqa: B018 - raises on a bad port
+            except ValueError:
+                parts = urlsplit("")
+            if parts.scheme != "https" or not parts.hostname:
+                raise ConfigError("--controller", url, "is not an https://host:port URL (several, for controller "
+                                                       "replicas, separated by commas)")
+            self.urls.append(u.strip().rstrip("/"))
+        self._at = 0
+        self._use(0)
         self.cache = Path(cache)
         self.token, self.site, self.interval_s, self.timeout = token, site, interval_s, timeout
         self.offline = False   # the last load() came from the cache
@@ -274,6 +282,48 @@ class ControllerSource:
             if site is not None and site != tsite:
                 raise ConfigError("agent --site", site, f"differs from the site of the enrolment token ({tsite!r})")
             self.site = tsite
+
+    # -- controller replicas ------------------------------------------------------------
+
+    def _use(self, i: int) -> None:
+        from urllib.parse import urlsplit
+
+        self._at = i % len(self.urls)
+        self.url = self.urls[self._at]
+        parts = urlsplit(self.url)
+        self.host, self.port = parts.hostname or "", parts.port or 443
+
+    def next_controller(self) -> str:
+        """Move to the next controller address (replicas share the store and
+        the certificate: the pin holds for every one); the new URL."""
+        if len(self.urls) > 1:
+            self._use(self._at + 1)
+            log.warning("controller: trying %s", self.url)
+        return self.url
+
+    def _call(self, method: str, path: str, **kw: Any) -> Any:
+        """One request to the current controller, moving on to the next on a
+        transport error or a 503 (a replica that cannot reach its store),
+        each address tried once; the last error or response otherwise."""
+        import httpx
+
+        last: Any = None
+        for k in range(len(self.urls)):
+            if k:
+                self.next_controller()
+            try:
+                with self._client() as c:
+                    r = c.request(method, path, **kw)
+            except httpx.TransportError as e:
+                last = e
+                continue
+            if r.status_code == 503 and k + 1 < len(self.urls):
+                last = r
+                continue
+            return r
+        if isinstance(last, BaseException):
+            raise last
+        return last
 
     # -- the cache file ---------------------------------------------------------------
 
@@ -318,10 +368,8 @@ class ControllerSource:
                             headers={"Authorization": f"Bearer {self._data['credential']}"})
 
     def enrol(self) -> None:
-        """Pin the controller's certificate and trade the token for a credential (once)."""
-        import socket
-        import ssl
-
+        """Pin the controller's certificate and trade the token for a credential (once), with the
+        first controller address that answers."""
         import httpx
 
         if self._data:
@@ -329,6 +377,22 @@ class ControllerSource:
         if not self.token:
             raise PatronusError(f"no controller credential in {str(self.cache)!r} and no enrolment token: give one "
                                 "with --token-file PATH (make it with POST /api/v1/tokens)")
+        for k in range(len(self.urls)):
+            if k:
+                self.next_controller()
+            try:
+                return self._enrol_once()
+            except (httpx.TransportError, OSError):
+                if k + 1 == len(self.urls):
+                    raise
+
+    def _enrol_once(self) -> None:
+        import socket
+        import ssl
+
+        import httpx
+
+        assert self.token is not None
         site, _, pin = parse_token(self.token)
         ctx = ssl.create_default_context()
         ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE   # read the certificate, trust nothing yet
@@ -406,8 +470,7 @@ class ControllerSource:
                 raise PatronusError(f"the controller's desired state version {msg['version']} does not match "
                                     "its digest")
         if state is None:
-            with self._client() as c:
-                r = c.get("/api/v1/agent/state")
+            r = self._call("GET", "/api/v1/agent/state")
             if r.status_code != 200:
                 raise PatronusError(f"the controller refused the desired state: {r.status_code} {_detail(r)}")
             msg = r.json()
@@ -423,8 +486,7 @@ class ControllerSource:
         """The desired state from the controller (httpx.TransportError when it is unreachable)."""
         self.enrol()
         since = self._data.get("version")
-        with self._client() as c:
-            r = c.get("/api/v1/agent/state", params={} if since is None else {"since": since})
+        r = self._call("GET", "/api/v1/agent/state", params={} if since is None else {"since": since})
         if r.status_code != 200:
             raise PatronusError(f"the controller refused the desired state: {r.status_code} {_detail(r)}")
         self.accept(r.json())
@@ -446,8 +508,7 @@ class ControllerSource:
         self.enrol()
         body = {"body": base64.b64encode(signed.body).decode(), "signature": base64.b64encode(signed.signature).decode(),
                 "key": base64.b64encode(signed.key).decode()}
-        with self._client() as c:
-            r = c.post("/api/v1/agent/announce", json=body)
+        r = self._call("POST", "/api/v1/agent/announce", json=body)
         if r.status_code != 200:
             try:
                 reason = str(r.json().get("reason") or "malformed")
@@ -479,8 +540,7 @@ class ControllerSource:
     def post_telemetry(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Send one telemetry batch (``{"metrics": [...], "bfd": [...], "events": [...], "flows": [...]}``)."""
         self.enrol()
-        with self._client() as c:
-            r = c.post("/api/v1/agent/telemetry", json={"site": self.site, **batch})
+        r = self._call("POST", "/api/v1/agent/telemetry", json={"site": self.site, **batch})
         if r.status_code in (413, 422):
             raise TelemetryRefused(f"the controller refused the telemetry: {r.status_code} {_detail(r)}")
         if r.status_code != 200:
@@ -1076,7 +1136,7 @@ class SiteAgent:
         ctl = self.controller
         assert ctl is not None
         loop = asyncio.get_running_loop()
-        backoff = 0.5
+        backoff, tried = 0.5, 0
         reporter = asyncio.create_task(self._reporter())
         reporter.add_done_callback(lambda t: None if t.cancelled() or t.exception() is None else
                                    log.error("telemetry stopped: %r", t.exception()))
@@ -1088,7 +1148,7 @@ class SiteAgent:
                                                   max_size=64 << 20) as ws:
                         await ws.send(json.dumps({"since": ctl.held_version}))
                         log.info("controller %s: channel open, holding desired state %s", ctl.url, self.version)
-                        self.connected, backoff = True, 0.5
+                        self.connected, backoff, tried = True, 0.5, 0
                         async for raw in ws:
                             msg = json.loads(raw)
                             if isinstance(msg, dict) and "error" in msg:
@@ -1103,6 +1163,13 @@ class SiteAgent:
                         log.warning("controller %s: channel lost (%s: %s); running on desired state %s, "
                                     "reconnecting", ctl.url, type(e).__name__, e, self.version)
                 self.connected = False
+                # replicas: the next address at once, backing off only once every one has failed
+                tried += 1
+                if len(ctl.urls) > 1:
+                    ctl.next_controller()
+                    if tried < len(ctl.urls):
+                        continue
+                tried = 0
                 delay = backoff * (0.5 + random.random())
                 backoff = min(backoff * 2, 30.0)
                 try:

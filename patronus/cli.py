@@ -39,8 +39,9 @@ def main(argv: list[str] | None = None) -> int:
                                                    "--controller, the controller credential and the cached "
                                                    "desired state are kept next to it (STATE.SITE.controller.json)")
     ag.add_argument("--controller", metavar="URL",
-                    help="take the desired state from this controller (https://host:port); the first run enrols "
-                         "with the token of --token-file (it pins the controller's certificate)")
+                    help="take the desired state from this controller (https://host:port; controller replicas: "
+                         "every address, separated by commas, tried in turn); the first run enrols with the token "
+                         "of --token-file (it pins the controller's certificate)")
     ag.add_argument("--site", required=True, help="which site of the mesh this is")
     ag.add_argument("--lan-if", help="LAN interface to attach the data plane and steering to")
     tok = ag.add_mutually_exclusive_group()
@@ -91,6 +92,14 @@ def main(argv: list[str] | None = None) -> int:
                                              "first admin (its password printed once)")
     ct_init.add_argument("--state", required=True, help="the state directory to create (must not exist, or be empty)")
     ct_run = ct_sub.add_parser("run", help="serve the REST API over HTTPS until SIGTERM")
+    for p_ in (ct_init, ct_run):
+        p_.add_argument("--store", metavar="URL", help="keep the state in etcd, shared by controller replicas: "
+                        "etcd://h1:2379,h2:2379,h3:2379[/prefix] (etcds:// for TLS); default: SQLite in the "
+                        "state directory (run: what init chose)")
+        p_.add_argument("--etcd-ca", metavar="PEM", help="CA certificate that signed the etcd members' (etcds://)")
+        p_.add_argument("--etcd-cert", metavar="PEM", help="client certificate for etcd (with --etcd-key)")
+        p_.add_argument("--etcd-key", metavar="PEM", help="client key for etcd")
+        p_.add_argument("--etcd-user", help="etcd user (its password from the environment: PATRONUS_ETCD_PASSWORD)")
     ct_run.add_argument("--state", required=True, help="a state directory made by `patronus controller init`")
     ct_run.add_argument("--listen", default="127.0.0.1:8443", help="host:port (default 127.0.0.1:8443; port 0: any)")
     ct_run.add_argument("--log-format", default="text", choices=["text", "json"],
@@ -167,11 +176,17 @@ def _controller(args: argparse.Namespace) -> int:
         print(f"patronus controller: {e} (install patronus[controller])", file=sys.stderr)
         return 2
     try:
+        store = None
+        if args.store is not None:
+            store = server.StoreConfig(args.store, args.etcd_ca, args.etcd_cert, args.etcd_key, args.etcd_user)
         if args.controller_cmd == "init":
-            out = server.init(args.state)
+            out = server.init(args.state, store)
             print(f"controller state created in {out['state_dir']}")
             print(f"admin user:      {out['admin_user']}")
-            print(f"admin password:  {out['admin_password']}   (shown once: store it now)")
+            if out["admin_password"] is None:
+                print("admin password:  (the store has the admin already: another replica was initialised first)")
+            else:
+                print(f"admin password:  {out['admin_password']}   (shown once: store it now)")
             print(f"TLS certificate: {out['cert']}")
             print(f"cert SHA-256:    {out['cert_sha256']}")
             return 0
@@ -181,7 +196,7 @@ def _controller(args: argparse.Namespace) -> int:
             print(f"patronus controller listening on https://{shown}:{port}", flush=True)
 
         return server.run(args.state, args.listen, log_level=args.log_level, log_format=args.log_format,
-                          on_ready=ready, introspection=not args.no_graphql_introspection)
+                          on_ready=ready, introspection=not args.no_graphql_introspection, store=store)
     except PatronusError as e:
         print(f"patronus controller: {e}", file=sys.stderr)
         return 2

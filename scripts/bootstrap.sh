@@ -26,6 +26,7 @@ APT_PACKAGES=(
     tcpdump
     prometheus             # promtool: checks the /metrics exposition format
     nfdump                 # nfcapd + nfdump: the IPFIX collector of tests/test_ipfix.py
+    etcd-server etcd-client  # the controller store for replicas: tests start 3-member clusters on loopback
     chromium chromium-driver  # tests/test_dashboard.py: the dashboard in a real headless browser
 )
 
@@ -55,6 +56,9 @@ install_apt() {
     # FRR's daemons are started by the tests inside namespaces, never as a service.
     if systemctl is-active --quiet frr 2>/dev/null; then systemctl stop frr || true; fi
     if systemctl is-active --quiet nfdump 2>/dev/null; then systemctl stop nfdump || true; fi
+    # etcd's Debian service would hold 2379 and a data directory of its own: tests start their own members
+    if systemctl is-active --quiet etcd 2>/dev/null; then systemctl stop etcd || true; fi
+    if systemctl is-enabled --quiet etcd 2>/dev/null; then systemctl disable etcd >/dev/null 2>&1 || true; fi
     link_kernel_headers
 }
 

@@ -35,14 +35,16 @@ class Controller:
     """A controller subprocess over a fresh state directory (``init`` first)."""
 
     def __init__(self, state_dir: Path, *, netns: str | None = None, listen: str = "127.0.0.1:0",
-                 url: str | None = None, args: list[str] | None = None) -> None:
+                 url: str | None = None, args: list[str] | None = None, store: str | None = None) -> None:
         """``netns``: run inside that network namespace, listening on
         ``listen``; ``url``: how this process reaches it (default: the
-        address it prints). A state directory made already is reused."""
+        address it prints). A state directory made already is reused
+        (``store``: an etcd URL to make it for)."""
         self.state_dir = Path(state_dir)
         self.netns, self.listen, self.fixed_url = netns, listen, url
         self.args = list(args or ["--log-level", "warning"])   # more options of `controller run`
-        self.info = server.init(self.state_dir) if not (self.state_dir / "controller.db").exists() else {}
+        made = (self.state_dir / "signing.key").exists()
+        self.info = {} if made else server.init(self.state_dir, server.StoreConfig(store))
         self.admin_password: str = self.info.get("admin_password", "")
         self.cert: str = self.info.get("cert", str(self.state_dir / "tls.crt"))
         self.url = ""

@@ -43,9 +43,9 @@ import ipaddress
 import json
 import logging
 import math
+import random
 import re
 import secrets
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -64,6 +64,7 @@ from ..mesh import Mesh
 from . import auth as _auth
 from .problems import NotFound, Unavailable
 from .rbac import require
+from .tables import Exists, StoreConflict, StoreUnavailable
 
 __all__ = [
     "build_router", "desired_state", "desired_states", "AgentStore", "Hub", "diff", "apply", "digest",
@@ -84,6 +85,7 @@ MAX_ANNOUNCEMENT = 64 * 1024  # bytes of an announcement body (discovery.MAX_BOD
 DEFAULT_INTERVAL_S = 10.0
 DEGRADED_AFTER = 3           # x the agent's interval without contact
 INACTIVE_AFTER = 10
+REFRESH_TRIES = 5            # AgentStore.refresh: attempts of its transaction when another replica's commit wins
 
 # The agent actions belong to no role (auth.PERMISSIONS): users and API
 # keys are refused with 403.
@@ -391,8 +393,13 @@ def status_of(last_seen: float | None, interval_s: float, now: float) -> str:
 
 
 class AgentStore:
-    """Tokens, credentials, versions and telemetry in the controller database
-    (tables of their own, created if missing)."""
+    """Tokens, credentials, versions and announcements in the controller store
+    (:mod:`patronus.controller.tables`, either engine, shared by every
+    controller replica); raw telemetry in this replica's own database
+    (``db.local``). Nothing of the shared tables is trusted from memory:
+    several replicas write them, so every decision reads them in its
+    transaction. Only part values are cached, by digest (content-addressed,
+    immutable)."""
 
     def __init__(self, service: Any, auth: Any, *, pin: str | None, clock: Callable[[], float] = time.time) -> None:
         self.service = service
@@ -404,18 +411,20 @@ class AgentStore:
         self._snap_lock = threading.Lock()
         self._snap: tuple[Any, _Shared] | None = None
         self._gen = self._applied = 0   # snapshots made, and the newest one refresh() applied
-        with self.db.transaction() as c:   # the tables are the controller database's (db.MIGRATIONS)
-            self._import_full_states(c)
-        # site -> (version, digest, manifest, previous manifest or None): this process is the only writer
-        self._rows: dict[str, tuple[int, str, dict[str, str], dict[str, str] | None]] = {
-            r["site"]: (r["version"], r["digest"], json.loads(r["parts"]),
-                        None if r["prev"] is None else json.loads(r["prev"]))
-            for r in self.db.query("SELECT site, version, digest, parts, prev FROM agent_versions")}
-        self._known = {r["digest"] for r in self.db.query("SELECT digest FROM agent_parts")}
-        self._values: dict[str, Any] = {}   # part digest -> value, for the parts of the rows above
+        if getattr(self.db, "kind", "sqlite") == "sqlite":   # a legacy table only an SQLite store can hold
+            with self.db.transaction() as c:   # the tables are the controller database's (db.MIGRATIONS)
+                self._import_full_states(c)
+        self._values: dict[str, Any] = {}   # part digest -> value (a cache: parts are content-addressed)
+        self._values_cap = 4096   # entries past which a refresh that wrote nothing trims the cache
+
+    @property
+    def _known(self) -> set[str]:
+        """The digests of the parts stored (read from the store, every time)."""
+        with self.db.reading() as t:
+            return {r["digest"] for r in t.rows("agent_parts")}
 
     @staticmethod
-    def _import_full_states(c: sqlite3.Connection) -> None:
+    def _import_full_states(c: Any) -> None:
         """Rows of the older table (agent_state: full states) moved to manifests and parts, versions kept."""
         if c.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'agent_state'").fetchone() is None:
             return
@@ -447,9 +456,9 @@ class AgentStore:
         tid, secret, now = secrets.token_hex(8), secrets.token_urlsafe(32), self.clock()
         meta = {"id": tid, "site": site, "created_by": actor, "created": now, "expires": now + ttl_s,
                 "used": None, "used_by": None, "revoked": False}
-        with self.db.transaction() as c:
-            c.execute("INSERT INTO agent_tokens (id, site, hash, created_by, created, expires) VALUES (?,?,?,?,?,?)",
-                      (tid, site, _sha256(secret), actor, now, now + ttl_s))
+        with self.db.transaction() as t:
+            t.insert("agent_tokens", {"id": tid, "site": site, "hash": _sha256(secret), "created_by": actor,
+                                      "created": now, "expires": now + ttl_s})
             self.db.audit(actor, "token.create", f"token/{tid}", after=meta, remote=remote)
         return {**meta, "token": f"{TOKEN_PREFIX}.{site}.{secret}.{self.pin}"}
 
@@ -459,14 +468,17 @@ class AgentStore:
                 "expires": r["expires"], "used": r["used"], "used_by": r["used_by"], "revoked": bool(r["revoked"])}
 
     def list_tokens(self) -> list[dict[str, Any]]:
-        return [self._token_meta(r) for r in self.db.query("SELECT * FROM agent_tokens ORDER BY created DESC, id")]
+        with self.db.reading() as t:
+            rows = t.rows("agent_tokens")   # by id: then newest first, stable
+        rows.sort(key=lambda r: r["created"], reverse=True)
+        return [self._token_meta(r) for r in rows]
 
     def revoke_token(self, tid: str, *, actor: str, remote: str | None = None) -> None:
-        with self.db.transaction() as c:
-            r = c.execute("SELECT * FROM agent_tokens WHERE id = ?", (tid,)).fetchone()
+        with self.db.transaction() as t:
+            r = t.get("agent_tokens", tid)
             if r is None:
                 raise NotFound(f"no enrolment token {tid!r}")
-            c.execute("UPDATE agent_tokens SET revoked = 1 WHERE id = ?", (tid,))
+            t.update("agent_tokens", tid, revoked=1)
             self.db.audit(actor, "token.revoke", f"token/{tid}", before=self._token_meta(r),
                           after={**self._token_meta(r), "revoked": True}, remote=remote)
 
@@ -483,8 +495,9 @@ class AgentStore:
         now = self.clock()
         cid, csecret = secrets.token_hex(8), secrets.token_urlsafe(32)
         reason = None
-        with self.db.transaction() as c:
-            r = c.execute("SELECT * FROM agent_tokens WHERE hash = ?", (_sha256(secret),)).fetchone()
+        with self.db.transaction() as t:
+            found = t.rows("agent_tokens", hash=_sha256(secret))
+            r = found[0] if found else None
             if r is None or r["site"] != site:
                 reason = "unknown enrolment token"
             elif r["revoked"]:
@@ -496,11 +509,11 @@ class AgentStore:
             elif not any(s.name == site for s in self.service.mesh().sites):
                 reason = f"site {site!r} is no longer in the mesh"
             else:
-                c.execute("UPDATE agent_tokens SET used = ?, used_by = ? WHERE id = ?", (now, cid, r["id"]))
-                c.execute("INSERT INTO agent_credentials (id, site, hash, token_id, public_key, signing_key, hostname,"
-                          " interval_s, created, last_seen, last_remote) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                          (cid, site, _sha256(csecret), r["id"], public_key, signing_key, hostname, interval_s, now,
-                           now, remote))
+                t.update("agent_tokens", r["id"], used=now, used_by=cid)
+                t.insert("agent_credentials", {"id": cid, "site": site, "hash": _sha256(csecret), "token_id": r["id"],
+                                               "public_key": public_key, "signing_key": signing_key,
+                                               "hostname": hostname, "interval_s": interval_s, "created": now,
+                                               "last_seen": now, "last_remote": remote})
                 self.db.audit(f"agent:{site}:{cid}", "agent.enrol", f"site/{site}",
                               after={"credential": cid, "token_id": r["id"], "public_key": public_key,
                                      "signing_key": signing_key, "hostname": hostname, "interval_s": interval_s},
@@ -518,30 +531,32 @@ class AgentStore:
         parts = bearer.split("_", 2)
         if len(parts) != 3 or not _ID_RE.fullmatch(parts[1]) or not _SECRET_RE.fullmatch(parts[2]):
             self.auth.reject("malformed agent credential", "-", remote, "auth.reject")
-        rows = self.db.query("SELECT * FROM agent_credentials WHERE id = ?", (parts[1],))
-        stored = rows[0]["hash"] if rows else "0" * 64
-        if not hmac.compare_digest(_sha256(parts[2]), stored) or not rows:
+        with self.db.reading() as t:
+            row = t.get("agent_credentials", parts[1])
+        stored = row["hash"] if row is not None else "0" * 64
+        if not hmac.compare_digest(_sha256(parts[2]), stored) or row is None:
             self.auth.reject("bad agent credential", f"agent/{parts[1]}", remote, "auth.reject")
-        row = rows[0]
         if row["revoked"]:
             self.auth.reject("agent credential revoked", f"agent/{parts[1]}", remote, "auth.reject")
-        self.seen(row["id"], remote)
+        self.seen(row["id"], remote, last=row["last_seen"], interval_s=row["interval_s"])
         return {"id": row["id"], "site": row["site"], "interval_s": row["interval_s"], "signing_key": row["signing_key"]}
 
     def valid(self, cid: str) -> bool:
         """Whether credential ``cid`` exists and is not revoked (an open channel re-checks)."""
-        rows = self.db.query("SELECT revoked FROM agent_credentials WHERE id = ?", (cid,))
-        return bool(rows) and not rows[0]["revoked"]
+        with self.db.reading() as t:
+            row = t.get("agent_credentials", cid)
+        return row is not None and not row["revoked"]
 
     def revoke_agent(self, cid: str, *, actor: str, remote: str | None = None) -> None:
         """Revoke an agent credential: its next request, and its open channel, are refused."""
-        with self.db.transaction() as c:
-            r = c.execute("SELECT * FROM agent_credentials WHERE id = ?", (cid,)).fetchone()
+        with self.db.transaction() as t:
+            r = t.get("agent_credentials", cid)
             if r is None:
                 raise NotFound(f"no agent credential {cid!r}")
-            c.execute("UPDATE agent_credentials SET revoked = 1 WHERE id = ?", (cid,))
+            t.update("agent_credentials", cid, revoked=1)
             # what it announced goes too: the peers stop trusting that machine's WireGuard key
-            gone = c.execute("DELETE FROM agent_announcements WHERE credential = ?", (cid,)).rowcount
+            gone = sum(t.delete("agent_announcements", a["site"])
+                       for a in t.rows("agent_announcements", credential=cid))
             self.db.audit(actor, "agent.revoke", f"agent/{cid}", before={"site": r["site"], "revoked": bool(r["revoked"])},
                           after={"site": r["site"], "revoked": True, "announcement_removed": bool(gone)},
                           remote=remote)
@@ -551,8 +566,8 @@ class AgentStore:
 
     def peers(self) -> dict[str, dict[str, Any]]:
         """Site -> ``{"wg_public_key"}`` of every site whose agent announced itself."""
-        return {r["site"]: {"wg_public_key": r["wg_public_key"]}
-                for r in self.db.query("SELECT site, wg_public_key FROM agent_announcements ORDER BY site")}
+        with self.db.reading() as t:
+            return {r["site"]: {"wg_public_key": r["wg_public_key"]} for r in t.rows("agent_announcements")}
 
     def announce(self, agent: dict[str, Any], body: bytes, signature: bytes, key: bytes,
                  remote: str | None) -> dict[str, Any]:
@@ -583,40 +598,58 @@ class AgentStore:
         others = [(s.name, list(s.subnets)) for s in mesh.sites if s.name != site]
         authorize(ann, list(mine.subnets), others)
         changed = False
-        with self.db.transaction() as c:
+        with self.db.transaction() as t:
             try:
-                c.execute("INSERT INTO agent_nonces (nonce, ts) VALUES (?, ?)", (ann.nonce, ann.ts))
-            except sqlite3.IntegrityError:
+                t.insert("agent_nonces", {"nonce": ann.nonce, "ts": ann.ts})
+            except Exists:
                 from ..wireguard.discovery import AnnouncementRejected
 
                 raise AnnouncementRejected("replayed", f"nonce {ann.nonce[:8]}... seen before") from None
-            c.execute("DELETE FROM agent_nonces WHERE ts < ?", (now - 120.0,))
-            old = c.execute("SELECT wg_public_key, ts FROM agent_announcements WHERE site = ?", (site,)).fetchone()
+            old = t.get("agent_announcements", site)
             if old is None or ann.ts >= old["ts"]:
-                c.execute("INSERT OR REPLACE INTO agent_announcements (site, body, wg_public_key, ts, received, "
-                          "credential) VALUES (?,?,?,?,?,?)",
-                          (site, body_text(ann), ann.wg_public_key, ann.ts, now, agent["id"]))
+                t.put("agent_announcements", {"site": site, "body": body_text(ann), "wg_public_key": ann.wg_public_key,
+                                              "ts": ann.ts, "received": now, "credential": agent["id"]})
                 changed = old is None or old["wg_public_key"] != ann.wg_public_key
                 if changed:
                     self.db.audit(f"agent:{site}:{agent['id']}", "agent.announce", f"site/{site}",
                                   before=None if old is None else {"wg_public_key": old["wg_public_key"]},
                                   after={"wg_public_key": ann.wg_public_key, "subnets": list(ann.subnets)},
                                   remote=remote)
+        self._prune_nonces(now)
         if changed:
             self.service.notify("agent.announce", f"site/{site}", {"wg_public_key": ann.wg_public_key})
         return {"site": site, "ts": ann.ts, "changed": changed}
 
-    def seen(self, cid: str, remote: str | None) -> None:
+    def _prune_nonces(self, now: float) -> None:
+        """Forget the nonces of announcements too old to be taken anyway. A transaction of its own, after
+        the announcement's: it lists the whole table, which on etcd would make concurrent announcements
+        conflict; one that loses here leaves the pruning to the next announcement."""
+        with contextlib.suppress(StoreConflict), self.db.transaction() as t:
+            for r in t.rows("agent_nonces"):
+                if r["ts"] < now - 120.0:
+                    t.delete("agent_nonces", r["nonce"])
+
+    def seen(self, cid: str, remote: str | None, *, last: float | None = None, interval_s: float = 0.0) -> None:
+        """Note an agent's contact. At most one write per report interval of
+        the agent (its status needs no finer time: Degraded is 3 intervals),
+        so a fleet's contacts cost the store ``agents / interval`` writes a
+        second, not one per request."""
         now = self.clock()
-        self.db.execute("UPDATE agent_credentials SET last_seen = ?, last_remote = ? WHERE id = ?",
-                        (now, remote, cid))
+        if last is None or now - last >= interval_s or now < last:
+            # the contact is advisory: one lost to a concurrent change of the row (a revocation on
+            # another replica) or to a store without quorum is written by the agent's next request
+            with contextlib.suppress(StoreConflict, StoreUnavailable), self.db.transaction() as t:
+                t.update("agent_credentials", cid, last_seen=now, last_remote=remote)
         # site status is a function of contact and time: listeners (GraphQL) follow contacts
         self.service.publish_telemetry([{"kind": "contact", "id": cid, "ts": now}])
 
     def agents(self) -> list[dict[str, Any]]:
         now = self.clock()
         out = []
-        for r in self.db.query("SELECT * FROM agent_credentials ORDER BY site, created"):
+        with self.db.reading() as t:
+            rows = t.rows("agent_credentials")   # by id: then by site and enrolment, stable
+        rows.sort(key=lambda r: (r["site"], r["created"]))
+        for r in rows:
             out.append({"id": r["id"], "site": r["site"], "hostname": r["hostname"], "public_key": r["public_key"],
                         "enrolled": r["created"], "last_seen": r["last_seen"], "remote": r["last_remote"],
                         "interval_s": r["interval_s"], "revoked": bool(r["revoked"]),
@@ -626,19 +659,10 @@ class AgentStore:
     # -- versions --------------------------------------------------------------------------
 
     def _mesh_key(self) -> Any:
-        """What tells the mesh and the peers changed, cheaply: the service's change
-        counter (every change and announcement bumps it) and the state file's
-        ``saved_at`` (a save by another process); None when unknown (no caching)."""
-        try:
-            con = sqlite3.connect(f"file:{self.service.state}?mode=ro", uri=True)
-            try:
-                saved = con.execute("SELECT saved_at FROM mesh").fetchone()
-            finally:
-                con.close()
-        except (sqlite3.Error, AttributeError, TypeError):
-            return None
-        seq = getattr(self.service, "_seq", None)
-        return None if seq is None or saved is None else (seq, saved[0])
+        """What tells the mesh and the peers changed, cheaply: the service's
+        ``mesh_version()`` (it changes with the mesh and the announcements, made
+        by any replica or another process); None when unknown (no caching)."""
+        return self.service.mesh_version()
 
     def snapshot(self) -> _Shared:
         """Every site's desired state now (:class:`_Shared`), rebuilt only when
@@ -666,68 +690,106 @@ class AgentStore:
     def refresh(self, source: Any, sites: list[str]) -> dict[str, tuple[int, str, dict[str, str], Any]]:
         """Site -> (version, digest, manifest, previous manifest or None) of
         ``sites`` as ``source`` (a :class:`_Shared`) has them: a site whose
-        digest changed gets the next version, in one transaction for all,
-        with the parts not stored yet."""
-        out: dict[str, tuple[int, str, dict[str, str], Any]] = {}
+        digest differs from the stored one gets the next version, in one
+        transaction for all, with the parts not stored yet.
+
+        The stored rows decide, read in that transaction (other replicas
+        write them too). Two replicas writing the same site at once: one
+        commit may lose (StoreConflict, nothing written); it is tried again,
+        and then finds the other's row, with the same digest, and writes nothing."""
         with self._state_lock:
             gen = getattr(source, "gen", None)
             if gen is not None:
                 if gen < self._applied:
                     raise _Stale
                 self._applied = gen
-            writes, bodies = [], {}
+            for attempt in range(REFRESH_TRIES):
+                try:
+                    return self._refresh(source, sites)
+                except StoreConflict:
+                    if attempt == REFRESH_TRIES - 1:
+                        raise
+                    time.sleep(random.uniform(0.0, 0.005 * 2 ** attempt))   # apart from the replica that won
+        raise AssertionError("unreachable")
+
+    def _refresh(self, source: Any, sites: list[str]) -> dict[str, tuple[int, str, dict[str, str], Any]]:
+        """One attempt of :meth:`refresh` (its transaction)."""
+        out: dict[str, tuple[int, str, dict[str, str], Any]] = {}
+        with self.db.transaction() as t:
+            old: dict[str, dict[str, Any] | None] = {}   # site -> its stored row, of the sites to write
+            parts: dict[str, tuple[str, str]] = {}        # digest -> (site, key) of a part the new rows use
             for s in sites:
                 m = source.manifest(s)
                 dg = digest_of(m)
-                r = self._rows.get(s)
-                if r is not None and r[1] == dg:
-                    out[s] = r
+                r = t.get("agent_versions", s)
+                if r is not None and r["digest"] == dg:
+                    out[s] = (r["version"], dg, json.loads(r["parts"]),
+                              None if r["prev"] is None else json.loads(r["prev"]))
                 else:
                     for k, d in m.items():
-                        if d not in self._known and d not in bodies:
-                            bodies[d] = source.body(s, k).decode()
-                    out[s] = (1 if r is None else r[0] + 1, dg, m, None if r is None else r[2])
-                    writes.append(s)
+                        parts.setdefault(d, (s, k))
+                    out[s] = (1 if r is None else r["version"] + 1, dg, m,
+                              None if r is None else json.loads(r["parts"]))
+                    old[s] = r
                 for k, d in out[s][2].items():
                     if d not in self._values:
                         self._values[d] = source.value(s, k)
-            if writes:
-                now = self.clock()
-                with self.db.transaction() as c:
-                    c.executemany("INSERT OR IGNORE INTO agent_parts (digest, body) VALUES (?, ?)", bodies.items())
-                    c.executemany("INSERT OR REPLACE INTO agent_versions (site, version, digest, parts, prev, updated) "
-                                  "VALUES (?,?,?,?,?,?)",
-                                  [(s, out[s][0], out[s][1], json.dumps(out[s][2]),
-                                    None if out[s][3] is None else json.dumps(out[s][3]), now) for s in writes])
-                    self._rows.update((s, out[s]) for s in writes)
-                    self._known.update(bodies)
-                    self._collect(c)
+            if not old:
+                if len(self._values) > self._values_cap:   # rows other replicas replaced: values nobody holds
+                    keep = {d for r in out.values() for m in (r[2], r[3] or {}) for d in m.values()}
+                    self._values = {d: v for d, v in self._values.items() if d in keep}
+                return out
+            stored = t.rows("agent_versions")   # every site's row, for the parts still in use
+            now = self.clock()
+            for d, (s, k) in parts.items():   # content-addressed: a part stored already is the same
+                if t.get("agent_parts", d) is None:
+                    t.put("agent_parts", {"digest": d, "body": source.body(s, k).decode()})
+            for s in old:
+                version, dg, m, prev = out[s]
+                t.put("agent_versions", {"site": s, "version": version, "digest": dg, "parts": json.dumps(m),
+                                         "prev": None if prev is None else json.dumps(prev), "updated": now})
+            self._collect(t, stored, {s: out[s] for s in old}, old)
         return out
 
-    def _collect(self, c: sqlite3.Connection) -> None:
-        """Drop the parts no site's state or previous state refers to any more."""
-        used = set()
-        for _, _, m, p in self._rows.values():
+    def _collect(self, t: Any, stored: list[dict[str, Any]], new: dict[str, tuple[int, str, dict[str, str], Any]],
+                 old: dict[str, dict[str, Any] | None]) -> None:
+        """Drop the parts that the rows this transaction replaces (``old``)
+        referred to and that no site's state or previous state refers to any
+        more: ``stored`` (every row, as read in the transaction ``t``) with the
+        ``new`` rows instead of theirs. The value cache keeps the parts in use."""
+        used: set[str] = set()
+        for r in stored:
+            if r["site"] not in new:
+                used.update(json.loads(r["parts"]).values())
+                if r["prev"] is not None:
+                    used.update(json.loads(r["prev"]).values())
+        for _, _, m, prev in new.values():
             used.update(m.values())
-            if p is not None:
-                used.update(p.values())
-        stale = self._known - used
-        if stale:
-            c.executemany("DELETE FROM agent_parts WHERE digest = ?", [(d,) for d in stale])
-            self._known -= stale
+            if prev is not None:
+                used.update(prev.values())
+        stale: set[str] = set()
+        for r in old.values():
+            if r is not None:
+                stale.update(json.loads(r["parts"]).values())
+                if r["prev"] is not None:
+                    stale.update(json.loads(r["prev"]).values())
+        for d in sorted(stale - used):
+            t.delete("agent_parts", d)
         for d in [d for d in self._values if d not in used]:
             self._values.pop(d, None)
+        self._values_cap = max(4096, 2 * len(used))
 
     def _part(self, d: str) -> Any:
-        """The value of part ``d`` (memory, else the database); KeyError when it is gone."""
+        """The value of part ``d`` (memory, else the store); KeyError when it is gone."""
         try:
             return self._values[d]
         except KeyError:
             pass
-        rows = self.db.query("SELECT body FROM agent_parts WHERE digest = ?", (d,))
-        if not rows:
+        with self.db.reading() as t:
+            row = t.get("agent_parts", d)
+        if row is None:
             raise KeyError(d)
-        v = self._values[d] = json.loads(rows[0]["body"])
+        v = self._values[d] = json.loads(row["body"])
         return v
 
     def current(self, site: str, state: dict[str, Any] | None = None) -> tuple[int, str, dict[str, Any], Any]:
@@ -772,7 +834,7 @@ class AgentStore:
             for it in items:
                 d = it.model_dump(exclude_none=True)
                 rows.append((site, now, kind, d.pop("ts"), d.get("path"), json.dumps(d, sort_keys=True)))
-        with self.db.transaction() as c:
+        with self.db.local.transaction() as c:   # this replica's own (raw telemetry is not shared)
             c.executemany("INSERT INTO agent_telemetry (site, received, kind, ts, path, data) VALUES (?,?,?,?,?,?)",
                           rows)
         live: list[dict[str, Any]] = []
@@ -830,7 +892,7 @@ class AgentStore:
         """Delete telemetry received more than ``older_than_s`` ago, then the
         oldest beyond ``max_rows``; the number of rows deleted."""
         cut = self.clock() - older_than_s
-        with self.db.transaction() as c:
+        with self.db.local.transaction() as c:
             n = c.execute("DELETE FROM agent_telemetry WHERE received < ?", (cut,)).rowcount
             n += c.execute("DELETE FROM agent_telemetry WHERE id <= (SELECT max(id) FROM agent_telemetry) - ?",
                            (max_rows,)).rowcount
@@ -844,7 +906,7 @@ class AgentStore:
         if kind is not None:
             sql += " AND kind = ?"
             params.append(kind)
-        rows = self.db.query(sql + " ORDER BY id DESC LIMIT ?", (*params, limit))
+        rows = self.db.local.query(sql + " ORDER BY id DESC LIMIT ?", (*params, limit))
         return [{"site": r["site"], "kind": r["kind"], "ts": r["ts"], "received": r["received"],
                  **json.loads(r["data"])} for r in rows]
 

@@ -284,8 +284,11 @@ def housekeeping(app: Any) -> dict[str, int]:
 
 async def _housekeeping(app: Any) -> None:
     loop = asyncio.get_running_loop()
+    leader = getattr(app.state, "leader", None)
     while True:
         await asyncio.sleep(HOUSEKEEPING_S)
+        if leader is not None and not leader.is_leader:   # replicas: the elected one does it
+            continue
         try:
             done = await loop.run_in_executor(None, housekeeping, app)
             if any(done.values()):
@@ -294,16 +297,47 @@ async def _housekeeping(app: Any) -> None:
             log.exception("retention round failed")
 
 
+class _StaleReads:
+    """ASGI middleware: a response built from reads that answered from one
+    etcd member's copy (the cluster without quorum) says so:
+    ``Warning: 110 - "Response is Stale"`` (RFC 7234) and
+    ``X-Patronus-Stale: true``."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        from .etcd import stale_reads
+
+        with stale_reads() as box:
+            async def send_marked(message: dict[str, Any]) -> None:
+                if message["type"] == "http.response.start" and box[0]:
+                    message = {**message, "headers": [*message.get("headers", []),
+                                                      (b"warning", b'110 - "Response is Stale"'),
+                                                      (b"x-patronus-stale", b"true")]}
+                await send(message)
+
+            await self.app(scope, receive, send_marked)
+
+
 def create_app(service: Service, auth: Any, *, docs: bool = False, graphql: bool = True,
-               graphql_introspection: bool = True) -> FastAPI:
+               graphql_introspection: bool = True, leader: Any = None, replica: str | None = None) -> FastAPI:
     """The REST application over ``service`` and ``auth``.
 
     ``docs=True`` serves the Swagger UI at /api/v1/docs (it loads its
-    scripts from a CDN, hence off by default)."""
+    scripts from a CDN, hence off by default). ``leader``: a
+    :class:`patronus.controller.etcd.Leadership` (replicas on etcd) gating
+    the singleton work (retention), started and stopped with the app;
+    ``replica`` names this replica (in /readyz)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         service.bind_loop()
+        if leader is not None:
+            leader.start()
         keeper = asyncio.ensure_future(_housekeeping(app))
         try:
             yield
@@ -311,11 +345,16 @@ def create_app(service: Service, auth: Any, *, docs: bool = False, graphql: bool
             keeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await keeper
+            if leader is not None:
+                await asyncio.get_running_loop().run_in_executor(None, leader.stop)
+            service.close()
 
     app = FastAPI(title="patronus controller", version="1", openapi_url=None, docs_url=None, redoc_url=None,
                   lifespan=lifespan)
     app.state.service = service
     app.state.auth = auth
+    app.state.leader = leader
+    app.state.replica = replica
     db = service.db
 
     # -- errors --------------------------------------------------------------------
@@ -371,7 +410,12 @@ def create_app(service: Service, auth: Any, *, docs: bool = False, graphql: bool
     @app.get("/readyz", dependencies=[Depends(public)], tags=["health"])
     def readyz() -> Any:
         service.ready()
-        return {"status": "ready"}
+        out: dict[str, Any] = {"status": "ready", "store": getattr(service.db, "kind", "sqlite")}
+        if replica is not None:
+            out["replica"] = replica
+        if leader is not None:
+            out["leader"] = leader.is_leader
+        return out
 
     # -- the OpenAPI document (any authenticated principal) ------------------------------
 
@@ -569,7 +613,11 @@ def create_app(service: Service, auth: Any, *, docs: bool = False, graphql: bool
     # -- Prometheus metrics: GET /metrics, and the request middleware (outermost: a 413 counts too) -----
 
     app.add_middleware(_BodyLimit, limit=MAX_BODY)
-    _metrics.install(app, service, dependencies=[Depends(require(_metrics.ACTION))])
+    if getattr(db, "kind", "sqlite") == "etcd":
+        app.add_middleware(_StaleReads)
+    m = _metrics.install(app, service, dependencies=[Depends(require(_metrics.ACTION))])
+    if leader is not None:
+        m.leader_from(leader)
 
     app.state.agents = _agents.build_router(service, auth)
     app.include_router(app.state.agents)

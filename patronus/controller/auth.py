@@ -45,6 +45,7 @@ patronus.controller.auth.AuthError: token revoked
 from __future__ import annotations
 
 import base64
+import contextlib
 import enum
 import hashlib
 import hmac
@@ -72,6 +73,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from ..errors import ConfigError, PatronusError, StateError
 from ..wireguard.keys import read_secret_file, write_secret_file
 from .db import ControllerDB
+from .tables import TABLES, StoreConflict, StoreUnavailable, Tx
 
 __all__ = [
     "Role", "ACTIONS", "PERMISSIONS", "allowed", "Principal", "TokenPair", "ControllerError", "AuthError",
@@ -405,35 +407,40 @@ class Auth:
         name, role or password (12 to 1024 characters)."""
         name, role = _user_name(name), _role(role)
         pw_hash = self._hasher.hash(_check_password(password))   # slow: outside the transaction
-        with self.db.transaction() as c:
-            if c.execute("SELECT 1 FROM users WHERE name = ?", (name,)).fetchone():
+        with self.db.transaction() as t:
+            if t.get("users", name) is not None:
                 raise Conflict(f"user {name!r} exists")
-            c.execute("INSERT INTO users (name, role, pw_hash, created) VALUES (?, ?, ?, ?)",
-                      (name, role.value, pw_hash, self._clock()))
+            t.insert("users", {"name": name, "role": role.value, "pw_hash": pw_hash, "created": self._clock()})
             self.db.audit(actor, "user.create", name, after={"name": name, "role": role.value}, remote=remote)
 
-    def _user(self, c: Any, name: str) -> Any:
-        row = c.execute("SELECT * FROM users WHERE name = ?", (name,)).fetchone()
+    @staticmethod
+    def _user(t: Tx, name: str) -> dict[str, Any]:
+        row = t.get("users", name)
         if row is None:
             raise NotFound(f"no user {name!r}")
         return row
 
-    def _other_admins(self, c: Any, name: str) -> int:
-        return int(c.execute("SELECT COUNT(*) FROM users WHERE role = 'admin' AND disabled = 0 AND name != ?",
-                             (name,)).fetchone()[0])
+    @staticmethod
+    def _other_admins(t: Tx, name: str) -> int:
+        """The enabled admins other than ``name``."""
+        return sum(1 for r in t.rows("users", role="admin", disabled=0) if r["name"] != name)
 
-    def _end_sessions(self, c: Any, name: str) -> int:
-        """Kill every token of ``name``: bump the generation (access tokens)
-        and revoke every refresh token. Returns the refresh tokens revoked."""
-        c.execute("UPDATE users SET token_gen = token_gen + 1 WHERE name = ?", (name,))
-        return int(c.execute("UPDATE refresh_tokens SET revoked = 1 WHERE user = ? AND revoked = 0",
-                             (name,)).rowcount)
+    @staticmethod
+    def _end_sessions(t: Tx, user: dict[str, Any]) -> int:
+        """Kill every token of ``user`` (its row, as read in this
+        transaction): bump the generation (access tokens) and revoke every
+        refresh token. Returns the refresh tokens revoked."""
+        t.update("users", user["name"], token_gen=user["token_gen"] + 1)
+        n = 0
+        for r in t.rows("refresh_tokens", user=user["name"], revoked=0):
+            n += t.update("refresh_tokens", r["id"], revoked=1)
+        return n
 
     def get_user(self, name: str) -> dict[str, Any]:
         """A user's public record (no hashes, no secrets); NotFound if none."""
         name = _user_name(name)
-        with self.db.transaction() as c:
-            return self._public(self._user(c, name))
+        with self.db.reading() as t:
+            return self._public(self._user(t, name))
 
     @staticmethod
     def _public(row: Any) -> dict[str, Any]:
@@ -442,7 +449,8 @@ class Auth:
 
     def list_users(self) -> list[dict[str, Any]]:
         """Every user as ``{name, role, created, disabled, totp_enabled}``, by name."""
-        return [self._public(r) for r in self.db.query("SELECT * FROM users ORDER BY name")]
+        with self.db.reading() as t:
+            return [self._public(r) for r in t.rows("users")]   # by key: the name
 
     def set_password(self, name: str, password: str, *, actor: str = "system", remote: str | None = None,
                      current_password: str | None = None) -> None:
@@ -452,16 +460,16 @@ class Auth:
         name = _user_name(name)
         pw_hash = self._hasher.hash(_check_password(password))
         if current_password is not None:
-            with self.db.transaction() as c:
-                row = self._user(c, name)
+            with self.db.reading() as t:
+                row = self._user(t, name)
             if not self._verify_pw(row["pw_hash"], current_password):
                 self.db.audit(actor, "user.password", name, after={"reason": "wrong current password"},
                               remote=remote, ok=False)
                 raise AuthError("wrong current password")
-        with self.db.transaction() as c:
-            self._user(c, name)
-            c.execute("UPDATE users SET pw_hash = ? WHERE name = ?", (pw_hash, name))
-            ended = self._end_sessions(c, name)
+        with self.db.transaction() as t:
+            row = self._user(t, name)
+            t.update("users", name, pw_hash=pw_hash)
+            ended = self._end_sessions(t, row)
             self.db.audit(actor, "user.password", name, after={"password_changed": True, "sessions_ended": ended},
                           remote=remote)
 
@@ -469,11 +477,11 @@ class Auth:
         """Change a user's role (effective on their next request); Conflict
         when it would leave no enabled admin."""
         name, role = _user_name(name), _role(role)
-        with self.db.transaction() as c:
-            row = self._user(c, name)
-            if row["role"] == "admin" and role is not Role.ADMIN and not self._other_admins(c, name):
+        with self.db.transaction() as t:
+            row = self._user(t, name)
+            if row["role"] == "admin" and role is not Role.ADMIN and not self._other_admins(t, name):
                 raise Conflict(f"{name!r} is the last admin")
-            c.execute("UPDATE users SET role = ? WHERE name = ?", (role.value, name))
+            t.update("users", name, role=role.value)
             self.db.audit(actor, "user.role", name, before={"role": row["role"]}, after={"role": role.value},
                           remote=remote)
 
@@ -481,13 +489,13 @@ class Auth:
         """Disable (ending every session) or re-enable a user; Conflict when
         it would leave no enabled admin."""
         name = _user_name(name)
-        with self.db.transaction() as c:
-            row = self._user(c, name)
-            if disabled and row["role"] == "admin" and not self._other_admins(c, name):
+        with self.db.transaction() as t:
+            row = self._user(t, name)
+            if disabled and row["role"] == "admin" and not self._other_admins(t, name):
                 raise Conflict(f"{name!r} is the last admin")
-            c.execute("UPDATE users SET disabled = ? WHERE name = ?", (int(bool(disabled)), name))
+            t.update("users", name, disabled=int(bool(disabled)))
             if disabled:
-                self._end_sessions(c, name)
+                self._end_sessions(t, row)
             self.db.audit(actor, "user.disable" if disabled else "user.enable", name,
                           before={"disabled": bool(row["disabled"])}, after={"disabled": bool(disabled)},
                           remote=remote)
@@ -518,24 +526,24 @@ class Auth:
 
     def _update_user(self, name: str, new_role: Role | None, disabled: bool | None, pw_hash: str | None,
                      actor: str, remote: str | None) -> dict[str, Any]:
-        with self.db.transaction() as c:
-            row = self._user(c, name)
+        with self.db.transaction() as t:
+            row = self._user(t, name)
             before = self._public(row)
             role_after = row["role"] if new_role is None else new_role.value
             disabled_after = bool(row["disabled"]) if disabled is None else disabled
             if (row["role"] == "admin" and not row["disabled"] and (role_after != "admin" or disabled_after)
-                    and not self._other_admins(c, name)):
+                    and not self._other_admins(t, name)):
                 what = "demoted" if role_after != "admin" else "disabled"
                 raise Conflict(f"{name!r} is the last enabled admin and cannot be {what}: make another user "
                                "admin (or enable one) first")
-            c.execute("UPDATE users SET role = ?, disabled = ? WHERE name = ?",
-                      (role_after, int(disabled_after), name))
+            changed: dict[str, Any] = {"role": role_after, "disabled": int(disabled_after)}
             if pw_hash is not None:
-                c.execute("UPDATE users SET pw_hash = ? WHERE name = ?", (pw_hash, name))
+                changed["pw_hash"] = pw_hash
+            t.update("users", name, **changed)
             ended = None
             if pw_hash is not None or (disabled_after and not row["disabled"]):
-                ended = self._end_sessions(c, name)
-            after = self._public(self._user(c, name))
+                ended = self._end_sessions(t, row)
+            after = self._public({**row, **changed})
             noted: dict[str, Any] = dict(after)
             if pw_hash is not None:
                 noted["password_changed"] = True
@@ -548,11 +556,14 @@ class Auth:
         """Delete a user and their refresh tokens (their access tokens die
         with them); Conflict for the last admin. API keys they created stay."""
         name = _user_name(name)
-        with self.db.transaction() as c:
-            row = self._user(c, name)
-            if row["role"] == "admin" and not self._other_admins(c, name):
+        with self.db.transaction() as t:
+            row = self._user(t, name)
+            if row["role"] == "admin" and not self._other_admins(t, name):
                 raise Conflict(f"{name!r} is the last admin")
-            c.execute("DELETE FROM users WHERE name = ?", (name,))
+            # named here, not left to a foreign key: not every engine of the store has them
+            for r in t.rows("refresh_tokens", user=name):
+                t.delete("refresh_tokens", r["id"])
+            t.delete("users", name)
             self.db.audit(actor, "user.delete", name, before=self._public(row), remote=remote)
 
     def _verify_pw(self, pw_hash: str, password: Any) -> bool:
@@ -581,8 +592,8 @@ class Auth:
             raise RateLimited(wait)
         row = None
         if target != "<invalid name>":
-            row = self.db.query("SELECT * FROM users WHERE name = ?", (name,))
-            row = row[0] if row else None
+            with self.db.reading() as t:
+                row = t.get("users", name)
         good = self._verify_pw(row["pw_hash"] if row else self._dummy_hash, password)
         if row is None or not good:
             self._fail_login(target, "bad credentials", remote)
@@ -590,7 +601,9 @@ class Auth:
         if row["disabled"]:
             self._fail_login(target, "account disabled", remote)
         if self._hasher.check_needs_rehash(row["pw_hash"]):
-            self.db.execute("UPDATE users SET pw_hash = ? WHERE name = ?", (self._hasher.hash(password), name))
+            rehashed = self._hasher.hash(password)   # slow: outside the transaction
+            with self.db.transaction() as t:
+                t.update("users", name, pw_hash=rehashed)
         how = "password"
         if row["totp_enabled"]:
             if totp is None or totp == "":
@@ -600,9 +613,9 @@ class Auth:
             how = self._second_factor(name, totp, remote)
             if how is None:
                 self._fail_login(target, "bad TOTP code", remote)
-        with self.db.transaction() as c:
-            user = self._user(c, name)
-            pair = self._issue(c, user, family=uuid.uuid4().hex)
+        with self.db.transaction() as t:
+            user = self._user(t, name)
+            pair = self._issue(t, user, family=uuid.uuid4().hex)
             self.db.audit(name, "auth.login", name, after={"method": how}, remote=remote)
         return pair
 
@@ -611,7 +624,7 @@ class Auth:
         # one message for an unknown user and a wrong password: no user enumeration
         raise AuthError("bad credentials" if reason == "bad credentials" else reason)
 
-    def _issue(self, c: Any, user: Any, family: str) -> TokenPair:
+    def _issue(self, t: Tx, user: dict[str, Any], family: str) -> TokenPair:
         """A new access token and a refresh token of ``family`` (inside the caller's transaction)."""
         now = self._clock()
         iat = int(now)
@@ -619,9 +632,9 @@ class Auth:
                   "exp": iat + self.access_ttl_s, "typ": "access", "iss": ISSUER, "gen": user["token_gen"]}
         access = jwt.encode(claims, self._key, algorithm=_ALGORITHM)
         refresh = secrets.token_urlsafe(32)
-        c.execute("INSERT INTO refresh_tokens (id, family, user, token_hash, issued, expires) "
-                  "VALUES (?, ?, ?, ?, ?, ?)",
-                  (uuid.uuid4().hex, family, user["name"], _sha256(refresh), now, now + self.refresh_ttl_s))
+        t.insert("refresh_tokens", {"id": uuid.uuid4().hex, "family": family, "user": user["name"],
+                                    "token_hash": _sha256(refresh), "issued": now,
+                                    "expires": now + self.refresh_ttl_s})
         return TokenPair(access, refresh, self.access_ttl_s)
 
     def refresh(self, refresh_token: str, *, remote: str | None = None) -> TokenPair:
@@ -636,28 +649,30 @@ class Auth:
         now = self._clock()
         error: str | None = None
         pair: TokenPair | None = None
-        with self.db.transaction() as c:
-            row = c.execute("SELECT * FROM refresh_tokens WHERE token_hash = ?", (token_hash,)).fetchone()
+        with self.db.transaction() as t:
+            found = t.rows("refresh_tokens", token_hash=token_hash)   # 0 or 1 (the hash is unique)
+            row = found[0] if found else None
             if row is None:
                 error = "unknown refresh token"
             elif row["revoked"]:
                 error = "refresh token revoked"
             elif row["used_at"] is not None:
                 # a stolen token, or a client that lost the rotation: either way the family is no longer trusted
-                n = c.execute("UPDATE refresh_tokens SET revoked = 1 WHERE family = ? AND revoked = 0",
-                              (row["family"],)).rowcount
+                n = 0
+                for r in t.rows("refresh_tokens", family=row["family"], revoked=0):
+                    n += t.update("refresh_tokens", r["id"], revoked=1)
                 error = "refresh token reuse: family revoked"
                 self.db.audit(row["user"], "auth.refresh_reuse", row["user"],
                               after={"family": row["family"], "revoked": n}, remote=remote, ok=False)
             elif now >= row["expires"]:
                 error = "refresh token expired"
             else:
-                user = c.execute("SELECT * FROM users WHERE name = ?", (row["user"],)).fetchone()
+                user = t.get("users", row["user"])
                 if user is None or user["disabled"]:
                     error = "account disabled"
                 else:
-                    c.execute("UPDATE refresh_tokens SET used_at = ? WHERE id = ?", (now, row["id"]))
-                    pair = self._issue(c, user, row["family"])
+                    t.update("refresh_tokens", row["id"], used_at=now)
+                    pair = self._issue(t, user, row["family"])
                     self.db.audit(user["name"], "auth.refresh", user["name"], after={"family": row["family"]},
                                   remote=remote)
         if error is not None or pair is None:
@@ -679,31 +694,38 @@ class Auth:
             raise ConfigError("logout", None, "needs an access token, a refresh token or both")
         claims = self._decode(access_token, check_exp=False) if access_token is not None else None
         actor = claims["sub"] if claims else "anonymous"
-        with self.db.transaction() as c:
+        with self.db.transaction() as t:
             after: dict[str, Any] = {}
             if claims is not None:
-                c.execute("INSERT OR IGNORE INTO revoked_jti VALUES (?, ?)", (claims["jti"], float(claims["exp"])))
+                if t.get("revoked_jti", claims["jti"]) is None:   # revoked already: kept as it is
+                    t.insert("revoked_jti", {"jti": claims["jti"], "expires": float(claims["exp"])})
                 after["jti"] = claims["jti"]
             if refresh_token is not None and isinstance(refresh_token, str) and refresh_token.isascii():
-                row = c.execute("SELECT user, family FROM refresh_tokens WHERE token_hash = ?",
-                                (_sha256(refresh_token),)).fetchone()
+                found = t.rows("refresh_tokens", token_hash=_sha256(refresh_token))   # 0 or 1
+                row = found[0] if found else None
                 if row is not None:
                     if claims is not None and row["user"] != claims["sub"]:
                         raise AuthError("the refresh token belongs to another user")
-                    c.execute("UPDATE refresh_tokens SET revoked = 1 WHERE family = ?", (row["family"],))
+                    for r in t.rows("refresh_tokens", family=row["family"], revoked=0):
+                        t.update("refresh_tokens", r["id"], revoked=1)
                     after["family"] = row["family"]
                     actor = row["user"]
             self.db.audit(actor, "auth.logout", actor, after=after, remote=remote)
-        self.prune()
+        # tidying, not the logout (committed above): a replica's concurrent change of the same rows wins
+        with contextlib.suppress(StoreConflict, StoreUnavailable):
+            self.prune()
 
     def prune(self) -> int:
         """Delete revoked ``jti`` rows and refresh tokens past their expiry
         (neither can authenticate any more); the number of rows deleted."""
         now = self._clock()
-        with self.db.transaction() as c:
-            n = c.execute("DELETE FROM revoked_jti WHERE expires < ?", (now,)).rowcount
-            n += c.execute("DELETE FROM refresh_tokens WHERE expires < ?", (now,)).rowcount
-        return int(n)
+        n = 0
+        with self.db.transaction() as t:
+            for name in ("revoked_jti", "refresh_tokens"):
+                for r in t.rows(name):
+                    if r["expires"] < now:
+                        n += t.delete(name, r[TABLES[name].key])
+        return n
 
     # -- access tokens and API keys ------------------------------------------------
 
@@ -750,35 +772,39 @@ class Auth:
         (``token expired``, ``token revoked``, ``bad signature``,
         ``algorithm not allowed``, ``malformed token``, ...)."""
         claims = self._decode(access_token)
-        if self.db.query("SELECT 1 FROM revoked_jti WHERE jti = ?", (claims["jti"],)):
+        with self.db.reading() as t:   # two point reads, the second only when the first passes
+            revoked = t.get("revoked_jti", claims["jti"]) is not None
+            user = None if revoked else t.get("users", claims["sub"])
+        if revoked:
             raise AuthError("token revoked")
-        rows = self.db.query("SELECT role, disabled, token_gen FROM users WHERE name = ?", (claims["sub"],))
-        if not rows:
+        if user is None:
             raise AuthError("user no longer exists")
-        if rows[0]["disabled"]:
+        if user["disabled"]:
             raise AuthError("account disabled")
-        if rows[0]["token_gen"] != claims["gen"]:
+        if user["token_gen"] != claims["gen"]:
             raise AuthError("token revoked")   # password changed, or the sessions were ended
-        return Principal(claims["sub"], Role(rows[0]["role"]), "user", claims["jti"], None)
+        return Principal(claims["sub"], Role(user["role"]), "user", claims["jti"], None)
 
     def _api_key(self, bearer: str) -> Principal:
         parts = bearer.split("_", 2)
         if len(parts) != 3 or not _KEY_ID_RE.fullmatch(parts[1]) or not _SECRET_RE.fullmatch(parts[2]):
             raise AuthError("malformed API key")
         key_id, secret = parts[1], parts[2]
-        rows = self.db.query("SELECT * FROM api_keys WHERE id = ?", (key_id,))
+        with self.db.reading() as t:
+            row = t.get("api_keys", key_id)
         # compared even for an unknown id, against a hash nothing matches
-        stored = rows[0]["hash"] if rows else "0" * 64
-        if not hmac.compare_digest(_sha256(secret), stored) or not rows:
+        stored = row["hash"] if row is not None else "0" * 64
+        if not hmac.compare_digest(_sha256(secret), stored) or row is None:
             raise AuthError("bad API key")
-        row = rows[0]
         if row["revoked"]:
             raise AuthError("API key revoked")
         now = self._clock()
         if row["expires"] is not None and now >= row["expires"]:
             raise AuthError("API key expired")
         if row["last_used"] is None or now - row["last_used"] >= 1.0:   # at most one write a second per key
-            self.db.execute("UPDATE api_keys SET last_used = ? WHERE id = ?", (now, key_id))
+            # advisory: lost to a concurrent change of the key (another replica) or a store without quorum
+            with contextlib.suppress(StoreConflict, StoreUnavailable), self.db.transaction() as t:
+                t.update("api_keys", key_id, last_used=now)
         return Principal(row["name"], Role(row["role"]), "apikey", None, key_id)
 
     def recheck(self, bearer: str) -> Principal:
@@ -843,13 +869,13 @@ class Auth:
         meta = {"id": key_id, "name": name, "prefix": f"{API_KEY_PREFIX}{key_id}", "role": role.value,
                 "created_by": actor, "created": now, "expires": None if expires_s is None else now + expires_s,
                 "last_used": None, "revoked": False}
-        with self.db.transaction() as c:
-            creator = c.execute("SELECT role FROM users WHERE name = ?", (actor,)).fetchone()
+        with self.db.transaction() as t:
+            creator = t.get("users", actor)
             if creator is not None and _RANK[role] > _RANK[Role(creator["role"])]:
                 raise Forbidden(f"{actor!r} ({creator['role']}) cannot create a key with role {role.value}")
-            c.execute("INSERT INTO api_keys (id, name, prefix, hash, role, created_by, created, expires) "
-                      "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                      (key_id, name, meta["prefix"], _sha256(secret), role.value, actor, now, meta["expires"]))
+            t.insert("api_keys", {"id": key_id, "name": name, "prefix": meta["prefix"], "hash": _sha256(secret),
+                                  "role": role.value, "created_by": actor, "created": now,
+                                  "expires": meta["expires"]})
             self.db.audit(actor, "apikey.create", key_id, after=meta, remote=remote)
         return f"{API_KEY_PREFIX}{key_id}_{secret}", meta
 
@@ -861,22 +887,25 @@ class Auth:
 
     def list_api_keys(self) -> list[dict[str, Any]]:
         """Every API key's metadata (never the secret or its hash), newest first."""
-        return [self._key_meta(r) for r in self.db.query("SELECT * FROM api_keys ORDER BY created DESC, id")]
+        with self.db.reading() as t:
+            rows = t.rows("api_keys")   # by id: a stable sort by created, newest first, keeps ties by id
+        return [self._key_meta(r) for r in sorted(rows, key=lambda r: r["created"], reverse=True)]
 
     def get_api_key(self, key_id: str) -> dict[str, Any]:
         """One API key's metadata; NotFound if none."""
-        rows = self.db.query("SELECT * FROM api_keys WHERE id = ?", (key_id,))
-        if not rows:
+        with self.db.reading() as t:
+            row = t.get("api_keys", key_id)
+        if row is None:
             raise NotFound(f"no API key {key_id!r}")
-        return self._key_meta(rows[0])
+        return self._key_meta(row)
 
     def revoke_api_key(self, key_id: str, *, actor: str, remote: str | None = None) -> None:
         """Revoke an API key, effective on its next request; NotFound if none."""
-        with self.db.transaction() as c:
-            row = c.execute("SELECT * FROM api_keys WHERE id = ?", (key_id,)).fetchone()
+        with self.db.transaction() as t:
+            row = t.get("api_keys", key_id)
             if row is None:
                 raise NotFound(f"no API key {key_id!r}")
-            c.execute("UPDATE api_keys SET revoked = 1 WHERE id = ?", (key_id,))
+            t.update("api_keys", key_id, revoked=1)
             self.db.audit(actor, "apikey.revoke", key_id, before=self._key_meta(row),
                           after={**self._key_meta(row), "revoked": True}, remote=remote)
 
@@ -913,11 +942,11 @@ class Auth:
     def _second_factor(self, name: str, code: str, remote: str | None) -> str | None:
         """Check a TOTP or recovery code at login, using it up: "totp",
         "recovery", or None when it is neither."""
-        with self.db.transaction() as c:
-            row = self._user(c, name)
+        with self.db.transaction() as t:
+            row = self._user(t, name)
             step = self._totp_step(self._unseal(name, row["totp_secret"]), code, row["totp_last_step"])
             if step is not None:
-                c.execute("UPDATE users SET totp_last_step = ? WHERE name = ?", (step, name))
+                t.update("users", name, totp_last_step=step)
                 return "totp"
             if not isinstance(code, str) or len(code) > 64:
                 return None
@@ -929,7 +958,7 @@ class Auth:
                 except (VerifyMismatchError, VerificationError, InvalidHashError):
                     continue
                 del hashes_[i]
-                c.execute("UPDATE users SET recovery = ? WHERE name = ?", (json.dumps(hashes_), name))
+                t.update("users", name, recovery=json.dumps(hashes_))
                 self.db.audit(name, "totp.recovery_used", name, after={"recovery_left": len(hashes_)},
                               remote=remote)
                 return "recovery"
@@ -941,12 +970,11 @@ class Auth:
         Conflict if TOTP is already enabled."""
         name = _user_name(name)
         secret = pyotp.random_base32()
-        with self.db.transaction() as c:
-            row = self._user(c, name)
+        with self.db.transaction() as t:
+            row = self._user(t, name)
             if row["totp_enabled"]:
                 raise Conflict(f"TOTP is already enabled for {name!r}; disable it first")
-            c.execute("UPDATE users SET totp_secret = ?, totp_enabled = 0, totp_last_step = NULL WHERE name = ?",
-                      (self._seal(name, secret), name))
+            t.update("users", name, totp_secret=self._seal(name, secret), totp_enabled=0, totp_last_step=None)
             self.db.audit(actor or name, "totp.begin", name, remote=remote)
         return secret, pyotp.TOTP(secret).provisioning_uri(name=name, issuer_name=ISSUER)
 
@@ -957,16 +985,15 @@ class Auth:
         name = _user_name(name)
         codes = [_recovery_code() for _ in range(_RECOVERY_CODES)]
         hashes_ = [self._recovery_hasher.hash(_normalise_recovery(k)) for k in codes]
-        with self.db.transaction() as c:
-            row = self._user(c, name)
+        with self.db.transaction() as t:
+            row = self._user(t, name)
             if row["totp_enabled"]:
                 raise Conflict(f"TOTP is already enabled for {name!r}")
             if row["totp_secret"] is None:
                 raise Conflict(f"no TOTP enrolment begun for {name!r}")
             step = self._totp_step(self._unseal(name, row["totp_secret"]), code, row["totp_last_step"])
             if step is not None:
-                c.execute("UPDATE users SET totp_enabled = 1, totp_last_step = ?, recovery = ? WHERE name = ?",
-                          (step, json.dumps(hashes_), name))
+                t.update("users", name, totp_enabled=1, totp_last_step=step, recovery=json.dumps(hashes_))
                 self.db.audit(name, "totp.confirm", name, before={"totp_enabled": False},
                               after={"totp_enabled": True, "recovery_left": len(codes)}, remote=remote)
         if step is None:
@@ -977,10 +1004,9 @@ class Auth:
     def totp_disable(self, name: str, *, actor: str, remote: str | None = None) -> None:
         """Turn TOTP off for a user and forget the secret and recovery codes."""
         name = _user_name(name)
-        with self.db.transaction() as c:
-            row = self._user(c, name)
-            c.execute("UPDATE users SET totp_secret = NULL, totp_enabled = 0, totp_last_step = NULL, "
-                      "recovery = '[]' WHERE name = ?", (name,))
+        with self.db.transaction() as t:
+            row = self._user(t, name)
+            t.update("users", name, totp_secret=None, totp_enabled=0, totp_last_step=None, recovery="[]")
             self.db.audit(actor, "totp.disable", name, before={"totp_enabled": bool(row["totp_enabled"])},
                           after={"totp_enabled": False}, remote=remote)
 

@@ -392,11 +392,7 @@ class ControllerDB:
 
     def _row(self, actor: str, action: str, target: str, before: Any, after: Any, remote: str | None,
              ok: bool) -> tuple[Any, ...]:
-        for field, v in (("actor", actor), ("action", action), ("target", target)):
-            if not isinstance(v, str):
-                raise ConfigError(f"audit.{field}", v, "is not a string")
-        return (self.clock(), actor[:200], action[:100], target[:200], _json(before), _json(after),
-                None if remote is None else str(remote)[:200], int(bool(ok)))
+        return tuple(_row_of(self.clock(), actor, action, target, before, after, remote, ok).values())
 
     def audit(self, actor: str, action: str, target: str, before: Any = None, after: Any = None,
               remote: str | None = None, ok: bool = True) -> None:
@@ -469,6 +465,18 @@ class ControllerDB:
             d["ok"] = bool(d["ok"])
             out.append(d)
         return out
+
+
+def _row_of(ts: float, actor: str, action: str, target: str, before: Any, after: Any, remote: str | None,
+            ok: bool) -> dict[str, Any]:
+    """One audit row (ts, actor, action, target, before, after, remote, ok), bounded and redacted;
+    ConfigError for a name that is not a string."""
+    for field, v in (("actor", actor), ("action", action), ("target", target)):
+        if not isinstance(v, str):
+            raise ConfigError(f"audit.{field}", v, "is not a string")
+    return {"ts": ts, "actor": actor[:200], "action": action[:100], "target": target[:200],
+            "before": _json(before), "after": _json(after), "remote": None if remote is None else str(remote)[:200],
+            "ok": int(bool(ok))}
 
 
 def _json(value: Any) -> str | None:

@@ -171,6 +171,16 @@ class ControllerMetrics:
 
     # -- hooks for the rest of the controller ------------------------------------------
 
+    def leader_from(self, leader: Any) -> None:
+        """``patronus_controller_leader{role}``: 1 while this replica holds the role (etcd replicas),
+        and ``patronus_controller_leader_changes_total``: times it took it."""
+        g = Gauge("patronus_controller_leader", "1 while this replica holds the role (replicas on etcd)",
+                  ["role"], registry=self.registry)
+        g.labels(leader.name).set_function(lambda: 1.0 if leader.is_leader else 0.0)
+        c = Gauge("patronus_controller_leader_acquisitions", "Times this replica took the role", ["role"],
+                  registry=self.registry)
+        c.labels(leader.name).set_function(lambda: float(leader.changes))
+
     def set_connected_agents(self, n: int) -> None:
         """The number of agents connected now (the agent channel calls it on every connect and disconnect)."""
         self.connected_agents.set(n)

@@ -31,6 +31,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import attrs
+
 from ..errors import ConfigError, StateError
 
 __all__ = ["init", "run", "build_app", "files", "cert_fingerprint", "parse_listen", "ServerThread",
@@ -47,7 +49,67 @@ class StateDirExists(StateError):
 def files(state_dir: str | os.PathLike[str]) -> dict[str, Path]:
     d = Path(state_dir)
     return {"db": d / "controller.db", "state": d / "state.db", "signing_key": d / "signing.key",
-            "cert": d / "tls.crt", "key": d / "tls.key"}
+            "cert": d / "tls.crt", "key": d / "tls.key", "store": d / "store.json",
+            "local": d / "replica.db"}
+
+
+ETCD_PASSWORD_ENV = "PATRONUS_ETCD_PASSWORD"
+
+
+@attrs.frozen
+class StoreConfig:
+    """Where the controller keeps its state: ``url`` None for SQLite in the
+    state directory, or ``etcd://h1:2379,h2:2379[/prefix]`` (``etcds://``:
+    TLS, checked against ``ca``; ``cert``/``key``: a client certificate;
+    ``user``: etcd authentication, the password from the environment
+    variable ``PATRONUS_ETCD_PASSWORD``, never from a file of ours)."""
+
+    url: str | None = None
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    user: str | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if self.url is not None:
+            from .etcd import parse_url
+
+            parse_url(self.url)
+            for name in ("ca", "cert", "key"):
+                v = getattr(self, name)
+                if v is not None and not os.path.isfile(v):
+                    raise ConfigError(f"--etcd-{name}", v, "is not a readable file")
+            if (self.cert is None) != (self.key is None):
+                raise ConfigError("--etcd-cert", self.cert, "and --etcd-key go together")
+
+    def to_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+    @classmethod
+    def load(cls, state_dir: str | os.PathLike[str]) -> StoreConfig:
+        """The store a state directory was made for (``store.json``; SQLite when absent)."""
+        import json
+
+        p = files(state_dir)["store"]
+        if not p.exists():
+            return cls()
+        try:
+            d = json.loads(p.read_text())
+            return cls(**{k: d.get(k) for k in ("url", "ca", "cert", "key", "user")})
+        except (ValueError, TypeError, AttributeError) as e:
+            raise StateError(f"{str(p)!r} is damaged: {e}") from e
+
+    def open(self, state_dir: str | os.PathLike[str], *, create: bool = False) -> Any:
+        """The controller database: a ControllerDB, or an EtcdDB (with the replica's own file beside)."""
+        from .db import ControllerDB
+
+        f = files(state_dir)
+        if self.url is None:
+            return ControllerDB(f["db"], create=create)
+        from .etcd import EtcdDB
+
+        return EtcdDB(self.url, local=f["local"], ca=self.ca, cert=self.cert, key=self.key, user=self.user,
+                      password=os.environ.get(ETCD_PASSWORD_ENV))
 
 
 def cert_fingerprint(cert_path: str | os.PathLike[str]) -> str:
@@ -102,17 +164,25 @@ def _self_signed(cert_path: Path, key_path: Path, *, days: int = 825) -> None:
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 
-def init(state_dir: str | os.PathLike[str]) -> dict[str, Any]:
+def init(state_dir: str | os.PathLike[str], store: StoreConfig | None = None) -> dict[str, Any]:
     """Create a controller state directory: the controller database, the
     patronus state file (an empty mesh), a signing key, a self-signed TLS
     certificate and key, and the first admin (``admin``) with a random
     password, returned here and stored nowhere else in clear.
 
     Refuses (:class:`StateDirExists`) a directory that exists and is not empty.
+
+    With an etcd ``store``, the directory keeps the signing key, the TLS
+    certificate and the replica's own telemetry, and the admin is created
+    in etcd unless it is there already (another replica was initialised
+    first: ``admin_password`` is None). Every replica needs the same
+    ``signing.key``, ``tls.crt`` and ``tls.key``: initialise one, copy its
+    directory to the others.
     """
     from ..store import Store
     from .auth import Auth, Role, new_signing_key
     from .db import ControllerDB
+    from .problems import Conflict
     from .service import Service
 
     d = Path(state_dir)
@@ -122,19 +192,30 @@ def init(state_dir: str | os.PathLike[str]) -> dict[str, Any]:
     d.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(d, 0o700)
     f = files(d)
+    store = store or StoreConfig()
+    if store.url is not None:
+        import json
+
+        _write_secret(f["store"], json.dumps(store.to_dict(), indent=1).encode())
     _write_secret(f["state"], b"")
     with Store(f["state"]):
         pass
-    password = secrets.token_urlsafe(18)
-    with ControllerDB(f["db"]) as db:
-        Service(f["state"], db)
+    password: str | None = secrets.token_urlsafe(18)
+    db = store.open(d, create=True) if store.url is not None else ControllerDB(f["db"])
+    with db:
+        svc = Service(f["state"], db)
         key = new_signing_key(f["signing_key"])
         os.chmod(f["signing_key"], 0o600)
-        Auth(db, key).create_user(ADMIN, password, Role.ADMIN, actor="init")
+        auth = Auth(db, key)
+        try:
+            auth.create_user(ADMIN, password, Role.ADMIN, actor="init")
+        except Conflict:   # a replica initialised before this one made it
+            password = None
+        svc.close()
     _self_signed(f["cert"], f["key"])
     return {"state_dir": str(d), "admin_user": ADMIN, "admin_password": password, "cert": str(f["cert"]),
-            "key": str(f["key"]), "cert_sha256": cert_fingerprint(f["cert"]), "db": str(f["db"]),
-            "state": str(f["state"])}
+            "key": str(f["key"]), "cert_sha256": cert_fingerprint(f["cert"]),
+            "db": store.url if store.url is not None else str(f["db"]), "state": str(f["state"])}
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -151,22 +232,36 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def build_app(state_dir: str | os.PathLike[str], *, introspection: bool = True) -> Any:
+LEADER_TTL_S = 5   # the lease of the replica doing the singleton work (retention); it moves within this
+
+
+def build_app(state_dir: str | os.PathLike[str], *, introspection: bool = True,
+              store: StoreConfig | None = None, replica: str | None = None) -> Any:
     """The REST (and GraphQL) app over a state directory made by :func:`init`;
-    ``introspection=False`` turns GraphQL introspection off."""
+    ``introspection=False`` turns GraphQL introspection off. ``store``: where
+    the state is (default: what the directory was made for, ``store.json``);
+    on etcd the replica (named ``replica``, default host:pid) takes part in
+    the election of the one doing the singleton work."""
     from .app import create_app
     from .auth import Auth, load_signing_key
-    from .db import ControllerDB
     from .service import Service
 
     f = files(state_dir)
-    for k in ("db", "state", "signing_key", "cert", "key"):
+    store = store or StoreConfig.load(state_dir)
+    needed = ("state", "signing_key", "cert", "key") + (("db",) if store.url is None else ())
+    for k in needed:
         if not f[k].exists():
             raise StateError(f"{str(f[k])!r} is missing: is {str(state_dir)!r} a controller state directory "
                              "(patronus controller init --state DIR)?")
-    db = ControllerDB(f["db"], create=False)
+    db = store.open(state_dir)
+    leader = None
+    if store.url is not None:
+        import socket
+
+        replica = replica or f"{socket.gethostname()}:{os.getpid()}"
+        leader = db.leadership("housekeeping", replica, LEADER_TTL_S)
     return create_app(Service(f["state"], db), Auth(db, load_signing_key(f["signing_key"])),
-                      graphql_introspection=introspection)
+                      graphql_introspection=introspection, leader=leader, replica=replica)
 
 
 def _dump_tasks() -> None:
@@ -186,7 +281,7 @@ def _dump_tasks() -> None:
 
 def _server(state_dir: str | os.PathLike[str], listen: str, *, log_level: str = "info",
             on_ready: Callable[[str, int], None] | None = None, introspection: bool = True,
-            log_format: str = "text") -> Any:
+            log_format: str = "text", store: StoreConfig | None = None) -> Any:
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -214,7 +309,7 @@ def _server(state_dir: str | os.PathLike[str], listen: str, *, log_level: str = 
 
     host, port = parse_listen(listen)
     f = files(state_dir)
-    config = uvicorn.Config(build_app(state_dir, introspection=introspection), host=host, port=port, ssl_certfile=str(f["cert"]),
+    config = uvicorn.Config(build_app(state_dir, introspection=introspection, store=store), host=host, port=port, ssl_certfile=str(f["cert"]),
                             ssl_keyfile=str(f["key"]), loop="uvloop", http="h11", lifespan="on",
                             timeout_graceful_shutdown=GRACEFUL_S, log_level=log_level, server_header=False,
                             proxy_headers=False, access_log=log_level == "debug",
@@ -228,12 +323,12 @@ def _server(state_dir: str | os.PathLike[str], listen: str, *, log_level: str = 
 
 def run(state_dir: str | os.PathLike[str], listen: str = "127.0.0.1:8443", *, log_level: str = "info",
         on_ready: Callable[[str, int], None] | None = None, introspection: bool = True,
-        log_format: str = "text") -> int:
+        log_format: str = "text", store: StoreConfig | None = None) -> int:
     """Serve until SIGTERM/SIGINT; 0 after a clean stop. ``on_ready(host, port)``
     is called once the socket listens (port 0 picks a free port). ``log_format``:
     ``text`` or ``json`` (:mod:`patronus.logfmt`)."""
     server = _server(state_dir, listen, log_level=log_level, on_ready=on_ready, introspection=introspection,
-                     log_format=log_format)
+                     log_format=log_format, store=store)
     if hasattr(signal, "SIGUSR1"):   # kill -USR1: every thread's stack to stderr (a stuck controller, diagnosed live)
         faulthandler.register(signal.SIGUSR1, all_threads=True)
     from ..tracing import setup, shutdown

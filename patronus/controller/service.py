@@ -59,11 +59,15 @@ from ..errors import ConfigError, StateError
 from ..mesh import Mesh
 from ..model import Failover, Policy, Site
 from ..store import Store
+from .db import _row_of
 from .problems import Conflict, NotFound, PreconditionFailed, ServiceError, Unavailable
+from .tables import StoreConflict
 
 __all__ = ["Service", "Resource", "etag_of", "BadCursor", "parse_time", "Page", "SITE_STATUSES"]
 
 DEFAULT_MESH = "default"
+EVENT_RETENTION_S = 3600.0   # etcd: change events are kept this long (replicas catch up from them)
+CHANGE_ATTEMPTS = 5          # etcd: a change that lost a race is edited again this often
 #: a site's status as its agent's channel reports it; "pending" until the agent has connected
 SITE_STATUSES = ("pending", "active", "degraded", "inactive")
 _METRIC_COLS = ("ts", "rtt_ms", "jitter_ms", "loss_pct", "mos", "mtu", "bandwidth_mbps")
@@ -230,6 +234,12 @@ class Service:
         self._site_status: dict[str, str] = {}   # set by the agent channel; missing: "pending"
         self._local = threading.local()
         self._mesh_cache: tuple[Any, Mesh] | None = None
+        self.shared = getattr(db, "kind", "sqlite") == "etcd"   # the mesh and changes in etcd (replicas)
+        self._watch_stop = threading.Event()
+        self._event_rev = 0   # etcd: the newest change event this replica has seen
+        if self.shared:
+            self._shared_init()
+            return
         with self._store() as st:
             try:
                 st.load_mesh()
@@ -238,6 +248,68 @@ class Service:
                     raise
                 st.save_mesh(Mesh(DEFAULT_MESH))
         self._settle()
+
+    # -- the mesh in etcd (replicas) -----------------------------------------------
+
+    def _shared_init(self) -> None:
+        """The mesh document created when missing (by whichever replica is
+        first), and a watch that publishes every replica's changes here."""
+        from .etcd import EtcdTx
+
+        while True:
+            t = EtcdTx(self.db)
+            if t.raw_get(self.db.mesh_key) is not None:
+                break
+            t.raw_put(self.db.mesh_key, json.dumps(Mesh(DEFAULT_MESH).to_dict()).encode())
+            try:
+                t.commit()
+                break
+            except StoreConflict:
+                continue
+        with self._store():   # the replica's own state file (telemetry) exists
+            pass
+        self._event_rev = self.db.revision()
+        self._watcher = self.db.watch(self._on_watch, start_revision=self._event_rev + 1, stop=self._watch_stop,
+                                      on_reset=self._on_reset)
+
+    def _on_watch(self, key: str, value: bytes | None, rev: int) -> None:
+        if key == self.db.mesh_key:
+            self._mesh_cache = None if self._mesh_cache is None or self._mesh_cache[0] < rev else self._mesh_cache
+            return
+        if value is None or not key.startswith(f"{self.db.prefix}/events/"):
+            return
+        try:
+            event = json.loads(value)
+        except ValueError:
+            return
+        if not isinstance(event, dict):
+            return
+        event["seq"] = rev
+        self._event_rev = max(self._event_rev, rev)
+        self._publish(event)
+
+    def _on_reset(self) -> None:
+        self._mesh_cache = None
+
+    def close(self) -> None:
+        """Stop watching the shared store (etcd); nothing to do on SQLite."""
+        self._watch_stop.set()
+
+    def mesh_version(self) -> Any:
+        """A value that changes whenever the mesh or the agents' announcements change."""
+        if self.shared:
+            self.mesh()
+            cached = self._mesh_cache
+            return (self._event_rev, None if cached is None else cached[0])
+        try:
+            con = sqlite3.connect(f"file:{self.state}?mode=ro", uri=True)
+            try:
+                saved = con.execute("SELECT saved_at FROM mesh").fetchone()
+            finally:
+                con.close()
+        except sqlite3.Error:
+            return None
+        return None if saved is None else (self._seq, saved[0])
 
     # -- plumbing --------------------------------------------------------------
 
@@ -295,7 +367,10 @@ class Service:
     def prune(self) -> dict[str, int]:
         """Apply the state file's retention (``Store.prune``: metrics and
         flow records a week, events a month, each table at most
-        ``MAX_ROWS``); rows deleted per table."""
+        ``MAX_ROWS``); rows deleted per table. On etcd, change events older
+        than :data:`EVENT_RETENTION_S` go too."""
+        if self.shared:
+            self.db.prune_events(EVENT_RETENTION_S)
         with self._store() as st:
             return st.prune()
 
@@ -304,6 +379,16 @@ class Service:
         (checked against the stored mesh's save time on every call, so a
         change by another process is seen too). Do not change it: edits go
         through the service."""
+        if self.shared:
+            cached = self._mesh_cache
+            doc, rev = self.db.load_mesh(0 if cached is None else cached[0])
+            if doc is None:
+                if cached is not None:
+                    return cached[1]
+                raise StateError(f"{self.db.url}: no mesh stored")
+            mesh = Mesh.from_dict(doc)
+            self._mesh_cache = (rev, mesh)
+            return mesh
         with self._store() as st:
             row = st._db.execute("SELECT saved_at FROM mesh").fetchone()
             stamp = None if row is None else row[0]
@@ -319,7 +404,10 @@ class Service:
         try:
             with Store(self.state, create=False) as st:
                 st.version  # noqa: B018 - the read is the check
-            self.db.audit_log(limit=1)
+            if self.shared:
+                self.db.version  # noqa: B018 - a linearizable read: the cluster has quorum
+            else:
+                self.db.audit_log(limit=1)
         except Exception as e:  # any failure means not ready; the message says which
             raise Unavailable(f"store not reachable: {type(e).__name__}: {e}") from e
 
@@ -327,6 +415,9 @@ class Service:
                 edit: Callable[[Mesh], tuple[Mesh, Any, Any]]) -> None:
         """Load, apply ``edit`` (mesh -> (new mesh, before, after)), save and audit
         in one step, publish. A refused change is audited with ok=False."""
+        if self.shared:
+            self._shared_change(actor=actor, remote=remote, action=action, target=target, edit=edit)
+            return
         with self._lock:
             self._settle()   # a change a failed save or audit left pending
             try:
@@ -356,6 +447,39 @@ class Service:
                        "before": before, "after": after,
                        "etag": None if after is None else etag_of(after)})
 
+    def _shared_change(self, *, actor: str, remote: str | None, action: str, target: str,
+                       edit: Callable[[Mesh], tuple[Mesh, Any, Any]]) -> None:
+        """:meth:`_change` on etcd: the mesh, its audit row and its change
+        event in one transaction that commits only if the mesh is still the
+        one the edit read; a lost race edits the newer mesh again (where an
+        If-Match or a duplicate name now fails, 412/409), at most
+        :data:`CHANGE_ATTEMPTS` times."""
+        from .etcd import EtcdTx
+
+        for attempt in range(CHANGE_ATTEMPTS):
+            t = EtcdTx(self.db)
+            try:
+                raw = t.raw_get(self.db.mesh_key)
+                if raw is None:
+                    raise StateError(f"{self.db.url}: no mesh stored")
+                new, before, after = edit(Mesh.from_dict(json.loads(raw)))
+            except (ConfigError, Conflict, NotFound, PreconditionFailed) as e:
+                self.db.audit(actor, action, target, after={"error": str(e)}, remote=remote, ok=False)
+                raise
+            t.raw_put(self.db.mesh_key, json.dumps(new.to_dict()).encode())
+            t.audit(_row_of(self.db.clock(), actor, action, target, before, after, remote, True))
+            self.db.put_event(t, {"ts": time.time(), "type": action, "target": target, "before": before,
+                                  "after": after, "etag": None if after is None else etag_of(after)})
+            try:
+                rev = t.commit()
+            except StoreConflict:
+                if attempt + 1 == CHANGE_ATTEMPTS:
+                    raise
+                continue
+            if rev is not None:
+                self._mesh_cache = (rev, new)
+            return
+
     def _settle(self, st: Store | None = None) -> None:
         """End the change a crash (or a failed save) left pending: its audit
         row is appended when the state file has the mesh it made, a refusal
@@ -380,6 +504,11 @@ class Service:
     def notify(self, type_: str, target: str, after: Any = None) -> None:
         """Publish a change made outside the mesh (an agent's announcement,
         say) on the same stream as the service's own, with the next ``seq``."""
+        if self.shared:   # through etcd: every replica's watch publishes it
+            with self.db.transaction() as t:
+                self.db.put_event(t, {"ts": time.time(), "type": type_, "target": target, "before": None,
+                                      "after": after, "etag": None})
+            return
         with self._lock:
             self._seq += 1
             seq = self._seq

@@ -26,7 +26,7 @@ missing from an inserted row takes its default.
 >>> with ControllerDB(os.path.join(tempfile.mkdtemp(), "c.db")) as db:
 ...     with db.transaction() as t:
 ...         t.insert("revoked_jti", {"jti": "j1", "expires": 5.0})
-...         t.update("revoked_jti", "j1", expires=9.0)
+...         _ = t.update("revoked_jti", "j1", expires=9.0)
 ...     with db.transaction() as t:
 ...         [r["expires"] for r in t.rows("revoked_jti")], t.get("revoked_jti", "nope")
 ([9.0], None)
