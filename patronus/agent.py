@@ -1029,16 +1029,43 @@ class SiteAgent:
                 self.meter = None
 
     def _open_dataplane(self, mesh: Mesh) -> Any:
+        dp = self._build_dataplane(mesh)
+        self._attach_dataplane(dp, mesh)
+        return dp
+
+    def _build_dataplane(self, mesh: Mesh) -> Any:
+        """The data plane of ``mesh``'s policies, loaded, not yet steering (any thread)."""
         from . import dataplane
 
         dp = dataplane.open(mesh.policy_table(), backend=self.backend, flow_capacity=1 << 18)
-        if self.lan_if:  # XDP + tc, or nftables marks: what the backend offers
+        prepare = getattr(dp, "prepare_steering", None)   # XDP: the tc program's compile, here too
+        if self.lan_if and prepare is not None:
+            try:
+                prepare(PATH_MARK)
+            except BaseException:
+                dp.close()
+                raise
+        return dp
+
+    def _attach_dataplane(self, dp: Any, mesh: Mesh) -> None:
+        """Steer the LAN's traffic through ``dp`` (XDP + tc, or nftables marks: what the backend offers)."""
+        from . import dataplane
+
+        if self.lan_if:
             dp.steer(self.lan_if, mark_base=PATH_MARK)
         limited = [p.name for p in mesh.policies if p.qos.rate_kbps]
         if limited and dataplane.QOS_RATE not in dp.capabilities:
             log.warning("the %s data plane does not enforce QoS.rate_kbps (policies %s); "
                         "run with --backend userspace for rate limits", type(dp).__name__, ", ".join(limited))
-        return dp
+
+    def _flows_of(self, dp: Any) -> Any:
+        """The flows of a data plane about to go (on the I/O thread: a full scan); None when unreadable."""
+        with self._dp_lock:
+            try:
+                return dp.flows()
+            except Exception as e:
+                log.warning("flows of the old data plane not read: %s", e)
+                return None
 
     async def _announce(self) -> None:
         """Announce (to the controller off the event loop: it is a request); a
@@ -1097,14 +1124,23 @@ class SiteAgent:
             else:
                 names = [p.name for p in old.policies]
                 # the old table's flows go out before it does, on the I/O thread (after what is queued there)
-                await asyncio.get_running_loop().run_in_executor(self._io, self._stop_meter)
+                loop = asyncio.get_running_loop()
+                await loop.run_in_executor(self._io, self._stop_meter)
+                # make before break: the new data plane is compiled and loaded off the event loop (a BCC
+                # compile is about a second: BFD would starve), the old one forwarding meanwhile; a build
+                # that fails leaves the old one in place
+                fresh = await loop.run_in_executor(None, self._build_dataplane, mesh)
+                old_dp = self.dp
+                flows = await loop.run_in_executor(self._io, self._flows_of, old_dp)
+                with contextlib.suppress(Exception):
+                    self.store.add_flow_snapshot(time.time(), self.site, flows, names)
+                # every pair's path written into the new tables before it steers a packet, then the swap
+                self.engine.reconfigure(mesh, dataplane=fresh)
                 with self._dp_lock:   # no scan of the I/O thread runs on a data plane being closed
-                    with contextlib.suppress(Exception):
-                        self.store.add_flow_snapshot(time.time(), self.site, self.dp.flows(), names)
-                    self.dp.close()
-                    self.dp = self._open_dataplane(mesh)
+                    old_dp.close()
+                    self.dp = fresh
+                    self._attach_dataplane(fresh, mesh)
                 self._start_meter()
-                self.engine.reconfigure(mesh, dataplane=self.dp)
         except Exception:
             self.mesh = old
             raise

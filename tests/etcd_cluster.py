@@ -47,9 +47,13 @@ def _free_ports(n: int) -> list[int]:
 class EtcdCluster:
     """``n`` etcd members on 127.0.0.1; ``url`` is the ``etcd://`` store URL naming them all."""
 
-    def __init__(self, base: Path, n: int = 3, *, prefix: str = "") -> None:
+    def __init__(self, base: Path, n: int = 3, *, prefix: str = "", host: str = "127.0.0.1",
+                 netns: str | None = None) -> None:
+        """``netns``: run the members inside that network namespace, on
+        ``host`` (an address of it this process reaches too)."""
         self.base = Path(base) / f"etcd-{uuid.uuid4().hex[:6]}"
         self.n = n
+        self.host, self.netns = host, netns
         ports = _free_ports(2 * n)
         self.client_ports, self.peer_ports = ports[:n], ports[n:]
         self.token = f"pn-{uuid.uuid4().hex[:8]}"
@@ -59,17 +63,18 @@ class EtcdCluster:
 
     @property
     def url(self) -> str:
-        return "etcd://" + ",".join(f"127.0.0.1:{p}" for p in self.client_ports) + self.prefix
+        return "etcd://" + ",".join(f"{self.host}:{p}" for p in self.client_ports) + self.prefix
 
     def member_url(self, i: int) -> str:
-        return f"http://127.0.0.1:{self.client_ports[i]}"
+        return f"http://{self.host}:{self.client_ports[i]}"
 
     def _args(self, i: int) -> list[str]:
-        cluster = ",".join(f"m{j}=http://127.0.0.1:{self.peer_ports[j]}" for j in range(self.n))
-        return [ETCD, "--name", f"m{i}", "--data-dir", str(self.base / f"m{i}"),
+        cluster = ",".join(f"m{j}=http://{self.host}:{self.peer_ports[j]}" for j in range(self.n))
+        wrap = ["ip", "netns", "exec", self.netns] if self.netns else []
+        return [*wrap, ETCD, "--name", f"m{i}", "--data-dir", str(self.base / f"m{i}"),
                 "--listen-client-urls", self.member_url(i), "--advertise-client-urls", self.member_url(i),
-                "--listen-peer-urls", f"http://127.0.0.1:{self.peer_ports[i]}",
-                "--initial-advertise-peer-urls", f"http://127.0.0.1:{self.peer_ports[i]}",
+                "--listen-peer-urls", f"http://{self.host}:{self.peer_ports[i]}",
+                "--initial-advertise-peer-urls", f"http://{self.host}:{self.peer_ports[i]}",
                 "--initial-cluster", cluster, "--initial-cluster-state", "new",
                 "--initial-cluster-token", self.token, "--auto-compaction-mode", "periodic",
                 "--auto-compaction-retention", "1h", "--logger", "zap", "--log-level", "warn"]

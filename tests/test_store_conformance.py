@@ -86,6 +86,48 @@ def test_rows_have_their_defaults_and_keys(db: Any) -> None:
         assert not t.delete("users", "bob/1")
     with db.reading() as t:
         assert [(r["name"], r["token_gen"], r["disabled"]) for r in t.rows("users")] == [("alice", 3, 1)]
+    with db.transaction() as t:   # an indexed column changed: found by its new value only
+        assert t.update("users", "alice", role="viewer")
+        assert t.rows("users", role="admin") == [] and [r["name"] for r in t.rows("users", role="viewer")] == ["alice"]
+    with db.reading() as t:
+        assert t.rows("users", role="admin") == [] and [r["name"] for r in t.rows("users", role="viewer")] == ["alice"]
+        assert t.rows("users", role="viewer", disabled=0) == []
+
+
+def test_transactions_on_rows_found_by_an_index_do_not_conflict(db: Any) -> None:
+    """Two refresh-token rotations of different tokens at once: both commit (a lookup by an indexed
+    column depends on the matching rows, not the table)."""
+    with db.transaction() as t:
+        t.insert("users", {"name": "u", "role": "viewer", "pw_hash": "h", "created": 0.0})
+        for i in range(2):
+            t.insert("refresh_tokens", {"id": f"r{i}", "family": f"f{i}", "user": "u", "token_hash": f"h{i}",
+                                        "issued": 0.0, "expires": 9e9})
+    read = threading.Semaphore(0)
+    out: list[str] = []
+
+    def rotate(i: int) -> None:
+        try:
+            with db.transaction() as t:
+                (row,) = t.rows("refresh_tokens", token_hash=f"h{i}")
+                read.release()
+                read.acquire(timeout=3)   # both have read before either writes (SQLite: serialised instead)
+                read.release()
+                t.update("refresh_tokens", row["id"], used_at=1.0)
+                t.insert("refresh_tokens", {"id": f"n{i}", "family": row["family"], "user": "u",
+                                            "token_hash": f"n{i}", "issued": 1.0, "expires": 9e9})
+            out.append("ok")
+        except StoreConflict:
+            out.append("conflict")
+
+    ths = [threading.Thread(target=rotate, args=(i,)) for i in range(2)]
+    for th in ths:
+        th.start()
+    for th in ths:
+        th.join(60)
+    assert out == ["ok", "ok"]
+    with db.reading() as t:
+        assert sorted(r["id"] for r in t.rows("refresh_tokens", family="f0")) == ["n0", "r0"]
+        assert [r["id"] for r in t.rows("refresh_tokens", used_at=1.0)] == ["r0", "r1"]
 
 
 def test_a_failed_transaction_writes_nothing(db: Any) -> None:

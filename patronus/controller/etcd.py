@@ -11,6 +11,7 @@ Layout under the prefix (``/patronus`` unless the URL names another):
 
 - ``schema``: ``{"version": N}`` (versioned migrations, :data:`MIGRATIONS`)
 - ``t/<table>/<key>``: one row, JSON
+- ``i/<table>/<column>/<value>/<key>``: an index entry (``Table.indexes``)
 - ``mesh``: the mesh, JSON (``Mesh.to_dict``)
 - ``audit/<ns>-<n>``: one audit row; its id is ``create_revision * 1000 + n``
 - ``events/<ns>-<n>``: one change of the mesh, JSON; every replica watches
@@ -44,7 +45,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from ..errors import ConfigError, SchemaVersionError, StateError
 from .db import ControllerDB, _row_of
@@ -322,6 +323,10 @@ class EtcdTx:
             raise KeyError(f"{t.name}: the key {key!r} is not a non-empty string")
         return f"{self.db.prefix}/t/{t.name}/{quote(key, safe='')}"
 
+    def _index(self, name: str, column: str, value: Any) -> str:
+        """The prefix of the index entries of rows of ``name`` whose ``column`` is ``value``."""
+        return f"{self.db.prefix}/i/{name}/{column}/{quote(json.dumps(value), safe='')}/"
+
     def get(self, name: str, key: str) -> dict[str, Any] | None:
         v = self.raw_get(self._key(name, key))
         return None if v is None else table(name).row(json.loads(v))
@@ -331,25 +336,47 @@ class EtcdTx:
         for c in equal:
             if c not in t.columns:
                 raise KeyError(f"{t.name} has no column {c!r}")
-        out = []
-        for _, v in self.raw_range(f"{self.db.prefix}/t/{t.name}/"):
-            row = t.row(json.loads(v))
-            if all(row[c] == want for c, want in equal.items()):
-                out.append(row)
-        return out
+        by = next((c for c in equal if c in t.indexes), None)
+        if by is not None:   # the index: the transaction depends on the matching rows, not the whole table
+            keys = [unquote(k.rsplit("/", 1)[1]) for k, _ in self.raw_range(self._index(t.name, by, equal[by]))]
+            found = [r for r in (self.get(name, k) for k in keys) if r is not None]
+        else:
+            found = [t.row(json.loads(v)) for _, v in self.raw_range(f"{self.db.prefix}/t/{t.name}/")]
+        return sorted((r for r in found if all(r[c] == want for c, want in equal.items())), key=lambda r: r[t.key])
+
+    def _write(self, name: str, old: dict[str, Any] | None, new: dict[str, Any] | None) -> None:
+        """Replace row ``old`` by ``new`` (either None), index entries with it."""
+        t = table(name)
+        row = new if new is not None else old
+        assert row is not None
+        key = row[t.key]
+        for c in t.indexes:
+            was = None if old is None else old[c]
+            now = None if new is None else new[c]
+            if old is not None and (new is None or was != now):
+                self.raw_delete(self._index(t.name, c, was) + quote(key, safe=""))
+            if new is not None and (old is None or was != now):
+                self.raw_put(self._index(t.name, c, now) + quote(key, safe=""), b"")
+        if new is None:
+            self.raw_delete(self._key(name, key))
+        else:
+            self.raw_put(self._key(name, key), json.dumps(new).encode())
 
     def insert(self, name: str, row: Mapping[str, Any]) -> None:
         t = table(name)
         full = t.row(row)
-        k = self._key(name, full[t.key])
-        if self.raw_get(k) is not None:
+        if self.get(name, full[t.key]) is not None:
             raise Exists(f"{t.name} {full[t.key]!r} exists")
-        self.raw_put(k, json.dumps(full).encode())
+        self._write(name, None, full)
 
     def put(self, name: str, row: Mapping[str, Any]) -> None:
         t = table(name)
         full = t.row(row)
-        self.raw_put(self._key(name, full[t.key]), json.dumps(full).encode())
+        old = self.get(name, full[t.key]) if t.indexes else None
+        if old is None and not t.indexes:   # no index to keep: a blind write, which never conflicts
+            self.raw_put(self._key(name, full[t.key]), json.dumps(full).encode())
+            return
+        self._write(name, old, full)
 
     def update(self, name: str, key: str, **values: Any) -> bool:
         t = table(name)
@@ -359,15 +386,14 @@ class EtcdTx:
         row = self.get(name, key)
         if row is None:
             return False
-        row.update(values)
-        self.raw_put(self._key(name, key), json.dumps(row).encode())
+        self._write(name, row, {**row, **values})
         return True
 
     def delete(self, name: str, key: str) -> bool:
-        k = self._key(name, key)
-        if self.raw_get(k) is None:
+        row = self.get(name, key)
+        if row is None:
             return False
-        self.raw_delete(k)
+        self._write(name, row, None)
         return True
 
     def audit(self, row: dict[str, Any]) -> None:

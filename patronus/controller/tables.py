@@ -46,11 +46,15 @@ __all__ = ["Table", "TABLES", "Tx", "Exists", "StoreConflict", "StoreUnavailable
 
 @attrs.frozen
 class Table:
-    """A table: its name, the column that is its key, every column with its default."""
+    """A table: its name, the column that is its key, every column with its
+    default, and the columns ``rows(table, column=value)`` looks up by (an
+    engine without a query planner keeps an index of each, so a lookup
+    reads, and a transaction depends on, the matching rows alone)."""
 
     name: str
     key: str
     columns: Mapping[str, Any]
+    indexes: tuple[str, ...] = ()
 
     def row(self, row: Mapping[str, Any]) -> dict[str, Any]:
         """``row`` completed with the defaults; KeyError naming an unknown column or a missing key."""
@@ -67,17 +71,17 @@ _REQUIRED = None   # a column whose value every insert gives (no default in the 
 TABLES: dict[str, Table] = {t.name: t for t in (
     Table("users", "name", {"name": _REQUIRED, "role": _REQUIRED, "pw_hash": _REQUIRED, "totp_secret": None,
                             "totp_enabled": 0, "totp_last_step": None, "recovery": "[]", "token_gen": 0,
-                            "created": _REQUIRED, "disabled": 0}),
+                            "created": _REQUIRED, "disabled": 0}, ("role",)),
     Table("refresh_tokens", "id", {"id": _REQUIRED, "family": _REQUIRED, "user": _REQUIRED,
                                    "token_hash": _REQUIRED, "issued": _REQUIRED, "expires": _REQUIRED,
-                                   "used_at": None, "revoked": 0}),
+                                   "used_at": None, "revoked": 0}, ("token_hash", "family", "user")),
     Table("api_keys", "id", {"id": _REQUIRED, "name": _REQUIRED, "prefix": _REQUIRED, "hash": _REQUIRED,
                              "role": _REQUIRED, "created_by": _REQUIRED, "created": _REQUIRED, "expires": None,
                              "last_used": None, "revoked": 0}),
     Table("revoked_jti", "jti", {"jti": _REQUIRED, "expires": _REQUIRED}),
     Table("agent_tokens", "id", {"id": _REQUIRED, "site": _REQUIRED, "hash": _REQUIRED, "created_by": _REQUIRED,
                                  "created": _REQUIRED, "expires": _REQUIRED, "used": None, "used_by": None,
-                                 "revoked": 0}),
+                                 "revoked": 0}, ("hash",)),
     Table("agent_credentials", "id", {"id": _REQUIRED, "site": _REQUIRED, "hash": _REQUIRED, "token_id": None,
                                       "public_key": None, "signing_key": None, "hostname": None,
                                       "interval_s": _REQUIRED, "created": _REQUIRED, "last_seen": None,
@@ -86,7 +90,8 @@ TABLES: dict[str, Table] = {t.name: t for t in (
                                      "parts": _REQUIRED, "prev": None, "updated": _REQUIRED}),
     Table("agent_parts", "digest", {"digest": _REQUIRED, "body": _REQUIRED}),
     Table("agent_announcements", "site", {"site": _REQUIRED, "body": _REQUIRED, "wg_public_key": _REQUIRED,
-                                          "ts": _REQUIRED, "received": _REQUIRED, "credential": _REQUIRED}),
+                                          "ts": _REQUIRED, "received": _REQUIRED, "credential": _REQUIRED},
+          ("credential",)),
     Table("agent_nonces", "nonce", {"nonce": _REQUIRED, "ts": _REQUIRED}),
 )}
 

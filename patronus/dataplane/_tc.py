@@ -28,13 +28,20 @@ class TcSteering:
     at clsact ingress (direct action); ``close()`` detaches and unpins it.
     ``mark_base`` + path slot is the mark; ``npol`` is policies + 1."""
 
-    def __init__(self, lib: Libbpf, ifname: str, mark_base: int, npol: int) -> None:
+    def __init__(self, lib: Libbpf, ifname: str, mark_base: int, npol: int,
+                 compiled: tuple[Any, Any] | None = None) -> None:
+        """``compiled``: what :meth:`compile` made for the same ``mark_base`` and ``npol`` (the
+        compile is the slow part: about a second)."""
         self.ifname, self._npol = ifname, npol
-        self._prog, fn = load_sched_cls("patronus_tc.c", "pn_tc_mark", "tc steering program",
-                                        [f"-DPN_MARK_BASE={mark_base}", f"-DPN_NPOL={npol}",
-                                         f"-DPN_DUP_ENTRIES={DUP_ENTRIES}"])
+        self._prog, fn = compiled or self.compile(mark_base, npol)
         self._pin = attach_ingress(lib, self._prog, fn, ifname, "patronus_tc")
         self._dups: dict[tuple[int, int], int] = {}
+
+    @staticmethod
+    def compile(mark_base: int, npol: int) -> tuple[Any, Any]:
+        """The program compiled and loaded, not attached: (BCC module, function)."""
+        return load_sched_cls("patronus_tc.c", "pn_tc_mark", "tc steering program",
+                              [f"-DPN_MARK_BASE={mark_base}", f"-DPN_NPOL={npol}", f"-DPN_DUP_ENTRIES={DUP_ENTRIES}"])
 
     def write_dscp(self, values: Sequence[int]) -> None:
         """DSCP + 1 to write per policy + 1 (0: leave the packet's own)."""

@@ -99,6 +99,7 @@ class Xdp:
                               site_prefixes=max(max_site_prefixes or 0, max_sites or 0, len(table.site_prefixes)))
         self._attached: dict[str, int] = {}
         self._steering: dict[str, TcSteering] = {}
+        self._tc_compiled: dict[int, tuple[Any, Any]] = {}   # mark_base -> prepare_steering's program
         self._bpf = None
         self._closed = False
         text = (bpf_dir / "patronus_xdp.c").read_text()
@@ -168,6 +169,9 @@ class Xdp:
         self._closed = True
         for dev in list(self._steering):
             self._disable_steering(dev)
+        for prog, _ in self._tc_compiled.values():
+            prog.cleanup()
+        self._tc_compiled.clear()
         for dev, flags in list(self._attached.items()):
             self._detach(dev, flags)
         if getattr(self, "_mm", None) is not None:
@@ -209,6 +213,13 @@ class Xdp:
             self.attach(ifname, mode="native")
         self.enable_steering(ifname, mark_base)
 
+    def prepare_steering(self, mark_base: int = PATH_MARK) -> None:
+        """Compile and load the tc steering program now, so that :meth:`steer`
+        only attaches (the compile takes about a second: a caller with an
+        event loop does this in a thread, then steers on the loop)."""
+        if mark_base not in self._tc_compiled:
+            self._tc_compiled[mark_base] = TcSteering.compile(mark_base, self._npol)
+
     def enable_steering(self, ifname: str, mark_base: int = PATH_MARK) -> None:
         """Steer packets into paths: a tc program at clsact ingress of
         ``ifname`` (bpf/patronus_tc.c) copies the path slot this program
@@ -219,7 +230,8 @@ class Xdp:
             raise ConfigError("enable_steering", ifname, "has no XDP program of this Xdp attached")
         if not 0 <= mark_base <= 0xFFFF0000:
             raise ConfigError("mark_base", mark_base, "leaves no room for path slots in a 32-bit mark")
-        self._steering[ifname] = TcSteering(self._lib, ifname, mark_base, self._npol)
+        self._steering[ifname] = TcSteering(self._lib, ifname, mark_base, self._npol,
+                                            self._tc_compiled.pop(mark_base, None))
         self._write_dscp()
         self._steering[ifname].write_dups(self._dups)
         if not self._meta:
