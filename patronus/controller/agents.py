@@ -85,6 +85,7 @@ MAX_ANNOUNCEMENT = 64 * 1024  # bytes of an announcement body (discovery.MAX_BOD
 DEFAULT_INTERVAL_S = 10.0
 DEGRADED_AFTER = 3           # x the agent's interval without contact
 INACTIVE_AFTER = 10
+REFRESH_CHUNK = 15   # sites a refresh() transaction writes on etcd: a row, 3 parts of its own, old parts gone: < 128 ops
 REFRESH_TRIES = 5            # AgentStore.refresh: attempts of its transaction when another replica's commit wins
 
 # The agent actions belong to no role (auth.PERMISSIONS): users and API
@@ -703,14 +704,21 @@ class AgentStore:
                 if gen < self._applied:
                     raise _Stale
                 self._applied = gen
-            for attempt in range(REFRESH_TRIES):
-                try:
-                    return self._refresh(source, sites)
-                except StoreConflict:
-                    if attempt == REFRESH_TRIES - 1:
-                        raise
-                    time.sleep(random.uniform(0.0, 0.005 * 2 ** attempt))   # apart from the replica that won
-        raise AssertionError("unreachable")
+            # etcd takes at most 128 operations a transaction (--max-txn-ops): many sites go in chunks,
+            # each its own transaction (a site's version is its own; nothing needs them all at once)
+            step = REFRESH_CHUNK if getattr(self.db, "kind", "sqlite") == "etcd" else max(1, len(sites))
+            out: dict[str, tuple[int, str, dict[str, str], Any]] = {}
+            for i in range(0, len(sites), step):
+                chunk = sites[i:i + step]
+                for attempt in range(REFRESH_TRIES):
+                    try:
+                        out.update(self._refresh(source, chunk))
+                        break
+                    except StoreConflict:
+                        if attempt == REFRESH_TRIES - 1:
+                            raise
+                        time.sleep(random.uniform(0.0, 0.005 * 2 ** attempt))   # apart from the replica that won
+            return out
 
     def _refresh(self, source: Any, sites: list[str]) -> dict[str, tuple[int, str, dict[str, str], Any]]:
         """One attempt of :meth:`refresh` (its transaction)."""
@@ -718,16 +726,20 @@ class AgentStore:
         with self.db.transaction() as t:
             old: dict[str, dict[str, Any] | None] = {}   # site -> its stored row, of the sites to write
             parts: dict[str, tuple[str, str]] = {}        # digest -> (site, key) of a part the new rows use
+            # many sites: every row in one read (a round trip each would be the cost on etcd)
+            every = {r["site"]: r for r in t.rows("agent_versions")} if len(sites) > 4 else None
             for s in sites:
                 m = source.manifest(s)
                 dg = digest_of(m)
-                r = t.get("agent_versions", s)
+                r = every.get(s) if every is not None else t.get("agent_versions", s)
                 if r is not None and r["digest"] == dg:
                     out[s] = (r["version"], dg, json.loads(r["parts"]),
                               None if r["prev"] is None else json.loads(r["prev"]))
                 else:
+                    had = set() if r is None else set(json.loads(r["parts"]).values())
                     for k, d in m.items():
-                        parts.setdefault(d, (s, k))
+                        if d not in had:   # a part the site's stored state has is stored
+                            parts.setdefault(d, (s, k))
                     out[s] = (1 if r is None else r["version"] + 1, dg, m,
                               None if r is None else json.loads(r["parts"]))
                     old[s] = r
@@ -739,11 +751,10 @@ class AgentStore:
                     keep = {d for r in out.values() for m in (r[2], r[3] or {}) for d in m.values()}
                     self._values = {d: v for d, v in self._values.items() if d in keep}
                 return out
-            stored = t.rows("agent_versions")   # every site's row, for the parts still in use
+            stored = list(every.values()) if every is not None else t.rows("agent_versions")   # parts in use
             now = self.clock()
-            for d, (s, k) in parts.items():   # content-addressed: a part stored already is the same
-                if t.get("agent_parts", d) is None:
-                    t.put("agent_parts", {"digest": d, "body": source.body(s, k).decode()})
+            for d, (s, k) in parts.items():   # content-addressed: writing one stored already changes nothing
+                t.put("agent_parts", {"digest": d, "body": source.body(s, k).decode()})
             for s in old:
                 version, dg, m, prev = out[s]
                 t.put("agent_versions", {"site": s, "version": version, "digest": dg, "parts": json.dumps(m),

@@ -12,6 +12,7 @@ Layout under the prefix (``/patronus`` unless the URL names another):
 - ``schema``: ``{"version": N}`` (versioned migrations, :data:`MIGRATIONS`)
 - ``t/<table>/<key>``: one row, JSON
 - ``i/<table>/<column>/<value>/<key>``: an index entry (``Table.indexes``)
+- ``v/<table>``: bumped by every delete in the table (what a listing depends on)
 - ``mesh``: the mesh, JSON (``Mesh.to_dict``)
 - ``audit/<ns>-<n>``: one audit row; its id is ``create_revision * 1000 + n``
 - ``events/<ns>-<n>``: one change of the mesh, JSON; every replica watches
@@ -224,7 +225,12 @@ class _Members:
 
 
 def _short(e: BaseException) -> str:
-    text = " ".join(str(e).split())
+    detail = getattr(e, "detail_text", None)   # etcd3gw: the server's own words
+    try:
+        detail = json.loads(detail)["error"] if detail else None
+    except (ValueError, KeyError, TypeError):
+        pass
+    text = " ".join(f"{e} {detail or ''}".split())
     return text[:300] or type(e).__name__
 
 
@@ -253,10 +259,18 @@ class EtcdTx:
             body["revision"] = self.rev
         if self.readonly and not self.stale and time.monotonic() < self.db.members.degraded_until:
             self._mark_stale()
-        if self.stale:
+        if self.stale or self.rev is not None:
+            # at a revision this transaction has seen: the member that served it has it, no quorum
+            # round needed (the commit's compares are what guarantee the rest)
             body["serializable"] = True
         try:
-            r = self.db.members.call("kv/range", body)
+            try:
+                r = self.db.members.call("kv/range", body)
+            except StateError as e:
+                if "future revision" not in str(e):
+                    raise
+                body.pop("serializable", None)   # another member, behind: ask for a linearizable read
+                r = self.db.members.call("kv/range", body)
         except StoreUnavailable:
             if not self.readonly or self.stale:
                 raise
@@ -287,12 +301,26 @@ class EtcdTx:
         self._read.setdefault(key, int(kvs[0]["mod_revision"]))
         return _unb64(kvs[0].get("value"))
 
+    def _tombstone(self, key: str) -> str | None:
+        """The key a delete under ``key``'s table bumps (rows and index entries), or None."""
+        rest = key[len(self.db.prefix) + 1:] if key.startswith(self.db.prefix + "/") else ""
+        kind, _, tail = rest.partition("/")
+        name = tail.split("/", 1)[0]
+        return f"{self.db.prefix}/v/{name}" if kind in ("t", "i") and name else None
+
     def raw_range(self, prefix: str) -> list[tuple[str, bytes]]:
-        """Every (key, value) under ``prefix``, by key (through this transaction's writes)."""
+        """Every (key, value) under ``prefix``, by key (through this transaction's writes).
+
+        The commit checks that no key of the range changed or appeared since
+        (one range compare) and that nothing of the table was deleted (its
+        tombstone key, bumped by every delete): a compare per key would pass
+        etcd's limit of 128 a transaction on any table of size."""
+        tomb = self._tombstone(prefix)
+        if tomb is not None:
+            self.raw_get(tomb)
         got = {}
         for kv in self._range(prefix, _end(prefix)):
             k = _unb64(kv["key"]).decode()
-            self._read.setdefault(k, int(kv["mod_revision"]))
             got[k] = _unb64(kv.get("value"))
         self._ranges.append(prefix)
         for k, v in self._writes.items():
@@ -314,6 +342,9 @@ class EtcdTx:
         if self.readonly:
             raise StateError("a write inside a read-only transaction")
         self._writes[key] = None
+        tomb = self._tombstone(key)
+        if tomb is not None:   # a transaction that listed the table sees this as a change
+            self._writes[tomb] = uuid.uuid4().hex.encode()
 
     # -- the Tx interface -----------------------------------------------------------------
 
