@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import ssl
@@ -295,3 +296,47 @@ def test_etcd_losing_members(ha: Replicas) -> None:
         audit = c.get(f"{PREFIX}/audit", params={"limit": 1000}).raise_for_status().json()["items"]
         created = {a["target"].split("/", 1)[1] for a in audit if a["action"] == "policy.create" and a["ok"]}
         assert created == names   # the refused write left nothing half-done (p50 only if its commit landed)
+
+
+def _subscriptions(ha: Replicas, i: int) -> int:
+    with ha.client(i) as c:
+        text = c.get("/metrics").text
+    m = re.search(r"^patronus_controller_graphql_subscriptions (\S+)$", text, re.M)
+    return int(float(m.group(1))) if m else 0
+
+
+def test_failover_moves_reach_subscribers_and_events_on_every_replica(ha: Replicas, tmp_path: Path) -> None:
+    """An agent reports a move to replica 0; a GraphQL subscriber on replica 1 sees it, and every replica's
+    event list has it (through etcd: docs/HA.md)."""
+    from .test_graphql_subscriptions import Gql
+
+    with ha.client(0) as c:
+        for s in SITES:
+            c.post(f"{PREFIX}/sites", json=s).raise_for_status()
+        (pid,) = [p["id"] for p in c.get(f"{PREFIX}/paths").raise_for_status().json()["items"]]
+    src = _enrol(ha, "hq", tmp_path / "hq.controller.json", [0])
+    src.load()
+    g = Gql(ha.ctls[1], ha.tokens[1])
+    try:
+        before = _subscriptions(ha, 1)
+        g.subscribe("f", "subscription { failoverMoves { site reason fromPath toPath ts } }")
+        ha.wait("the subscription registered", lambda: _subscriptions(ha, 1) > before)
+        ts = time.time()
+        src.post_telemetry({"bfd": [{"ts": ts, "path": pid, "state": "down", "diag": "detect_expired"}],
+                            "events": [{"ts": ts, "reason": "bfd_down", "site": "br1", "policy": None,
+                                        "from_path": pid, "to_path": None, "detail": "cut"}]})
+        mv = g.next("f", timeout=30)["failoverMoves"]
+        assert mv["reason"] == "bfd_down" and mv["fromPath"] == pid and mv["site"] == "hq"
+    finally:
+        g.close()
+    for i in range(REPLICAS):
+        def kept(i: int = i) -> bool:
+            with ha.client(i) as c:
+                return any(e["reason"] == "bfd_down" and e["from_path"] == pid
+                           for e in c.get(f"{PREFIX}/events").raise_for_status().json()["items"])
+
+        ha.wait(f"the move among replica {i}'s events", kept)
+        with ha.client(i) as c:
+            (path,) = [p for p in c.get(f"{PREFIX}/paths").raise_for_status().json()["items"]
+                       if p["id"] == pid]
+            assert path["state"]["status"] == "down"

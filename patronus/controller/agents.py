@@ -857,15 +857,24 @@ class AgentStore:
             d = e.model_dump()
             d["to_site"] = d.pop("site")
             live.append({"kind": "event", "site": site, "received": now, **d})
+        shared = False
+        if self.service.shared and (batch.bfd or batch.events):
+            # replicas: BFD changes and failover events (few, and what operators watch) through etcd, so
+            # every replica's subscribers see them and every replica's state file keeps the events;
+            # metrics stay here (one a path an interval: docs/HA.md)
+            mine = [x for x in live if x["kind"] == "metric"]
+            shared = self.service.share_telemetry([x for x in live if x["kind"] != "metric"],
+                                                  [e.model_dump() for e in batch.events])
+            live = mine if shared else live
         if live:   # the live views first: a state file that cannot take the copy must not hold them back
             self.service.publish_telemetry(live)
         try:
-            return len(rows) + self._to_state(site, batch)
+            return len(rows) + self._to_state(site, batch, events=not shared)
         except Exception:   # the raw telemetry is stored; the copy into the state file is what failed
             log.exception("telemetry of site %s: the copy into the state file failed", site)
             return len(rows)
 
-    def _to_state(self, site: str, batch: TelemetryIn) -> int:
+    def _to_state(self, site: str, batch: TelemetryIn, *, events: bool = True) -> int:
         """Path metrics, failover events and flow records also go where the
         service reads paths, metric series, events and flows from (the state
         file), in one transaction; a path is measured from both ends, each
@@ -886,7 +895,7 @@ class AgentStore:
                 for m in batch.metrics:
                     st.add_path_metrics(m.ts, [(m.path, m.rtt_ms, m.jitter_ms, m.loss_pct, m.mos, m.mtu,
                                                 m.bandwidth_mbps)])
-                for e in batch.events:
+                for e in batch.events if events else ():   # shared: every replica writes them (Service)
                     st.add_event(e.reason, policy=e.policy, from_path=e.from_path, to_path=e.to_path,
                                  detail=e.detail, ts=e.ts, site=e.site)
                 for r in batch.records:

@@ -18,6 +18,8 @@ Layout under the prefix (``/patronus`` unless the URL names another):
 - ``events/<ns>-<n>``: one change of the mesh, JSON; every replica watches
   them and publishes them to its listeners (``seq`` is the etcd revision)
 - ``leader/<name>``: the replica holding a role, on a lease
+- ``live/<ns>-<n>``: agents' BFD changes and failover events, on a lease of
+  :data:`LIVE_TTL_S` (every replica's subscribers see them)
 
 Transactions are optimistic (etcd's STM pattern): reads are taken at one
 revision, writes are buffered, and the commit is one etcd ``Txn`` that
@@ -58,6 +60,7 @@ log = logging.getLogger("patronus.controller.etcd")
 
 #: request timeout (s): longer than an etcd leader election (1 s by default), shorter than a client's patience
 TIMEOUT_S = 3.0
+LIVE_TTL_S = 120   # shared telemetry (BFD changes, failover events) lives this long in etcd
 DEGRADED_S = 2.0   # after a quorum failure, reads skip the linearizable attempt this long
 _AUDIT_N = 1000   # audit rows one transaction may append (ids are create_revision * 1000 + n)
 

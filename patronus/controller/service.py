@@ -44,6 +44,7 @@ import copy
 import datetime
 import hashlib
 import json
+import logging
 import math
 import os
 import sqlite3
@@ -65,6 +66,7 @@ from .tables import StoreConflict
 
 __all__ = ["Service", "Resource", "etag_of", "BadCursor", "parse_time", "Page", "SITE_STATUSES"]
 
+log = logging.getLogger("patronus.controller.service")
 DEFAULT_MESH = "default"
 EVENT_RETENTION_S = 3600.0   # etcd: change events are kept this long (replicas catch up from them)
 CHANGE_ATTEMPTS = 5          # etcd: a change that lost a race is edited again this often
@@ -237,6 +239,7 @@ class Service:
         self.shared = getattr(db, "kind", "sqlite") == "etcd"   # the mesh and changes in etcd (replicas)
         self._watch_stop = threading.Event()
         self._event_rev = 0   # etcd: the newest change event this replica has seen
+        self._live_lease: tuple[int, float] | None = None   # etcd: (lease of shared telemetry, granted at)
         if self.shared:
             self._shared_init()
             return
@@ -272,7 +275,57 @@ class Service:
         self._watcher = self.db.watch(self._on_watch, start_revision=self._event_rev + 1, stop=self._watch_stop,
                                       on_reset=self._on_reset)
 
+    def share_telemetry(self, live: list[dict[str, Any]], events: list[dict[str, Any]]) -> bool:
+        """etcd: put live telemetry items (BFD changes, failover events) and
+        the failover events to keep on the shared stream, on a lease of
+        :data:`LIVE_TTL_S` (etcd forgets them by itself); every replica's
+        watch publishes them to its ``telemetry`` listeners and writes the
+        events into its state file. False (nothing shared: the caller
+        keeps them here) when etcd cannot take them."""
+        from .etcd import LIVE_TTL_S
+
+        try:
+            now = time.monotonic()
+            lease = self._live_lease
+            if lease is None or now - lease[1] > LIVE_TTL_S / 2:   # a fresh lease each half TTL
+                lease = self._live_lease = (self.db.grant(LIVE_TTL_S), now)
+            with self.db.transaction() as t:
+                t.raw_put(f"{self.db.prefix}/live/{time.time_ns():020d}-{os.urandom(4).hex()}",
+                          json.dumps({"live": live, "events": events}, default=str).encode(), lease=lease[0])
+            return True
+        except Exception as e:  # the store away: this replica's listeners and state file get them
+            log.warning("telemetry not shared through etcd (%s): kept on this replica", e)
+            return False
+
+    def _on_live(self, value: bytes) -> None:
+        try:
+            body = json.loads(value)
+            live, events = list(body["live"]), list(body["events"])
+        except (ValueError, KeyError, TypeError):
+            return
+        if live:
+            self.publish_telemetry(live)
+        if events:
+            try:
+                with self._store() as st:
+                    st._db.execute("BEGIN IMMEDIATE")
+                    try:
+                        for e in events:
+                            st.add_event(e["reason"], policy=e.get("policy"), from_path=e.get("from_path"),
+                                         to_path=e.get("to_path"), detail=e.get("detail"), ts=e["ts"],
+                                         site=e.get("site"))
+                        st._db.execute("COMMIT")
+                    except BaseException:
+                        st._db.execute("ROLLBACK")
+                        raise
+            except Exception:
+                log.exception("shared failover events not kept in the state file")
+
     def _on_watch(self, key: str, value: bytes | None, rev: int) -> None:
+        if key.startswith(f"{self.db.prefix}/live/"):
+            if value is not None:
+                self._on_live(value)
+            return
         if key == self.db.mesh_key:
             self._mesh_cache = None if self._mesh_cache is None or self._mesh_cache[0] < rev else self._mesh_cache
             return
