@@ -161,6 +161,9 @@ class _Members:
             u = urlsplit(ep)
             c = etcd3gw.Etcd3Client(host=u.hostname or "", port=u.port or 2379, protocol=u.scheme,
                                     ca_cert=ca, cert_cert=cert, cert_key=key, timeout=timeout, api_path="/v3/")
+            # the CA given is the one trusted: requests would let REQUESTS_CA_BUNDLE (and proxies) of the
+            # environment override it; etcd members are reached directly
+            c.session.trust_env = False
             self.clients.append(c)
         self.user, self._password = user, password
         self._i = 0
