@@ -357,14 +357,23 @@ def test_units_pass_systemd_analyze_verify(tmp_path):
     assert r.returncode == 0 and not r.stdout.strip() and not r.stderr.strip(), r.stdout + r.stderr
 
 
-def test_units_use_real_agent_options_and_the_same_hardening():
-    r = subprocess.run([sys.executable, "-m", "patronus.cli", "agent", "--help"], capture_output=True, text=True,
+def _options(*cmd: str) -> set[str]:
+    r = subprocess.run([sys.executable, "-m", "patronus.cli", *cmd, "--help"], capture_output=True, text=True,
                        timeout=60, cwd=ROOT)
     assert r.returncode == 0, r.stderr
-    real = set(re.findall(r"--[a-z][a-z-]*", r.stdout))
+    return set(re.findall(r"--[a-z][a-z-]*", r.stdout))
+
+
+def test_units_use_real_agent_options_and_the_same_hardening():
+    real = {"agent": _options("agent"), "controller": _options("controller", "run")}
+    real["controller"] |= _options("controller", "init")   # the unit's comment shows the init command
     for f in [*UNITS.glob("*.service"), *UNITS.glob("*.example")]:
+        kind = "controller" if "controller" in f.name else "agent"
         used = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", f.read_text()))
-        assert used and not used - real, f"{f.name}: {sorted(used - real)} are not options of `patronus agent`"
+        if kind == "controller":
+            used -= {"--system", "--home-dir", "--shell"}   # useradd's, in the comment that makes the user
+        assert used and not used - real[kind], \
+            f"{f.name}: {sorted(used - real[kind])} are not options of `patronus {kind}`"
     one, tmpl = UNITS / "patronus-agent.service", UNITS / "patronus-agent@.service"
     differ = {"Description", "EnvironmentFile", "ExecStart"}  # the instance name is the site
 
