@@ -55,6 +55,7 @@ log = logging.getLogger("patronus.agent")
 
 PRUNE_EVERY_S = 60.0  # how often the agent applies the state's retention policy
 OUTBOX = 2000         # telemetry items of a kind held for the controller (its MAX_TELEMETRY_ITEMS per batch)
+SCAN_REUSE_S = 1.0    # a telemetry batch reuses the status snapshot's flow-table scan this young
 FLOW_RECORDS = 200    # flow records a telemetry batch carries: the largest of those active since the last one
 
 
@@ -650,6 +651,7 @@ class SiteAgent:
         self.telemetry_dropped = 0             # items the outbox had no room for while the controller was away
         self._next_report = 0.0
         self._last_batch = 0.0                 # wall time of the last telemetry batch (its flows are newer)
+        self._flow_scan: tuple[float, Any, Any, float] | None = None   # _scan(): (wall, flows, dp, monotonic)
         self.loop_stalls = 0                   # times the event loop woke >= STALL_S late (false Downs follow)
         self.loop_lag_max = 0.0                # the latest wake-up seen, seconds
         self._beat = time.monotonic()          # when the event loop last woke (the stall catcher reads it)
@@ -1272,12 +1274,21 @@ class SiteAgent:
             self._outbox[kind][:0] = batch.get(kind, [])
             self._trim(kind)
 
-    def _batch(self) -> dict[str, Any]:
-        """One telemetry batch: every path's latest metrics, the BFD changes and
-        failover events since the last batch, per-policy flow totals and the
-        busiest flows (``_batch_head`` + ``_batch_flows``, which the reporter
-        runs on two threads)."""
-        return {**self._batch_head(), **self._batch_flows()}
+    def _scan(self, max_age: float = 0.0) -> tuple[float, Any]:
+        """(wall time just before the scan, flows) of the data plane in use,
+        on the I/O thread: one scan of the flow table (a quarter of a million
+        slots: tens of ms, and the Python around it holds the GIL) shared by
+        the status snapshot and the telemetry batch when it is at most
+        ``max_age`` seconds old."""
+        cached = self._flow_scan
+        if cached is not None and cached[2] is self.dp and time.monotonic() - cached[3] <= max_age:
+            return cached[0], cached[1]
+        with self._dp_lock:   # the loop may be replacing the data plane
+            dp = self.dp
+            t = time.time()
+            fl = dp.flows()
+        self._flow_scan = (t, fl, dp, time.monotonic())
+        return t, fl
 
     def _batch_head(self) -> dict[str, Any]:
         """What changes on the event loop: the paths' latest metrics and the
@@ -1302,8 +1313,7 @@ class SiteAgent:
         from one scan of the flow table (run off the loop)."""
         now = time.time()
         flows = []
-        with self._dp_lock:   # the loop may be replacing the data plane
-            fl = self.dp.flows()
+        scanned, fl = self._scan(max_age=SCAN_REUSE_S)   # the status snapshot's scan, when recent
         names = [p.name for p in self.mesh.policies]
         if len(fl):
             pol = fl["policy"].astype(np.int64)
@@ -1314,7 +1324,7 @@ class SiteAgent:
         # the flows that saw packets since the last batch (10 ms of slack for the kernel's coarse clock),
         # the largest first, their paths by id (the controller checks they are this site's)
         active = fl[fl["last_ns"] >= np.uint64(max(0, int(self._last_batch * 1e9) - 10_000_000))] if len(fl) else fl
-        self._last_batch = now
+        self._last_batch = scanned   # what came after the scan is the next batch's
         top = active[np.argsort(active["bytes"], kind="stable")[::-1][:FLOW_RECORDS]] if len(active) else active
         path_ids = {i: t.path.id for i, t in list(self.tunnels.items())}   # (the loop may change the dict)
         records = []
@@ -1342,8 +1352,7 @@ class SiteAgent:
                     self.meter.poll()
                 except Exception as e:   # one bad poll must not end the telemetry
                     log.warning("flow export: %s", e)
-        with self._dp_lock:
-            flows = self.dp.flows()
+        _, flows = self._scan()   # a fresh scan, kept for the next telemetry batch
         # only flows that saw packets since the last snapshot (10 ms of slack
         # for the kernel's coarse clock): the state grows with traffic, not time
         active = flows[flows["last_ns"] >= np.uint64(max(0, int(last_snap * 1e9) - 10_000_000))]

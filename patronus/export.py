@@ -155,7 +155,7 @@ class FlowMeter:
         self.records += len(flows)
         return len(flows)
 
-    def _deltas(self, flows: np.ndarray, *, forget: bool) -> np.ndarray:
+    def _deltas(self, flows: np.ndarray, *, forget: bool, keys: list[Any] | None = None) -> np.ndarray:
         """The records of ``flows``: less what earlier records of each flow
         held (``forget``: the flow is gone, drop what is remembered). A
         count below what was already exported (two live records of one key:
@@ -163,7 +163,7 @@ class FlowMeter:
         for that record rather than a wrapped count; it is counted in
         ``inconsistent``."""
         out = flows.copy()
-        for i, key in enumerate(self._keys(flows)):
+        for i, key in enumerate(self._keys(flows) if keys is None else keys):
             prev = self._sent.pop(key, None) if forget else self._sent.get(key)
             if prev is not None:
                 packets, octets = int(flows["packets"][i]) - prev[0], int(flows["bytes"][i]) - prev[1]
@@ -189,18 +189,19 @@ class FlowMeter:
         if len(live):
             # candidates: begun an active timeout ago (their own, or their last record's, start)
             old = live[live["first_ns"].astype(np.int64) <= now - self.active_ns]
-            due = []
+            due, due_keys = [], []
             for i, key in enumerate(self._keys(old)):
                 prev = self._sent.get(key)
                 since = prev[2] if prev is not None else int(old["first_ns"][i])
                 if now - since >= self.active_ns and (prev is None or int(old["packets"][i]) > prev[0]):
                     due.append(i)
+                    due_keys.append(key)
             if due:
                 flows = old[due]
-                recs = self._deltas(flows, forget=False)
+                recs = self._deltas(flows, forget=False, keys=due_keys)
                 keep = recs["packets"] > 0
                 sent += self._emit(recs[keep], np.full(int(keep.sum()), END_REASONS["active"], np.uint8))
-                for key, f in zip(self._keys(flows), flows):   # once sent: a sink that raised loses nothing
+                for key, f in zip(due_keys, flows):   # once sent: a sink that raised loses nothing
                     self._sent[key] = (int(f["packets"]), int(f["bytes"]), int(f["last_ns"]))
         return sent
 

@@ -157,3 +157,30 @@ def running_controller(state_dir: Path) -> Iterator[Controller]:
         yield ctl
     finally:
         ctl.stop()
+
+
+class Replicas:
+    """Controller replicas on one store (etcd): ``ctls`` and an admin token for each (``tokens``)."""
+
+    def __init__(self) -> None:
+        self.ctls: list[Controller] = []
+        self.tokens: dict[int, str] = {}
+
+    def alive(self) -> list[int]:
+        return [i for i, c in enumerate(self.ctls) if c.proc is not None and c.proc.poll() is None]
+
+    def client(self, i: int) -> httpx.Client:
+        return self.ctls[i].client(self.tokens[i])
+
+    def leader(self) -> int | None:
+        """The replica whose /readyz says it holds the role (None: nobody, or more than one)."""
+        holders = []
+        for i in self.alive():
+            try:
+                with self.ctls[i].client() as c:
+                    r = c.get("/readyz", timeout=5)
+                if r.status_code == 200 and r.json().get("leader"):
+                    holders.append(i)
+            except httpx.HTTPError:
+                pass
+        return holders[0] if len(holders) == 1 else None

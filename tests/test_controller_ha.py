@@ -34,6 +34,7 @@ import pytest
 from patronus.agent import ControllerSource
 
 from .controller_server import Controller
+from .controller_server import Replicas as ReplicaSet
 from .etcd_cluster import EtcdCluster, missing
 
 PREFIX = "/api/v1"
@@ -42,8 +43,9 @@ SITES = [{"name": n, "subnets": [f"10.{i + 1}.0.0/24"], "uplinks": [{"name": "is
          for i, n in enumerate(("hq", "br1"))]
 
 
-class Replicas:
+class Replicas(ReplicaSet):
     def __init__(self, base: Path, etcd: EtcdCluster) -> None:
+        super().__init__()
         self.base, self.etcd = base, etcd
         first = base / "r0"
         self.ctls = [Controller(first, store=etcd.url, args=["--log-level", "info"])]
@@ -51,32 +53,12 @@ class Replicas:
         for i in range(1, REPLICAS):   # replicas share the signing key and the certificate: a copy of the directory
             shutil.copytree(first, base / f"r{i}")
             self.ctls.append(Controller(base / f"r{i}", args=["--log-level", "info"]))
-        self.tokens: list[str] = []
 
     def start(self) -> Replicas:
         for c in self.ctls:
             c.start()
-        self.tokens = [c.login("admin", self.password)["access_token"] for c in self.ctls]
+        self.tokens = {i: c.login("admin", self.password)["access_token"] for i, c in enumerate(self.ctls)}
         return self
-
-    def client(self, i: int) -> httpx.Client:
-        return self.ctls[i].client(self.tokens[i])
-
-    def alive(self) -> list[int]:
-        return [i for i, c in enumerate(self.ctls) if c.proc is not None and c.proc.poll() is None]
-
-    def leader(self) -> int | None:
-        """The replica whose /readyz says it holds the role (None: nobody, or more than one)."""
-        holders = []
-        for i in self.alive():
-            try:
-                with self.ctls[i].client() as c:
-                    r = c.get("/readyz", timeout=5)
-                if r.status_code == 200 and r.json().get("leader"):
-                    holders.append(i)
-            except httpx.HTTPError:
-                pass
-        return holders[0] if len(holders) == 1 else None
 
     def wait(self, what: str, cond: Any, timeout: float = 60.0) -> Any:
         end = time.monotonic() + timeout

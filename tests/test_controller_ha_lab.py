@@ -25,7 +25,7 @@ pytest.importorskip("fastapi")
 
 from patronus.lab.net import Lab  # noqa: E402
 
-from .controller_server import Controller  # noqa: E402
+from .controller_server import Controller, Replicas  # noqa: E402
 from .etcd_cluster import EtcdCluster, missing  # noqa: E402
 from .netns import unique  # noqa: E402
 from .test_mesh_forwarding import _raw_ping, icmp  # noqa: E402
@@ -41,13 +41,12 @@ READY_S = 150.0
 EVENT_S = 60.0
 
 
-class HaLab:
+class HaLab(Replicas):
     def __init__(self, lab: Lab, base: Path) -> None:
+        super().__init__()
         self.lab, self.base = lab, base
         self.etcd: EtcdCluster | None = None
-        self.ctls: list[Controller] = []
         self.password = ""
-        self.tokens: dict[int, str] = {}
 
     def start(self) -> HaLab:
         ns = self.lab.controller_ns
@@ -66,24 +65,6 @@ class HaLab:
         for i, c in enumerate(self.ctls):
             self.tokens[i] = c.login("admin", self.password)["access_token"]
         return self
-
-    def alive(self) -> list[int]:
-        return [i for i, c in enumerate(self.ctls) if c.proc is not None and c.proc.poll() is None]
-
-    def client(self, i: int) -> httpx.Client:
-        return self.ctls[i].client(self.tokens[i])
-
-    def leader(self) -> int | None:
-        holders = []
-        for i in self.alive():
-            try:
-                with self.ctls[i].client() as c:
-                    r = c.get("/readyz", timeout=5)
-                if r.status_code == 200 and r.json().get("leader"):
-                    holders.append(i)
-            except httpx.HTTPError:
-                pass
-        return holders[0] if len(holders) == 1 else None
 
     def status(self, s: int) -> dict[str, Any]:
         st = self.lab.agent_status(s)
