@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 from collections.abc import AsyncIterator
@@ -272,13 +273,16 @@ def _api_routes(routes: Any) -> Any:
 HOUSEKEEPING_S = 60.0   # retention of telemetry, metrics, flows and expired credentials, this often
 
 
-def housekeeping(app: Any) -> dict[str, int]:
+def housekeeping(app: Any, *, shared: bool = True) -> dict[str, int]:
     """One round of retention: the state file's (``Service.prune``), raw
-    agent telemetry's (``AgentStore.prune``) and expired refresh tokens and
-    revocations (``Auth.prune``); rows deleted by what."""
-    out = {f"state.{k}": v for k, v in app.state.service.prune().items()}
+    agent telemetry's (``AgentStore.prune``) and, with ``shared``, expired
+    refresh tokens and revocations (``Auth.prune``) and old change events;
+    rows deleted by what. Replicas on etcd: every replica prunes its own
+    files, the leader alone what they share."""
+    out = {f"state.{k}": v for k, v in app.state.service.prune(shared=shared).items()}
     out["agent_telemetry"] = app.state.agents.agent_store.prune()
-    out["credentials"] = app.state.auth.prune()
+    if shared:
+        out["credentials"] = app.state.auth.prune()
     return out
 
 
@@ -287,10 +291,9 @@ async def _housekeeping(app: Any) -> None:
     leader = getattr(app.state, "leader", None)
     while True:
         await asyncio.sleep(HOUSEKEEPING_S)
-        if leader is not None and not leader.is_leader:   # replicas: the elected one does it
-            continue
+        shared = leader is None or leader.is_leader   # replicas: the elected one prunes what they share
         try:
-            done = await loop.run_in_executor(None, housekeeping, app)
+            done = await loop.run_in_executor(None, functools.partial(housekeeping, app, shared=shared))
             if any(done.values()):
                 log.info("retention: deleted %s", ", ".join(f"{v} {k}" for k, v in done.items() if v))
         except Exception:   # a busy store: next round

@@ -75,6 +75,8 @@ from ..wireguard.keys import read_secret_file, write_secret_file
 from .db import ControllerDB
 from .tables import TABLES, StoreConflict, StoreUnavailable, Tx
 
+PRUNE_CHUNK = 20   # expired rows Auth.prune deletes a transaction
+
 __all__ = [
     "Role", "ACTIONS", "PERMISSIONS", "allowed", "Principal", "TokenPair", "ControllerError", "AuthError",
     "TotpRequired", "Forbidden", "RateLimited", "Conflict", "NotFound", "Auth", "new_signing_key",
@@ -429,10 +431,11 @@ class Auth:
     def _end_sessions(t: Tx, user: dict[str, Any]) -> int:
         """Kill every token of ``user`` (its row, as read in this
         transaction): bump the generation (access tokens) and revoke every
-        refresh token. Returns the refresh tokens revoked."""
+        refresh token that could still be used (a used one cannot: presented
+        again, it revokes its family). Returns the refresh tokens revoked."""
         t.update("users", user["name"], token_gen=user["token_gen"] + 1)
         n = 0
-        for r in t.rows("refresh_tokens", user=user["name"], revoked=0):
+        for r in t.rows("refresh_tokens", user=user["name"], used_at=None, revoked=0):
             n += t.update("refresh_tokens", r["id"], revoked=1)
         return n
 
@@ -602,8 +605,10 @@ class Auth:
             self._fail_login(target, "account disabled", remote)
         if self._hasher.check_needs_rehash(row["pw_hash"]):
             rehashed = self._hasher.hash(password)   # slow: outside the transaction
-            with self.db.transaction() as t:
-                t.update("users", name, pw_hash=rehashed)
+            with contextlib.suppress(StoreConflict), self.db.transaction() as t:
+                now = t.get("users", name)   # only the hash verified: a password changed meanwhile stays
+                if now is not None and now["pw_hash"] == row["pw_hash"]:
+                    t.update("users", name, pw_hash=rehashed)
         how = "password"
         if row["totp_enabled"]:
             if totp is None or totp == "":
@@ -658,8 +663,8 @@ class Auth:
                 error = "refresh token revoked"
             elif row["used_at"] is not None:
                 # a stolen token, or a client that lost the rotation: either way the family is no longer trusted
-                n = 0
-                for r in t.rows("refresh_tokens", family=row["family"], revoked=0):
+                n = 0   # the family's token still usable (at most one: each refresh uses its predecessor)
+                for r in t.rows("refresh_tokens", family=row["family"], used_at=None, revoked=0):
                     n += t.update("refresh_tokens", r["id"], revoked=1)
                 error = "refresh token reuse: family revoked"
                 self.db.audit(row["user"], "auth.refresh_reuse", row["user"],
@@ -706,7 +711,7 @@ class Auth:
                 if row is not None:
                     if claims is not None and row["user"] != claims["sub"]:
                         raise AuthError("the refresh token belongs to another user")
-                    for r in t.rows("refresh_tokens", family=row["family"], revoked=0):
+                    for r in t.rows("refresh_tokens", family=row["family"], used_at=None, revoked=0):
                         t.update("refresh_tokens", r["id"], revoked=1)
                     after["family"] = row["family"]
                     actor = row["user"]
@@ -720,11 +725,14 @@ class Auth:
         (neither can authenticate any more); the number of rows deleted."""
         now = self._clock()
         n = 0
-        with self.db.transaction() as t:
-            for name in ("revoked_jti", "refresh_tokens"):
-                for r in t.rows(name):
-                    if r["expires"] < now:
-                        n += t.delete(name, r[TABLES[name].key])
+        for name in ("revoked_jti", "refresh_tokens"):
+            with self.db.reading() as t:
+                gone = [r[TABLES[name].key] for r in t.rows(name) if r["expires"] < now]
+            # in transactions of PRUNE_CHUNK rows (etcd takes 128 operations a transaction; a refresh
+            # token's delete is five: the row and its index entries)
+            for i in range(0, len(gone), PRUNE_CHUNK):
+                with self.db.transaction() as t:
+                    n += sum(t.delete(name, k) for k in gone[i:i + PRUNE_CHUNK])
         return n
 
     # -- access tokens and API keys ------------------------------------------------

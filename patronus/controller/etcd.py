@@ -12,7 +12,8 @@ Layout under the prefix (``/patronus`` unless the URL names another):
 - ``schema``: ``{"version": N}`` (versioned migrations, :data:`MIGRATIONS`)
 - ``t/<table>/<key>``: one row, JSON
 - ``i/<table>/<column>/<value>/<key>``: an index entry (``Table.indexes``)
-- ``v/<table>``: bumped by every delete in the table (what a listing depends on)
+- ``v/t/<table>``, ``v/i/<table>/<column>/<value>``: bumped by every delete
+  under that prefix (what a listing of it depends on)
 - ``mesh``: the mesh, JSON (``Mesh.to_dict``)
 - ``audit/<ns>-<n>``: one audit row; its id is ``create_revision * 1000 + n``
 - ``events/<ns>-<n>``: one change of the mesh, JSON; every replica watches
@@ -61,7 +62,15 @@ log = logging.getLogger("patronus.controller.etcd")
 #: request timeout (s): longer than an etcd leader election (1 s by default), shorter than a client's patience
 TIMEOUT_S = 3.0
 LIVE_TTL_S = 120   # shared telemetry (BFD changes, failover events) lives this long in etcd
-DEGRADED_S = 2.0   # after a quorum failure, reads skip the linearizable attempt this long
+DEGRADED_S = 2.0
+WATCH_IDLE_S = 60.0   # a watch stream silent this long is opened again (from the next revision)
+STALE_MAX_S = 300.0   # reads answer from one member's copy at most this long after the quorum was lost
+# etcd's answers that mean "try another member" (no leader there, overloaded, stopping) ...
+_TRANSIENT = ("no leader", "timed out", "leader changed", "unavailable", "Unavailable", "not capable",
+              "too many requests", "stopped")
+# ... and, of those and transport errors, the ones that say a request was surely not applied
+_NOT_APPLIED = ("refused", "failed to establish a new connection", "name or service not known", "no leader",
+                "leader changed", "not capable", "too many requests", "server stopped")   # after a quorum failure, reads skip the linearizable attempt this long
 _AUDIT_N = 1000   # audit rows one transaction may append (ids are create_revision * 1000 + n)
 
 # Each entry migrates the stored format from version i to i + 1: a function of (EtcdDB, EtcdTx), run in
@@ -169,6 +178,7 @@ class _Members:
         self._i = 0
         self._lock = threading.Lock()
         self.degraded_until = 0.0   # until then, reads go straight to one member's copy
+        self.lost_at: float | None = None   # when requests needing a majority began to fail (None: they work)
 
     def _auth(self, c: Any) -> None:
         if self.user is None:
@@ -177,7 +187,12 @@ class _Members:
         c.session.headers["Authorization"] = r["token"]
 
     def call(self, path: str, body: Mapping[str, Any], *, any_member: bool = False) -> dict[str, Any]:
-        """POST ``body`` to ``/v3/<path>`` of a member; StoreUnavailable when none answers."""
+        """POST ``body`` to ``/v3/<path>`` of a member; StoreUnavailable when none answers.
+
+        A commit (``kv/txn``) goes to another member only when the first
+        surely did not take it (refused the connection, had no leader): one
+        that timed out may have been applied, so it is not sent twice; the
+        caller is told the outcome is unknown."""
         errors = []
         n = len(self.clients)
         start = self._i
@@ -190,27 +205,35 @@ class _Members:
                 try:
                     out = c.post(c.get_url(path), json=dict(body))
                 except self._errors.Etcd3Exception as e:
-                    if self.user is not None and "invalid auth token" in str(e):
+                    if self.user is not None and "invalid auth token" in _short(e):
                         self._auth(c)
                         out = c.post(c.get_url(path), json=dict(body))
                     else:
                         raise
                 self._i = i
+                if not body.get("serializable"):
+                    self.lost_at = None   # a linearizable answer: there is a majority
                 return out
-            except (self._errors.ConnectionFailedError, self._errors.ConnectionTimeoutError) as e:
-                errors.append(f"{self.endpoints[i]}: {_short(e)}")
             except self._errors.Etcd3Exception as e:
-                text = str(e)
-                if any(w in text for w in ("no leader", "timed out", "leader changed", "unavailable",
-                                           "not capable", "too many requests", "stopped")):
-                    errors.append(f"{self.endpoints[i]}: {_short(e)}")
-                    continue
-                raise StateError(f"etcd refused the request ({path}): {_short(e)}") from e
+                text = _short(e)
+                transport = isinstance(e, (self._errors.ConnectionFailedError, self._errors.ConnectionTimeoutError))
+                if not transport and not any(w in text for w in _TRANSIENT):
+                    raise StateError(f"etcd refused the request ({path}): {text}") from e
+                errors.append(f"{self.endpoints[i]}: {text}")
+                if path == "kv/txn" and not any(w in text.lower() for w in _NOT_APPLIED):
+                    self.degraded_until = time.monotonic() + DEGRADED_S
+                    raise StoreUnavailable(
+                        f"etcd did not answer the commit in time (no quorum, or overloaded: {errors[-1]}): it "
+                        "may or may not have been "
+                        "applied (it will be, if at all, when the cluster has a majority); read again before "
+                        "retrying") from e
         self.degraded_until = time.monotonic() + DEGRADED_S
+        if self.lost_at is None:
+            self.lost_at = time.monotonic()
         raise StoreUnavailable(
             "the etcd cluster cannot serve this (no quorum, or no member reachable): " + "; ".join(errors)
-            + ". Writes are refused until a majority of members is back (one that timed out may yet be "
-              "applied then); reads answer from one member's copy, marked stale")
+            + ". Writes are refused until a majority of members is back; reads answer from one member's "
+              "copy, marked stale")
 
     def stream(self, body: Mapping[str, Any]) -> tuple[Any, Any]:
         """A watch stream on some member: (response, client)."""
@@ -221,7 +244,10 @@ class _Members:
             try:
                 if self.user is not None and "Authorization" not in c.session.headers:
                     self._auth(c)
-                r = c.session.post(c.get_url("/watch"), json=dict(body), stream=True, timeout=(TIMEOUT_S, None))
+                # a member that loses its leader ends the watch (it would go quiet, not fail); a stream
+                # silent past WATCH_IDLE_S (progress notes come every few minutes) is opened again
+                r = c.session.post(c.get_url("/watch"), json=dict(body), stream=True,
+                                   timeout=(TIMEOUT_S, WATCH_IDLE_S), headers={"Grpc-Metadata-hasleader": "true"})
                 if r.status_code == 200:
                     return r, c
                 r.close()
@@ -280,6 +306,11 @@ class EtcdTx:
         except StoreUnavailable:
             if not self.readonly or self.stale:
                 raise
+            members = self.db.members
+            if members.lost_at is not None and time.monotonic() - members.lost_at > STALE_MAX_S:
+                raise StoreUnavailable(f"the etcd cluster has had no quorum for more than {STALE_MAX_S:g} s: "
+                                       "reads from one member's copy are refused too (revocations since are "
+                                       "not in it)") from None
             # no quorum: one member's copy, and the caller is told it may be stale
             self._mark_stale()
             body["serializable"] = True
@@ -308,11 +339,16 @@ class EtcdTx:
         return _unb64(kvs[0].get("value"))
 
     def _tombstone(self, key: str) -> str | None:
-        """The key a delete under ``key``'s table bumps (rows and index entries), or None."""
-        rest = key[len(self.db.prefix) + 1:] if key.startswith(self.db.prefix + "/") else ""
-        kind, _, tail = rest.partition("/")
-        name = tail.split("/", 1)[0]
-        return f"{self.db.prefix}/v/{name}" if kind in ("t", "i") and name else None
+        """The key a delete of ``key`` bumps, or the one a listing of the
+        range ``key`` (ending in ``/``) depends on: one per table's rows
+        (``v/t/<table>``) and one per indexed value (``v/i/<table>/<column>/<value>``),
+        so a delete is seen by the listings it could change and by no other."""
+        if not key.startswith(self.db.prefix + "/"):
+            return None
+        rest = key[len(self.db.prefix) + 1:]
+        if not rest.startswith(("t/", "i/")) or rest.count("/") < 2:
+            return None
+        return f"{self.db.prefix}/v/{rest.rsplit('/', 1)[0]}"
 
     def raw_range(self, prefix: str) -> list[tuple[str, bytes]]:
         """Every (key, value) under ``prefix``, by key (through this transaction's writes).
@@ -322,8 +358,9 @@ class EtcdTx:
         tombstone key, bumped by every delete): a compare per key would pass
         etcd's limit of 128 a transaction on any table of size."""
         tomb = self._tombstone(prefix)
-        if tomb is not None:
-            self.raw_get(tomb)
+        if tomb is not None and tomb not in self._read:   # from the store, even after a delete of ours
+            kvs = self._range(tomb)
+            self._read[tomb] = int(kvs[0]["mod_revision"]) if kvs else 0
         got = {}
         for kv in self._range(prefix, _end(prefix)):
             k = _unb64(kv["key"]).decode()
@@ -373,10 +410,13 @@ class EtcdTx:
         for c in equal:
             if c not in t.columns:
                 raise KeyError(f"{t.name} has no column {c!r}")
-        by = next((c for c in equal if c in t.indexes), None)
-        if by is not None:   # the index: the transaction depends on the matching rows, not the whole table
-            keys = [unquote(k.rsplit("/", 1)[1]) for k, _ in self.raw_range(self._index(t.name, by, equal[by]))]
-            found = [r for r in (self.get(name, k) for k in keys) if r is not None]
+        by = [c for c in equal if c in t.indexes]
+        if by:   # the indexes: the transaction depends on the matching rows, not the whole table
+            keys: set[str] | None = None
+            for c in by:
+                these = {unquote(k.rsplit("/", 1)[1]) for k, _ in self.raw_range(self._index(t.name, c, equal[c]))}
+                keys = these if keys is None else keys & these
+            found = [r for r in (self.get(name, k) for k in sorted(keys or ())) if r is not None]
         else:
             found = [t.row(json.loads(v)) for _, v in self.raw_range(f"{self.db.prefix}/t/{t.name}/")]
         return sorted((r for r in found if all(r[c] == want for c, want in equal.items())), key=lambda r: r[t.key])
@@ -792,13 +832,14 @@ class Leadership:
                 self.on_change(False)
 
     def _try(self) -> None:
+        sent = time.monotonic()   # the lease counts from when etcd took the grant: no later than this
         lease = self.db.grant(self.ttl_s)
         k = _b64(self.key)
         r = self.db.members.call("kv/txn", {
             "compare": [{"key": k, "target": "CREATE", "result": "EQUAL", "create_revision": 0}],
             "success": [{"request_put": {"key": k, "value": _b64(self.ident), "lease": lease}}]})
         if r.get("succeeded"):
-            self._lease, self._renewed = lease, time.monotonic()
+            self._lease, self._renewed = lease, sent
             self.changes += 1
             log.warning("leader: %s is now %s", self.ident, self.name)
             if self.on_change is not None:
@@ -812,8 +853,9 @@ class Leadership:
                 if self._lease is None:
                     self._try()
                 else:
+                    sent = time.monotonic()
                     if self.db.keepalive(self._lease) > 0:
-                        self._renewed = time.monotonic()
+                        self._renewed = sent
                     else:
                         self._lost()
                         continue

@@ -417,12 +417,12 @@ class Service:
 
         self._on_loop(all_of_them)
 
-    def prune(self) -> dict[str, int]:
+    def prune(self, *, shared: bool = True) -> dict[str, int]:
         """Apply the state file's retention (``Store.prune``: metrics and
         flow records a week, events a month, each table at most
-        ``MAX_ROWS``); rows deleted per table. On etcd, change events older
-        than :data:`EVENT_RETENTION_S` go too."""
-        if self.shared:
+        ``MAX_ROWS``); rows deleted per table. On etcd, with ``shared`` (the
+        leader), change events older than :data:`EVENT_RETENTION_S` go too."""
+        if self.shared and shared:
             self.db.prune_events(EVENT_RETENTION_S)
         with self._store() as st:
             return st.prune()

@@ -74,7 +74,7 @@ TABLES: dict[str, Table] = {t.name: t for t in (
                             "created": _REQUIRED, "disabled": 0}, ("role",)),
     Table("refresh_tokens", "id", {"id": _REQUIRED, "family": _REQUIRED, "user": _REQUIRED,
                                    "token_hash": _REQUIRED, "issued": _REQUIRED, "expires": _REQUIRED,
-                                   "used_at": None, "revoked": 0}, ("token_hash", "family", "user")),
+                                   "used_at": None, "revoked": 0}, ("token_hash", "family", "user", "used_at")),
     Table("api_keys", "id", {"id": _REQUIRED, "name": _REQUIRED, "prefix": _REQUIRED, "hash": _REQUIRED,
                              "role": _REQUIRED, "created_by": _REQUIRED, "created": _REQUIRED, "expires": None,
                              "last_used": None, "revoked": 0}),

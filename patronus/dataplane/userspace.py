@@ -97,7 +97,7 @@ class Userspace:
     def _moves(self) -> list[tuple[int, int, int | None]]:
         """Every (class, site, path) that has a path, as set_paths takes them."""
         r = self._dp.routes()
-        return [(k - 1, c, int(r[k, c])) for k, c in zip(*np.nonzero(r != abi.NO_PATH))]
+        return [(int(k) - 1, int(c), int(r[k, c])) for k, c in zip(*np.nonzero(r != abi.NO_PATH))]
 
     # -- input ---------------------------------------------------------------
 
