@@ -482,18 +482,21 @@ def _steered(m3: Mesh3, cls: str, uplink: str, send: Callable[[int], str | None]
         start = m3.fresh(0, time.time())
         routes = {(r["class"], r["site"]): r["path"] for r in start["routes"]}
         path = routes.get((cls, f"s{d}"))
+        away = False   # not home at the start: a flap just before (its failback pending), tried again too
         if path is None:
             bad.append(f"s0 has no route for {cls} to s{d} (routes: {sorted(routes)})")
+            away = True
         else:
             p = m3.status(0)["paths"][path]
             if p["remote_site"] != f"s{d}" or p["local_uplink"] != uplink:
                 bad.append(f"{cls} to s{d} routed on {path}, not a {uplink} path to s{d}")
+                away = True
         before = tx_bytes(m3.lab, 0)
         why = send(d)
         after = tx_bytes(m3.lab, 0)
         st = m3.fresh(0, time.time())
         # a BFD flap under load while sending (a move, a BFD change, a path not up): not what is tested here
-        moved = retry and (st["moves"] != start["moves"] or st["bfd_changes"] != start["bfd_changes"]
+        moved = retry and (away or st["moves"] != start["moves"] or st["bfd_changes"] != start["bfd_changes"]
                            or any(p["bfd"] != "up" for p in st["paths"].values()))
         on = carriers(st, before, after, nbytes)
         if why is not None:

@@ -340,6 +340,7 @@ def create_app(service: Service, auth: Any, *, docs: bool = False, graphql: bool
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         service.bind_loop()
         if leader is not None:
+            service.watch_hooks.append(leader.on_watch)   # the role taken as soon as its holder's key goes
             leader.start()
         keeper = asyncio.ensure_future(_housekeeping(app))
         try:

@@ -780,7 +780,8 @@ class Leadership:
     """A role (``name``) at most one replica holds at a time: the holder's
     key ``leader/<name>`` lives on its lease (``ttl_s``), renewed every
     third of it; when the holder dies the lease expires and another replica
-    takes the role within ``ttl_s`` plus a poll (a quarter of it).
+    takes the role as soon as its watch sees the key go: within ``ttl_s`` of
+    the holder's last renewal (a poll every quarter of it if a watch event is lost).
 
     ``is_leader`` is this replica's belief, true only while its last
     renewal is younger than the TTL (so two replicas never both act for
@@ -795,6 +796,7 @@ class Leadership:
         self._lease: int | None = None
         self._renewed = 0.0
         self._stop = threading.Event()
+        self._wake = threading.Event()   # the holder's key went (a watch saw it): try now
         self._thread: threading.Thread | None = None
         self.changes = 0   # times this replica took the role
         self.on_change: Callable[[bool], None] | None = None
@@ -817,6 +819,7 @@ class Leadership:
     def stop(self) -> None:
         """Give the role up now (its lease revoked) and stop trying."""
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(self.ttl_s + TIMEOUT_S * 2)
         if self._lease is not None:
@@ -863,4 +866,12 @@ class Leadership:
                 log.info("leader %s: %s", self.name, _short(e))
                 if self._lease is not None and not self.is_leader:
                     self._lost()
-            self._stop.wait(self.ttl_s / 3 if self._lease is not None else self.ttl_s / 4)
+            self._wake.wait(self.ttl_s / 3 if self._lease is not None else self.ttl_s / 4)
+            self._wake.clear()
+
+    def on_watch(self, key: str, value: bytes | None, rev: int) -> None:
+        """A change the replica's watch saw: the role's key deleted (its
+        holder's lease ran out, or it gave the role up) wakes this replica
+        to take it at once, not at its next poll."""
+        if key == self.key and value is None and self._lease is None:
+            self._wake.set()

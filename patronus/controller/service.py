@@ -240,6 +240,8 @@ class Service:
         self._watch_stop = threading.Event()
         self._event_rev = 0   # etcd: the newest change event this replica has seen
         self._live_lease: tuple[int, float] | None = None   # etcd: (lease of shared telemetry, granted at)
+        #: etcd: called with every change the replica's watch sees (key, value or None, revision)
+        self.watch_hooks: list[Callable[[str, bytes | None, int], None]] = []
         if self.shared:
             self._shared_init()
             return
@@ -322,6 +324,11 @@ class Service:
                 log.exception("shared failover events not kept in the state file")
 
     def _on_watch(self, key: str, value: bytes | None, rev: int) -> None:
+        for hook in list(self.watch_hooks):   # (the leader election follows its key here)
+            try:
+                hook(key, value, rev)
+            except Exception:
+                log.exception("a watch hook failed on %s", key)
         if key.startswith(f"{self.db.prefix}/live/"):
             if value is not None:
                 self._on_live(value)
