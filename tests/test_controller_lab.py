@@ -291,6 +291,9 @@ def test_controller_drives_three_sites_and_survives_its_own_death(world: World,
         d = dashboard._driver()
         try:
             dashboard.login(d, w.ctl, "admin", w.password)
+            # voice home first: a flap just before (its failback pending) would make the path cut below
+            # one voice is leaving anyway, and "back on it" never true
+            w.wait(f"voip s0->s1 home on {uplink}", lambda: w.voip_uplinks(0) == {uplink}, timeout=60)
             voice = w.routes(0)[("voip", "s1")]
             assert voice is not None
             d.execute_script("""
@@ -336,6 +339,7 @@ def test_controller_drives_three_sites_and_survives_its_own_death(world: World,
             others = subscriptions(w)
             g.subscribe("f", "subscription { failoverMoves { site reason fromPath toPath ts } }")
             w.wait("the subscription registered", lambda: subscriptions(w) > others)
+            w.wait(f"voip s0->s1 home on {uplink}", lambda: w.voip_uplinks(0) == {uplink}, timeout=60)
             cut_path = w.routes(0)[("voip", "s1")]
             assert cut_path is not None
             with cut(lab, 0, w.status(0)["paths"][cut_path]["ifname"]):
