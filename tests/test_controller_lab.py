@@ -344,16 +344,19 @@ def test_controller_drives_three_sites_and_survives_its_own_death(world: World,
             assert cut_path is not None
             with cut(lab, 0, w.status(0)["paths"][cut_path]["ifname"]):
                 # every move off the cut path, by either end, until a second passes without one
-                end, mine = time.monotonic() + EVENT_S, 0
+                end, mine, seen = time.monotonic() + EVENT_S, 0, []
+                t_cut = time.time()
                 while time.monotonic() < end:
                     try:
                         mv = g.next("f", timeout=1.0 if mine else max(0.1, end - time.monotonic()))["failoverMoves"]
                     except TimeoutError:
                         break
+                    seen.append(mv)
                     if mv["fromPath"] == cut_path and mv["reason"] in ("bfd_down", "reroute", "sla_violation"):
                         lags.append(time.time() - mv["ts"])
                         mine += 1
-                assert mine, f"no move off {cut_path} reached the subscription\n{w.context()}"
+                assert mine, (f"no move off {cut_path} reached the subscription (cut at {t_cut:.3f}; it got "
+                              f"{seen[-10:]})\n{w.context()}")
         finally:
             g.close()
         w.wait(f"{cut_path} back up at s0", lambda p=cut_path: w.status(0)["paths"][p]["bfd"] == "up")
