@@ -116,6 +116,13 @@ class World:
     def routes(self, s: int) -> dict[tuple[str, str], str | None]:
         return {(r["class"], r["site"]): r["path"] for r in self.status(s)["routes"]}
 
+    def fresh_routes(self, s: int) -> dict[tuple[str, str], str | None]:
+        """Site s's routes as of now: from a status the agent wrote after this call (one a second), not
+        one from before a move it just made (a cut of a path voice had left moves nothing)."""
+        after = time.time()
+        self.wait(f"a status of s{s} written after {after:.3f}", lambda: self.status(s)["ts"] > after)
+        return {(r["class"], r["site"]): r["path"] for r in self.status(s)["routes"]}
+
     def voip_uplinks(self, s: int) -> set[str]:
         """The local uplinks site s's voip traffic leaves by, over every remote site."""
         out = set()
@@ -294,7 +301,7 @@ def test_controller_drives_three_sites_and_survives_its_own_death(world: World,
             # voice home first: a flap just before (its failback pending) would make the path cut below
             # one voice is leaving anyway, and "back on it" never true
             w.wait(f"voip s0->s1 home on {uplink}", lambda: w.voip_uplinks(0) == {uplink}, timeout=60)
-            voice = w.routes(0)[("voip", "s1")]
+            voice = w.fresh_routes(0)[("voip", "s1")]
             assert voice is not None
             d.execute_script("""
                 const path = arguments[0];
@@ -340,7 +347,7 @@ def test_controller_drives_three_sites_and_survives_its_own_death(world: World,
             others = subscriptions(w)
             g.subscribe("f", "subscription { failoverMoves { site reason fromPath toPath ts } }")
             w.wait("the subscription registered", lambda: subscriptions(w) > others)
-            cut_path = w.routes(0)[("voip", "s1")]
+            cut_path = w.fresh_routes(0)[("voip", "s1")]
             assert cut_path is not None
             with cut(lab, 0, w.status(0)["paths"][cut_path]["ifname"]):
                 # every move off the cut path, by either end, until a second passes without one
