@@ -28,6 +28,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -36,7 +37,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from .dataplane import PATH_MARK
-from .errors import ConfigError, PatronusError, StateError
+from .errors import ConfigError, DataplaneUnavailable, PatronusError, StateError
 from .failover.engine import DEFAULT_CLASS
 from .mesh import Mesh
 from .paths.monitor import DEFAULT_PORT
@@ -660,6 +661,7 @@ class SiteAgent:
         self._catcher_stop = threading.Event()  # set when run() ends, however it ends
         self.dedup: Any = None                 # the far end of duplication, on this site's tunnels
         self._dedup_building: asyncio.Future[Any] | None = None   # its program compiling off the loop
+        self._dedup_again = False   # a sync asked for while that ran: done after it
         self._dup_warned: set[str] = set()
         self.lan_if, self.token, self.backend, self.wireguard = lan_if, token, backend, wireguard
         self.prefix = prefix or f"{site[:6]}w"
@@ -675,6 +677,10 @@ class SiteAgent:
         # telemetry (flow table scans, SQLite writes, the status file) runs on
         # this thread, with its own store connection, off the event loop
         self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="agent-io")
+        # program compiles and tc attaches (a second of CPU, a subprocess per command), off the loop. At the
+        # loop's own priority: a build thread at nice 10 held the GIL while the scheduler left it waiting
+        # behind wireguard-go's crypto, and the loop waited for the GIL 100+ ms (priority inversion)
+        self._bg = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="agent-build")
         self._io_store: Store | None = None
         self._next_prune = 0.0
 
@@ -789,9 +795,9 @@ class SiteAgent:
 
         dup = [p.name for p in self.mesh.policies if p.qos.duplicate]
         if not dup:
-            if self.dedup is not None:
-                self.dedup.close()
-                self.dedup = None
+            if self.dedup is not None:   # detached on the build thread (tc commands)
+                gone, self.dedup = self.dedup, None
+                self._dedup_job(gone.close)
             return
         if DUPLICATE not in getattr(self.dp, "capabilities", ()):
             for name in dup:
@@ -804,13 +810,44 @@ class SiteAgent:
             self._build_dedup()
             return
         ifnames = {t.ifname for t in self.tunnels.values()}
-        try:
-            for ifname in sorted(ifnames - set(self.dedup.ifnames)):
-                self.dedup.add(ifname)
-            for ifname in set(self.dedup.ifnames) - ifnames:
-                self.dedup.remove(ifname)
-        except PatronusError as e:   # an interface not there yet: the next sync adds it
-            log.warning("de-duplication on the tunnels: %s", e)
+        if ifnames != set(self.dedup.ifnames):
+            self._dedup_job(self._dedup_follow, self.dedup, ifnames)
+
+    def _dedup_job(self, fn: Callable[..., Any], *args: Any) -> None:
+        """``fn(*args)`` on the build thread (tc runs a subprocess per
+        command: 16 of them for 8 tunnels held the loop 130 ms, and every
+        BFD session of the site expired); one job at a time, and the state
+        is synced again after it (the tunnels or the policies may have
+        changed meanwhile)."""
+        if self._dedup_building is not None:
+            self._dedup_again = True
+            return
+        fut = asyncio.get_running_loop().run_in_executor(self._bg, fn, *args)
+        self._dedup_building = fut
+
+        def done(f: asyncio.Future[Any]) -> None:
+            self._dedup_building = None
+            if not f.cancelled() and (e := f.exception()) is not None:
+                log.warning("de-duplication on the tunnels: %s", e)
+            if self._dedup_again and not self._stop.is_set() and self.dp is not None:
+                self._dedup_again = False
+                self._sync_dedup()
+
+        fut.add_done_callback(done)
+
+    @staticmethod
+    def _dedup_follow(dedup: Any, ifnames: set[str]) -> None:
+        """Attach ``dedup`` to ``ifnames`` and detach it from the rest (build thread)."""
+        problems = []
+        for ifname in sorted(ifnames - set(dedup.ifnames)):
+            try:
+                dedup.add(ifname)
+            except PatronusError as e:   # an interface not there yet: the next sync adds it
+                problems.append(str(e))
+        for ifname in set(dedup.ifnames) - ifnames:
+            dedup.remove(ifname)
+        if problems:
+            raise DataplaneUnavailable("; ".join(problems), "the next sync tries again")
 
     def _set_priority(self) -> None:
         """Run at ``self.nice`` (before any thread or child starts: they inherit it)."""
@@ -876,16 +913,31 @@ class SiteAgent:
                         "".join(parts).rstrip())
 
     def _build_dedup(self) -> None:
-        """Compile the de-duplication program in a worker thread (BCC takes
-        about a second of CPU; the loop keeps BFD going meanwhile), then
-        attach it and sync again. This site sends no copies until it is
-        attached (``_copies_via``): every site takes a duplicating policy at
-        the same time, so its own far-end half being ready is the sign."""
+        """Compile the de-duplication program and attach it to the tunnels
+        on the build thread (BCC takes about a second of CPU; the loop keeps
+        BFD going meanwhile), then sync again. This site sends no copies
+        until it is attached (``_copies_via``): every site takes a
+        duplicating policy at the same time, so its own far-end half being
+        ready is the sign."""
         if self._dedup_building is not None:
+            self._dedup_again = True
             return
         from .dataplane.dedup import Dedup
 
-        fut = asyncio.get_running_loop().run_in_executor(None, Dedup)
+        ifnames = {t.ifname for t in self.tunnels.values()}
+
+        def build() -> Any:
+            d = Dedup()
+            try:
+                self._dedup_follow(d, ifnames)
+            except DataplaneUnavailable as e:   # attached where it could: the next sync adds the rest
+                log.warning("de-duplication on the tunnels: %s", e)
+            except BaseException:
+                d.close()
+                raise
+            return d
+
+        fut = asyncio.get_running_loop().run_in_executor(self._bg, build)
         self._dedup_building = fut
 
         def built(f: asyncio.Future[Any]) -> None:
@@ -900,8 +952,9 @@ class SiteAgent:
                 self.dedup.close()
                 self.dedup = None
                 return
-            log.info("de-duplication program ready (%s ms window, %d entries)", f"{self.dedup.window_ms:g}",
-                     self.dedup.entries)
+            log.info("de-duplication program ready (%s ms window, %d entries, on %d tunnels)",
+                     f"{self.dedup.window_ms:g}", self.dedup.entries, len(self.dedup.ifnames))
+            self._dedup_again = False
             self._sync_dedup()
 
         fut.add_done_callback(built)
@@ -1131,8 +1184,9 @@ class SiteAgent:
                 loop = asyncio.get_running_loop()
                 # make before break: the new data plane is built first, the old one forwarding meanwhile; a
                 # build that fails leaves the old one in place, its flow export going on. Built on the loop's
-                # thread: built in another thread (to spare BFD the compile's 1-1.8 s), the XDP backend's
-                # voice policy stopped steering after the swap (tests/test_mesh_forwarding.py), not
+                # thread: built on the build thread while the loop ran (to spare BFD the compile's 1-1.8 s),
+                # the XDP backend's voice policy stopped forwarding after the swap in 3 runs of 4
+                # (tests/test_mesh_forwarding.py), with the route map and the engine's routes right: not
                 # understood yet (docs/PERFORMANCE.md, "Caveats")
                 fresh = self._build_dataplane(mesh)
                 old_dp = self.dp
@@ -1403,6 +1457,7 @@ class SiteAgent:
         if self._dedup_building is not None:   # its callback attaches or closes it; the close below detaches
             with contextlib.suppress(Exception):
                 await self._dedup_building
+        self._bg.shutdown(wait=True)
         for s in self.sessions.values():
             await s.stop()
         if getattr(self, "monitor", None) is not None:
@@ -1577,7 +1632,10 @@ def main(args: Any) -> int:
     if not logging.getLogger().handlers:  # an embedding program's logging stays as it is
         from .logfmt import configure
 
-        configure(getattr(args, "log_format", "text"), site=getattr(args, "site", None))
+        # a stream of its own on what fd 2 is now: BCC's compiles on the build thread redirect fd 2 for
+        # a second or more to catch the compiler's and verifier's words, and the loop logs meanwhile
+        log_stream = os.fdopen(os.dup(2), "w", buffering=1)
+        configure(getattr(args, "log_format", "text"), site=getattr(args, "site", None), stream=log_stream)
         logging.getLogger("httpx").setLevel(logging.WARNING)   # not a line per request
     from .tracing import setup, shutdown
 

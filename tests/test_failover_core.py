@@ -6,7 +6,9 @@ windows (verdicts and metrics) and ticks, with these held after every step:
 * a move goes to a path of its pair's own site, never onto a path that is
   BFD Down or damped;
 * after a BFD Down no pair stays on that path when it has a usable one,
-  and after a tick every pair with a usable path is on one;
+  and after a tick every pair with a usable path is on one, and a pair
+  with no usable path but one that is neither Down nor damped (only its
+  SLA violated) is on such a path: never on none, never on a dead one;
 * a failback from a usable path goes to a better-preferred path that has
   not gone down within ``failback_hold_s``, and not within ``cooldown_s``
   of the pair's last move.
@@ -86,6 +88,11 @@ class CoreMachine(RuleBasedStateMachine):
             usable = [c for c in st_.candidates if self.core.usable(c, st_.app)]
             if usable:
                 assert st_.current in usable, (st_.name, st_.site, st_.current, usable)
+                continue
+            alive = [c for c in st_.candidates if self.core.paths[c].bfd_up is not False
+                     and not self.core.paths[c].suppressed]
+            if alive:   # only SLA violations: the least bad path, not none
+                assert st_.current in alive, (st_.name, st_.site, st_.current, alive)
 
     # -- inputs -------------------------------------------------------------------
 

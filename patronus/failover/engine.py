@@ -282,7 +282,16 @@ class FailoverCore:
             clear = [pid for pid in usable if self._suspect.get(self.local_uplink(pid), -math.inf) <= now]
             if clear:
                 return clear[0]
-        return usable[0] if usable else None
+        if usable:
+            return usable[0]
+        # nothing usable: the least bad path still forwards. An SLA violation says the quality is poor, not
+        # that the path cannot carry traffic, and no path drops it all (a new pair had none: a policy added
+        # while every path of its site violated the policy's SLA was black-holed until one recovered). Never
+        # a path that is BFD Down or damped; the pair stays where it is when that is as good as any
+        alive = [p for p in order if self.paths[p].bfd_up is not False and not self.paths[p].suppressed]
+        if alive:
+            return st.current if st.current in alive else alive[0]
+        return None
 
     def second(self, st: _PolicyState, now: float | None = None) -> str | None:
         """Where a duplicating pair's copies go: the best usable path besides
