@@ -107,6 +107,37 @@ def main(argv: list[str] | None = None) -> int:
     ct_run.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     ct_run.add_argument("--no-graphql-introspection", action="store_true",
                         help="refuse GraphQL introspection queries (on by default, for authenticated users only)")
+    op = sub.add_parser("operator", help="the Kubernetes operator: Site and Policy resources reconciled through "
+                                         "the controller (needs patronus[operator])")
+    op.add_argument("--controller", metavar="URL[,URL...]", required=True,
+                    help="the controller (https://host:port; replicas: every address, separated by commas, tried "
+                         "in turn on connection errors and 503)")
+    op.add_argument("--api-key-file", metavar="PATH",
+                    help="a file holding the controller API key (role operator); default: $PATRONUS_API_KEY")
+    op.add_argument("--ca", metavar="PATH", help="the controller's certificate (pinned: its host name is not "
+                                                 "checked) or a CA bundle (default: the system's CAs)")
+    op.add_argument("--kubeconfig", metavar="PATH",
+                    help="Kubernetes credentials (default: the pod's service account, else $KUBECONFIG or "
+                         "~/.kube/config)")
+    ns = op.add_mutually_exclusive_group()
+    ns.add_argument("--namespace", metavar="NS", action="append",
+                    help="watch this namespace (repeatable; default: $POD_NAMESPACE, else default)")
+    ns.add_argument("--all-namespaces", action="store_true", help="watch every namespace")
+    op.add_argument("--metrics-port", type=int, default=8080, metavar="PORT",
+                    help="Prometheus metrics at /metrics (default 8080; 0: any free port, logged)")
+    op.add_argument("--health-port", type=int, default=8081, metavar="PORT",
+                    help="/livez, /readyz, /healthz (default 8081; 0: any free port, logged)")
+    op.add_argument("--listen-address", default="0.0.0.0", metavar="ADDRESS",
+                    help="address of the metrics and health servers (default 0.0.0.0)")
+    op.add_argument("--log-format", default="text", choices=["text", "json"],
+                    help="log lines for people (text) or one JSON object a line (json)")
+    cg = sub.add_parser("crdgen", help="write the Site and Policy CustomResourceDefinitions, generated from the "
+                                       "model")
+    cg.add_argument("--out", metavar="DIR", default="deploy/helm/patronus-operator/crds",
+                    help="directory to write them to (default deploy/helm/patronus-operator/crds)")
+    cg.add_argument("--check", action="store_true",
+                    help="write nothing: exit 1 and list the differences when the files in --out are not what "
+                         "would be generated")
     fl = sub.add_parser("flows", help="account a capture's flows by policy and export every record (IPFIX, "
                                       "Parquet)")
     fl.add_argument("--pcap", required=True, metavar="FILE", help="a pcap or pcapng capture")
@@ -139,7 +170,22 @@ def main(argv: list[str] | None = None) -> int:
         return _bfd(args)
     if args.cmd == "controller":
         return _controller(args)
+    if args.cmd == "operator":
+        return _operator(args)
+    if args.cmd == "crdgen":
+        from .operator import crd
+
+        return crd.main(args)
     return 2
+
+
+def _operator(args: argparse.Namespace) -> int:
+    try:
+        from .operator import run
+    except ImportError as e:   # kopf, aiohttp or prometheus-client missing
+        print(f"patronus operator: {e} (install patronus[operator])", file=sys.stderr)
+        return 2
+    return run.main(args)
 
 
 def _flows(args: argparse.Namespace) -> int:

@@ -226,6 +226,7 @@ _RECORD_TYPES: dict[str, dict[str, tuple[type, ...]]] = {
     "flow_snapshots": {"ts": _NUM, "site": _OPT_TEXT, "src": _TEXT, "dst": _TEXT, "sport": _INT, "dport": _INT,
                        "proto": _INT, "packets": _INT, "bytes": _INT, "first_ns": _INT, "last_ns": _INT,
                        "policy": _OPT_TEXT, "path": _OPT_INT, "tcp_flags": _INT},
+    "mesh": {"saved_at": _NUM},   # when the mesh was last saved: what tells a reader it changed
 }
 
 

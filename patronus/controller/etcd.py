@@ -186,7 +186,7 @@ class _Members:
         r = c.post(c.get_url("/auth/authenticate"), json={"name": self.user, "password": self._password or ""})
         c.session.headers["Authorization"] = r["token"]
 
-    def call(self, path: str, body: Mapping[str, Any], *, any_member: bool = False) -> dict[str, Any]:
+    def call(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
         """POST ``body`` to ``/v3/<path>`` of a member; StoreUnavailable when none answers.
 
         A commit (``kv/txn``) goes to another member only when the first
@@ -316,7 +316,7 @@ class EtcdTx:
             body["serializable"] = True
             body.pop("revision", None)
             self.rev = None
-            r = self.db.members.call("kv/range", body, any_member=True)
+            r = self.db.members.call("kv/range", body)
         if self.rev is None:
             self.rev = int(r["header"]["revision"])
         return r.get("kvs", [])

@@ -361,15 +361,12 @@ class Service:
             self.mesh()
             cached = self._mesh_cache
             return (self._event_rev, None if cached is None else cached[0])
-        try:
-            con = sqlite3.connect(f"file:{self.state}?mode=ro", uri=True)
-            try:
-                saved = con.execute("SELECT saved_at FROM mesh").fetchone()
-            finally:
-                con.close()
+        try:   # the file's own word (another process may write it), on this thread's connection
+            with self._store() as st:
+                rows = st.records("mesh", "SELECT saved_at FROM mesh")
         except sqlite3.Error:
             return None
-        return None if saved is None else (self._seq, saved[0])
+        return (self._seq, rows[0]["saved_at"]) if rows else None
 
     # -- plumbing --------------------------------------------------------------
 
