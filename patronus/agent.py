@@ -662,6 +662,7 @@ class SiteAgent:
         self.dedup: Any = None                 # the far end of duplication, on this site's tunnels
         self._dedup_building: asyncio.Future[Any] | None = None   # its program compiling off the loop
         self._dedup_again = False   # a sync asked for while that ran: done after it
+        self._dedup_loaded: Any = None   # the program compiled at start, not attached (``_preload_dedup``)
         self._dup_warned: set[str] = set()
         self.lan_if, self.token, self.backend, self.wireguard = lan_if, token, backend, wireguard
         self.prefix = prefix or f"{site[:6]}w"
@@ -795,9 +796,14 @@ class SiteAgent:
 
         dup = [p.name for p in self.mesh.policies if p.qos.duplicate]
         if not dup:
-            if self.dedup is not None:   # detached on the build thread (tc commands)
+            if self.dedup is not None:   # detached on the build thread (tc commands), kept loaded for the next
                 gone, self.dedup = self.dedup, None
-                self._dedup_job(gone.close)
+
+                def detach() -> None:
+                    self._dedup_follow(gone, set())
+                    self._dedup_loaded = gone
+
+                self._dedup_job(detach)
             return
         if DUPLICATE not in getattr(self.dp, "capabilities", ()):
             for name in dup:
@@ -912,6 +918,25 @@ class SiteAgent:
             log.warning("event loop held for %.0f ms so far; where the threads are:\n%s", held * 1e3,
                         "".join(parts).rstrip())
 
+    def _preload_dedup(self) -> None:
+        """Compile the de-duplication program now, at start, before any BFD
+        session runs, when the data plane can duplicate: a duplicating
+        policy added later then only attaches it. Compiled when the policy
+        came, three sites compiling at once on two cores starved their
+        loops (364 ms) and every path flapped and was damped (the demo in
+        CI). Costs about a second of the start and the program's map
+        (``ENTRIES`` digests, about 8 MiB of kernel memory)."""
+        from .dataplane import DUPLICATE
+
+        if DUPLICATE not in getattr(self.dp, "capabilities", ()) or self._dedup_loaded is not None:
+            return
+        from .dataplane.dedup import Dedup
+
+        try:
+            self._dedup_loaded = Dedup()
+        except PatronusError as e:   # said again, by name, when a policy asks for duplication
+            log.info("de-duplication program not preloaded: %s", e)
+
     def _build_dedup(self) -> None:
         """Compile the de-duplication program and attach it to the tunnels
         on the build thread (BCC takes about a second of CPU; the loop keeps
@@ -925,9 +950,10 @@ class SiteAgent:
         from .dataplane.dedup import Dedup
 
         ifnames = {t.ifname for t in self.tunnels.values()}
+        loaded, self._dedup_loaded = self._dedup_loaded, None   # compiled at start: only attached here
 
         def build() -> Any:
-            d = Dedup()
+            d = loaded if loaded is not None else Dedup()
             try:
                 self._dedup_follow(d, ifnames)
             except DataplaneUnavailable as e:   # attached where it could: the next sync adds the rest
@@ -1000,6 +1026,7 @@ class SiteAgent:
             self.engine = Engine(self.mesh, self.dp, local_site=self.site, store=self.store, tick_s=0.02)
             self.engine.on_event(self._log_event)
             self.engine.duplicate_via = self._copies_via
+            self._preload_dedup()
             self._sync_dedup()
             self.applied_at = time.time()
             log.info("site %s started: backend %s, LAN interface %s, %d tunnels, %d policies, desired state %s",
@@ -1475,9 +1502,10 @@ class SiteAgent:
         if self._ipfix is not None:
             self._ipfix.close()
         last = self.status(stopped=True)  # with the tunnels it had
-        if self.dedup is not None:
-            self.dedup.close()
-            self.dedup = None
+        for d in (self.dedup, self._dedup_loaded):
+            if d is not None:
+                d.close()
+        self.dedup = self._dedup_loaded = None
         if self.net is not None:
             self.net.close()
         if isinstance(getattr(self, "registry", None), SqliteRegistry):
