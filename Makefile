@@ -30,3 +30,21 @@ FUZZ_EXAMPLES ?= 3000
 fuzz: bootstrap
 	PATRONUS_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) PATRONUS_FUZZ_LEAKS=1 \
 		$(PY) -m pytest -q --timeout=0 tests/adversarial/test_sanitizers.py
+
+# `make bench-peers`: patronus against the programs a user would pick instead
+# (issue 24), one table at the end: XDP against plain eBPF flow trackers
+# (benchmarks/test_bench_peers_xdp.py), pcap to flows against nfpcapd and
+# tshark (test_bench_peers_pcap.py), the cached classifier against its memory
+# bound (test_bench_peers_classify.py). Root; installs the peers first
+# (scripts/bootstrap.sh --bench-peers, not part of `make test`). Results are
+# JSON lines in $(PEERS_OUT); `benchmarks/peers_report.py --markdown` prints
+# the table for docs/PERFORMANCE.md. pytest-benchmark's own tables are off
+# (--benchmark-disable: each test wraps its interleaved runs in one round).
+.PHONY: bench-peers
+PEERS_OUT ?= .bench-peers/results.jsonl
+bench-peers: bootstrap
+	scripts/bootstrap.sh --bench-peers
+	rm -f $(PEERS_OUT)
+	PATRONUS_PEERS_OUT=$(PEERS_OUT) $(PY) -m pytest benchmarks/test_bench_peers_*.py -q -p no:cacheprovider \
+		--benchmark-disable --benchmark-disable-gc --timeout=900 -o addopts=
+	PATRONUS_PEERS_OUT=$(PEERS_OUT) $(PY) benchmarks/peers_report.py $(PEERS_OUT)

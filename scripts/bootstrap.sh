@@ -8,6 +8,9 @@
 #        PATRONUS_SKIP_APT=1 scripts/bootstrap.sh   (venv only, no root)
 #        scripts/bootstrap.sh --k8s-tools   (only helm and kubectl into .venv/bin,
 #            for the tests that need them: tests/k8s_tools.py runs it; no root)
+#        scripts/bootstrap.sh --bench-peers (only the Debian programs `make bench-peers`
+#            compares patronus with: nfpcapd, tshark, and the traffic sources of its
+#            real-programs capture; root; not part of the default set-up)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -166,11 +169,41 @@ PY
     say "k8s tools: $("$bin/helm" version --short), kubectl $("$bin/kubectl" version --client | head -1 | cut -d' ' -f3)"
 }
 
-if [[ "${1:-}" == "--k8s-tools" ]]; then
-    install_k8s_tools
-    exit 0
-fi
-[[ $# -eq 0 ]] || die "unknown argument: $1 (usage: scripts/bootstrap.sh [--k8s-tools])"
+# The peers of benchmarks/test_bench_peers_*.py (`make bench-peers`), kept out of
+# the default set-up so `make test` does not install them: nfdump (nfpcapd turns a
+# pcap into NetFlow records), tshark (`-z conv`), and the programs whose traffic
+# makes the "real programs" capture (ping, iperf3, curl; tcpdump comes with the
+# default set-up). Non-interactive: Wireshark's "may non-superusers capture?"
+# question is answered no (dumpcap stays without setuid/capabilities; the
+# benchmark only reads files), iperf3's "start a daemon?" no.
+BENCH_PEER_PACKAGES=(nfdump tshark iputils-ping iperf3 curl)
+
+install_bench_peers() {
+    [[ "$(id -u)" == "0" ]] || die "the benchmark peers are Debian packages: run as root"
+    local missing=()
+    for p in "${BENCH_PEER_PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+    if ((${#missing[@]} == 0)); then
+        say "bench peers: ${BENCH_PEER_PACKAGES[*]} present"
+        return
+    fi
+    say "bench peers: installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    printf '%s\n' "wireshark-common wireshark-common/install-setuid boolean false" \
+                   "iperf3 iperf3/start_daemon boolean false" | debconf-set-selections
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    if systemctl is-active --quiet nfdump 2>/dev/null; then systemctl stop nfdump || true; fi
+    if systemctl is-active --quiet iperf3 2>/dev/null; then systemctl stop iperf3 || true; fi
+    say "bench peers: $(nfpcapd -V 2>&1 | head -1); $(tshark --version 2>/dev/null | head -1)"
+}
+
+case "${1:-}" in
+    --k8s-tools) install_k8s_tools; exit 0 ;;
+    --bench-peers) install_bench_peers; exit 0 ;;
+esac
+[[ $# -eq 0 ]] || die "unknown argument: $1 (usage: scripts/bootstrap.sh [--k8s-tools | --bench-peers])"
 
 install_apt
 make_venv
