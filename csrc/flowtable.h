@@ -66,7 +66,9 @@ void pn_dp_run(pn_dp *dp, const uint8_t *const *data, const size_t *len, const u
                int32_t *out, uint32_t *where, size_t n);
 
 /* Classification cache without accounting (PolicyTable.classify): a
- * direct-mapped table of flow key -> policy. */
+ * set-associative table of flow key -> policy, PN_CACHE_WAYS ways a set,
+ * line-aligned. */
+#define PN_CACHE_WAYS 8
 typedef struct {
     struct pn_flow_key key;
     int32_t policy;
@@ -74,16 +76,18 @@ typedef struct {
 } pn_cache_entry;
 
 typedef struct {
-    pn_cache_entry *e;
+    pn_cache_entry *e;        /* line-aligned, inside mem */
     uint32_t mask;
     uint32_t generation;
     uint64_t hits, misses;
+    void *mem;                /* what pn_cache_free frees */
 } pn_cache;
 
 int pn_cache_init(pn_cache *c, uint32_t size_pow2);
 void pn_cache_free(pn_cache *c);
 /* Policy of one frame; *reason gets PN_OK or why it did not parse. The cache
- * is 2-way set associative: size_pow2 entries, size_pow2 / 2 sets. */
+ * is PN_CACHE_WAYS-way set associative: size_pow2 entries (a power of two,
+ * >= 2), size_pow2 / PN_CACHE_WAYS sets (a 2-entry cache: one set of 2). */
 int32_t pn_cache_classify(pn_cache *c, const pn_classifier *cls, const uint8_t *data, size_t len, int *reason);
 /* n frames in bursts; malformed[reason] counts frames that did not parse. */
 void pn_cache_run(pn_cache *c, const pn_classifier *cls, const uint8_t *const *data, const size_t *len,

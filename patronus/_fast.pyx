@@ -269,7 +269,7 @@ def select_changes(const float[:, ::1] scores not None, const int64_t[:, ::1] be
 
 
 cdef class Classifier:
-    """Compiled rule table (bit vectors) plus a direct-mapped classification cache."""
+    """Compiled rule table (bit vectors) plus a set-associative classification cache."""
     cdef pn_classifier c
     cdef pn_cache cache
     cdef object rules
@@ -278,8 +278,8 @@ cdef class Classifier:
 
     def __cinit__(self, rules not None, cache_size=1 << 17):
         # private API, but a bad argument must be an error, not a crash: the
-        # cache is 2-way set associative over cache_size entries (>= 2, a
-        # power of two), and the rules are read as struct pn_rule
+        # cache is PN_CACHE_WAYS-way set associative over cache_size entries
+        # (>= 2, a power of two), and the rules are read as struct pn_rule
         from .abi import RULE_DTYPE
 
         if isinstance(cache_size, bool) or not isinstance(cache_size, int) or not 2 <= cache_size <= 1 << 31 \
