@@ -7,7 +7,7 @@ Groups (``benchmark.group``):
    on a warm cache, 200k frames over 10k flows vs the pure-Python
    ``reference.classify`` on the first frames of the same trace. At 10k
    policies also 1M frames over 100k flows (more flows than the default
-   131,072-entry 2-way cache; and with a 262,144-entry one) and a best case of 64
+   131,072-entry 8-way cache; and with a 262,144-entry one) and a best case of 64
    flows (every lookup hits a cache that fits in L1/L2).
 2. ``cache-miss classify, N policies``: ``classify(cache=False)`` (parse + bit
    vectors on every frame) vs ``classify_linear`` (parse + C scan of every rule).

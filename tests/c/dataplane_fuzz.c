@@ -38,7 +38,7 @@
  *     and the counters, pn_ft_snapshot after the run, pn_ft_flush after
  *     that; count <= capacity after every frame when run one frame at a time
  *     (which must give the same answers as the burst run)
- *   - pn_cache_run and pn_cache_classify (2-way cache of 2^cache_log2
+ *   - pn_cache_run and pn_cache_classify (8-way cache of 2^cache_log2
  *     entries) == pn_classify_linear of each frame, twice over
  */
 #include <inttypes.h>
