@@ -349,9 +349,11 @@ static __always_inline __u64 *pn_state(struct pn_xslot *x)
 }
 
 /* The live slot holding key `w` (as 5 words), or 0. A busy slot's state
- * word carries PN_SLOT_BUSY, so it never equals a key's word. */
+ * word carries PN_SLOT_BUSY, so it never equals a key's word. Only slots
+ * whose tag matches are compared: a miss reads one line per bucket. */
 static __always_inline struct pn_xslot *pn_ft_find(const __u64 *w, __u32 h)
 {
+    __u8 t = pn_flow_tag(h);
 #pragma unroll
     for (__u32 i = 0; i < PN_PROBE_BUCKETS; i++) {
         struct pn_bucket *b = pn_bucket_at(h, i);
@@ -359,6 +361,8 @@ static __always_inline struct pn_xslot *pn_ft_find(const __u64 *w, __u32 h)
             return 0;
 #pragma unroll
         for (__u32 j = 0; j < PN_BUCKET_SLOTS; j++) {
+            if (b->tag[j] != t)
+                continue;
             const __u64 *s = (const __u64 *)&b->s[j];
             if (((s[4] ^ w[4]) | (s[0] ^ w[0]) | (s[1] ^ w[1]) | (s[2] ^ w[2]) | (s[3] ^ w[3])) == 0)
                 return &b->s[j];
@@ -379,7 +383,7 @@ static __always_inline void pn_passed(__u32 h, __u32 at, __s64 d)
             break;
         struct pn_bucket *b = pn_bucket_at(h, i);
         if (b)
-            __sync_fetch_and_add(&b->passed, d);
+            __sync_fetch_and_add(&b->passed, (__u32)d);
     }
 }
 
@@ -402,8 +406,10 @@ static __always_inline void pn_take_counts(struct pn_xslot *x)
 static __always_inline struct pn_xslot *pn_ft_insert(const __u64 *w, __u32 h, __u32 *stat)
 {
     struct pn_xslot *victim = 0;
+    struct pn_bucket *vb = 0;
     __u64 oldest = ~0ull, vword = 0;
-    __u32 vat = 0;
+    __u32 vat = 0, vj = 0;
+    __u8 t = pn_flow_tag(h);
 #pragma unroll
     for (__u32 i = 0; i < PN_PROBE_BUCKETS; i++) {
         struct pn_bucket *b = pn_bucket_at(h, i);
@@ -415,6 +421,7 @@ static __always_inline struct pn_xslot *pn_ft_insert(const __u64 *w, __u32 h, __
             __u64 st = *pn_state(x);
             if (st == 0) {
                 if (__sync_val_compare_and_swap(pn_state(x), 0, w[4] | PN_BUSY_BITS) == 0) {
+                    b->tag[j] = t;
                     *stat = PN_ST_NEW;
                     pn_passed(h, i, 1);
                     return x;
@@ -424,12 +431,14 @@ static __always_inline struct pn_xslot *pn_ft_insert(const __u64 *w, __u32 h, __
             if ((st >> 48) == 0 && x->f.rec.last_ns < oldest) {
                 oldest = x->f.rec.last_ns;
                 victim = x;
+                vb = b;
                 vword = st;
                 vat = i;
+                vj = j;
             }
         }
     }
-    if (!victim) {
+    if (!victim || !vb) {
         *stat = PN_ST_INSERT_FAILED;
         return 0;
     }
@@ -456,6 +465,8 @@ static __always_inline struct pn_xslot *pn_ft_insert(const __u64 *w, __u32 h, __
     __u32 vh = pn_flow_hash(vw);
     pn_passed(vh, (h + vat - vh) & (PN_FBUCKETS - 1), -1);
     pn_passed(h, vat, 1);
+    if (vj < PN_BUCKET_SLOTS)
+        vb->tag[vj] = t;
     __sync_val_compare_and_swap(pn_state(victim), vword | PN_BUSY_BITS, w[4] | PN_BUSY_BITS);
     *stat = PN_ST_NEW;
     return victim;

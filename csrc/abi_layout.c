@@ -20,7 +20,7 @@ const struct pn_layout_entry pn_abi_layout[] = {
     SIZE(pn_xslot),
     FIELD(pn_xslot, f), FIELD(pn_xslot, shared_packets), FIELD(pn_xslot, shared_bytes),
     SIZE(pn_bucket),
-    FIELD(pn_bucket, passed), FIELD(pn_bucket, s),
+    FIELD(pn_bucket, passed), FIELD(pn_bucket, tag), FIELD(pn_bucket, s),
     SIZE(pn_rule),
     FIELD(pn_rule, src), FIELD(pn_rule, dst), FIELD(pn_rule, src_plen), FIELD(pn_rule, dst_plen),
     FIELD(pn_rule, family), FIELD(pn_rule, proto), FIELD(pn_rule, sport_lo), FIELD(pn_rule, sport_hi),

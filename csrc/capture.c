@@ -374,10 +374,22 @@ int pn_capture_open(pn_capture *c, const uint8_t *buf, size_t len)
     return PN_CAP_OK;
 }
 
+/* How far ahead of the read position the file is prefetched. Each record's
+ * offset depends on the one before it, so without this every record header
+ * is a cache miss the reader waits for in turn (on a file of 580-byte
+ * frames, 100 ns a packet: more than classifying and accounting it); the
+ * hardware prefetcher does not follow the chain across pages. */
+#define PN_CAP_AHEAD 4096
+
 int pn_capture_next(pn_capture *c, pn_cap_pkt *out)
 {
     if (c->status != PN_CAP_OK)
         return c->status;
+    size_t want = c->pos + PN_CAP_AHEAD < c->len ? c->pos + PN_CAP_AHEAD : c->len;
+    if (c->ahead < c->pos)
+        c->ahead = c->pos;
+    for (; c->ahead < want; c->ahead += 64)
+        __builtin_prefetch(c->buf + c->ahead);
     int st = c->format == PN_CAP_FORMAT_PCAPNG ? pcapng_next(c, out) : pcap_next(c, out);
     if (st != PN_CAP_OK)
         c->status = st;

@@ -50,6 +50,7 @@ typedef struct pn_capture {
     const uint8_t *buf;
     size_t len;
     size_t pos;            /* offset of the next record / block */
+    size_t ahead;          /* bytes up to here have been prefetched */
     int format;            /* PN_CAP_FORMAT_* */
     int status;            /* PN_CAP_OK while reading, else returned forever after */
     int big_endian;        /* byte order of the file (pcap) or current section (pcapng) */

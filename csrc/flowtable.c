@@ -60,7 +60,7 @@ int pn_ft_init(pn_flowtable *ft, uint32_t capacity, int64_t idle_ns, int64_t act
     ft->idle_ns = idle_ns;
     ft->active_ns = active_ns;
     ft->flows = calloc(capacity, sizeof(struct pn_flow));
-    ft->bucket = malloc(sizeof(uint32_t) * nb);
+    ft->bucket = calloc(nb, sizeof(uint32_t));
     ft->hnext = malloc(sizeof(uint32_t) * capacity);
     ft->prev = malloc(sizeof(uint32_t) * capacity);
     ft->next = malloc(sizeof(uint32_t) * capacity);
@@ -68,10 +68,8 @@ int pn_ft_init(pn_flowtable *ft, uint32_t capacity, int64_t idle_ns, int64_t act
         pn_ft_free(ft);
         return -1;
     }
-    memset(ft->bucket, 0xff, sizeof(uint32_t) * nb);
-    for (uint32_t i = 0; i < capacity; i++)
-        ft->hnext[i] = i + 1 < capacity ? i + 1 : PN_NIL;
-    ft->free_head = 0;
+    ft->free_head = PN_NIL;
+    ft->fresh = 0;
     ft->head = ft->tail = PN_NIL;
     return 0;
 }
@@ -133,11 +131,11 @@ static void remove_entry(pn_flowtable *ft, uint32_t i, uint64_t *counter)
     (*counter)++;
     uint32_t b = (uint32_t)key_hash(&ft->flows[i].key) & ft->mask;
     uint32_t *link = &ft->bucket[b];
-    while (*link != i)
-        link = &ft->hnext[*link];
+    while (*link != i + 1)
+        link = &ft->hnext[*link - 1];
     *link = ft->hnext[i];
     lru_unlink(ft, i);
-    ft->hnext[i] = ft->free_head;
+    ft->hnext[i] = ft->free_head + 1;  /* PN_NIL + 1 == 0: the end */
     ft->free_head = i;
     ft->count--;
 }
@@ -180,9 +178,9 @@ static inline const struct pn_flow_rec *dp_account(pn_dp *dp, const struct pn_pa
         while (ft->tail != PN_NIL && (int64_t)(ts - ft->flows[ft->tail].rec.last_ns) >= ft->idle_ns)
             remove_entry(ft, ft->tail, &ft->expired_idle);
 
-    uint32_t i = ft->bucket[b];
+    uint32_t i = ft->bucket[b] - 1;  /* 0 - 1 == PN_NIL */
     while (i != PN_NIL && !key_eq(&ft->flows[i].key, key))
-        i = ft->hnext[i];
+        i = ft->hnext[i] - 1;
 
     struct pn_flow_rec *r;
     if (i != PN_NIL) {
@@ -209,10 +207,14 @@ static inline const struct pn_flow_rec *dp_account(pn_dp *dp, const struct pn_pa
     } else {
         if (ft->count == ft->capacity)
             remove_entry(ft, ft->tail, &ft->evicted);
-        i = ft->free_head;
-        ft->free_head = ft->hnext[i];
+        if (ft->free_head != PN_NIL) {
+            i = ft->free_head;
+            ft->free_head = ft->hnext[i] - 1;
+        } else {
+            i = ft->fresh++;  /* count < capacity: one is left */
+        }
         ft->hnext[i] = ft->bucket[b];
-        ft->bucket[b] = i;
+        ft->bucket[b] = i + 1;
         ft->count++;
         lru_push_head(ft, i);
         ft->flows[i].key = *key;
@@ -261,8 +263,8 @@ void pn_dp_run(pn_dp *dp, const uint8_t *const *data, const size_t *len, const u
         for (size_t j = 0; j < m; j++) {
             if (rc[j] == PN_OK) {
                 uint32_t h = ft->bucket[b[j]];
-                if (h != PN_NIL)
-                    __builtin_prefetch(&ft->flows[h]);
+                if (h)
+                    __builtin_prefetch(&ft->flows[h - 1]);
             }
         }
         for (size_t j = 0; j < m; j++) {

@@ -22,10 +22,14 @@
 typedef struct {
     uint32_t capacity, mask, count;
     struct pn_flow *flows;
+    /* Chain heads and links hold an entry's index + 1, 0 ending a chain, so
+     * a new table is zeroed memory the kernel hands out lazily (calloc):
+     * making a table of a million flows costs nothing until it fills. */
     uint32_t *bucket;        /* mask + 1 chain heads */
     uint32_t *hnext;         /* chain link, or free-list link */
     uint32_t *prev, *next;   /* LRU list: head = most recent */
-    uint32_t head, tail, free_head;
+    uint32_t head, tail, free_head;  /* free_head: PN_NIL when the free list is empty */
+    uint32_t fresh;          /* entries [fresh, capacity) were never used */
     int64_t idle_ns, active_ns;   /* 0 = no timeout */
     struct pn_flow *exp;     /* export buffer (grows; drained by the owner) */
     size_t exp_len, exp_cap;

@@ -212,8 +212,15 @@ struct pn_xslot {
  * places a flow k buckets past its home adds 1 to those k buckets' counts
  * (atomically, before publishing it); whoever removes it subtracts. */
 struct pn_bucket {
-    __u64 passed;
+    __u32 passed;
+    /* tag[j]: pn_flow_tag() of the key slot j holds or last held. A lookup
+     * compares a slot's key only where the tag matches, so a miss reads the
+     * bucket's first cache line instead of every slot's key (6 of the 8
+     * lines a bucket spans). Written by whoever claims the slot, before the
+     * key is published; a stale tag on an empty slot costs one compare. */
+    __u8 tag[PN_BUCKET_SLOTS];
     struct pn_xslot s[PN_BUCKET_SLOTS];
+    __u64 _align[7];
 };
 
 /* Flow table readers (csrc/xdptable.c) take flows out of the XDP table in
@@ -343,6 +350,13 @@ PN_INLINE __u32 pn_flow_hash(const __u64 *w)
     h ^= h >> 31;
     h *= 0x94d049bb133111ebull;
     return (__u32)(h >> 32);
+}
+
+/* A flow's one-byte tag (struct pn_bucket.tag) from its hash: the top byte,
+ * which the bucket index (the low bits) does not use below 2^24 buckets. */
+PN_INLINE __u8 pn_flow_tag(__u32 h)
+{
+    return (__u8)(h >> 24);
 }
 
 #endif /* PATRONUS_ABI_H */

@@ -47,7 +47,7 @@ FLOW_DTYPE = np.dtype([
 # of CPUs other than its creator); readers fold it into FLOW_DTYPE
 XSLOT_DTYPE = np.dtype([("f", FLOW_DTYPE), ("shared_packets", "<u8"), ("shared_bytes", "<u8")], align=True)
 # struct pn_bucket: the XDP flow table's unit (a count, then 4 slots)
-BUCKET_DTYPE = np.dtype([("passed", "<u8"), ("s", XSLOT_DTYPE, (4,))], align=True)
+BUCKET_DTYPE = np.dtype([("passed", "<u4"), ("tag", "u1", (4,)), ("s", XSLOT_DTYPE, (4,)), ("_align", "<u8", (7,))], align=True)
 
 RULE_DTYPE = np.dtype([
     ("src", "u1", (16,)), ("dst", "u1", (16,)),
