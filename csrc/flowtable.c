@@ -253,6 +253,9 @@ void pn_dp_run(pn_dp *dp, const uint8_t *const *data, const size_t *len, const u
     int rc[PN_BURST];
     for (size_t base = 0; base < n; base += PN_BURST) {
         size_t m = n - base < PN_BURST ? n - base : PN_BURST;
+        /* the next burst's headers load while this one is accounted */
+        for (size_t j = base + PN_BURST; j < n && j < base + 2 * PN_BURST; j++)
+            __builtin_prefetch(data[j]);
         parse_burst(data + base, len + base, m, p, k, h, rc);
         for (size_t j = 0; j < m; j++) {
             if (rc[j] == PN_OK) {

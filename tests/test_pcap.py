@@ -4,15 +4,20 @@
 from __future__ import annotations
 
 import ipaddress
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from patronus import ConfigError, Match, Policy, PolicyTable
 from patronus.dataplane import Userspace
 
 from .fixtures.expected import EXPECTED
+from .fixtures.make_captures import epb, idb, shb
+from .frames import any_frames
 
 FIX = Path(__file__).parent / "fixtures"
 TABLE = [Policy("sip", Match(proto="udp", dst_ports=5060), priority=1), Policy("tcp", Match(proto="tcp"), priority=2)]
@@ -68,3 +73,49 @@ def test_not_a_capture(tmp_path):
     (tmp_path / "empty.pcap").write_bytes(b"")
     with pytest.raises(ConfigError, match="empty file"):
         dp.process_pcap(tmp_path / "empty.pcap")
+
+
+def _pcapng(frames: list[bytes], linktypes: list[int], cut: int) -> bytes:
+    """One section, an interface per link type, every frame on the interface
+    drawn for it, the last ``cut`` bytes cut off (0: a clean end)."""
+    e = "<"
+    out = shb(e) + b"".join(idb(e, linktype=lt) for lt in (1, 101))
+    t = 1_700_000_000_000_000
+    for i, (f, lt) in enumerate(zip(frames, linktypes)):
+        t += 700 + (i * 7919) % 3000
+        out += epb(e, 0 if lt == 1 else 1, t, f)
+    return out[:len(out) - cut] if cut else out
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(any_frames, min_size=1, max_size=40), st.one_of(st.integers(1, 50), st.integers(1_000, 6_000)),
+       st.integers(0, 2**32 - 1),
+       st.sampled_from([0, 0, 3, 40]), st.sampled_from([4, 64, 4096]))
+def test_two_threads_account_exactly_as_one(tmp_path_factory, pool, n, seed, cut, capacity):
+    """The reader thread hands batches of 1,024 records to the accounting
+    thread: the same ids, flows, exports and counters as one thread, across
+    batch edges, evictions, timeouts, other link types and a truncated end."""
+    rng = np.random.default_rng(seed)
+    frames = [pool[i] for i in rng.integers(0, len(pool), n)]
+    linktypes = [101 if x < 0.05 else 1 for x in rng.random(n)]
+    path = tmp_path_factory.mktemp("two") / "t.pcapng"
+    path.write_bytes(_pcapng(frames, linktypes, cut))
+    got = []
+    for threads in (1, 2):
+        dp = Userspace(PolicyTable(TABLE), flow_capacity=capacity, idle_timeout_s=0.002)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)   # the truncated end, checked below
+            ids = dp.process_pcap(path, threads=threads)
+        info = dp.last_capture
+        assert info["threads"] == threads
+        got.append((ids.tolist(), info["packets"], info["skipped_linktype"], info["error"],
+                    sorted(map(tuple, as_dicts(dp.flows()))), sorted(map(tuple, as_dicts(dp.drain()))),
+                    dp.counters()))
+    assert got[0] == got[1]
+    assert got[0][1] == len(got[0][0]) == (n if not cut else got[0][1])
+    assert (got[0][3] is None) == (cut == 0)
+
+
+def test_threads_must_be_one_or_two(tmp_path):
+    with pytest.raises(ConfigError, match="threads"):
+        Userspace(PolicyTable(TABLE), 8).process_pcap(FIX / sorted(EXPECTED)[0], threads=3)

@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 __all__ = ["Userspace"]
 
 
+
+
 class Userspace:
     """Flow accounting and classification for frames given by Python, a
     contiguous buffer, or a pcap/pcapng file.
@@ -144,18 +146,24 @@ class Userspace:
             raise ConfigError("ts_ns", f"{ts.shape[0] if ts.ndim else 'scalar'} timestamps", f"given for {n} frames")
         return ts
 
-    def process_pcap(self, path: str | os.PathLike[str]) -> np.ndarray:
+    def process_pcap(self, path: str | os.PathLike[str], *, threads: int | None = None) -> np.ndarray:
         """Account every packet of a pcap or pcapng file (read in C, from an mmap).
 
         Capture timestamps drive the timeouts. A file cut short keeps every
         packet before the cut and reports it in ``last_capture`` (and a warning).
+        ``threads``: 2 reads the records on a second thread while this one
+        accounts them (same result as 1, about 1.3x faster on a big file);
+        None (default): 2 for files from 4 MiB up. Returns each packet's
+        policy id (-1: default class or not accounted).
         """
+        if threads is not None and threads not in (1, 2):
+            raise ConfigError("process_pcap threads", threads, "is not 1, 2 or None")
         with open(path, "rb") as fh:
             size = os.fstat(fh.fileno()).st_size
             if size == 0:
                 raise ConfigError("process_pcap", os.fspath(path), "is an empty file, not a capture")
             with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-                ids, info = self._dp.process_capture(mm)
+                ids, info = self._dp.process_capture(mm, threads)
         self.last_capture = info
         if info["error"]:
             if info["format"] is None:  # the file header itself is not a capture
