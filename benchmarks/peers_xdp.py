@@ -27,7 +27,7 @@ every batch went through every program, each table then held exactly the
 batch's flows, the same 5-tuples in patronus's table and the peer's map, and
 the same packet and byte totals. Timings are never asserted.
 
-    .venv/bin/python benchmarks/peers_xdp.py [--policies 1,1000,10000,65536] [--big 10000,65536]
+    .venv/bin/python benchmarks/peers_xdp.py [--policies 1,1000,10000,65536] [--big 1,1000,10000,65536]
 
 (root, BCC, kernel headers). The pytest form is benchmarks/test_bench_peers_xdp.py;
 both append JSON lines to $PATRONUS_PEERS_OUT (default .bench-peers/results.jsonl).
@@ -84,9 +84,9 @@ def out_path() -> Path:
 
 def big_policy_counts() -> tuple[int, ...]:
     """Policy counts also measured with 1,048,576-flow tables
-    ($PATRONUS_PEERS_XDP_BIG, comma-separated; default 10000,65536: each
-    further count adds about 25 s)."""
-    raw = os.environ.get("PATRONUS_PEERS_XDP_BIG", "10000,65536")
+    ($PATRONUS_PEERS_XDP_BIG, comma-separated; default every count of the
+    issue, 1,1000,10000,65536: each count takes about 25 s)."""
+    raw = os.environ.get("PATRONUS_PEERS_XDP_BIG", "1,1000,10000,65536")
     return tuple(int(s) for s in raw.split(",") if s.strip())
 
 

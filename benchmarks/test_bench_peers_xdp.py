@@ -19,9 +19,8 @@ Run (root, BCC, kernel headers; about 2-2.5 minutes, most of it loading
 patronus's program, 10-15 s a load at 65,536 policies, and the kernel's
 ~18 ms per BPF_PROG_TEST_RUN call outside the timed loop):
     .venv/bin/python -m pytest benchmarks/test_bench_peers_xdp.py --benchmark-only -s
-$PATRONUS_PEERS_XDP_BIG (default 10000,65536): policy counts also measured
-with 1,048,576-flow tables (1,1000,10000,65536 for all; about 25 s more
-each); $PATRONUS_PEERS_XDP_MAPS (default lru_hash,percpu_hash; also
+$PATRONUS_PEERS_XDP_BIG (default 1,1000,10000,65536, every count): policy
+counts also measured with 1,048,576-flow tables (about 25 s each); $PATRONUS_PEERS_XDP_MAPS (default lru_hash,percpu_hash; also
 lru_percpu_hash).
 """
 

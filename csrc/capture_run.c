@@ -12,9 +12,11 @@
 struct batch {
     const uint8_t *ptr[BATCH];
     size_t len[BATCH];
+    size_t wire[BATCH];   /* length on the wire (a snap length may have cut len shorter) */
     uint64_t ts[BATCH];
     uint32_t at[BATCH];   /* record number - first, of each Ethernet record */
     size_t m;             /* Ethernet records */
+    size_t snapped;       /* of which cut short by the snap length */
     size_t first, count;  /* records [first, first + count) */
     int last;             /* the reader's final batch */
 };
@@ -34,7 +36,7 @@ struct ring {
 static int fill(pn_capture *cap, struct batch *b, size_t first, size_t *skipped, int *status)
 {
     pn_cap_pkt pkt;
-    b->m = b->count = 0;
+    b->m = b->count = b->snapped = 0;
     b->first = first;
     int st = PN_CAP_OK;
     while (b->count < BATCH) {
@@ -44,6 +46,8 @@ static int fill(pn_capture *cap, struct batch *b, size_t first, size_t *skipped,
         if (pkt.linktype == LINKTYPE_ETHERNET) {
             b->ptr[b->m] = pkt.data;
             b->len[b->m] = pkt.caplen;
+            b->wire[b->m] = pkt.wirelen;
+            b->snapped += pkt.wirelen > pkt.caplen;
             b->ts[b->m] = pkt.ts_ns;
             b->at[b->m] = (uint32_t)b->count;
             b->m++;
@@ -75,7 +79,8 @@ static int account(pn_dp *dp, const struct batch *b, pn_caprun_result *res, size
     int32_t *ids = res->ids + b->first;
     for (size_t j = 0; j < b->count; j++)
         ids[j] = -1;
-    pn_dp_run(dp, b->ptr, b->len, b->ts, out, NULL, b->m);
+    pn_dp_run_wire(dp, b->ptr, b->len, b->wire, b->ts, out, NULL, b->m);
+    res->snapped += b->snapped;
     for (size_t j = 0; j < b->m; j++)
         ids[b->at[j]] = out[j];
     res->n = need;

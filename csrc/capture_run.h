@@ -24,6 +24,7 @@ typedef struct {
     int32_t *ids;     /* per record: its flow's policy, -1 if not accounted (malloc'ed; the caller frees) */
     size_t n;         /* records read */
     size_t skipped;   /* records of a link type other than Ethernet (ids -1) */
+    size_t snapped;   /* Ethernet records the capture's snap length cut short (accounted at their IP length) */
     int status;       /* PN_CAP_END at a clean end, a PN_CAP_ERR_* (records before it kept), or PN_CAPRUN_NOMEM */
     int threads;      /* threads that ran: 2, or 1 (asked, or no thread could be started) */
 } pn_caprun_result;

@@ -34,12 +34,13 @@ static inline void cache_key(const struct pn_parsed *p, struct pn_flow_key *key)
 
 /* Stage one of a burst of pn_dp_run: parse m frames, build their keys and
  * hash them. rc[j] != PN_OK: k, h unset. */
-static inline void parse_burst(const uint8_t *const *data, const size_t *len, size_t m, struct pn_parsed *p,
-                               struct pn_flow_key *k, uint64_t *h, int *rc)
+static inline void parse_burst(const uint8_t *const *data, const size_t *len, const size_t *wire, size_t m,
+                               struct pn_parsed *p, struct pn_flow_key *k, uint64_t *h, int *rc)
 {
     for (size_t j = 0; j < m; j++) {
         memset(&p[j], 0, sizeof(p[j]));
-        rc[j] = pn_parse(data[j], data[j] + len[j], &p[j]);
+        const uint8_t *end = data[j] + len[j];
+        rc[j] = pn_parse_wire(data[j], end, wire && wire[j] > len[j] ? data[j] + wire[j] : end, &p[j]);
         if (rc[j] == PN_OK) {
             pn_key_of(&p[j], &k[j]);
             h[j] = key_hash(&k[j]);
@@ -245,6 +246,12 @@ static inline const struct pn_flow_rec *dp_account(pn_dp *dp, const struct pn_pa
 void pn_dp_run(pn_dp *dp, const uint8_t *const *data, const size_t *len, const uint64_t *ts,
                int32_t *out, uint32_t *where, size_t n)
 {
+    pn_dp_run_wire(dp, data, len, NULL, ts, out, where, n);
+}
+
+void pn_dp_run_wire(pn_dp *dp, const uint8_t *const *data, const size_t *len, const size_t *wire,
+                    const uint64_t *ts, int32_t *out, uint32_t *where, size_t n)
+{
     pn_flowtable *ft = &dp->ft;
     struct pn_parsed p[PN_BURST];
     struct pn_flow_key k[PN_BURST];
@@ -256,7 +263,7 @@ void pn_dp_run(pn_dp *dp, const uint8_t *const *data, const size_t *len, const u
         /* the next burst's headers load while this one is accounted */
         for (size_t j = base + PN_BURST; j < n && j < base + 2 * PN_BURST; j++)
             __builtin_prefetch(data[j]);
-        parse_burst(data + base, len + base, m, p, k, h, rc);
+        parse_burst(data + base, len + base, wire ? wire + base : NULL, m, p, k, h, rc);
         for (size_t j = 0; j < m; j++) {
             if (rc[j] == PN_OK) {
                 b[j] = (uint32_t)h[j] & ft->mask;

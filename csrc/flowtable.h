@@ -68,6 +68,11 @@ typedef struct {
  * (PN_SITE_NONE and PN_NO_PATH for a malformed frame). */
 void pn_dp_run(pn_dp *dp, const uint8_t *const *data, const size_t *len, const uint64_t *ts,
                int32_t *out, uint32_t *where, size_t n);
+/* The same for captured frames: wire[i] is frame i's length on the wire (a
+ * snap length may have cut len[i] shorter; csrc/parse.h pn_parse_wire).
+ * wire NULL: every frame is whole. */
+void pn_dp_run_wire(pn_dp *dp, const uint8_t *const *data, const size_t *len, const size_t *wire,
+                    const uint64_t *ts, int32_t *out, uint32_t *where, size_t n);
 
 /* Classification cache without accounting (PolicyTable.classify): a
  * set-associative table of flow key -> policy, PN_CACHE_WAYS ways a set,

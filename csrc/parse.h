@@ -63,7 +63,11 @@ PN_INLINE int pn_parse_l4(const __u8 *p, const __u8 *lim, const __u8 *end, int n
     return PN_OK;
 }
 
-PN_INLINE int pn_parse_ipv4(const __u8 *p, const __u8 *end, struct pn_parsed *o)
+/* `wend`: where the frame ended on the wire. It is `end` except for a frame a
+ * capture's snap length cut short: its IP length is checked against the
+ * wire, so the packet counts whole (as nfpcapd counts it), while every read
+ * still stops at `end` (a header the cut took is a truncation). */
+PN_INLINE int pn_parse_ipv4(const __u8 *p, const __u8 *end, const __u8 *wend, struct pn_parsed *o)
 {
     if (p + 20 > end)
         return PN_ERR_TRUNC_IP;
@@ -73,7 +77,7 @@ PN_INLINE int pn_parse_ipv4(const __u8 *p, const __u8 *end, struct pn_parsed *o)
     if (ihl < 20)
         return PN_ERR_BAD_IHL;
     __u32 tot = PN_RD16(p + 2);
-    if (tot < ihl || p + tot > end)
+    if (tot < ihl || p + tot > wend)
         return PN_ERR_BAD_LEN;
     o->family = PN_FAMILY_V4;
     o->dscp = p[1] >> 2;
@@ -85,7 +89,7 @@ PN_INLINE int pn_parse_ipv4(const __u8 *p, const __u8 *end, struct pn_parsed *o)
     return pn_parse_l4(p + ihl, p + tot, end, nonfirst, o);
 }
 
-PN_INLINE int pn_parse_ipv6(const __u8 *p, const __u8 *end, struct pn_parsed *o)
+PN_INLINE int pn_parse_ipv6(const __u8 *p, const __u8 *end, const __u8 *wend, struct pn_parsed *o)
 {
     if (p + 40 > end)
         return PN_ERR_TRUNC_IP;
@@ -93,7 +97,7 @@ PN_INLINE int pn_parse_ipv6(const __u8 *p, const __u8 *end, struct pn_parsed *o)
         return PN_ERR_BAD_VERSION;
     __u32 plen = PN_RD16(p + 4);
     const __u8 *l3end = p + 40 + plen;
-    if (l3end > end)
+    if (l3end > wend)
         return PN_ERR_BAD_LEN;
     o->family = PN_FAMILY_V6;
     o->dscp = (__u8)((((p[0] & 0x0f) << 4) | (p[1] >> 4)) >> 2);
@@ -128,8 +132,10 @@ PN_INLINE int pn_parse_ipv6(const __u8 *p, const __u8 *end, struct pn_parsed *o)
     return pn_parse_l4(q, l3end, end, nonfirst, o);
 }
 
-/* Parse one frame into *o (which the caller has zeroed). PN_OK or a reason. */
-PN_INLINE int pn_parse(const __u8 *data, const __u8 *end, struct pn_parsed *o)
+/* Parse one frame of which [data, end) was captured and [data, wend) was on
+ * the wire (wend >= end) into *o (which the caller has zeroed). PN_OK or a
+ * reason. */
+PN_INLINE int pn_parse_wire(const __u8 *data, const __u8 *end, const __u8 *wend, struct pn_parsed *o)
 {
     const __u8 *p = data;
     if (p + 14 > end)
@@ -145,10 +151,16 @@ PN_INLINE int pn_parse(const __u8 *data, const __u8 *end, struct pn_parsed *o)
         p += 4;
     }
     if (et == 0x0800)
-        return pn_parse_ipv4(p, end, o);
+        return pn_parse_ipv4(p, end, wend, o);
     if (et == 0x86dd)
-        return pn_parse_ipv6(p, end, o);
+        return pn_parse_ipv6(p, end, wend, o);
     return PN_ERR_NOT_IP;
+}
+
+/* Parse one whole frame [data, end) into *o (zeroed). PN_OK or a reason. */
+PN_INLINE int pn_parse(const __u8 *data, const __u8 *end, struct pn_parsed *o)
+{
+    return pn_parse_wire(data, end, end, o);
 }
 
 /* The flow key of a parsed packet (ports 0 when it has none). */

@@ -662,4 +662,4 @@ cdef class Dataplane:
             free(res.ids)
         err = None if st == PN_CAP_END else pn_capture_strerror(st).decode()
         return ids, {"format": fmt, "packets": res.n, "skipped_linktype": res.skipped, "error": err, "status": st,
-                     "threads": res.threads}
+                     "threads": res.threads, "snapped": res.snapped}

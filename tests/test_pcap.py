@@ -16,8 +16,8 @@ from patronus import ConfigError, Match, Policy, PolicyTable
 from patronus.dataplane import Userspace
 
 from .fixtures.expected import EXPECTED
-from .fixtures.make_captures import epb, idb, shb
-from .frames import any_frames
+from .fixtures.make_captures import epb, idb, pcap_file, shb
+from .frames import any_frames, valid_frames
 
 FIX = Path(__file__).parent / "fixtures"
 TABLE = [Policy("sip", Match(proto="udp", dst_ports=5060), priority=1), Policy("tcp", Match(proto="tcp"), priority=2)]
@@ -119,3 +119,45 @@ def test_two_threads_account_exactly_as_one(tmp_path_factory, pool, n, seed, cut
 def test_threads_must_be_one_or_two(tmp_path):
     with pytest.raises(ConfigError, match="threads"):
         Userspace(PolicyTable(TABLE), 8).process_pcap(FIX / sorted(EXPECTED)[0], threads=3)
+
+
+TRUNCATIONS = {"trunc_l2", "trunc_ip", "trunc_l4", "trunc_ext"}
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(valid_frames(), st.integers(0, 2_000)), min_size=1, max_size=30))
+def test_a_snapped_frame_counts_at_its_ip_length_or_as_a_truncation(tmp_path_factory, drawn):
+    """A capture's snap length cuts frames short (``tcpdump -s 96``): a frame
+    whose headers survived the cut is accounted exactly as the whole frame
+    (its IP length, from the IP header); one whose headers did not is a
+    truncation (never ``bad_len``, which is for an IP length past the wire)."""
+    d = tmp_path_factory.mktemp("snap")
+    whole_recs, snap_recs = [], []
+    for i, (f, cut) in enumerate(drawn):
+        snap = f[:cut]
+        whole_recs.append((1_700_000_000, i, f))
+        snap_recs.append((1_700_000_000, i, snap, len(f)))
+    (d / "whole.pcap").write_bytes(pcap_file(whole_recs, big_endian=False, nanos=False))
+    (d / "snap.pcap").write_bytes(pcap_file(snap_recs, big_endian=False, nanos=False))
+    whole = Userspace(PolicyTable(TABLE), flow_capacity=64)
+    snapped = Userspace(PolicyTable(TABLE), flow_capacity=64)
+    w_ids = whole.process_pcap(d / "whole.pcap")
+    s_ids = snapped.process_pcap(d / "snap.pcap")
+    assert snapped.last_capture["snapped"] == sum(1 for f, cut in drawn if cut < len(f))
+    # frame by frame: the same verdict, or a truncation where the whole frame was fine
+    per_frame = []
+    for f, cut in drawn:
+        one_w, one_s = Userspace(PolicyTable(TABLE), 4), Userspace(PolicyTable(TABLE), 4)
+        (d / "1w.pcap").write_bytes(pcap_file([(1, 0, f)], big_endian=False, nanos=False))
+        (d / "1s.pcap").write_bytes(pcap_file([(1, 0, f[:cut], len(f))], big_endian=False, nanos=False))
+        one_w.process_pcap(d / "1w.pcap")
+        one_s.process_pcap(d / "1s.pcap")
+        mw = {k for k, v in one_w.counters()["malformed"].items() if v}
+        ms = {k for k, v in one_s.counters()["malformed"].items() if v}
+        assert "bad_len" not in ms - mw
+        if ms and not mw:
+            assert ms <= TRUNCATIONS
+        elif not ms:
+            assert as_dicts(one_s.flows()) == as_dicts(one_w.flows())   # same key, packets and IP bytes
+        per_frame.append(bool(ms))
+    assert [int(x) for x in s_ids] == [(-1 if bad else int(x)) for x, bad in zip(w_ids, per_frame)]

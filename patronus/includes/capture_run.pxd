@@ -11,6 +11,7 @@ cdef extern from "capture_run.h" nogil:
         int32_t *ids
         size_t n
         size_t skipped
+        size_t snapped
         int status
         int threads
 
