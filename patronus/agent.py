@@ -20,6 +20,7 @@ import binascii
 import concurrent.futures
 import contextlib
 import hashlib
+import ipaddress
 import json
 import logging
 import os
@@ -602,7 +603,7 @@ class SiteAgent:
                  interval_s: float = 1.0, bfd_ms: int = 50, source: StateSource | None = None,
                  wireguard: str = "userspace", report_s: float = 2.0, metrics_listen: str | None = None,
                  metrics_token: str | None = None, nice: int = AGENT_NICE, ipfix: str | None = None,
-                 flow_idle_s: float = 15.0, flow_active_s: float = 60.0) -> None:
+                 flow_idle_s: float = 15.0, flow_active_s: float = 60.0, bgp: Any = None) -> None:
         """``state``: the SQLite state file (discovery registry, events,
         metrics; keys and the status file next to it). ``source``: where
         the desired mesh comes from (default: the mesh in ``state``); with a
@@ -624,7 +625,11 @@ class SiteAgent:
         ``ipfix``: export every flow the data plane counts to this IPFIX
         collector (HOST:PORT, :mod:`patronus.ipfix`): idle for
         ``flow_idle_s``, or every ``flow_active_s`` while it lives on
-        (:class:`patronus.export.FlowMeter`)."""
+        (:class:`patronus.export.FlowMeter`). ``bgp``: a :class:`patronus.bgp.Bgp`:
+        the edge peers with the site's LAN routers through ExaBGP, announces
+        the prefixes they announce (filtered) as the site's subnets, and
+        advertises every reachable remote site's subnets back to them
+        (:mod:`patronus.bgp.edge`, docs/BGP.md)."""
         if isinstance(bfd_ms, bool) or not isinstance(bfd_ms, int) or not 10 <= bfd_ms <= 10_000:
             raise ConfigError("agent bfd_ms", bfd_ms, "is not an integer from 10 to 10,000 ms")
         if isinstance(nice, bool) or not isinstance(nice, int) or not -20 <= nice <= 19:
@@ -635,6 +640,10 @@ class SiteAgent:
 
             parse_collector(ipfix)   # refused before anything starts
         self.ipfix, self.flow_idle_s, self.flow_active_s = ipfix, flow_idle_s, flow_active_s
+        self.bgp = bgp
+        self.edge: Any = None                  # the BGP edge (patronus.bgp.edge.BgpEdge), with ``bgp``
+        self.desired: DesiredState | None = None   # the desired state in use; self.mesh is it with announced subnets
+        self._apply_lock = asyncio.Lock()
         self._ipfix: Any = None                # the exporter (one socket for the agent's life)
         self._ipfix_retry_at = 0.0             # when to try an unreachable collector again
         self.meter: Any = None                 # the FlowMeter of the data plane in use
@@ -738,6 +747,8 @@ class SiteAgent:
         if not self.state.exists():  # the registry lives there, whatever the source of the mesh
             raise _no_state_file(self.state)
         mesh = self.source.load().mesh
+        if self.bgp is not None and self.site in [x.name for x in mesh.sites]:
+            self.bgp.check_site(mesh.site(self.site).subnets)
         registry = SqliteRegistry(self.state, create=False)
         try:
             self._check_enrolment(mesh, registry)
@@ -757,9 +768,54 @@ class SiteAgent:
     def announce(self) -> None:
         """Publish the site's signed announcement (key, subnets, uplinks)."""
         assert self.net is not None
-        self.net.announce(self.mesh, self.registry, self.signer)
-        site = self.mesh.site(self.site)
-        self._announced = (tuple(site.subnets), tuple((u.name, u.address, u.port) for u in site.uplinks))
+        self.net.announce(self.mesh, self.registry, self.signer, subnets=self._own_subnets())
+        self._announced = self._announcing()
+
+    def _own_subnets(self) -> tuple[str, ...]:
+        """What this site announces: its subnets in the desired mesh, or with
+        BGP what its routers announce (accepted) and ``Bgp.networks``."""
+        if self.edge is not None:
+            return self.edge.learned()
+        mesh = self.desired.mesh if self.desired is not None else self.mesh
+        return tuple(mesh.site(self.site).subnets)
+
+    def _announcing(self) -> tuple[Any, ...]:
+        site = (self.desired.mesh if self.desired is not None else self.mesh).site(self.site)
+        return (self._own_subnets(), tuple((u.name, u.address, u.port) for u in site.uplinks))
+
+    def _announced_subnets(self) -> dict[str, tuple[str, ...]]:
+        """Every site's subnets as it announces them now (the registry's
+        signed announcements, checked there against the mesh)."""
+        if self.controller is not None:
+            return {}
+        try:
+            return {st.site: tuple(st.announcement.subnets) for st in self.registry.sites()}
+        except Exception as e:   # an unreadable registry: the desired mesh's subnets meanwhile
+            log.warning("registry unreadable: %s", e)
+            return {}
+
+    def _effective(self, mesh: Mesh) -> Mesh:
+        """The desired mesh with each site's subnets as that site announces
+        them, where they lie inside its subnets in the mesh (a BGP site's
+        learned prefixes; a site not announced yet keeps the mesh's). Only a
+        BGP site announces other than its configured subnets, so without BGP
+        this is the desired mesh itself."""
+        ann = self._announced_subnets()
+        if self.edge is not None:
+            ann[self.site] = self._own_subnets()
+        d = mesh.to_dict()
+        changed = False
+        for site in d["sites"]:
+            got = ann.get(site["name"])
+            if got is None:
+                continue
+            mine = [ipaddress.ip_network(x) for x in site["subnets"]]
+            inside = [x for x in got if any(ipaddress.ip_network(x).version == m.version
+                                            and ipaddress.ip_network(x).subnet_of(m) for m in mine)]
+            if tuple(inside) != tuple(site["subnets"]):
+                site["subnets"] = inside
+                changed = True
+        return Mesh.from_dict(d) if changed else mesh
 
     def _peer_keys(self) -> dict[str, Any]:
         """The WireGuard key of every other site: from the controller's desired
@@ -1011,7 +1067,7 @@ class SiteAgent:
                 self.registry = self.controller
             else:
                 desired = self.source.load()
-            self.mesh, self.version = desired.mesh, desired.version
+            self.mesh, self.version, self.desired = desired.mesh, desired.version, desired
             if self.site not in [x.name for x in self.mesh.sites]:
                 raise ConfigError("agent --site", self.site, "is not a site of the desired mesh")
             if self.controller is None:
@@ -1019,6 +1075,9 @@ class SiteAgent:
                 self._keys()
             self.net = SiteRealiser(self.site, self.key, prefix=self.prefix, wireguard=self.wireguard,
                                     route_paths=True)
+            if self.bgp is not None:
+                await self._start_bgp()
+            self.mesh = self._effective(desired.mesh)
             await self._announce()
             self._sync_tunnels()
             self.dp = self._open_dataplane(self.mesh)
@@ -1061,6 +1120,8 @@ class SiteAgent:
                     next_announce = now + 300
                 self._sync_tunnels()  # sites that joined since: new tunnels, BFD on them
                 await self._watch_new_tunnels(BfdSession)
+                await self._refresh_effective()   # a site announced other subnets (BGP): routes follow
+                self._bgp_advertise()
                 # flows, metrics and status off the event loop: a scan of the
                 # flow table and SQLite writes must not hold up BFD (at 50 ms
                 # x 3, a 150 ms stall is a false Down at every peer)
@@ -1182,18 +1243,19 @@ class SiteAgent:
         policies). A state without this site is refused and the old one kept."""
         from .tracing import span
 
-        with span("agent.apply", site=self.site, version=desired.version, previous=self.version):
-            await self._apply_desired(desired)
+        async with self._apply_lock:   # the loop, a push and BGP may each ask at once
+            with span("agent.apply", site=self.site, version=desired.version, previous=self.version):
+                await self._apply_desired(desired)
 
     async def _apply_desired(self, desired: DesiredState) -> None:
         from .failover import BfdSession
 
-        mesh = desired.mesh
-        if self.site not in [x.name for x in mesh.sites]:
+        if self.site not in [x.name for x in desired.mesh.sites]:
             log.error("desired state %s has no site %r: keeping version %s", desired.version, self.site, self.version)
             return
-        old = self.mesh
-        self.mesh = mesh
+        mesh = self._effective(desired.mesh)
+        old, old_desired = self.mesh, self.desired
+        self.mesh, self.desired = mesh, desired
         try:
             assert self.net is not None
             plan = {t.path.index: t.path.id for t in self.net.plan(mesh)}
@@ -1236,9 +1298,11 @@ class SiteAgent:
                     self._start_meter()
                     raise
                 self._start_meter()
+            self.net.route_subnets(mesh)   # the path tables follow the sites' (announced) subnets
         except Exception:
-            self.mesh = old
+            self.mesh, self.desired = old, old_desired
             raise
+        self._bgp_space()
         gone = [pid for pid in self.sessions if pid not in self.engine.paths or pid in stale_ids]
         for pid in gone:   # paths the new mesh has not: their BFD and probes stop
             await self.sessions.pop(pid).stop()
@@ -1247,11 +1311,113 @@ class SiteAgent:
         if getattr(self, "monitor", None) is not None:
             await self._watch_new_tunnels(BfdSession)
         self.version, self.applied_at = desired.version, time.time()
-        site = mesh.site(self.site)
-        if self._announced != (tuple(site.subnets), tuple((u.name, u.address, u.port) for u in site.uplinks)):
+        if self._announced != self._announcing():
             await self._announce()
+        self._bgp_advertise()
         log.info("desired state %s applied: %d policies, %d tunnels", self.version, len(mesh.policies),
                  len(self.tunnels))
+
+    # -- BGP on the LAN side ------------------------------------------------------------
+
+    def _lan_addresses(self) -> list[str]:
+        """The LAN interface's addresses (``ip -j addr``)."""
+        if not self.lan_if:
+            return []
+        assert self.net is not None
+        r = self.net.ip("-j", "addr", "show", "dev", self.lan_if, check=False)
+        try:
+            return [a["local"] for link in json.loads(r.stdout or "[]") for a in link.get("addr_info", [])]
+        except (ValueError, KeyError, TypeError):
+            return []
+
+    async def _start_bgp(self) -> None:
+        """The BGP edge: ExaBGP peering with every neighbor from the LAN
+        address in the neighbor's subnet (or its ``local_address``)."""
+        from .bgp.edge import BgpEdge
+
+        bgp = self.bgp
+        assert bgp is not None and self.desired is not None and self.net is not None
+        bgp.check_site(self.desired.mesh.site(self.site).subnets)
+        addrs = self._lan_addresses()
+        local: dict[str, str] = {}
+        for n in bgp.neighbors:
+            if n.local_address is not None:
+                local[n.address] = n.local_address
+                continue
+            nb = ipaddress.ip_address(n.address)
+            r = self.net.ip("-j", "route", "get", n.address, check=False)
+            try:
+                src = json.loads(r.stdout or "[]")[0].get("prefsrc")
+            except (ValueError, IndexError, AttributeError):
+                src = None
+            src = src or next((a for a in addrs if ipaddress.ip_address(a).version == nb.version), None)
+            if src is None:
+                raise ConfigError("Bgp.neighbors", n.address, f"has no local address to peer from (give "
+                                  f"local_address, or an address on {self.lan_if or 'the LAN interface'})")
+            local[n.address] = src
+        router_id = bgp.router_id or next((a for a in local.values() if ipaddress.ip_address(a).version == 4),
+                                          None)
+        if router_id is None:
+            raise ConfigError("Bgp.router_id", None, "is needed when no neighbor is reached over IPv4")
+        net = self.net
+        self.edge = BgpEdge(bgp, workdir=Path(f"{self._key_base()}.bgp"), local=local, router_id=router_id,
+                            lan_if=self.lan_if, route=lambda *a, check=True: net.ip("route", *a, check=check),
+                            on_learned=self._bgp_changed)
+        self._bgp_space()
+        await self.edge.start()
+
+    def _bgp_space(self) -> None:
+        """The edge's filter follows the desired mesh: this site's subnets
+        (where learned prefixes must lie) and every other site's."""
+        if self.edge is None or self.desired is None:
+            return
+        m = self.desired.mesh
+        self.edge.set_space(m.site(self.site).subnets, {x.name: x.subnets for x in m.sites if x.name != self.site})
+
+    def _bgp_changed(self) -> None:
+        """The accepted prefixes changed: announce them, and take them into
+        this site's own data plane."""
+        async def go() -> None:
+            await self._announce()
+            await self._refresh_effective()
+
+        task = asyncio.get_running_loop().create_task(go())
+        task.add_done_callback(lambda t: None if t.cancelled() or t.exception() is None else
+                               log.warning("bgp: applying learned prefixes failed: %r", t.exception()))
+
+    async def _refresh_effective(self) -> None:
+        """Apply the desired state again when the subnets sites announce
+        changed what the mesh holds (BGP sites learning or losing prefixes)."""
+        if self.desired is None or self.engine is None:
+            return
+        eff = self._effective(self.desired.mesh)
+        if [x.subnets for x in eff.sites] != [x.subnets for x in self.mesh.sites]:
+            await self.apply_desired(self.desired)
+
+    def _bgp_advertise(self, now_up: dict[str, bool] | None = None) -> None:
+        """Advertise to the routers the subnets of every remote site with a
+        path whose BFD session is up (``now_up``: a transition being
+        reported), each tagged with its site's community."""
+        if self.edge is None:
+            return
+        from .bgp import community_of
+        from .failover.bfd import State
+
+        now_up = now_up or {}
+        routes: dict[str, str] = {}
+        for i, site in enumerate(self.mesh.sites, 1):
+            if site.name == self.site:
+                continue
+            up = False
+            for p in self.mesh.paths(self.site, site.name):
+                sess = self.sessions.get(p.id)
+                if now_up.get(p.id, sess is not None and sess.state == State.UP):
+                    up = True
+                    break
+            if up:
+                for n in site.subnets:
+                    routes[n] = community_of(self.bgp, i)
+        self.edge.advertise(routes)
 
     # -- the controller's channel --------------------------------------------------------
 
@@ -1476,6 +1642,9 @@ class SiteAgent:
             self._io_store = None
 
     async def _teardown(self) -> None:
+        if self.edge is not None:   # the routers stop hearing from us; the learned routes' kernel routes go
+            with contextlib.suppress(Exception):
+                await self.edge.stop()
         if self.metrics_server is not None:
             self.metrics_server.close()
             self.metrics_server = None
@@ -1570,7 +1739,8 @@ class SiteAgent:
                     "telemetry_dropped": self.telemetry_dropped},
                 "paths": paths, "routes": self.routes(), "duplication": self._duplication(),
                 "loop": {"stalls": self.loop_stalls, "lag_max_ms": round(self.loop_lag_max * 1e3, 1)},
-                "ipfix": None if self._ipfix is None else {"collector": self.ipfix, **self._ipfix.stats()}}
+                "ipfix": None if self._ipfix is None else {"collector": self.ipfix, **self._ipfix.stats()},
+                "bgp": None if self.edge is None else self.edge.status()}
 
     def _duplication(self) -> dict[str, Any]:
         """Copies sent by policy, where each duplicating pair's copies go, and
@@ -1610,6 +1780,7 @@ class SiteAgent:
                                 "diag": None if tr.diag == Diag.NONE else tr.diag.name.lower()})
         if tr.new == State.UP or tr.old == State.UP:
             self.bfd_changes += 1
+            self._bgp_advertise({path_id: tr.new == State.UP})   # a site that became (un)reachable
             if tr.old == State.UP:
                 self.path_downs[path_id] = self.path_downs.get(path_id, 0) + 1
             log.info("bfd %s %s (%s -> %s%s)", path_id, "up" if tr.new == State.UP else "down", tr.old.name.lower(),
@@ -1656,6 +1827,20 @@ def _token(args: Any) -> str | None:
     return os.environ.get("PATRONUS_TOKEN", "").strip() or None
 
 
+def _bgp_file(path: str | None) -> Any:
+    """``--bgp FILE``: the site's BGP configuration (JSON, :meth:`patronus.bgp.Bgp.from_dict`)."""
+    if not path:
+        return None
+    from .bgp import Bgp
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.loads(f.read(1 << 20))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ConfigError("--bgp", str(path), f"cannot be read as JSON: {e}") from None
+    return Bgp.from_dict(data)
+
+
 def main(args: Any) -> int:
     if not logging.getLogger().handlers:  # an embedding program's logging stays as it is
         from .logfmt import configure
@@ -1693,7 +1878,8 @@ def _main(args: Any) -> int:
                           metrics_listen=getattr(args, "metrics_listen", None), metrics_token=metrics_token,
                           nice=getattr(args, "nice", AGENT_NICE), bfd_ms=getattr(args, "bfd_ms", 50),
                           ipfix=getattr(args, "ipfix", None), flow_idle_s=getattr(args, "flow_idle_timeout", 15.0),
-                          flow_active_s=getattr(args, "flow_active_timeout", 60.0))
+                          flow_active_s=getattr(args, "flow_active_timeout", 60.0),
+                          bgp=_bgp_file(getattr(args, "bgp", None)))
         agent.preflight()  # refuse a bad start before anything is created
     except PatronusError as e:
         print(f"patronus agent: {e}", flush=True)

@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="BFD transmit and receive interval on every path, 10..10000 ms (x 3 is the detection "
                          "time; default 50)")
     ag.add_argument("--ipfix", metavar="HOST:PORT", help="export every flow to this IPFIX collector (UDP)")
+    ag.add_argument("--bgp", metavar="FILE",
+                    help="peer with the site's LAN routers (a JSON file: asn, neighbors, aggregates, max_prefixes, "
+                         "allow_default, networks; docs/BGP.md)")
     ag.add_argument("--flow-idle-timeout", type=float, default=15.0, metavar="S",
                     help="a flow idle this long is exported and forgotten (default 15 s)")
     ag.add_argument("--flow-active-timeout", type=float, default=60.0, metavar="S",

@@ -488,7 +488,8 @@ class Lab:
 
     def start_agents(self, state_path: Path | None = None, backend: str = "auto", *,
                      controller: str | None = None, tokens: dict[str, str] | None = None,
-                     extra: list[str] | None = None) -> dict[int, subprocess.Popen[bytes]]:
+                     extra: list[str] | None = None,
+                     site_extra: dict[int, list[str]] | None = None) -> dict[int, subprocess.Popen[bytes]]:
         """Start one ``patronus agent`` per site inside its site namespace:
         LAN interface ``{tag}l{s}``, tunnel prefix ``agent_prefix(s)``, the
         state at ``state_path`` (written from the lab's mesh if missing) and
@@ -505,7 +506,8 @@ class Lab:
         state and its peers from the controller, and enrols with its token
         (written to a 0600 file). The lab's mesh names the sites. ``extra``:
         more arguments for every agent (``--metrics-listen 127.0.0.1:9464``:
-        each site namespace has its own loopback)."""
+        each site namespace has its own loopback); ``site_extra``: more
+        arguments for one site's agent (``{0: ["--bgp", "s0.bgp.json"]}``)."""
         if backend not in ("auto", "xdp", "userspace"):
             raise ConfigError("backend", backend, "is not one of auto, xdp, userspace")
         if self.agents:
@@ -566,7 +568,7 @@ class Lab:
                     cmd += ["--controller", controller, "--token-file", f"{spath}.token"]
                 else:
                     cmd += ["--token", self._tokens[(str(path), n)]]
-                cmd += list(extra or [])
+                cmd += list(extra or []) + list((site_extra or {}).get(s, []))
                 with open(self.agent_log_path(spath, s), "ab") as logf:
                     logf.write(f"--- {time.strftime('%H:%M:%S')} lab {self.tag}: agent {n}, backend {backend}\n"
                                .encode())

@@ -19,6 +19,8 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
+import attrs
+
 from ..dataplane import PATH_MARK, PATH_RULE_PRIORITY, PATH_TABLE
 from ..errors import ConfigError, PatronusError
 from ..model import Site
@@ -145,6 +147,7 @@ class SiteRealiser:
         self.adopted: list[str] = []                        # interfaces an earlier run left, taken over
         self._applied: dict[str, InterfaceConfig] = {}      # ifname -> the configuration it holds
         self._backends: dict[str, Uapi | Kernel] = {}       # ifname -> how it is configured (no wireguard-go of ours)
+        self._routed: dict[str, set[str]] = {}              # ifname -> subnets its path table routes
 
     # -- configuration -------------------------------------------------------------
 
@@ -162,6 +165,23 @@ class SiteRealiser:
                             allowed_ips=(f"{t.remote_v4}/32", f"{t.remote_v6}/128", *lans))]
         peers += [PeerConfig(p, endpoint=t.remote_endpoint, persistent_keepalive=t.keepalive) for p in staged]
         return InterfaceConfig(self.key, listen_port=t.listen_port, fwmark=UPLINK_MARK + k, peers=tuple(peers))
+
+    def route_subnets(self, mesh: Any) -> None:
+        """Every tunnel's path table routes exactly its remote site's
+        subnets in ``mesh`` (with ``route_paths``): what a site's
+        announcement added is routed, what it dropped is removed."""
+        if not self.route_paths:
+            return
+        for t in self.tunnels.values():
+            names = {x.name for x in mesh.sites}
+            want = set(mesh.site(t.path.remote_site).subnets) if t.path.remote_site in names else set()
+            have = self._routed.get(t.ifname, set())
+            table = str(PATH_TABLE + t.path.index)
+            for sub in sorted(want - have):
+                self.ip("route", "replace", sub, "dev", t.ifname, "table", table)
+            for sub in sorted(have - want):
+                self.ip("route", "del", sub, "dev", t.ifname, "table", table, check=False)
+            self._routed[t.ifname] = want
 
     def plan(self, mesh: Any) -> list[Tunnel]:
         """Every tunnel of the site the topology allows (nothing is touched)."""
@@ -191,6 +211,7 @@ class SiteRealiser:
                 if self.route_paths:
                     subnets = remote_subnets.setdefault(t.path.remote_site, list(mesh.site(t.path.remote_site).subnets))
                     path_table(t, subnets, self.ip)
+                    self._routed[t.ifname] = set(subnets)
                 log.info("tunnel %s up%s: path %s (#%d) to %s at %s", t.ifname, " (adopted)" if adopted else "",
                          t.path.id, t.path.index, t.path.remote_site, t.remote_endpoint)
                 new.append(t)
@@ -238,6 +259,7 @@ class SiteRealiser:
                 self._remove(t.ifname)
 
     def _remove(self, ifname: str) -> None:
+        self._routed.pop(ifname, None)
         proc = self.wg.pop(ifname, None)
         self._applied.pop(ifname, None)
         backend = self._backends.pop(ifname, None)
@@ -256,9 +278,15 @@ class SiteRealiser:
 
     # -- discovery ----------------------------------------------------------------------
 
-    def announce(self, mesh: Any, registry: Any, signer: SigningKey) -> Announcement:
-        """Publish the site's announcement (``announcement``), signed by ``signer``."""
-        signed: SignedAnnouncement = signer.sign(announcement(mesh.site(self.site), self.key.public_key()))
+    def announce(self, mesh: Any, registry: Any, signer: SigningKey,
+                 subnets: Iterable[str] | None = None) -> Announcement:
+        """Publish the site's announcement (``announcement``), signed by
+        ``signer``; ``subnets``: announce these instead of the mesh's (a BGP
+        site's learned prefixes)."""
+        site = mesh.site(self.site)
+        if subnets is not None:
+            site = attrs.evolve(site, subnets=tuple(subnets))
+        signed: SignedAnnouncement = signer.sign(announcement(site, self.key.public_key()))
         result: Announcement = registry.publish(signed)
         return result
 
