@@ -505,6 +505,13 @@ class ControllerSource:
         return {s: str(p["wg_public_key"]) for s, p in peers.items()
                 if s != self.site and isinstance(p, dict) and isinstance(p.get("wg_public_key"), str)}
 
+    def peer_subnets(self) -> dict[str, tuple[str, ...]]:
+        """Site -> the subnets it announced (as the controller verified them),
+        of every peer in the desired state held."""
+        peers = (self._data.get("state") or {}).get("peers") or {}
+        return {s: tuple(str(x) for x in p["subnets"]) for s, p in peers.items()
+                if s != self.site and isinstance(p, dict) and isinstance(p.get("subnets"), list)}
+
     def publish(self, signed: Any) -> Any:
         """Send the site's signed announcement (``SigningKey.sign``) to the
         controller; AnnouncementRejected with the controller's reason."""
@@ -787,7 +794,7 @@ class SiteAgent:
         """Every site's subnets as it announces them now (the registry's
         signed announcements, checked there against the mesh)."""
         if self.controller is not None:
-            return {}
+            return self.controller.peer_subnets()
         try:
             return {st.site: tuple(st.announcement.subnets) for st in self.registry.sites()}
         except Exception as e:   # an unreadable registry: the desired mesh's subnets meanwhile
@@ -1361,7 +1368,7 @@ class SiteAgent:
             raise ConfigError("Bgp.router_id", None, "is needed when no neighbor is reached over IPv4")
         net = self.net
         self.edge = BgpEdge(bgp, workdir=Path(f"{self._key_base()}.bgp"), local=local, router_id=router_id,
-                            lan_if=self.lan_if, route=lambda *a, check=True: net.ip("route", *a, check=check),
+                            lan_if=self.lan_if, route=net.ip_batch_routes,
                             on_learned=self._bgp_changed)
         self._bgp_space()
         await self.edge.start()
@@ -1567,6 +1574,12 @@ class SiteAgent:
                                 "loss_pct": num(m.loss_pct), "mos": num(m.mos)})
         head = {"metrics": metrics[:OUTBOX], "bfd": self._outbox["bfd"][:OUTBOX],
                 "events": self._outbox["events"][:OUTBOX], "flows": [], "records": [], "records_omitted": 0}
+        if self.edge is not None:   # the controller's GET /agents/{site}/bgp
+            b = self.edge.status()
+            head["bgp"] = {"sessions": b["sessions"], "received": b["received"], "accepted": b["accepted"][:10_000],
+                           "refused": b["refused"], "refused_now": dict(list(b["refused_now"].items())[:1_000]),
+                           "advertised": b["advertised"][:10_000], "looped": b["looped"],
+                           "speaker": {k: b["speaker"][k] for k in ("alive", "exits", "restarts")}}
         self._outbox = {"bfd": self._outbox["bfd"][OUTBOX:], "events": self._outbox["events"][OUTBOX:]}
         return head
 

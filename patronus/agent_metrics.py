@@ -158,6 +158,25 @@ class AgentCollector:
                                   value=status["moves"])
         yield CounterMetricFamily("patronus_bfd_transitions", "BFD sessions that came Up or went Down",
                                   value=status["bfd_changes"])
+        bgp = status.get("bgp")
+        if bgp:
+            sess = GaugeMetricFamily("patronus_bgp_session_up", "1 while the BGP session with the LAN router is "
+                                     "established", labels=["neighbor"])
+            for n, st in sorted(bgp["sessions"].items()):
+                sess.add_metric([n], 1.0 if st == "up" else 0.0)
+            yield sess
+            yield GaugeMetricFamily("patronus_bgp_received_routes", "routes the LAN routers announce (all, "
+                                    "before the filter)", value=bgp["received"])
+            yield GaugeMetricFamily("patronus_bgp_accepted_prefixes", "learned prefixes the site announces",
+                                    value=len(bgp["accepted"]))
+            yield GaugeMetricFamily("patronus_bgp_advertised_prefixes", "remote sites' prefixes advertised to the "
+                                    "LAN routers", value=len(bgp["advertised"]))
+            ref = CounterMetricFamily("patronus_bgp_refused", "announcements refused, by reason", labels=["reason"])
+            for r, n in sorted(bgp["refused"].items()):
+                ref.add_metric([r], n)
+            yield ref
+            yield CounterMetricFamily("patronus_bgp_speaker_exits", "times the BGP speaker (ExaBGP) exited and "
+                                      "was restarted", value=bgp["speaker"]["exits"])
 
 
 class MetricsServer:

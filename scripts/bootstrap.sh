@@ -28,6 +28,7 @@ APT_PACKAGES=(
     wireguard-go wireguard-tools
     iproute2 nftables
     frr                    # bfdd: the BFD peer for interop tests
+    bird2                  # BIRD 2: a LAN-side BGP router for tests/bgp_routers.py
     tcpdump
     prometheus             # promtool: checks the /metrics exposition format
     nfdump                 # nfcapd + nfdump: the IPFIX collector of tests/test_ipfix.py
@@ -60,6 +61,9 @@ install_apt() {
     fi
     # FRR's daemons are started by the tests inside namespaces, never as a service.
     if systemctl is-active --quiet frr 2>/dev/null; then systemctl stop frr || true; fi
+    # BIRD likewise (tests/bgp_routers.py runs it per namespace): Debian enables and starts a system bird
+    if systemctl is-active --quiet bird 2>/dev/null; then systemctl stop bird || true; fi
+    if systemctl is-enabled --quiet bird 2>/dev/null; then systemctl disable bird >/dev/null 2>&1 || true; fi
     if systemctl is-active --quiet nfdump 2>/dev/null; then systemctl stop nfdump || true; fi
     # etcd's Debian service would hold 2379 and a data directory of its own: tests start their own members
     if systemctl is-active --quiet etcd 2>/dev/null; then systemctl stop etcd || true; fi

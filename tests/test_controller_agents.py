@@ -514,3 +514,32 @@ def test_retention_deletes_what_is_old_and_keeps_the_rest(tmp_path: Path) -> Non
         assert [r["rtt_ms"] for r in st.path_metrics("a.u~b.u")] == [2.0]
     assert housekeeping(app)["agent_telemetry"] == 0   # nothing left to delete
     db.close()
+
+
+def test_bgp_state_is_validated_stored_and_read_by_site(ctl: AgentController) -> None:
+    """An agent with --bgp reports its edge (sessions, routes received,
+    accepted, refused, advertised); GET /agents/{site}/bgp returns the last
+    report to users who may read sites; a malformed report is refused whole."""
+    cred = credential(ctl, "br1")
+    bgp = {"sessions": {"10.2.0.2": "up"}, "received": 4, "accepted": ["10.2.100.0/24"],
+           "refused": {"default_route": 1, "other_site": 1}, "refused_now": {"0.0.0.0/0": "default_route"},
+           "advertised": ["10.1.0.0/24", "10.1.100.0/24"], "looped": 2,
+           "speaker": {"alive": True, "exits": 0, "restarts": 0}}
+    with ctl.client(cred) as c:
+        r = c.post(f"{PREFIX}/agent/telemetry", json={"site": "br1", "bgp": bgp})
+        assert r.status_code == 200, r.text
+        for bad, field in (({**bgp, "accepted": ["10.2.100.1/24"]}, "bgp.accepted"),
+                           ({**bgp, "sessions": {"router": "up"}}, "bgp.sessions"),
+                           ({**bgp, "refused": {"because": 1}}, "bgp.refused.because.[key]"),
+                           ({**bgp, "advertised": ["10.0.0.0/8"] * 10_001}, "bgp.advertised")):
+            p = problem(c.post(f"{PREFIX}/agent/telemetry", json={"site": "br1", "bgp": bad}), 422)
+            assert p.get("field", "").startswith(field.split(".[")[0]), (field, p)
+    with ctl.admin() as a:
+        got = a.get(f"{PREFIX}/agents/br1/bgp").raise_for_status().json()
+        assert {k: got[k] for k in bgp} == bgp and got["site"] == "br1"
+        assert a.get(f"{PREFIX}/agents/hq/bgp").status_code == 404
+        assert a.get(f"{PREFIX}/agents/br1%2F..%2Fx/bgp").status_code in (404, 422)
+    with ctl.client() as anon:
+        assert anon.get(f"{PREFIX}/agents/br1/bgp").status_code == 401
+    with ctl.client(cred) as agent:   # an agent credential reads no site's state
+        assert agent.get(f"{PREFIX}/agents/br1/bgp").status_code in (401, 403)

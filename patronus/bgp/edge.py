@@ -68,8 +68,9 @@ class BgpEdge:
     """The BGP side of a site agent (see the module docstring).
 
     ``on_learned()`` is called (on the event loop) whenever the accepted set
-    changes. ``route(cmd)`` runs ``ip route ...`` arguments in the site's
-    namespace (the agent's ``ip`` runner). ``speaker`` builds the speaker
+    changes. ``route(cmds)`` runs ``ip route`` commands (argument tuples
+    after ``route``) in the site's namespace, all at once (the agent runs
+    one ``ip -batch``: each ``ip`` is a process started from the event loop). ``speaker`` builds the speaker
     (default :class:`ExaBgp`).
     """
 
@@ -81,7 +82,7 @@ class BgpEdge:
         self._route = route
         self._on_learned = on_learned
         self._make = lambda: speaker(bgp, workdir, local=local, router_id=router_id, on_message=self._message,
-                                     on_connect=self._connected, on_exit=self._exited)
+                                     on_connect=self._connected, on_exit=self._exited, routes=lambda: self.want)
         self.speaker: Any = self._make()
         self.filter = RouteFilter(bgp, own=[], others={})
         self.rib: dict[tuple[str, str], _Route] = {}
@@ -93,6 +94,7 @@ class BgpEdge:
         self.speaker_exits = 0
         self.restarts = 0
         self.updates = 0                    # update messages received
+        self.looped = 0                     # routes dropped for our own AS in their path (our own, reflected)
         self.last_change: float | None = None   # wall time the accepted set last changed
         self._seq = 0
         self._grace: dict[str, asyncio.TimerHandle] = {}
@@ -111,9 +113,10 @@ class BgpEdge:
     def status(self) -> dict[str, Any]:
         return {"sessions": dict(self.sessions), "received": len(self.rib), "accepted": sorted(self.accepted),
                 "refused": dict(self.refused), "refused_now": dict(self.refused_now),
-                "advertised": sorted(self.want), "speaker": {"alive": self.speaker.alive, "exits": self.speaker_exits,
-                                                             "restarts": self.restarts},
-                "updates": self.updates, "last_change": self.last_change}
+                "advertised": sorted(self.want),
+                "speaker": {"alive": self.speaker.alive, "pid": getattr(self.speaker, "pid", None),
+                            "exits": self.speaker_exits, "restarts": self.restarts},
+                "updates": self.updates, "looped": self.looped, "last_change": self.last_change}
 
     # -- inputs from the agent -----------------------------------------------------------
 
@@ -158,8 +161,7 @@ class BgpEdge:
         for h in self._grace.values():
             h.cancel()
         await self.speaker.stop()
-        for p, nh in list(self._installed.items()):
-            self._route("del", p, "via", nh, "proto", "bgp", check=False)
+        self._route([("del", p, "via", nh, "proto", "bgp") for p, nh in sorted(self._installed.items())])
         self._installed.clear()
 
     def _connected(self) -> None:
@@ -280,7 +282,9 @@ class BgpEdge:
             self._evaluate()
         for p in new:   # counted once, when it comes: a refusal is an event, not a state
             reason = self.refused_now.get(p)
-            if reason:
+            if self.bgp.asn in path:   # our own advertisement coming back: normal, counted apart
+                self.looped += 1
+            elif reason:
                 self.refused[reason] += 1
                 log.warning("bgp: %s announced %s: refused (%s)", peer, p, reason,
                             extra={"reason": f"bgp_refused_{reason}"})
@@ -294,6 +298,8 @@ class BgpEdge:
             if r.prefix in acc:
                 continue   # another router announced it first
             reason = self.filter.check(r.prefix, r.as_path, len(acc))
+            if reason == "as_loop":
+                continue
             if reason:
                 refused[r.prefix] = reason
             else:
@@ -304,14 +310,17 @@ class BgpEdge:
         after = {p: r.next_hop for p, r in acc.items()}
         if before == after:
             return
+        cmds: list[tuple[str, ...]] = []
         for p in sorted(set(before) - set(after)):
-            self._route("del", p, "via", before[p], "proto", "bgp", check=False)
+            cmds.append(("del", p, "via", before[p], "proto", "bgp"))
             self._installed.pop(p, None)
         for p, nh in sorted(after.items()):
             if before.get(p) != nh:
                 dev = ("dev", self.lan_if) if self.lan_if else ()
-                self._route("replace", p, "via", nh, *dev, "proto", "bgp", check=False)
+                cmds.append(("replace", p, "via", nh, *dev, "proto", "bgp"))
                 self._installed[p] = nh
+        if cmds:
+            self._route(cmds)
         self.last_change = time.time()
         log.info("bgp: %d prefixes accepted (%s)", len(acc), ", ".join(sorted(acc)) or "none")
         self._on_learned()

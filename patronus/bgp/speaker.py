@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
+import ipaddress
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ log = logging.getLogger("patronus.bgp")
 
 __all__ = ["Speaker", "ExaBgp", "SpeakerUnavailable", "exabgp_config"]
 
+GRACEFUL_RESTART_S = 120   # RFC 4724 restart time we ask the routers to keep our routes for
 MAX_LINE = 1 << 20   # bytes of one JSON message from the speaker; a longer one ends the connection
 
 
@@ -49,10 +51,14 @@ class Speaker(Protocol):
     def alive(self) -> bool: ...
 
 
-def exabgp_config(bgp: Bgp, local: Mapping[str, str], router_id: str, relay: list[str]) -> str:
+def exabgp_config(bgp: Bgp, local: Mapping[str, str], router_id: str, relay: list[str],
+                  routes: Mapping[str, str] | None = None) -> str:
     """ExaBGP's configuration: one API process (``relay``, the command that
     runs :mod:`patronus.bgp.relay`) and a neighbor block per router, both
     address families, the API told of state changes and parsed updates.
+    ``routes`` (prefix -> community) are announced from the first update on:
+    a restarted speaker's routes are in its first update, before its
+    End-of-RIB (a router helping a graceful restart drops what is not).
 
     >>> from patronus.bgp import Neighbor
     >>> print(exabgp_config(Bgp(65010, [Neighbor("10.1.0.2", asn=65101)]), {"10.1.0.2": "10.1.0.1"},
@@ -61,6 +67,9 @@ def exabgp_config(bgp: Bgp, local: Mapping[str, str], router_id: str, relay: lis
     """
     out = ["process patronus {", f"    run {' '.join(relay)};", "    encoder json;", "}"]
     for n in bgp.neighbors:
+        fam = ipaddress.ip_address(n.address).version
+        static = [f"        route {p} next-hop self {c};"
+                  for p, c in sorted((routes or {}).items()) if ipaddress.ip_network(p).version == fam]
         out += [f"neighbor {n.address} {{",
                 f"    router-id {router_id};",
                 f"    local-address {local[n.address]};",
@@ -68,11 +77,14 @@ def exabgp_config(bgp: Bgp, local: Mapping[str, str], router_id: str, relay: lis
                 f"    peer-as {n.asn};",
                 f"    hold-time {n.hold_time};",
                 "    family { ipv4 unicast; ipv6 unicast; }",
+                # the router keeps our routes while a dead speaker is restarted
+                f"    capability {{ graceful-restart {GRACEFUL_RESTART_S}; }}",
                 "    api {",
                 "        processes [ patronus ];",
                 "        receive { parsed; update; }",
                 "        neighbor-changes;",
                 "    }",
+                *(["    static {", *static, "    }"] if static else []),
                 "}"]
     return "\n".join(out) + "\n"
 
@@ -84,12 +96,14 @@ class ExaBgp:
 
     def __init__(self, bgp: Bgp, workdir: Path, *, local: Mapping[str, str], router_id: str,
                  on_message: Callable[[dict[str, Any]], None], on_connect: Callable[[], None],
-                 on_exit: Callable[[int | None], None]) -> None:
+                 on_exit: Callable[[int | None], None],
+                 routes: Callable[[], Mapping[str, str]] | None = None) -> None:
         if importlib.util.find_spec("exabgp") is None:
             raise SpeakerUnavailable("BGP needs ExaBGP: pip install 'patronus[bgp]' (or pip install exabgp)")
         self.bgp, self.workdir = bgp, Path(workdir)
         self.local, self.router_id = dict(local), router_id
         self._on_message, self._on_connect, self._on_exit = on_message, on_connect, on_exit
+        self._routes = routes or dict
         self._proc: asyncio.subprocess.Process | None = None
         self._server: asyncio.AbstractServer | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -120,7 +134,7 @@ class ExaBgp:
         relay = [sys.executable, "-m", "patronus.bgp.relay", str(self.sock)]
         fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
-            fh.write(exabgp_config(self.bgp, self.local, self.router_id, relay))
+            fh.write(exabgp_config(self.bgp, self.local, self.router_id, relay, self._routes()))
         env = dict(os.environ)
         user = "root" if os.geteuid() == 0 else os.environ.get("USER", "nobody")
         env.update({"exabgp_daemon_user": user, "exabgp_daemon_drop": "false", "exabgp_daemon_daemonize": "false",

@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, WebSocket, WebSocketDisconnect
+from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -566,9 +567,21 @@ class AgentStore:
     # -- announcements (discovery through the controller) -----------------------------
 
     def peers(self) -> dict[str, dict[str, Any]]:
-        """Site -> ``{"wg_public_key"}`` of every site whose agent announced itself."""
+        """Site -> ``{"wg_public_key", "subnets"}`` of every site whose agent
+        announced itself: the subnets as it announced them (checked inside its
+        subnets in the mesh when the announcement came; a BGP site's learned
+        prefixes), which the other agents route to it."""
         with self.db.reading() as t:
-            return {r["site"]: {"wg_public_key": r["wg_public_key"]} for r in t.rows("agent_announcements")}
+            rows = t.rows("agent_announcements")
+        out = {}
+        for r in rows:
+            try:
+                subnets = [str(x) for x in json.loads(r["body"])["subnets"]]
+            except (ValueError, KeyError, TypeError):
+                subnets = None
+            out[r["site"]] = {"wg_public_key": r["wg_public_key"], **({"subnets": subnets} if subnets is not None
+                                                                          else {})}
+        return out
 
     def announce(self, agent: dict[str, Any], body: bytes, signature: bytes, key: bytes,
                  remote: str | None) -> dict[str, Any]:
@@ -845,6 +858,8 @@ class AgentStore:
             for it in items:
                 d = it.model_dump(exclude_none=True)
                 rows.append((site, now, kind, d.pop("ts"), d.get("path"), json.dumps(d, sort_keys=True)))
+        if batch.bgp is not None:   # the edge's state as of this batch (GET /agents/{site}/bgp reads the last)
+            rows.append((site, now, "bgp", now, None, json.dumps(batch.bgp.model_dump(), sort_keys=True)))
         with self.db.local.transaction() as c:   # this replica's own (raw telemetry is not shared)
             c.executemany("INSERT INTO agent_telemetry (site, received, kind, ts, path, data) VALUES (?,?,?,?,?,?)",
                           rows)
@@ -1033,6 +1048,56 @@ class AnnounceIn(_Body):
     key: str = Field(max_length=64, description="base64 Ed25519 public key that signed it")
 
 
+def _prefix(v: str) -> str:
+    try:
+        return str(ipaddress.ip_network(v))
+    except ValueError:
+        raise ValueError(f"{v[:64]!r} is not a prefix") from None
+
+
+_SitePath = PathParam(max_length=32, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+_BgpState = Literal["idle", "connected", "up", "down", "unknown"]
+_BgpReason = Literal["outside", "other_site", "default_route", "as_loop", "max_prefixes", "bad_prefix"]
+
+
+class BgpSpeakerIn(_Body):
+    alive: bool
+    exits: int = Field(ge=0)
+    restarts: int = Field(ge=0)
+
+
+class BgpIn(_Body):
+    """The BGP edge's state (patronus.bgp.edge.BgpEdge.status), bounded."""
+    sessions: dict[str, _BgpState] = Field(max_length=16)
+    received: int = Field(ge=0)
+    accepted: list[str] = Field([], max_length=10_000)
+    refused: dict[_BgpReason, int] = {}
+    refused_now: dict[str, _BgpReason] = Field({}, max_length=1_000)
+    advertised: list[str] = Field([], max_length=10_000)
+    speaker: BgpSpeakerIn
+    looped: int = Field(0, ge=0)
+
+    @field_validator("sessions")
+    @classmethod
+    def _neighbors(cls, v: dict[str, str]) -> dict[str, str]:
+        for k in v:
+            try:
+                ipaddress.ip_address(k)
+            except ValueError:
+                raise ValueError(f"{k[:64]!r} is not a neighbor address") from None
+        return v
+
+    @field_validator("accepted", "advertised")
+    @classmethod
+    def _prefixes(cls, v: list[str]) -> list[str]:
+        return [_prefix(x) for x in v]
+
+    @field_validator("refused_now")
+    @classmethod
+    def _refused_prefixes(cls, v: dict[str, str]) -> dict[str, str]:
+        return {_prefix(k): r for k, r in v.items()}
+
+
 class TelemetryIn(_Body):
     site: str = Field(max_length=32)
     metrics: list[MetricIn] = []
@@ -1041,6 +1106,8 @@ class TelemetryIn(_Body):
     flows: list[FlowIn] = []
     records: list[FlowRecordIn] = Field([], description="flow records, the largest active since the last batch")
     records_omitted: int = Field(0, ge=0, description="active flows the batch had no room for")
+    bgp: BgpIn | None = Field(None, description="the site's BGP edge: sessions, received, accepted, refused and "
+                                                "advertised routes (agents run with --bgp)")
 
 
 def _problem(status: int, title: str, detail: str, **extra: Any) -> JSONResponse:
@@ -1184,6 +1251,19 @@ def build_router(service: Any, auth: Any, *, pin: str | None = None,
     @router.get(f"{PREFIX}/agents", dependencies=[Depends(require("sites.read"))], tags=["agents"])
     def list_agents() -> Any:
         return {"items": store.agents(), "connected": hub.connected}
+
+    @router.get(f"{PREFIX}/agents/{{site}}/bgp", dependencies=[Depends(require("sites.read"))], tags=["agents"])
+    def agent_bgp(site: str = _SitePath) -> Any:
+        """The site's BGP edge as its agent last reported it: session state,
+        routes received, prefixes accepted (what the site announces),
+        refusals by reason, routes advertised to its routers. 404 when the
+        agent reported none (no --bgp, or not to this replica)."""
+        got = store.telemetry(site=site, kind="bgp", limit=1)
+        if not got:
+            return _problem(404, "not found", f"no BGP state reported by site {site!r}")
+        r = got[0]
+        # the row's data holds the edge's own "received" (routes): the report's time is its ts
+        return {"site": site, "reported": r["ts"], **{k: v for k, v in r.items() if k not in ("site", "kind", "ts")}}
 
     @router.delete(f"{PREFIX}/agents/{{agent_id}}", status_code=204, dependencies=[Depends(require("tokens.write"))],
                    tags=["agents"])

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
@@ -172,16 +173,29 @@ class SiteRealiser:
         announcement added is routed, what it dropped is removed."""
         if not self.route_paths:
             return
+        names = {x.name for x in mesh.sites}
+        cmds = []
         for t in self.tunnels.values():
-            names = {x.name for x in mesh.sites}
             want = set(mesh.site(t.path.remote_site).subnets) if t.path.remote_site in names else set()
             have = self._routed.get(t.ifname, set())
             table = str(PATH_TABLE + t.path.index)
-            for sub in sorted(want - have):
-                self.ip("route", "replace", sub, "dev", t.ifname, "table", table)
-            for sub in sorted(have - want):
-                self.ip("route", "del", sub, "dev", t.ifname, "table", table, check=False)
+            cmds += [f"route replace {sub} dev {t.ifname} table {table}" for sub in sorted(want - have)]
+            cmds += [f"route del {sub} dev {t.ifname} table {table}" for sub in sorted(have - want)]
             self._routed[t.ifname] = want
+        self.ip_batch_routes([tuple(c.split()[1:]) for c in cmds])
+
+    def ip_batch_routes(self, cmds: Iterable[tuple[str, ...]]) -> None:
+        """``ip route`` commands (the arguments after ``route``) in one ``ip
+        -force -batch`` process: each ``ip`` is a process started from the
+        agent's event loop. A command that fails (a route already gone) does
+        not stop the others."""
+        lines = [" ".join(("route", *c)) for c in cmds]
+        if not lines:
+            return
+        with tempfile.NamedTemporaryFile("w", prefix="pn-routes-", suffix=".batch") as f:
+            f.write("\n".join(lines) + "\n")
+            f.flush()
+            self.ip("-force", "-batch", f.name, check=False)
 
     def plan(self, mesh: Any) -> list[Tunnel]:
         """Every tunnel of the site the topology allows (nothing is touched)."""
