@@ -29,6 +29,7 @@ import shutil
 import signal
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -52,6 +53,7 @@ READY_S = 150.0
 EVENT_S = 30.0
 EDGE_ASN, ROUTER_ASN = 65010, 65100
 MAX_PREFIXES = 4
+METRICS_PORT = 9464
 
 
 def host_net(s: int) -> str:
@@ -123,7 +125,8 @@ class BgpLab:
             f.write_text(json.dumps(bgp_file(s)))
             extra[s] = ["--bgp", str(f)]
         lab.write_agent_state(mesh())
-        lab.start_agents(backend="userspace", site_extra=extra)
+        lab.start_agents(backend="userspace", site_extra=extra,
+                         extra=["--metrics-listen", f"127.0.0.1:{METRICS_PORT}"])   # each site's own loopback
         lab.wait_agents(READY_S)
 
     def down(self) -> None:
@@ -215,6 +218,22 @@ def test_hosts_behind_routers_reach_each_other(bl: BgpLab) -> None:
         b = bl.status(s)["bgp"]
         assert b["accepted"] == [host_net(s)] and not b["refused"], b
         assert set(b["advertised"]) >= {host_net(d) for d in range(SITES) if d != s}, b
+        m = metrics(bl.lab.site_ns(s))   # and the same through the agent's Prometheus endpoint
+        assert m[("patronus_bgp_session_up", (("neighbor", Lab.lan_addr(s)),))] == 1.0, m
+        assert m[("patronus_bgp_accepted_prefixes", ())] == 1.0
+        assert m[("patronus_bgp_advertised_prefixes", ())] == len(b["advertised"])
+        assert m[("patronus_bgp_received_routes", ())] == b["received"]
+
+
+def metrics(ns: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The agent's /metrics in namespace ns, parsed: (name, labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    code = (f"import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:{METRICS_PORT}/metrics', "
+            "timeout=10).read().decode())")
+    text = _ns(ns, sys.executable, "-c", code).stdout
+    return {(smp.name, tuple(sorted(smp.labels.items()))): smp.value
+            for fam in text_string_to_metric_families(text) for smp in fam.samples}
 
 
 def test_a_prefix_added_on_a_router_reaches_the_others_and_goes_when_removed(bl: BgpLab) -> None:
@@ -301,6 +320,9 @@ def test_bad_announcements_are_refused_by_name_and_nothing_else_moves(bl: BgpLab
                     and x["refused"].get("other_site", 0) > before.get("other_site", 0) and x)
         assert b["refused_now"]["0.0.0.0/0"] == "default_route" and b["refused_now"]["10.1.50.0/24"] == "other_site"
         assert len(b["accepted"]) == MAX_PREFIXES and host_net(1) in b["accepted"], b
+        m = metrics(bl.lab.site_ns(1))
+        for reason in ("default_route", "other_site", "max_prefixes"):
+            assert m[("patronus_bgp_refused_total", (("reason", reason),))] >= 1, (reason, m)
         # the others never hear of the refused ones; their routes and the hosts' reach are untouched
         for s in (0, 2):
             rib = bl.routers[s].rib("ipv4")
