@@ -14,7 +14,11 @@ the router announces. The sites' subnets in the mesh are 10.{s+1}.0.0/16
   routers (measured over 10 cuts: median and max); healing re-announces them;
 * a router announcing a default route, another site's prefix or more than
   the maximum: refused by name and counted, nothing else affected;
-* the BGP speaker killed: reported, restarted, forwarding untouched.
+* the BGP speaker killed: reported, restarted, forwarding untouched;
+* a third run with the FRR routers has the agents enrolled with a
+  controller (no shared file): the learned prefixes travel in the signed
+  announcements and the controller's pushes; it shows each edge at
+  ``GET /api/v1/agents/{site}/bgp``.
 
 Every wait is for an event, bounded; measurements are printed (and written
 to docs/BGP.md by hand), never asserted against a clock.
@@ -39,9 +43,11 @@ import pytest
 
 from patronus import Failover
 from patronus.lab.net import Lab
+from patronus.controller.app import PREFIX
 from patronus.mesh import Mesh
 
 from .bgp_routers import BirdRouter, FrrRouter, bird_available, frr_available
+from .controller_server import Controller
 from .netns import unique
 
 pytestmark = [pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("wireguard-go"),
@@ -92,8 +98,16 @@ def ping(ns: str, dst: str, count: int = 3) -> int:
 
 
 class BgpLab:
+    """``kind``: "frr" or "bird" (the routers), "frr+controller": FRR routers
+    and agents that get their desired state and their peers (with the
+    subnets each announced) from a controller instead of a shared file."""
+
     def __init__(self, lab: Lab, kind: str, workdir: Path) -> None:
-        self.lab, self.kind, self.dir = lab, kind, workdir
+        self.lab, self.dir = lab, workdir
+        self.label = kind
+        self.kind, self.controlled = kind.split("+")[0], kind.endswith("+controller")
+        self.ctl: Any = None
+        self.token = ""
         self.routers: dict[int, Any] = {}
         self.hosts: dict[int, str] = {}
 
@@ -124,12 +138,39 @@ class BgpLab:
             f = self.dir / f"s{s}.bgp.json"
             f.write_text(json.dumps(bgp_file(s)))
             extra[s] = ["--bgp", str(f)]
-        lab.write_agent_state(mesh())
-        lab.start_agents(backend="userspace", site_extra=extra,
-                         extra=["--metrics-listen", f"127.0.0.1:{METRICS_PORT}"])   # each site's own loopback
+        metrics_arg = ["--metrics-listen", f"127.0.0.1:{METRICS_PORT}"]   # each site's own loopback
+        if not self.controlled:
+            lab.write_agent_state(mesh())
+            lab.start_agents(backend="userspace", site_extra=extra, extra=metrics_arg)
+        else:
+            lab.add_controller_net()
+            self.ctl = Controller(self.dir / "ctl", netns=lab.controller_ns, listen="0.0.0.0:8443",
+                                  url=f"https://{Lab.CONTROLLER_HOST}:8443")
+            self.ctl.start()
+            self.token = self.ctl.login("admin", self.ctl.admin_password)["access_token"]
+            m = mesh()
+            with self.admin() as a:
+                for site in m.sites:
+                    a.post(f"{PREFIX}/sites", json=site.to_dict()).raise_for_status()
+                r = a.get(f"{PREFIX}/failover").raise_for_status()
+                a.put(f"{PREFIX}/failover", json={**r.json(), **m.failover.to_dict()},
+                      headers={"If-Match": r.headers["etag"]}).raise_for_status()
+                tokens = {x.name: a.post(f"{PREFIX}/tokens", json={"site": x.name}).raise_for_status().json()["token"]
+                          for x in m.sites}
+            lab.start_agents(backend="userspace", controller=f"https://{Lab.CONTROLLER_WAN}:8443", tokens=tokens,
+                             site_extra=extra, extra=metrics_arg)
         lab.wait_agents(READY_S)
 
+    def admin(self) -> Any:
+        return self.ctl.client(self.token)
+
     def down(self) -> None:
+        if self.lab.agents:
+            with contextlib.suppress(Exception):
+                self.lab.stop_agents()
+        if self.ctl is not None:
+            with contextlib.suppress(Exception):
+                self.ctl.stop()
         for r in self.routers.values():
             with contextlib.suppress(Exception):
                 r.stop()
@@ -179,9 +220,9 @@ class BgpLab:
         return all(self.has(s, host_net(d)) for s in range(SITES) for d in range(SITES) if d != s)
 
 
-@pytest.fixture(scope="module", params=["frr", "bird"])
+@pytest.fixture(scope="module", params=["frr", "bird", "frr+controller"])
 def bl(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BgpLab]:
-    avail = frr_available() if request.param == "frr" else bird_available()
+    avail = bird_available() if request.param == "bird" else frr_available()
     if avail is not None:
         if os.environ.get("CI"):
             pytest.fail(f"{request.param} is needed under CI: {avail}")
@@ -198,9 +239,9 @@ def bl(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory)
         b.up()
         yield b
     finally:
+        b.down()
         with contextlib.suppress(Exception):
             lab.down()
-        b.down()
 
 
 def test_hosts_behind_routers_reach_each_other(bl: BgpLab) -> None:
@@ -223,7 +264,11 @@ def test_hosts_behind_routers_reach_each_other(bl: BgpLab) -> None:
         assert m[("patronus_bgp_accepted_prefixes", ())] == 1.0
         assert m[("patronus_bgp_advertised_prefixes", ())] == len(b["advertised"])
         assert m[("patronus_bgp_received_routes", ())] == b["received"]
-
+    if bl.controlled:   # the controller saw the learned prefixes go by, and shows each edge
+        for s in range(SITES):
+            got = bl.wait(f"the controller's view of s{s}'s BGP", lambda s=s: (
+                r := bl.admin().get(f"{PREFIX}/agents/s{s}/bgp")).status_code == 200 and r.json())
+            assert got["accepted"] == [host_net(s)] and got["sessions"] == {Lab.lan_addr(s): "up"}, got
 
 def metrics(ns: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """The agent's /metrics in namespace ns, parsed: (name, labels) -> value."""
@@ -249,13 +294,13 @@ def test_a_prefix_added_on_a_router_reaches_the_others_and_goes_when_removed(bl:
             seen["rib"].append(time.monotonic() - t0)
         bl.wait("h1 reaches 10.1.200.1", lambda: ping(bl.hosts[1], "10.1.200.1", 1), interval=0.05)
         seen["reach"].append(time.monotonic() - t0)
-        print(f"\n[{bl.kind}] {new} added on router 0: in routers 1, 2 after {seen['rib'][0]:.2f} / "
+        print(f"\n[{bl.label}] {new} added on router 0: in routers 1, 2 after {seen['rib'][0]:.2f} / "
               f"{seen['rib'][1]:.2f} s, reachable from h1 after {seen['reach'][0]:.2f} s")
         t0 = time.monotonic()
         r0.withdraw(new)
         for s in (1, 2):
             bl.wait(f"router {s} dropped {new}", lambda s=s: not bl.has(s, new), interval=0.05)
-        print(f"[{bl.kind}] {new} removed: gone from routers 1, 2 after {time.monotonic() - t0:.2f} s")
+        print(f"[{bl.label}] {new} removed: gone from routers 1, 2 after {time.monotonic() - t0:.2f} s")
         assert new not in bl.status(1)["bgp"]["advertised"] or bl.wait(
             "edge 1 stopped advertising it", lambda: new not in bl.status(1)["bgp"]["advertised"])
     finally:
@@ -280,8 +325,8 @@ def cut_site(lab: Lab, s: int) -> Iterator[None]:
 
 
 def test_cutting_every_path_to_a_site_withdraws_its_prefixes_and_healing_brings_them_back(bl: BgpLab) -> None:
-    if bl.kind != "frr":
-        pytest.skip("measured with the FRR routers (the BIRD run checks reachability and prefix changes)")
+    if bl.kind != "frr" or bl.controlled:
+        pytest.skip("measured with the FRR routers and a shared state (the others check reach and prefix changes)")
     bl.wait("routes", bl.all_routes, timeout=READY_S)
     gone, back = [], []
     for _ in range(10):
@@ -297,7 +342,7 @@ def test_cutting_every_path_to_a_site_withdraws_its_prefixes_and_healing_brings_
             bl.wait(f"router {s} learned {host_net(2)} again", lambda s=s: bl.has(s, host_net(2)), timeout=60,
                     interval=0.05)
         back.append(time.monotonic() - t1)
-    print(f"\n[{bl.kind}] cut of every path to s2, until both other routers withdrew its prefix (10 cuts): "
+    print(f"\n[{bl.label}] cut of every path to s2, until both other routers withdrew its prefix (10 cuts): "
           f"median {statistics.median(gone) * 1e3:.0f} ms, max {max(gone) * 1e3:.0f} ms "
           f"({', '.join(f'{x * 1e3:.0f}' for x in gone)}); healed, back in median {statistics.median(back):.2f} s, "
           f"max {max(back):.2f} s")
@@ -305,8 +350,8 @@ def test_cutting_every_path_to_a_site_withdraws_its_prefixes_and_healing_brings_
 
 
 def test_bad_announcements_are_refused_by_name_and_nothing_else_moves(bl: BgpLab) -> None:
-    if bl.kind != "frr":
-        pytest.skip("FRR routers only")
+    if bl.kind != "frr" or bl.controlled:
+        pytest.skip("FRR routers and a shared state only")
     bl.wait("routes", bl.all_routes, timeout=READY_S)
     r1 = bl.routers[1]
     before = dict(bl.status(1)["bgp"]["refused"])
@@ -341,8 +386,8 @@ def test_bad_announcements_are_refused_by_name_and_nothing_else_moves(bl: BgpLab
 
 
 def test_the_speaker_killed_is_restarted_and_forwarding_goes_on(bl: BgpLab) -> None:
-    if bl.kind != "frr":
-        pytest.skip("FRR routers only")
+    if bl.kind != "frr" or bl.controlled:
+        pytest.skip("FRR routers and a shared state only")
     bl.wait("routes", bl.all_routes, timeout=READY_S)
     bl.wait("h0 reaches h1 steadily", lambda: ping(bl.hosts[0], host_addr(1), 3) == 3)
     sp = bl.status(0)["bgp"]["speaker"]
@@ -368,7 +413,7 @@ def test_the_speaker_killed_is_restarted_and_forwarding_goes_on(bl: BgpLab) -> N
                 v == "up" for v in st["sessions"].values()):
             break
         assert time.monotonic() < end, f"speaker not back: {st}\n{bl.context()}"
-    print(f"\n[{bl.kind}] speaker killed: restarted, {len(lost)} of {sent} pings lost meanwhile (at {lost} s); "
+    print(f"\n[{bl.label}] speaker killed: restarted, {len(lost)} of {sent} pings lost meanwhile (at {lost} s); "
           f"router 0 without the route to h1 at {fib_gone} s")
     assert not fib_gone, f"router 0 lost its route to h1 at {fib_gone} s (graceful restart)\n{bl.context()}"
     assert len(lost) <= 1, f"{len(lost)} of {sent} lost at {lost} s\n{bl.context()}"

@@ -575,10 +575,7 @@ class AgentStore:
             rows = t.rows("agent_announcements")
         out = {}
         for r in rows:
-            try:
-                subnets = [str(x) for x in json.loads(r["body"])["subnets"]]
-            except (ValueError, KeyError, TypeError):
-                subnets = None
+            subnets = _announced_subnets(r["body"])
             out[r["site"]] = {"wg_public_key": r["wg_public_key"], **({"subnets": subnets} if subnets is not None
                                                                           else {})}
         return out
@@ -623,15 +620,20 @@ class AgentStore:
             if old is None or ann.ts >= old["ts"]:
                 t.put("agent_announcements", {"site": site, "body": body_text(ann), "wg_public_key": ann.wg_public_key,
                                               "ts": ann.ts, "received": now, "credential": agent["id"]})
-                changed = old is None or old["wg_public_key"] != ann.wg_public_key
+                # what the other sites take from it: the key, and the subnets (a BGP site's learned prefixes)
+                old_subnets = None if old is None else _announced_subnets(old["body"])
+                changed = old is None or old["wg_public_key"] != ann.wg_public_key or \
+                    old_subnets != list(ann.subnets)
                 if changed:
                     self.db.audit(f"agent:{site}:{agent['id']}", "agent.announce", f"site/{site}",
-                                  before=None if old is None else {"wg_public_key": old["wg_public_key"]},
+                                  before=None if old is None else {"wg_public_key": old["wg_public_key"],
+                                                                   "subnets": old_subnets},
                                   after={"wg_public_key": ann.wg_public_key, "subnets": list(ann.subnets)},
                                   remote=remote)
         self._prune_nonces(now)
         if changed:
-            self.service.notify("agent.announce", f"site/{site}", {"wg_public_key": ann.wg_public_key})
+            self.service.notify("agent.announce", f"site/{site}", {"wg_public_key": ann.wg_public_key,
+                                                                   "subnets": list(ann.subnets)})
         return {"site": site, "ts": ann.ts, "changed": changed}
 
     def _prune_nonces(self, now: float) -> None:
@@ -1046,6 +1048,14 @@ class AnnounceIn(_Body):
     body: str = Field(max_length=4 * MAX_ANNOUNCEMENT // 3 + 4, description="base64 of the canonical announcement")
     signature: str = Field(max_length=128, description="base64 Ed25519 signature of the body")
     key: str = Field(max_length=64, description="base64 Ed25519 public key that signed it")
+
+
+def _announced_subnets(body: str) -> list[str] | None:
+    """The subnets of a stored announcement body (None: unreadable)."""
+    try:
+        return [str(x) for x in json.loads(body)["subnets"]]
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def _prefix(v: str) -> str:
