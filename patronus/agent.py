@@ -651,6 +651,7 @@ class SiteAgent:
         self.edge: Any = None                  # the BGP edge (patronus.bgp.edge.BgpEdge), with ``bgp``
         self.desired: DesiredState | None = None   # the desired state in use; self.mesh is it with announced subnets
         self._apply_lock = asyncio.Lock()
+        self._effective_cache: tuple[Any, Mesh, Mesh] | None = None   # (key, desired mesh, effective mesh)
         self._ipfix: Any = None                # the exporter (one socket for the agent's life)
         self._ipfix_retry_at = 0.0             # when to try an unreachable collector again
         self.meter: Any = None                 # the FlowMeter of the data plane in use
@@ -810,6 +811,16 @@ class SiteAgent:
         ann = self._announced_subnets()
         if self.edge is not None:
             ann[self.site] = self._own_subnets()
+        key = (id(mesh), tuple(sorted(ann.items())))
+        if self._effective_cache is not None and self._effective_cache[0] == key and \
+                self._effective_cache[1] is mesh:   # every second, from the loop: the answer of last time
+            return self._effective_cache[2]
+        out = self._effective_of(mesh, ann)
+        self._effective_cache = (key, mesh, out)
+        return out
+
+    @staticmethod
+    def _effective_of(mesh: Mesh, ann: dict[str, tuple[str, ...]]) -> Mesh:
         d = mesh.to_dict()
         changed = False
         for site in d["sites"]:

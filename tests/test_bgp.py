@@ -206,3 +206,20 @@ def test_a_dead_speaker_keeps_what_was_learned_until_the_grace_after_its_session
         assert e.learned() == ("10.1.5.0/24",)
 
     asyncio.run(go())
+
+
+def test_the_effective_mesh_takes_announced_subnets_inside_the_configured_ones() -> None:
+    """What every agent routes to a site: what it announces, where that lies
+    inside its subnets in the mesh (a stale or hostile announcement outside
+    them is dropped); a site that announced nothing keeps the mesh's."""
+    from patronus import Mesh, Site, Uplink
+    from patronus.agent import SiteAgent
+
+    m = Mesh("m")
+    m.add_site(Site("a", subnets=["10.1.0.0/16"], uplinks=[Uplink("u0", "192.0.2.1")]))
+    m.add_site(Site("b", subnets=["10.2.0.0/16", "fd00:2::/48"], uplinks=[Uplink("u0", "192.0.2.2")]))
+    assert SiteAgent._effective_of(m, {}) is m
+    assert SiteAgent._effective_of(m, {"a": ("10.1.0.0/16",)}) is m   # no BGP: the same object, no rebuild
+    e = SiteAgent._effective_of(m, {"a": ("10.1.5.0/24", "10.9.0.0/24", "10.2.1.0/24"), "b": ()})
+    assert e.site("a").subnets == ("10.1.5.0/24",) and e.site("b").subnets == ()
+    assert [p.id for p in e.paths()] == [p.id for p in m.paths()]   # the paths do not move

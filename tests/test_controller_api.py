@@ -159,6 +159,17 @@ class Matrix:
             return path, {"query": "{ me { name role } }"}
         if path == f"{PREFIX}/failover":
             return path, {"failback_hold_s": 30.0 + next(_n)}
+        if path == f"{PREFIX}/agents/{{site}}/bgp":   # a site whose agent reported its BGP edge
+            site = site_body()
+            a.post(f"{PREFIX}/sites", json=site).raise_for_status()
+            tok = a.post(f"{PREFIX}/tokens", json={"site": site["name"]}).raise_for_status().json()["token"]
+            with self.ctl.client(tok) as c:
+                cred = c.post(f"{PREFIX}/agent/enrol", json={}).raise_for_status().json()["credential"]
+            with self.ctl.client(cred) as c:
+                c.post(f"{PREFIX}/agent/telemetry", json={"site": site["name"], "bgp": {
+                    "sessions": {"10.0.0.2": "up"}, "received": 0,
+                    "speaker": {"alive": True, "exits": 0, "restarts": 0}}}).raise_for_status()
+            return path.replace("{site}", site["name"]), None
         if "{agent_id}" in path:   # a real agent: a token, enrolled
             site = site_body()
             a.post(f"{PREFIX}/sites", json=site).raise_for_status()
