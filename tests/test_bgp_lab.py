@@ -21,7 +21,9 @@ the router announces. The sites' subnets in the mesh are 10.{s+1}.0.0/16
   ``GET /api/v1/agents/{site}/bgp``.
 
 Every wait is for an event, bounded; measurements are printed (and written
-to docs/BGP.md by hand), never asserted against a clock.
+to docs/BGP.md by hand), never asserted against a clock. The agents run the
+userspace data plane; ``PN_BGP_BACKEND=xdp`` runs the shared-state runs on
+the XDP one.
 """
 
 from __future__ import annotations
@@ -141,7 +143,7 @@ class BgpLab:
         metrics_arg = ["--metrics-listen", f"127.0.0.1:{METRICS_PORT}"]   # each site's own loopback
         if not self.controlled:
             lab.write_agent_state(mesh())
-            lab.start_agents(backend="userspace", site_extra=extra, extra=metrics_arg)
+            lab.start_agents(backend=os.environ.get("PN_BGP_BACKEND", "userspace"), site_extra=extra, extra=metrics_arg)
         else:
             lab.add_controller_net()
             self.ctl = Controller(self.dir / "ctl", netns=lab.controller_ns, listen="0.0.0.0:8443",
