@@ -44,7 +44,7 @@ from .mesh import Mesh
 from .paths.monitor import DEFAULT_PORT
 from .site import SiteRealiser
 from .store import Store, flow_records
-from .wireguard.discovery import SigningKey, SqliteRegistry
+from .wireguard.discovery import AnnouncementRejected, SigningKey, SqliteRegistry
 from .wireguard.keys import PrivateKey, read_secret_file, write_secret_file
 from .wireguard.plan import Tunnel
 
@@ -652,6 +652,8 @@ class SiteAgent:
         self.desired: DesiredState | None = None   # the desired state in use; self.mesh is it with announced subnets
         self._apply_lock = asyncio.Lock()
         self._effective_cache: tuple[Any, Mesh, Mesh] | None = None   # (key, desired mesh, effective mesh)
+        self._bgp_task: asyncio.Task[None] | None = None   # announcing and applying learned prefixes
+        self._bgp_again = False
         self._ipfix: Any = None                # the exporter (one socket for the agent's life)
         self._ipfix_retry_at = 0.0             # when to try an unreachable collector again
         self.meter: Any = None                 # the FlowMeter of the data plane in use
@@ -776,7 +778,16 @@ class SiteAgent:
     def announce(self) -> None:
         """Publish the site's signed announcement (key, subnets, uplinks)."""
         assert self.net is not None
-        self.net.announce(self.mesh, self.registry, self.signer, subnets=self._own_subnets())
+        try:
+            self.net.announce(self.mesh, self.registry, self.signer,
+                              subnets=self.edge.learned() if self.edge is not None else None)
+        except AnnouncementRejected as e:
+            if self.edge is None:
+                raise
+            # what the routers taught us is refused (the mesh changed under it): the last accepted one stands
+            log.warning("announcement of the learned prefixes refused: %s", e, extra={"reason": "announce_refused"})
+            self._announced = None
+            return
         self._announced = self._announcing()
 
     def _own_subnets(self) -> tuple[str, ...]:
@@ -792,22 +803,22 @@ class SiteAgent:
         return (self._own_subnets(), tuple((u.name, u.address, u.port) for u in site.uplinks))
 
     def _announced_subnets(self) -> dict[str, tuple[str, ...]]:
-        """Every site's subnets as it announces them now (the registry's
-        signed announcements, checked there against the mesh)."""
+        """The subnets of every site that announces what its routers learned
+        (BGP: the registry's signed announcements marked ``learned``, checked
+        there against the mesh). Other sites are routed by their subnets in
+        the mesh, whatever they announced."""
         if self.controller is not None:
             return self.controller.peer_subnets()
         try:
-            return {st.site: tuple(st.announcement.subnets) for st in self.registry.sites()}
+            return {st.site: tuple(st.announcement.subnets) for st in self.registry.sites() if st.announcement.learned}
         except Exception as e:   # an unreadable registry: the desired mesh's subnets meanwhile
             log.warning("registry unreadable: %s", e)
             return {}
 
     def _effective(self, mesh: Mesh) -> Mesh:
-        """The desired mesh with each site's subnets as that site announces
-        them, where they lie inside its subnets in the mesh (a BGP site's
-        learned prefixes; a site not announced yet keeps the mesh's). Only a
-        BGP site announces other than its configured subnets, so without BGP
-        this is the desired mesh itself."""
+        """The desired mesh with each BGP site's subnets as it announces them
+        (its learned prefixes), where they lie inside its subnets in the
+        mesh. Without BGP in the mesh this is the desired mesh itself."""
         ann = self._announced_subnets()
         if self.edge is not None:
             ann[self.site] = self._own_subnets()
@@ -828,12 +839,28 @@ class SiteAgent:
             if got is None:
                 continue
             mine = [ipaddress.ip_network(x) for x in site["subnets"]]
-            inside = [x for x in got if any(ipaddress.ip_network(x).version == m.version
-                                            and ipaddress.ip_network(x).subnet_of(m) for m in mine)]
+            cands = []
+            for x in got:   # inside its space
+                try:
+                    n = ipaddress.ip_network(x)
+                except (ValueError, TypeError):
+                    continue
+                if any(n.version == m.version and n.subnet_of(m) for m in mine):  # type: ignore[arg-type]
+                    cands.append(n)
+            # neither repeated nor covered by a shorter one (a Site refuses overlapping subnets)
+            inside = [str(n) for i, n in enumerate(cands)
+                      if n not in cands[:i] and not any(o.version == n.version and o != n and n.subnet_of(o)
+                                                        for o in cands)]  # type: ignore[arg-type]
             if tuple(inside) != tuple(site["subnets"]):
                 site["subnets"] = inside
                 changed = True
-        return Mesh.from_dict(d) if changed else mesh
+        if not changed:
+            return mesh
+        try:
+            return Mesh.from_dict(d)
+        except PatronusError as e:   # announcements the mesh cannot hold: route by the mesh's subnets
+            log.warning("announced subnets not usable (%s): routing by the mesh's subnets", e)
+            return mesh
 
     def _peer_keys(self) -> dict[str, Any]:
         """The WireGuard key of every other site: from the controller's desired
@@ -1378,6 +1405,8 @@ class SiteAgent:
         if router_id is None:
             raise ConfigError("Bgp.router_id", None, "is needed when no neighbor is reached over IPv4")
         net = self.net
+        for fam in ("-4", "-6"):   # learned routes an earlier run left (a crash): the routers tell us again
+            net.ip(fam, "route", "flush", "proto", "bgp", check=False)
         self.edge = BgpEdge(bgp, workdir=Path(f"{self._key_base()}.bgp"), local=local, router_id=router_id,
                             lan_if=self.lan_if, route=net.ip_batch_routes,
                             on_learned=self._bgp_changed)
@@ -1394,23 +1423,39 @@ class SiteAgent:
 
     def _bgp_changed(self) -> None:
         """The accepted prefixes changed: announce them, and take them into
-        this site's own data plane."""
-        async def go() -> None:
-            await self._announce()
-            await self._refresh_effective()
+        this site's own data plane. One task at a time: changes that come
+        while it runs are taken by one more round of it."""
+        if self._bgp_task is not None and not self._bgp_task.done():
+            self._bgp_again = True
+            return
 
-        task = asyncio.get_running_loop().create_task(go())
+        async def go() -> None:
+            while True:
+                self._bgp_again = False
+                await self._announce()
+                await self._refresh_effective()
+                if not self._bgp_again:
+                    return
+
+        task = self._bgp_task = asyncio.get_running_loop().create_task(go())
         task.add_done_callback(lambda t: None if t.cancelled() or t.exception() is None else
                                log.warning("bgp: applying learned prefixes failed: %r", t.exception()))
 
     async def _refresh_effective(self) -> None:
         """Apply the desired state again when the subnets sites announce
-        changed what the mesh holds (BGP sites learning or losing prefixes)."""
+        changed what the mesh holds (BGP sites learning or losing prefixes).
+        The desired state is read under the apply lock: one pushed meanwhile
+        is the one applied, never the one it replaced."""
         if self.desired is None or self.engine is None:
             return
-        eff = self._effective(self.desired.mesh)
-        if [x.subnets for x in eff.sites] != [x.subnets for x in self.mesh.sites]:
-            await self.apply_desired(self.desired)
+        async with self._apply_lock:
+            desired = self.desired
+            eff = self._effective(desired.mesh)
+            if [x.subnets for x in eff.sites] != [x.subnets for x in self.mesh.sites]:
+                from .tracing import span
+
+                with span("agent.apply", site=self.site, version=desired.version, previous=self.version):
+                    await self._apply_desired(desired)
 
     def _bgp_advertise(self, now_up: dict[str, bool] | None = None) -> None:
         """Advertise to the routers the subnets of every remote site with a
@@ -1587,9 +1632,11 @@ class SiteAgent:
                 "events": self._outbox["events"][:OUTBOX], "flows": [], "records": [], "records_omitted": 0}
         if self.edge is not None:   # the controller's GET /agents/{site}/bgp
             b = self.edge.status()
-            head["bgp"] = {"sessions": b["sessions"], "received": b["received"], "accepted": b["accepted"][:10_000],
-                           "refused": b["refused"], "refused_now": dict(list(b["refused_now"].items())[:1_000]),
-                           "advertised": b["advertised"][:10_000], "looped": b["looped"],
+            head["bgp"] = {"sessions": b["sessions"], "received": b["received"], "accepted": b["accepted"][:1_000],
+                           "accepted_count": len(b["accepted"]), "refused": b["refused"],
+                           "refused_now": dict(list(b["refused_now"].items())[:1_000]),
+                           "advertised": b["advertised"][:1_000], "advertised_count": len(b["advertised"]),
+                           "looped": b["looped"],
                            "speaker": {k: b["speaker"][k] for k in ("alive", "exits", "restarts")}}
         self._outbox = {"bfd": self._outbox["bfd"][OUTBOX:], "events": self._outbox["events"][OUTBOX:]}
         return head
@@ -1666,6 +1713,10 @@ class SiteAgent:
             self._io_store = None
 
     async def _teardown(self) -> None:
+        if self._bgp_task is not None:   # no apply of learned prefixes under what is being closed
+            self._bgp_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._bgp_task
         if self.edge is not None:   # the routers stop hearing from us; the learned routes' kernel routes go
             with contextlib.suppress(Exception):
                 await self.edge.stop()

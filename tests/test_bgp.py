@@ -131,14 +131,14 @@ def test_edge_learns_refuses_by_name_and_withdraws() -> None:
     e._message(_update("10.1.0.2", {"10.1.0.2": ["10.1.5.0/24", "0.0.0.0/0", "10.2.1.0/24", "10.7.0.0/24"]}))
     assert e.learned() == ("10.1.5.0/24",)
     assert e.refused == {"default_route": 1, "other_site": 1, "outside": 1}
-    assert ("replace", "10.1.5.0/24", "via", "10.1.0.2", "dev", "lan0", "proto", "bgp") in routes
+    assert ("replace", "10.1.5.0/24", "via", "10.1.0.2", "dev", "lan0", "proto", "bgp", "metric", "20") in routes
     e._message(_update("10.1.0.2", {"10.1.0.2": [f"10.1.{i}.0/24" for i in range(10, 16)]}))
     assert len(e.learned()) == 5 and e.refused["max_prefixes"] == 2
     e._message(_update("10.1.0.2", {"10.1.0.2": ["10.1.9.0/24"]}, path=[65101, 65010]))
     assert e.looped == 1 and "as_loop" not in e.refused and "10.1.9.0/24" not in e.refused_now
     e._message(_update("10.1.0.2", withdraw=["10.1.5.0/24"]))
     assert "10.1.5.0/24" not in e.learned() and len(e.learned()) == 5   # a refused one takes the freed place
-    assert ("del", "10.1.5.0/24", "via", "10.1.0.2", "proto", "bgp") in routes
+    assert ("del", "10.1.5.0/24", "via", "10.1.0.2", "proto", "bgp", "metric", "20") in routes
     e._message({"type": "state", "neighbor": {"address": {"peer": "10.1.0.2"}, "state": "down"}})
     assert e.learned() == () and e.sessions["10.1.0.2"] == "down"
 
@@ -223,3 +223,21 @@ def test_the_effective_mesh_takes_announced_subnets_inside_the_configured_ones()
     e = SiteAgent._effective_of(m, {"a": ("10.1.5.0/24", "10.9.0.0/24", "10.2.1.0/24"), "b": ()})
     assert e.site("a").subnets == ("10.1.5.0/24",) and e.site("b").subnets == ()
     assert [p.id for p in e.paths()] == [p.id for p in m.paths()]   # the paths do not move
+
+
+def test_a_learned_announcement_says_so_and_keeps_the_old_form_otherwise() -> None:
+    """A BGP site marks its announcement ``learned`` (the others route exactly
+    its subnets); other announcements keep their exact old bytes; a site's
+    announced subnets may not overlap each other."""
+    from patronus.wireguard.discovery import Announcement, AnnouncementRejected, authorize
+
+    key = "x" * 43 + "="
+    plain = Announcement.make("br1", wg_public_key=key, subnets=["10.1.0.0/24"], uplinks=[])
+    assert b"learned" not in plain.to_bytes() and Announcement.from_bytes(plain.to_bytes()) == plain
+    bgp = Announcement.make("br1", wg_public_key=key, subnets=["10.1.5.0/24"], uplinks=[], learned=True)
+    assert b'"learned":true' in bgp.to_bytes() and Announcement.from_bytes(bgp.to_bytes()).learned
+    with pytest.raises(AnnouncementRejected, match="learned is not true"):
+        Announcement.from_bytes(bgp.to_bytes().replace(b'"learned":true', b'"learned":false'))
+    both = Announcement.make("br1", wg_public_key=key, subnets=["10.1.0.0/16", "10.1.5.0/24"], uplinks=[])
+    with pytest.raises(AnnouncementRejected, match="overlap"):
+        authorize(both, ["10.1.0.0/16"], [])

@@ -36,7 +36,7 @@ __all__ = ["Bgp", "Neighbor", "RouteFilter", "REFUSALS", "community_of"]
 
 REFUSALS = ("outside", "other_site", "default_route", "as_loop", "max_prefixes", "bad_prefix")
 MAX_NEIGHBORS = 16
-MAX_PREFIXES_LIMIT = 100_000
+MAX_PREFIXES_LIMIT = 2_000   # what one signed announcement (64 KiB) holds with room to spare
 
 
 def _asn(what: str, v: Any) -> int:
@@ -96,8 +96,8 @@ class Bgp:
     where learned prefixes must lie (default: the site's subnets in the
     mesh; given, each must lie inside them); ``max_prefixes``: how many
     learned prefixes are accepted; ``allow_default``: accept a default route
-    (never announced into the mesh: the registry refuses a default route, so
-    it is only counted); ``networks``: prefixes the site announces whatever
+    (a kernel route beside the site's own default, metric 20; never
+    announced into the mesh: the registry refuses a default route); ``networks``: prefixes the site announces whatever
     its routers say (e.g. the LAN segment the edge sits on);
     ``community_asn``: the first half of the per-site community tag of the
     routes advertised to the routers (default ``asn``; a 32-bit AS uses
@@ -131,8 +131,13 @@ class Bgp:
             raise ConfigError("Bgp.allow_default", self.allow_default, "is not true or false")
         if self.community_asn is not None:
             _asn("Bgp.community_asn", self.community_asn)
-        if self.router_id is not None and ipaddress.ip_address(self.router_id).version != 4:
-            raise ConfigError("Bgp.router_id", self.router_id, "is not an IPv4 address")
+        if self.router_id is not None:
+            try:
+                v4 = ipaddress.ip_address(self.router_id).version == 4
+            except (ValueError, TypeError):
+                v4 = False
+            if not v4:
+                raise ConfigError("Bgp.router_id", self.router_id, "is not an IPv4 address")
 
     def check_site(self, subnets: Sequence[str]) -> None:
         """Refuse (ConfigError) aggregates or networks outside the site's subnets."""
@@ -201,7 +206,12 @@ class RouteFilter:
 
     def __init__(self, bgp: Bgp, own: Sequence[str], others: Mapping[str, Sequence[str]]) -> None:
         self.bgp = bgp
-        self.space = [ipaddress.ip_network(x) for x in (bgp.aggregates if bgp.aggregates is not None else own)]
+        mine = [ipaddress.ip_network(x) for x in own]
+        if bgp.aggregates is None:
+            self.space = mine
+        else:   # the aggregates that still lie inside the site's subnets (the mesh may have narrowed them)
+            self.space = [a for a in map(ipaddress.ip_network, bgp.aggregates)
+                          if any(a.version == m.version and a.subnet_of(m) for m in mine)]  # type: ignore[arg-type]
         self.others = [(site, ipaddress.ip_network(x)) for site, nets in others.items() for x in nets]
 
     def check(self, prefix: str, as_path: Sequence[int] = (), accepted: int = 0) -> str | None:

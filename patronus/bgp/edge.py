@@ -39,6 +39,10 @@ log = logging.getLogger("patronus.bgp")
 __all__ = ["BgpEdge", "GRACE_S"]
 
 GRACE_S = 10.0       # after a restarted speaker's session is up: routes not announced again by then go
+STALE_S = 120.0      # a dead speaker's routes go after this long without its session back (its restart time)
+# learned routes' kernel metric: beside, never replacing, a route the site has already (its connected LAN,
+# its default route); ``ip route replace`` matches on the metric too
+KERNEL_METRIC = "20"
 MAX_RIB = 200_000    # RIB-in entries kept (all neighbors); past it announcements are refused as max_prefixes
 
 
@@ -82,7 +86,7 @@ class BgpEdge:
         self._route = route
         self._on_learned = on_learned
         self._make = lambda: speaker(bgp, workdir, local=local, router_id=router_id, on_message=self._message,
-                                     on_connect=self._connected, on_exit=self._exited, routes=lambda: self.want)
+                                     on_connect=self._connected, on_exit=self._exited, routes=self._configured)
         self.speaker: Any = self._make()
         self.filter = RouteFilter(bgp, own=[], others={})
         self.rib: dict[tuple[str, str], _Route] = {}
@@ -101,14 +105,22 @@ class BgpEdge:
         self._restart: asyncio.Task[None] | None = None
         self._stopped = False
         self._installed: dict[str, str] = {}   # prefix -> next hop of its kernel route
+        self._static: dict[str, str] = {}      # the routes the running speaker's configuration announces
+        self._failing = 0                      # exits since a session was last up (the restart backoff)
+        self._stale_timer: asyncio.TimerHandle | None = None
+        self._cap = max(1_000, 4 * bgp.max_prefixes)   # RIB-in entries a neighbor may hold; past it: dropped
 
     # -- what the agent reads ------------------------------------------------------------
 
     def learned(self) -> tuple[str, ...]:
         """The site's announced subnets: ``Bgp.networks`` and every accepted
         prefix except a default route (never announced into the mesh)."""
-        nets = set(self.bgp.networks) | {p for p in self.accepted if ipaddress.ip_network(p).prefixlen}
-        return tuple(sorted(nets, key=lambda n: (ipaddress.ip_network(n).version, ipaddress.ip_network(n))))
+        nets = {ipaddress.ip_network(p) for p in (*self.bgp.networks, *self.accepted)}
+        nets = {n for n in nets if n.prefixlen}
+        # a prefix inside another one the site announces adds nothing (and a site's subnets may not overlap)
+        top = [n for n in nets if not any(o != n and o.version == n.version and n.subnet_of(o)  # type: ignore[arg-type]
+                                          for o in nets)]
+        return tuple(str(n) for n in sorted(top, key=lambda n: (n.version, n)))
 
     def status(self) -> dict[str, Any]:
         return {"sessions": dict(self.sessions), "received": len(self.rib), "accepted": sorted(self.accepted),
@@ -160,12 +172,25 @@ class BgpEdge:
                 await self._restart
         for h in self._grace.values():
             h.cancel()
+        if self._stale_timer is not None:
+            self._stale_timer.cancel()
         await self.speaker.stop()
-        self._route([("del", p, "via", nh, "proto", "bgp") for p, nh in sorted(self._installed.items())])
+        self._route([("del", p, "via", nh, "proto", "bgp", "metric", KERNEL_METRIC)
+                     for p, nh in sorted(self._installed.items())])
         self._installed.clear()
 
+    def _configured(self) -> dict[str, str]:
+        """The routes a starting speaker's configuration announces: what is
+        advertised now (they precede its End-of-RIB, see speaker.py)."""
+        self._static = dict(self.want)
+        return self._static
+
     def _connected(self) -> None:
-        """The API is up (first start or a restart): everything advertised again."""
+        """The API is up (first start or a restart): everything advertised
+        again, and what its configuration announces but is no longer wanted
+        (withdrawn while it started) withdrawn."""
+        for p in sorted(set(self._static) - set(self.want)):
+            self._send_route("withdraw", p, None)
         for p, c in sorted(self.want.items()):
             self._send_route("announce", p, c)
 
@@ -173,8 +198,16 @@ class BgpEdge:
         if self._stopped:
             return
         self.speaker_exits += 1
+        self._failing += 1
+        for h in self._grace.values():   # a sweep meant for the previous speaker's sessions
+            h.cancel()
+        self._grace.clear()
         for r in self.rib.values():
             r.stale = True
+        if self._stale_timer is not None:
+            self._stale_timer.cancel()
+        # never back: what it learned goes after its restart time (a speaker that cannot start again)
+        self._stale_timer = asyncio.get_running_loop().call_later(STALE_S, self._expire_stale)
         for n in self.sessions:
             self.sessions[n] = "unknown"
         log.warning("BGP speaker exited (rc %s, %d times so far): restarting it; the %d learned prefixes, their "
@@ -182,8 +215,17 @@ class BgpEdge:
                     extra={"reason": "bgp_speaker_exit"})
         self._restart = asyncio.get_running_loop().create_task(self._restart_later())
 
+    def _expire_stale(self) -> None:
+        self._stale_timer = None
+        gone = [k for k, r in self.rib.items() if r.stale]
+        for k in gone:
+            del self.rib[k]
+        if gone:
+            log.warning("bgp: %d routes of a speaker that did not come back expired", len(gone))
+            self._evaluate()
+
     async def _restart_later(self) -> None:
-        delay = min(8.0, 0.5 * 2 ** min(self.speaker_exits - 1, 4))
+        delay = min(8.0, 0.5 * 2 ** min(self._failing - 1, 4))
         while not self._stopped:
             await asyncio.sleep(delay)
             try:
@@ -198,6 +240,8 @@ class BgpEdge:
     # -- messages ----------------------------------------------------------------------------
 
     def _message(self, msg: dict[str, Any]) -> None:
+        if self._stopped:   # lines still buffered when the edge stopped: its routes are being removed
+            return
         kind = msg.get("type")
         nb = msg.get("neighbor")
         if not isinstance(nb, Mapping):
@@ -223,7 +267,9 @@ class BgpEdge:
             for key in [k for k in self.rib if k[0] == peer]:
                 del self.rib[key]
             self._evaluate()
-        elif state == "up" and any(r.stale for r in self.rib.values() if r.neighbor == peer):
+        elif state == "up":
+            self._failing = 0
+        if state == "up" and any(r.stale for r in self.rib.values() if r.neighbor == peer):
             h = self._grace.pop(peer, None)
             if h is not None:
                 h.cancel()
@@ -268,7 +314,9 @@ class BgpEdge:
                             self.refused["bad_prefix"] += 1
                             continue
                         old = self.rib.get((peer, p))
-                        if old is None and len(self.rib) >= MAX_RIB:
+                        if old is None and (len(self.rib) >= MAX_RIB or (
+                                len(self.rib) >= self._cap and sum(k[0] == peer for k in self.rib) >= self._cap)):
+                            # a router sending far more than it may (a full table): the excess is not kept
                             self.refused["max_prefixes"] += 1
                             continue
                         if old is None:
@@ -312,12 +360,12 @@ class BgpEdge:
             return
         cmds: list[tuple[str, ...]] = []
         for p in sorted(set(before) - set(after)):
-            cmds.append(("del", p, "via", before[p], "proto", "bgp"))
+            cmds.append(("del", p, "via", before[p], "proto", "bgp", "metric", KERNEL_METRIC))
             self._installed.pop(p, None)
         for p, nh in sorted(after.items()):
             if before.get(p) != nh:
                 dev = ("dev", self.lan_if) if self.lan_if else ()
-                cmds.append(("replace", p, "via", nh, *dev, "proto", "bgp"))
+                cmds.append(("replace", p, "via", nh, *dev, "proto", "bgp", "metric", KERNEL_METRIC))
                 self._installed[p] = nh
         if cmds:
             self._route(cmds)

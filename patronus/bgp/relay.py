@@ -3,8 +3,9 @@
 ExaBGP talks to "API processes" it starts itself, over their stdin (its
 JSON messages) and stdout (our commands). The agent is not a process ExaBGP
 can start, so this relay connects to the agent's Unix socket and copies
-lines both ways until either side closes. It holds no state: when it dies,
-ExaBGP ends too and the agent restarts both.
+lines both ways until either side closes. It holds no state. ExaBGP runs
+with ``api.respawn`` off; when the relay's connection closes, the agent
+stops ExaBGP and restarts both (patronus.bgp.speaker).
 """
 
 from __future__ import annotations

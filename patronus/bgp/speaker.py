@@ -18,6 +18,7 @@ import ipaddress
 import json
 import logging
 import os
+import stat
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -125,23 +126,31 @@ class ExaBgp:
     async def start(self) -> None:
         self._stopping = False
         self.workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = os.lstat(self.workdir)   # its config names a program ExaBGP runs as us: nobody else's directory
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+            raise SpeakerUnavailable(f"{self.workdir} is not a directory of this user (a symlink or someone "
+                                     "else's): the BGP speaker's configuration is not written there")
         os.chmod(self.workdir, 0o700)
         with contextlib.suppress(FileNotFoundError):
             self.sock.unlink()
         self._server = await asyncio.start_unix_server(self._client, path=str(self.sock), limit=MAX_LINE)
         os.chmod(self.sock, 0o600)
         conf = self.workdir / "exabgp.conf"
-        relay = [sys.executable, "-m", "patronus.bgp.relay", str(self.sock)]
+        # -P: the working directory is not put on sys.path (nothing there is imported as root)
+        relay = [sys.executable, "-P", "-m", "patronus.bgp.relay", str(self.sock)]
         fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
             fh.write(exabgp_config(self.bgp, self.local, self.router_id, relay, self._routes()))
         env = dict(os.environ)
         user = "root" if os.geteuid() == 0 else os.environ.get("USER", "nobody")
+        # api.respawn off: a relay that dies takes ExaBGP with it, and the edge restarts both
         env.update({"exabgp_daemon_user": user, "exabgp_daemon_drop": "false", "exabgp_daemon_daemonize": "false",
-                    "exabgp_log_destination": "stdout", "exabgp_api_ack": "false", "exabgp_tcp_bind": ""})
+                    "exabgp_log_destination": "stdout", "exabgp_api_ack": "false", "exabgp_tcp_bind": "",
+                    "exabgp_api_respawn": "false"})
         logf = open(self.workdir / "exabgp.log", "ab")   # noqa: SIM115 (the child holds it)
         try:
-            self._proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "exabgp", str(conf), env=env,
+            self._proc = await asyncio.create_subprocess_exec(sys.executable, "-P", "-m", "exabgp", str(conf),
+                                                              env=env, cwd=self.workdir,
                                                               stdin=asyncio.subprocess.DEVNULL, stdout=logf,
                                                               stderr=asyncio.subprocess.STDOUT,
                                                               start_new_session=True)
@@ -185,6 +194,11 @@ class ExaBgp:
         finally:
             self._writer = None
             writer.close()
+            if not self._stopping and self.alive and self._proc is not None:
+                # the API is gone (the relay died) but ExaBGP runs on, deaf: end it, so the edge restarts both
+                log.warning("BGP speaker's API connection closed: stopping ExaBGP to restart it")
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self._proc.pid, 15)
 
     def send(self, line: str) -> bool:
         """Send one command; False when the API is not connected (the edge

@@ -567,15 +567,15 @@ class AgentStore:
     # -- announcements (discovery through the controller) -----------------------------
 
     def peers(self) -> dict[str, dict[str, Any]]:
-        """Site -> ``{"wg_public_key", "subnets"}`` of every site whose agent
-        announced itself: the subnets as it announced them (checked inside its
-        subnets in the mesh when the announcement came; a BGP site's learned
-        prefixes), which the other agents route to it."""
+        """Site -> ``{"wg_public_key"}`` of every site whose agent announced
+        itself, and ``"subnets"`` for a site that announces what its routers
+        learned (BGP; checked inside its subnets in the mesh when the
+        announcement came), which the other agents route to it."""
         with self.db.reading() as t:
             rows = t.rows("agent_announcements")
         out = {}
         for r in rows:
-            subnets = _announced_subnets(r["body"])
+            subnets = _announced_subnets(r["body"], learned_only=True)
             out[r["site"]] = {"wg_public_key": r["wg_public_key"], **({"subnets": subnets} if subnets is not None
                                                                           else {})}
         return out
@@ -1050,11 +1050,15 @@ class AnnounceIn(_Body):
     key: str = Field(max_length=64, description="base64 Ed25519 public key that signed it")
 
 
-def _announced_subnets(body: str) -> list[str] | None:
-    """The subnets of a stored announcement body (None: unreadable)."""
+def _announced_subnets(body: str, learned_only: bool = False) -> list[str] | None:
+    """The subnets of a stored announcement body (None: unreadable, or with
+    ``learned_only`` not a BGP site's learned prefixes)."""
     try:
-        return [str(x) for x in json.loads(body)["subnets"]]
-    except (ValueError, KeyError, TypeError):
+        d = json.loads(body)
+        if learned_only and d.get("learned") is not True:
+            return None
+        return [str(x) for x in d["subnets"]]
+    except (ValueError, KeyError, TypeError, AttributeError):
         return None
 
 
@@ -1080,10 +1084,13 @@ class BgpIn(_Body):
     """The BGP edge's state (patronus.bgp.edge.BgpEdge.status), bounded."""
     sessions: dict[str, _BgpState] = Field(max_length=16)
     received: int = Field(ge=0)
-    accepted: list[str] = Field([], max_length=10_000)
+    # the lists are the first 1,000 (the counts are whole): a batch stays far below its 256 KiB
+    accepted: list[str] = Field([], max_length=1_000)
+    accepted_count: int = Field(0, ge=0)
     refused: dict[_BgpReason, int] = {}
     refused_now: dict[str, _BgpReason] = Field({}, max_length=1_000)
-    advertised: list[str] = Field([], max_length=10_000)
+    advertised: list[str] = Field([], max_length=1_000)
+    advertised_count: int = Field(0, ge=0)
     speaker: BgpSpeakerIn
     looped: int = Field(0, ge=0)
 

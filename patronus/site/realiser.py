@@ -92,11 +92,12 @@ def path_table(t: Tunnel, subnets: Iterable[str], ip: IpRunner) -> None:
        str(PATH_RULE_PRIORITY + i))
 
 
-def announcement(site: Site, wg_public_key: PublicKey) -> Announcement:
-    """What ``site`` announces of itself: its WireGuard key, subnets and uplinks."""
+def announcement(site: Site, wg_public_key: PublicKey, learned: bool = False) -> Announcement:
+    """What ``site`` announces of itself: its WireGuard key, subnets and
+    uplinks (``learned``: the subnets are its routers', BGP)."""
     return Announcement.make(site.name, wg_public_key=wg_public_key.base64, subnets=list(site.subnets),
                              uplinks=[{"name": u.name, "address": u.address, "port": u.port, "nat": u.nat,
-                                       "mtu": u.mtu} for u in site.uplinks])
+                                       "mtu": u.mtu} for u in site.uplinks], learned=learned)
 
 
 def _answering(proc: WireguardGo, timeout: float = 2.0) -> None:
@@ -300,7 +301,7 @@ class SiteRealiser:
         site = mesh.site(self.site)
         if subnets is not None:
             site = attrs.evolve(site, subnets=tuple(subnets))
-        signed: SignedAnnouncement = signer.sign(announcement(site, self.key.public_key()))
+        signed: SignedAnnouncement = signer.sign(announcement(site, self.key.public_key(), learned=subnets is not None))
         result: Announcement = registry.publish(signed)
         return result
 

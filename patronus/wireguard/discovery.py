@@ -111,7 +111,12 @@ class SigningKey:
 
 @dataclass(frozen=True)
 class Announcement:
-    """What a site says about itself. ``ts`` and ``nonce`` make each one unique."""
+    """What a site says about itself. ``ts`` and ``nonce`` make each one unique.
+    ``learned``: the subnets are what the site's routers announce (BGP,
+    :mod:`patronus.bgp`), so the other sites route exactly these to it; a
+    site without it announces its subnets in the mesh, which the others use.
+    Only present in the body when true (announcements without BGP keep their
+    exact old form)."""
 
     site: str
     wg_public_key: str
@@ -119,18 +124,21 @@ class Announcement:
     uplinks: tuple[dict[str, Any], ...]
     ts: float
     nonce: str
+    learned: bool = False
 
     @classmethod
     def make(cls, site: str, *, wg_public_key: str, subnets: list[str], uplinks: list[dict[str, Any]],
-             ts: float | None = None) -> Announcement:
+             ts: float | None = None, learned: bool = False) -> Announcement:
         return cls(site, wg_public_key, tuple(subnets), tuple(dict(u) for u in uplinks),
-                   time.time() if ts is None else ts, secrets.token_hex(16))
+                   time.time() if ts is None else ts, secrets.token_hex(16), learned)
 
     def to_bytes(self) -> bytes:
         """Canonical JSON (sorted keys, no spaces): what is signed."""
-        return json.dumps({"site": self.site, "wg_public_key": self.wg_public_key, "subnets": list(self.subnets),
-                           "uplinks": list(self.uplinks), "ts": self.ts, "nonce": self.nonce},
-                          sort_keys=True, separators=(",", ":")).encode()
+        d: dict[str, Any] = {"site": self.site, "wg_public_key": self.wg_public_key, "subnets": list(self.subnets),
+                             "uplinks": list(self.uplinks), "ts": self.ts, "nonce": self.nonce}
+        if self.learned:
+            d["learned"] = True
+        return json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
 
     @classmethod
     def from_bytes(cls, body: bytes) -> Announcement:
@@ -144,9 +152,12 @@ class Announcement:
             d = json.loads(body.decode("ascii"), parse_constant=_no_constant)
         except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
             raise AnnouncementRejected("malformed", f"not canonical JSON: {type(e).__name__}") from None
-        if not isinstance(d, dict) or set(d) != {"site", "wg_public_key", "subnets", "uplinks", "ts", "nonce"}:
+        base = {"site", "wg_public_key", "subnets", "uplinks", "ts", "nonce"}
+        if not isinstance(d, dict) or set(d) not in (base, base | {"learned"}):
             raise AnnouncementRejected("malformed", "not an object with exactly site, wg_public_key, subnets, "
-                                                    "uplinks, ts, nonce")
+                                                    "uplinks, ts, nonce (and learned)")
+        if "learned" in d and d["learned"] is not True:
+            raise AnnouncementRejected("malformed", "learned is not true (absent when false)")
         try:
             v.endpoint_name("site", d["site"])
         except ConfigError as e:
@@ -179,7 +190,7 @@ class Announcement:
             raise AnnouncementRejected("malformed", "uplinks is not a list of objects")
         for u in uplinks:
             _check_uplink(u)
-        ann = cls(d["site"], key, tuple(subnets), tuple(uplinks), float(ts), nonce)
+        ann = cls(d["site"], key, tuple(subnets), tuple(uplinks), float(ts), nonce, "learned" in d)
         if ann.to_bytes() != body:
             raise AnnouncementRejected("malformed", "not canonical JSON (sorted keys, no spaces, no duplicates)")
         return ann
@@ -282,6 +293,10 @@ def authorize(ann: Announcement, allowed: Iterable[str] | None, others: Iterable
     for n in nets:
         if n.prefixlen == 0:
             raise AnnouncementRejected("unauthorized", f"{ann.site!r} announces the default route {n}")
+    for i, a in enumerate(nets):   # a site's subnets never overlap each other (Site refuses it too)
+        for b in nets[i + 1:]:
+            if a.version == b.version and a.overlaps(b):
+                raise AnnouncementRejected("unauthorized", f"{ann.site!r} announces {a} and {b}, which overlap")
     if allowed is not None:
         mine = [ipaddress.ip_network(c) for c in allowed]
         for n in nets:
