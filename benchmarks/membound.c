@@ -26,22 +26,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "flowhash.h"
 #include "parse.h"
-
-/* csrc/flowtable.c: key_hash() and cache_key(); kept in step by hand (a
- * different hash would only move which random sets are read, not how many). */
-static inline uint64_t mb_key_hash(const struct pn_flow_key *k)
-{
-    uint64_t w[5];
-    memcpy(w, k, sizeof(w));
-    uint64_t h = (w[0] * 0x9E3779B97F4A7C15ull) ^ (w[1] * 0xC2B2AE3D27D4EB4Full) ^
-                 (w[2] * 0x165667B19E3779F9ull) ^ (w[3] * 0xD6E8FEB86659FD93ull) ^
-                 (w[4] * 0xFF51AFD7ED558CCDull);
-    h ^= h >> 32;
-    h *= 0xbf58476d1ce4e5b9ull;
-    h ^= h >> 29;
-    return h;
-}
 
 /* Entry index of way 0 of each frame's set in a `ways`-way cache of mask + 1
  * entries (as cache_set() computes it); UINT32_MAX for a frame that does
@@ -59,7 +45,7 @@ size_t mb_sets(const uint8_t *buf, const int64_t *off, size_t n, uint32_t mask, 
         }
         pn_key_of(&p, &k);
         k._pad = (uint16_t)(0x100 | (p.has_ports << 9) | p.dscp);
-        entry[i] = (uint32_t)(mb_key_hash(&k) & mask) & ~(ways - 1);
+        entry[i] = (uint32_t)(pn_key_hash(&k) & mask) & ~(ways - 1);
         ok++;
     }
     return ok;
